@@ -1,0 +1,171 @@
+//! The simulated backend: requests through the router's HTTP API at a fixed open-loop
+//! rate, each timed from its due time to the ack's HTTP answer (µs, HDR). Requests go to
+//! the node that holds the device, learned from each node's `GET /v1/devices`.
+//!
+//! HTTP client: reqwest (hyper underneath, HTTP/1.1 keep-alive pool, no TLS features).
+//! A hand-written HTTP/1.1 writer over raw TCP would shave microseconds, but the client
+//! runs in the coordinator, which holds no device sockets, and at the request rates one
+//! 2-core host can sustain (thousands/s) hyper's cost is far below the router's; the
+//! pool opens as many connections as there are requests in flight, so a slow router
+//! never makes requests queue behind each other in the client (that would hide latency).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::hist;
+use crate::sched::{latency, OpenLoop};
+
+/// Outcome counts of the backend's requests (stable JSON field names).
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct RequestCounts {
+    pub sent: u64,
+    pub acked: u64,
+    /// 504: the device did not ack within timeout_ms.
+    pub timeout: u64,
+    /// 404: the device is not connected.
+    pub offline: u64,
+    /// Any other HTTP status.
+    pub http_error: u64,
+    /// No HTTP answer at all (refused, reset, or no answer within timeout_ms + 5 s).
+    pub transport_error: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    timeout: AtomicU64,
+    offline: AtomicU64,
+    http_error: AtomicU64,
+    transport_error: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> RequestCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestCounts {
+            sent: g(&self.sent),
+            acked: g(&self.acked),
+            timeout: g(&self.timeout),
+            offline: g(&self.offline),
+            http_error: g(&self.http_error),
+            transport_error: g(&self.transport_error),
+        }
+    }
+}
+
+pub struct Backend {
+    pub http: reqwest::Client,
+    pub apis: Vec<String>,
+}
+
+/// (api index, device) pairs to aim at: devices each node says it holds. A router without
+/// `GET /v1/devices` (or that answers nothing) gets the fleet's deterministic device ids,
+/// round-robin over the APIs: every node of a shared bus can reach every device.
+pub async fn targets(b: &Backend, per_node: usize, devices: usize) -> Vec<(usize, Uuid)> {
+    let mut out = Vec::new();
+    for (i, api) in b.apis.iter().enumerate() {
+        let url = format!("{api}/v1/devices?limit={per_node}");
+        let resp = b
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        let Ok(r) = resp else { continue };
+        if !r.status().is_success() {
+            continue;
+        }
+        if let Ok(v) = r.json::<serde_json::Value>().await {
+            for d in v["devices"].as_array().into_iter().flatten() {
+                // Either a plain UUID string or an object with a "device" field.
+                let s = d.as_str().or_else(|| d["device"].as_str());
+                if let Some(u) = s.and_then(|s| Uuid::parse_str(s).ok()) {
+                    out.push((i, u));
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        let n = devices.min(per_node.saturating_mul(b.apis.len()).max(1));
+        out = (0..n)
+            .map(|i| (i % b.apis.len().max(1), crate::cli::device_id(i)))
+            .collect();
+    }
+    out
+}
+
+/// Send requests at `rate` for `duration`; returns the ack histogram and counts.
+pub async fn run(
+    b: Arc<Backend>,
+    targets: Vec<(usize, Uuid)>,
+    rate: f64,
+    duration: Duration,
+    timeout_ms: u64,
+) -> (Histogram<u64>, RequestCounts) {
+    if targets.is_empty() || rate <= 0.0 || b.apis.is_empty() {
+        return (hist::new_hist(), RequestCounts::default());
+    }
+    let acks = Arc::new(Mutex::new(hist::new_hist()));
+    let counts = Arc::new(Counters::default());
+    // The router answers 504 after timeout_ms; this only bounds a router that hangs.
+    let client_timeout = Duration::from_millis(timeout_ms) + Duration::from_secs(5);
+    let body = serde_json::json!({
+        "command": "DeviceCommand",
+        "payload": {"check": "disk"},
+        "timeout_ms": timeout_ms,
+    })
+    .to_string();
+    let start = Instant::now();
+    let sched = OpenLoop::new(start, rate);
+    let end = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut i = 0u64;
+    loop {
+        let due = sched.due(i);
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(tokio::time::Instant::from_std(sched.wake(i))).await;
+        let (api, device) = targets[rand::thread_rng().gen_range(0..targets.len())];
+        let url = format!("{}/v1/devices/{device}/requests", b.apis[api]);
+        let (b2, acks2, counts2, body2) = (b.clone(), acks.clone(), counts.clone(), body.clone());
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            counts2.sent.fetch_add(1, Ordering::Relaxed);
+            let r = b2
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .timeout(client_timeout)
+                .body(body2)
+                .send()
+                .await;
+            let done = Instant::now();
+            let c = &counts2;
+            let counter = match r.map(|r| r.status().as_u16()) {
+                Ok(200) => {
+                    let us = latency(due, sent, done).as_micros() as u64;
+                    hist::record(&mut acks2.lock().unwrap_or_else(|e| e.into_inner()), us);
+                    &c.acked
+                }
+                Ok(504) => &c.timeout,
+                Ok(404) => &c.offline,
+                Ok(_) => &c.http_error,
+                Err(_) => &c.transport_error,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        while tasks.try_join_next().is_some() {}
+        i += 1;
+    }
+    while tasks.join_next().await.is_some() {}
+    let h = acks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    (h, counts.snapshot())
+}

@@ -1,0 +1,256 @@
+//! Command line: one struct, every flag also from a `LOADGEN_*` environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Proto {
+    /// Hive native JSON on /ws.
+    Hive,
+    /// Phoenix channels V2 on /socket/websocket (NervesHub-like devices).
+    Phoenix,
+    /// Hivekit compact actions on /v1/ws.
+    Hivekit,
+    /// A third of each.
+    Mixed,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Simulate device fleets and a backend against Hive Router; measure connect, auth, ack and event latency"
+)]
+pub struct Args {
+    /// Devices to simulate.
+    #[arg(long, env = "LOADGEN_DEVICES", default_value_t = 1000)]
+    pub devices: usize,
+    /// Router WebSocket base URL(s), e.g. ws://127.0.0.1:8080 (the protocol's path is appended
+    /// when the URL has none). Repeat or comma-separate; devices spread round-robin.
+    #[arg(
+        long = "url",
+        env = "LOADGEN_URL",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080"
+    )]
+    pub urls: Vec<String>,
+    /// Router HTTP API URL(s). Requests go to the node that holds the device.
+    #[arg(
+        long = "api",
+        env = "LOADGEN_API",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub apis: Vec<String>,
+    /// Device protocol.
+    #[arg(long, env = "LOADGEN_PROTOCOL", value_enum, default_value = "hive")]
+    pub protocol: Proto,
+    /// HS256 secret to mint device tokens with (as `router token`).
+    #[arg(
+        long,
+        env = "LOADGEN_SECRET",
+        default_value = "hive-dev-secret",
+        hide_env_values = true
+    )]
+    pub secret: String,
+    /// Account UUID of the simulated devices (default: a random one per run).
+    #[arg(long, env = "LOADGEN_ACCOUNT")]
+    pub account: Option<Uuid>,
+    /// Devices connecting per second during the ramp (over all workers).
+    #[arg(long, env = "LOADGEN_CONNECT_RATE", default_value_t = 5000.0)]
+    pub connect_rate: f64,
+    /// Give up waiting for the whole fleet after this many seconds of ramp.
+    #[arg(long, env = "LOADGEN_RAMP_TIMEOUT", default_value_t = 120.0)]
+    pub ramp_timeout: f64,
+    /// Seconds of steady phase (requests and events flowing).
+    #[arg(long, env = "LOADGEN_DURATION", default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds between each device's periodic events (instances, device-version,
+    /// device-state in turn); 0 = no periodic events.
+    #[arg(long, env = "LOADGEN_EVENT_INTERVAL", default_value_t = 0.0)]
+    pub event_interval: f64,
+    /// Backend requests per second (open loop) during the steady phase; 0 = none.
+    #[arg(long, env = "LOADGEN_REQUEST_RATE", default_value_t = 100.0)]
+    pub request_rate: f64,
+    /// timeout_ms of each request.
+    #[arg(long, env = "LOADGEN_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    pub request_timeout_ms: u64,
+    /// Devices never ack (to show that the measurement can fail: timeouts in the report).
+    #[arg(long, env = "LOADGEN_NO_ACK")]
+    pub no_ack: bool,
+    /// Seconds to keep the fleet connected and idle after the steady phase (RSS checks).
+    #[arg(long, env = "LOADGEN_HOLD", default_value_t = 0.0)]
+    pub hold: f64,
+    /// Seconds into the steady phase at which every device drops its connection at once
+    /// and reconnects without backoff (a reconnect storm); the report says how long the
+    /// fleet took to be whole again. 0 = no storm.
+    #[arg(long, env = "LOADGEN_STORM_AT", default_value_t = 0.0)]
+    pub storm_at: f64,
+    /// RabbitMQ URL: time device events through a `hive.events` consumer (routers run with
+    /// --amqp) instead of the routers' /v1/events streams.
+    #[arg(long, env = "LOADGEN_AMQP")]
+    pub amqp: Option<String>,
+    /// Write the report as JSON here (stable field names).
+    #[arg(long, env = "LOADGEN_JSON")]
+    pub json: Option<PathBuf>,
+    /// Write the ack-latency histogram (HdrHistogram V2, base64) here.
+    #[arg(long, env = "LOADGEN_HDR_LOG")]
+    pub hdr_log: Option<PathBuf>,
+    /// Worker processes (0 = as many as --per-worker needs).
+    #[arg(long, env = "LOADGEN_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+    /// Most devices one worker process holds (one process may open 20,000 files here).
+    #[arg(long, env = "LOADGEN_PER_WORKER", default_value_t = 15_000)]
+    pub per_worker: usize,
+    /// Local source addresses, e.g. 127.0.0.2-127.0.0.250 (loopback gives ~28k ports per
+    /// source/destination pair; more devices need more sources).
+    #[arg(long, env = "LOADGEN_SOURCE_IPS")]
+    pub source_ips: Option<String>,
+    /// TCP + WebSocket handshake timeout per attempt.
+    #[arg(long, env = "LOADGEN_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// No live progress line.
+    #[arg(long, env = "LOADGEN_QUIET")]
+    pub quiet: bool,
+    /// Internal: this process is worker i (of --worker-count), started by the coordinator.
+    #[arg(long, hide = true)]
+    pub worker_index: Option<usize>,
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub worker_count: usize,
+}
+
+impl Args {
+    /// Fatal setup errors, found before any process starts (exit code 1).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        ensure!(
+            !self.urls.is_empty() && !self.apis.is_empty(),
+            "need at least one --url and one --api"
+        );
+        for u in &self.urls {
+            let uri: tokio_tungstenite::tungstenite::http::Uri =
+                u.parse().map_err(|e| anyhow::anyhow!("--url {u:?}: {e}"))?;
+            ensure!(
+                uri.scheme_str() == Some("ws") && uri.host().is_some(),
+                "--url {u:?}: want ws://HOST:PORT[/path]"
+            );
+        }
+        for a in &self.apis {
+            let url = reqwest::Url::parse(a).map_err(|e| anyhow::anyhow!("--api {a:?}: {e}"))?;
+            ensure!(
+                url.scheme() == "http" && url.host().is_some(),
+                "--api {a:?}: want http://HOST:PORT"
+            );
+        }
+        if let Some(spec) = &self.source_ips {
+            crate::net::parse_ip_range(spec)?;
+        }
+        ensure!(self.connect_rate > 0.0, "--connect-rate must be > 0");
+        ensure!(
+            self.request_rate >= 0.0 && self.duration >= 0.0 && self.hold >= 0.0,
+            "--request-rate, --duration and --hold must be >= 0"
+        );
+        ensure!(
+            self.event_interval >= 0.0 && self.ramp_timeout >= 0.0,
+            "--event-interval and --ramp-timeout must be >= 0"
+        );
+        ensure!(self.per_worker > 0, "--per-worker must be > 0");
+        ensure!(
+            self.devices as u64 <= 0xffff_ffff_ffff,
+            "--devices too large for the device id space"
+        );
+        Ok(())
+    }
+
+    /// The account to mint tokens for. The coordinator picks it (random unless given) and
+    /// hands it to its workers as LOADGEN_ACCOUNT; the fixed fallback is never reached
+    /// in a worker it started.
+    pub fn account(&self) -> Uuid {
+        self.account
+            .unwrap_or(Uuid::from_u128(0x4ccc_0000_0000_4000_8000_0000_0000_0001))
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            self.devices.div_ceil(self.per_worker.max(1)).max(1)
+        }
+    }
+}
+
+/// Device i's UUID: deterministic, so workers and backend agree without talking.
+pub fn device_id(i: usize) -> Uuid {
+    Uuid::parse_str(&format!(
+        "00000000-0000-4000-8000-{:012x}",
+        i as u64 & 0xffff_ffff_ffff
+    ))
+    .expect("valid by construction")
+}
+
+/// Device i's protocol (mixed fleets rotate).
+pub fn device_proto(p: Proto, i: usize) -> Proto {
+    match p {
+        Proto::Mixed => [Proto::Hive, Proto::Phoenix, Proto::Hivekit][i % 3],
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_are_distinct_and_stable() {
+        assert_eq!(
+            device_id(0).to_string(),
+            "00000000-0000-4000-8000-000000000000"
+        );
+        assert_eq!(
+            device_id(255).to_string(),
+            "00000000-0000-4000-8000-0000000000ff"
+        );
+        let ids: std::collections::HashSet<Uuid> = (0..10_000).map(device_id).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert_eq!(device_proto(Proto::Mixed, 4), Proto::Phoenix);
+    }
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["loadgen"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn validation_catches_setup_errors() {
+        assert!(parse(&[]).validate().is_ok());
+        let ok = parse(&[
+            "--url",
+            "ws://127.0.0.1:1,ws://127.0.0.1:2/ws",
+            "--api",
+            "http://127.0.0.1:3",
+            "--source-ips",
+            "127.0.0.2-127.0.0.9",
+        ]);
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.urls.len(), 2);
+        for bad in [
+            &["--url", "http://127.0.0.1:1"][..],
+            &["--url", "not a url"],
+            &["--api", "ws://127.0.0.1:3"],
+            &["--source-ips", "127.0.0.9-127.0.0.2"],
+            &["--connect-rate", "0"],
+            &["--per-worker", "0"],
+        ] {
+            assert!(parse(bad).validate().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse(&["--devices", "40000", "--per-worker", "15000"]).worker_count(),
+            3
+        );
+        assert_eq!(parse(&["--devices", "10"]).worker_count(), 1);
+        assert_eq!(parse(&["--workers", "4"]).worker_count(), 4);
+    }
+}

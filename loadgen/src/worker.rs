@@ -1,0 +1,178 @@
+//! A worker process: simulates its slice of the fleet (devices i with i % K == index),
+//! prints progress lines (`P connected ever_connected errors reconnects`) and, when its
+//! stdin says stop (or closes: the coordinator died), a final `R <json>` line.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+
+use crate::cli::{device_id, device_proto, Args};
+use crate::device::{self, DeviceSpec, Fleet, Stats};
+use crate::hist;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerResult {
+    pub connect_hist: String,
+    pub auth_hist: String,
+    pub ever_connected: usize,
+    pub reconnects: u64,
+    pub errors: std::collections::BTreeMap<String, u64>,
+    pub events_sent: u64,
+    pub requests_received: u64,
+}
+
+/// Handshakes in flight per worker at most: pacing alone could pile up thousands of
+/// half-open attempts against a stalled router.
+const MAX_CONNECTING: usize = 2000;
+
+/// How often a worker reports its counts: fine enough to time a short ramp.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// A worker stops by itself this long after ramp timeout + duration + hold.
+const SELF_STOP_MARGIN: Duration = Duration::from_secs(60);
+
+/// One line to the coordinator; false once it is gone (a closed pipe is not a panic).
+fn say(line: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let index = args.worker_index.unwrap_or(0);
+    let k = args.worker_count.max(1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (storm_tx, storm_rx) = tokio::sync::watch::channel(0u64);
+        let fleet = Rc::new(Fleet {
+            stats: std::cell::RefCell::new(Stats::new()),
+            stop: stop_rx.clone(),
+            storm: storm_rx,
+            handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+            event_interval: (args.event_interval > 0.0)
+                .then(|| Duration::from_secs_f64(args.event_interval)),
+            no_ack: args.no_ack,
+            secret: args.secret.clone(),
+            account: args.account(),
+        });
+        // Stop on "stop", on EOF on stdin (the coordinator died: its end of the pipe
+        // closed), or by ourselves once the whole run plus a margin is over, so no
+        // worker outlives its run whatever happens to the coordinator.
+        let deadline = Duration::from_secs_f64(
+            args.ramp_timeout.max(0.0) + args.duration.max(0.0) + args.hold.max(0.0),
+        ) + SELF_STOP_MARGIN;
+        tokio::task::spawn_local(async move {
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            let wait_stop = async {
+                while let Ok(Some(l)) = lines.next_line().await {
+                    match l.trim() {
+                        "stop" => break,
+                        "storm" => storm_tx.send_modify(|g| *g += 1),
+                        _ => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(deadline, wait_stop).await;
+            let _ = stop_tx.send(true);
+        });
+        let progress = fleet.clone();
+        tokio::task::spawn_local(async move {
+            let mut iv = tokio::time::interval(PROGRESS_EVERY);
+            loop {
+                iv.tick().await;
+                let line = {
+                    let s = progress.stats.borrow();
+                    let errors: u64 = s.errors.values().sum();
+                    format!(
+                        "P {} {} {} {}",
+                        s.connected, s.ever_connected, errors, s.reconnects
+                    )
+                };
+                if !say(&line) {
+                    break;
+                }
+            }
+        });
+        let sources = match &args.source_ips {
+            Some(spec) => crate::net::parse_ip_range(spec)?,
+            None => Vec::new(),
+        };
+        let mut dests = Vec::new();
+        for u in &args.urls {
+            dests.push(resolve(u).await?);
+        }
+        let bases: Vec<Rc<str>> = args.urls.iter().map(|u| Rc::from(u.as_str())).collect();
+        let rate = (args.connect_rate / k as f64).max(1.0);
+        let sched = crate::sched::OpenLoop::new(std::time::Instant::now(), rate);
+        let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
+        let mut stop = stop_rx.clone();
+        for (j, &i) in mine.iter().enumerate() {
+            if *stop.borrow() {
+                break;
+            }
+            let due = tokio::time::Instant::from_std(sched.due(j as u64));
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = stop.changed() => break,
+            }
+            while fleet.stats.borrow().connecting >= MAX_CONNECTING {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let proto = device_proto(args.protocol, i);
+            let id = device_id(i);
+            let spec = DeviceSpec {
+                id,
+                proto,
+                base: bases[i % bases.len()].clone(),
+                dest: dests[i % dests.len()],
+                source: (!sources.is_empty()).then(|| sources[i % sources.len()]),
+            };
+            tokio::task::spawn_local(device::run(fleet.clone(), spec));
+        }
+        let _ = stop.wait_for(|s| *s).await;
+        // Devices close on the stop signal; give them a moment.
+        for _ in 0..40 {
+            if fleet.stats.borrow().connected == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let s = fleet.stats.borrow();
+        let result = WorkerResult {
+            connect_hist: hist::to_b64(&s.connect),
+            auth_hist: hist::to_b64(&s.auth),
+            ever_connected: s.ever_connected,
+            reconnects: s.reconnects,
+            errors: s.errors.clone(),
+            events_sent: s.events_sent,
+            requests_received: s.requests_received,
+        };
+        say(&format!("R {}", serde_json::to_string(&result)?));
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+async fn resolve(url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow::anyhow!("no host in {url}"))?
+        .to_string();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    let found = tokio::net::lookup_host(format!("{host}:{port}"))
+        .await?
+        .next();
+    found.ok_or_else(|| anyhow::anyhow!("cannot resolve {url}"))
+}

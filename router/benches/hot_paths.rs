@@ -1,0 +1,166 @@
+//! Criterion benches of the hot paths, each next to a naive baseline so the number
+//! that matters is a ratio anyone can rerun: `cargo bench -p router --bench hot_paths`.
+
+use std::collections::HashMap;
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use router::auth::{mint, Verifier};
+use router::protocol::effect::Effect;
+use router::protocol::hive::{self, Meta};
+use router::protocol::json::Scratch;
+use router::protocol::phoenix::{PhxState, Vsn};
+use router::protocol::{hivekit, ws};
+use router::shard::shard_of;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+fn meta() -> Meta {
+    Meta {
+        device: Uuid::from_u128(0xdead),
+        account: Uuid::from_u128(0xbeef),
+    }
+}
+
+/// A typical `instances` event: a device's apps and their health (~600 bytes).
+fn instances_event() -> Vec<u8> {
+    let apps: Vec<Value> = (0..6)
+        .map(|i| serde_json::json!({"name": format!("app-{i}"), "version": "1.4.2", "healthy": i % 3 != 0, "restarts": i, "cpu": 0.25 * i as f64}))
+        .collect();
+    serde_json::json!({"type": "instances", "device": "spoofed", "apps": apps, "ts": 1_732_500_000_000u64}).to_string().into_bytes()
+}
+
+/// The naive way: parse the whole object, overwrite three fields, serialise it again.
+fn naive_inject(text: &[u8], m: &Meta) -> Option<(String, Vec<u8>)> {
+    let mut v: Map<String, Value> = serde_json::from_slice(text).ok()?;
+    let ty = v.get("type")?.as_str()?.to_string();
+    v.insert("device".into(), m.device.to_string().into());
+    v.insert("account".into(), m.account.to_string().into());
+    v.insert("service".into(), "hive-device".into());
+    Some((ty, serde_json::to_vec(&v).ok()?))
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let ev = instances_event();
+    let m = meta();
+    let mut g = c.benchmark_group("hive_decode_inject");
+    g.throughput(Throughput::Bytes(ev.len() as u64));
+    let mut scratch = Scratch::default();
+    g.bench_function("router (simd-json validate + span copy)", |b| {
+        b.iter(|| hive::decode(black_box(&ev), &m, &mut scratch).unwrap())
+    });
+    g.bench_function("baseline (serde_json parse + reserialise)", |b| {
+        b.iter(|| naive_inject(black_box(&ev), &m).unwrap())
+    });
+    g.finish();
+}
+
+fn bench_frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ws_frame_unmask");
+    for len in [64usize, 1024, 16 * 1024] {
+        let payload = vec![b'x'; len];
+        let mut frame = Vec::new();
+        ws::encode_frame(ws::OP_TEXT, &payload, &mut frame);
+        frame[1] |= 0x80; // masked client frame
+        let hl = frame.len() - len;
+        frame.splice(hl..hl, [1u8, 2, 3, 4]);
+        g.throughput(Throughput::Bytes(len as u64));
+        g.bench_with_input(
+            BenchmarkId::new("router (word-wise)", len),
+            &frame,
+            |b, f| {
+                let mut buf = f.clone();
+                b.iter(|| {
+                    let h = ws::parse_header(black_box(&buf), 1 << 20).unwrap().unwrap();
+                    ws::unmask(&mut buf[h.header_len..], h.mask);
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("baseline (byte-wise)", len),
+            &frame,
+            |b, f| {
+                let mut buf = f.clone();
+                b.iter(|| {
+                    let h = ws::parse_header(black_box(&buf), 1 << 20).unwrap().unwrap();
+                    for (i, x) in buf[h.header_len..].iter_mut().enumerate() {
+                        *x ^= h.mask[i & 3];
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn bench_routing(c: &mut Criterion) {
+    let devices: Vec<Uuid> = (0..100_000u128)
+        .map(|i| Uuid::from_u128(i.wrapping_mul(0x9E3779B97F4A7C15)))
+        .collect();
+    let table: HashMap<Uuid, u32> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (*d, i as u32))
+        .collect();
+    let mut g = c.benchmark_group("route_lookup");
+    g.bench_function("router (shard_of + shard-local map)", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 7919) % devices.len();
+            let d = &devices[i];
+            (shard_of(d, 2), table.get(d))
+        })
+    });
+    let locked = std::sync::Mutex::new(table.clone());
+    g.bench_function("baseline (global Mutex<HashMap>)", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 7919) % devices.len();
+            locked.lock().unwrap().get(&devices[i]).copied()
+        })
+    });
+    g.finish();
+}
+
+fn bench_tokens(c: &mut Criterion) {
+    let v = Verifier::new("bench-secret");
+    let t = mint("bench-secret", Uuid::from_u128(1), Uuid::from_u128(2), 3600);
+    c.bench_function("token_verify_hs256", |b| {
+        b.iter(|| v.verify(black_box(&t)).unwrap())
+    });
+}
+
+fn bench_adapters(c: &mut Criterion) {
+    let m = meta();
+    let mut g = c.benchmark_group("adapters");
+    let phx = br#"["3","4","device","fwup_progress",{"value":42}]"#;
+    let mut st = PhxState::new(Vsn::V2);
+    let mut out: Vec<Effect> = Vec::new();
+    st.on_text(&m, br#"["3","3","device","phx_join",{}]"#, &mut out);
+    g.bench_function("phoenix_v2_push", |b| {
+        b.iter(|| {
+            out.clear();
+            st.on_text(&m, black_box(phx), &mut out);
+        })
+    });
+    let hk = format!(
+        r#"[{{"typ":"obj","act":"upd","id":"{}","cid":1,"loc":{{"lon":24.9,"lat":60.2}}}}]"#,
+        m.device
+    );
+    g.bench_function("hivekit_obj_update", |b| {
+        b.iter(|| {
+            out.clear();
+            hivekit::on_text(&m, black_box(hk.as_bytes()), &mut out);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decode,
+    bench_frames,
+    bench_routing,
+    bench_tokens,
+    bench_adapters
+);
+criterion_main!(benches);

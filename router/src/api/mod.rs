@@ -1,0 +1,430 @@
+//! The backend-facing HTTP API ("Device Service"), SSE event stream and metrics.
+//! Runs on its own thread; reaches devices only by messages to the owning shard.
+
+// Handlers return early with a ready `Response` as the error: it is the answer itself,
+// built once per refused call, never on the device message path.
+#![allow(clippy::result_large_err)]
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, oneshot};
+use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+use tokio_stream::StreamExt;
+use uuid::Uuid;
+
+use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
+use crate::Shared;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub shared: Arc<Shared>,
+    pub sink: broadcast::Sender<Bytes>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{device}", get(device_info))
+        .route("/v1/devices/{device}/events", post(send_event))
+        .route("/v1/devices/{device}/requests", post(send_request))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            err(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "no such endpoint".into(),
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+/// With --api-token, every endpoint but the health probes needs `Authorization: Bearer T`.
+/// The token is compared in constant time and never logged.
+async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Some(want) = &st.shared.config.api_token {
+        let open = matches!(req.uri().path(), "/healthz" | "/readyz");
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !open && !given.is_some_and(|g| constant_time_eq(g.as_bytes(), want.as_bytes())) {
+            st.shared.metrics.api.unauthorized.fetch_add(1, Relaxed);
+            return err(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API token (Authorization: Bearer <token>)".into(),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn draining(shared: &Shared) -> Option<Response> {
+    shared.draining.load(Relaxed).then(|| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this router is draining; use another node".into(),
+        )
+    })
+}
+
+fn err(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({ "error": code, "message": message }))).into_response()
+}
+
+fn parse_device(shared: &Shared, raw: &str) -> Result<Uuid, Response> {
+    Uuid::parse_str(raw).map_err(|e| {
+        shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
+        err(
+            StatusCode::BAD_REQUEST,
+            "bad-device-id",
+            format!("device id {raw:?} is not a UUID: {e}"),
+        )
+    })
+}
+
+/// Send to the owning shard; a full inbox is a 503, not a wait.
+fn to_shard(shared: &Shared, device: &Uuid, msg: ShardMsg) -> Result<(), Response> {
+    let shard = shard_of(device, shared.shards.len());
+    shared.shards[shard].send(msg).map_err(|_| {
+        shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the device's shard is overloaded; retry".into(),
+        )
+    })
+}
+
+fn offline(device: &Uuid) -> Response {
+    err(
+        StatusCode::NOT_FOUND,
+        "offline",
+        format!("device {device} is not connected"),
+    )
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/devices?limit=N`: up to N devices connected to this node (default 1000,
+/// at most 100000), drawn evenly from its shards. For tools (loadgen targets the node
+/// that holds a device) and operators.
+async fn list_devices(State(st): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let shards = st.shared.shards.len();
+    let per_shard = limit.div_ceil(shards.max(1));
+    let mut waits = Vec::with_capacity(shards);
+    for s in &st.shared.shards {
+        let (tx, rx) = oneshot::channel();
+        if s.send(ShardMsg::List {
+            limit: per_shard,
+            reply: tx,
+        })
+        .is_ok()
+        {
+            waits.push(rx);
+        }
+    }
+    let mut devices = Vec::with_capacity(limit);
+    for rx in waits {
+        devices.extend(rx.await.unwrap_or_default());
+    }
+    devices.truncate(limit);
+    (
+        StatusCode::OK,
+        Json(json!({ "node": st.shared.node_id, "count": devices.len(), "devices": devices })),
+    )
+        .into_response()
+}
+
+async fn device_info(State(st): State<ApiState>, Path(raw): Path<String>) -> Response {
+    let device = match parse_device(&st.shared, &raw) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let (tx, rx) = oneshot::channel();
+    if let Err(r) = to_shard(&st.shared, &device, ShardMsg::Lookup { device, reply: tx }) {
+        return r;
+    }
+    match rx.await {
+        Ok(Some(info)) => {
+            let mut v = serde_json::to_value(&info).unwrap_or(Value::Null);
+            v["node"] = Value::from(st.shared.node_id.clone());
+            (StatusCode::OK, Json(v)).into_response()
+        }
+        _ => offline(&device),
+    }
+}
+
+async fn send_event(State(st): State<ApiState>, Path(raw): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = draining(&st.shared) {
+        return r;
+    }
+    let api = &st.shared.metrics.api;
+    let device = match parse_device(&st.shared, &raw) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(_)) => {}
+        Ok(_) => {
+            api.bad_requests.fetch_add(1, Relaxed);
+            return err(
+                StatusCode::BAD_REQUEST,
+                "bad-json",
+                "the event must be a JSON object".into(),
+            );
+        }
+        Err(e) => {
+            api.bad_requests.fetch_add(1, Relaxed);
+            return err(
+                StatusCode::BAD_REQUEST,
+                "bad-json",
+                format!("body is not valid JSON: {e}"),
+            );
+        }
+    }
+    let (tx, rx) = oneshot::channel();
+    let msg = ShardMsg::Event {
+        device,
+        body: body.to_vec(),
+        reply: tx,
+    };
+    if let Err(r) = to_shard(&st.shared, &device, msg) {
+        return r;
+    }
+    match rx.await {
+        Ok(Delivery::Sent) => {
+            api.events_to_devices.fetch_add(1, Relaxed);
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "device": device, "status": "sent" })),
+            )
+                .into_response()
+        }
+        Ok(Delivery::NotJoined) => err(
+            StatusCode::CONFLICT,
+            "not-joined",
+            format!("device {device} is connected but has not joined its channel yet"),
+        ),
+        Ok(Delivery::Full) => err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "slow-device",
+            "the device's outbound queue is full; event dropped".into(),
+        ),
+        _ => {
+            api.events_to_devices_offline.fetch_add(1, Relaxed);
+            offline(&device)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RequestBody {
+    command: String,
+    #[serde(default)]
+    payload: Option<Box<RawValue>>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RequestQuery {
+    wait: Option<String>,
+}
+
+/// The longest timeout a caller may ask for.
+const MAX_TIMEOUT_MS: u64 = 300_000;
+
+async fn send_request(
+    State(st): State<ApiState>,
+    Path(raw): Path<String>,
+    Query(q): Query<RequestQuery>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = draining(&st.shared) {
+        return r;
+    }
+    let started = Instant::now();
+    let api = &st.shared.metrics.api;
+    let device = match parse_device(&st.shared, &raw) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let wait_response = match q.wait.as_deref() {
+        None | Some("ack") => false,
+        Some("response") => true,
+        Some(other) => {
+            api.bad_requests.fetch_add(1, Relaxed);
+            return err(
+                StatusCode::BAD_REQUEST,
+                "bad-wait",
+                format!("wait must be ack or response, not {other:?}"),
+            );
+        }
+    };
+    let req: RequestBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            api.bad_requests.fetch_add(1, Relaxed);
+            return err(
+                StatusCode::BAD_REQUEST,
+                "bad-json",
+                format!("body must be {{command, payload, timeout_ms?}}: {e}"),
+            );
+        }
+    };
+    if req.command.is_empty() {
+        api.bad_requests.fetch_add(1, Relaxed);
+        return err(
+            StatusCode::BAD_REQUEST,
+            "bad-command",
+            "command must not be empty".into(),
+        );
+    }
+    let timeout_ms = req
+        .timeout_ms
+        .unwrap_or(st.shared.config.request_timeout_ms)
+        .clamp(1, MAX_TIMEOUT_MS);
+    let timeout = Duration::from_millis(timeout_ms);
+    let request = Uuid::new_v4();
+    let (tx, rx) = oneshot::channel();
+    let msg = RequestMsg {
+        device,
+        request,
+        command: req.command,
+        payload: req
+            .payload
+            .map(|p| p.get().as_bytes().to_vec())
+            .unwrap_or_default(),
+        wait_response,
+        deadline: started + timeout,
+        reply: tx,
+    };
+    if let Err(r) = to_shard(&st.shared, &device, ShardMsg::Request(Box::new(msg))) {
+        return r;
+    }
+    let outcome = tokio::time::timeout(timeout, rx).await;
+    let latency = started.elapsed();
+    let latency_ms = latency.as_secs_f64() * 1e3;
+    match outcome {
+        Ok(Ok(RequestReply::Offline)) => {
+            api.requests_offline.fetch_add(1, Relaxed);
+            offline(&device)
+        }
+        Ok(Ok(RequestReply::Full)) => {
+            api.requests_rejected.fetch_add(1, Relaxed);
+            err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "slow-device",
+                "the device's outbound queue is full".into(),
+            )
+        }
+        Ok(Ok(RequestReply::Acked)) => {
+            api.requests_sent.fetch_add(1, Relaxed);
+            api.requests_acked.fetch_add(1, Relaxed);
+            api.ack_latency.record_us(latency.as_micros() as u64);
+            (
+                StatusCode::OK,
+                Json(json!({ "request": request, "status": "acked", "latency_ms": latency_ms })),
+            )
+                .into_response()
+        }
+        Ok(Ok(RequestReply::Responded { ok, result })) => {
+            api.requests_sent.fetch_add(1, Relaxed);
+            api.requests_responded.fetch_add(1, Relaxed);
+            api.response_latency.record_us(latency.as_micros() as u64);
+            let result: Value = result
+                .and_then(|r| serde_json::from_slice(&r).ok())
+                .unwrap_or(Value::Null);
+            let status = if ok { "ok" } else { "error" };
+            (StatusCode::OK, Json(json!({ "request": request, "status": status, "latency_ms": latency_ms, "result": result }))).into_response()
+        }
+        // Timed out, or the shard dropped the request (expired).
+        Ok(Err(_)) | Err(_) => {
+            api.requests_sent.fetch_add(1, Relaxed);
+            api.requests_timed_out.fetch_add(1, Relaxed);
+            let what = if wait_response { "response" } else { "ack" };
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Json(json!({ "error": "timeout", "request": request, "message": format!("no {what} from device {device} within {timeout_ms} ms") })),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn events(State(st): State<ApiState>) -> impl IntoResponse {
+    let shared = st.shared.clone();
+    shared.metrics.api.sse_subscribers.fetch_add(1, Relaxed);
+    let guard = SubscriberGuard(shared.clone());
+    let mut stop = shared.shutdown.subscribe();
+    let stream = BroadcastStream::new(st.sink.subscribe()).filter_map(move |item| {
+        let _keep = &guard;
+        match item {
+            Ok(body) => Some(Ok::<_, Infallible>(
+                SseEvent::default().data(String::from_utf8_lossy(&body)),
+            )),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                shared.metrics.api.sse_lagged.fetch_add(n, Relaxed);
+                None
+            }
+        }
+    });
+    // The stream ends when the router stops, so a graceful shutdown is not held open.
+    let stream = futures_util::StreamExt::take_until(stream, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+struct SubscriberGuard(Arc<Shared>);
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.metrics.api.sse_subscribers.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let text = st.shared.metrics.render(&st.shared.node_id);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn readyz(State(st): State<ApiState>) -> Response {
+    if st.shared.ready.load(Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "starting or draining".into(),
+        )
+    }
+}

@@ -1,0 +1,590 @@
+//! The RabbitMQ bridge (`--amqp URL`): device events from the shards to the durable
+//! topic exchange `hive.events`, with publisher confirms.
+//!
+//! **What it owns.** The process's single AMQP connection and its one publishing
+//! channel; the receiving end of the shards' bus queue; a bounded in-memory buffer of
+//! events waiting for the broker; the `router_amqp_*` metrics; and, in AMQP mode, the
+//! readiness flag (`shared.ready`, so `/readyz` answers 503 while the broker is away).
+//!
+//! **What it does.** Each event is published to `hive.events` with routing key
+//! `<service>.<type>`, the JSON body as is, `content-type: application/json`,
+//! `delivery-mode: 2` (persistent) and the event's top-level fields as headers
+//! ([`super::headers`]). Up to `--amqp-confirm-window` publishes await their confirm at
+//! once (one at a time caps out at a few thousand a second). An event leaves the bridge
+//! only when the broker acks it; a nack, or a connection lost before the confirm,
+//! puts it back at the head of the buffer and it is published again (at-least-once: a
+//! consumer may see a duplicate after a reconnect). While the broker is unreachable,
+//! events wait in the buffer (`--amqp-buffer`, oldest dropped first when full, counted
+//! as `router_amqp_dropped_total{reason="buffer_full"}`) and the bridge reconnects with
+//! exponential backoff and jitter (100 ms doubling, capped at 5 s), re-declares its
+//! topology and flushes the buffer oldest first. Every event taken from the bus is
+//! also offered to the `/v1/events` SSE broadcast, as the embedded bus does.
+//!
+//! **Why its own thread.** The bridge runs on a dedicated OS thread with a
+//! single-threaded tokio runtime (which also drives lapin's socket), not as a task on
+//! the API runtime: at tens of thousands of events a second, mapping headers and
+//! settling confirms is steady CPU work that would otherwise queue in front of HTTP
+//! requests on the API's single-threaded runtime and inflate request/ack latency, and
+//! a broker that stalls (flow control, memory alarm) must not make the API sluggish
+//! either. The thread is joined by the API thread after the shutdown signal, so on a
+//! graceful stop the bridge gets up to [`FLUSH_ON_SHUTDOWN`] to publish what the shards
+//! handed it; anything still unconfirmed then is counted as dropped (`shutdown`).
+//!
+//! **What it must never do.** Block or slow a shard: shards only `try_send` into the
+//! bus queue (a full queue is dropped and counted by the shard), and nothing here
+//! waits on a shard. Lose an event silently: every event taken from the bus ends
+//! confirmed by the broker or counted in `router_amqp_dropped_total`. Panic on
+//! anything the broker or a device controls. Declare anything but its own exchange.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
+};
+use tokio::sync::{broadcast, watch};
+
+use super::{headers, BusEvent};
+use crate::metrics::BridgeMetrics;
+use crate::Shared;
+
+/// The exchange every device event is published to.
+pub const EXCHANGE: &str = "hive.events";
+/// How long a graceful stop waits for the buffer to be published and confirmed.
+pub const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
+/// First reconnect delay; doubles per failed attempt up to [`BACKOFF_CAP`].
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Connecting and declaring the topology must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events published per batch before the bridge lets confirms and I/O run.
+const BATCH: usize = 256;
+/// Pause after a nack before publishing again, so a broker that refuses
+/// (e.g. a full queue with `reject-publish`) is not hammered in a tight loop.
+const NACK_PAUSE: Duration = Duration::from_millis(50);
+/// Room left in a frame for the content header's fixed fields and other properties.
+const HEADER_FRAME_OVERHEAD: usize = 256;
+
+/// Refuse at startup a URL that can never work, rather than retrying it forever.
+pub fn check_url(url: &str) -> anyhow::Result<()> {
+    let uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--amqp {}: {e}", redact(url)))?;
+    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
+        anyhow::bail!("--amqp: only amqp:// is supported by this build (no TLS to the broker)");
+    }
+    Ok(())
+}
+
+/// The URL without its password, for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Start the bridge thread. It runs until `shared.shutdown` flips, then flushes
+/// (bounded by [`FLUSH_ON_SHUTDOWN`]) and returns.
+pub fn spawn(
+    shared: Arc<Shared>,
+    rx: crossbeam_channel::Receiver<BusEvent>,
+    sink: broadcast::Sender<Bytes>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("amqp-bridge".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the AMQP bridge runtime");
+                    return;
+                }
+            };
+            let Some(url) = shared.config.amqp.clone() else {
+                return;
+            };
+            let bridge = Bridge {
+                shutdown: shared.shutdown.subscribe(),
+                buffer: VecDeque::new(),
+                cap: shared.config.amqp_buffer.max(1),
+                window: shared.config.amqp_confirm_window.max(1) as usize,
+                name: format!("hive-router {}", shared.node_id),
+                url,
+                shared,
+                rx,
+                sink,
+            };
+            rt.block_on(bridge.run());
+        })
+}
+
+/// Why a connected session ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Lost,
+    Shutdown,
+}
+
+type Publish = Pin<Box<dyn Future<Output = (u64, Outcome)>>>;
+
+struct Bridge {
+    shared: Arc<Shared>,
+    rx: crossbeam_channel::Receiver<BusEvent>,
+    sink: broadcast::Sender<Bytes>,
+    shutdown: watch::Receiver<bool>,
+    /// Events waiting for the broker, oldest first.
+    buffer: VecDeque<BusEvent>,
+    cap: usize,
+    window: usize,
+    url: String,
+    name: String,
+}
+
+impl Bridge {
+    fn m(&self) -> &BridgeMetrics {
+        &self.shared.metrics.bridge
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// One new event from the shards, offered to SSE subscribers on the way.
+    fn take_new(&self) -> Option<BusEvent> {
+        let ev = self.rx.try_recv().ok()?;
+        // No subscriber is fine: the broadcast then just drops it.
+        let _ = self.sink.send(ev.body.clone());
+        Some(ev)
+    }
+
+    /// Append to the buffer; when full, the oldest event is dropped and counted.
+    fn buffer_push(&mut self, ev: BusEvent) {
+        if self.buffer.len() >= self.cap {
+            self.buffer.pop_front();
+            self.m().dropped_buffer_full.fetch_add(1, Relaxed);
+        }
+        self.buffer.push_back(ev);
+    }
+
+    /// Put unconfirmed events (oldest first) back at the head of the buffer. They are
+    /// the oldest of all, so if the buffer overflows they are the ones dropped.
+    fn requeue(&mut self, evs: Vec<BusEvent>) {
+        for ev in evs.into_iter().rev() {
+            if self.buffer.len() >= self.cap {
+                self.m().dropped_buffer_full.fetch_add(1, Relaxed);
+                continue;
+            }
+            self.buffer.push_front(ev);
+        }
+    }
+
+    /// While not publishing: move everything the shards handed over into the buffer,
+    /// so their queue never fills because of the broker.
+    fn drain_rx(&mut self) {
+        while let Some(ev) = self.take_new() {
+            self.buffer_push(ev);
+        }
+        self.m().buffered.store(self.buffer.len() as i64, Relaxed);
+    }
+
+    fn set_ready(&self, up: bool) {
+        let m = self.m();
+        m.connected.store(i64::from(up), Relaxed);
+        if up {
+            // Never turn ready again once the process is draining.
+            if !self.shared.draining.load(Relaxed) {
+                self.shared.ready.store(true, Relaxed);
+                if self.shared.draining.load(Relaxed) {
+                    self.shared.ready.store(false, Relaxed);
+                }
+            }
+        } else {
+            self.shared.ready.store(false, Relaxed);
+        }
+    }
+
+    /// Drive `fut` while buffering new events; None if shutdown came first.
+    async fn buffering<T>(&mut self, fut: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(fut);
+        loop {
+            self.drain_rx();
+            tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|s| *s) => return None,
+                v = &mut fut => return Some(v),
+                _ = self.shared.bus.wait() => {}
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let mut attempt = 0u32;
+        let mut ever_connected = false;
+        while !self.stopping() {
+            let connecting = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                connect(self.url.clone(), self.name.clone()),
+            );
+            match self.buffering(connecting).await {
+                None => break,
+                Some(Ok(Ok((conn, ch)))) => {
+                    attempt = 0;
+                    self.m().connects.fetch_add(1, Relaxed);
+                    if ever_connected {
+                        self.m().reconnects.fetch_add(1, Relaxed);
+                        tracing::info!(buffered = self.buffer.len(), "AMQP bridge reconnected");
+                    } else {
+                        tracing::info!(url = %redact(&self.url), "AMQP bridge connected");
+                    }
+                    ever_connected = true;
+                    self.set_ready(true);
+                    let end = self.session(&conn, &ch).await;
+                    self.set_ready(false);
+                    // Best effort: a lost connection may not answer at all.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into()))
+                            .await;
+                    if end == End::Shutdown {
+                        break;
+                    }
+                    tracing::warn!(
+                        buffered = self.buffer.len(),
+                        "AMQP connection lost; events are buffered until it is back"
+                    );
+                }
+                Some(Ok(Err(e))) => {
+                    self.m().connect_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(error = %e, attempt, "cannot connect to RabbitMQ");
+                }
+                Some(Err(_)) => {
+                    self.m().connect_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(attempt, "connecting to RabbitMQ timed out");
+                }
+            }
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            if self.buffering(tokio::time::sleep(delay)).await.is_none() {
+                break;
+            }
+        }
+        // Stopping: what never reached the broker is dropped, and counted.
+        self.drain_rx();
+        let left = self.buffer.len() as u64;
+        if left > 0 {
+            tracing::warn!(
+                events = left,
+                "AMQP bridge stopping with unpublished events"
+            );
+        }
+        self.m().dropped_shutdown.fetch_add(left, Relaxed);
+        self.buffer.clear();
+        self.m().buffered.store(0, Relaxed);
+        self.set_ready(false);
+    }
+
+    /// Publish while the connection lives. Returns why it ended; on return every
+    /// event not confirmed is back in the buffer.
+    async fn session(&mut self, conn: &Connection, ch: &Channel) -> End {
+        let mut inflight: FuturesUnordered<Publish> = FuturesUnordered::new();
+        // Events published and awaiting their confirm, by publish sequence number.
+        let mut held: HashMap<u64, BusEvent> = HashMap::with_capacity(self.window);
+        let mut seq = 0u64;
+        let mut conn_events = conn.events_listener();
+        let frame_max = conn.configuration().frame_max() as usize;
+        let header_limit = if frame_max == 0 {
+            usize::MAX
+        } else {
+            frame_max.saturating_sub(HEADER_FRAME_OVERHEAD)
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut flush_until: Option<Instant> = None;
+        let mut paused_until: Option<tokio::time::Instant> = None;
+
+        let end = 'session: loop {
+            // 1. Fill the confirm window: retries first (oldest), then new events.
+            let paused = paused_until.is_some_and(|t| t > tokio::time::Instant::now());
+            let mut sent = 0;
+            while !paused && held.len() < self.window && sent < BATCH {
+                let Some(ev) = self.buffer.pop_front().or_else(|| self.take_new()) else {
+                    break;
+                };
+                sent += 1;
+                let Some((rk, props)) = self.prepare(&ev, header_limit) else {
+                    continue;
+                };
+                seq += 1;
+                inflight.push(Box::pin(publish(
+                    ch.clone(),
+                    seq,
+                    rk,
+                    ev.body.clone(),
+                    props,
+                )));
+                held.insert(seq, ev);
+                self.m().published.fetch_add(1, Relaxed);
+            }
+            let more = !paused && held.len() < self.window && sent == BATCH;
+            self.m().buffered.store(self.buffer.len() as i64, Relaxed);
+            self.m().unconfirmed.store(held.len() as i64, Relaxed);
+            if let Some(deadline) = flush_until {
+                if held.is_empty() && self.buffer.is_empty() && self.rx.is_empty() {
+                    break End::Shutdown;
+                }
+                if Instant::now() >= deadline {
+                    break End::Shutdown;
+                }
+            }
+
+            // 2. Wait for a confirm, new events, or trouble.
+            let can_take = !paused && held.len() < self.window;
+            let wake = tokio::select! {
+                biased;
+                Some((id, res)) = inflight.next(), if !inflight.is_empty() => Wake::Confirm(id, res),
+                ev = conn_events.next() => Wake::Conn(ev),
+                _ = self.shutdown.wait_for(|s| *s), if flush_until.is_none() => Wake::Shutdown,
+                _ = self.shared.bus.wait(), if can_take && !more => Wake::Work,
+                _ = async {}, if more => Wake::Work,
+                _ = tick.tick() => Wake::Tick,
+            };
+            match wake {
+                Wake::Confirm(id, res) => {
+                    let mut next = Some((id, res));
+                    while let Some((id, res)) = next.take() {
+                        match self.settle(id, res, &mut held) {
+                            Outcome::Ack => {}
+                            Outcome::Nack => {
+                                paused_until = Some(tokio::time::Instant::now() + NACK_PAUSE);
+                            }
+                            Outcome::Broken(e) => {
+                                tracing::warn!(error = %e, "AMQP publish failed");
+                                break 'session End::Lost;
+                            }
+                        }
+                        // Settle everything already confirmed without waiting.
+                        next = inflight.next().now_or_never().flatten();
+                    }
+                }
+                Wake::Conn(Some(Event::Error(e))) => {
+                    tracing::warn!(error = %e, "AMQP connection error");
+                    break End::Lost;
+                }
+                Wake::Conn(Some(Event::ConnectionBlocked(reason))) => {
+                    tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
+                }
+                Wake::Conn(Some(_)) => {}
+                Wake::Conn(None) => break End::Lost,
+                Wake::Shutdown => flush_until = Some(Instant::now() + FLUSH_ON_SHUTDOWN),
+                Wake::Work => {}
+                Wake::Tick => {
+                    if !conn.status().connected() || !ch.status().connected() {
+                        break End::Lost;
+                    }
+                }
+            }
+        };
+
+        // Whatever was not confirmed goes back to the buffer, oldest first.
+        drop(inflight);
+        let mut left: Vec<(u64, BusEvent)> = held.drain().collect();
+        left.sort_unstable_by_key(|(id, _)| *id);
+        if end == End::Lost {
+            self.m().retried.fetch_add(left.len() as u64, Relaxed);
+        }
+        self.requeue(left.into_iter().map(|(_, ev)| ev).collect());
+        self.m().unconfirmed.store(0, Relaxed);
+        self.m().buffered.store(self.buffer.len() as i64, Relaxed);
+        end
+    }
+
+    /// Routing key and properties for one event; None (dropped, counted) if the
+    /// routing key cannot be an AMQP short string.
+    fn prepare(
+        &self,
+        ev: &BusEvent,
+        header_limit: usize,
+    ) -> Option<(ShortString, BasicProperties)> {
+        let m = self.m();
+        let Ok(rk) = ShortString::try_new(ev.routing_key.as_str()) else {
+            m.dropped_bad_routing_key.fetch_add(1, Relaxed);
+            return None;
+        };
+        let table = match headers::from_json(&ev.body) {
+            Ok(h) => {
+                if h.skipped_keys > 0 {
+                    m.header_keys_skipped.fetch_add(h.skipped_keys, Relaxed);
+                }
+                if h.wire_len <= header_limit {
+                    h.table
+                } else {
+                    // A content header must fit one frame; the body has it all anyway.
+                    m.headers_omitted.fetch_add(1, Relaxed);
+                    FieldTable::default()
+                }
+            }
+            Err(_) => {
+                m.headers_omitted.fetch_add(1, Relaxed);
+                FieldTable::default()
+            }
+        };
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(table);
+        Some((rk, props))
+    }
+
+    fn settle(&mut self, id: u64, outcome: Outcome, held: &mut HashMap<u64, BusEvent>) -> Outcome {
+        match outcome {
+            Outcome::Ack => {
+                held.remove(&id);
+                self.m().confirmed.fetch_add(1, Relaxed);
+            }
+            Outcome::Nack => {
+                self.m().nacked.fetch_add(1, Relaxed);
+                if let Some(ev) = held.remove(&id) {
+                    self.m().retried.fetch_add(1, Relaxed);
+                    self.requeue(vec![ev]);
+                }
+            }
+            // The event stays held: the session ends and requeues it.
+            Outcome::Broken(_) => {}
+        }
+        outcome
+    }
+}
+
+/// What woke the publishing loop.
+enum Wake {
+    Confirm(u64, Outcome),
+    Conn(Option<Event>),
+    Shutdown,
+    Work,
+    Tick,
+}
+
+/// How one publish ended.
+enum Outcome {
+    Ack,
+    Nack,
+    /// The channel or connection failed before the confirm came.
+    Broken(String),
+}
+
+/// Connect, open the publishing channel, declare the topology, enable confirms.
+async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channel)> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = Connection::connect(&url, props).await?;
+    let declared = async {
+        let ch = conn.create_channel().await?;
+        ch.exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok::<_, lapin::Error>(ch)
+    }
+    .await;
+    match declared {
+        Ok(ch) => Ok((conn, ch)),
+        Err(e) => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+            Err(e)
+        }
+    }
+}
+
+/// One publish and its confirm.
+async fn publish(
+    ch: Channel,
+    id: u64,
+    routing_key: ShortString,
+    body: Bytes,
+    props: BasicProperties,
+) -> (u64, Outcome) {
+    let res = match ch
+        .basic_publish(
+            EXCHANGE.into(),
+            routing_key,
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await
+    {
+        Ok(confirm) => confirm.await,
+        Err(e) => Err(e),
+    };
+    let outcome = match res {
+        Ok(Confirmation::Ack(_)) => Outcome::Ack,
+        Ok(Confirmation::Nack(_)) => Outcome::Nack,
+        // Confirms were not enabled on this channel: nothing here can be trusted.
+        Ok(Confirmation::NotRequested) => Outcome::Broken("publisher confirms not enabled".into()),
+        Err(e) => Outcome::Broken(e.to_string()),
+    };
+    (id, outcome)
+}
+
+/// Delay before reconnect attempt `attempt` (0-based): exponential, capped, with
+/// jitter in [d/2, d] so a fleet of routers does not reconnect in lockstep.
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    let d = exp.min(BACKOFF_CAP).as_millis() as u64;
+    let half = d / 2;
+    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    Duration::from_millis(half + r % (half + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jitters_and_caps() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            let full = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(30) <= BACKOFF_CAP);
+        assert!(backoff(0) >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn urls_are_checked_and_redacted() {
+        assert!(check_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
+        assert!(check_url("amqps://h/").is_err());
+        assert!(check_url("not a url").is_err());
+        assert_eq!(
+            redact("amqp://user:secret@host:5672/%2f"),
+            "amqp://user:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqp://host/"), "amqp://host/");
+    }
+}

@@ -1,0 +1,222 @@
+//! Command line and environment configuration: one struct, parsed once in `main`,
+//! passed down by reference. Nothing below reads environment variables itself.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The secret used when none is configured: fine for a laptop, never for a fleet.
+/// `router serve` logs a warning when it falls back to it.
+pub const DEV_SECRET: &str = "hive-dev-secret";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "router",
+    version,
+    about = "Hive Router: WebSocket gateway for device fleets"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: device WebSocket listener, HTTP device API, shards, bus.
+    Serve(Box<ServeConfig>),
+    /// Print a signed device token (HS256 JWT: sub = device, acc = account, exp).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Device WebSocket listener (paths /ws). Shared by all shards with SO_REUSEPORT,
+    /// so several router processes may listen on the same port.
+    #[arg(long, env = "ROUTER_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Backend HTTP API and metrics listener.
+    #[arg(long, env = "ROUTER_API", default_value = "127.0.0.1:8081")]
+    pub api: SocketAddr,
+
+    /// Number of shards (one OS thread and one single-threaded runtime each).
+    /// 0 = number of CPU cores.
+    #[arg(long, env = "ROUTER_SHARDS", default_value_t = 0)]
+    pub shards: usize,
+
+    /// RabbitMQ URL (amqp://...). Absent = embedded in-process bus, no broker needed.
+    #[arg(long, env = "ROUTER_AMQP")]
+    pub amqp: Option<String>,
+
+    /// Device events the RabbitMQ bridge holds while the broker is unreachable; when
+    /// full, the oldest is dropped and counted (router_amqp_dropped_total{reason="buffer_full"}).
+    #[arg(long, env = "ROUTER_AMQP_BUFFER", default_value_t = 100_000)]
+    pub amqp_buffer: usize,
+
+    /// Publishes to RabbitMQ that may await their publisher confirm at once.
+    #[arg(long, env = "ROUTER_AMQP_CONFIRM_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub amqp_confirm_window: u32,
+
+    /// This node's id (AMQP queue hive.node.<id>). Default: hostname-pid.
+    #[arg(long, env = "ROUTER_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// HS256 secret that device tokens are signed with.
+    #[arg(long, env = "ROUTER_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+
+    /// Read the HS256 secret from this file (trailing newline ignored).
+    #[arg(long, env = "ROUTER_AUTH_SECRET_FILE", conflicts_with = "auth_secret")]
+    pub auth_secret_file: Option<PathBuf>,
+
+    /// Seconds between WebSocket pings to each device; each pong yields a device-alive event.
+    #[arg(long, env = "ROUTER_PING_INTERVAL", default_value_t = 30)]
+    pub ping_interval: u64,
+
+    /// Seconds a connection may stay unauthenticated before it is closed with 4408.
+    #[arg(long, env = "ROUTER_AUTH_TIMEOUT", default_value_t = 10)]
+    pub auth_timeout: u64,
+
+    /// Largest WebSocket message (after reassembly) a device may send, in bytes; larger closes with 1009.
+    #[arg(long, env = "ROUTER_MAX_FRAME", default_value_t = 64 * 1024)]
+    pub max_frame: usize,
+
+    /// Default timeout of a request sent through the HTTP API when the body gives no timeout_ms.
+    #[arg(long, env = "ROUTER_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Bytes that may wait in one device's outbound queue (slow reader); beyond it events
+    /// to that device are dropped and counted, and requests are refused with HTTP 503.
+    #[arg(long, env = "ROUTER_MAX_OUTBOUND", default_value_t = 256 * 1024)]
+    pub max_outbound: usize,
+
+    /// Capacity of each bounded cross-thread queue (shard inboxes, bus).
+    #[arg(long, env = "ROUTER_QUEUE_CAPACITY", default_value_t = 65_536)]
+    pub queue_capacity: usize,
+
+    /// Bearer token the HTTP API requires (`Authorization: Bearer T`); /healthz and
+    /// /readyz stay open. Absent = no API auth (the API binds to loopback by default).
+    #[arg(long, env = "ROUTER_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Messages per second one device may send (token bucket refill rate).
+    #[arg(long, env = "ROUTER_DEVICE_RATE", default_value_t = 100)]
+    pub device_rate: u32,
+
+    /// Burst of messages above the rate one device may send; excess is answered with
+    /// `rate-limited`, and another burst's worth of excess closes it with 1008.
+    #[arg(long, env = "ROUTER_DEVICE_BURST", default_value_t = 200)]
+    pub device_burst: u32,
+
+    /// New connections per second accepted from one source IP (per shard); beyond it
+    /// the upgrade is refused with HTTP 429. 0 = no limit.
+    #[arg(long, env = "ROUTER_IP_CONNECT_RATE", default_value_t = 0)]
+    pub ip_connect_rate: u32,
+
+    /// Open device connections this process accepts (authenticated or not); beyond it
+    /// new upgrades get HTTP 503 at once. Keep it below the open-file limit with headroom.
+    #[arg(long, env = "ROUTER_MAX_CONNECTIONS", default_value_t = 18_000)]
+    pub max_connections: usize,
+
+    /// On SIGTERM: seconds over which devices are closed with 1001 (spread, so they do
+    /// not all reconnect at once) while in-flight requests finish.
+    #[arg(long, env = "ROUTER_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+
+    /// PEM certificate chain for wss:// on the device listener (with --tls-key).
+    #[arg(long, env = "ROUTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "ROUTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: a device presenting a certificate signed by it is authenticated by
+    /// it (device UUID = subject CN, account UUID = --mtls-account-field), no token needed.
+    #[arg(long, env = "ROUTER_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Which subject field of a client certificate holds the account UUID: ou, o or uid.
+    #[arg(long, env = "ROUTER_MTLS_ACCOUNT_FIELD", default_value = "ou", value_parser = ["ou", "o", "uid"])]
+    pub mtls_account_field: String,
+}
+
+impl ServeConfig {
+    /// Number of shards after resolving 0 to the core count.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The token secret: --auth-secret, else --auth-secret-file, else the dev secret.
+    pub fn secret(&self) -> std::io::Result<(String, bool)> {
+        if let Some(s) = &self.auth_secret {
+            return Ok((s.clone(), false));
+        }
+        if let Some(path) = &self.auth_secret_file {
+            let s = std::fs::read_to_string(path)?;
+            return Ok((s.trim_end_matches(['\r', '\n']).to_string(), false));
+        }
+        Ok((DEV_SECRET.to_string(), true))
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "node".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// A config for tests and embedding: loopback, ephemeral ports.
+    pub fn for_tests(secret: &str) -> Self {
+        ServeConfig {
+            listen: "127.0.0.1:0".parse().expect("literal addr"),
+            api: "127.0.0.1:0".parse().expect("literal addr"),
+            shards: 2,
+            amqp: None,
+            amqp_buffer: 100_000,
+            amqp_confirm_window: 1000,
+            node_id: Some("test".into()),
+            auth_secret: Some(secret.into()),
+            auth_secret_file: None,
+            ping_interval: 30,
+            auth_timeout: 10,
+            max_frame: 64 * 1024,
+            request_timeout_ms: 10_000,
+            max_outbound: 256 * 1024,
+            queue_capacity: 65_536,
+            api_token: None,
+            device_rate: 100,
+            device_burst: 200,
+            ip_connect_rate: 0,
+            max_connections: 18_000,
+            drain_seconds: 2,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            mtls_account_field: "ou".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Device UUID (the token's `sub`).
+    #[arg(long)]
+    pub device: uuid::Uuid,
+    /// Account UUID (the token's `acc`).
+    #[arg(long)]
+    pub account: uuid::Uuid,
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+    /// HS256 secret (default: the dev secret, as `router serve` uses without one).
+    #[arg(long, env = "ROUTER_AUTH_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+}

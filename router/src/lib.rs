@@ -1,0 +1,218 @@
+//! Hive Router: a sharded WebSocket gateway for device fleets.
+//!
+//! Data flow, in module order: `listener` (accept, upgrade, auth) -> `shard`
+//! (thread per core, route table, connection loop) -> `protocol` (frames <->
+//! messages, no I/O) -> `bridge` (events out) -> `api` (HTTP device service).
+
+pub mod api;
+pub mod auth;
+pub mod bridge;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod protocol;
+pub mod shard;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use auth::Verifier;
+use bridge::Bus;
+use config::ServeConfig;
+use metrics::Metrics;
+use shard::{ShardHandle, ShardMsg};
+
+/// What every thread of the process shares: immutable config plus handles and counters.
+pub struct Shared {
+    pub config: ServeConfig,
+    pub node_id: String,
+    pub verifier: Verifier,
+    pub metrics: Metrics,
+    pub shards: Vec<ShardHandle>,
+    pub bus: Bus,
+    pub ready: AtomicBool,
+    /// SIGTERM received: refuse new connections and API calls, close devices gradually.
+    pub draining: AtomicBool,
+    /// Flips to true when the process stops: ends SSE streams and the API server.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// TLS on the device listener (--tls-cert/--tls-key), with mTLS when --client-ca.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A running router: its bound addresses and the means to stop it.
+pub struct RouterHandle {
+    pub ws_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    /// Shard threads, then the API thread last.
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl RouterHandle {
+    /// Stop now: close every device with 1001, stop the shards and the API.
+    pub fn shutdown(self) {
+        self.stop(Duration::ZERO);
+    }
+
+    /// Graceful drain (SIGTERM): stop accepting, `/readyz` turns 503, close devices
+    /// with 1001 spread over `--drain-seconds`, let in-flight API calls finish.
+    pub fn drain(self) {
+        let secs = self.shared.config.drain_seconds;
+        self.stop(Duration::from_secs(secs));
+    }
+
+    fn stop(mut self, spread: Duration) {
+        self.shared.ready.store(false, Relaxed);
+        self.shared.draining.store(true, Relaxed);
+        let deadline = std::time::Instant::now() + spread;
+        for s in &self.shared.shards {
+            // A full inbox still gets the message eventually: retry briefly.
+            for _ in 0..500 {
+                if s.send(ShardMsg::Drain(deadline)).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let api = self.threads.pop();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Devices are gone: end SSE streams and let the API finish what it holds.
+        self.shared.shutdown.send_replace(true);
+        if let Some(t) = api {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bind the listeners and start the shard threads and the API thread.
+pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
+    if let Some(url) = &config.amqp {
+        bridge::amqp::check_url(url)?;
+    }
+    let n = config.shard_count();
+    let (secret, dev) = config.secret().context("reading --auth-secret-file")?;
+    if dev {
+        tracing::warn!("no --auth-secret given: using the insecure development secret");
+    }
+    let (ws_addr, listeners) = listener::bind_reuseport(config.listen, n)
+        .with_context(|| format!("binding device listener {}", config.listen))?;
+    let api_listener = std::net::TcpListener::bind(config.api)
+        .with_context(|| format!("binding API listener {}", config.api))?;
+    api_listener.set_nonblocking(true)?;
+    let api_addr = api_listener.local_addr()?;
+
+    let mut handles = Vec::with_capacity(n);
+    let mut inboxes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (h, rx) = ShardHandle::new(config.queue_capacity);
+        handles.push(h);
+        inboxes.push(rx);
+    }
+    let (bus, bus_rx) = Bus::new(config.queue_capacity);
+    let shared = Arc::new(Shared {
+        node_id: config.node_id(),
+        verifier: Verifier::new(&secret),
+        metrics: Metrics::new(n),
+        shards: handles,
+        bus,
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        shutdown: tokio::sync::watch::Sender::new(false),
+        tls: tls::server_config(&config)?.map(tokio_rustls::TlsAcceptor::from),
+        config,
+    });
+
+    let mut threads = Vec::new();
+    for (id, (rx, l)) in inboxes.into_iter().zip(listeners).enumerate() {
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("shard-{id}"))
+                .spawn(move || shard::run_shard(id, sh, rx, l))?,
+        );
+    }
+
+    let sh = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build API runtime");
+                        return;
+                    }
+                };
+                let (sink, _) = tokio::sync::broadcast::channel(bridge::embedded::SSE_BACKLOG);
+                // --amqp: the RabbitMQ bridge drains the bus on its own thread (see
+                // bridge::amqp), joined below once the API has stopped so it can flush.
+                let amqp_bridge = if sh.config.amqp.is_some() {
+                    match bridge::amqp::spawn(sh.clone(), bus_rx, sink.clone()) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the AMQP bridge thread");
+                            None
+                        }
+                    }
+                } else {
+                    rt.spawn(bridge::embedded::run(sh.clone(), bus_rx, sink.clone()));
+                    None
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(api_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot register API listener");
+                            return;
+                        }
+                    };
+                    // Graceful: in-flight calls finish (SSE streams end on the same
+                    // signal); a call still open 5 s later is cut so the process exits.
+                    let mut stop = sh.shutdown.subscribe();
+                    let mut hard = sh.shutdown.subscribe();
+                    let app = api::router(api::ApiState { shared: sh, sink });
+                    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    });
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = async move {
+                            let _ = hard.wait_for(|s| *s).await;
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        } => {}
+                    }
+                });
+                if let Some(t) = amqp_bridge {
+                    let _ = t.join();
+                }
+            })?,
+    );
+    // With --amqp, the bridge says when the router is ready (broker connected).
+    if shared.config.amqp.is_none() {
+        shared.ready.store(true, Relaxed);
+    }
+    Ok(RouterHandle {
+        ws_addr,
+        api_addr,
+        shared,
+        threads,
+    })
+}

@@ -1,0 +1,580 @@
+//! Accept, HTTP upgrade and authentication. Owns a connection only until it is
+//! authenticated, then hands it to the shard that owns the device. A connection
+//! here is quarantined: before a valid token nothing it sends is parsed as JSON.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::auth::{AuthError, Identity};
+use crate::protocol::hivekit;
+use crate::protocol::phoenix::Vsn;
+use crate::protocol::ws::{self, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
+use crate::shard::{shard_of, Adopt, Protocol, ShardCtx, ShardMsg};
+
+/// Largest HTTP upgrade request accepted (431 beyond).
+const MAX_REQUEST: usize = 8 * 1024;
+/// How long to linger after sending a close frame during the handshake.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Create the shard listeners: all bound to the same address with SO_REUSEPORT, so
+/// the kernel spreads connections across shards (and across router processes).
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    let mut out = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&bound.into())?;
+        s.listen(4096)?;
+        let l: std::net::TcpListener = s.into();
+        // Port 0 resolves once: the other shards join the port the first one got.
+        bound = l.local_addr()?;
+        out.push(l);
+    }
+    Ok((bound, out))
+}
+
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                ctx.metrics().accepted.fetch_add(1, Relaxed);
+                match ctx.admit(peer.ip()) {
+                    Ok(()) => {
+                        ctx.shared.metrics.open_connections.fetch_add(1, Relaxed);
+                        tokio::task::spawn_local(handle_new(ctx.clone(), stream, peer));
+                    }
+                    // Refused fast, before reading anything: never queued, never hung.
+                    Err((status, why)) => {
+                        tokio::task::spawn_local(refuse(stream, status, why));
+                    }
+                }
+            }
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                tracing::warn!(shard = ctx.id, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, status: &'static str, why: &'static str) {
+    let _ = tokio::time::timeout(LINGER, http_error(&mut stream, status, why)).await;
+}
+
+/// Where a connection is in its short life before authentication.
+struct Handshake {
+    buf: Vec<u8>,
+    upgraded: bool,
+    protocol: Option<Protocol>,
+}
+
+enum Outcome {
+    Authenticated {
+        ident: Identity,
+        protocol: Protocol,
+        leftover: Vec<u8>,
+    },
+    /// Close with this code (after the upgrade) and count it.
+    Refused(u16, AuthError),
+    /// The peer went away or spoke no WebSocket; already answered if possible.
+    Gone,
+}
+
+async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
+    let m = ctx.metrics();
+    m.handshakes.fetch_add(1, Relaxed);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(ctx.shared.config.auth_timeout);
+    let done = match ctx.shared.tls.clone() {
+        None => {
+            let mut s = stream;
+            upgrade_and_auth(&ctx, &mut s, None, deadline)
+                .await
+                .map(|auth| (s, None, auth))
+        }
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(mut tls)) => {
+                // mTLS: a certificate rustls verified against --client-ca names the device.
+                let field = &ctx.shared.config.mtls_account_field;
+                let cert_ident = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::tls::identity_from_cert(c, field));
+                match upgrade_and_auth(&ctx, &mut tls, cert_ident, deadline).await {
+                    Some(auth) => {
+                        let (tcp, conn) = tls.into_inner();
+                        Some((tcp, Some(Box::new(conn)), auth))
+                    }
+                    None => None,
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                m.tls_failures.fetch_add(1, Relaxed);
+                m.handshake_failures.fetch_add(1, Relaxed);
+                None
+            }
+            Err(_) => {
+                m.auth_failure(AuthError::Timeout);
+                m.handshake_failures.fetch_add(1, Relaxed);
+                None
+            }
+        },
+    };
+    m.handshakes.fetch_sub(1, Relaxed);
+    let Some((stream, tls, (ident, protocol, leftover))) = done else {
+        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+        return;
+    };
+    let target = shard_of(&ident.device, ctx.shared.shards.len());
+    if target == ctx.id {
+        ctx.adopt(stream, tls, ident, peer, protocol, leftover);
+        return;
+    }
+    match stream.into_std() {
+        Ok(std_stream) => {
+            let msg = ShardMsg::Adopt(Box::new(Adopt {
+                stream: std_stream,
+                tls,
+                ident,
+                peer,
+                protocol,
+                leftover,
+            }));
+            if let Err(ShardMsg::Adopt(a)) = ctx.shared.shards[target].send(msg) {
+                // Owner's inbox is full: refuse fast rather than queue forever.
+                m.close(1013);
+                if a.tls.is_none() {
+                    let frame = close_frame(1013, "router busy, retry later");
+                    let _ = io::Write::write(&mut &a.stream, &frame);
+                }
+                ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+            } else {
+                m.handoffs.fetch_add(1, Relaxed);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "handoff failed");
+            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// Upgrade and authenticate within the deadline; on refusal answer (close code or HTTP
+/// status) and linger. Some: who the device is, its protocol, bytes already read.
+async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ShardCtx,
+    s: &mut S,
+    cert_ident: Option<Identity>,
+    deadline: tokio::time::Instant,
+) -> Option<(Identity, Protocol, Vec<u8>)> {
+    let m = ctx.metrics();
+    let mut hs = Handshake {
+        buf: Vec::new(),
+        upgraded: false,
+        protocol: None,
+    };
+    let outcome =
+        match tokio::time::timeout_at(deadline, handshake(ctx, s, &mut hs, cert_ident)).await {
+            Ok(o) => o,
+            Err(_) if hs.upgraded => Outcome::Refused(4408, AuthError::Timeout),
+            Err(_) => {
+                m.auth_failure(AuthError::Timeout);
+                m.handshake_failures.fetch_add(1, Relaxed);
+                Outcome::Gone
+            }
+        };
+    match outcome {
+        Outcome::Authenticated {
+            ident,
+            protocol,
+            leftover,
+        } => Some((ident, protocol, leftover)),
+        Outcome::Refused(code, why) => {
+            m.auth_failure(why);
+            m.close(code);
+            let mut frames = Vec::new();
+            if hs.protocol == Some(Protocol::Hivekit) {
+                // Hivekit says why in its own terms before the close.
+                ws::encode_frame(OP_TEXT, &hivekit::auth_err(&why.to_string()), &mut frames);
+            }
+            frames.extend_from_slice(&close_frame(code, &why.to_string()));
+            let _ = write_all(s, &frames).await;
+            linger(s).await;
+            None
+        }
+        Outcome::Gone => None,
+    }
+}
+
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut f = Vec::with_capacity(130);
+    ws::encode_frame(OP_CLOSE, &ws::close_payload(code, reason), &mut f);
+    f
+}
+
+async fn write_all<S: AsyncWrite + Unpin>(s: &mut S, data: &[u8]) -> io::Result<()> {
+    s.write_all(data).await?;
+    s.flush().await
+}
+
+/// Read more bytes into `buf`; Ok(false) on EOF.
+async fn read_more<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<bool> {
+    let mut chunk = [0u8; 2048];
+    let n = s.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+/// Half-close (TLS: close_notify first) and wait briefly for the peer's FIN, so what
+/// was sent is not destroyed by a reset.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        while let Ok(true) = read_more(s, &mut sink).await {
+            sink.clear();
+        }
+    })
+    .await;
+}
+
+async fn http_error<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, status: &str, message: &str) {
+    let body = format!(
+        "{{\"error\":\"handshake\",\"message\":{}}}",
+        serde_json::Value::from(message)
+    );
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = write_all(s, resp.as_bytes()).await;
+    linger(s).await;
+}
+
+/// A parsed upgrade request: what the handshake needs from it.
+struct Upgrade {
+    protocol: Protocol,
+    key: String,
+    token: Option<String>,
+    consumed: usize,
+}
+
+/// Parse an HTTP upgrade request. Err: (status line, message) for the HTTP answer.
+fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let consumed = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(("400 Bad Request", format!("malformed HTTP request: {e}"))),
+    };
+    if req.method != Some("GET") {
+        return Err((
+            "405 Method Not Allowed",
+            "WebSocket upgrades use GET".into(),
+        ));
+    }
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let param = |name: &str| {
+        query.split('&').find_map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| *k == name)
+                .map(|(_, v)| percent_decode(v))
+        })
+    };
+    let protocol = match path {
+        "/ws" => Protocol::Hive,
+        "/v1/ws" => Protocol::Hivekit,
+        "/socket/websocket" => match param("vsn").as_deref() {
+            None | Some("1.0.0") => Protocol::Phoenix(Vsn::V1),
+            Some("2.0.0") => Protocol::Phoenix(Vsn::V2),
+            Some(v) => {
+                return Err((
+                    "400 Bad Request",
+                    format!("unsupported Phoenix serializer vsn {v:?}; use 1.0.0 or 2.0.0"),
+                ))
+            }
+        },
+        _ => {
+            return Err((
+                "404 Not Found",
+                format!("no WebSocket endpoint at {path}; devices connect to /ws, /socket/websocket or /v1/ws"),
+            ))
+        }
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let upgrade_ok = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connection_ok = header("connection").is_some_and(|v| {
+        v.split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    });
+    if !upgrade_ok || !connection_ok {
+        return Err((
+            "426 Upgrade Required",
+            "this endpoint only speaks WebSocket".into(),
+        ));
+    }
+    if header("sec-websocket-version") != Some("13") {
+        return Err((
+            "426 Upgrade Required",
+            "Sec-WebSocket-Version must be 13".into(),
+        ));
+    }
+    let key = header("sec-websocket-key")
+        .filter(|k| !k.is_empty())
+        .ok_or(("400 Bad Request", "missing Sec-WebSocket-Key".to_string()))?
+        .to_string();
+    let token = header("authorization")
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string())
+        .or_else(|| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("token="))
+                .map(percent_decode)
+        });
+    Ok(Some(Upgrade {
+        protocol,
+        key,
+        token,
+        consumed,
+    }))
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ShardCtx,
+    stream: &mut S,
+    hs: &mut Handshake,
+    cert_ident: Option<Identity>,
+) -> Outcome {
+    let m = ctx.metrics();
+    // 1. The HTTP upgrade request.
+    let up = loop {
+        match parse_upgrade(&hs.buf) {
+            Ok(Some(up)) => break up,
+            Ok(None) if hs.buf.len() >= MAX_REQUEST => {
+                m.handshake_failures.fetch_add(1, Relaxed);
+                http_error(
+                    stream,
+                    "431 Request Header Fields Too Large",
+                    "upgrade request over 8 KiB",
+                )
+                .await;
+                return Outcome::Gone;
+            }
+            Ok(None) => match read_more(stream, &mut hs.buf).await {
+                Ok(true) => {}
+                _ => {
+                    m.handshake_failures.fetch_add(1, Relaxed);
+                    return Outcome::Gone;
+                }
+            },
+            Err((status, message)) => {
+                m.handshake_failures.fetch_add(1, Relaxed);
+                http_error(stream, status, &message).await;
+                return Outcome::Gone;
+            }
+        }
+    };
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+        ws::accept_key(up.key.as_bytes())
+    );
+    if write_all(stream, resp.as_bytes()).await.is_err() {
+        return Outcome::Gone;
+    }
+    hs.upgraded = true;
+    hs.protocol = Some(up.protocol);
+    hs.buf.drain(..up.consumed);
+    let verify = |t: &str| ctx.shared.verifier.verify(t);
+
+    // 2. A verified client certificate, a token on the upgrade request, or else the
+    //    first text frame `Bearer T`.
+    if let Some(ident) = cert_ident {
+        return Outcome::Authenticated {
+            ident,
+            protocol: up.protocol,
+            leftover: std::mem::take(&mut hs.buf),
+        };
+    }
+    if let Some(token) = up.token {
+        return match verify(&token) {
+            Ok(ident) => Outcome::Authenticated {
+                ident,
+                protocol: up.protocol,
+                leftover: std::mem::take(&mut hs.buf),
+            },
+            Err(e) => Outcome::Refused(4401, e),
+        };
+    }
+    if matches!(up.protocol, Protocol::Phoenix(_)) {
+        // Phoenix sockets authenticate with connect params only.
+        return Outcome::Refused(4401, AuthError::Missing);
+    }
+    loop {
+        let h = match ws::parse_header(&hs.buf, ctx.shared.config.max_frame) {
+            Ok(Some(h)) if hs.buf.len() >= h.total_len() => h,
+            Ok(_) => match read_more(stream, &mut hs.buf).await {
+                Ok(true) => continue,
+                _ => return Outcome::Gone,
+            },
+            Err(e) => {
+                m.close(e.close_code());
+                let _ = write_all(stream, &close_frame(e.close_code(), &e.to_string())).await;
+                linger(stream).await;
+                return Outcome::Gone;
+            }
+        };
+        let mut frame: Vec<u8> = hs.buf.drain(..h.total_len()).collect();
+        let payload = &mut frame[h.header_len..];
+        ws::unmask(payload, h.mask);
+        match h.opcode {
+            OP_PING => {
+                let mut pong = Vec::new();
+                ws::encode_frame(OP_PONG, payload, &mut pong);
+                if write_all(stream, &pong).await.is_err() {
+                    return Outcome::Gone;
+                }
+            }
+            OP_PONG => {}
+            OP_CLOSE => {
+                let _ = write_all(stream, &close_frame(1000, "")).await;
+                linger(stream).await;
+                return Outcome::Gone;
+            }
+            OP_TEXT if h.fin => {
+                // Quarantine: the only thing looked at is whether this is `Bearer T`.
+                let token = std::str::from_utf8(payload)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("Bearer "));
+                return match token {
+                    Some(t) => match verify(t) {
+                        Ok(ident) => Outcome::Authenticated {
+                            ident,
+                            protocol: up.protocol,
+                            leftover: std::mem::take(&mut hs.buf),
+                        },
+                        Err(e) => Outcome::Refused(4401, e),
+                    },
+                    None => Outcome::Refused(4401, AuthError::Missing),
+                };
+            }
+            _ => return Outcome::Refused(4401, AuthError::Missing),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(lines: &[&str]) -> Vec<u8> {
+        let mut s = lines.join("\r\n");
+        s.push_str("\r\n\r\n");
+        s.into_bytes()
+    }
+
+    #[test]
+    fn upgrade_parsing() {
+        let base = [
+            "GET /ws?x=1&token=a%2Eb.c HTTP/1.1",
+            "Host: x",
+            "Upgrade: websocket",
+            "Connection: keep-alive, Upgrade",
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Key: abc",
+        ];
+        let up = parse_upgrade(&req(&base)).unwrap().unwrap();
+        assert_eq!(up.token.as_deref(), Some("a.b.c"));
+        assert_eq!(up.protocol, Protocol::Hive);
+        let mut with_header = base.to_vec();
+        with_header[0] = "GET /ws HTTP/1.1";
+        with_header.push("Authorization: Bearer tok");
+        assert_eq!(
+            parse_upgrade(&req(&with_header))
+                .unwrap()
+                .unwrap()
+                .token
+                .as_deref(),
+            Some("tok")
+        );
+        assert!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+            .unwrap()
+            .is_none());
+        let mut wrong_path = base.to_vec();
+        wrong_path[0] = "GET /nope HTTP/1.1";
+        assert_eq!(
+            parse_upgrade(&req(&wrong_path)).err().unwrap().0,
+            "404 Not Found"
+        );
+        let no_upgrade = &base[..2];
+        assert_eq!(
+            parse_upgrade(&req(no_upgrade)).err().unwrap().0,
+            "426 Upgrade Required"
+        );
+        assert_eq!(
+            parse_upgrade(b"\x00\x01junk\r\n\r\n").err().unwrap().0,
+            "400 Bad Request"
+        );
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Eb"), "a.b");
+        assert_eq!(percent_decode("abc%"), "abc%");
+        assert_eq!(percent_decode("abc%4"), "abc%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%é%"), "%é%");
+    }
+}

@@ -1,0 +1,477 @@
+//! Counters and gauges, rendered as Prometheus text. Each shard writes only its own
+//! cache-line-padded block (relaxed atomics, no contention); `/metrics` sums or labels.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crate::auth::AuthError;
+use crate::protocol::hive::HiveError;
+
+/// Close codes the router sends, in the order of `ShardMetrics::closes`.
+pub const CLOSE_CODES: [u16; 12] = [
+    1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013, 4400, 4401, 4408, 4409,
+];
+
+#[derive(Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    pub connections: AtomicI64,
+    pub handshakes: AtomicI64,
+    pub accepted: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub tls_failures: AtomicU64,
+    pub handoffs: AtomicU64,
+    pub takeovers: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub events_published: AtomicU64,
+    pub events_dropped_bus_full: AtomicU64,
+    pub events_dropped_slow_device: AtomicU64,
+    pub alive_events: AtomicU64,
+    pub acks_unmatched: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub refused_ip_rate: AtomicU64,
+    pub refused_max_connections: AtomicU64,
+    pub refused_draining: AtomicU64,
+    pub auth_failures: [AtomicU64; 4],
+    pub protocol_errors: [AtomicU64; 5],
+    pub phoenix_errors: [AtomicU64; crate::protocol::phoenix::ERROR_CODES.len()],
+    pub hivekit_errors: [AtomicU64; crate::protocol::hivekit::ERROR_CODES.len()],
+    pub closes: [AtomicU64; CLOSE_CODES.len()],
+}
+
+impl ShardMetrics {
+    pub fn close(&self, code: u16) {
+        if let Some(i) = CLOSE_CODES.iter().position(|c| *c == code) {
+            self.closes[i].fetch_add(1, Relaxed);
+        }
+    }
+    /// Count a Phoenix or Hivekit frame error under its code.
+    pub fn adapter_error(&self, protocol: crate::shard::Protocol, code: &str) {
+        use crate::protocol::{hivekit, phoenix};
+        let (codes, counters): (&[&str], &[AtomicU64]) = match protocol {
+            crate::shard::Protocol::Phoenix(_) => (&phoenix::ERROR_CODES, &self.phoenix_errors),
+            crate::shard::Protocol::Hivekit => (&hivekit::ERROR_CODES, &self.hivekit_errors),
+            crate::shard::Protocol::Hive => return,
+        };
+        if let Some(i) = codes.iter().position(|c| *c == code) {
+            counters[i].fetch_add(1, Relaxed);
+        }
+    }
+    pub fn auth_failure(&self, e: AuthError) {
+        self.auth_failures[e.index()].fetch_add(1, Relaxed);
+    }
+}
+
+/// Ack latency buckets, seconds (upper bounds).
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record_us(&self, us: u64) {
+        let secs = us as f64 / 1e6;
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cum += c.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+#[derive(Default)]
+pub struct ApiMetrics {
+    pub requests_sent: AtomicU64,
+    pub requests_acked: AtomicU64,
+    pub requests_responded: AtomicU64,
+    pub requests_timed_out: AtomicU64,
+    pub requests_offline: AtomicU64,
+    pub requests_rejected: AtomicU64,
+    pub events_to_devices: AtomicU64,
+    pub events_to_devices_offline: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub shard_queue_full: AtomicU64,
+    pub bus_events: AtomicU64,
+    pub sse_subscribers: AtomicI64,
+    pub sse_lagged: AtomicU64,
+    pub ack_latency: Histogram,
+    pub response_latency: Histogram,
+}
+
+/// The RabbitMQ bridge (`--amqp`): written only by the bridge thread.
+#[derive(Default)]
+pub struct BridgeMetrics {
+    /// basic.publish calls sent, retries included.
+    pub published: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub nacked: AtomicU64,
+    /// Events sent again after a nack or a lost connection.
+    pub retried: AtomicU64,
+    /// Events waiting for the broker (not yet published).
+    pub buffered: AtomicI64,
+    /// Events published and not yet confirmed.
+    pub unconfirmed: AtomicI64,
+    pub dropped_buffer_full: AtomicU64,
+    pub dropped_shutdown: AtomicU64,
+    pub dropped_bad_routing_key: AtomicU64,
+    pub header_keys_skipped: AtomicU64,
+    /// Events published without headers (body not a JSON object, or headers too large).
+    pub headers_omitted: AtomicU64,
+    pub connected: AtomicI64,
+    pub connects: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+impl BridgeMetrics {
+    fn render(&self, o: &mut String) {
+        let counters: [(&str, &str, &AtomicU64); 8] = [
+            ("router_amqp_published_total", "basic.publish calls to hive.events, retries included.", &self.published),
+            ("router_amqp_confirmed_total", "Events the broker confirmed (publisher confirms, ack).", &self.confirmed),
+            ("router_amqp_nacked_total", "Events the broker nacked (then retried).", &self.nacked),
+            ("router_amqp_retried_total", "Events published again after a nack or a lost connection.", &self.retried),
+            ("router_amqp_header_keys_skipped_total", "Event fields left out of the AMQP headers: key longer than 255 bytes.", &self.header_keys_skipped),
+            ("router_amqp_headers_omitted_total", "Events published without headers (not a JSON object, or headers larger than a frame).", &self.headers_omitted),
+            ("router_amqp_reconnects_total", "Connections to RabbitMQ re-established after one was lost.", &self.reconnects),
+            ("router_amqp_connect_failures_total", "Failed attempts to connect to RabbitMQ and declare the topology.", &self.connect_failures),
+        ];
+        for (name, help, v) in counters {
+            counter(o, name, help, v.load(Relaxed));
+        }
+        let _ = writeln!(o, "# HELP router_amqp_dropped_total Device events the bridge dropped, by reason (buffer_full: oldest dropped while the broker was away).\n# TYPE router_amqp_dropped_total counter");
+        for (reason, v) in [
+            ("buffer_full", &self.dropped_buffer_full),
+            ("shutdown", &self.dropped_shutdown),
+            ("bad_routing_key", &self.dropped_bad_routing_key),
+        ] {
+            let _ = writeln!(
+                o,
+                "router_amqp_dropped_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        for (name, help, v) in [
+            (
+                "router_amqp_buffered_events",
+                "Device events waiting for the broker (bounded by --amqp-buffer).",
+                &self.buffered,
+            ),
+            (
+                "router_amqp_unconfirmed_events",
+                "Events published and not yet confirmed (bounded by --amqp-confirm-window).",
+                &self.unconfirmed,
+            ),
+            (
+                "router_amqp_connected",
+                "1 while the bridge holds a connection to RabbitMQ with its topology declared.",
+                &self.connected,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
+}
+
+pub struct Metrics {
+    pub shards: Vec<ShardMetrics>,
+    pub api: ApiMetrics,
+    pub bridge: BridgeMetrics,
+    /// Device sockets open in this process (handshaking or authenticated).
+    pub open_connections: AtomicI64,
+}
+
+impl Metrics {
+    pub fn new(shards: usize) -> Self {
+        Metrics {
+            shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            api: ApiMetrics::default(),
+            bridge: BridgeMetrics::default(),
+            open_connections: AtomicI64::new(0),
+        }
+    }
+
+    fn sum(&self, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+        self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self, node: &str) -> String {
+        let mut o = String::with_capacity(8192);
+        let _ = writeln!(o, "# HELP router_info Static facts about this router process.\n# TYPE router_info gauge\nrouter_info{{node=\"{node}\",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+
+        gauge_per_shard(
+            &mut o,
+            "router_connections",
+            "Authenticated device connections owned by each shard.",
+            &self.shards,
+            |s| s.connections.load(Relaxed),
+        );
+        gauge_per_shard(
+            &mut o,
+            "router_handshakes_in_progress",
+            "Connections accepted but not yet authenticated, per shard.",
+            &self.shards,
+            |s| s.handshakes.load(Relaxed),
+        );
+
+        let counters: [(&str, &str, u64); 15] = [
+            ("router_connections_accepted_total", "TCP connections accepted.", self.sum(|s| &s.accepted)),
+            ("router_handshake_failures_total", "Connections that failed the HTTP upgrade (bad request, wrong path, I/O error).", self.sum(|s| &s.handshake_failures)),
+            ("router_handoffs_total", "Authenticated sockets handed to the shard that owns the device.", self.sum(|s| &s.handoffs)),
+            ("router_takeovers_total", "Older connections closed because the same device connected again (4409).", self.sum(|s| &s.takeovers)),
+            ("router_disconnects_total", "Authenticated connections that ended, for any reason.", self.sum(|s| &s.disconnects)),
+            ("router_frames_in_total", "WebSocket frames received from devices.", self.sum(|s| &s.frames_in)),
+            ("router_frames_out_total", "WebSocket frames sent to devices.", self.sum(|s| &s.frames_out)),
+            ("router_bytes_in_total", "Bytes received from devices (WebSocket payload and headers).", self.sum(|s| &s.bytes_in)),
+            ("router_bytes_out_total", "Bytes sent to devices.", self.sum(|s| &s.bytes_out)),
+            ("router_events_published_total", "Device events handed to the bus (including device-alive).", self.sum(|s| &s.events_published)),
+            ("router_device_alive_events_total", "device-alive events produced by pongs.", self.sum(|s| &s.alive_events)),
+            ("router_acks_unmatched_total", "Acks or responses for no pending request of that device (late, duplicate or foreign).", self.sum(|s| &s.acks_unmatched)),
+            ("router_requests_sent_total", "Requests from the API delivered to a device.", self.api.requests_sent.load(Relaxed)),
+            ("router_requests_acked_total", "Requests acked by the device.", self.api.requests_acked.load(Relaxed)),
+            ("router_requests_timed_out_total", "Requests with no ack (or response) within their timeout (HTTP 504).", self.api.requests_timed_out.load(Relaxed)),
+        ];
+        for (name, help, v) in counters {
+            counter(&mut o, name, help, v);
+        }
+        let more: [(&str, &str, u64); 9] = [
+            (
+                "router_requests_responded_total",
+                "Requests answered with a device response.",
+                self.api.requests_responded.load(Relaxed),
+            ),
+            (
+                "router_requests_offline_total",
+                "Requests for a device not connected (HTTP 404).",
+                self.api.requests_offline.load(Relaxed),
+            ),
+            (
+                "router_requests_rejected_total",
+                "Requests refused because the device's outbound queue was full (HTTP 503).",
+                self.api.requests_rejected.load(Relaxed),
+            ),
+            (
+                "router_api_events_sent_total",
+                "Events from the API delivered to a device.",
+                self.api.events_to_devices.load(Relaxed),
+            ),
+            (
+                "router_api_events_offline_total",
+                "Events from the API for a device not connected (HTTP 404).",
+                self.api.events_to_devices_offline.load(Relaxed),
+            ),
+            (
+                "router_api_bad_requests_total",
+                "API calls refused with 400 (bad UUID, bad JSON).",
+                self.api.bad_requests.load(Relaxed),
+            ),
+            (
+                "router_shard_queue_full_total",
+                "API calls refused because a shard inbox was full (HTTP 503).",
+                self.api.shard_queue_full.load(Relaxed),
+            ),
+            (
+                "router_bus_events_total",
+                "Device events the embedded bus delivered to its sink.",
+                self.api.bus_events.load(Relaxed),
+            ),
+            (
+                "router_sse_lagged_total",
+                "Events a slow /v1/events subscriber missed.",
+                self.api.sse_lagged.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in more {
+            counter(&mut o, name, help, v);
+        }
+        let _ = writeln!(o, "# HELP router_sse_subscribers Open /v1/events streams.\n# TYPE router_sse_subscribers gauge\nrouter_sse_subscribers {}", self.api.sse_subscribers.load(Relaxed));
+
+        let _ = writeln!(o, "# HELP router_events_dropped_total Device events dropped, by reason.\n# TYPE router_events_dropped_total counter");
+        let _ = writeln!(
+            o,
+            "router_events_dropped_total{{reason=\"bus_full\"}} {}",
+            self.sum(|s| &s.events_dropped_bus_full)
+        );
+        let _ = writeln!(
+            o,
+            "router_events_dropped_total{{reason=\"slow_device\"}} {}",
+            self.sum(|s| &s.events_dropped_slow_device)
+        );
+
+        let _ = writeln!(o, "# HELP router_open_connections Device sockets open in this process, handshaking or authenticated (capped by --max-connections).\n# TYPE router_open_connections gauge\nrouter_open_connections {}", self.open_connections.load(Relaxed));
+        counter(
+            &mut o,
+            "router_tls_handshake_failures_total",
+            "TLS handshakes that failed (bad client certificate, protocol error, not TLS).",
+            self.sum(|s| &s.tls_failures),
+        );
+        counter(
+            &mut o,
+            "router_rate_limited_total",
+            "Device messages refused by the per-device rate limit (answered rate-limited).",
+            self.sum(|s| &s.rate_limited),
+        );
+        counter(
+            &mut o,
+            "router_api_unauthorized_total",
+            "API calls refused with 401 (missing or wrong --api-token).",
+            self.api.unauthorized.load(Relaxed),
+        );
+        let _ = writeln!(o, "# HELP router_connections_refused_total Connections refused before the upgrade, by reason.\n# TYPE router_connections_refused_total counter");
+        let _ = writeln!(
+            o,
+            "router_connections_refused_total{{reason=\"ip_rate\"}} {}",
+            self.sum(|s| &s.refused_ip_rate)
+        );
+        let _ = writeln!(
+            o,
+            "router_connections_refused_total{{reason=\"max_connections\"}} {}",
+            self.sum(|s| &s.refused_max_connections)
+        );
+        let _ = writeln!(
+            o,
+            "router_connections_refused_total{{reason=\"draining\"}} {}",
+            self.sum(|s| &s.refused_draining)
+        );
+        let _ = writeln!(o, "# HELP router_auth_failures_total Refused authentications, by reason.\n# TYPE router_auth_failures_total counter");
+        for e in AuthError::ALL {
+            let v: u64 = self
+                .shards
+                .iter()
+                .map(|s| s.auth_failures[e.index()].load(Relaxed))
+                .sum();
+            let _ = writeln!(
+                o,
+                "router_auth_failures_total{{reason=\"{}\"}} {v}",
+                e.label()
+            );
+        }
+        let _ = writeln!(o, "# HELP router_protocol_errors_total Device frames answered with an error message, by code.\n# TYPE router_protocol_errors_total counter");
+        for e in HiveError::ALL {
+            let v: u64 = self
+                .shards
+                .iter()
+                .map(|s| s.protocol_errors[e.index()].load(Relaxed))
+                .sum();
+            let _ = writeln!(
+                o,
+                "router_protocol_errors_total{{code=\"{}\"}} {v}",
+                e.code()
+            );
+        }
+        for (name, codes, pick) in [
+            (
+                "router_phoenix_errors_total",
+                &crate::protocol::phoenix::ERROR_CODES[..],
+                0,
+            ),
+            (
+                "router_hivekit_errors_total",
+                &crate::protocol::hivekit::ERROR_CODES[..],
+                1,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} Refused or malformed frames of this protocol, by code.\n# TYPE {name} counter");
+            for (i, code) in codes.iter().enumerate() {
+                let v: u64 = self
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        if pick == 0 {
+                            &s.phoenix_errors[i]
+                        } else {
+                            &s.hivekit_errors[i]
+                        }
+                        .load(Relaxed)
+                    })
+                    .sum();
+                let _ = writeln!(o, "{name}{{code=\"{code}\"}} {v}");
+            }
+        }
+        let _ = writeln!(o, "# HELP router_closes_total WebSocket closes sent by the router, by close code.\n# TYPE router_closes_total counter");
+        for (i, code) in CLOSE_CODES.iter().enumerate() {
+            let v: u64 = self.shards.iter().map(|s| s.closes[i].load(Relaxed)).sum();
+            let _ = writeln!(o, "router_closes_total{{code=\"{code}\"}} {v}");
+        }
+        self.api.ack_latency.render(
+            "router_ack_latency_seconds",
+            "Time from a request entering the API to the device's ack.",
+            &mut o,
+        );
+        self.api.response_latency.render(
+            "router_response_latency_seconds",
+            "Time from a request entering the API to the device's response (?wait=response).",
+            &mut o,
+        );
+        self.bridge.render(&mut o);
+        let rss = process_rss_bytes();
+        let _ = writeln!(o, "# HELP router_process_resident_memory_bytes Resident set size of the router process.\n# TYPE router_process_resident_memory_bytes gauge\nrouter_process_resident_memory_bytes {rss}");
+        let _ = writeln!(o, "# HELP router_process_open_fds Open file descriptors of the router process.\n# TYPE router_process_open_fds gauge\nrouter_process_open_fds {}", open_fds());
+        o
+    }
+}
+
+fn counter(o: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+}
+
+fn gauge_per_shard(
+    o: &mut String,
+    name: &str,
+    help: &str,
+    shards: &[ShardMetrics],
+    f: impl Fn(&ShardMetrics) -> i64,
+) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", f(s));
+    }
+}
+
+/// RSS from /proc/self/statm (pages), 0 if unreadable (e.g. at the open-file cap).
+pub fn process_rss_bytes() -> u64 {
+    let page = 4096u64;
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * page)
+}
+
+/// Open descriptors, counted without opening /proc (which fails at the file cap):
+/// fcntl probing is too slow, so read the directory and accept failure as 0.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}

@@ -1,0 +1,324 @@
+//! Hive native protocol (`/ws`): one JSON object per text frame. Turns a device's
+//! frame into an internal message with metadata injected, and internal messages into
+//! frames. Pure functions over bytes: the shard does all I/O.
+
+use std::ops::Range;
+
+use uuid::Uuid;
+
+use super::json::{as_str, key_is, push_str, JsonError, Scratch};
+
+/// Routing keys are `<service>.<type>` and AMQP allows 255 bytes; keep headroom.
+pub const MAX_TYPE_LEN: usize = 200;
+pub const DEVICE_SERVICE: &str = "hive-device";
+pub const BACKEND_SERVICE: &str = "hive-backend";
+
+/// Who is speaking, pre-formatted once per connection: injected into every event.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub device: Uuid,
+    pub account: Uuid,
+}
+
+/// What a device's text frame means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A device event, with `device`/`account`/`service` overwritten.
+    Event { ty: String, body: Vec<u8> },
+    /// `{"type":"ack","request":R}`.
+    Ack { request: Uuid },
+    /// `{"type":"response","request":R,"status":..,"result":..}`.
+    Response {
+        request: Uuid,
+        ok: bool,
+        result: Option<Vec<u8>>,
+    },
+}
+
+/// Why a frame was refused; the code goes back to the device in an `error` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HiveError {
+    #[error("frame is not valid JSON")]
+    BadJson,
+    #[error("frame is not a JSON object")]
+    NotObject,
+    #[error("object has no string `type`")]
+    NoType,
+    #[error("`type` is empty or longer than 200 bytes")]
+    BadType,
+    #[error("`request` must be a request UUID string")]
+    BadRequestId,
+}
+
+impl HiveError {
+    pub const ALL: [HiveError; 5] = [
+        HiveError::BadJson,
+        HiveError::NotObject,
+        HiveError::NoType,
+        HiveError::BadType,
+        HiveError::BadRequestId,
+    ];
+    pub fn code(self) -> &'static str {
+        match self {
+            HiveError::BadJson => "bad-json",
+            HiveError::NotObject => "not-object",
+            HiveError::NoType => "no-type",
+            HiveError::BadType => "bad-type",
+            HiveError::BadRequestId => "bad-request-id",
+        }
+    }
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<JsonError> for HiveError {
+    fn from(e: JsonError) -> Self {
+        match e {
+            JsonError::Invalid => HiveError::BadJson,
+            JsonError::NotObject => HiveError::NotObject,
+        }
+    }
+}
+
+const INJECTED: [&str; 3] = ["device", "account", "service"];
+
+/// Decode one text frame from an authenticated device.
+pub fn decode(text: &[u8], meta: &Meta, scratch: &mut Scratch) -> Result<Inbound, HiveError> {
+    scratch.parse_object(text)?;
+    let ty_member = scratch.find(text, "type").ok_or(HiveError::NoType)?;
+    let ty = as_str(text, &ty_member.value).ok_or(HiveError::NoType)?;
+    if ty.is_empty() || ty.len() > MAX_TYPE_LEN {
+        return Err(HiveError::BadType);
+    }
+    match &*ty {
+        "ack" => Ok(Inbound::Ack {
+            request: request_id(text, scratch)?,
+        }),
+        "response" => {
+            let request = request_id(text, scratch)?;
+            let ok = scratch
+                .find(text, "status")
+                .and_then(|m| as_str(text, &m.value))
+                .is_none_or(|s| s == "ok");
+            let result = scratch
+                .find(text, "result")
+                .map(|m| text[m.value.clone()].to_vec());
+            Ok(Inbound::Response {
+                request,
+                ok,
+                result,
+            })
+        }
+        _ => {
+            let ty = ty.into_owned();
+            let body = inject(text, scratch, meta, DEVICE_SERVICE);
+            Ok(Inbound::Event { ty, body })
+        }
+    }
+}
+
+fn request_id(text: &[u8], scratch: &Scratch) -> Result<Uuid, HiveError> {
+    scratch
+        .find(text, "request")
+        .and_then(|m| as_str(text, &m.value))
+        .and_then(|s| Uuid::parse_str(&s).ok())
+        .ok_or(HiveError::BadRequestId)
+}
+
+/// Copy the object's members, minus any `device`/`account`/`service` the device sent,
+/// then append the real ones. Values are copied as bytes, never re-serialised.
+fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 128);
+    out.push(b'{');
+    for m in &scratch.members {
+        if INJECTED.iter().any(|k| key_is(text, m, k)) {
+            continue;
+        }
+        let member: Range<usize> = m.key.start..m.value.end;
+        out.extend_from_slice(&text[member]);
+        out.push(b',');
+    }
+    push_meta(&mut out, meta, service);
+    out.push(b'}');
+    out
+}
+
+fn push_meta(out: &mut Vec<u8>, meta: &Meta, service: &str) {
+    let mut buf = Uuid::encode_buffer();
+    out.extend_from_slice(b"\"device\":\"");
+    out.extend_from_slice(meta.device.hyphenated().encode_lower(&mut buf).as_bytes());
+    out.extend_from_slice(b"\",\"account\":\"");
+    out.extend_from_slice(meta.account.hyphenated().encode_lower(&mut buf).as_bytes());
+    out.extend_from_slice(b"\",\"service\":");
+    push_str(out, service);
+}
+
+/// `{"type":"authenticated","device":D,"account":A}`.
+pub fn authenticated(meta: &Meta) -> Vec<u8> {
+    format!(
+        r#"{{"type":"authenticated","device":"{}","account":"{}"}}"#,
+        meta.device, meta.account
+    )
+    .into_bytes()
+}
+
+/// The device-alive event the router emits for a pong.
+pub fn device_alive(meta: &Meta, address: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192);
+    out.extend_from_slice(b"{\"type\":\"device-alive\",");
+    push_meta(&mut out, meta, BACKEND_SERVICE);
+    out.extend_from_slice(b",\"address\":");
+    push_str(&mut out, address);
+    out.push(b'}');
+    out
+}
+
+/// A request to the device. `payload` is raw JSON (already validated by the API).
+pub fn device_request(meta: &Meta, request: Uuid, command: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(200 + command.len() + payload.len());
+    out.extend_from_slice(
+        b"{\"type\":\"device-request\",\"service\":\"hive-backend\",\"account\":\"",
+    );
+    let mut buf = Uuid::encode_buffer();
+    out.extend_from_slice(meta.account.hyphenated().encode_lower(&mut buf).as_bytes());
+    out.extend_from_slice(b"\",\"device\":\"");
+    out.extend_from_slice(meta.device.hyphenated().encode_lower(&mut buf).as_bytes());
+    out.extend_from_slice(b"\",\"request\":\"");
+    out.extend_from_slice(request.hyphenated().encode_lower(&mut buf).as_bytes());
+    out.extend_from_slice(b"\",\"command\":");
+    push_str(&mut out, command);
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(if payload.is_empty() { b"null" } else { payload });
+    out.push(b'}');
+    out
+}
+
+/// `{"type":"error","code":C,"message":M}`.
+pub fn error(code: &str, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + message.len());
+    out.extend_from_slice(b"{\"type\":\"error\",\"code\":");
+    push_str(&mut out, code);
+    out.extend_from_slice(b",\"message\":");
+    push_str(&mut out, message);
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn meta() -> Meta {
+        Meta {
+            device: Uuid::from_u128(1),
+            account: Uuid::from_u128(2),
+        }
+    }
+
+    fn dec(s: &str) -> Result<Inbound, HiveError> {
+        decode(s.as_bytes(), &meta(), &mut Scratch::default())
+    }
+
+    #[test]
+    fn events_get_metadata_overwritten() {
+        let spoof = Uuid::from_u128(99);
+        let cases = [
+            format!(r#"{{"type":"instances","device":"{spoof}","apps":[{{"device":"x"}}]}}"#),
+            format!(
+                r#"{{"d\u0065vice":"{spoof}","type":"instances","service":"evil","apps":[{{"device":"x"}}],"account":7}}"#
+            ),
+            r#"{"type":"instances","apps":[{"device":"x"}]}"#.to_string(),
+        ];
+        for c in cases {
+            let Ok(Inbound::Event { ty, body }) = dec(&c) else {
+                panic!("not an event: {c}");
+            };
+            assert_eq!(ty, "instances");
+            // Parse with a strict parser that errors on nothing: last key wins, so any
+            // leftover spoofed key would have to come after ours to win; there must be none.
+            let text = String::from_utf8(body.clone()).unwrap();
+            assert_eq!(text.matches("\"device\"").count(), 2, "{text}"); // ours + nested
+            assert!(!text.contains(&spoof.to_string()), "{text}");
+            assert!(!text.contains("evil"));
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["device"], meta().device.to_string());
+            assert_eq!(v["account"], meta().account.to_string());
+            assert_eq!(v["service"], "hive-device");
+            assert_eq!(v["apps"][0]["device"], "x");
+        }
+    }
+
+    #[test]
+    fn acks_and_responses() {
+        let r = Uuid::from_u128(5);
+        assert_eq!(
+            dec(&format!(r#"{{"type":"ack","request":"{r}"}}"#)),
+            Ok(Inbound::Ack { request: r })
+        );
+        assert_eq!(
+            dec(&format!(
+                r#"{{"type":"response","request":"{r}","status":"error","result":{{"a":[1]}}}}"#
+            )),
+            Ok(Inbound::Response {
+                request: r,
+                ok: false,
+                result: Some(br#"{"a":[1]}"#.to_vec())
+            })
+        );
+        assert_eq!(
+            dec(r#"{"type":"ack","request":"nope"}"#),
+            Err(HiveError::BadRequestId)
+        );
+        assert_eq!(dec(r#"{"type":"ack"}"#), Err(HiveError::BadRequestId));
+    }
+
+    #[test]
+    fn malformed_frames_get_error_codes() {
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(201));
+        let table: &[(&str, HiveError)] = &[
+            ("", HiveError::BadJson),
+            ("{", HiveError::BadJson),
+            ("not json", HiveError::BadJson),
+            ("[1,2]", HiveError::NotObject),
+            ("42", HiveError::NotObject),
+            ("{}", HiveError::NoType),
+            (r#"{"type":5}"#, HiveError::NoType),
+            (r#"{"type":""}"#, HiveError::BadType),
+            (&long, HiveError::BadType),
+        ];
+        for (input, want) in table {
+            assert_eq!(dec(input), Err(*want), "{input}");
+        }
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(dec(&deep).is_err());
+        let deep_obj = format!(
+            r#"{{"type":"x","a":{}1{}}}"#,
+            "[".repeat(5_000),
+            "]".repeat(5_000)
+        );
+        assert!(matches!(
+            dec(&deep_obj),
+            Ok(Inbound::Event { .. }) | Err(HiveError::BadJson)
+        ));
+    }
+
+    #[test]
+    fn outbound_frames_are_valid_json() {
+        let r = Uuid::from_u128(7);
+        let req = device_request(&meta(), r, "Scheduler\"Action", br#"{"x":1}"#);
+        let v: Value = serde_json::from_slice(&req).unwrap();
+        assert_eq!(v["type"], "device-request");
+        assert_eq!(v["command"], "Scheduler\"Action");
+        assert_eq!(v["request"], r.to_string());
+        assert_eq!(v["payload"]["x"], 1);
+        let a: Value = serde_json::from_slice(&device_alive(&meta(), "127.0.0.1:5")).unwrap();
+        assert_eq!(a["service"], "hive-backend");
+        assert_eq!(a["address"], "127.0.0.1:5");
+        let e: Value = serde_json::from_slice(&error("bad-json", "a \"b\"")).unwrap();
+        assert_eq!(e["message"], "a \"b\"");
+        let au: Value = serde_json::from_slice(&authenticated(&meta())).unwrap();
+        assert_eq!(au["type"], "authenticated");
+    }
+}

@@ -1,0 +1,199 @@
+//! What a connection does with a complete message: the per-device rate limit, then the
+//! protocol adapter (Hive decode, or Phoenix/Hivekit effects) and the shard calls that
+//! follow; and how messages for the device are encoded in its protocol.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Conn;
+use crate::protocol::effect::Effect;
+use crate::protocol::hive::{self, Inbound};
+use crate::protocol::ws::OP_BINARY;
+use crate::protocol::{hivekit, phoenix};
+use crate::shard::{Protocol, ShardCtx};
+
+/// Malformed frames in a row before the router gives up with 4400.
+const MAX_BAD_FRAMES: u8 = 10;
+
+impl Conn {
+    /// Token bucket per device: refill at --device-rate per second up to --device-burst.
+    /// A refused message is not parsed; the first refusal of a run is answered, and a
+    /// whole burst's worth of refusals in a row closes the connection with 1008.
+    pub(super) fn admit(&self, ctx: &ShardCtx) -> bool {
+        let cfg = &ctx.shared.config;
+        let now = ctx.now_secs();
+        let excess = {
+            let mut st = self.st.borrow_mut();
+            if now > st.refilled_at {
+                let add = (now - st.refilled_at).saturating_mul(cfg.device_rate);
+                st.tokens = st.tokens.saturating_add(add).min(cfg.device_burst.max(1));
+                st.refilled_at = now;
+            }
+            if st.tokens > 0 {
+                st.tokens -= 1;
+                st.excess = 0;
+                return true;
+            }
+            st.excess += 1;
+            st.excess
+        };
+        ctx.metrics().rate_limited.fetch_add(1, Relaxed);
+        if excess >= cfg.device_burst.max(1) {
+            self.fail(ctx, 1008, "rate limit exceeded");
+        } else if excess == 1 {
+            let frame = match self.protocol {
+                Protocol::Hive => hive::error("rate-limited", "too many messages; slow down"),
+                Protocol::Phoenix(vsn) => phoenix::encode(
+                    vsn,
+                    None,
+                    None,
+                    "phoenix",
+                    "rate_limited",
+                    br#"{"reason":"too many messages"}"#,
+                ),
+                Protocol::Hivekit => br#"[{"res":"err","err":"rate-limited","erc":429}]"#.to_vec(),
+            };
+            self.send_text(ctx, &frame);
+        }
+        false
+    }
+
+    pub(super) fn on_message(&self, ctx: &ShardCtx, op: u8, payload: &mut [u8]) {
+        if !self.admit(ctx) {
+            return;
+        }
+        if op == OP_BINARY {
+            self.fail(ctx, 4400, "binary frames are not part of this protocol");
+            return;
+        }
+        if std::str::from_utf8(payload).is_err() {
+            self.fail(ctx, 1007, "text frame is not valid UTF-8");
+            return;
+        }
+        match self.protocol {
+            Protocol::Hive => self.on_hive(ctx, payload),
+            Protocol::Phoenix(_) => {
+                let mut effects = Vec::new();
+                if let Some(phx) = self.phx.borrow_mut().as_mut() {
+                    phx.on_text(&self.meta, payload, &mut effects);
+                }
+                self.apply(ctx, effects);
+            }
+            Protocol::Hivekit => {
+                let mut effects = Vec::new();
+                hivekit::on_text(&self.meta, payload, &mut effects);
+                self.apply(ctx, effects);
+            }
+        }
+    }
+
+    fn on_hive(&self, ctx: &ShardCtx, payload: &[u8]) {
+        let decoded = {
+            let mut scratch = ctx.scratch.borrow_mut();
+            hive::decode(payload, &self.meta, &mut scratch)
+        };
+        match decoded {
+            Ok(msg) => {
+                self.st.borrow_mut().bad_frames = 0;
+                match msg {
+                    Inbound::Event { ty, body } => publish_event(ctx, &ty, body),
+                    Inbound::Ack { request } => ctx.on_ack(self.meta.device, request),
+                    Inbound::Response {
+                        request,
+                        ok,
+                        result,
+                    } => ctx.on_response(self.meta.device, request, ok, result),
+                }
+            }
+            Err(e) => {
+                ctx.metrics().protocol_errors[e.index()].fetch_add(1, Relaxed);
+                self.send_text(ctx, &hive::error(e.code(), &e.to_string()));
+                self.bad_frame(ctx);
+            }
+        }
+    }
+
+    fn bad_frame(&self, ctx: &ShardCtx) {
+        let bad = {
+            let mut st = self.st.borrow_mut();
+            st.bad_frames = st.bad_frames.saturating_add(1);
+            st.bad_frames
+        };
+        if bad >= MAX_BAD_FRAMES {
+            self.fail(ctx, 4400, "too many malformed frames");
+        }
+    }
+
+    /// Carry out what a Phoenix or Hivekit frame asked for, in order.
+    fn apply(&self, ctx: &ShardCtx, effects: Vec<Effect>) {
+        let mut had_error = false;
+        for e in effects {
+            match e {
+                Effect::Send(frame) => self.send_text(ctx, &frame),
+                Effect::Publish { ty, body } => publish_event(ctx, &ty, body),
+                Effect::Ack(r) => ctx.on_ack(self.meta.device, r),
+                Effect::AckCommand(c) => ctx.ack_command(self.meta.device, c),
+                Effect::Response {
+                    request,
+                    ok,
+                    result,
+                } => ctx.on_response(self.meta.device, request, ok, result),
+                Effect::Ready => ctx.resend_pending(self),
+                Effect::Error(code) => {
+                    had_error = true;
+                    ctx.metrics().adapter_error(self.protocol, code);
+                }
+                Effect::Close(code, reason) => self.fail(ctx, code, reason),
+            }
+        }
+        if had_error {
+            self.bad_frame(ctx);
+        } else {
+            self.st.borrow_mut().bad_frames = 0;
+        }
+    }
+
+    /// The greeting after authentication, in this connection's protocol.
+    pub fn greeting(&self) -> Option<Vec<u8>> {
+        match self.protocol {
+            Protocol::Hive => Some(hive::authenticated(&self.meta)),
+            Protocol::Phoenix(_) => None,
+            Protocol::Hivekit => Some(hivekit::auth_ok()),
+        }
+    }
+
+    /// A request frame in this connection's protocol; None while it cannot receive
+    /// one (a Phoenix device that has not joined its topic yet).
+    pub fn encode_request(
+        &self,
+        request: uuid::Uuid,
+        command: &str,
+        payload: &[u8],
+    ) -> Option<Vec<u8>> {
+        match self.protocol {
+            Protocol::Hive => Some(hive::device_request(&self.meta, request, command, payload)),
+            Protocol::Phoenix(_) => self
+                .phx
+                .borrow()
+                .as_ref()?
+                .encode_request(request, command, payload),
+            Protocol::Hivekit => Some(hivekit::encode_request(request, command, payload)),
+        }
+    }
+
+    /// A backend event (JSON object) in this connection's protocol.
+    pub fn encode_event(&self, body: &[u8]) -> Option<Vec<u8>> {
+        match self.protocol {
+            Protocol::Hive => Some(body.to_vec()),
+            Protocol::Phoenix(_) => self.phx.borrow().as_ref()?.encode_event(body),
+            Protocol::Hivekit => Some(hivekit::encode_event(body)),
+        }
+    }
+}
+
+fn publish_event(ctx: &ShardCtx, ty: &str, body: Vec<u8>) {
+    let mut key = String::with_capacity(hive::DEVICE_SERVICE.len() + 1 + ty.len());
+    key.push_str(hive::DEVICE_SERVICE);
+    key.push('.');
+    key.push_str(ty);
+    ctx.publish(key, body);
+}

@@ -1,0 +1,576 @@
+//! Shards: one OS thread and one single-threaded runtime each. A shard owns its
+//! connections, its route table `device -> connection` and its pending requests.
+//! It never blocks and never takes a lock on the message path: other threads reach
+//! it only through its bounded crossbeam inbox.
+
+pub mod conn;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+use uuid::Uuid;
+
+use crate::auth::Identity;
+use crate::bridge::BusEvent;
+use crate::metrics::ShardMetrics;
+use crate::protocol::json::Scratch;
+use crate::protocol::ws::OP_PING;
+use crate::Shared;
+use conn::Conn;
+
+/// One read buffer per shard, shared by all its connections: an idle connection
+/// holds none. Big enough for a max-size message plus headers in one read.
+pub const READ_BUF: usize = 64 * 1024;
+/// How often the shard's housekeeping runs (pings, idle checks, request expiry).
+const TICK: Duration = Duration::from_millis(500);
+
+/// Which device protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Hive native JSON on `/ws`.
+    Hive,
+    /// Phoenix channels on `/socket/websocket`.
+    Phoenix(crate::protocol::phoenix::Vsn),
+    /// Hivekit-style compact actions on `/v1/ws`.
+    Hivekit,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Hive => "hive",
+            Protocol::Phoenix(_) => "phoenix",
+            Protocol::Hivekit => "hivekit",
+        }
+    }
+}
+
+/// Stable device -> shard mapping (the same in every process, so a bridge can fan out).
+pub fn shard_of(device: &Uuid, shards: usize) -> usize {
+    let (hi, lo) = device.as_u64_pair();
+    let h = (hi ^ lo.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((h >> 32) % shards as u64) as usize
+}
+
+/// What other threads may ask of a shard.
+pub enum ShardMsg {
+    /// An authenticated socket accepted by another shard; this shard owns its device.
+    Adopt(Box<Adopt>),
+    /// Deliver a backend event (a JSON object) to a device; replies whether it was connected.
+    Event {
+        device: Uuid,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Delivery>,
+    },
+    Request(Box<RequestMsg>),
+    Lookup {
+        device: Uuid,
+        reply: oneshot::Sender<Option<DeviceInfo>>,
+    },
+    /// Up to `limit` devices connected to this shard.
+    List {
+        limit: usize,
+        reply: oneshot::Sender<Vec<Uuid>>,
+    },
+    /// Stop accepting and close every connection with 1001, spread until this instant;
+    /// the shard stops when its last connection is gone.
+    Drain(Instant),
+}
+
+pub struct Adopt {
+    pub stream: std::net::TcpStream,
+    /// The TLS session, for wss connections (rustls state moves with the socket).
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    pub ident: Identity,
+    pub peer: SocketAddr,
+    pub protocol: Protocol,
+    pub leftover: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Sent,
+    Offline,
+    /// The device's outbound queue is full (slow reader).
+    Full,
+    /// Connected but cannot receive yet (a Phoenix device that has not joined).
+    NotJoined,
+}
+
+pub struct RequestMsg {
+    pub device: Uuid,
+    pub request: Uuid,
+    pub command: String,
+    pub payload: Vec<u8>,
+    pub wait_response: bool,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<RequestReply>,
+}
+
+#[derive(Debug)]
+pub enum RequestReply {
+    Offline,
+    Full,
+    Acked,
+    Responded { ok: bool, result: Option<Vec<u8>> },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub device: Uuid,
+    pub account: Uuid,
+    pub connected: bool,
+    pub since_unix_ms: u64,
+    pub address: String,
+    pub protocol: &'static str,
+    pub shard: usize,
+}
+
+/// How other threads reach a shard.
+pub struct ShardHandle {
+    tx: crossbeam_channel::Sender<ShardMsg>,
+    notify: Notify,
+}
+
+impl ShardHandle {
+    pub fn new(capacity: usize) -> (Self, crossbeam_channel::Receiver<ShardMsg>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        (
+            ShardHandle {
+                tx,
+                notify: Notify::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Never blocks: a full inbox is the caller's decision (503, drop, close).
+    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.notify.notify_one();
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner()),
+        }
+    }
+}
+
+/// A request sent to a device, waiting for its ack or response.
+struct Pending {
+    device: Uuid,
+    wait_response: bool,
+    acked: bool,
+    deadline: Instant,
+    reply: oneshot::Sender<RequestReply>,
+    /// Kept to re-send if the device reconnects before acking.
+    frame_parts: (String, Vec<u8>),
+}
+
+/// Everything one shard owns. Lives in an `Rc` on the shard's thread only.
+pub struct ShardCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub routes: RefCell<HashMap<Uuid, Rc<Conn>>>,
+    pending: RefCell<HashMap<Uuid, Pending>>,
+    pub read_buf: RefCell<Vec<u8>>,
+    /// Decrypted bytes of TLS connections (allocated on first use).
+    pub plain_buf: RefCell<Vec<u8>>,
+    pub scratch: RefCell<Scratch>,
+    next_conn_id: Cell<u64>,
+    started: Instant,
+    /// Set on drain: connections are closed gradually until then.
+    drain_until: Cell<Option<Instant>>,
+    /// Connects per source IP in the current second (only with --ip-connect-rate).
+    ip_rate: RefCell<HashMap<std::net::IpAddr, (u32, u32)>>,
+}
+
+impl ShardCtx {
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics.shards[self.id]
+    }
+
+    /// Coarse shard clock in seconds, for per-connection timestamps that fit in a u32.
+    pub fn now_secs(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    pub fn publish(&self, routing_key: String, body: Vec<u8>) {
+        let m = self.metrics();
+        match self.shared.bus.publish(BusEvent {
+            routing_key,
+            body: body.into(),
+        }) {
+            Ok(()) => m.events_published.fetch_add(1, Relaxed),
+            Err(_) => m.events_dropped_bus_full.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Take ownership of an authenticated socket: route it, greet it, run it.
+    pub fn adopt(
+        self: &Rc<Self>,
+        stream: TcpStream,
+        tls: Option<Box<rustls::ServerConnection>>,
+        ident: Identity,
+        peer: SocketAddr,
+        protocol: Protocol,
+        leftover: Vec<u8>,
+    ) {
+        let id = self.next_conn_id.get();
+        self.next_conn_id.set(id + 1);
+        let conn = Rc::new(Conn::new(self, id, stream, tls, ident, peer, protocol));
+        let old = self.routes.borrow_mut().insert(ident.device, conn.clone());
+        self.metrics().connections.fetch_add(1, Relaxed);
+        if let Some(old) = old {
+            self.metrics().takeovers.fetch_add(1, Relaxed);
+            old.fail(
+                self,
+                4409,
+                "replaced by a newer connection of the same device",
+            );
+        }
+        if let Some(hello) = conn.greeting() {
+            conn.send_text(self, &hello);
+        }
+        self.resend_pending(&conn);
+        tokio::task::spawn_local(conn::run(self.clone(), conn, leftover));
+    }
+
+    /// Requests sent to an earlier connection of this device and not yet acked are
+    /// sent again: a request outlives a reconnect within its deadline.
+    pub fn resend_pending(&self, conn: &Conn) {
+        let pending = self.pending.borrow();
+        for (id, p) in pending.iter() {
+            if p.device == conn.meta.device && !p.acked {
+                let (command, payload) = &p.frame_parts;
+                if let Some(frame) = conn.encode_request(*id, command, payload) {
+                    conn.send_text(self, &frame);
+                }
+            }
+        }
+    }
+
+    /// A stock device's follow-up (NervesHub `rebooting` after `reboot`) acks the
+    /// oldest pending, not yet acked request of that command.
+    pub fn ack_command(&self, device: Uuid, command: &str) {
+        let oldest = self
+            .pending
+            .borrow()
+            .iter()
+            .filter(|(_, p)| p.device == device && !p.acked && p.frame_parts.0 == command)
+            .min_by_key(|(_, p)| p.deadline)
+            .map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            self.on_ack(device, id);
+        }
+    }
+
+    /// May a new connection from `ip` be accepted? Err: the HTTP status line and why.
+    pub fn admit(&self, ip: std::net::IpAddr) -> Result<(), (&'static str, &'static str)> {
+        let m = self.metrics();
+        if self.drain_until.get().is_some() || self.shared.draining.load(Relaxed) {
+            m.refused_draining.fetch_add(1, Relaxed);
+            return Err((
+                "503 Service Unavailable",
+                "router draining; reconnect elsewhere",
+            ));
+        }
+        let open = self.shared.metrics.open_connections.load(Relaxed);
+        if open >= self.shared.config.max_connections as i64 {
+            m.refused_max_connections.fetch_add(1, Relaxed);
+            return Err((
+                "503 Service Unavailable",
+                "connection limit reached; retry later",
+            ));
+        }
+        let rate = self.shared.config.ip_connect_rate;
+        if rate > 0 {
+            let now = self.now_secs();
+            let mut map = self.ip_rate.borrow_mut();
+            let e = map.entry(ip).or_insert((now, 0));
+            if e.0 != now {
+                *e = (now, 0);
+            }
+            e.1 += 1;
+            if e.1 > rate {
+                m.refused_ip_rate.fetch_add(1, Relaxed);
+                return Err((
+                    "429 Too Many Requests",
+                    "too many connections from this address; slow down",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Called by a connection task when it ends.
+    pub fn unregister(&self, conn: &Conn) {
+        let mut routes = self.routes.borrow_mut();
+        if routes
+            .get(&conn.meta.device)
+            .is_some_and(|c| c.id == conn.id)
+        {
+            routes.remove(&conn.meta.device);
+        }
+        self.metrics().connections.fetch_sub(1, Relaxed);
+        self.metrics().disconnects.fetch_add(1, Relaxed);
+        self.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+    }
+
+    pub fn on_ack(&self, device: Uuid, request: Uuid) {
+        let mut pending = self.pending.borrow_mut();
+        match pending.get_mut(&request) {
+            Some(p) if p.device == device => {
+                if p.wait_response {
+                    p.acked = true;
+                } else if let Some(p) = pending.remove(&request) {
+                    let _ = p.reply.send(RequestReply::Acked);
+                }
+            }
+            _ => {
+                self.metrics().acks_unmatched.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    pub fn on_response(&self, device: Uuid, request: Uuid, ok: bool, result: Option<Vec<u8>>) {
+        let mut pending = self.pending.borrow_mut();
+        if pending.get(&request).is_some_and(|p| p.device == device) {
+            if let Some(p) = pending.remove(&request) {
+                let _ = p.reply.send(RequestReply::Responded { ok, result });
+            }
+        } else {
+            self.metrics().acks_unmatched.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn handle(self: &Rc<Self>, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Adopt(a) => {
+                let Adopt {
+                    stream,
+                    tls,
+                    ident,
+                    peer,
+                    protocol,
+                    leftover,
+                } = *a;
+                match TcpStream::from_std(stream) {
+                    Ok(s) => self.adopt(s, tls, ident, peer, protocol, leftover),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not register handed-over socket");
+                        self.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+                    }
+                }
+            }
+            ShardMsg::Event {
+                device,
+                body,
+                reply,
+            } => {
+                let conn = self.routes.borrow().get(&device).cloned();
+                let d = match conn {
+                    None => Delivery::Offline,
+                    Some(c) => match c.encode_event(&body) {
+                        None => Delivery::NotJoined,
+                        Some(frame) if c.try_send_text(self, &frame) => Delivery::Sent,
+                        Some(_) => {
+                            let m = self.metrics();
+                            m.events_dropped_slow_device.fetch_add(1, Relaxed);
+                            Delivery::Full
+                        }
+                    },
+                };
+                let _ = reply.send(d);
+            }
+            ShardMsg::Request(r) => self.start_request(*r),
+            ShardMsg::Lookup { device, reply } => {
+                let info = self.routes.borrow().get(&device).map(|c| DeviceInfo {
+                    device,
+                    account: c.meta.account,
+                    connected: true,
+                    since_unix_ms: c.connected_at_ms,
+                    address: c.peer.to_string(),
+                    protocol: c.protocol.name(),
+                    shard: self.id,
+                });
+                let _ = reply.send(info);
+            }
+            ShardMsg::List { limit, reply } => {
+                let _ = reply.send(self.routes.borrow().keys().take(limit).copied().collect());
+            }
+            ShardMsg::Drain(until) => {
+                self.drain_until.set(Some(until));
+                return false;
+            }
+        }
+        true
+    }
+
+    fn start_request(&self, r: RequestMsg) {
+        let conn = self.routes.borrow().get(&r.device).cloned();
+        let Some(conn) = conn else {
+            let _ = r.reply.send(RequestReply::Offline);
+            return;
+        };
+        // A device that cannot take it yet (Phoenix, not joined) gets it when it can.
+        if let Some(frame) = conn.encode_request(r.request, &r.command, &r.payload) {
+            // Requests may queue up to twice the event limit; a device that far behind
+            // is not reading at all, so it is closed rather than buffered without end.
+            let limit = self.shared.config.max_outbound.saturating_mul(2);
+            if !conn.send_limited(self, &frame, limit) {
+                conn.fail(self, 1008, "outbound queue full: device too slow");
+                let _ = r.reply.send(RequestReply::Full);
+                return;
+            }
+        }
+        self.pending.borrow_mut().insert(
+            r.request,
+            Pending {
+                device: r.device,
+                wait_response: r.wait_response,
+                acked: false,
+                deadline: r.deadline,
+                reply: r.reply,
+                frame_parts: (r.command, r.payload),
+            },
+        );
+    }
+
+    /// Pings, dead-peer detection and request expiry, spread over the shard's connections.
+    fn tick(&self) {
+        let now = self.now_secs();
+        let interval = self.shared.config.ping_interval.max(1) as u32;
+        // Collected first: pinging may fail a connection, which must not alias the map borrow.
+        let due: Vec<Rc<Conn>> = self
+            .routes
+            .borrow()
+            .values()
+            .filter(|c| c.ping_due(now))
+            .cloned()
+            .collect();
+        for c in due {
+            if c.idle_for(now) > interval.saturating_mul(3) {
+                c.fail(self, 1001, "ping timeout");
+            } else {
+                c.send_control(self, OP_PING, b"");
+                c.set_next_ping(now + interval);
+            }
+        }
+        let instant = Instant::now();
+        self.pending
+            .borrow_mut()
+            .retain(|_, p| p.deadline > instant && !p.reply.is_closed());
+        self.ip_rate.borrow_mut().retain(|_, (sec, _)| *sec == now);
+        if let Some(until) = self.drain_until.get() {
+            self.drain_step(instant, until);
+        }
+    }
+
+    /// Close a share of the remaining connections so the last goes at `until`;
+    /// devices with a request in flight go last, so it can finish.
+    fn drain_step(&self, now: Instant, until: Instant) {
+        let ticks_left =
+            (until.saturating_duration_since(now).as_millis() / TICK.as_millis()).max(1) as usize;
+        let busy: std::collections::HashSet<Uuid> =
+            self.pending.borrow().values().map(|p| p.device).collect();
+        let mut conns: Vec<Rc<Conn>> = self.routes.borrow().values().cloned().collect();
+        conns.sort_by_key(|c| busy.contains(&c.meta.device));
+        let n = conns.len().div_ceil(ticks_left);
+        for c in conns.iter().take(n) {
+            c.fail(self, 1001, "router draining");
+        }
+    }
+}
+
+/// The shard thread's body: build the runtime, accept, serve; on Drain, close
+/// connections gradually and return when none is left.
+pub fn run_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    rx: crossbeam_channel::Receiver<ShardMsg>,
+    listener: std::net::TcpListener,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(shard = id, error = %e, "cannot build shard runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let ctx = Rc::new(ShardCtx {
+            id,
+            shared: shared.clone(),
+            routes: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            read_buf: RefCell::new(vec![0u8; READ_BUF]),
+            plain_buf: RefCell::new(Vec::new()),
+            scratch: RefCell::new(Scratch::default()),
+            next_conn_id: Cell::new(0),
+            started: Instant::now(),
+            drain_until: Cell::new(None),
+            ip_rate: RefCell::new(HashMap::new()),
+        });
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(shard = id, error = %e, "cannot register listener");
+                return;
+            }
+        };
+        let accept = tokio::task::spawn_local(crate::listener::accept_loop(ctx.clone(), listener));
+        let tick_ctx = ctx.clone();
+        let ticker = tokio::task::spawn_local(async move {
+            let mut iv = tokio::time::interval(TICK);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                tick_ctx.tick();
+            }
+        });
+        let handle = &shared.shards[id];
+        'inbox: loop {
+            // Drain in bounded batches so connection tasks get their turn.
+            for _ in 0..1024 {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !ctx.handle(msg) {
+                            break 'inbox;
+                        }
+                    }
+                    Err(_) => {
+                        handle.notify.notified().await;
+                        continue 'inbox;
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        // Draining: no new connections here (other processes on the port keep
+        // accepting); the tick closes ours gradually; messages are still served.
+        accept.abort();
+        ctx.tick();
+        let hard_stop = ctx.drain_until.get().unwrap_or_else(Instant::now) + Duration::from_secs(5);
+        while Instant::now() < hard_stop
+            && (!ctx.routes.borrow().is_empty() || ctx.metrics().handshakes.load(Relaxed) > 0)
+        {
+            while let Ok(msg) = rx.try_recv() {
+                let _ = ctx.handle(msg);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ticker.abort();
+    });
+}

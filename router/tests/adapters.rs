@@ -1,0 +1,300 @@
+//! Phoenix channels (/socket/websocket) and Hivekit (/v1/ws) end to end, from the
+//! documented frames. The official Phoenix JS client test lives in tests/js/.
+
+mod common;
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+async fn connect(url: String) -> Ws {
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade")
+        .0
+}
+
+async fn text(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+#[tokio::test]
+async fn hivekit_auth_quarantine_and_failure() {
+    let r = TestRouter::start();
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    // A frame before auth is not parsed: the connection is refused.
+    let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
+    text(&mut ws, json!([{"typ":"sys","act":"hbt","cid":1}])).await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply[0]["res"], "err");
+    assert_eq!(reply[0]["act"], "aut");
+    assert_eq!(close_code(&mut ws).await, 4401);
+    // A bad token: err then 4401.
+    let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
+    ws.send(Message::text("Bearer nope")).await.unwrap();
+    assert_eq!(next_json(&mut ws).await[0]["res"], "err");
+    assert_eq!(close_code(&mut ws).await, 4401);
+    // Good token as first frame.
+    let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
+    ws.send(Message::text(format!("Bearer {}", r.token(d, a))))
+        .await
+        .unwrap();
+    let ok = next_json(&mut ws).await;
+    assert_eq!(
+        (
+            ok[0]["typ"].as_str(),
+            ok[0]["act"].as_str(),
+            ok[0]["res"].as_str()
+        ),
+        (Some("sys"), Some("aut"), Some("suc"))
+    );
+    // And by header.
+    let (d2, _) = (Uuid::new_v4(), ());
+    let mut req = format!("{}/v1/ws", r.ws).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", r.token(d2, a)).parse().unwrap(),
+    );
+    let (mut ws2, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(next_json(&mut ws2).await[0]["res"], "suc");
+    assert_eq!(
+        r.metric("router_auth_failures_total{reason=\"missing\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        r.metric("router_auth_failures_total{reason=\"invalid\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn hivekit_batches_heartbeat_updates_and_requests() {
+    let r = TestRouter::start();
+    let mut events = Events::subscribe(&r).await;
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = connect(format!("{}/v1/ws?token={}", r.ws, r.token(d, a))).await;
+    assert_eq!(next_json(&mut ws).await[0]["res"], "suc");
+    text(
+        &mut ws,
+        json!([
+            {"typ":"sys","act":"hbt","cid":"h"},
+            {"typ":"obj","act":"upd","id":d,"cid":"u1","loc":{"lon":24.9,"lat":60.2,"spe":3}},
+            {"typ":"obj","act":"set","id":Uuid::new_v4(),"cid":"u2","dat":{"x":1}},
+            {"typ":"nope","act":"x","cid":"u3"}
+        ]),
+    )
+    .await;
+    let replies = next_json(&mut ws).await;
+    assert_eq!(replies[0], json!({"cid":"h","res":"suc"}));
+    assert_eq!(replies[1], json!({"cid":"u1","res":"suc"}));
+    assert_eq!(
+        (replies[2]["res"].as_str(), replies[2]["erc"].as_u64()),
+        (Some("err"), Some(403))
+    );
+    assert_eq!(
+        (replies[3]["res"].as_str(), replies[3]["erc"].as_u64()),
+        (Some("err"), Some(400))
+    );
+    let ev = events.find(|v| v["type"] == "location").await;
+    assert_eq!(ev["device"], d.to_string());
+    assert_eq!(
+        ev["location"],
+        json!({"longitude":24.9,"latitude":60.2,"speed":3})
+    );
+    assert_eq!(
+        r.metric("router_hivekit_errors_total{code=\"forbidden\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        r.metric("router_hivekit_errors_total{code=\"bad-action\"}")
+            .await,
+        1.0
+    );
+
+    // Request -> ins/cre with cid = request id -> {"cid":R,"res":"suc"} acks it.
+    let dev = tokio::spawn(async move {
+        let req = next_json(&mut ws).await;
+        let cid = req[0]["cid"].clone();
+        text(&mut ws, json!([{"cid": cid, "res": "suc"}])).await;
+        (req, ws)
+    });
+    let (status, body) = r
+        .request(d, json!({"command":"reboot","payload":{"in":5}}), "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (req, mut ws) = dev.await.unwrap();
+    assert_eq!(req[0]["typ"], "ins");
+    assert_eq!(req[0]["act"], "cre");
+    assert_eq!(req[0]["cid"], body["request"]);
+    assert_eq!(
+        req[0]["dat"],
+        json!({"command":"reboot","payload":{"in":5}})
+    );
+    // Events arrive as rea/pub.
+    let resp = r
+        .http
+        .post(format!("{}/v1/devices/{d}/events", r.api))
+        .json(&json!({"type":"cfg","k":1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!([{"typ":"rea","act":"pub","dat":{"eve":"cfg","dat":{"type":"cfg","k":1}}}])
+    );
+    // Malformed frames get an error reply, and ten in a row close with 4400.
+    for _ in 0..10 {
+        ws.send(Message::text("{not an array")).await.unwrap();
+    }
+    assert_eq!(next_json(&mut ws).await[0]["res"], "err");
+    assert_eq!(close_code(&mut ws).await, 4400);
+}
+
+#[tokio::test]
+async fn phoenix_v2_join_request_ack_and_followups() {
+    let r = TestRouter::start();
+    let mut events = Events::subscribe(&r).await;
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = connect(format!(
+        "{}/socket/websocket?token={}&vsn=2.0.0",
+        r.ws,
+        r.token(d, a)
+    ))
+    .await;
+    text(&mut ws, json!([null, "1", "phoenix", "heartbeat", {}])).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!([null, "1", "phoenix", "phx_reply", {"status":"ok","response":{}}])
+    );
+    // Another device's topic is refused.
+    text(
+        &mut ws,
+        json!([
+            "2",
+            "2",
+            format!("device:{}", Uuid::new_v4()),
+            "phx_join",
+            {}
+        ]),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await[4],
+        json!({"status":"error","response":{"reason":"unmatched topic"}})
+    );
+
+    // A request sent before the join is delivered once the device joins.
+    let api = r.api.clone();
+    let http = r.http.clone();
+    let early = tokio::spawn(async move {
+        let resp = http
+            .post(format!("{api}/v1/devices/{d}/requests"))
+            .json(&json!({"command":"reboot","payload":{}}))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    text(&mut ws, json!(["3", "3", "device", "phx_join", {"nerves_fw_uuid":"fw-1","nerves_fw_version":"1.0.0","device_api_version":"2.2.0"}])).await;
+    let mut got_reply = false;
+    let mut reboot = Value::Null;
+    while !got_reply || reboot.is_null() {
+        let m = next_json(&mut ws).await;
+        match m[3].as_str() {
+            Some("phx_reply") => got_reply = true,
+            Some("reboot") => reboot = m,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(reboot[0], "3");
+    assert_eq!(reboot[2], "device");
+    let join = events.find(|v| v["type"] == "device-join").await;
+    assert_eq!(join["payload"]["nerves_fw_uuid"], "fw-1");
+    assert_eq!(join["device"], d.to_string());
+    // The stock follow-up `rebooting` acks the reboot.
+    text(&mut ws, json!(["3", "4", "device", "rebooting", {}])).await;
+    assert_eq!(next_json(&mut ws).await[3], "phx_reply");
+    let (status, body) = early.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["request"], reboot[4]["request"]);
+
+    // Explicit ack push for an `update`.
+    let dev = tokio::spawn(async move {
+        let m = next_json(&mut ws).await;
+        text(
+            &mut ws,
+            json!(["3", null, "device", "ack", {"request": m[4]["request"]}]),
+        )
+        .await;
+        (m, ws)
+    });
+    let (status, _) = r
+        .request(
+            d,
+            json!({"command":"update","payload":{"firmware_url":"http://x/fw"}}),
+            "",
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (m, mut ws) = dev.await.unwrap();
+    assert_eq!(m[3], "update");
+    assert_eq!(m[4]["firmware_url"], "http://x/fw");
+    // fwup_progress is published as an event.
+    text(
+        &mut ws,
+        json!(["3", null, "device", "fwup_progress", {"value": 42}]),
+    )
+    .await;
+    let ev = events.find(|v| v["type"] == "fwup_progress").await;
+    assert_eq!(ev["payload"]["value"], 42);
+    assert_eq!(ev["topic"], "device");
+}
+
+#[tokio::test]
+async fn phoenix_v1_and_refusals() {
+    let r = TestRouter::start();
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = connect(format!("{}/socket/websocket?token={}", r.ws, r.token(d, a))).await;
+    text(
+        &mut ws,
+        json!({"topic":"device","event":"phx_join","payload":{},"ref":"1"}),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(
+        (reply["event"].as_str(), reply["payload"]["status"].as_str()),
+        (Some("phx_reply"), Some("ok"))
+    );
+    // No token: 4401. Unknown serializer: HTTP 400.
+    let mut ws = connect(format!("{}/socket/websocket?vsn=2.0.0", r.ws)).await;
+    assert_eq!(close_code(&mut ws).await, 4401);
+    let err = tokio_tungstenite::connect_async(format!("{}/socket/websocket?vsn=9.0.0", r.ws))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("400"), "{err}");
+    // Junk frames: a bad-frame count, then 4400 after ten.
+    let (d2, _) = (Uuid::new_v4(), ());
+    let mut ws = connect(format!(
+        "{}/socket/websocket?token={}&vsn=2.0.0",
+        r.ws,
+        r.token(d2, a)
+    ))
+    .await;
+    for _ in 0..10 {
+        ws.send(Message::text("[1,2")).await.unwrap();
+    }
+    assert_eq!(close_code(&mut ws).await, 4400);
+    assert_eq!(
+        r.metric("router_phoenix_errors_total{code=\"bad-frame\"}")
+            .await,
+        10.0
+    );
+}

@@ -1,0 +1,544 @@
+//! The Hive native protocol on /ws, end to end: real router, real sockets,
+//! tokio-tungstenite as the device, reqwest as the backend.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+fn ids() -> (Uuid, Uuid) {
+    (Uuid::new_v4(), Uuid::new_v4())
+}
+
+#[tokio::test]
+async fn three_ways_to_authenticate() {
+    let r = TestRouter::start();
+    // 1. Authorization header.
+    let (d, a) = ids();
+    let _ws = r.device(d, a).await;
+    // 2. ?token= query parameter.
+    let (d2, a2) = ids();
+    let url = format!("{}/ws?token={}", r.ws, r.token(d2, a2));
+    let (mut ws2, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let hello = next_json(&mut ws2).await;
+    assert_eq!(
+        hello,
+        json!({"type":"authenticated","device":d2,"account":a2})
+    );
+    // 3. First text frame `Bearer T`.
+    let (d3, a3) = ids();
+    let (mut ws3, _) = tokio_tungstenite::connect_async(format!("{}/ws", r.ws))
+        .await
+        .unwrap();
+    ws3.send(Message::text(format!("Bearer {}", r.token(d3, a3))))
+        .await
+        .unwrap();
+    let hello = next_json(&mut ws3).await;
+    assert_eq!(
+        hello,
+        json!({"type":"authenticated","device":d3,"account":a3})
+    );
+    assert_eq!(
+        r.metric("router_connections{shard=\"0\"}").await
+            + r.metric("router_connections{shard=\"1\"}").await,
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_close_4401_and_are_counted() {
+    let r = TestRouter::start();
+    let (d, a) = ids();
+    let forged = router::auth::mint("not-the-secret", d, a, 60);
+    let expired = router::auth::mint_with_exp(SECRET, d, a, router::auth::unix_now() - 10);
+    for (token, _why) in [
+        (forged, "forged"),
+        (expired, "expired"),
+        ("garbage".to_string(), "garbage"),
+    ] {
+        let url = format!("{}/ws?token={token}", r.ws);
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        assert_eq!(close_code(&mut ws).await, 4401);
+    }
+    // A first frame that is not `Bearer T` is not parsed as anything else.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/ws", r.ws))
+        .await
+        .unwrap();
+    ws.send(Message::text(r#"{"type":"instances"}"#))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, 4401);
+    assert_eq!(
+        r.metric("router_auth_failures_total{reason=\"invalid\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        r.metric("router_auth_failures_total{reason=\"expired\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        r.metric("router_auth_failures_total{reason=\"missing\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(r.metric("router_closes_total{code=\"4401\"}").await, 4.0);
+    assert_eq!(r.metric("router_events_published_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn no_auth_closes_4408() {
+    let r = TestRouter::start_with(|c| c.auth_timeout = 1);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/ws", r.ws))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, 4408);
+    assert_eq!(
+        r.metric("router_auth_failures_total{reason=\"timeout\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(r.metric("router_closes_total{code=\"4408\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn spoofed_metadata_is_overwritten() {
+    let r = TestRouter::start();
+    let mut events = Events::subscribe(&r).await;
+    let (d, a) = ids();
+    let victim = Uuid::new_v4();
+    let mut ws = r.device(d, a).await;
+    send_json(&mut ws, json!({"type":"instances","device":victim,"account":victim,"service":"hive-backend","apps":[{"name":"db","healthy":true}]})).await;
+    let ev = events.find(|v| v["type"] == "instances").await;
+    assert_eq!(ev["device"], d.to_string());
+    assert_eq!(ev["account"], a.to_string());
+    assert_eq!(ev["service"], "hive-device");
+    assert_eq!(ev["apps"][0]["name"], "db");
+    assert!(!ev.to_string().contains(&victim.to_string()));
+    assert_eq!(r.metric("router_events_published_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn malformed_json_gets_error_replies_then_4400() {
+    let r = TestRouter::start();
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    ws.send(Message::text("{not json")).await.unwrap();
+    let e = next_json(&mut ws).await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad-json"))
+    );
+    send_json(&mut ws, json!({"no":"type"})).await;
+    assert_eq!(next_json(&mut ws).await["code"], "no-type");
+    // The connection still works after errors.
+    send_json(&mut ws, json!({"type":"device-state","disk":"low"})).await;
+    // Ten malformed frames in a row: protocol violation.
+    for _ in 0..10 {
+        ws.send(Message::text("[]")).await.unwrap();
+    }
+    assert_eq!(close_code(&mut ws).await, 4400);
+    assert_eq!(
+        r.metric("router_protocol_errors_total{code=\"bad-json\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        r.metric("router_protocol_errors_total{code=\"not-object\"}")
+            .await,
+        10.0
+    );
+    assert_eq!(r.metric("router_events_published_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn binary_and_invalid_utf8_are_refused() {
+    let r = TestRouter::start();
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    ws.send(Message::binary(vec![0xde, 0xad, 0xbe, 0xef]))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, 4400);
+    // Invalid UTF-8 in a text frame, written by hand (tungstenite will not send it).
+    let (d2, a2) = ids();
+    let mut raw = raw_upgrade(&r, &r.token(d2, a2)).await;
+    raw.write_all(&masked_frame(0x1, &[0xff, 0xfe, b'{']))
+        .await
+        .unwrap();
+    assert_eq!(read_close_code(&mut raw).await, 1007);
+}
+
+#[tokio::test]
+async fn oversize_frame_closes_1009() {
+    let r = TestRouter::start_with(|c| c.max_frame = 1024);
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let big = format!(r#"{{"type":"instances","pad":"{}"}}"#, "x".repeat(2000));
+    ws.send(Message::text(big)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 1009);
+    assert_eq!(r.metric("router_closes_total{code=\"1009\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn same_device_again_replaces_with_4409() {
+    let r = TestRouter::start();
+    let (d, a) = ids();
+    let mut first = r.device(d, a).await;
+    let mut second = r.device(d, a).await;
+    assert_eq!(close_code(&mut first).await, 4409);
+    // The newest connection is the one requests reach.
+    let dev = tokio::spawn(async move {
+        let req = next_json(&mut second).await;
+        send_json(&mut second, json!({"type":"ack","request":req["request"]})).await;
+        second
+    });
+    let (status, body) = r
+        .request(d, json!({"command":"DeviceCommand","payload":{}}), "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    dev.await.unwrap();
+    assert_eq!(r.metric("router_takeovers_total").await, 1.0);
+    assert_eq!(r.metric("router_closes_total{code=\"4409\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn request_ack_round_trip() {
+    let r = TestRouter::start();
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let dev = tokio::spawn(async move {
+        let req = next_json(&mut ws).await;
+        send_json(&mut ws, json!({"type":"ack","request":req["request"]})).await;
+        req
+    });
+    let (status, body) = r
+        .request(
+            d,
+            json!({"command":"SchedulerAction","payload":{"action":"stop","app":"db"}}),
+            "",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "acked");
+    assert!(body["latency_ms"].as_f64().unwrap() >= 0.0);
+    let req = dev.await.unwrap();
+    assert_eq!(req["type"], "device-request");
+    assert_eq!(req["service"], "hive-backend");
+    assert_eq!(req["device"], d.to_string());
+    assert_eq!(req["account"], a.to_string());
+    assert_eq!(req["command"], "SchedulerAction");
+    assert_eq!(req["payload"], json!({"action":"stop","app":"db"}));
+    assert_eq!(req["request"], body["request"]);
+    assert_eq!(r.metric("router_requests_acked_total").await, 1.0);
+    assert_eq!(r.metric("router_ack_latency_seconds_count").await, 1.0);
+}
+
+#[tokio::test]
+async fn wait_for_response() {
+    let r = TestRouter::start();
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let dev = tokio::spawn(async move {
+        let req = next_json(&mut ws).await;
+        send_json(&mut ws, json!({"type":"ack","request":req["request"]})).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send_json(&mut ws, json!({"type":"response","request":req["request"],"status":"ok","result":{"free_gb":12}})).await;
+        ws
+    });
+    let (status, body) = r
+        .request(
+            d,
+            json!({"command":"DeviceCommand","payload":{"check":"disk"}}),
+            "?wait=response",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["result"], json!({"free_gb":12}));
+    assert!(body["latency_ms"].as_f64().unwrap() >= 50.0);
+    dev.await.unwrap();
+}
+
+#[tokio::test]
+async fn offline_bad_input_and_timeout() {
+    let r = TestRouter::start();
+    let (status, body) = r
+        .request(Uuid::new_v4(), json!({"command":"X","payload":{}}), "")
+        .await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("offline")));
+    let resp = r
+        .http
+        .post(format!("{}/v1/devices/not-a-uuid/requests", r.api))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "bad-device-id"
+    );
+    let resp = r
+        .http
+        .post(format!("{}/v1/devices/{}/requests", r.api, Uuid::new_v4()))
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "bad-json");
+    let resp = r
+        .http
+        .post(format!("{}/v1/devices/{}/events", r.api, Uuid::new_v4()))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // A device that never acks: 504 after the timeout.
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let (status, body) = r
+        .request(
+            d,
+            json!({"command":"X","payload":null,"timeout_ms":300}),
+            "",
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("timeout")),
+        "{body}"
+    );
+    assert_eq!(next_json(&mut ws).await["type"], "device-request");
+    assert_eq!(r.metric("router_requests_timed_out_total").await, 1.0);
+    assert_eq!(r.metric("router_requests_offline_total").await, 1.0);
+    assert_eq!(r.metric("router_api_bad_requests_total").await, 2.0);
+    // A late ack is counted as unmatched, not crashed on.
+    send_json(&mut ws, json!({"type":"ack","request":Uuid::new_v4()})).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(r.metric("router_acks_unmatched_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn events_to_device_and_lookup() {
+    let r = TestRouter::start();
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let resp = r
+        .http
+        .post(format!("{}/v1/devices/{d}/events", r.api))
+        .json(&json!({"type":"config-changed","key":"k"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"config-changed","key":"k"})
+    );
+    let info: Value = r
+        .http
+        .get(format!("{}/v1/devices/{d}", r.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["connected"], true);
+    assert_eq!(info["protocol"], "hive");
+    assert_eq!(info["account"], a.to_string());
+    assert!(info["address"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let resp = r
+        .http
+        .get(format!("{}/v1/devices/{}", r.api, Uuid::new_v4()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            r.http
+                .get(format!("{}{path}", r.api))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn pongs_produce_device_alive() {
+    let r = TestRouter::start_with(|c| c.ping_interval = 1);
+    let mut events = Events::subscribe(&r).await;
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    // Reading drives tungstenite's automatic pong.
+    let reader = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let ev = events.find(|v| v["type"] == "device-alive").await;
+    assert_eq!(ev["device"], d.to_string());
+    assert_eq!(ev["service"], "hive-backend");
+    assert!(ev["address"].as_str().unwrap().starts_with("127.0.0.1:"));
+    reader.abort();
+}
+
+#[tokio::test]
+async fn many_devices_across_shards() {
+    // Devices hash to both shards; sockets accepted on one are handed to the other.
+    let r = TestRouter::start_with(|c| c.shards = 3);
+    let mut tasks = Vec::new();
+    let mut devices = Vec::new();
+    for _ in 0..30 {
+        let (d, a) = ids();
+        let mut ws = r.device(d, a).await;
+        devices.push(d);
+        tasks.push(tokio::spawn(async move {
+            let req = next_json(&mut ws).await;
+            send_json(&mut ws, json!({"type":"ack","request":req["request"]})).await;
+            ws
+        }));
+    }
+    for d in &devices {
+        let (status, body) = r
+            .request(*d, json!({"command":"Ping","payload":{}}), "")
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        open.push(t.await.unwrap());
+    }
+    let m = r.metrics().await;
+    let per_shard: Vec<f64> = (0..3)
+        .map(|i| metric_value(&m, &format!("router_connections{{shard=\"{i}\"}}")))
+        .collect();
+    assert_eq!(per_shard.iter().sum::<f64>(), 30.0, "{per_shard:?}");
+    assert!(per_shard.iter().all(|n| *n > 0.0), "{per_shard:?}");
+    assert!(metric_value(&m, "router_handoffs_total") > 0.0);
+}
+
+#[tokio::test]
+async fn frames_after_bearer_in_same_packet_are_kept() {
+    // The auth frame and an event in one write: the event must not be lost in the handoff.
+    let r = TestRouter::start();
+    let mut events = Events::subscribe(&r).await;
+    let (d, a) = ids();
+    let mut raw = raw_upgrade_no_token(&r).await;
+    let mut bytes = masked_frame(0x1, format!("Bearer {}", r.token(d, a)).as_bytes());
+    bytes.extend(masked_frame(
+        0x1,
+        br#"{"type":"device-version","version":"1.2.3"}"#,
+    ));
+    raw.write_all(&bytes).await.unwrap();
+    let ev = events.find(|v| v["type"] == "device-version").await;
+    assert_eq!(ev["device"], d.to_string());
+    assert_eq!(ev["version"], "1.2.3");
+}
+
+#[tokio::test]
+async fn http_junk_and_wrong_path() {
+    let r = TestRouter::start();
+    let addr = r.ws.trim_start_matches("ws://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"\x16\x03\x01 binary junk\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let req = format!("{}/nope", r.ws).into_client_request().unwrap();
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    assert_eq!(r.metric("router_handshake_failures_total").await, 2.0);
+}
+
+// --- raw socket helpers for what a well-behaved client library will not send ---
+
+async fn raw_upgrade_no_token(r: &TestRouter) -> tokio::net::TcpStream {
+    raw_upgrade_with(r, "").await
+}
+
+async fn raw_upgrade(r: &TestRouter, token: &str) -> tokio::net::TcpStream {
+    raw_upgrade_with(r, &format!("Authorization: Bearer {token}\r\n")).await
+}
+
+async fn raw_upgrade_with(r: &TestRouter, extra: &str) -> tokio::net::TcpStream {
+    let addr = r.ws.trim_start_matches("ws://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    while !buf.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        buf.push(b[0]);
+    }
+    assert!(buf.starts_with(b"HTTP/1.1 101"));
+    s
+}
+
+fn masked_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [9u8, 8, 7, 6];
+    let mut f = vec![0x80 | op];
+    assert!(payload.len() < 65536);
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Read raw frames until a close frame; return its code.
+async fn read_close_code(s: &mut tokio::net::TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "EOF before close frame");
+            buf.extend_from_slice(&chunk[..n]);
+            // Server frames are unmasked; walk them.
+            let mut pos = 0;
+            while buf.len() >= pos + 2 {
+                let op = buf[pos] & 0x0f;
+                let len = (buf[pos + 1] & 0x7f) as usize;
+                let (hl, len) = match len {
+                    126 if buf.len() >= pos + 4 => {
+                        (4, u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize)
+                    }
+                    126 | 127 => break,
+                    n => (2, n),
+                };
+                if buf.len() < pos + hl + len {
+                    break;
+                }
+                if op == 0x8 {
+                    return u16::from_be_bytes([buf[pos + hl], buf[pos + hl + 1]]);
+                }
+                pos += hl + len;
+            }
+        }
+    })
+    .await
+    .expect("close within 5 s")
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Capacity test: start as many router nodes as the open-file limit needs (all sharing one
+# port with SO_REUSEPORT), start loadgen with enough worker processes and source
+# addresses, ramp up, hold a steady phase with requests flowing, print the report, and stop
+# everything it started (also on Ctrl-C or failure).
+#
+#   scripts/capacity.sh --devices 200000 [--amqp URL] [--protocol hive|phoenix|hivekit|mixed]
+#                       [--request-rate 2000] [--duration 20] [--connect-rate 10000]
+#                       [--per-node 12000] [--port 9800] [--json FILE]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICES=10000 AMQP="" PROTOCOL=hive RATE=2000 DURATION=20 CONNECT_RATE=10000 PER_NODE=12000 PORT=9800 JSON=target/capacity-report.json EVENTS=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --devices) DEVICES=$2; shift 2 ;;
+    --amqp) AMQP=$2; shift 2 ;;
+    --protocol) PROTOCOL=$2; shift 2 ;;
+    --request-rate) RATE=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --connect-rate) CONNECT_RATE=$2; shift 2 ;;
+    --per-node) PER_NODE=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    --json) JSON=$2; shift 2 ;;
+    --event-interval) EVENTS=$2; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+cargo build --release --quiet -p router -p loadgen
+ROUTER=target/release/router LOADGEN=target/release/loadgen
+SECRET=capacity-$RANDOM$RANDOM
+# SO_REUSEPORT spreads by hash, not evenly: aim each node well under the 20,000-file cap.
+NODES=$(( (DEVICES + PER_NODE - 1) / PER_NODE ))
+SHARDS=$([ "$NODES" -gt 1 ] && echo 1 || echo 0)
+LOGDIR=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  rm -rf "$LOGDIR"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+APIS=""
+for i in $(seq 0 $((NODES - 1))); do
+  api=127.0.0.1:$((PORT + 1 + i))
+  args=(serve --listen "127.0.0.1:$PORT" --api "$api" --shards "$SHARDS" --node-id "cap-$i"
+        --auth-secret "$SECRET" --max-connections 19000 --queue-capacity 16384 --drain-seconds 1)
+  [ -n "$AMQP" ] && args+=(--amqp "$AMQP")
+  "$ROUTER" "${args[@]}" >"$LOGDIR/router-$i.out" 2>"$LOGDIR/router-$i.err" &
+  PIDS+=($!)
+  APIS="$APIS${APIS:+,}http://$api"
+done
+for i in $(seq 0 $((NODES - 1))); do
+  for _ in $(seq 1 100); do grep -q "router ready" "$LOGDIR/router-$i.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q "router ready" "$LOGDIR/router-$i.out" || { echo "router node $i did not start:"; cat "$LOGDIR/router-$i.err"; exit 1; }
+done
+echo "capacity: $DEVICES $PROTOCOL devices over $NODES router node(s) on 127.0.0.1:$PORT, $RATE requests/s for ${DURATION}s" >&2
+
+set +e
+"$LOADGEN" --devices "$DEVICES" --protocol "$PROTOCOL" --url "ws://127.0.0.1:$PORT" --api "$APIS" \
+  --secret "$SECRET" --connect-rate "$CONNECT_RATE" --request-rate "$RATE" --duration "$DURATION" \
+  --event-interval "$EVENTS" ${AMQP:+--amqp "$AMQP"} --source-ips 127.0.0.2-127.0.0.250 --ramp-timeout 300 --json "$JSON" &
+LG=$!
+PIDS+=($LG)
+wait $LG
+rc=$?
+set -e
+echo "report JSON: $JSON" >&2
+exit $rc

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The test command (README): formatting, lints, every test, independent clients.
+# Runs from a fresh clone: installs what it needs under target/ and starts RabbitMQ if down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+ensure_rabbitmq() {
+  if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then return 0; fi
+  step "starting RabbitMQ"
+  rabbitmq-server -detached || true
+  for _ in $(seq 1 60); do
+    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && return 0
+    sleep 1
+  done
+  echo "RabbitMQ did not come up on 127.0.0.1:5672" >&2
+  return 1
+}
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings denied)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test"
+ensure_rabbitmq
+cargo test --workspace --quiet
+
+step "router binary"
+cargo build --quiet -p router
+ROUTER="$PWD/target/debug/router"
+
+step "independent client: Python websockets"
+VENV=target/pyenv
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -c 'import websockets' 2>/dev/null || "$VENV/bin/pip" install --quiet 'websockets>=13,<16'
+"$VENV/bin/python" tests/python/test_hive_ws.py "$ROUTER"
+
+step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
+ensure_rabbitmq
+"$VENV/bin/python" -c 'import pika' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pika>=1.3,<2'
+"$VENV/bin/python" tests/python/test_amqp_events.py "$ROUTER"
+
+step "independent TLS client: Python ssl + websockets, certificates from openssl"
+"$VENV/bin/python" tests/python/test_tls.py "$ROUTER"
+
+step "loadgen against the router: small fleet, mixed protocols, and --no-ack timeouts"
+cargo build --quiet -p loadgen
+"$VENV/bin/python" tests/python/check_loadgen.py "$ROUTER" "$PWD/target/debug/loadgen" 3000
+
+step "independent client: the official Phoenix JS client (npm phoenix + ws)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+node tests/js/phoenix_client.mjs "$ROUTER"
+
+step "performance regression check (instruction counts under callgrind vs perf/baseline.json)"
+scripts/perf-check.sh --quick
+
+step "all tests passed"
