@@ -448,7 +448,14 @@ async fn broker_outage_is_ridden_out_with_buffer_and_reconnect() {
             .await,
         0.0
     );
-    assert!(r.metric("router_amqp_confirmed_total").await >= 800.0);
+    // A consumer can see a message before its confirm reaches the bridge: wait for it.
+    wait_metric(
+        &r,
+        "router_amqp_confirmed_total",
+        Duration::from_secs(10),
+        |v| v >= 800.0,
+    )
+    .await;
     assert_eq!(
         r.metric("router_events_dropped_total{reason=\"bus_full\"}")
             .await,
