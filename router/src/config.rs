@@ -182,7 +182,8 @@ impl ServeConfig {
             amqp: None,
             amqp_buffer: 100_000,
             amqp_confirm_window: 1000,
-            node_id: Some("test".into()),
+            // Unique: nodes sharing a broker must have distinct ids.
+            node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),
             auth_secret: Some(secret.into()),
             auth_secret_file: None,
             ping_interval: 30,

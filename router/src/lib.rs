@@ -43,6 +43,8 @@ pub struct Shared {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// TLS on the device listener (--tls-cert/--tls-key), with mTLS when --client-ca.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// With --amqp: which node holds which device, and envelopes to other nodes.
+    pub presence: Option<bridge::presence::Presence>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -123,8 +125,9 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         inboxes.push(rx);
     }
     let (bus, bus_rx) = Bus::new(config.queue_capacity);
+    let node_id = config.node_id();
     let shared = Arc::new(Shared {
-        node_id: config.node_id(),
+        node_id: node_id.clone(),
         verifier: Verifier::new(&secret),
         metrics: Metrics::new(n),
         shards: handles,
@@ -133,6 +136,10 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::watch::Sender::new(false),
         tls: tls::server_config(&config)?.map(tokio_rustls::TlsAcceptor::from),
+        presence: config
+            .amqp
+            .is_some()
+            .then(|| bridge::presence::Presence::new(node_id)),
         config,
     });
 

@@ -26,6 +26,7 @@ use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tokio_stream::StreamExt;
 use uuid::Uuid;
 
+use crate::bridge::cluster::{self, Routed};
 use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
 use crate::Shared;
 
@@ -169,6 +170,15 @@ async fn device_info(State(st): State<ApiState>, Path(raw): Path<String>) -> Res
         Ok(d) => d,
         Err(r) => return r,
     };
+    if let Some(p) = &st.shared.presence {
+        if let Some(cluster::RemoteOwner(node)) = cluster::remote_owner(p, &device) {
+            return (
+                StatusCode::OK,
+                Json(json!({ "device": device, "connected": true, "node": node })),
+            )
+                .into_response();
+        }
+    }
     let (tx, rx) = oneshot::channel();
     if let Err(r) = to_shard(&st.shared, &device, ShardMsg::Lookup { device, reply: tx }) {
         return r;
@@ -209,6 +219,26 @@ async fn send_event(State(st): State<ApiState>, Path(raw): Path<String>, body: B
                 "bad-json",
                 format!("body is not valid JSON: {e}"),
             );
+        }
+    }
+    if st.shared.presence.is_some() {
+        match cluster::route_event(&st.shared, device, &body) {
+            Ok(Some(node)) => {
+                api.events_to_devices.fetch_add(1, Relaxed);
+                return (
+                    StatusCode::ACCEPTED,
+                    Json(json!({ "device": device, "status": "forwarded", "node": node })),
+                )
+                    .into_response();
+            }
+            Ok(None) => {}
+            Err(_) => {
+                return err(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "the broker connection is down; retry".into(),
+                )
+            }
         }
     }
     let (tx, rx) = oneshot::channel();
@@ -328,18 +358,38 @@ async fn send_request(
         deadline: started + timeout,
         reply: tx,
     };
-    if let Err(r) = to_shard(&st.shared, &device, ShardMsg::Request(Box::new(msg))) {
-        return r;
-    }
-    let outcome = tokio::time::timeout(timeout, rx).await;
+    // With --amqp the device may be on any node: the cluster routes it (and follows
+    // the device if it moves); otherwise straight to the owning shard.
+    let outcome = if st.shared.presence.is_some() {
+        match cluster::route_request(&st.shared, msg).await {
+            Routed::Reply(r) => Some(r),
+            Routed::TimedOut => None,
+            Routed::Busy => {
+                api.shard_queue_full.fetch_add(1, Relaxed);
+                return err(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "the router is overloaded or its broker connection is down; retry".into(),
+                );
+            }
+        }
+    } else {
+        if let Err(r) = to_shard(&st.shared, &device, ShardMsg::Request(Box::new(msg))) {
+            return r;
+        }
+        tokio::time::timeout(timeout, rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+    };
     let latency = started.elapsed();
     let latency_ms = latency.as_secs_f64() * 1e3;
     match outcome {
-        Ok(Ok(RequestReply::Offline)) => {
+        Some(RequestReply::Offline) => {
             api.requests_offline.fetch_add(1, Relaxed);
             offline(&device)
         }
-        Ok(Ok(RequestReply::Full)) => {
+        Some(RequestReply::Full) => {
             api.requests_rejected.fetch_add(1, Relaxed);
             err(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -347,7 +397,7 @@ async fn send_request(
                 "the device's outbound queue is full".into(),
             )
         }
-        Ok(Ok(RequestReply::Acked)) => {
+        Some(RequestReply::Acked) => {
             api.requests_sent.fetch_add(1, Relaxed);
             api.requests_acked.fetch_add(1, Relaxed);
             api.ack_latency.record_us(latency.as_micros() as u64);
@@ -357,7 +407,7 @@ async fn send_request(
             )
                 .into_response()
         }
-        Ok(Ok(RequestReply::Responded { ok, result })) => {
+        Some(RequestReply::Responded { ok, result }) => {
             api.requests_sent.fetch_add(1, Relaxed);
             api.requests_responded.fetch_add(1, Relaxed);
             api.response_latency.record_us(latency.as_micros() as u64);
@@ -368,7 +418,7 @@ async fn send_request(
             (StatusCode::OK, Json(json!({ "request": request, "status": status, "latency_ms": latency_ms, "result": result }))).into_response()
         }
         // Timed out, or the shard dropped the request (expired).
-        Ok(Err(_)) | Err(_) => {
+        None => {
             api.requests_sent.fetch_add(1, Relaxed);
             api.requests_timed_out.fetch_add(1, Relaxed);
             let what = if wait_response { "response" } else { "ack" };
@@ -413,7 +463,10 @@ impl Drop for SubscriberGuard {
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    let text = st.shared.metrics.render(&st.shared.node_id);
+    let mut text = st.shared.metrics.render(&st.shared.node_id);
+    if let Some(p) = &st.shared.presence {
+        p.render_metrics(&mut text);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -245,7 +245,7 @@ impl Bridge {
             );
             match self.buffering(connecting).await {
                 None => break,
-                Some(Ok(Ok((conn, ch)))) => {
+                Some(Ok(Ok((conn, ch, cluster_ch)))) => {
                     attempt = 0;
                     self.m().connects.fetch_add(1, Relaxed);
                     if ever_connected {
@@ -255,9 +255,29 @@ impl Bridge {
                         tracing::info!(url = %redact(&self.url), "AMQP bridge connected");
                     }
                     ever_connected = true;
+                    // The cluster side (presence, envelopes between nodes) runs beside
+                    // the publisher on its own channel; if it fails, the session ends
+                    // and both start over on a new connection.
+                    let mut cluster = tokio::spawn({
+                        let sh = self.shared.clone();
+                        async move {
+                            if let Err(e) = super::cluster::session(sh.clone(), cluster_ch).await {
+                                if e.to_string().contains("RESOURCE_LOCKED") {
+                                    tracing::error!(node = %sh.node_id, "another router holds this node's queue: every node needs its own --node-id");
+                                } else {
+                                    tracing::warn!(error = %e, "AMQP cluster channel failed");
+                                }
+                            }
+                        }
+                    });
                     self.set_ready(true);
-                    let end = self.session(&conn, &ch).await;
+                    let end = self.session(&conn, &ch, &mut cluster).await;
                     self.set_ready(false);
+                    if end == End::Shutdown {
+                        // Let it announce that this node leaves (bounded).
+                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut cluster).await;
+                    }
+                    cluster.abort();
                     // Best effort: a lost connection may not answer at all.
                     let _ =
                         tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into()))
@@ -302,7 +322,12 @@ impl Bridge {
 
     /// Publish while the connection lives. Returns why it ended; on return every
     /// event not confirmed is back in the buffer.
-    async fn session(&mut self, conn: &Connection, ch: &Channel) -> End {
+    async fn session(
+        &mut self,
+        conn: &Connection,
+        ch: &Channel,
+        cluster: &mut tokio::task::JoinHandle<()>,
+    ) -> End {
         let mut inflight: FuturesUnordered<Publish> = FuturesUnordered::new();
         // Events published and awaiting their confirm, by publish sequence number.
         let mut held: HashMap<u64, BusEvent> = HashMap::with_capacity(self.window);
@@ -363,6 +388,7 @@ impl Bridge {
                 _ = self.shared.bus.wait(), if can_take && !more => Wake::Work,
                 _ = async {}, if more => Wake::Work,
                 _ = tick.tick() => Wake::Tick,
+                _ = &mut *cluster, if flush_until.is_none() => Wake::ClusterDown,
             };
             match wake {
                 Wake::Confirm(id, res) => {
@@ -393,6 +419,7 @@ impl Bridge {
                 Wake::Conn(None) => break End::Lost,
                 Wake::Shutdown => flush_until = Some(Instant::now() + FLUSH_ON_SHUTDOWN),
                 Wake::Work => {}
+                Wake::ClusterDown => break End::Lost,
                 Wake::Tick => {
                     if !conn.status().connected() || !ch.status().connected() {
                         break End::Lost;
@@ -478,6 +505,8 @@ enum Wake {
     Shutdown,
     Work,
     Tick,
+    /// The cluster task ended while the connection lives: start over.
+    ClusterDown,
 }
 
 /// How one publish ended.
@@ -489,10 +518,12 @@ enum Outcome {
 }
 
 /// Connect, open the publishing channel, declare the topology, enable confirms.
-async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channel)> {
+/// Also opens the cluster channel (see [`super::cluster`]).
+async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channel, Channel)> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let conn = Connection::connect(&url, props).await?;
     let declared = async {
+        let cluster = conn.create_channel().await?;
         let ch = conn.create_channel().await?;
         ch.exchange_declare(
             EXCHANGE.into(),
@@ -505,11 +536,11 @@ async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channe
         )
         .await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok::<_, lapin::Error>(ch)
+        Ok::<_, lapin::Error>((ch, cluster))
     }
     .await;
     match declared {
-        Ok(ch) => Ok((conn, ch)),
+        Ok((ch, cluster)) => Ok((conn, ch, cluster)),
         Err(e) => {
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;

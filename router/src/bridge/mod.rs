@@ -5,8 +5,11 @@
 //! `hive.events` with publisher confirms (and feeds the same sink).
 
 pub mod amqp;
+pub mod cluster;
 pub mod embedded;
+pub mod envelope;
 pub mod headers;
+pub mod presence;
 
 use bytes::Bytes;
 use tokio::sync::Notify;

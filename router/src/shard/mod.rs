@@ -228,6 +228,11 @@ impl ShardCtx {
         let conn = Rc::new(Conn::new(self, id, stream, tls, ident, peer, protocol));
         let old = self.routes.borrow_mut().insert(ident.device, conn.clone());
         self.metrics().connections.fetch_add(1, Relaxed);
+        if old.is_none() {
+            if let Some(p) = &self.shared.presence {
+                p.local_gained(ident.device);
+            }
+        }
         if let Some(old) = old {
             self.metrics().takeovers.fetch_add(1, Relaxed);
             old.fail(
@@ -248,7 +253,7 @@ impl ShardCtx {
     pub fn resend_pending(&self, conn: &Conn) {
         let pending = self.pending.borrow();
         for (id, p) in pending.iter() {
-            if p.device == conn.meta.device && !p.acked {
+            if p.device == conn.meta.device && !p.acked && !p.reply.is_closed() {
                 let (command, payload) = &p.frame_parts;
                 if let Some(frame) = conn.encode_request(*id, command, payload) {
                     conn.send_text(self, &frame);
@@ -318,6 +323,9 @@ impl ShardCtx {
             .is_some_and(|c| c.id == conn.id)
         {
             routes.remove(&conn.meta.device);
+            if let Some(p) = &self.shared.presence {
+                p.local_lost(conn.meta.device);
+            }
         }
         self.metrics().connections.fetch_sub(1, Relaxed);
         self.metrics().disconnects.fetch_add(1, Relaxed);

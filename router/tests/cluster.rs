@@ -1,0 +1,423 @@
+//! Several router nodes on the real RabbitMQ: presence, requests and events across
+//! nodes, a device moving between nodes with a request in flight, duplicate
+//! deliveries, a node killed with -9.
+//!
+//! Each test runs in its own RabbitMQ vhost (created with `rabbitmqctl`, deleted at
+//! the end, also when the test fails), so exchanges, queues and presence traffic of
+//! one test never reach another or anyone else using the broker.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// A vhost of our own on the local broker, deleted on drop.
+struct Vhost {
+    name: String,
+}
+
+impl Vhost {
+    fn new() -> Vhost {
+        let name = format!("hive-test-{}", Uuid::new_v4().simple());
+        let ok = |args: &[&str]| {
+            let out = Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl runs (RabbitMQ is installed on this machine)");
+            assert!(
+                out.status.success(),
+                "rabbitmqctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ok(&["add_vhost", &name]);
+        ok(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost { name }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .output();
+    }
+}
+
+fn node(vh: &Vhost, id: &str) -> TestRouter {
+    let url = vh.url();
+    let id = id.to_string();
+    TestRouter::start_with(move |c| {
+        c.amqp = Some(url);
+        c.node_id = Some(id);
+    })
+}
+
+async fn get(r: &TestRouter, path: &str) -> (u16, Value) {
+    // A process still starting refuses the connection: not ready yet.
+    let Ok(resp) = r.http.get(format!("{}{path}", r.api)).send().await else {
+        return (0, Value::Null);
+    };
+    let s = resp.status().as_u16();
+    (s, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_ready(r: &TestRouter) {
+    let t0 = Instant::now();
+    while get(r, "/readyz").await.0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "router not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until node `r` sees `device` on node `on` (None: anywhere but unknown).
+async fn wait_owner(r: &TestRouter, device: Uuid, on: Option<&str>) {
+    let t0 = Instant::now();
+    loop {
+        let (s, v) = get(r, &format!("/v1/devices/{device}")).await;
+        let node = v["node"].as_str();
+        match on {
+            Some(n) if s == 200 && node == Some(n) => return,
+            None if s == 404 => return,
+            _ => {}
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "device {device} never shown on {on:?}: {s} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A device that acks every request it gets; returns the requests it saw.
+fn acking(mut ws: Ws, n: usize) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < n {
+            let m = next_json(&mut ws).await;
+            if m["type"] == "device-request" {
+                send_json(&mut ws, json!({"type":"ack","request":m["request"]})).await;
+                if m["command"] == "Respond" {
+                    send_json(&mut ws, json!({"type":"response","request":m["request"],"status":"ok","result":{"on":"remote"}})).await;
+                }
+                seen.push(m);
+            } else {
+                seen.push(m); // an event from the backend
+            }
+        }
+        seen
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_through_node_a_reaches_a_device_on_node_b() {
+    let vh = Vhost::new();
+    let a = node(&vh, "node-a");
+    let b = node(&vh, "node-b");
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+    let ws = b.device(d, acc).await;
+    wait_owner(&a, d, Some("node-b")).await;
+    let dev = acking(ws, 3);
+
+    let (s, body) = a
+        .request(d, json!({"command":"reboot","payload":{"delay":1}}), "")
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["status"], "acked");
+    let (s, body) = a
+        .request(d, json!({"command":"Respond"}), "?wait=response")
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["result"], json!({"on":"remote"}));
+    // An event through node A is forwarded to B and reaches the device.
+    let r = a
+        .http
+        .post(format!("{}/v1/devices/{d}/events", a.api))
+        .json(&json!({"type":"config-changed","n":1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "forwarded");
+    assert_eq!(v["node"], "node-b");
+
+    let seen = tokio::time::timeout(Duration::from_secs(10), dev)
+        .await
+        .expect("device got both requests and the event")
+        .unwrap();
+    assert_eq!(seen[0]["command"], "reboot");
+    assert_eq!(seen[0]["device"], d.to_string());
+    assert_eq!(seen[0]["payload"], json!({"delay":1}));
+    assert_eq!(seen[1]["command"], "Respond");
+
+    // Counted on both sides.
+    assert_eq!(
+        a.metric("router_cluster_requests_forwarded_total").await,
+        2.0
+    );
+    assert_eq!(b.metric("router_cluster_requests_served_total").await, 2.0);
+    assert_eq!(a.metric("router_requests_acked_total").await, 1.0);
+    assert_eq!(a.metric("router_cluster_nodes").await, 2.0);
+
+    // A device nobody holds: 404 from any node, at once.
+    let t0 = Instant::now();
+    let (s, body) = a
+        .request(Uuid::new_v4(), json!({"command":"reboot"}), "")
+        .await;
+    assert_eq!(s, 404, "{body}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_and_a_device_that_moves_with_a_request_in_flight() {
+    let vh = Vhost::new();
+    let a = node(&vh, "n1");
+    let b = node(&vh, "n2");
+    let c = node(&vh, "n3");
+    for r in [&a, &b, &c] {
+        wait_ready(r).await;
+    }
+    let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+    // Requests through A and through B to a device on C.
+    let ws = c.device(d, acc).await;
+    wait_owner(&a, d, Some("n3")).await;
+    wait_owner(&b, d, Some("n3")).await;
+    let dev = acking(ws, 2);
+    let (s1, _) = a.request(d, json!({"command":"one"}), "").await;
+    let (s2, _) = b.request(d, json!({"command":"two"}), "").await;
+    assert_eq!((s1, s2), (200, 200));
+    let seen = dev.await.unwrap();
+    assert_eq!(seen.len(), 2);
+
+    // A second device on C gets a request through A but does not ack it; it then
+    // moves to B. The request follows it there, within its deadline.
+    let (d2, acc2) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws2 = c.device(d2, acc2).await;
+    wait_owner(&a, d2, Some("n3")).await;
+    let pending = {
+        let http = a.http.clone();
+        let url = format!("{}/v1/devices/{d2}/requests", a.api);
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"command":"update","timeout_ms":15000}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let first = next_json(&mut ws2).await;
+    assert_eq!(first["command"], "update");
+    drop(ws2); // gone without acking
+    let ws2b = b.device(d2, acc2).await;
+    let again = acking(ws2b, 1);
+    let (s, body) = tokio::time::timeout(Duration::from_secs(15), pending)
+        .await
+        .expect("request finished")
+        .unwrap();
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["status"], "acked");
+    let seen = again.await.unwrap();
+    assert_eq!(
+        seen[0]["request"], first["request"],
+        "the same request UUID"
+    );
+    assert!(a.metric("router_cluster_requests_rerouted_total").await >= 1.0);
+}
+
+fn router_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_router")
+}
+
+/// A `router serve` process on ephemeral-free fixed loopback ports.
+struct Proc {
+    child: Child,
+    ws: String,
+    api: String,
+}
+
+impl Proc {
+    fn start(vh: &Vhost, id: &str, ws_port: u16, api_port: u16) -> Proc {
+        let child = Command::new(router_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{ws_port}"),
+                "--api",
+                &format!("127.0.0.1:{api_port}"),
+                "--shards",
+                "1",
+                "--amqp",
+                &vh.url(),
+                "--node-id",
+                id,
+                "--auth-secret",
+                SECRET,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("router binary starts");
+        Proc {
+            child,
+            ws: format!("ws://127.0.0.1:{ws_port}"),
+            api: format!("http://127.0.0.1:{api_port}"),
+        }
+    }
+
+    fn as_router(&self) -> TestRouter {
+        TestRouter {
+            handle: None,
+            ws: self.ws.clone(),
+            api: self.api.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// kill -9 a node holding devices with requests in flight; the devices reconnect to
+/// the surviving node: every request the API accepted ends acked, or with a clear
+/// 404/504, none hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_requests_in_flight_loses_none() {
+    let vh = Vhost::new();
+    let pa = Proc::start(&vh, "survivor", free_port(), free_port());
+    let mut pb = Proc::start(&vh, "victim", free_port(), free_port());
+    let (a, b) = (pa.as_router(), pb.as_router());
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+
+    // Four devices on the victim; each gets a request through the survivor and
+    // reads it without acking.
+    let mut devs = Vec::new();
+    for _ in 0..4 {
+        let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+        let ws = b.device(d, acc).await;
+        devs.push((d, acc, ws));
+    }
+    for (d, _, _) in &devs {
+        wait_owner(&a, *d, Some("victim")).await;
+    }
+    let mut calls = Vec::new();
+    for (d, _, ws) in devs.iter_mut() {
+        let http = a.http.clone();
+        let url = format!("{}/v1/devices/{d}/requests", a.api);
+        calls.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = http
+                .post(url)
+                .json(&json!({"command":"update","timeout_ms":12000}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap(),
+                t0.elapsed(),
+            )
+        }));
+        let m = next_json(ws).await;
+        assert_eq!(m["command"], "update");
+    }
+    // kill -9: no goodbye, no Leaving, its queue vanishes with its connection.
+    pb.child.kill().unwrap();
+    pb.child.wait().unwrap();
+    // Three devices reconnect to the survivor and ack what they get; the fourth
+    // never comes back.
+    let mut acks = Vec::new();
+    for (d, acc, _) in devs.iter().take(3) {
+        let ws = a.device(*d, *acc).await;
+        acks.push(acking(ws, 1));
+    }
+    let mut results = Vec::new();
+    for c in calls {
+        let r = tokio::time::timeout(Duration::from_secs(20), c)
+            .await
+            .expect("no API call hangs")
+            .unwrap();
+        results.push(r);
+    }
+    for (i, (s, body, _)) in results.iter().take(3).enumerate() {
+        assert_eq!(*s, 200, "device {i}: {body}");
+        assert_eq!(body["status"], "acked");
+    }
+    let (s, body, took) = &results[3];
+    assert!(
+        *s == 504 || *s == 404,
+        "the lost device ends with a clear answer: {s} {body}"
+    );
+    assert!(*took < Duration::from_secs(14), "{took:?}");
+    for a in acks {
+        let seen = a.await.unwrap();
+        assert_eq!(seen[0]["command"], "update");
+    }
+    // The dead node is forgotten.
+    let t0 = Instant::now();
+    while a.metric("router_cluster_nodes").await != 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.metric("router_cluster_nodes_expired_total").await >= 1.0);
+    drop(pa);
+}
+
+/// A node that starts late learns the devices of the nodes already running
+/// (snapshot on join), and a node that stops gracefully is forgotten at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_node_learns_by_snapshot_and_a_leaving_node_is_forgotten() {
+    let vh = Vhost::new();
+    let a = node(&vh, "early");
+    wait_ready(&a).await;
+    let mut wss = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+        wss.push(a.device(d, acc).await);
+        ids.push(d);
+    }
+    let b = node(&vh, "late");
+    wait_ready(&b).await;
+    for d in &ids {
+        wait_owner(&b, *d, Some("early")).await;
+    }
+    assert!(b.metric("router_cluster_devices").await >= 20.0);
+    drop(wss);
+    drop(a); // graceful stop: Leaving
+    let t0 = Instant::now();
+    while b.metric("router_cluster_nodes").await != 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "leaving node forgotten before any timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_owner(&b, ids[0], None).await;
+}
