@@ -6,6 +6,12 @@ use clap::{Parser, ValueEnum};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RequestVia {
+    Owner,
+    Cross,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Proto {
     /// Hive native JSON on /ws.
     Hive,
@@ -44,6 +50,11 @@ pub struct Args {
         default_value = "http://127.0.0.1:8081"
     )]
     pub apis: Vec<String>,
+    /// Which node's API a request goes through: `owner`, the node holding the device
+    /// (the fast path), or `cross`, the next node in --api (measures the path across
+    /// nodes through RabbitMQ; needs routers with --amqp and at least two --api URLs).
+    #[arg(long, env = "LOADGEN_REQUEST_VIA", value_enum, default_value = "owner")]
+    pub request_via: RequestVia,
     /// Device protocol.
     #[arg(long, env = "LOADGEN_PROTOCOL", value_enum, default_value = "hive")]
     pub protocol: Proto,

@@ -292,7 +292,13 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         http: http.clone(),
         apis: apis.clone(),
     });
-    let targets = backend::targets(&backend, TARGETS_PER_NODE, args.devices).await;
+    let mut targets = backend::targets(&backend, TARGETS_PER_NODE, args.devices).await;
+    if args.request_via == crate::cli::RequestVia::Cross {
+        let n = backend.apis.len().max(1);
+        for t in &mut targets {
+            t.0 = (t.0 + 1) % n;
+        }
+    }
     let steady = Duration::from_secs_f64(args.duration);
     let events_before = *events_received.lock().unwrap_or_else(|e| e.into_inner());
     let steady_start = Instant::now();
