@@ -140,6 +140,45 @@ pub struct ServeConfig {
     /// Which subject field of a client certificate holds the account UUID: ou, o or uid.
     #[arg(long, env = "ROUTER_MTLS_ACCOUNT_FIELD", default_value = "ou", value_parser = ["ou", "o", "uid"])]
     pub mtls_account_field: String,
+
+    // --- Backend delivery (bridge::backend): hive.events -> HTTP POST to the backend ---
+    /// Deliver device events to this backend URL by HTTP POST (batched JSON arrays),
+    /// consuming them from RabbitMQ: requires --amqp. Absent = no backend delivery.
+    #[arg(long, env = "ROUTER_BACKEND_URL", requires = "amqp")]
+    pub backend_url: Option<String>,
+
+    /// Durable queue the backend delivery consumes (shared by every router node).
+    #[arg(long, env = "ROUTER_BACKEND_QUEUE", default_value = "hive.backend")]
+    pub backend_queue: String,
+
+    /// Routing keys binding --backend-queue to hive.events, comma-separated.
+    #[arg(
+        long,
+        env = "ROUTER_BACKEND_BINDINGS",
+        default_value = "#",
+        value_delimiter = ','
+    )]
+    pub backend_bindings: Vec<String>,
+
+    /// Deliveries unacked at once (basic.qos prefetch) on the backend consumer.
+    #[arg(long, env = "ROUTER_BACKEND_PREFETCH", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub backend_prefetch: u16,
+
+    /// Most events in one POST to the backend.
+    #[arg(long, env = "ROUTER_BACKEND_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backend_batch: u32,
+
+    /// Milliseconds a batch waits for more events after its first one.
+    #[arg(long, env = "ROUTER_BACKEND_BATCH_WAIT_MS", default_value_t = 20)]
+    pub backend_batch_wait_ms: u64,
+
+    /// Timeout of one POST to the backend, milliseconds.
+    #[arg(long, env = "ROUTER_BACKEND_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub backend_timeout_ms: u64,
+
+    /// Sent to the backend as `Authorization: Bearer T`. Never logged.
+    #[arg(long, env = "ROUTER_BACKEND_TOKEN", hide_env_values = true)]
+    pub backend_token: Option<String>,
 }
 
 impl ServeConfig {
@@ -202,6 +241,14 @@ impl ServeConfig {
             tls_key: None,
             client_ca: None,
             mtls_account_field: "ou".into(),
+            backend_url: None,
+            backend_queue: "hive.backend".into(),
+            backend_bindings: vec!["#".into()],
+            backend_prefetch: 1000,
+            backend_batch: 100,
+            backend_batch_wait_ms: 20,
+            backend_timeout_ms: 5000,
+            backend_token: None,
         }
     }
 }

@@ -105,6 +105,9 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     if let Some(url) = &config.amqp {
         bridge::amqp::check_url(url)?;
     }
+    if let Some(url) = &config.backend_url {
+        bridge::backend::check_config(url, &config)?;
+    }
     let n = config.shard_count();
     let (secret, dev) = config.secret().context("reading --auth-secret-file")?;
     if dev {
@@ -153,6 +156,12 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         );
     }
 
+    // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
+    // joined by the API thread after the shutdown signal (see bridge::backend).
+    let backend = match (&shared.config.amqp, &shared.config.backend_url) {
+        (Some(_), Some(_)) => Some(bridge::backend::spawn(shared.clone())?),
+        _ => None,
+    };
     let sh = shared.clone();
     threads.push(
         std::thread::Builder::new()
@@ -208,6 +217,9 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
                     }
                 });
                 if let Some(t) = amqp_bridge {
+                    let _ = t.join();
+                }
+                if let Some(t) = backend {
                     let _ = t.join();
                 }
             })?,

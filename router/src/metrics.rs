@@ -201,10 +201,88 @@ impl BridgeMetrics {
     }
 }
 
+/// Backend delivery (`--backend-url`): written only by the backend delivery thread.
+#[derive(Default)]
+pub struct BackendMetrics {
+    /// Events in batches the backend answered with a 2xx (then acked to RabbitMQ).
+    pub delivered: AtomicU64,
+    pub batches_ok: AtomicU64,
+    pub batches_failed: AtomicU64,
+    pub failures_status: AtomicU64,
+    pub failures_error: AtomicU64,
+    pub failures_timeout: AtomicU64,
+    /// Messages ready in the backend queue (passive queue.declare, every second).
+    pub backlog: AtomicI64,
+    /// Deliveries received from RabbitMQ and not yet acked.
+    pub unacked: AtomicI64,
+    pub connected: AtomicI64,
+    pub post_latency: Histogram,
+}
+
+impl BackendMetrics {
+    fn render(&self, o: &mut String) {
+        counter(
+            o,
+            "router_backend_events_delivered_total",
+            "Device events the backend accepted (2xx), then acked to RabbitMQ.",
+            self.delivered.load(Relaxed),
+        );
+        let _ = writeln!(o, "# HELP router_backend_batches_total POSTs of a batch to the backend, by result (failed ones are retried).\n# TYPE router_backend_batches_total counter");
+        for (result, v) in [("ok", &self.batches_ok), ("failed", &self.batches_failed)] {
+            let _ = writeln!(
+                o,
+                "router_backend_batches_total{{result=\"{result}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(o, "# HELP router_backend_post_failures_total Failed POSTs to the backend, by reason (status: non-2xx answer).\n# TYPE router_backend_post_failures_total counter");
+        for (reason, v) in [
+            ("status", &self.failures_status),
+            ("error", &self.failures_error),
+            ("timeout", &self.failures_timeout),
+        ] {
+            let _ = writeln!(
+                o,
+                "router_backend_post_failures_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        for (name, help, v) in [
+            (
+                "router_backend_backlog",
+                "Messages ready in the backend queue (passive queue.declare every second).",
+                &self.backlog,
+            ),
+            (
+                "router_backend_unacked",
+                "Deliveries this router holds from the backend queue, not yet acked.",
+                &self.unacked,
+            ),
+            (
+                "router_backend_connected",
+                "1 while backend delivery holds its own connection to RabbitMQ and consumes.",
+                &self.connected,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        self.post_latency.render(
+            "router_backend_post_latency_seconds",
+            "Duration of each POST to the backend, any outcome.",
+            o,
+        );
+    }
+}
+
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
     pub api: ApiMetrics,
     pub bridge: BridgeMetrics,
+    pub backend: BackendMetrics,
     /// Device sockets open in this process (handshaking or authenticated).
     pub open_connections: AtomicI64,
 }
@@ -215,6 +293,7 @@ impl Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             api: ApiMetrics::default(),
             bridge: BridgeMetrics::default(),
+            backend: BackendMetrics::default(),
             open_connections: AtomicI64::new(0),
         }
     }
@@ -433,6 +512,7 @@ impl Metrics {
             &mut o,
         );
         self.bridge.render(&mut o);
+        self.backend.render(&mut o);
         let rss = process_rss_bytes();
         let _ = writeln!(o, "# HELP router_process_resident_memory_bytes Resident set size of the router process.\n# TYPE router_process_resident_memory_bytes gauge\nrouter_process_resident_memory_bytes {rss}");
         let _ = writeln!(o, "# HELP router_process_open_fds Open file descriptors of the router process.\n# TYPE router_process_open_fds gauge\nrouter_process_open_fds {}", open_fds());

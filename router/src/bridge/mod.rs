@@ -2,9 +2,11 @@
 //! one bounded crossbeam queue (a full queue drops and counts, never blocks a shard).
 //! Embedded mode (the default) delivers them to an in-process sink that feeds
 //! `GET /v1/events`; with `--amqp` the RabbitMQ bridge (`amqp`) publishes them to
-//! `hive.events` with publisher confirms (and feeds the same sink).
+//! `hive.events` with publisher confirms (and feeds the same sink); with `--backend-url`
+//! too, `backend` consumes them back from RabbitMQ and POSTs them to the backend.
 
 pub mod amqp;
+pub mod backend;
 pub mod cluster;
 pub mod embedded;
 pub mod envelope;

@@ -1,0 +1,741 @@
+//! Backend delivery (`--amqp URL --backend-url URL`): device events from RabbitMQ to
+//! the backend (the "Device Service") by HTTP POST, acknowledged to RabbitMQ only once
+//! the backend answered 2xx. At-least-once: nothing is dropped while the backend is
+//! down; a batch may reach it twice (a retry after a timeout that the backend did
+//! process, or a redelivery after a lost connection or a restart).
+//!
+//! **What it owns.** Its own AMQP connection (not the bridge's: RabbitMQ recommends
+//! separate connections for publishing and consuming, because flow control blocks a
+//! *publishing* connection, and a consumer sharing it would stop acking too, which
+//! deadlocks the very backlog that triggered the alarm); one consuming channel and one
+//! channel for the backlog probe; the durable queue `--backend-queue` (default
+//! `hive.backend`) bound to `hive.events` with each of `--backend-bindings` (default
+//! `#`); an HTTP client; the `router_backend_*` metrics.
+//!
+//! **What it does.** It declares `hive.events` (topic, durable, as the bridge does), the
+//! queue (durable; every router node consumes the same queue, so RabbitMQ spreads the
+//! events over the nodes), the bindings, `basic.qos` with `--backend-prefetch`, and
+//! consumes with manual acks. Deliveries are batched: up to `--backend-batch` events, or
+//! whatever arrived `--backend-batch-wait-ms` after the oldest one, are POSTed to
+//! `--backend-url` as one JSON array of the event bodies (built by concatenating the
+//! bodies, never re-parsed; the router only publishes JSON objects to `hive.events`),
+//! `content-type: application/json`, `Authorization: Bearer` with `--backend-token`
+//! (never logged), within `--backend-timeout-ms`. One batch is in flight at a time,
+//! and the next one forms meanwhile. On a 2xx the batch is acked with one
+//! `basic.ack(multiple)` on its last delivery tag. On any other answer, a transport
+//! error or a timeout the same batch is POSTed again after an exponential backoff with
+//! jitter (100 ms doubling, capped at 10 s), forever: a 4xx (other than 408/429) is
+//! retried too, since dropping is never our call, but logged at warn with its status
+//! (rate-limited) because it usually needs a human. Meanwhile the held deliveries stay
+//! unacked (at most `--backend-prefetch`) and the rest waits in the durable queue.
+//! Every second a passive `queue.declare` reads the queue's ready count
+//! (`router_backend_backlog`).
+//!
+//! **Failures.** A lost AMQP connection (or a cancelled consumer, e.g. the queue was
+//! deleted) drops everything held without acking it, so RabbitMQ redelivers it, and
+//! the thread reconnects with backoff (same schedule) and declares everything again.
+//! On shutdown, a POST already in flight gets up to [`SHUTDOWN_GRACE`] to finish (and
+//! its batch is acked if it succeeded); everything else held is left unacked and
+//! redelivered to whichever consumer comes next.
+//!
+//! **Why its own thread.** Like the bridge it runs on a dedicated OS thread with a
+//! single-threaded tokio runtime (driving lapin and reqwest), so a slow backend or a
+//! busy broker never delays the HTTP API or the shards. It is joined by the API thread
+//! after the shutdown signal.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, Event, ExchangeKind};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use tokio::sync::watch;
+
+use super::amqp::EXCHANGE;
+use crate::config::ServeConfig;
+use crate::metrics::BackendMetrics;
+use crate::Shared;
+
+/// First retry / reconnect delay; doubles per failed attempt up to [`BACKOFF_CAP`].
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Connecting and declaring the topology must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the queue's ready count is read (passive queue.declare).
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+/// At most one warning per this long about a failing backend.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// On shutdown, how long a POST already in flight may still take (then acked if 2xx).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Refuse at startup a configuration that can never deliver.
+pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
+    if config.amqp.is_none() {
+        anyhow::bail!(
+            "--backend-url needs --amqp: backend delivery consumes the device events from \
+             RabbitMQ (exchange hive.events), so it cannot run with the embedded bus"
+        );
+    }
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("--backend-url {}: {e}", redact(url)))?;
+    match parsed.scheme() {
+        "http" => {}
+        "https" => anyhow::bail!(
+            "--backend-url: https:// is not supported by this build (no TLS client); use \
+             http:// (e.g. to a local TLS-terminating proxy)"
+        ),
+        s => anyhow::bail!("--backend-url: scheme {s}: only http:// is supported"),
+    }
+    if config.backend_queue.is_empty() || ShortString::try_new(&*config.backend_queue).is_err() {
+        anyhow::bail!("--backend-queue: must be 1 to 255 bytes");
+    }
+    if config.backend_bindings.is_empty()
+        || config
+            .backend_bindings
+            .iter()
+            .any(|k| ShortString::try_new(k.as_str()).is_err())
+    {
+        anyhow::bail!("--backend-bindings: one or more routing keys of at most 255 bytes");
+    }
+    if let Some(t) = &config.backend_token {
+        if HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
+            anyhow::bail!("--backend-token: not a valid HTTP header value");
+        }
+    }
+    Ok(())
+}
+
+/// The URL without user info, for logs.
+fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// Start the backend delivery thread. It runs until `shared.shutdown` flips.
+pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("backend-delivery".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the backend delivery runtime");
+                    return;
+                }
+            };
+            let Some(delivery) = Delivery::new(shared) else {
+                return;
+            };
+            rt.block_on(delivery.run());
+        })
+}
+
+/// Why a connected session ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Lost,
+    Shutdown,
+}
+
+/// One delivery held (received, not yet acked).
+struct Held {
+    tag: u64,
+    body: Vec<u8>,
+    at: tokio::time::Instant,
+}
+
+/// The batch being POSTed (or waiting to be POSTed again).
+struct Batch {
+    last_tag: u64,
+    count: usize,
+    body: Bytes,
+    /// Failed POSTs of this batch so far.
+    failures: u32,
+}
+
+/// How one POST ended.
+enum Post {
+    Ok,
+    Status(reqwest::StatusCode, String),
+    Timeout,
+    Error(String),
+}
+
+type PostFuture = Pin<Box<dyn Future<Output = Post>>>;
+
+struct Delivery {
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    amqp_url: String,
+    url: String,
+    client: reqwest::Client,
+    auth: Option<HeaderValue>,
+    name: String,
+    batch_max: usize,
+    batch_wait: Duration,
+    /// Last warning about a failing backend, and how many were suppressed since.
+    last_warn: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Delivery {
+    fn new(shared: Arc<Shared>) -> Option<Delivery> {
+        let c = &shared.config;
+        let (amqp_url, url) = (c.amqp.clone()?, c.backend_url.clone()?);
+        let client = match reqwest::Client::builder()
+            .timeout(Duration::from_millis(c.backend_timeout_ms))
+            .build()
+        {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the backend HTTP client");
+                return None;
+            }
+        };
+        let auth = c.backend_token.as_ref().and_then(|t| {
+            let mut v = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        Some(Delivery {
+            shutdown: shared.shutdown.subscribe(),
+            amqp_url,
+            url,
+            client,
+            auth,
+            name: format!("hive-router {} backend-delivery", shared.node_id),
+            batch_max: c.backend_batch.max(1) as usize,
+            batch_wait: Duration::from_millis(c.backend_batch_wait_ms),
+            last_warn: None,
+            suppressed: 0,
+            shared,
+        })
+    }
+
+    fn m(&self) -> &BackendMetrics {
+        &self.shared.metrics.backend
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Drive `fut` unless shutdown comes first (None).
+    async fn or_shutdown<T>(&mut self, fut: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.wait_for(|s| *s) => None,
+            v = fut => Some(v),
+        }
+    }
+
+    async fn run(mut self) {
+        let mut attempt = 0u32;
+        while !self.stopping() {
+            let c = &self.shared.config;
+            let connecting = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                connect(
+                    self.amqp_url.clone(),
+                    self.name.clone(),
+                    c.backend_queue.clone(),
+                    c.backend_bindings.clone(),
+                    c.backend_prefetch,
+                ),
+            );
+            match self.or_shutdown(connecting).await {
+                None => break,
+                Some(Ok(Ok(session))) => {
+                    attempt = 0;
+                    self.m().connected.store(1, Relaxed);
+                    tracing::info!(
+                        queue = %self.shared.config.backend_queue,
+                        backend = %redact(&self.url),
+                        "backend delivery consuming"
+                    );
+                    // The session closes the connection: RabbitMQ redelivers what it held.
+                    let end = self.session(session).await;
+                    self.m().connected.store(0, Relaxed);
+                    self.m().unacked.store(0, Relaxed);
+                    if end == End::Shutdown {
+                        break;
+                    }
+                    tracing::warn!(
+                        "backend delivery lost its AMQP connection; unacked events will be redelivered"
+                    );
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, attempt, "backend delivery cannot connect to RabbitMQ");
+                }
+                Some(Err(_)) => {
+                    tracing::warn!(
+                        attempt,
+                        "backend delivery: connecting to RabbitMQ timed out"
+                    );
+                }
+            }
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            if self.or_shutdown(tokio::time::sleep(delay)).await.is_none() {
+                break;
+            }
+        }
+        self.m().connected.store(0, Relaxed);
+        self.m().unacked.store(0, Relaxed);
+    }
+
+    /// Consume, batch, POST and ack while the connection lives.
+    async fn session(&mut self, s: Session) -> End {
+        let Session {
+            conn,
+            ch,
+            mut stats,
+            mut consumer,
+        } = s;
+        let queue: ShortString = self.shared.config.backend_queue.as_str().into();
+        let mut conn_events = conn.events_listener();
+        let mut pending: VecDeque<Held> = VecDeque::new();
+        let mut batch: Option<Batch> = None;
+        let mut post: Option<PostFuture> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut backlog: Option<Pin<Box<dyn Future<Output = lapin::Result<u32>>>>> = None;
+        let mut tick = tokio::time::interval(BACKLOG_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown.clone();
+
+        let end = loop {
+            let now = tokio::time::Instant::now();
+            // A new batch when idle and the oldest held event is due (or enough are held).
+            if batch.is_none() {
+                if let Some(first) = pending.front() {
+                    if pending.len() >= self.batch_max || first.at + self.batch_wait <= now {
+                        let b = take_batch(&mut pending, self.batch_max);
+                        post = Some(self.post(b.body.clone()));
+                        batch = Some(b);
+                    }
+                }
+            }
+            // A failed batch whose backoff is over.
+            if post.is_none() && retry_at.is_some_and(|t| t <= now) {
+                if let Some(b) = &batch {
+                    retry_at = None;
+                    post = Some(self.post(b.body.clone()));
+                }
+            }
+            let held = pending.len() + batch.as_ref().map_or(0, |b| b.count);
+            self.m().unacked.store(held as i64, Relaxed);
+            let batch_due = match (&batch, pending.front()) {
+                (None, Some(first)) => Some(first.at + self.batch_wait),
+                _ => None,
+            };
+
+            tokio::select! {
+                biased;
+                _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => {
+                    // Let a POST in flight finish, so its batch is not delivered twice.
+                    if let (Some(p), Some(b)) = (post.take(), batch.take()) {
+                        if let Ok(Post::Ok) = tokio::time::timeout(SHUTDOWN_GRACE, p).await {
+                            self.delivered(&ch, &b).await;
+                        }
+                    }
+                    break End::Shutdown;
+                }
+                ev = conn_events.next() => match ev {
+                    Some(Event::Error(e)) => {
+                        tracing::warn!(error = %e, "backend delivery: AMQP connection error");
+                        break End::Lost;
+                    }
+                    None => break End::Lost,
+                    Some(_) => {}
+                },
+                res = async { post.as_mut().expect("guarded").await }, if post.is_some() => {
+                    post = None;
+                    let Some(b) = batch.as_mut() else { continue };
+                    match res {
+                        Post::Ok => {
+                            let b = batch.take().expect("just matched");
+                            if !self.delivered(&ch, &b).await {
+                                break End::Lost;
+                            }
+                        }
+                        failed => {
+                            b.failures += 1;
+                            let failures = b.failures;
+                            self.failed(failed, failures);
+                            retry_at = Some(tokio::time::Instant::now() + backoff(failures - 1));
+                        }
+                    }
+                }
+                d = consumer.next() => match d {
+                    Some(Ok(d)) => pending.push_back(Held {
+                        tag: d.delivery_tag,
+                        body: d.data,
+                        at: tokio::time::Instant::now(),
+                    }),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "backend delivery: consumer failed");
+                        break End::Lost;
+                    }
+                    None => {
+                        tracing::warn!("backend delivery: consumer cancelled by the broker");
+                        break End::Lost;
+                    }
+                },
+                _ = sleep_until(batch_due), if batch_due.is_some() => {}
+                _ = sleep_until(retry_at), if retry_at.is_some() && post.is_none() => {}
+                n = async { backlog.as_mut().expect("guarded").await }, if backlog.is_some() => {
+                    backlog = None;
+                    match n {
+                        Ok(n) => self.m().backlog.store(i64::from(n), Relaxed),
+                        Err(e) => tracing::debug!(error = %e, "backend queue probe failed"),
+                    }
+                }
+                _ = tick.tick() => {
+                    if !conn.status().connected() || !ch.status().connected() {
+                        break End::Lost;
+                    }
+                    if backlog.is_none() {
+                        if !stats.status().connected() {
+                            // The probe's channel was closed (e.g. the queue vanished).
+                            match tokio::time::timeout(Duration::from_secs(1), conn.create_channel()).await {
+                                Ok(Ok(c)) => stats = c,
+                                _ => continue,
+                            }
+                        }
+                        backlog = Some(Box::pin(probe(stats.clone(), queue.clone())));
+                    }
+                }
+            }
+        };
+        drop(consumer);
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+        end
+    }
+
+    /// One POST of a batch body (the client's timeout bounds all of it).
+    fn post(&self, body: Bytes) -> PostFuture {
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body);
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let t0 = Instant::now();
+            let out = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    // Read the answer to the end so the connection can be reused.
+                    match resp.bytes().await {
+                        Ok(_) if status.is_success() => Post::Ok,
+                        Ok(text) => {
+                            let text = String::from_utf8_lossy(&text[..text.len().min(200)]);
+                            Post::Status(status, text.into_owned())
+                        }
+                        Err(e) if e.is_timeout() => Post::Timeout,
+                        Err(e) => Post::Error(e.to_string()),
+                    }
+                }
+                Err(e) if e.is_timeout() => Post::Timeout,
+                Err(e) => Post::Error(error_chain(&e)),
+            };
+            let us = t0.elapsed().as_micros() as u64;
+            shared.metrics.backend.post_latency.record_us(us);
+            out
+        })
+    }
+
+    /// The backend took the batch: ack it. False if the ack could not be sent (the
+    /// connection is gone; RabbitMQ will redeliver, and the backend sees it twice).
+    async fn delivered(&mut self, ch: &Channel, b: &Batch) -> bool {
+        let m = self.m();
+        m.batches_ok.fetch_add(1, Relaxed);
+        if b.failures > 0 {
+            tracing::info!(
+                failed_attempts = b.failures,
+                "backend accepted events again after failures"
+            );
+            self.last_warn = None;
+            self.suppressed = 0;
+        }
+        match ch
+            .basic_ack(b.last_tag, BasicAckOptions { multiple: true })
+            .await
+        {
+            Ok(()) => {
+                self.m().delivered.fetch_add(b.count as u64, Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "backend delivery: ack failed");
+                false
+            }
+        }
+    }
+
+    /// Count a failed POST and warn about it, at most once per [`WARN_EVERY`].
+    fn failed(&mut self, post: Post, failures: u32) {
+        let m = self.m();
+        m.batches_failed.fetch_add(1, Relaxed);
+        match &post {
+            Post::Status(..) => m.failures_status.fetch_add(1, Relaxed),
+            Post::Timeout => m.failures_timeout.fetch_add(1, Relaxed),
+            Post::Error(_) | Post::Ok => m.failures_error.fetch_add(1, Relaxed),
+        };
+        if self.last_warn.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        self.last_warn = Some(Instant::now());
+        let suppressed = std::mem::take(&mut self.suppressed);
+        let backend = redact(&self.url);
+        match post {
+            Post::Status(status, body)
+                if status.is_client_error()
+                    && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                    && status != reqwest::StatusCode::TOO_MANY_REQUESTS =>
+            {
+                tracing::warn!(
+                    %backend, status = status.as_u16(), %body, failures, suppressed,
+                    "backend refuses a batch of events; retrying it (events are never dropped): \
+                     the backend needs fixing"
+                );
+            }
+            Post::Status(status, _) => tracing::warn!(
+                %backend, status = status.as_u16(), failures, suppressed,
+                "backend failed a batch of events; retrying with backoff"
+            ),
+            Post::Timeout => tracing::warn!(
+                %backend, failures, suppressed,
+                "backend POST timed out; retrying with backoff"
+            ),
+            Post::Error(error) => tracing::warn!(
+                %backend, %error, failures, suppressed,
+                "backend POST failed; retrying with backoff"
+            ),
+            Post::Ok => {}
+        }
+    }
+}
+
+/// The oldest held deliveries, up to `max`, as one JSON array of their bodies.
+fn take_batch(pending: &mut VecDeque<Held>, max: usize) -> Batch {
+    let n = pending.len().min(max);
+    let len: usize = pending.iter().take(n).map(|h| h.body.len() + 1).sum();
+    let mut body = Vec::with_capacity(len + 2);
+    body.push(b'[');
+    let mut last_tag = 0;
+    for (i, h) in pending.drain(..n).enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&h.body);
+        last_tag = h.tag;
+    }
+    body.push(b']');
+    Batch {
+        last_tag,
+        count: n,
+        body: body.into(),
+        failures: 0,
+    }
+}
+
+/// The error and its sources, one line (reqwest's Display alone hides the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Messages ready in the queue (a passive declare creates nothing).
+async fn probe(ch: Channel, queue: ShortString) -> lapin::Result<u32> {
+    let q = ch
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
+struct Session {
+    conn: Connection,
+    ch: Channel,
+    stats: Channel,
+    consumer: Consumer,
+}
+
+/// Connect, declare exchange, queue and bindings, set the prefetch and consume.
+async fn connect(
+    url: String,
+    name: String,
+    queue: String,
+    bindings: Vec<String>,
+    prefetch: u16,
+) -> lapin::Result<Session> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = Connection::connect(&url, props).await?;
+    let declared = async {
+        let ch = conn.create_channel().await?;
+        ch.exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        let queue: ShortString = queue.as_str().into();
+        ch.queue_declare(
+            queue.clone(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        for key in &bindings {
+            ch.queue_bind(
+                queue.clone(),
+                EXCHANGE.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = ch
+            .basic_consume(
+                queue,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let stats = conn.create_channel().await?;
+        Ok::<_, lapin::Error>((ch, stats, consumer))
+    }
+    .await;
+    match declared {
+        Ok((ch, stats, consumer)) => Ok(Session {
+            conn,
+            ch,
+            stats,
+            consumer,
+        }),
+        Err(e) => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+            Err(e)
+        }
+    }
+}
+
+/// Delay before retry or reconnect `attempt` (0-based): 100 ms doubling, capped at
+/// 10 s, with jitter in [d/2, d] so routers do not hammer a recovering backend in step.
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    let d = exp.min(BACKOFF_CAP).as_millis() as u64;
+    let half = d / 2;
+    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    Duration::from_millis(half + r % (half + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jitters_and_caps_at_ten_seconds() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            let full = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(30) >= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let mut c = ServeConfig::for_tests("s");
+        let url = "http://127.0.0.1:9/events";
+        let e = check_config(url, &c).unwrap_err().to_string();
+        assert!(e.contains("--backend-url needs --amqp"), "{e}");
+        c.amqp = Some("amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        assert!(check_config(url, &c).is_ok());
+        assert!(check_config("https://h/", &c).is_err());
+        assert!(check_config("not a url", &c).is_err());
+        c.backend_bindings.clear();
+        assert!(check_config(url, &c).is_err());
+        assert_eq!(
+            redact("http://user:secret@host:80/x"),
+            "http://host/x",
+            "no credentials in logs"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_a_json_array_of_the_bodies_in_order() {
+        let now = tokio::time::Instant::now();
+        let mut pending: VecDeque<Held> = [(1, r#"{"a":1}"#), (2, r#"{"b":[2]}"#), (3, "{}")]
+            .into_iter()
+            .map(|(tag, b)| Held {
+                tag,
+                body: b.as_bytes().to_vec(),
+                at: now,
+            })
+            .collect();
+        let b = take_batch(&mut pending, 2);
+        assert_eq!(&b.body[..], br#"[{"a":1},{"b":[2]}]"#);
+        assert_eq!((b.last_tag, b.count), (2, 2));
+        let b = take_batch(&mut pending, 2);
+        assert_eq!(&b.body[..], b"[{}]");
+        assert_eq!((b.last_tag, b.count, pending.len()), (3, 1, 0));
+    }
+}

@@ -1,0 +1,636 @@
+//! Backend delivery (`--amqp --backend-url`) against the real broker (127.0.0.1:5672,
+//! or $HIVE_AMQP_URL) and a tiny HTTP backend in the test that records what it
+//! accepts. Each test consumes through its own durable queue
+//! (`hive.backend.test-<uuid>`, deleted when the test ends, even on failure) and, where
+//! counting matters, binds it only to its own event type, so concurrent tests and
+//! other users of the broker do not disturb each other.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Connection, ConnectionProperties, Consumer, ExchangeKind};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn amqp_url() -> String {
+    std::env::var("HIVE_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A test backend: answers every POST with the current `status`, and records the
+/// batches it answered 2xx (raw body) and the headers of the last request.
+#[derive(Default)]
+struct BackendState {
+    status: AtomicU16,
+    requests: AtomicU64,
+    accepted: Mutex<Vec<String>>,
+    last_headers: Mutex<Option<HeaderMap>>,
+}
+
+struct TestBackend {
+    url: String,
+    state: Arc<BackendState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestBackend {
+    async fn start(status: u16) -> TestBackend {
+        let state = Arc::new(BackendState::default());
+        state.status.store(status, Relaxed);
+        async fn ingest(
+            State(st): State<Arc<BackendState>>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> StatusCode {
+            st.requests.fetch_add(1, Relaxed);
+            *st.last_headers.lock().unwrap() = Some(headers);
+            let status = StatusCode::from_u16(st.status.load(Relaxed)).unwrap();
+            if status.is_success() {
+                st.accepted
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8(body.to_vec()).expect("UTF-8 body"));
+            }
+            status
+        }
+        let app = axum::Router::new()
+            .route("/events", axum::routing::post(ingest))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TestBackend { url, state, task }
+    }
+
+    fn set_status(&self, s: u16) {
+        self.state.status.store(s, Relaxed);
+    }
+
+    /// Every accepted batch, each element kept as its exact raw JSON text.
+    fn batches(&self) -> Vec<Vec<String>> {
+        self.state
+            .accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let arr: Vec<&RawValue> = serde_json::from_str(b)
+                    .unwrap_or_else(|e| panic!("not a JSON array ({e}): {b}"));
+                arr.iter().map(|r| r.get().to_string()).collect()
+            })
+            .collect()
+    }
+
+    /// Accepted events of `device`, parsed.
+    fn events_of(&self, device: Uuid) -> Vec<Value> {
+        self.batches()
+            .into_iter()
+            .flatten()
+            .map(|raw| serde_json::from_str::<Value>(&raw).unwrap())
+            .filter(|v| v["device"] == device.to_string())
+            .collect()
+    }
+
+    /// Wait until the backend accepted every `n` in `0..want` of `device`'s events.
+    async fn wait_seq(&self, device: Uuid, want: u64, within: Duration) -> BTreeSet<u64> {
+        let t0 = Instant::now();
+        loop {
+            let seen: BTreeSet<u64> = self
+                .events_of(device)
+                .iter()
+                .filter_map(|v| v["n"].as_u64())
+                .collect();
+            if seen.len() as u64 >= want {
+                return seen;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "only {} of {want} events reached the backend within {within:?}",
+                seen.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Deletes the test's durable queue when dropped, also when the test fails. Declare it
+/// before the router, so the router (which would declare the queue again) stops first.
+struct QueueGuard(String);
+
+impl QueueGuard {
+    fn new() -> QueueGuard {
+        QueueGuard(format!("hive.backend.test-{}", Uuid::new_v4().simple()))
+    }
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        // Drop cannot await, and may run inside the test's runtime: use a thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    let conn =
+                        Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+                    let ch = conn.create_channel().await?;
+                    ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                        .await?;
+                    conn.close(200, "bye".into()).await
+                })
+                .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Messages ready in `queue` (passive declare), from the test's own connection.
+async fn queue_ready(queue: &str) -> u32 {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("test connects to RabbitMQ");
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the backend queue exists");
+    let _ = conn.close(200, "bye".into()).await;
+    q.message_count()
+}
+
+/// A test's own view of `hive.events` (exclusive queue bound with `#`), to compare the
+/// backend's events byte for byte with what was published.
+struct Tap {
+    _conn: Connection,
+    consumer: Consumer,
+}
+
+impl Tap {
+    async fn new() -> Tap {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("test connects to RabbitMQ (is it running? scripts/test.sh starts it)");
+        let ch = conn.create_channel().await.unwrap();
+        ch.exchange_declare(
+            "hive.events".into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.queue_bind(
+            q.name().clone(),
+            "hive.events".into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Tap {
+            _conn: conn,
+            consumer,
+        }
+    }
+
+    /// Raw bodies of the next `n` messages whose `device` header is `device`.
+    async fn bodies_for(&mut self, device: Uuid, n: usize, within: Duration) -> Vec<String> {
+        let want = AMQPValue::LongString(LongString::from(device.to_string()));
+        let mut out = Vec::new();
+        tokio::time::timeout(within, async {
+            while out.len() < n {
+                let d = self
+                    .consumer
+                    .next()
+                    .await
+                    .expect("consumer open")
+                    .expect("delivery");
+                let h = d.properties.headers().clone().unwrap_or_default();
+                if h.inner().get("device") == Some(&want) {
+                    out.push(String::from_utf8(d.data).unwrap());
+                }
+            }
+        })
+        .await
+        .expect("published events within the deadline");
+        out
+    }
+}
+
+/// Poll a metric until `ok(value)`, or fail after `within`.
+async fn wait_metric(
+    r: &TestRouter,
+    name: &str,
+    within: Duration,
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let v = r.metric(name).await;
+        if ok(v) {
+            return v;
+        }
+        assert!(t0.elapsed() < within, "{name} = {v} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn backend_router(
+    queue: &str,
+    backend: &TestBackend,
+    bindings: &[String],
+    more: impl FnOnce(&mut router::config::ServeConfig),
+) -> TestRouter {
+    let (queue, url, bindings) = (queue.to_string(), backend.url.clone(), bindings.to_vec());
+    TestRouter::start_with(move |c| {
+        c.amqp = Some(amqp_url());
+        c.backend_url = Some(url);
+        c.backend_queue = queue;
+        c.backend_bindings = bindings;
+        c.device_rate = 1_000_000;
+        c.device_burst = 1_000_000;
+        more(c);
+    })
+}
+
+async fn send_seq(ws: &mut Ws, ty: &str, range: std::ops::Range<u64>) {
+    for n in range {
+        send_json(ws, json!({"type": ty, "n": n, "pad": "x".repeat(32)})).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_the_backend_as_json_arrays_exactly_as_published() {
+    let queue = QueueGuard::new();
+    let backend = TestBackend::start(200).await;
+    let mut tap = Tap::new().await;
+    let bindings: Vec<String> = ["instances", "device-state", "seq"]
+        .iter()
+        .map(|t| format!("hive-device.{t}"))
+        .collect();
+    let r = backend_router(&queue.0, &backend, &bindings, |c| {
+        c.backend_token = Some("backend-secret".into());
+    });
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = r.device(d, a).await;
+    wait_metric(
+        &r,
+        "router_backend_connected",
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )
+    .await;
+
+    // A u64 beyond f64 precision and a nested object must arrive digit for digit.
+    ws_send_text(
+        &mut ws,
+        r#"{"type":"instances","apps":[{"name":"db","cpu":0.25,"tags":["a",null]}],"big":18446744073709551615,"device":"spoofed"}"#,
+    )
+    .await;
+    send_json(
+        &mut ws,
+        json!({"type":"device-state","state":"online","battery":0.87}),
+    )
+    .await;
+    // Not bound to this test's queue: must not reach the backend.
+    send_json(&mut ws, json!({"type":"unbound","x":1})).await;
+    // Many, quickly: batches must hold several events, and no more than --backend-batch.
+    send_seq(&mut ws, "seq", 0..500).await;
+
+    backend.wait_seq(d, 500, Duration::from_secs(20)).await;
+    let events = backend.events_of(d);
+    assert_eq!(events.len(), 502, "each event once, nothing unbound");
+    for v in &events {
+        assert_eq!(v["device"], d.to_string());
+        assert_eq!(v["account"], a.to_string());
+        assert_eq!(v["service"], "hive-device");
+        assert_ne!(v["type"], "unbound");
+    }
+    let state = events.iter().find(|v| v["type"] == "device-state").unwrap();
+    assert_eq!(state["state"], "online");
+    assert_eq!(state["battery"], 0.87);
+
+    // Byte for byte what the bridge published to hive.events.
+    let published: BTreeSet<String> = tap
+        .bodies_for(d, 503, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .filter(|b| !b.contains(r#""type":"unbound""#))
+        .collect();
+    let batches = backend.batches();
+    let received: BTreeSet<String> = batches
+        .iter()
+        .flatten()
+        .filter(|raw| raw.contains(&d.to_string()))
+        .cloned()
+        .collect();
+    assert_eq!(received, published);
+    let inst = received.iter().find(|b| b.contains("instances")).unwrap();
+    assert!(inst.contains("18446744073709551615"), "{inst}");
+
+    let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+    let largest = *sizes.iter().max().unwrap();
+    assert!(largest > 1, "events were batched: {sizes:?}");
+    assert!(largest <= 100, "--backend-batch caps a batch: {sizes:?}");
+
+    // The request itself.
+    let h = backend.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(h["authorization"], "Bearer backend-secret");
+    let m = r.metrics().await;
+    assert!(!m.contains("backend-secret"), "the token never shows");
+    assert!(metric_value(&m, "router_backend_events_delivered_total") >= 502.0);
+    assert!(metric_value(&m, "router_backend_batches_total{result=\"ok\"}") >= 2.0);
+    assert_eq!(
+        metric_value(&m, "router_backend_batches_total{result=\"failed\"}"),
+        0.0
+    );
+    assert!(metric_value(&m, "router_backend_post_latency_seconds_count") >= 2.0);
+    assert!(m.contains("# TYPE router_backend_post_latency_seconds histogram"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_backend_gets_every_event_once_it_recovers() {
+    let queue = QueueGuard::new();
+    let backend = TestBackend::start(500).await;
+    let ty = format!("seq-{}", Uuid::new_v4().simple());
+    let r = backend_router(&queue.0, &backend, &[format!("hive-device.{ty}")], |_| {});
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = r.device(d, a).await;
+    wait_metric(
+        &r,
+        "router_backend_connected",
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )
+    .await;
+
+    let t0 = Instant::now();
+    send_seq(&mut ws, &ty, 0..1000).await;
+    wait_metric(
+        &r,
+        "router_backend_post_failures_total{reason=\"status\"}",
+        Duration::from_secs(10),
+        |v| v >= 3.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed())).await;
+    assert!(backend.events_of(d).is_empty(), "nothing accepted yet");
+    assert_eq!(r.metric("router_backend_events_delivered_total").await, 0.0);
+    backend.set_status(200);
+
+    let seen = backend.wait_seq(d, 1000, Duration::from_secs(30)).await;
+    assert_eq!(seen, (0..1000).collect::<BTreeSet<u64>>());
+    assert!(
+        r.metric("router_backend_post_failures_total{reason=\"status\"}")
+            .await
+            > 0.0
+    );
+    assert!(
+        r.metric("router_backend_batches_total{result=\"failed\"}")
+            .await
+            > 0.0
+    );
+    // Everything acked: nothing held, nothing left in the queue.
+    wait_metric(&r, "router_backend_unacked", Duration::from_secs(5), |v| {
+        v == 0.0
+    })
+    .await;
+    wait_metric(&r, "router_backend_backlog", Duration::from_secs(5), |v| {
+        v == 0.0
+    })
+    .await;
+    assert_eq!(queue_ready(&queue.0).await, 0);
+    assert!(r.metric("router_backend_events_delivered_total").await >= 1000.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_acked_before_a_2xx_and_a_new_router_gets_it_all() {
+    let queue = QueueGuard::new();
+    let failing = TestBackend::start(503).await;
+    let ty = format!("seq-{}", Uuid::new_v4().simple());
+    let bindings = [format!("hive-device.{ty}")];
+    const N: u64 = 300;
+    const PREFETCH: u16 = 100;
+    let mut r1 = backend_router(&queue.0, &failing, &bindings, |c| {
+        c.backend_prefetch = PREFETCH;
+        c.backend_batch = 40;
+    });
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = r1.device(d, a).await;
+    wait_metric(
+        &r1,
+        "router_backend_connected",
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )
+    .await;
+    send_seq(&mut ws, &ty, 0..N).await;
+
+    // The router holds a prefetch worth, unacked; the rest waits in the queue.
+    wait_metric(
+        &r1,
+        "router_backend_unacked",
+        Duration::from_secs(10),
+        |v| v == f64::from(PREFETCH),
+    )
+    .await;
+    wait_metric(
+        &r1,
+        "router_backend_backlog",
+        Duration::from_secs(10),
+        |v| v == (N - u64::from(PREFETCH)) as f64,
+    )
+    .await;
+    wait_metric(
+        &r1,
+        "router_backend_post_failures_total{reason=\"status\"}",
+        Duration::from_secs(10),
+        |v| v >= 3.0,
+    )
+    .await;
+    let ready = u64::from(queue_ready(&queue.0).await);
+    let unacked = r1.metric("router_backend_unacked").await as u64;
+    assert_eq!(ready + unacked, N, "ready {ready} + unacked {unacked}");
+    assert_eq!(
+        r1.metric("router_backend_events_delivered_total").await,
+        0.0
+    );
+    assert!(failing.state.requests.load(Relaxed) >= 3);
+
+    // Stop that router while the backend still fails; a new one with a working
+    // backend on the same queue gets every event (the held ones redelivered).
+    let h = r1.handle.take().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || h.shutdown()),
+    )
+    .await
+    .expect("the router stops in time")
+    .unwrap();
+    drop(ws);
+    let working = TestBackend::start(200).await;
+    let r2 = backend_router(&queue.0, &working, &bindings, |_| {});
+    let seen = working.wait_seq(d, N, Duration::from_secs(20)).await;
+    assert_eq!(seen, (0..N).collect::<BTreeSet<u64>>());
+    assert!(failing.events_of(d).is_empty());
+    wait_metric(&r2, "router_backend_unacked", Duration::from_secs(5), |v| {
+        v == 0.0
+    })
+    .await;
+    wait_metric(&r2, "router_backend_backlog", Duration::from_secs(5), |v| {
+        v == 0.0
+    })
+    .await;
+    assert_eq!(queue_ready(&queue.0).await, 0);
+    drop(r1);
+}
+
+/// The broker closes the delivery's connection (node restart, operator): the router
+/// reconnects, declares again, and the events it held unacked come back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_amqp_connection_is_reopened_and_held_events_redelivered() {
+    if std::process::Command::new("rabbitmqctl")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("rabbitmqctl not available: skipping");
+        return;
+    }
+    let queue = QueueGuard::new();
+    let backend = TestBackend::start(500).await;
+    let ty = format!("seq-{}", Uuid::new_v4().simple());
+    let node = format!("backend-close-{}", Uuid::new_v4().simple());
+    let node_id = node.clone();
+    let r = backend_router(&queue.0, &backend, &[format!("hive-device.{ty}")], |c| {
+        c.node_id = Some(node_id);
+    });
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = r.device(d, a).await;
+    wait_metric(
+        &r,
+        "router_backend_connected",
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )
+    .await;
+    send_seq(&mut ws, &ty, 0..200).await;
+    wait_metric(&r, "router_backend_unacked", Duration::from_secs(10), |v| {
+        v == 200.0
+    })
+    .await;
+
+    // Close the delivery's own connection (not the bridge's), found by its name.
+    let name = format!("hive-router {node} backend-delivery");
+    let closed = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "pid",
+                "client_properties",
+            ])
+            .output()
+            .expect("rabbitmqctl runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let pid = text
+            .lines()
+            .find(|l| l.contains(&name))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("backend delivery connection not listed:\n{text}"));
+        std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", &pid, "test: forced close"])
+            .status()
+            .expect("rabbitmqctl runs")
+            .success()
+    })
+    .await
+    .unwrap();
+    assert!(closed);
+    // (The gap until the reconnect is too short to observe reliably; the redelivery
+    // below can only happen over a new connection.)
+    send_seq(&mut ws, &ty, 200..300).await;
+    backend.set_status(200);
+    let seen = backend.wait_seq(d, 300, Duration::from_secs(30)).await;
+    assert_eq!(seen, (0..300).collect::<BTreeSet<u64>>());
+    assert_eq!(r.metric("router_backend_connected").await, 1.0);
+    wait_metric(&r, "router_backend_unacked", Duration::from_secs(5), |v| {
+        v == 0.0
+    })
+    .await;
+    assert_eq!(queue_ready(&queue.0).await, 0);
+}
+
+async fn ws_send_text(ws: &mut Ws, text: &str) {
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        text.to_string(),
+    ))
+    .await
+    .unwrap();
+}
