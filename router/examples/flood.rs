@@ -4,6 +4,8 @@
 //! echoes received. Prints `msgs/s`.
 //! `flood router ws://127.0.0.1:9900/ws http://127.0.0.1:9901 SECRET C S`
 //! `flood echo ws://127.0.0.1:9910 - - C S`
+//! `flood amqp ws://127.0.0.1:9900/ws http://127.0.0.1:9901 SECRET C S` (router with
+//! --amqp: counts events RabbitMQ confirmed, `router_amqp_confirmed_total`)
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -15,15 +17,16 @@ use tokio_tungstenite::tungstenite::Message;
 
 const BATCH: usize = 32;
 
-async fn bus_events(api: &str) -> u64 {
+async fn bus_events(api: &str, metric: &str) -> u64 {
     let Ok(r) = reqwest::get(format!("{api}/metrics")).await else {
         return 0;
     };
     let body = r.text().await.unwrap_or_default();
     body.lines()
         .find_map(|l| {
-            l.strip_prefix("router_bus_events_total ")
-                .and_then(|v| v.parse().ok())
+            l.strip_prefix(metric)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|v| v as u64)
         })
         .unwrap_or(0)
 }
@@ -34,14 +37,25 @@ async fn main() {
     let (mode, url, api, secret) = (a[1].clone(), a[2].clone(), a[3].clone(), a[4].clone());
     let conns: usize = a[5].parse().unwrap_or(64);
     let secs: f64 = a[6].parse().unwrap_or(10.0);
+    // Optional 7th argument: offered events/s in total (paced); default: as fast as TCP.
+    let rate: f64 = a.get(7).and_then(|r| r.parse().ok()).unwrap_or(0.0);
+    let per_conn_batch_every =
+        (rate > 0.0).then(|| Duration::from_secs_f64(BATCH as f64 * conns as f64 / rate));
     let event = serde_json::json!({"type": "instances", "apps": [{"name": "db", "healthy": true, "restarts": 0}, {"name": "web", "healthy": true, "restarts": 2}]}).to_string();
+    // `amqp`: a router with --amqp; what counts is what RabbitMQ confirmed.
+    let metric = if mode == "amqp" {
+        "router_amqp_confirmed_total "
+    } else {
+        "router_bus_events_total "
+    };
+    let authed = mode == "router" || mode == "amqp";
     let received = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let mut sockets = Vec::new();
     for i in 0..conns {
         let mut req = url.as_str().into_client_request().expect("url");
-        if mode == "router" {
+        if authed {
             let d = uuid::Uuid::from_u128(0x000f_100d_0000 + i as u128);
             let t = router::auth::mint(&secret, d, uuid::Uuid::from_u128(1), 3600);
             req.headers_mut().insert(
@@ -52,13 +66,13 @@ async fn main() {
         let (mut ws, _) = tokio_tungstenite::connect_async(req)
             .await
             .expect("connect");
-        if mode == "router" {
+        if authed {
             let _ = ws.next().await; // authenticated
         }
         sockets.push(ws);
     }
-    let before = if mode == "router" {
-        bus_events(&api).await
+    let before = if authed {
+        bus_events(&api, metric).await
     } else {
         0
     };
@@ -75,7 +89,12 @@ async fn main() {
                     }
                 }
             });
+            let mut next = Instant::now();
             while Instant::now() < end {
+                if let Some(every) = per_conn_batch_every {
+                    next += every;
+                    tokio::time::sleep_until(next.into()).await;
+                }
                 for _ in 0..BATCH {
                     if tx.feed(Message::text(event.clone())).await.is_err() {
                         return;
@@ -94,9 +113,12 @@ async fn main() {
         let _ = t.await;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let out = if mode == "router" {
+    let out = if mode == "amqp" {
+        // Confirmed within the window only (the bridge may still hold a backlog).
+        bus_events(&api, metric).await - before
+    } else if authed {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        bus_events(&api).await - before
+        bus_events(&api, metric).await - before
     } else {
         received.load(Relaxed)
     };
