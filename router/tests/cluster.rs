@@ -52,6 +52,25 @@ impl Drop for Vhost {
     }
 }
 
+/// A `router serve --amqp` process (the real binary), seen through the test helpers.
+struct Node {
+    _proc: Proc,
+    r: TestRouter,
+}
+
+impl std::ops::Deref for Node {
+    type Target = TestRouter;
+    fn deref(&self) -> &TestRouter {
+        &self.r
+    }
+}
+
+fn process_node(vh: &Vhost, id: &str) -> Node {
+    let p = Proc::start(vh, id, free_port(), free_port());
+    let r = p.as_router();
+    Node { _proc: p, r }
+}
+
 fn node(vh: &Vhost, id: &str) -> TestRouter {
     let url = vh.url();
     let id = id.to_string();
@@ -120,8 +139,8 @@ fn acking(mut ws: Ws, n: usize) -> tokio::task::JoinHandle<Vec<Value>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_through_node_a_reaches_a_device_on_node_b() {
     let vh = Vhost::new();
-    let a = node(&vh, "node-a");
-    let b = node(&vh, "node-b");
+    let a = process_node(&vh, "node-a");
+    let b = process_node(&vh, "node-b");
     wait_ready(&a).await;
     wait_ready(&b).await;
     let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
@@ -183,9 +202,9 @@ async fn a_request_through_node_a_reaches_a_device_on_node_b() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_and_a_device_that_moves_with_a_request_in_flight() {
     let vh = Vhost::new();
-    let a = node(&vh, "n1");
-    let b = node(&vh, "n2");
-    let c = node(&vh, "n3");
+    let a = process_node(&vh, "n1");
+    let b = process_node(&vh, "n2");
+    let c = process_node(&vh, "n3");
     for r in [&a, &b, &c] {
         wait_ready(r).await;
     }
@@ -242,7 +261,7 @@ fn router_bin() -> &'static str {
     env!("CARGO_BIN_EXE_router")
 }
 
-/// A `router serve` process on ephemeral-free fixed loopback ports.
+/// A `router serve` process on loopback ports picked free just before.
 struct Proc {
     child: Child,
     ws: String,
