@@ -440,3 +440,124 @@ async fn a_late_node_learns_by_snapshot_and_a_leaving_node_is_forgotten() {
     }
     wait_owner(&b, ids[0], None).await;
 }
+
+/// Envelopes straight onto a node's queue, as a peer would send them: a request
+/// delivered twice reaches the device once; a duplicate of a finished request is
+/// answered again with the same outcome, without bothering the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use router::bridge::envelope::{decode_node, encode_node, NodeMsg, Outcome};
+
+    let vh = Vhost::new();
+    let b = node(&vh, "holder");
+    wait_ready(&b).await;
+    let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = b.device(d, acc).await;
+
+    // We play node "peer": our own queue on hive.nodes receives the replies.
+    let conn = lapin::Connection::connect(&vh.url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        q.name().clone(),
+        "hive.nodes".into(),
+        "peer".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut replies = ch
+        .basic_consume(
+            q.name().clone(),
+            "t".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let request = Uuid::new_v4();
+    let env = encode_node(&NodeMsg::Request {
+        request: request.as_u128(),
+        device: d.as_u128(),
+        origin: "peer".into(),
+        command: "identify".into(),
+        payload: b"{}".to_vec(),
+        wait_response: false,
+        deadline_unix_ms: router::unix_ms() + 10_000,
+    });
+    let publish = |bytes: Vec<u8>| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "hive.nodes".into(),
+                "holder".into(),
+                BasicPublishOptions::default(),
+                &bytes,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    publish(env.clone()).await;
+    publish(env.clone()).await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(m["request"], request.to_string());
+    // No second copy reaches the device.
+    let again = tokio::time::timeout(Duration::from_millis(700), next_json(&mut ws)).await;
+    assert!(again.is_err(), "duplicate reached the device: {again:?}");
+    send_json(&mut ws, json!({"type":"ack","request":request})).await;
+    async fn next_reply(replies: &mut lapin::Consumer) -> NodeMsg {
+        let d = tokio::time::timeout(Duration::from_secs(5), replies.next())
+            .await
+            .expect("a reply")
+            .unwrap()
+            .unwrap();
+        decode_node(&d.data).unwrap()
+    }
+    let want = NodeMsg::Reply {
+        request: request.as_u128(),
+        from: "holder".into(),
+        outcome: Outcome::Acked,
+    };
+    assert_eq!(next_reply(&mut replies).await, want);
+    // A late duplicate of the finished request: answered again, device untouched.
+    publish(env).await;
+    assert_eq!(next_reply(&mut replies).await, want);
+    let again = tokio::time::timeout(Duration::from_millis(500), next_json(&mut ws)).await;
+    assert!(again.is_err());
+    assert_eq!(
+        b.metric("router_cluster_duplicates_dropped_total").await,
+        2.0
+    );
+    // Garbage on the node queue is counted, not fatal.
+    publish(b"not an envelope".to_vec()).await;
+    let t0 = Instant::now();
+    while b.metric("router_cluster_bad_envelopes_total").await != 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&b, "/readyz").await.0, 200);
+    let _ = conn.close(200, "bye".into()).await;
+}
