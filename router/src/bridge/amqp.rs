@@ -38,7 +38,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -583,11 +582,7 @@ async fn publish(
 /// Delay before reconnect attempt `attempt` (0-based): exponential, capped, with
 /// jitter in [d/2, d] so a fleet of routers does not reconnect in lockstep.
 pub fn backoff(attempt: u32) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
-    let d = exp.min(BACKOFF_CAP).as_millis() as u64;
-    let half = d / 2;
-    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
-    Duration::from_millis(half + r % (half + 1))
+    super::jittered_backoff(BACKOFF_BASE, BACKOFF_CAP, attempt)
 }
 
 #[cfg(test)]

@@ -57,3 +57,18 @@ impl Bus {
         self.notify.notified().await;
     }
 }
+
+/// Delay before retry `attempt` (0-based): `base` doubling per attempt, capped at `cap`,
+/// with jitter in [d/2, d] so a fleet of routers does not retry in lockstep.
+pub fn jittered_backoff(
+    base: std::time::Duration,
+    cap: std::time::Duration,
+    attempt: u32,
+) -> std::time::Duration {
+    use std::hash::BuildHasher;
+    let exp = base.saturating_mul(1u32 << attempt.min(16));
+    let d = exp.min(cap).as_millis() as u64;
+    let half = d / 2;
+    let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    std::time::Duration::from_millis(half + r % (half + 1))
+}
