@@ -15,7 +15,7 @@
 //! UUID (tagged with the answering node, so a late `Offline` from a node the device
 //! has left is not taken as the final word).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -56,10 +56,10 @@ struct NodeRec {
 
 #[derive(Default)]
 struct Inner {
-    /// device -> index into `nodes`; index 0 is this node.
+    /// device -> index into `nodes`; index 0 is this node. A device connected here
+    /// but since claimed by another node (it reconnected there) counts as theirs: the
+    /// newest announcement wins, and our own snapshot leaves it out.
     owners: HashMap<Uuid, u32>,
-    /// Devices connected to this process (authoritative for our own announcements).
-    local: HashSet<Uuid>,
     /// Index 0 is this node. Slots of expired nodes are reused.
     nodes: Vec<Option<NodeRec>>,
     by_name: HashMap<String, u32>,
@@ -305,7 +305,6 @@ impl Presence {
     pub fn local_gained(&self, device: Uuid) {
         {
             let mut g = self.lock();
-            g.local.insert(device);
             g.set_owner(device, 0);
             g.outbox.push((device.as_u128(), true));
         }
@@ -316,7 +315,6 @@ impl Presence {
     pub fn local_lost(&self, device: Uuid) {
         {
             let mut g = self.lock();
-            g.local.remove(&device);
             g.remove_if_owner(&device, 0);
             g.outbox.push((device.as_u128(), false));
         }
@@ -336,20 +334,27 @@ impl Presence {
 
     /// Local changes to announce (empties the outbox).
     pub fn take_outbox(&self) -> Vec<(u128, bool)> {
-        std::mem::take(&mut self.lock().outbox)
+        // Copied out, so the outbox keeps its capacity: no allocation churn between the
+        // shard threads that fill it and the bridge thread that drains it.
+        self.lock().outbox.drain(..).collect()
     }
 
     /// Everything this node holds, for a snapshot, together with the outbox taken in
     /// the same instant (announced first, so the snapshot is never older than a delta).
     pub fn snapshot(&self) -> (Vec<(u128, bool)>, Vec<u128>) {
         let mut g = self.lock();
-        let out = std::mem::take(&mut g.outbox);
-        let all = g.local.iter().map(|d| d.as_u128()).collect();
+        let out = g.outbox.drain(..).collect();
+        let all = g
+            .owners
+            .iter()
+            .filter(|(_, ix)| **ix == 0)
+            .map(|(d, _)| d.as_u128())
+            .collect();
         (out, all)
     }
 
     pub fn local_count(&self) -> u64 {
-        self.lock().local.len() as u64
+        self.lock().counts[0]
     }
 
     /// Known devices (all nodes) and live nodes (this one included).
