@@ -434,6 +434,54 @@ async fn many_devices_across_shards() {
 }
 
 #[tokio::test]
+async fn bursts_are_read_to_the_end() {
+    // Devices write far more than one readiness event's read budget and then go quiet:
+    // the shard must come back for the rest without any new traffic to wake it.
+    let r = TestRouter::start_with(|c| {
+        c.device_rate = 10_000_000;
+        c.device_burst = 10_000_000;
+    });
+    const DEVICES: usize = 8;
+    const EACH: usize = 40_000;
+    let event =
+        json!({"type":"instances","apps":[{"name":"db","healthy":true,"restarts":0}]}).to_string();
+    let mut socks = Vec::new();
+    for _ in 0..DEVICES {
+        let (d, a) = ids();
+        socks.push(r.device(d, a).await);
+    }
+    let writers: Vec<_> = socks
+        .into_iter()
+        .map(|mut ws| {
+            let event = event.clone();
+            tokio::spawn(async move {
+                for _ in 0..EACH {
+                    ws.feed(Message::text(event.clone())).await.unwrap();
+                }
+                ws.flush().await.unwrap();
+                ws // kept open: no close frame or FIN to wake the router
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for w in writers {
+        open.push(w.await.unwrap());
+    }
+    let want = (DEVICES * EACH) as f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut got = 0.0;
+    while std::time::Instant::now() < deadline {
+        got = r.metric("router_events_published_total").await;
+        if got >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, want, "events read from {DEVICES} quiet sockets");
+    drop(open);
+}
+
+#[tokio::test]
 async fn frames_after_bearer_in_same_packet_are_kept() {
     // The auth frame and an event in one write: the event must not be lost in the handoff.
     let r = TestRouter::start();

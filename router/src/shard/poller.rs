@@ -72,14 +72,14 @@ impl Poller {
     pub async fn wait(&self, out: &mut Vec<(u64, u32)>) -> io::Result<()> {
         loop {
             let mut guard = self.ep.readable().await?;
-            let n = self.take(out)?;
-            if n < BATCH {
-                // Drained: the next new event makes the epoll fd readable again.
-                guard.clear_ready();
-            }
-            if n > 0 {
+            if self.take(out)? > 0 {
                 return Ok(());
             }
+            // Only an empty wait may clear the readiness. The items are level-triggered:
+            // one that still has bytes after its read budget goes back on the ready list
+            // without a new wakeup of the outer (tokio) epoll, so clearing after a
+            // non-empty wait would leave it stranded until some other event came.
+            guard.clear_ready();
         }
     }
 
