@@ -482,6 +482,43 @@ async fn bursts_are_read_to_the_end() {
 }
 
 #[tokio::test]
+async fn a_full_bus_pushes_back_instead_of_dropping() {
+    // A bus queue of 16 events and a device writing 20,000 as fast as it can: the shard
+    // stops reading while the queue is nearly full (TCP pushes back on the device), so
+    // every event arrives and none is dropped; the pauses are counted.
+    let r = TestRouter::start_with(|c| {
+        c.queue_capacity = 16;
+        c.device_rate = 10_000_000;
+        c.device_burst = 10_000_000;
+    });
+    const N: usize = 20_000;
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let event = json!({"type":"instances","apps":[]}).to_string();
+    for _ in 0..N {
+        ws.feed(Message::text(event.clone())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut got = 0.0;
+    while std::time::Instant::now() < deadline {
+        got = r.metric("router_bus_events_total").await;
+        if got >= N as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = r.metrics().await;
+    assert_eq!(got, N as f64, "delivered by the bus: {}", m.lines().filter(|l| l.starts_with("router_events") || l.starts_with("router_bus") || l.starts_with("router_frames_in")).collect::<Vec<_>>().join(" | "));
+    assert_eq!(
+        metric_value(&m, "router_events_dropped_total{reason=\"bus_full\"}"),
+        0.0
+    );
+    assert!(metric_value(&m, "router_bus_backpressure_total") > 0.0);
+    drop(ws);
+}
+
+#[tokio::test]
 async fn frames_after_bearer_in_same_packet_are_kept() {
     // The auth frame and an event in one write: the event must not be lost in the handoff.
     let r = TestRouter::start();

@@ -31,6 +31,8 @@ use poller::Poller;
 pub const READ_BUF: usize = 64 * 1024;
 /// How often the shard's housekeeping runs (pings, idle checks, request expiry).
 const TICK: Duration = Duration::from_millis(500);
+/// Events a shard may queue on the bus in one pass before it wakes the consumer anyway.
+const WAKE_EVERY: u32 = 512;
 
 /// Which device protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +203,12 @@ pub struct ShardCtx {
     dirty_notify: Notify,
     /// Closing connections and when their linger ends: (slot, conn id, deadline).
     lingering: RefCell<Vec<(u32, u64, Instant)>>,
+    /// Events queued on the bus since it was last woken.
+    bus_pending: Cell<u32>,
+    /// Reading paused until the bus drains (backpressure).
+    throttled: Cell<bool>,
+    /// Connections holding unparsed bytes because of it.
+    held: RefCell<Vec<u32>>,
 }
 
 impl ShardCtx {
@@ -215,13 +223,74 @@ impl ShardCtx {
 
     pub fn publish(&self, routing_key: String, body: Vec<u8>) {
         let m = self.metrics();
-        match self.shared.bus.publish(BusEvent {
+        match self.shared.bus.publish_quiet(BusEvent {
             routing_key,
             body: body.into(),
         }) {
             Ok(()) => m.events_published.fetch_add(1, Relaxed),
             Err(_) => m.events_dropped_bus_full.fetch_add(1, Relaxed),
         };
+        // The bus is woken once per driver pass (see `wake_bus`), whoever published,
+        // and every WAKE_EVERY events within a long pass so it drains meanwhile.
+        let n = self.bus_pending.get();
+        self.bus_pending.set(n + 1);
+        if n == 0 {
+            self.dirty_notify.notify_one();
+        } else if n + 1 >= WAKE_EVERY {
+            self.bus_pending.set(0);
+            self.shared.bus.wake();
+        }
+    }
+
+    /// Wake the bus if this pass published anything.
+    fn wake_bus(&self) {
+        if self.bus_pending.replace(0) > 0 {
+            self.shared.bus.wake();
+        }
+    }
+
+    /// Before reading a device: false (and the shard pauses reading) while the bus queue
+    /// is nearly full. Level-triggered readiness brings the unread sockets back later.
+    pub fn may_read(&self) -> bool {
+        if self.throttled.get() {
+            return false;
+        }
+        if self.shared.bus.congested() {
+            self.throttled.set(true);
+            self.metrics().bus_backpressure.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A connection stopped mid-buffer for backpressure; resume it when relieved.
+    pub fn hold(&self, slot: u32) {
+        self.held.borrow_mut().push(slot);
+    }
+
+    /// Paused for backpressure: wait until the bus has drained enough, then go on
+    /// with the connections that stopped mid-buffer.
+    async fn wait_relieved(&self) {
+        loop {
+            self.wake_bus();
+            self.shared.bus.wake();
+            while !self.shared.bus.relieved() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            self.throttled.set(false);
+            let mut held = std::mem::take(&mut *self.held.borrow_mut());
+            held.sort_unstable();
+            held.dedup();
+            for slot in held {
+                if let Some(c) = self.conn_at(slot) {
+                    c.resume(self);
+                    self.settle(&c);
+                }
+            }
+            if !self.throttled.get() {
+                return;
+            }
+        }
     }
 
     /// A connection changed outside a readiness event: settle it soon.
@@ -649,6 +718,9 @@ pub fn run_shard(
             dirty: RefCell::new(Vec::new()),
             dirty_notify: Notify::new(),
             lingering: RefCell::new(Vec::new()),
+            bus_pending: Cell::new(0),
+            throttled: Cell::new(false),
+            held: RefCell::new(Vec::new()),
         });
         let driver_ctx = ctx.clone();
         let driver = tokio::task::spawn_local(async move {
@@ -668,6 +740,10 @@ pub fn run_shard(
                     _ = ctx.dirty_notify.notified() => {}
                 }
                 ctx.settle_dirty();
+                ctx.wake_bus();
+                if ctx.throttled.get() {
+                    ctx.wait_relieved().await;
+                }
                 if evs.len() == poller::BATCH {
                     tokio::task::yield_now().await;
                 }

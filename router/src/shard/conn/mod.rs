@@ -317,6 +317,9 @@ impl Conn {
         let mut buf = ctx.read_buf.take();
         let tls = self.st.borrow().tls.is_some();
         for _ in 0..READS_PER_WAKE {
+            if !ctx.may_read() {
+                break;
+            }
             match (&self.stream).read(&mut buf) {
                 Ok(0) => {
                     self.st.borrow_mut().dead = true;
@@ -436,6 +439,12 @@ impl Conn {
         let max = ctx.shared.config.max_frame;
         let mut pos = 0;
         while !self.is_done() {
+            if pos < data.len() && !ctx.may_read() {
+                // Backpressure: the rest waits (kept as this connection's pending bytes)
+                // until the bus has drained; the shard resumes us then.
+                ctx.hold(self.slot);
+                break;
+            }
             let h = match ws::parse_header(&data[pos..], max) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
@@ -546,6 +555,17 @@ impl Conn {
         if !leftover.is_empty() {
             self.on_bytes(ctx, &mut leftover);
         }
+        if self.st.borrow().tls.is_some() {
+            self.drain_plaintext(ctx);
+        }
+    }
+
+    /// Backpressure is over: handle the bytes that waited, then what rustls holds.
+    pub fn resume(&self, ctx: &ShardCtx) {
+        if self.is_done() {
+            return;
+        }
+        self.on_bytes(ctx, &mut []);
         if self.st.borrow().tls.is_some() {
             self.drain_plaintext(ctx);
         }
