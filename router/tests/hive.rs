@@ -509,7 +509,17 @@ async fn a_full_bus_pushes_back_instead_of_dropping() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let m = r.metrics().await;
-    assert_eq!(got, N as f64, "delivered by the bus: {}", m.lines().filter(|l| l.starts_with("router_events") || l.starts_with("router_bus") || l.starts_with("router_frames_in")).collect::<Vec<_>>().join(" | "));
+    assert_eq!(
+        got,
+        N as f64,
+        "delivered by the bus: {}",
+        m.lines()
+            .filter(|l| l.starts_with("router_events")
+                || l.starts_with("router_bus")
+                || l.starts_with("router_frames_in"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     assert_eq!(
         metric_value(&m, "router_events_dropped_total{reason=\"bus_full\"}"),
         0.0
