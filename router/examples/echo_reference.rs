@@ -20,18 +20,25 @@ async fn main() -> std::io::Result<()> {
                 return;
             };
             let (mut tx, mut rx) = ws.split();
-            while let Some(Ok(m)) = rx.next().await {
-                if m.is_text() {
-                    // feed + flush when the reader has nothing more ready: batches writes
-                    // the way the router's writev path does.
-                    if tx.feed(m).await.is_err() {
+            // Echo every text message; feed what is already readable, then flush once:
+            // batches writes the way the router's writev path does.
+            while let Some(Ok(first)) = rx.next().await {
+                let mut next = Some(first);
+                while let Some(m) = next.take() {
+                    if m.is_text() && tx.feed(m).await.is_err() {
                         return;
                     }
-                    if futures_util::FutureExt::now_or_never(rx.next()).is_none()
-                        && tx.flush().await.is_err()
-                    {
-                        return;
-                    }
+                    next = match futures_util::FutureExt::now_or_never(rx.next()) {
+                        Some(Some(Ok(m))) => Some(m),
+                        Some(_) => {
+                            let _ = tx.flush().await;
+                            return;
+                        }
+                        None => None,
+                    };
+                }
+                if tx.flush().await.is_err() {
+                    return;
                 }
             }
         });

@@ -147,36 +147,37 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         return;
     };
     let target = shard_of(&ident.device, ctx.shared.shards.len());
+    // Out of tokio's reactor either way: the owning shard watches it with its poller.
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not take an authenticated socket out of the runtime");
+            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+            return;
+        }
+    };
     if target == ctx.id {
         ctx.adopt(stream, tls, ident, peer, protocol, leftover);
         return;
     }
-    match stream.into_std() {
-        Ok(std_stream) => {
-            let msg = ShardMsg::Adopt(Box::new(Adopt {
-                stream: std_stream,
-                tls,
-                ident,
-                peer,
-                protocol,
-                leftover,
-            }));
-            if let Err(ShardMsg::Adopt(a)) = ctx.shared.shards[target].send(msg) {
-                // Owner's inbox is full: refuse fast rather than queue forever.
-                m.close(1013);
-                if a.tls.is_none() {
-                    let frame = close_frame(1013, "router busy, retry later");
-                    let _ = io::Write::write(&mut &a.stream, &frame);
-                }
-                ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
-            } else {
-                m.handoffs.fetch_add(1, Relaxed);
-            }
+    let msg = ShardMsg::Adopt(Box::new(Adopt {
+        stream,
+        tls,
+        ident,
+        peer,
+        protocol,
+        leftover,
+    }));
+    if let Err(ShardMsg::Adopt(a)) = ctx.shared.shards[target].send(msg) {
+        // Owner's inbox is full: refuse fast rather than queue forever.
+        m.close(1013);
+        if a.tls.is_none() {
+            let frame = close_frame(1013, "router busy, retry later");
+            let _ = io::Write::write(&mut &a.stream, &frame);
         }
-        Err(e) => {
-            tracing::debug!(error = %e, "handoff failed");
-            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
-        }
+        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+    } else {
+        m.handoffs.fetch_add(1, Relaxed);
     }
 }
 

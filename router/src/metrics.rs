@@ -29,6 +29,7 @@ pub struct ShardMetrics {
     pub bytes_out: AtomicU64,
     pub events_published: AtomicU64,
     pub events_dropped_bus_full: AtomicU64,
+    pub bus_backpressure: AtomicU64,
     pub events_dropped_slow_device: AtomicU64,
     pub alive_events: AtomicU64,
     pub acks_unmatched: AtomicU64,
@@ -322,9 +323,10 @@ impl Metrics {
             |s| s.handshakes.load(Relaxed),
         );
 
-        let counters: [(&str, &str, u64); 15] = [
+        let counters: [(&str, &str, u64); 16] = [
             ("router_connections_accepted_total", "TCP connections accepted.", self.sum(|s| &s.accepted)),
             ("router_handshake_failures_total", "Connections that failed the HTTP upgrade (bad request, wrong path, I/O error).", self.sum(|s| &s.handshake_failures)),
+            ("router_bus_backpressure_total", "Times a shard paused reading its devices because the event queue to the bus was nearly full (TCP pushes back instead of events being dropped).", self.sum(|s| &s.bus_backpressure)),
             ("router_handoffs_total", "Authenticated sockets handed to the shard that owns the device.", self.sum(|s| &s.handoffs)),
             ("router_takeovers_total", "Older connections closed because the same device connected again (4409).", self.sum(|s| &s.takeovers)),
             ("router_disconnects_total", "Authenticated connections that ended, for any reason.", self.sum(|s| &s.disconnects)),

@@ -434,6 +434,101 @@ async fn many_devices_across_shards() {
 }
 
 #[tokio::test]
+async fn bursts_are_read_to_the_end() {
+    // Devices write far more than one readiness event's read budget and then go quiet:
+    // the shard must come back for the rest without any new traffic to wake it.
+    let r = TestRouter::start_with(|c| {
+        c.device_rate = 10_000_000;
+        c.device_burst = 10_000_000;
+    });
+    const DEVICES: usize = 8;
+    const EACH: usize = 40_000;
+    let event =
+        json!({"type":"instances","apps":[{"name":"db","healthy":true,"restarts":0}]}).to_string();
+    let mut socks = Vec::new();
+    for _ in 0..DEVICES {
+        let (d, a) = ids();
+        socks.push(r.device(d, a).await);
+    }
+    let writers: Vec<_> = socks
+        .into_iter()
+        .map(|mut ws| {
+            let event = event.clone();
+            tokio::spawn(async move {
+                for _ in 0..EACH {
+                    ws.feed(Message::text(event.clone())).await.unwrap();
+                }
+                ws.flush().await.unwrap();
+                ws // kept open: no close frame or FIN to wake the router
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for w in writers {
+        open.push(w.await.unwrap());
+    }
+    let want = (DEVICES * EACH) as f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut got = 0.0;
+    while std::time::Instant::now() < deadline {
+        got = r.metric("router_events_published_total").await;
+        if got >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, want, "events read from {DEVICES} quiet sockets");
+    drop(open);
+}
+
+#[tokio::test]
+async fn a_full_bus_pushes_back_instead_of_dropping() {
+    // A bus queue of 16 events and a device writing 20,000 as fast as it can: the shard
+    // stops reading while the queue is nearly full (TCP pushes back on the device), so
+    // every event arrives and none is dropped; the pauses are counted.
+    let r = TestRouter::start_with(|c| {
+        c.queue_capacity = 16;
+        c.device_rate = 10_000_000;
+        c.device_burst = 10_000_000;
+    });
+    const N: usize = 20_000;
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let event = json!({"type":"instances","apps":[]}).to_string();
+    for _ in 0..N {
+        ws.feed(Message::text(event.clone())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut got = 0.0;
+    while std::time::Instant::now() < deadline {
+        got = r.metric("router_bus_events_total").await;
+        if got >= N as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = r.metrics().await;
+    assert_eq!(
+        got,
+        N as f64,
+        "delivered by the bus: {}",
+        m.lines()
+            .filter(|l| l.starts_with("router_events")
+                || l.starts_with("router_bus")
+                || l.starts_with("router_frames_in"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    assert_eq!(
+        metric_value(&m, "router_events_dropped_total{reason=\"bus_full\"}"),
+        0.0
+    );
+    assert!(metric_value(&m, "router_bus_backpressure_total") > 0.0);
+    drop(ws);
+}
+
+#[tokio::test]
 async fn frames_after_bearer_in_same_packet_are_kept() {
     // The auth frame and an event in one write: the event must not be lost in the handoff.
     let r = TestRouter::start();

@@ -28,6 +28,11 @@ pub struct BusEvent {
 pub struct Bus {
     tx: crossbeam_channel::Sender<BusEvent>,
     notify: Notify,
+    /// Above this many queued events shards stop reading their devices until the
+    /// queue is back under `resume`: TCP pushes back on devices before anything
+    /// has to be dropped (a shard's pass can still add a few thousand events).
+    high: usize,
+    resume: usize,
 }
 
 impl Bus {
@@ -37,6 +42,8 @@ impl Bus {
             Bus {
                 tx,
                 notify: Notify::new(),
+                high: capacity - capacity / 4,
+                resume: capacity / 2,
             },
             rx,
         )
@@ -44,13 +51,29 @@ impl Bus {
 
     /// Never blocks. Err: the queue is full; the caller counts the drop.
     pub fn publish(&self, ev: BusEvent) -> Result<(), BusEvent> {
-        match self.tx.try_send(ev) {
-            Ok(()) => {
-                self.notify.notify_one();
-                Ok(())
-            }
-            Err(e) => Err(e.into_inner()),
-        }
+        self.publish_quiet(ev)?;
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Queue without waking the consumer: a shard publishing a burst wakes it once, with
+    /// [`Bus::wake`], when its pass is over (a wake per event cost more than the queue).
+    pub fn publish_quiet(&self, ev: BusEvent) -> Result<(), BusEvent> {
+        self.tx.try_send(ev).map_err(|e| e.into_inner())
+    }
+
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Nearly full: stop reading devices.
+    pub fn congested(&self) -> bool {
+        self.tx.len() >= self.high
+    }
+
+    /// Drained enough to read again.
+    pub fn relieved(&self) -> bool {
+        self.tx.len() <= self.resume
     }
 
     pub async fn wait(&self) {

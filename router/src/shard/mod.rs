@@ -4,6 +4,7 @@
 //! it only through its bounded crossbeam inbox.
 
 pub mod conn;
+pub mod poller;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -13,7 +14,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
@@ -24,12 +24,15 @@ use crate::protocol::json::Scratch;
 use crate::protocol::ws::OP_PING;
 use crate::Shared;
 use conn::Conn;
+use poller::Poller;
 
 /// One read buffer per shard, shared by all its connections: an idle connection
 /// holds none. Big enough for a max-size message plus headers in one read.
 pub const READ_BUF: usize = 64 * 1024;
 /// How often the shard's housekeeping runs (pings, idle checks, request expiry).
 const TICK: Duration = Duration::from_millis(500);
+/// Events a shard may queue on the bus in one pass before it wakes the consumer anyway.
+const WAKE_EVERY: u32 = 512;
 
 /// Which device protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +193,22 @@ pub struct ShardCtx {
     drain_until: Cell<Option<Instant>>,
     /// Connects per source IP in the current second (only with --ip-connect-rate).
     ip_rate: RefCell<HashMap<std::net::IpAddr, (u32, u32)>>,
+    /// Readiness of every authenticated connection (one epoll per shard).
+    poller: Poller,
+    /// Authenticated connections by slot (the poller's key); free slots are reused.
+    slab: RefCell<Vec<Option<Rc<Conn>>>>,
+    free: RefCell<Vec<u32>>,
+    /// Slots changed outside a readiness event, to settle next.
+    dirty: RefCell<Vec<u32>>,
+    dirty_notify: Notify,
+    /// Closing connections and when their linger ends: (slot, conn id, deadline).
+    lingering: RefCell<Vec<(u32, u64, Instant)>>,
+    /// Events queued on the bus since it was last woken.
+    bus_pending: Cell<u32>,
+    /// Reading paused until the bus drains (backpressure).
+    throttled: Cell<bool>,
+    /// Connections holding unparsed bytes because of it.
+    held: RefCell<Vec<u32>>,
 }
 
 impl ShardCtx {
@@ -204,19 +223,143 @@ impl ShardCtx {
 
     pub fn publish(&self, routing_key: String, body: Vec<u8>) {
         let m = self.metrics();
-        match self.shared.bus.publish(BusEvent {
+        match self.shared.bus.publish_quiet(BusEvent {
             routing_key,
             body: body.into(),
         }) {
             Ok(()) => m.events_published.fetch_add(1, Relaxed),
             Err(_) => m.events_dropped_bus_full.fetch_add(1, Relaxed),
         };
+        // The bus is woken once per driver pass (see `wake_bus`), whoever published,
+        // and every WAKE_EVERY events within a long pass so it drains meanwhile.
+        let n = self.bus_pending.get();
+        self.bus_pending.set(n + 1);
+        if n == 0 {
+            self.dirty_notify.notify_one();
+        } else if n + 1 >= WAKE_EVERY {
+            self.bus_pending.set(0);
+            self.shared.bus.wake();
+        }
     }
 
-    /// Take ownership of an authenticated socket: route it, greet it, run it.
+    /// Wake the bus if this pass published anything.
+    fn wake_bus(&self) {
+        if self.bus_pending.replace(0) > 0 {
+            self.shared.bus.wake();
+        }
+    }
+
+    /// Before reading a device: false (and the shard pauses reading) while the bus queue
+    /// is nearly full. Level-triggered readiness brings the unread sockets back later.
+    pub fn may_read(&self) -> bool {
+        if self.throttled.get() {
+            return false;
+        }
+        if self.shared.bus.congested() {
+            self.throttled.set(true);
+            self.metrics().bus_backpressure.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A connection stopped mid-buffer for backpressure; resume it when relieved.
+    pub fn hold(&self, slot: u32) {
+        self.held.borrow_mut().push(slot);
+    }
+
+    /// Paused for backpressure: wait until the bus has drained enough, then go on
+    /// with the connections that stopped mid-buffer.
+    async fn wait_relieved(&self) {
+        loop {
+            self.wake_bus();
+            self.shared.bus.wake();
+            while !self.shared.bus.relieved() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            self.throttled.set(false);
+            let mut held = std::mem::take(&mut *self.held.borrow_mut());
+            held.sort_unstable();
+            held.dedup();
+            for slot in held {
+                if let Some(c) = self.conn_at(slot) {
+                    c.resume(self);
+                    self.settle(&c);
+                }
+            }
+            if !self.throttled.get() {
+                return;
+            }
+        }
+    }
+
+    /// A connection changed outside a readiness event: settle it soon.
+    pub fn mark(&self, slot: u32) {
+        self.dirty.borrow_mut().push(slot);
+        self.dirty_notify.notify_one();
+    }
+
+    fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
+        self.slab.borrow().get(slot as usize).cloned().flatten()
+    }
+
+    /// Readiness from the poller for the connection in `slot`.
+    fn on_event(&self, slot: u32, events: u32) {
+        if let Some(c) = self.conn_at(slot) {
+            c.on_event(self, events);
+            self.settle(&c);
+        }
+    }
+
+    /// Bring a connection's registration in line with its state; release it if done.
+    fn settle(&self, c: &Rc<Conn>) {
+        let mut started = false;
+        match c.settle(&mut started) {
+            None => self.release(c),
+            Some(want) => {
+                if started {
+                    self.lingering.borrow_mut().push((
+                        c.slot,
+                        c.id,
+                        Instant::now() + conn::CLOSE_LINGER,
+                    ));
+                }
+                if let Some(w) = c.set_interest(want) {
+                    if self.poller.modify(c.fd(), u64::from(c.slot), w).is_err() {
+                        self.release(c);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection is finished: out of the poller, the slab and the route table.
+    fn release(&self, c: &Rc<Conn>) {
+        {
+            let mut slab = self.slab.borrow_mut();
+            match slab.get_mut(c.slot as usize) {
+                Some(s) if s.as_ref().is_some_and(|x| x.id == c.id) => *s = None,
+                _ => return, // already released
+            }
+        }
+        self.poller.delete(c.fd());
+        self.free.borrow_mut().push(c.slot);
+        self.unregister(c);
+    }
+
+    fn settle_dirty(&self) {
+        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+        for slot in dirty {
+            if let Some(c) = self.conn_at(slot) {
+                self.settle(&c);
+            }
+        }
+    }
+
+    /// Take ownership of an authenticated socket: route it, greet it, watch it.
     pub fn adopt(
         self: &Rc<Self>,
-        stream: TcpStream,
+        stream: std::net::TcpStream,
         tls: Option<Box<rustls::ServerConnection>>,
         ident: Identity,
         peer: SocketAddr,
@@ -225,7 +368,25 @@ impl ShardCtx {
     ) {
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
-        let conn = Rc::new(Conn::new(self, id, stream, tls, ident, peer, protocol));
+        let slot = match self.free.borrow_mut().pop() {
+            Some(s) => s,
+            None => {
+                let mut slab = self.slab.borrow_mut();
+                slab.push(None);
+                (slab.len() - 1) as u32
+            }
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let conn = Rc::new(Conn::new(
+            self, id, slot, stream, tls, ident, peer, protocol,
+        ));
+        if let Err(e) = self.poller.add(fd, u64::from(slot), poller::IN) {
+            tracing::warn!(error = %e, "cannot watch an adopted socket");
+            self.free.borrow_mut().push(slot);
+            self.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+            return;
+        }
+        self.slab.borrow_mut()[slot as usize] = Some(conn.clone());
         let old = self.routes.borrow_mut().insert(ident.device, conn.clone());
         self.metrics().connections.fetch_add(1, Relaxed);
         if old.is_none() {
@@ -245,7 +406,8 @@ impl ShardCtx {
             conn.send_text(self, &hello);
         }
         self.resend_pending(&conn);
-        tokio::task::spawn_local(conn::run(self.clone(), conn, leftover));
+        conn.start(self, leftover);
+        self.mark(slot);
     }
 
     /// Requests sent to an earlier connection of this device and not yet acked are
@@ -370,13 +532,7 @@ impl ShardCtx {
                     protocol,
                     leftover,
                 } = *a;
-                match TcpStream::from_std(stream) {
-                    Ok(s) => self.adopt(s, tls, ident, peer, protocol, leftover),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not register handed-over socket");
-                        self.shared.metrics.open_connections.fetch_sub(1, Relaxed);
-                    }
-                }
+                self.adopt(stream, tls, ident, peer, protocol, leftover);
             }
             ShardMsg::Event {
                 device,
@@ -477,6 +633,25 @@ impl ShardCtx {
             .borrow_mut()
             .retain(|_, p| p.deadline > instant && !p.reply.is_closed());
         self.ip_rate.borrow_mut().retain(|_, (sec, _)| *sec == now);
+        // Closes whose peer never sent its FIN within the linger: release them.
+        let expired: Vec<(u32, u64)> = {
+            let mut l = self.lingering.borrow_mut();
+            let mut out = Vec::new();
+            l.retain(|&(slot, id, until)| {
+                if until <= instant {
+                    out.push((slot, id));
+                    false
+                } else {
+                    true
+                }
+            });
+            out
+        };
+        for (slot, id) in expired {
+            if let Some(c) = self.conn_at(slot).filter(|c| c.id == id) {
+                self.release(&c);
+            }
+        }
         if let Some(until) = self.drain_until.get() {
             self.drain_step(instant, until);
         }
@@ -518,6 +693,13 @@ pub fn run_shard(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let poller = match Poller::new() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(shard = id, error = %e, "cannot create the connection poller");
+                return;
+            }
+        };
         let ctx = Rc::new(ShardCtx {
             id,
             shared: shared.clone(),
@@ -530,6 +712,43 @@ pub fn run_shard(
             started: Instant::now(),
             drain_until: Cell::new(None),
             ip_rate: RefCell::new(HashMap::new()),
+            poller,
+            slab: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            dirty: RefCell::new(Vec::new()),
+            dirty_notify: Notify::new(),
+            lingering: RefCell::new(Vec::new()),
+            bus_pending: Cell::new(0),
+            throttled: Cell::new(false),
+            held: RefCell::new(Vec::new()),
+        });
+        let driver_ctx = ctx.clone();
+        let driver = tokio::task::spawn_local(async move {
+            let ctx = driver_ctx;
+            let mut evs = Vec::with_capacity(poller::BATCH);
+            loop {
+                tokio::select! {
+                    r = ctx.poller.wait(&mut evs) => {
+                        if let Err(e) = r {
+                            tracing::error!(shard = ctx.id, error = %e, "connection poller failed");
+                            return;
+                        }
+                        for &(key, ev) in &evs {
+                            ctx.on_event(key as u32, ev);
+                        }
+                    }
+                    _ = ctx.dirty_notify.notified() => {}
+                }
+                ctx.settle_dirty();
+                ctx.wake_bus();
+                if ctx.throttled.get() {
+                    ctx.wait_relieved().await;
+                }
+                if evs.len() == poller::BATCH {
+                    tokio::task::yield_now().await;
+                }
+                evs.clear();
+            }
         });
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
@@ -580,5 +799,6 @@ pub fn run_shard(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         ticker.abort();
+        driver.abort();
     });
 }

@@ -2,19 +2,16 @@
 //! loop that reads it. Idle, it holds no buffer (the shard lends its read buffer)
 //! and no timer (the shard's tick pings it). It never blocks the shard.
 
-use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::SocketAddr;
-use std::rc::Rc;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Poll, Waker};
 use std::time::Duration;
-
-use tokio::net::TcpStream;
 
 mod messages;
 
+use super::poller::{HUP_ERR, IN, OUT};
 use super::{Protocol, ShardCtx};
 use crate::auth::Identity;
 use crate::protocol::hive::{self, Meta};
@@ -22,19 +19,20 @@ use crate::protocol::phoenix::PhxState;
 use crate::protocol::ws::{self, FrameHeader, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 
 /// How long a closing connection may take to flush and see the peer's FIN.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Reads per readiness event before yielding to other connections.
 const READS_PER_WAKE: usize = 4;
 
 pub struct Conn {
     pub id: u64,
+    /// Index in the shard's slab, and the key of its epoll registration.
+    pub slot: u32,
     pub meta: Meta,
     pub peer: SocketAddr,
     pub protocol: Protocol,
     pub connected_at_ms: u64,
     stream: TcpStream,
     st: RefCell<State>,
-    waker: Cell<Option<Waker>>,
     /// Phoenix channel state (joins); None for the other protocols.
     phx: RefCell<Option<Box<PhxState>>>,
 }
@@ -76,6 +74,12 @@ struct State {
     last_alive: u32,
     alive_sent: bool,
     bad_frames: u8,
+    /// Closing: the close frame is out, waiting for the peer's FIN (or the deadline).
+    lingering: bool,
+    /// Our write side is shut down.
+    shut: bool,
+    /// Events registered with the shard's poller.
+    interest: u32,
     /// Per-device rate limit: tokens left, the second they were last refilled, and
     /// messages refused since the last one admitted.
     tokens: u32,
@@ -90,16 +94,12 @@ impl State {
     }
 }
 
-enum Ready {
-    Read,
-    Write,
-    Done,
-}
-
 impl Conn {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: &ShardCtx,
         id: u64,
+        slot: u32,
         stream: TcpStream,
         tls: Option<Box<rustls::ServerConnection>>,
         ident: Identity,
@@ -110,6 +110,7 @@ impl Conn {
         let interval = ctx.shared.config.ping_interval.max(1) as u32;
         Conn {
             id,
+            slot,
             meta: Meta {
                 device: ident.device,
                 account: ident.account,
@@ -129,9 +130,9 @@ impl Conn {
                     t
                 }),
                 refilled_at: now,
+                interest: IN,
                 ..State::default()
             }),
-            waker: Cell::new(None),
             phx: RefCell::new(match protocol {
                 Protocol::Phoenix(vsn) => Some(Box::new(PhxState::new(vsn))),
                 _ => None,
@@ -139,10 +140,14 @@ impl Conn {
         }
     }
 
-    fn wake(&self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
+    /// Something changed outside a readiness event (output queued, closing, dead):
+    /// the shard's driver settles this connection next.
+    fn wake(&self, ctx: &ShardCtx) {
+        ctx.mark(self.slot);
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.stream.as_raw_fd()
     }
 
     pub fn ping_due(&self, now: u32) -> bool {
@@ -208,29 +213,28 @@ impl Conn {
                 Ok(true) => {}
                 Ok(false) => {
                     drop(st);
-                    self.wake();
+                    self.wake(ctx);
                 }
                 Err(_) => {
                     st.dead = true;
                     drop(st);
-                    self.wake();
+                    self.wake(ctx);
                 }
             }
             return true;
         }
-        let written = match self
-            .stream
-            .try_write_vectored(&[IoSlice::new(&h[..hl]), IoSlice::new(payload)])
-        {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(_) => {
-                st.dead = true;
-                drop(st);
-                self.wake();
-                return true;
-            }
-        };
+        let written =
+            match (&self.stream).write_vectored(&[IoSlice::new(&h[..hl]), IoSlice::new(payload)]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(_) => {
+                    st.dead = true;
+                    drop(st);
+                    self.wake(ctx);
+                    return true;
+                }
+            };
         if written < total {
             let b = st.bufs.get_or_insert_with(Box::default);
             b.out.clear();
@@ -242,7 +246,7 @@ impl Conn {
                 b.out.extend_from_slice(&payload[written - hl..]);
             }
             drop(st);
-            self.wake();
+            self.wake(ctx);
         }
         true
     }
@@ -258,7 +262,7 @@ impl Conn {
         ctx.metrics().close(code);
         self.send_control(ctx, OP_CLOSE, &ws::close_payload(code, reason));
         self.st.borrow_mut().closing = true;
-        self.wake();
+        self.wake(ctx);
     }
 
     fn flush(&self) {
@@ -291,9 +295,10 @@ impl Conn {
         }
         let Some(b) = st.bufs.as_mut() else { return };
         while b.out_pos < b.out.len() {
-            match self.stream.try_write(&b.out[b.out_pos..]) {
+            match (&self.stream).write(&b.out[b.out_pos..]) {
                 Ok(n) => b.out_pos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     st.dead = true;
                     return;
@@ -308,31 +313,14 @@ impl Conn {
         }
     }
 
-    fn poll_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<Ready> {
-        let (closing, dead, has_out) = {
-            let st = self.st.borrow();
-            (st.closing, st.dead, st.has_out())
-        };
-        if closing || dead {
-            return Poll::Ready(Ready::Done);
-        }
-        if has_out {
-            if let Poll::Ready(r) = self.stream.poll_write_ready(cx) {
-                return Poll::Ready(if r.is_ok() { Ready::Write } else { Ready::Done });
-            }
-        }
-        if let Poll::Ready(r) = self.stream.poll_read_ready(cx) {
-            return Poll::Ready(if r.is_ok() { Ready::Read } else { Ready::Done });
-        }
-        self.waker.set(Some(cx.waker().clone()));
-        Poll::Pending
-    }
-
     fn on_readable(&self, ctx: &ShardCtx) {
         let mut buf = ctx.read_buf.take();
         let tls = self.st.borrow().tls.is_some();
         for _ in 0..READS_PER_WAKE {
-            match self.stream.try_read(&mut buf) {
+            if !ctx.may_read() {
+                break;
+            }
+            match (&self.stream).read(&mut buf) {
                 Ok(0) => {
                     self.st.borrow_mut().dead = true;
                     break;
@@ -451,6 +439,12 @@ impl Conn {
         let max = ctx.shared.config.max_frame;
         let mut pos = 0;
         while !self.is_done() {
+            if pos < data.len() && !ctx.may_read() {
+                // Backpressure: the rest waits (kept as this connection's pending bytes)
+                // until the bus has drained; the shard resumes us then.
+                ctx.hold(self.slot);
+                break;
+            }
             let h = match ws::parse_header(&data[pos..], max) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
@@ -555,85 +549,126 @@ impl Conn {
     }
 }
 
-/// The connection's one loop. Boxed closing logic keeps the idle future small.
-pub async fn run(ctx: Rc<ShardCtx>, conn: Rc<Conn>, mut leftover: Vec<u8>) {
-    if !leftover.is_empty() {
-        conn.on_bytes(&ctx, &mut leftover);
-    }
-    drop(leftover);
-    if conn.st.borrow().tls.is_some() {
-        conn.drain_plaintext(&ctx);
-    }
-    loop {
-        match poll_fn(|cx| conn.poll_ready(cx)).await {
-            Ready::Read => conn.on_readable(&ctx),
-            Ready::Write => conn.flush(),
-            Ready::Done => break,
+impl Conn {
+    /// Just adopted: bytes that came with the handshake, and what rustls already holds.
+    pub fn start(&self, ctx: &ShardCtx, mut leftover: Vec<u8>) {
+        if !leftover.is_empty() {
+            self.on_bytes(ctx, &mut leftover);
+        }
+        if self.st.borrow().tls.is_some() {
+            self.drain_plaintext(ctx);
         }
     }
-    if !conn.st.borrow().dead {
-        Box::pin(linger(&ctx, &conn)).await;
-    }
-    ctx.unregister(&conn);
-}
 
-/// Flush what is queued (the close frame last), half-close, and wait briefly for the
-/// peer's FIN so the close frame is not lost to a reset.
-async fn linger(ctx: &ShardCtx, conn: &Conn) {
-    if let Some(tls) = conn.st.borrow_mut().tls.as_mut() {
-        tls.send_close_notify();
+    /// Backpressure is over: handle the bytes that waited, then what rustls holds.
+    pub fn resume(&self, ctx: &ShardCtx) {
+        if self.is_done() {
+            return;
+        }
+        self.on_bytes(ctx, &mut []);
+        if self.st.borrow().tls.is_some() {
+            self.drain_plaintext(ctx);
+        }
     }
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        while conn.has_out() {
-            if conn.stream.writable().await.is_err() {
-                return;
+
+    /// Readiness reported by the shard's poller.
+    pub fn on_event(&self, ctx: &ShardCtx, events: u32) {
+        let lingering = self.st.borrow().lingering;
+        if events & (IN | HUP_ERR) != 0 {
+            if lingering {
+                self.linger_read(ctx);
+            } else if !self.is_done() {
+                self.on_readable(ctx);
             }
-            conn.flush();
         }
-        let _ = socket2::SockRef::from(&conn.stream).shutdown(std::net::Shutdown::Write);
-        loop {
-            if conn.stream.readable().await.is_err() {
-                return;
-            }
-            let mut buf = ctx.read_buf.take();
-            let r = conn.stream.try_read(&mut buf);
-            *ctx.read_buf.borrow_mut() = buf;
-            match r {
-                Ok(0) => return,
+        if events & OUT != 0 {
+            self.flush();
+        }
+    }
+
+    /// While closing: discard what the peer still sends until its FIN.
+    fn linger_read(&self, ctx: &ShardCtx) {
+        let mut buf = ctx.read_buf.take();
+        for _ in 0..READS_PER_WAKE {
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => {
+                    self.st.borrow_mut().dead = true;
+                    break;
+                }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.st.borrow_mut().dead = true;
+                    break;
+                }
             }
         }
-    })
-    .await;
+        *ctx.read_buf.borrow_mut() = buf;
+    }
+
+    /// After any change: the events to wait for next, or None when the connection is
+    /// finished (the socket is gone, or the peer completed the close) and must be
+    /// released. Sets `started_linger` the first time it finds the connection closing,
+    /// so the shard starts the linger deadline.
+    pub fn settle(&self, started_linger: &mut bool) -> Option<u32> {
+        let (dead, closing) = {
+            let st = self.st.borrow();
+            (st.dead, st.closing)
+        };
+        if dead {
+            return None;
+        }
+        if closing {
+            {
+                let mut st = self.st.borrow_mut();
+                if !st.lingering {
+                    st.lingering = true;
+                    *started_linger = true;
+                    if let Some(tls) = st.tls.as_mut() {
+                        tls.send_close_notify();
+                    }
+                }
+            }
+            self.flush();
+            let mut st = self.st.borrow_mut();
+            if st.dead {
+                return None;
+            }
+            if st.has_out() {
+                return Some(IN | OUT);
+            }
+            if !st.shut {
+                st.shut = true;
+                let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            }
+            return Some(IN);
+        }
+        Some(if self.has_out() { IN | OUT } else { IN })
+    }
+
+    /// The registered interest, updated when `want` differs; Some(want) if it changed.
+    pub fn set_interest(&self, want: u32) -> Option<u32> {
+        let mut st = self.st.borrow_mut();
+        (st.interest != want).then(|| {
+            st.interest = want;
+            want
+        })
+    }
 }
 
 /// Write rustls's pending ciphertext; Ok(true) when all of it went out.
 fn flush_tls(tls: &mut rustls::ServerConnection, stream: &TcpStream) -> io::Result<bool> {
+    let mut w = stream;
     while tls.wants_write() {
-        match tls.write_tls(&mut SockIo(stream)) {
+        match tls.write_tls(&mut w) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
     Ok(true)
-}
-
-/// std::io adapter over a non-blocking tokio socket, for rustls.
-struct SockIo<'a>(&'a TcpStream);
-
-impl io::Write for SockIo<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
