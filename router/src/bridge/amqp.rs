@@ -53,7 +53,7 @@ use lapin::{
 };
 use tokio::sync::{broadcast, watch};
 
-use super::{headers, BusEvent};
+use super::{headers, BusEvent, BusRx};
 use crate::metrics::BridgeMetrics;
 use crate::Shared;
 
@@ -101,7 +101,7 @@ fn redact(url: &str) -> String {
 /// (bounded by [`FLUSH_ON_SHUTDOWN`]) and returns.
 pub fn spawn(
     shared: Arc<Shared>,
-    rx: crossbeam_channel::Receiver<BusEvent>,
+    rx: BusRx,
     sink: broadcast::Sender<Bytes>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -146,7 +146,7 @@ type Publish = Pin<Box<dyn Future<Output = (u64, Outcome)>>>;
 
 struct Bridge {
     shared: Arc<Shared>,
-    rx: crossbeam_channel::Receiver<BusEvent>,
+    rx: BusRx,
     sink: broadcast::Sender<Bytes>,
     shutdown: watch::Receiver<bool>,
     /// Events waiting for the broker, oldest first.
@@ -167,8 +167,8 @@ impl Bridge {
     }
 
     /// One new event from the shards, offered to SSE subscribers on the way.
-    fn take_new(&self) -> Option<BusEvent> {
-        let ev = self.rx.try_recv().ok()?;
+    fn take_new(&mut self) -> Option<BusEvent> {
+        let ev = self.rx.try_recv()?;
         // No subscriber is fine: the broadcast then just drops it.
         let _ = self.sink.send(ev.body.clone());
         Some(ev)

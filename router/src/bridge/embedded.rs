@@ -7,20 +7,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use super::BusEvent;
+use super::BusRx;
 use crate::Shared;
 
 /// Events a slow SSE subscriber may fall behind by before it misses some (counted).
 pub const SSE_BACKLOG: usize = 16 * 1024;
 
-pub async fn run(
-    shared: Arc<Shared>,
-    rx: crossbeam_channel::Receiver<BusEvent>,
-    sink: broadcast::Sender<Bytes>,
-) {
+pub async fn run(shared: Arc<Shared>, mut rx: BusRx, sink: broadcast::Sender<Bytes>) {
     loop {
         let mut n = 0u64;
-        while let Ok(ev) = rx.try_recv() {
+        while let Some(ev) = rx.try_recv() {
             // No receiver is fine: the sink is then a counter.
             let _ = sink.send(ev.body);
             n += 1;

@@ -13,6 +13,9 @@ pub mod envelope;
 pub mod headers;
 pub mod presence;
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tokio::sync::Notify;
 
@@ -26,58 +29,102 @@ pub struct BusEvent {
 }
 
 pub struct Bus {
-    tx: crossbeam_channel::Sender<BusEvent>,
+    /// Batches: a shard hands over what one pass published in one message.
+    tx: crossbeam_channel::Sender<Vec<BusEvent>>,
+    /// Events handed over and not yet taken by the consumer (the queue's length in
+    /// events; the channel itself counts batches).
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     notify: Notify,
     /// Above this many queued events shards stop reading their devices until the
     /// queue is back under `resume`: TCP pushes back on devices before anything
-    /// has to be dropped (a shard's pass can still add a few thousand events).
+    /// has to be dropped.
     high: usize,
     resume: usize,
 }
 
 impl Bus {
-    pub fn new(capacity: usize) -> (Self, crossbeam_channel::Receiver<BusEvent>) {
-        let (tx, rx) = crossbeam_channel::bounded(capacity);
+    pub fn new(capacity: usize) -> (Self, BusRx) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let capacity = capacity.max(4);
         (
             Bus {
                 tx,
+                queued: queued.clone(),
+                capacity,
                 notify: Notify::new(),
                 high: capacity - capacity / 4,
                 resume: capacity / 2,
             },
-            rx,
+            BusRx {
+                rx,
+                cur: Vec::new().into_iter(),
+                queued,
+            },
         )
     }
 
-    /// Never blocks. Err: the queue is full; the caller counts the drop.
-    pub fn publish(&self, ev: BusEvent) -> Result<(), BusEvent> {
-        self.publish_quiet(ev)?;
-        self.notify.notify_one();
-        Ok(())
+    /// Room for `n` more events besides `pending` not yet handed over? A shard drops
+    /// (and counts) an event that finds the queue full; it never blocks.
+    pub fn has_room(&self, pending: usize) -> bool {
+        self.queued.load(Relaxed) + pending < self.capacity
     }
 
-    /// Queue without waking the consumer: a shard publishing a burst wakes it once, with
-    /// [`Bus::wake`], when its pass is over (a wake per event cost more than the queue).
-    pub fn publish_quiet(&self, ev: BusEvent) -> Result<(), BusEvent> {
-        self.tx.try_send(ev).map_err(|e| e.into_inner())
+    /// Hand over a batch without waking the consumer: a shard wakes it once per pass
+    /// with [`Bus::wake`] (a wake per event cost more than the queue itself).
+    /// Err: the consumer is gone (shutdown); the caller counts the events as dropped.
+    pub fn send_batch(&self, batch: Vec<BusEvent>) -> Result<(), Vec<BusEvent>> {
+        let n = batch.len();
+        self.queued.fetch_add(n, Relaxed);
+        self.tx.send(batch).map_err(|e| {
+            self.queued.fetch_sub(n, Relaxed);
+            e.into_inner()
+        })
     }
 
     pub fn wake(&self) {
         self.notify.notify_one();
     }
 
-    /// Nearly full: stop reading devices.
-    pub fn congested(&self) -> bool {
-        self.tx.len() >= self.high
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Nearly full, counting the `pending` events a shard has not handed over yet:
+    /// stop reading devices.
+    pub fn congested(&self, pending: usize) -> bool {
+        self.queued.load(Relaxed) + pending >= self.high
     }
 
     /// Drained enough to read again.
     pub fn relieved(&self) -> bool {
-        self.tx.len() <= self.resume
+        self.queued.load(Relaxed) <= self.resume
+    }
+}
+
+/// The consumer's end of the bus: events one at a time, in the order each shard
+/// published them.
+pub struct BusRx {
+    rx: crossbeam_channel::Receiver<Vec<BusEvent>>,
+    cur: std::vec::IntoIter<BusEvent>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl BusRx {
+    pub fn try_recv(&mut self) -> Option<BusEvent> {
+        loop {
+            if let Some(ev) = self.cur.next() {
+                return Some(ev);
+            }
+            let batch = self.rx.try_recv().ok()?;
+            self.queued.fetch_sub(batch.len(), Relaxed);
+            self.cur = batch.into_iter();
+        }
     }
 
-    pub async fn wait(&self) {
-        self.notify.notified().await;
+    pub fn is_empty(&self) -> bool {
+        self.cur.len() == 0 && self.rx.is_empty()
     }
 }
 

@@ -32,7 +32,7 @@ pub const READ_BUF: usize = 64 * 1024;
 /// How often the shard's housekeeping runs (pings, idle checks, request expiry).
 const TICK: Duration = Duration::from_millis(500);
 /// Events a shard may queue on the bus in one pass before it wakes the consumer anyway.
-const WAKE_EVERY: u32 = 512;
+const WAKE_EVERY: usize = 512;
 
 /// Which device protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,8 +203,8 @@ pub struct ShardCtx {
     dirty_notify: Notify,
     /// Closing connections and when their linger ends: (slot, conn id, deadline).
     lingering: RefCell<Vec<(u32, u64, Instant)>>,
-    /// Events queued on the bus since it was last woken.
-    bus_pending: Cell<u32>,
+    /// Events published in this pass, handed to the bus at its end.
+    bus_batch: RefCell<Vec<BusEvent>>,
     /// Reading paused until the bus drains (backpressure).
     throttled: Cell<bool>,
     /// Connections holding unparsed bytes because of it.
@@ -223,30 +223,39 @@ impl ShardCtx {
 
     pub fn publish(&self, routing_key: String, body: Vec<u8>) {
         let m = self.metrics();
-        match self.shared.bus.publish_quiet(BusEvent {
+        let mut batch = self.bus_batch.borrow_mut();
+        if !self.shared.bus.has_room(batch.len()) {
+            m.events_dropped_bus_full.fetch_add(1, Relaxed);
+            return;
+        }
+        batch.push(BusEvent {
             routing_key,
             body: body.into(),
-        }) {
-            Ok(()) => m.events_published.fetch_add(1, Relaxed),
-            Err(_) => m.events_dropped_bus_full.fetch_add(1, Relaxed),
-        };
-        // The bus is woken once per driver pass (see `wake_bus`), whoever published,
-        // and every WAKE_EVERY events within a long pass so it drains meanwhile.
-        let n = self.bus_pending.get();
-        self.bus_pending.set(n + 1);
-        if n == 0 {
+        });
+        let n = batch.len();
+        drop(batch);
+        // Handed over once per driver pass (see `wake_bus`), whoever published, and
+        // every WAKE_EVERY events within a long pass so the consumer works meanwhile.
+        if n == 1 {
             self.dirty_notify.notify_one();
-        } else if n + 1 >= WAKE_EVERY {
-            self.bus_pending.set(0);
-            self.shared.bus.wake();
+        } else if n >= WAKE_EVERY {
+            self.wake_bus();
         }
     }
 
-    /// Wake the bus if this pass published anything.
+    /// Hand this pass's events to the bus in one batch and wake its consumer.
     fn wake_bus(&self) {
-        if self.bus_pending.replace(0) > 0 {
-            self.shared.bus.wake();
+        let batch = std::mem::take(&mut *self.bus_batch.borrow_mut());
+        if batch.is_empty() {
+            return;
         }
+        let n = batch.len() as u64;
+        let m = self.metrics();
+        match self.shared.bus.send_batch(batch) {
+            Ok(()) => m.events_published.fetch_add(n, Relaxed),
+            Err(_) => m.events_dropped_bus_full.fetch_add(n, Relaxed),
+        };
+        self.shared.bus.wake();
     }
 
     /// Before reading a device: false (and the shard pauses reading) while the bus queue
@@ -255,7 +264,7 @@ impl ShardCtx {
         if self.throttled.get() {
             return false;
         }
-        if self.shared.bus.congested() {
+        if self.shared.bus.congested(self.bus_batch.borrow().len()) {
             self.throttled.set(true);
             self.metrics().bus_backpressure.fetch_add(1, Relaxed);
             return false;
@@ -718,7 +727,7 @@ pub fn run_shard(
             dirty: RefCell::new(Vec::new()),
             dirty_notify: Notify::new(),
             lingering: RefCell::new(Vec::new()),
-            bus_pending: Cell::new(0),
+            bus_batch: RefCell::new(Vec::new()),
             throttled: Cell::new(false),
             held: RefCell::new(Vec::new()),
         });
