@@ -65,7 +65,7 @@ impl Conn {
             self.fail(ctx, 4400, "binary frames are not part of this protocol");
             return;
         }
-        if std::str::from_utf8(payload).is_err() {
+        if simdutf8::basic::from_utf8(payload).is_err() {
             self.fail(ctx, 1007, "text frame is not valid UTF-8");
             return;
         }
