@@ -15,22 +15,14 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
+use common::amqp::*;
 use common::*;
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-fn amqp_url() -> String {
-    std::env::var("HIVE_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 /// A test backend: answers every POST with the current `status`, and records the
 /// batches it answered 2xx (raw body) and the headers of the last request.
@@ -173,9 +165,7 @@ impl Drop for QueueGuard {
 
 /// Messages ready in `queue` (passive declare), from the test's own connection.
 async fn queue_ready(queue: &str) -> u32 {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("test connects to RabbitMQ");
+    let conn = connect(&amqp_url()).await;
     let ch = conn.create_channel().await.unwrap();
     let q = ch
         .queue_declare(
@@ -192,111 +182,6 @@ async fn queue_ready(queue: &str) -> u32 {
     q.message_count()
 }
 
-/// A test's own view of `hive.events` (exclusive queue bound with `#`), to compare the
-/// backend's events byte for byte with what was published.
-struct Tap {
-    _conn: Connection,
-    consumer: Consumer,
-}
-
-impl Tap {
-    async fn new() -> Tap {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("test connects to RabbitMQ (is it running? scripts/test.sh starts it)");
-        let ch = conn.create_channel().await.unwrap();
-        ch.exchange_declare(
-            "hive.events".into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().clone(),
-            "hive.events".into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        Tap {
-            _conn: conn,
-            consumer,
-        }
-    }
-
-    /// Raw bodies of the next `n` messages whose `device` header is `device`.
-    async fn bodies_for(&mut self, device: Uuid, n: usize, within: Duration) -> Vec<String> {
-        let want = AMQPValue::LongString(LongString::from(device.to_string()));
-        let mut out = Vec::new();
-        tokio::time::timeout(within, async {
-            while out.len() < n {
-                let d = self
-                    .consumer
-                    .next()
-                    .await
-                    .expect("consumer open")
-                    .expect("delivery");
-                let h = d.properties.headers().clone().unwrap_or_default();
-                if h.inner().get("device") == Some(&want) {
-                    out.push(String::from_utf8(d.data).unwrap());
-                }
-            }
-        })
-        .await
-        .expect("published events within the deadline");
-        out
-    }
-}
-
-/// Poll a metric until `ok(value)`, or fail after `within`.
-async fn wait_metric(
-    r: &TestRouter,
-    name: &str,
-    within: Duration,
-    ok: impl Fn(f64) -> bool,
-) -> f64 {
-    let t0 = Instant::now();
-    loop {
-        let v = r.metric(name).await;
-        if ok(v) {
-            return v;
-        }
-        assert!(t0.elapsed() < within, "{name} = {v} after {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn backend_router(
     queue: &str,
     backend: &TestBackend,
@@ -309,16 +194,9 @@ fn backend_router(
         c.backend_url = Some(url);
         c.backend_queue = queue;
         c.backend_bindings = bindings;
-        c.device_rate = 1_000_000;
-        c.device_burst = 1_000_000;
+        fast_device(c);
         more(c);
     })
-}
-
-async fn send_seq(ws: &mut Ws, ty: &str, range: std::ops::Range<u64>) {
-    for n in range {
-        send_json(ws, json!({"type": ty, "n": n, "pad": "x".repeat(32)})).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,7 +235,7 @@ async fn events_reach_the_backend_as_json_arrays_exactly_as_published() {
     // Not bound to this test's queue: must not reach the backend.
     send_json(&mut ws, json!({"type":"unbound","x":1})).await;
     // Many, quickly: batches must hold several events, and no more than --backend-batch.
-    send_seq(&mut ws, "seq", 0..500).await;
+    send_seq(&mut ws, "seq", 0..500, 32).await;
 
     backend.wait_seq(d, 500, Duration::from_secs(20)).await;
     let events = backend.events_of(d);
@@ -428,7 +306,7 @@ async fn a_failing_backend_gets_every_event_once_it_recovers() {
     .await;
 
     let t0 = Instant::now();
-    send_seq(&mut ws, &ty, 0..1000).await;
+    send_seq(&mut ws, &ty, 0..1000, 32).await;
     wait_metric(
         &r,
         "router_backend_post_failures_total{reason=\"status\"}",
@@ -487,7 +365,7 @@ async fn nothing_is_acked_before_a_2xx_and_a_new_router_gets_it_all() {
         |v| v == 1.0,
     )
     .await;
-    send_seq(&mut ws, &ty, 0..N).await;
+    send_seq(&mut ws, &ty, 0..N, 32).await;
 
     // The router holds a prefetch worth, unacked; the rest waits in the queue.
     wait_metric(
@@ -552,11 +430,7 @@ async fn nothing_is_acked_before_a_2xx_and_a_new_router_gets_it_all() {
 /// reconnects, declares again, and the events it held unacked come back to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_amqp_connection_is_reopened_and_held_events_redelivered() {
-    if std::process::Command::new("rabbitmqctl")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
+    if !have_rabbitmqctl() {
         eprintln!("rabbitmqctl not available: skipping");
         return;
     }
@@ -577,7 +451,7 @@ async fn a_closed_amqp_connection_is_reopened_and_held_events_redelivered() {
         |v| v == 1.0,
     )
     .await;
-    send_seq(&mut ws, &ty, 0..200).await;
+    send_seq(&mut ws, &ty, 0..200, 32).await;
     wait_metric(&r, "router_backend_unacked", Duration::from_secs(10), |v| {
         v == 200.0
     })
@@ -585,36 +459,11 @@ async fn a_closed_amqp_connection_is_reopened_and_held_events_redelivered() {
 
     // Close the delivery's own connection (not the bridge's), found by its name.
     let name = format!("hive-router {node} backend-delivery");
-    let closed = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_connections",
-                "-q",
-                "--no-table-headers",
-                "pid",
-                "client_properties",
-            ])
-            .output()
-            .expect("rabbitmqctl runs");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let pid = text
-            .lines()
-            .find(|l| l.contains(&name))
-            .and_then(|l| l.split_whitespace().next())
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("backend delivery connection not listed:\n{text}"));
-        std::process::Command::new("rabbitmqctl")
-            .args(["close_connection", &pid, "test: forced close"])
-            .status()
-            .expect("rabbitmqctl runs")
-            .success()
-    })
-    .await
-    .unwrap();
+    let closed = broker_close_connection(name, "backend delivery").await;
     assert!(closed);
     // (The gap until the reconnect is too short to observe reliably; the redelivery
     // below can only happen over a new connection.)
-    send_seq(&mut ws, &ty, 200..300).await;
+    send_seq(&mut ws, &ty, 200..300, 32).await;
     backend.set_status(200);
     let seen = backend.wait_seq(d, 300, Duration::from_secs(30)).await;
     assert_eq!(seen, (0..300).collect::<BTreeSet<u64>>());
@@ -624,13 +473,4 @@ async fn a_closed_amqp_connection_is_reopened_and_held_events_redelivered() {
     })
     .await;
     assert_eq!(queue_ready(&queue.0).await, 0);
-}
-
-async fn ws_send_text(ws: &mut Ws, text: &str) {
-    use futures_util::SinkExt;
-    ws.send(tokio_tungstenite::tungstenite::Message::text(
-        text.to_string(),
-    ))
-    .await
-    .unwrap();
 }

@@ -10,106 +10,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use common::amqp::*;
 use common::*;
-use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Connection, ConnectionProperties, Consumer, ExchangeKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-fn amqp_url() -> String {
-    std::env::var("HIVE_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// A test's own view of `hive.events`: an exclusive queue bound with `#`.
-struct Tap {
-    _conn: Connection,
-    consumer: Consumer,
-}
-
-impl Tap {
-    async fn new() -> Tap {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("test connects to RabbitMQ (is it running? scripts/test.sh starts it)");
-        let ch = conn.create_channel().await.unwrap();
-        // Same declaration as the router's: idempotent, and the bind needs it to exist.
-        ch.exchange_declare(
-            "hive.events".into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().clone(),
-            "hive.events".into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        Tap {
-            _conn: conn,
-            consumer,
-        }
-    }
-
-    /// The next delivery whose `device` header is `device`, within `within`.
-    async fn next_for(&mut self, device: Uuid, within: Duration) -> Delivery {
-        let want = AMQPValue::LongString(LongString::from(device.to_string()));
-        tokio::time::timeout(within, async {
-            loop {
-                let d = self
-                    .consumer
-                    .next()
-                    .await
-                    .expect("consumer open")
-                    .expect("delivery");
-                let h = d.properties.headers().clone().unwrap_or_default();
-                if h.inner().get("device") == Some(&want) {
-                    return d;
-                }
-            }
-        })
-        .await
-        .expect("event within the deadline")
-    }
-}
 
 fn header(d: &Delivery, key: &str) -> AMQPValue {
     d.properties
@@ -146,29 +52,6 @@ async fn wait_ready(r: &TestRouter, want: u16, within: Duration) {
         assert!(t0.elapsed() < within, "/readyz never answered {want}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// Poll a metric until `ok(value)`, or fail after `within`.
-async fn wait_metric(
-    r: &TestRouter,
-    name: &str,
-    within: Duration,
-    ok: impl Fn(f64) -> bool,
-) -> f64 {
-    let t0 = Instant::now();
-    loop {
-        let v = r.metric(name).await;
-        if ok(v) {
-            return v;
-        }
-        assert!(t0.elapsed() < within, "{name} = {v} after {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn fast_device(c: &mut router::config::ServeConfig) {
-    c.device_rate = 1_000_000;
-    c.device_burst = 1_000_000;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,13 +244,6 @@ impl Proxy {
     }
 }
 
-/// Send events `range` as `{"type":"seq","n":i,...}`.
-async fn send_seq(ws: &mut Ws, range: std::ops::Range<u32>) {
-    for n in range {
-        send_json(ws, json!({"type":"seq","n":n,"pad":"x".repeat(64)})).await;
-    }
-}
-
 async fn collect_seq(tap: &mut Tap, d: Uuid, want: u32, within: Duration) -> BTreeSet<u32> {
     let mut seen = BTreeSet::new();
     let t0 = Instant::now();
@@ -398,7 +274,7 @@ async fn broker_outage_is_ridden_out_with_buffer_and_reconnect() {
     let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
     let mut ws = r.device(d, a).await;
 
-    send_seq(&mut ws, 0..200).await;
+    send_seq(&mut ws, "seq", 0..200, 64).await;
     wait_metric(
         &r,
         "router_amqp_confirmed_total",
@@ -413,7 +289,7 @@ async fn broker_outage_is_ridden_out_with_buffer_and_reconnect() {
     assert_eq!(r.metric("router_amqp_connected").await, 0.0);
 
     // Events meanwhile wait in the buffer; the device stays connected.
-    send_seq(&mut ws, 200..700).await;
+    send_seq(&mut ws, "seq", 200..700, 64).await;
     wait_metric(
         &r,
         "router_amqp_buffered_events",
@@ -431,7 +307,7 @@ async fn broker_outage_is_ridden_out_with_buffer_and_reconnect() {
     // The broker is back on the same address: reconnect, flush, ready again.
     let _proxy2 = Proxy::start(proxy.port).await;
     wait_ready(&r, 200, Duration::from_secs(10)).await;
-    send_seq(&mut ws, 700..800).await;
+    send_seq(&mut ws, "seq", 700..800, 64).await;
     let seen = collect_seq(&mut tap, d, 800, Duration::from_secs(20)).await;
     assert_eq!(seen, (0..800).collect::<BTreeSet<u32>>());
     wait_metric(
@@ -467,11 +343,7 @@ async fn broker_outage_is_ridden_out_with_buffer_and_reconnect() {
 /// operator's `rabbitmqctl close_connection`): reconnect, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closing_the_connection_forces_a_clean_reconnect() {
-    if std::process::Command::new("rabbitmqctl")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
+    if !have_rabbitmqctl() {
         eprintln!("rabbitmqctl not available: skipping");
         return;
     }
@@ -486,38 +358,13 @@ async fn broker_closing_the_connection_forces_a_clean_reconnect() {
     wait_ready(&r, 200, Duration::from_secs(10)).await;
     let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
     let mut ws = r.device(d, a).await;
-    send_seq(&mut ws, 0..100).await;
+    send_seq(&mut ws, "seq", 0..100, 64).await;
 
     // Find the router's connection by its name and have the broker close it.
     let node2 = node.clone();
-    let closed = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_connections",
-                "-q",
-                "--no-table-headers",
-                "pid",
-                "client_properties",
-            ])
-            .output()
-            .expect("rabbitmqctl runs");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let pid = text
-            .lines()
-            .find(|l| l.contains(&node2))
-            .and_then(|l| l.split_whitespace().next())
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("router connection not listed:\n{text}"));
-        std::process::Command::new("rabbitmqctl")
-            .args(["close_connection", &pid, "test: forced close"])
-            .status()
-            .expect("rabbitmqctl runs")
-            .success()
-    })
-    .await
-    .unwrap();
+    let closed = broker_close_connection(node2, "router").await;
     assert!(closed);
-    send_seq(&mut ws, 100..300).await;
+    send_seq(&mut ws, "seq", 100..300, 64).await;
     wait_metric(
         &r,
         "router_amqp_reconnects_total",
@@ -544,7 +391,7 @@ async fn unreachable_broker_buffers_boundedly_and_counts_drops() {
     });
     let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
     let mut ws = r.device(d, a).await;
-    send_seq(&mut ws, 0..25).await;
+    send_seq(&mut ws, "seq", 0..25, 64).await;
     wait_metric(
         &r,
         "router_amqp_dropped_total{reason=\"buffer_full\"}",
@@ -594,7 +441,7 @@ async fn graceful_stop_flushes_what_the_shards_accepted() {
     wait_ready(&r, 200, Duration::from_secs(10)).await;
     let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
     let mut ws = r.device(d, a).await;
-    send_seq(&mut ws, 0..2000).await;
+    send_seq(&mut ws, "seq", 0..2000, 64).await;
     wait_metric(
         &r,
         "router_events_published_total",
@@ -617,15 +464,6 @@ async fn graceful_stop_flushes_what_the_shards_accepted() {
     assert!(m.confirmed.load(std::sync::atomic::Ordering::Relaxed) >= 2000);
     let seen = collect_seq(&mut tap, d, 2000, Duration::from_secs(10)).await;
     assert_eq!(seen.len(), 2000);
-}
-
-async fn ws_send_text(ws: &mut Ws, text: &str) {
-    use futures_util::SinkExt;
-    ws.send(tokio_tungstenite::tungstenite::Message::text(
-        text.to_string(),
-    ))
-    .await
-    .unwrap();
 }
 
 trait TakeHandle {

@@ -14,46 +14,21 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::amqp::*;
 use common::*;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-fn ctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Vhost(String);
-impl Drop for Vhost {
+/// The test's vhost; on drop (also when the test failed mid-restart) the broker is
+/// first brought back for everyone else, then the vhost is deleted.
+struct RestartGuard(Vhost);
+impl Drop for RestartGuard {
     fn drop(&mut self) {
-        // If the test failed mid-restart, bring the broker back for everyone else.
         let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.0])
-            .output();
     }
-}
-
-async fn get(r: &TestRouter, path: &str) -> (u16, Value) {
-    let Ok(resp) = r.http.get(format!("{}{path}", r.api)).send().await else {
-        return (0, Value::Null);
-    };
-    let s = resp.status().as_u16();
-    (s, resp.json().await.unwrap_or(Value::Null))
 }
 
 async fn until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
@@ -66,29 +41,15 @@ async fn until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_under_load_loses_nothing_and_reannounces() {
-    let vh = Vhost(format!("hive-restart-{}", Uuid::new_v4().simple()));
-    ctl(&["add_vhost", &vh.0]);
-    ctl(&["set_permissions", "-p", &vh.0, "guest", ".*", ".*", ".*"]);
-    let url = format!("amqp://guest:guest@127.0.0.1:5672/{}", vh.0);
+    let vh = RestartGuard(Vhost::new("hive-restart"));
+    let url = vh.0.url();
 
     // A durable queue of our own on hive.events: what the routers published must be
     // there after the restart.
     {
-        let conn = Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .unwrap();
+        let conn = connect(&url).await;
         let ch = conn.create_channel().await.unwrap();
-        ch.exchange_declare(
-            "hive.events".into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        declare_events_exchange(&ch).await;
         ch.queue_declare(
             "restart-check".into(),
             QueueDeclareOptions {
@@ -116,8 +77,7 @@ async fn broker_restart_under_load_loses_nothing_and_reannounces() {
         TestRouter::start_with(move |c| {
             c.amqp = Some(url);
             c.node_id = Some(id);
-            c.device_rate = 1_000_000;
-            c.device_burst = 1_000_000;
+            fast_device(c);
         })
     };
     let a = mk("ra");
@@ -183,9 +143,7 @@ async fn broker_restart_under_load_loses_nothing_and_reannounces() {
         .await
         + b.metric("router_events_dropped_total{reason=\"bus_full\"}")
             .await;
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = connect(&url).await;
     let ch = conn.create_channel().await.unwrap();
     let mut consumer = ch
         .basic_consume(

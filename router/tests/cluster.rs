@@ -11,46 +11,10 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::amqp::*;
 use common::*;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-/// A vhost of our own on the local broker, deleted on drop.
-struct Vhost {
-    name: String,
-}
-
-impl Vhost {
-    fn new() -> Vhost {
-        let name = format!("hive-test-{}", Uuid::new_v4().simple());
-        let ok = |args: &[&str]| {
-            let out = Command::new("rabbitmqctl")
-                .args(args)
-                .output()
-                .expect("rabbitmqctl runs (RabbitMQ is installed on this machine)");
-            assert!(
-                out.status.success(),
-                "rabbitmqctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ok(&["add_vhost", &name]);
-        ok(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        Vhost { name }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
-    }
-}
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.name])
-            .output();
-    }
-}
 
 /// A `router serve --amqp` process (the real binary), seen through the test helpers.
 struct Node {
@@ -78,15 +42,6 @@ fn node(vh: &Vhost, id: &str) -> TestRouter {
         c.amqp = Some(url);
         c.node_id = Some(id);
     })
-}
-
-async fn get(r: &TestRouter, path: &str) -> (u16, Value) {
-    // A process still starting refuses the connection: not ready yet.
-    let Ok(resp) = r.http.get(format!("{}{path}", r.api)).send().await else {
-        return (0, Value::Null);
-    };
-    let s = resp.status().as_u16();
-    (s, resp.json().await.unwrap_or(Value::Null))
 }
 
 async fn wait_ready(r: &TestRouter) {
@@ -138,7 +93,7 @@ fn acking(mut ws: Ws, n: usize) -> tokio::task::JoinHandle<Vec<Value>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_through_node_a_reaches_a_device_on_node_b() {
-    let vh = Vhost::new();
+    let vh = Vhost::new("hive-test");
     let a = process_node(&vh, "node-a");
     let b = process_node(&vh, "node-b");
     wait_ready(&a).await;
@@ -201,7 +156,7 @@ async fn a_request_through_node_a_reaches_a_device_on_node_b() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_and_a_device_that_moves_with_a_request_in_flight() {
-    let vh = Vhost::new();
+    let vh = Vhost::new("hive-test");
     let a = process_node(&vh, "n1");
     let b = process_node(&vh, "n2");
     let c = process_node(&vh, "n3");
@@ -327,7 +282,7 @@ fn free_port() -> u16 {
 /// 404/504, none hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_requests_in_flight_loses_none() {
-    let vh = Vhost::new();
+    let vh = Vhost::new("hive-test");
     let pa = Proc::start(&vh, "survivor", free_port(), free_port());
     let mut pb = Proc::start(&vh, "victim", free_port(), free_port());
     let (a, b) = (pa.as_router(), pb.as_router());
@@ -412,7 +367,7 @@ async fn a_node_killed_with_requests_in_flight_loses_none() {
 /// (snapshot on join), and a node that stops gracefully is forgotten at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_node_learns_by_snapshot_and_a_leaving_node_is_forgotten() {
-    let vh = Vhost::new();
+    let vh = Vhost::new("hive-test");
     let a = node(&vh, "early");
     wait_ready(&a).await;
     let mut wss = Vec::new();
@@ -453,16 +408,14 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     use lapin::types::FieldTable;
     use router::bridge::envelope::{decode_node, encode_node, NodeMsg, Outcome};
 
-    let vh = Vhost::new();
+    let vh = Vhost::new("hive-test");
     let b = node(&vh, "holder");
     wait_ready(&b).await;
     let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
     let mut ws = b.device(d, acc).await;
 
     // We play node "peer": our own queue on hive.nodes receives the replies.
-    let conn = lapin::Connection::connect(&vh.url(), lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = connect(&vh.url()).await;
     let ch = conn.create_channel().await.unwrap();
     let q = ch
         .queue_declare(

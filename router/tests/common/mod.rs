@@ -1,6 +1,8 @@
 //! Test harness: a real router on loopback ports, real WebSocket and HTTP clients.
 #![allow(dead_code)]
 
+pub mod amqp;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
