@@ -418,6 +418,22 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     if results.len() < k {
         errors.insert("worker_lost".into(), (k - results.len()) as u64);
     }
+    // The ramp from the workers' own clocks when every worker got all its devices in:
+    // first connect attempt to last device authenticated, free of process start-up and
+    // of the 100 ms progress ticks. Otherwise the coordinator's coarser measure stands.
+    let first = results
+        .iter()
+        .map(|r| r.first_attempt_us)
+        .min()
+        .unwrap_or(0);
+    let full = results.iter().map(|r| r.full_us).max().unwrap_or(0);
+    let connect_seconds =
+        if results.len() == k && first > 0 && full > first && results.iter().all(|r| r.full_us > 0)
+        {
+            (full - first) as f64 / 1e6
+        } else {
+            connect_seconds
+        };
     if counts.timeout > 0 {
         errors.insert("request_timeout".into(), counts.timeout);
     }

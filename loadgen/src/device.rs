@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -34,6 +34,12 @@ pub struct Stats {
     pub events_sent: u64,
     pub storm_drops: u64,
     pub requests_received: u64,
+    /// Unix µs of this worker's first connect attempt (0: none yet).
+    pub first_attempt_us: u64,
+    /// Unix µs when `connected` first reached `target` (0: not yet).
+    pub full_us: u64,
+    /// This worker's share of the fleet.
+    pub target: usize,
 }
 
 impl Stats {
@@ -49,6 +55,9 @@ impl Stats {
             events_sent: 0,
             storm_drops: 0,
             requests_received: 0,
+            first_attempt_us: 0,
+            full_us: 0,
+            target: 0,
         }
     }
     fn error(&mut self, kind: &str) {
@@ -92,11 +101,7 @@ const DEVICE_READ_BUFFER: usize = 1024;
 /// Phoenix channel clients' heartbeat period.
 const PHOENIX_HEARTBEAT: Duration = Duration::from_secs(30);
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
+use crate::coordinator::now_us;
 
 /// Run one device until the fleet stops.
 pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
@@ -107,7 +112,13 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
             return;
         }
         let t0 = Instant::now();
-        fleet.stats.borrow_mut().connecting += 1;
+        {
+            let mut s = fleet.stats.borrow_mut();
+            s.connecting += 1;
+            if s.first_attempt_us == 0 {
+                s.first_attempt_us = now_us();
+            }
+        }
         let session =
             // Boxed: the handshake's state is large and short-lived; inline, it would size
             // every device's task for its whole connected life.
@@ -124,6 +135,9 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
                     let mut s = fleet.stats.borrow_mut();
                     s.connected += 1;
                     s.ever_connected += 1;
+                    if s.full_us == 0 && s.connected >= s.target {
+                        s.full_us = now_us();
+                    }
                 }
                 let why = serve(&fleet, &spec, ws, &mut stop).await;
                 fleet.stats.borrow_mut().connected -= 1;

@@ -21,6 +21,12 @@ pub struct WorkerResult {
     pub errors: std::collections::BTreeMap<String, u64>,
     pub events_sent: u64,
     pub requests_received: u64,
+    /// Unix µs of the first connect attempt, and of the moment all of this worker's
+    /// devices were connected (0: never): the ramp's precise ends.
+    #[serde(default)]
+    pub first_attempt_us: u64,
+    #[serde(default)]
+    pub full_us: u64,
 }
 
 /// Handshakes in flight per worker at most: pacing alone could pile up thousands of
@@ -99,18 +105,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         });
-        let sources = match &args.source_ips {
-            Some(spec) => crate::net::parse_ip_range(spec)?,
-            None => Vec::new(),
-        };
         let mut dests = Vec::new();
         for u in &args.urls {
             dests.push(resolve(u).await?);
         }
+        let sources = match &args.source_ips {
+            Some(spec) => crate::net::parse_ip_range(spec)?,
+            None => crate::net::default_sources(&dests),
+        };
         let bases: Vec<Rc<str>> = args.urls.iter().map(|u| Rc::from(u.as_str())).collect();
         let rate = (args.connect_rate / k as f64).max(1.0);
         let sched = crate::sched::OpenLoop::new(std::time::Instant::now(), rate);
         let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
+        fleet.stats.borrow_mut().target = mine.len();
         let mut stop = stop_rx.clone();
         for (j, &i) in mine.iter().enumerate() {
             if *stop.borrow() {
@@ -152,6 +159,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             errors: s.errors.clone(),
             events_sent: s.events_sent,
             requests_received: s.requests_received,
+            first_attempt_us: s.first_attempt_us,
+            full_us: s.full_us,
         };
         say(&format!("R {}", serde_json::to_string(&result)?));
         Ok::<_, anyhow::Error>(())
