@@ -119,6 +119,13 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_MAX_CONNECTIONS", default_value_t = 18_000)]
     pub max_connections: usize,
 
+    /// TCP_DEFER_ACCEPT on the device listener, in seconds: a connection reaches the
+    /// router only once its first bytes (the upgrade request) are in, one wake-up less
+    /// per connect; a silent one holds no descriptor meanwhile (the kernel keeps it and
+    /// hands it over after about this long). 0 = off.
+    #[arg(long, env = "ROUTER_DEFER_ACCEPT", default_value_t = 1)]
+    pub defer_accept: u32,
+
     /// On SIGTERM: seconds over which devices are closed with 1001 (spread, so they do
     /// not all reconnect at once) while in-flight requests finish.
     #[arg(long, env = "ROUTER_DRAIN_SECONDS", default_value_t = 10)]
@@ -236,6 +243,7 @@ impl ServeConfig {
             device_burst: 200,
             ip_connect_rate: 0,
             max_connections: 18_000,
+            defer_accept: 1,
             drain_seconds: 2,
             tls_cert: None,
             tls_key: None,

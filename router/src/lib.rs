@@ -113,7 +113,7 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     if dev {
         tracing::warn!("no --auth-secret given: using the insecure development secret");
     }
-    let (ws_addr, listeners) = listener::bind_reuseport(config.listen, n)
+    let (ws_addr, listeners) = listener::bind_reuseport(config.listen, n, config.defer_accept)
         .with_context(|| format!("binding device listener {}", config.listen))?;
     let api_listener = std::net::TcpListener::bind(config.api)
         .with_context(|| format!("binding API listener {}", config.api))?;

@@ -24,9 +24,11 @@ const LINGER: Duration = Duration::from_millis(500);
 
 /// Create the shard listeners: all bound to the same address with SO_REUSEPORT, so
 /// the kernel spreads connections across shards (and across router processes).
+/// `defer_accept` > 0: TCP_DEFER_ACCEPT for that many seconds (see `--defer-accept`).
 pub fn bind_reuseport(
     addr: SocketAddr,
     count: usize,
+    defer_accept: u32,
 ) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
     let mut out = Vec::with_capacity(count);
     let mut bound = addr;
@@ -40,6 +42,22 @@ pub fn bind_reuseport(
         s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
         s.bind(&bound.into())?;
+        if defer_accept > 0 {
+            let secs = defer_accept as libc::c_int;
+            // SAFETY: setsockopt on a socket we own, with a c_int option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_DEFER_ACCEPT,
+                    &secs as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         s.listen(4096)?;
         let l: std::net::TcpListener = s.into();
         // Port 0 resolves once: the other shards join the port the first one got.
@@ -84,6 +102,8 @@ struct Handshake {
     buf: Vec<u8>,
     upgraded: bool,
     protocol: Option<Protocol>,
+    /// The 101 response, when it waits to go out with what follows it.
+    preface: Vec<u8>,
 }
 
 enum Outcome {
@@ -91,6 +111,8 @@ enum Outcome {
         ident: Identity,
         protocol: Protocol,
         leftover: Vec<u8>,
+        /// Not yet sent: goes out with the greeting, from the owning shard.
+        preface: Vec<u8>,
     },
     /// Close with this code (after the upgrade) and count it.
     Refused(u16, AuthError),
@@ -142,7 +164,7 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         },
     };
     m.handshakes.fetch_sub(1, Relaxed);
-    let Some((stream, tls, (ident, protocol, leftover))) = done else {
+    let Some((stream, tls, (ident, protocol, leftover, preface))) = done else {
         ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
         return;
     };
@@ -156,24 +178,28 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    if target == ctx.id {
-        ctx.adopt(stream, tls, ident, peer, protocol, leftover);
-        return;
-    }
-    let msg = ShardMsg::Adopt(Box::new(Adopt {
+    let adopt = Adopt {
         stream,
         tls,
         ident,
         peer,
         protocol,
         leftover,
-    }));
-    if let Err(ShardMsg::Adopt(a)) = ctx.shared.shards[target].send(msg) {
+        preface,
+    };
+    if target == ctx.id {
+        ctx.adopt(adopt);
+        return;
+    }
+    if let Err(ShardMsg::Adopt(a)) =
+        ctx.shared.shards[target].send(ShardMsg::Adopt(Box::new(adopt)))
+    {
         // Owner's inbox is full: refuse fast rather than queue forever.
         m.close(1013);
         if a.tls.is_none() {
-            let frame = close_frame(1013, "router busy, retry later");
-            let _ = io::Write::write(&mut &a.stream, &frame);
+            let mut frames = a.preface;
+            frames.extend_from_slice(&close_frame(1013, "router busy, retry later"));
+            let _ = io::Write::write(&mut &a.stream, &frames);
         }
         ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
     } else {
@@ -188,12 +214,13 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     cert_ident: Option<Identity>,
     deadline: tokio::time::Instant,
-) -> Option<(Identity, Protocol, Vec<u8>)> {
+) -> Option<(Identity, Protocol, Vec<u8>, Vec<u8>)> {
     let m = ctx.metrics();
     let mut hs = Handshake {
         buf: Vec::new(),
         upgraded: false,
         protocol: None,
+        preface: Vec::new(),
     };
     let outcome =
         match tokio::time::timeout_at(deadline, handshake(ctx, s, &mut hs, cert_ident)).await {
@@ -210,11 +237,13 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
             ident,
             protocol,
             leftover,
-        } => Some((ident, protocol, leftover)),
+            preface,
+        } => Some((ident, protocol, leftover, preface)),
         Outcome::Refused(code, why) => {
             m.auth_failure(why);
             m.close(code);
-            let mut frames = Vec::new();
+            // The 101 first if it has not gone out yet.
+            let mut frames = std::mem::take(&mut hs.preface);
             if hs.protocol == Some(Protocol::Hivekit) {
                 // Hivekit says why in its own terms before the close.
                 ws::encode_frame(OP_TEXT, &hivekit::auth_err(&why.to_string()), &mut frames);
@@ -432,7 +461,11 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
         ws::accept_key(up.key.as_bytes())
     );
-    if write_all(stream, resp.as_bytes()).await.is_err() {
+    if cert_ident.is_some() || up.token.is_some() {
+        // Decided without another byte from the device: the 101 goes out with the
+        // verdict (the greeting from the owning shard, or the close frame).
+        hs.preface = resp.into_bytes();
+    } else if write_all(stream, resp.as_bytes()).await.is_err() {
         return Outcome::Gone;
     }
     hs.upgraded = true;
@@ -447,6 +480,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             ident,
             protocol: up.protocol,
             leftover: std::mem::take(&mut hs.buf),
+            preface: std::mem::take(&mut hs.preface),
         };
     }
     if let Some(token) = up.token {
@@ -455,6 +489,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 ident,
                 protocol: up.protocol,
                 leftover: std::mem::take(&mut hs.buf),
+                preface: std::mem::take(&mut hs.preface),
             },
             Err(e) => Outcome::Refused(4401, e),
         };
@@ -505,6 +540,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                             ident,
                             protocol: up.protocol,
                             leftover: std::mem::take(&mut hs.buf),
+                            preface: Vec::new(),
                         },
                         Err(e) => Outcome::Refused(4401, e),
                     },

@@ -108,6 +108,10 @@ pub struct Adopt {
     pub peer: SocketAddr,
     pub protocol: Protocol,
     pub leftover: Vec<u8>,
+    /// Bytes the listener left for the owner to send first (the HTTP 101 when the
+    /// upgrade request carried the credentials), so the 101 and the greeting leave
+    /// in one write after the device is routable. Empty: already sent.
+    pub preface: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,15 +384,16 @@ impl ShardCtx {
     }
 
     /// Take ownership of an authenticated socket: route it, greet it, watch it.
-    pub fn adopt(
-        self: &Rc<Self>,
-        stream: std::net::TcpStream,
-        tls: Option<Box<rustls::ServerConnection>>,
-        ident: Identity,
-        peer: SocketAddr,
-        protocol: Protocol,
-        leftover: Vec<u8>,
-    ) {
+    pub fn adopt(self: &Rc<Self>, a: Adopt) {
+        let Adopt {
+            stream,
+            tls,
+            ident,
+            peer,
+            protocol,
+            leftover,
+            preface,
+        } = a;
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
         let slot = match self.free.borrow_mut().pop() {
@@ -425,9 +430,7 @@ impl ShardCtx {
                 "replaced by a newer connection of the same device",
             );
         }
-        if let Some(hello) = conn.greeting() {
-            conn.send_text(self, &hello);
-        }
+        conn.send_greeting(self, &preface, conn.greeting().as_deref());
         self.resend_pending(&conn);
         conn.start(self, leftover);
         self.mark(slot);
@@ -546,17 +549,7 @@ impl ShardCtx {
 
     fn handle(self: &Rc<Self>, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Adopt(a) => {
-                let Adopt {
-                    stream,
-                    tls,
-                    ident,
-                    peer,
-                    protocol,
-                    leftover,
-                } = *a;
-                self.adopt(stream, tls, ident, peer, protocol, leftover);
-            }
+            ShardMsg::Adopt(a) => self.adopt(*a),
             ShardMsg::Event {
                 device,
                 body,

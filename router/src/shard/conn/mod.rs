@@ -182,33 +182,73 @@ impl Conn {
 
     /// Write now if nothing is queued (no copy at all on the fast path); queue the rest.
     fn send(&self, ctx: &ShardCtx, op: u8, payload: &[u8], limit: usize) -> bool {
-        let mut st = self.st.borrow_mut();
-        if st.closing || st.dead {
+        self.send_after(ctx, &[], op, payload, limit)
+    }
+
+    /// The first bytes a handed-over connection gets: the HTTP 101 the listener left
+    /// for the owner to send, and the protocol's greeting if it has one, in one write
+    /// (one segment, one wake-up of the device instead of two).
+    pub fn send_greeting(&self, ctx: &ShardCtx, preface: &[u8], greeting: Option<&[u8]>) {
+        match greeting {
+            Some(g) => {
+                self.send_after(ctx, preface, OP_TEXT, g, usize::MAX);
+            }
+            None if !preface.is_empty() => {
+                self.write_parts(ctx, &[preface], usize::MAX);
+            }
+            None => {}
+        }
+    }
+
+    /// A frame, after `preface` raw bytes (usually none).
+    fn send_after(
+        &self,
+        ctx: &ShardCtx,
+        preface: &[u8],
+        op: u8,
+        payload: &[u8],
+        limit: usize,
+    ) -> bool {
+        if self.is_done() {
             return true;
         }
         let mut h = [0u8; 10];
         let hl = ws::write_header(op, payload.len(), &mut h);
-        let total = hl + payload.len();
+        let total = (hl + payload.len()) as u64;
         let m = ctx.metrics();
+        if !self.write_parts(ctx, &[preface, &h[..hl], payload], limit) {
+            return false;
+        }
         m.frames_out.fetch_add(1, Relaxed);
-        m.bytes_out.fetch_add(total as u64, Relaxed);
+        m.bytes_out.fetch_add(total, Relaxed);
+        true
+    }
+
+    /// Write `parts` now if nothing is queued; queue what the socket did not take.
+    /// false: not sent, the queue would pass `limit` bytes.
+    fn write_parts(&self, ctx: &ShardCtx, parts: &[&[u8]], limit: usize) -> bool {
+        let mut st = self.st.borrow_mut();
+        if st.closing || st.dead {
+            return true;
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let queued = st.bufs.as_ref().map_or(0, |b| b.queued());
         let tls_busy = st.tls.as_ref().is_some_and(|t| t.wants_write());
         if queued > 0 || tls_busy {
             if queued + total > limit {
-                m.frames_out.fetch_sub(1, Relaxed);
-                m.bytes_out.fetch_sub(total as u64, Relaxed);
                 return false;
             }
             let b = st.bufs.get_or_insert_with(Box::default);
-            b.out.extend_from_slice(&h[..hl]);
-            b.out.extend_from_slice(payload);
+            for p in parts {
+                b.out.extend_from_slice(p);
+            }
             return true;
         }
         if let Some(tls) = st.tls.as_mut() {
             // Plaintext into rustls, then as much ciphertext as the socket takes now.
-            let _ = tls.writer().write_all(&h[..hl]);
-            let _ = tls.writer().write_all(payload);
+            for p in parts {
+                let _ = tls.writer().write_all(p);
+            }
             match flush_tls(tls, &self.stream) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -223,27 +263,39 @@ impl Conn {
             }
             return true;
         }
-        let written =
-            match (&self.stream).write_vectored(&[IoSlice::new(&h[..hl]), IoSlice::new(payload)]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                Err(_) => {
-                    st.dead = true;
-                    drop(st);
-                    self.wake(ctx);
-                    return true;
-                }
-            };
+        debug_assert!(
+            parts.len() <= 3,
+            "a preface, a header and a payload at most"
+        );
+        let mut slices = [IoSlice::new(&[]); 3];
+        let n = parts.len().min(3);
+        for (s, p) in slices.iter_mut().zip(parts) {
+            *s = IoSlice::new(p);
+        }
+        let written = match (&self.stream).write_vectored(&slices[..n]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(_) => {
+                st.dead = true;
+                drop(st);
+                self.wake(ctx);
+                return true;
+            }
+        };
         if written < total {
             let b = st.bufs.get_or_insert_with(Box::default);
             b.out.clear();
             b.out_pos = 0;
-            if written < hl {
-                b.out.extend_from_slice(&h[written..hl]);
-                b.out.extend_from_slice(payload);
-            } else {
-                b.out.extend_from_slice(&payload[written - hl..]);
+            // Queue what is left: skip the `written` bytes across the parts.
+            let mut skip = written;
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                b.out.extend_from_slice(&p[skip..]);
+                skip = 0;
             }
             drop(st);
             self.wake(ctx);
