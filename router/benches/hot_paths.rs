@@ -45,13 +45,43 @@ fn bench_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("hive_decode_inject");
     g.throughput(Throughput::Bytes(ev.len() as u64));
     let mut scratch = Scratch::default();
-    g.bench_function("router (simd-json validate + span copy)", |b| {
+    g.bench_function("router (one-pass validate + span copy)", |b| {
         b.iter(|| hive::decode(black_box(&ev), &m, &mut scratch).unwrap())
     });
     g.bench_function("baseline (serde_json parse + reserialise)", |b| {
         b.iter(|| naive_inject(black_box(&ev), &m).unwrap())
     });
     g.finish();
+}
+
+/// Validation alone: the router's one-pass validator (which also records the member
+/// spans) against simd-json's tape (what the router used before; it needs a mutable
+/// copy and then a second scan for the spans) and serde_json's validation.
+fn bench_validate(c: &mut Criterion) {
+    let small = br#"{"type":"instances","apps":[{"name":"db","healthy":true,"restarts":0},{"name":"web","healthy":true,"restarts":2}]}"#.to_vec();
+    for (name, ev) in [("110B", small), ("600B", instances_event())] {
+        let mut g = c.benchmark_group(format!("json_validate_{name}"));
+        g.throughput(Throughput::Bytes(ev.len() as u64));
+        let mut scratch = Scratch::default();
+        g.bench_function("router (one pass, spans included)", |b| {
+            b.iter(|| scratch.parse_object(black_box(&ev)).unwrap())
+        });
+        let mut copy = Vec::new();
+        let mut buffers = simd_json::Buffers::new(4096);
+        g.bench_function("simd-json (copy + tape, no spans)", |b| {
+            b.iter(|| {
+                copy.clear();
+                copy.extend_from_slice(black_box(&ev));
+                simd_json::to_tape_with_buffers(&mut copy, &mut buffers)
+                    .map(|t| t.0.len())
+                    .unwrap()
+            })
+        });
+        g.bench_function("serde_json (IgnoredAny)", |b| {
+            b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&ev)).unwrap())
+        });
+        g.finish();
+    }
 }
 
 fn bench_frames(c: &mut Criterion) {
@@ -158,6 +188,7 @@ fn bench_adapters(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_decode,
+    bench_validate,
     bench_frames,
     bench_routing,
     bench_tokens,

@@ -11,6 +11,46 @@ use router::protocol::{hivekit, ws};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+/// Pieces of JSON text, valid and nearly valid, for the validator's property test.
+const JSON_TOKENS: &[&str] = &[
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    " ",
+    "\n",
+    "\"",
+    "\"k\"",
+    "\"a b\"",
+    "\"\\n\"",
+    "\"\\u00e9\"",
+    "\"\\u12\"",
+    "\"\\x\"",
+    "\"é\"",
+    "\"\u{1}\"",
+    "\\",
+    "0",
+    "1",
+    "9",
+    "-",
+    "+",
+    ".",
+    "e",
+    "E",
+    "true",
+    "false",
+    "null",
+    "tru",
+    "nul",
+    "01",
+    "1.5",
+    "-0",
+    "1e5",
+    "\t",
+];
+
 fn meta() -> Meta {
     Meta {
         device: Uuid::from_u128(0xd),
@@ -113,5 +153,54 @@ proptest! {
         }
         let extra = ["device", "account", "service"].iter().filter(|k| !obj.contains_key(**k)).count();
         prop_assert_eq!(out.len(), obj.len() + extra);
+    }
+
+    /// The one-pass validator agrees with serde_json on text glued from JSON's own
+    /// tokens and near-misses (no `\uD8xx` surrogate escapes: we refuse lone ones on
+    /// purpose, serde_json's validation lets them through).
+    #[test]
+    fn validator_agrees_with_serde_json(
+        v in json_value(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), prop::sample::select(JSON_TOKENS), any::<bool>()), 0..3),
+        glued in prop::collection::vec(prop::sample::select(JSON_TOKENS), 0..6),
+    ) {
+        // A valid document with a few tokens inserted or characters deleted (near
+        // misses), or else tokens glued together.
+        let mut text = if glued.is_empty() { v.to_string() } else { glued.concat() };
+        for (at, token, insert) in edits {
+            let cuts: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
+            let i = cuts[at.index(cuts.len())];
+            if insert {
+                text.insert_str(i, token);
+            } else if i < text.len() {
+                text.remove(i);
+            }
+        }
+        let serde_ok = serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok();
+        prop_assert_eq!(router::protocol::json::validate(text.as_bytes()), serde_ok, "{:?}", text);
+        let object_ok = serde_ok && text.trim_start().starts_with('{');
+        prop_assert_eq!(Scratch::default().parse_object(text.as_bytes()).is_ok(), object_ok, "{:?}", text);
+    }
+
+    /// Any serialised value is valid, and an object's members are found with exactly
+    /// the keys and values serde_json sees.
+    #[test]
+    fn members_are_the_objects_members(
+        members in prop::collection::btree_map(".{0,8}", json_value(), 0..8),
+        pretty in any::<bool>(),
+    ) {
+        let obj: Map<String, Value> = members.into_iter().collect();
+        let text = if pretty { serde_json::to_string_pretty(&obj).unwrap() } else { serde_json::to_string(&obj).unwrap() };
+        prop_assert!(router::protocol::json::validate(text.as_bytes()));
+        let mut s = Scratch::default();
+        s.parse_object(text.as_bytes()).unwrap();
+        prop_assert_eq!(s.members.len(), obj.len());
+        let b = text.as_bytes();
+        for m in &s.members {
+            let k: String = serde_json::from_slice(&b[m.key.clone()]).unwrap();
+            let v: Value = serde_json::from_slice(&b[m.value.clone()]).unwrap();
+            let want: Value = serde_json::from_str::<Map<String, Value>>(&text).unwrap()[&k].clone();
+            prop_assert_eq!(v, want, "member {}", k);
+        }
     }
 }

@@ -169,8 +169,10 @@ impl Bridge {
     /// One new event from the shards, offered to SSE subscribers on the way.
     fn take_new(&mut self) -> Option<BusEvent> {
         let ev = self.rx.try_recv()?;
-        // No subscriber is fine: the broadcast then just drops it.
-        let _ = self.sink.send(ev.body.clone());
+        // No subscriber is fine: nothing is offered then.
+        if self.sink.receiver_count() > 0 {
+            let _ = self.sink.send(ev.body.clone());
+        }
         Some(ev)
     }
 

@@ -2,6 +2,7 @@
 //! frame into an internal message with metadata injected, and internal messages into
 //! frames. Pure functions over bytes: the shard does all I/O.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use uuid::Uuid;
@@ -22,9 +23,10 @@ pub struct Meta {
 
 /// What a device's text frame means.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Inbound {
-    /// A device event, with `device`/`account`/`service` overwritten.
-    Event { ty: String, body: Vec<u8> },
+pub enum Inbound<'a> {
+    /// A device event, with `device`/`account`/`service` overwritten; its type is
+    /// borrowed from the frame unless it had to be unescaped.
+    Event { ty: Cow<'a, str>, body: Vec<u8> },
     /// `{"type":"ack","request":R}`.
     Ack { request: Uuid },
     /// `{"type":"response","request":R,"status":..,"result":..}`.
@@ -84,7 +86,11 @@ impl From<JsonError> for HiveError {
 const INJECTED: [&str; 3] = ["device", "account", "service"];
 
 /// Decode one text frame from an authenticated device.
-pub fn decode(text: &[u8], meta: &Meta, scratch: &mut Scratch) -> Result<Inbound, HiveError> {
+pub fn decode<'a>(
+    text: &'a [u8],
+    meta: &Meta,
+    scratch: &mut Scratch,
+) -> Result<Inbound<'a>, HiveError> {
     scratch.parse_object(text)?;
     let ty_member = scratch.find(text, "type").ok_or(HiveError::NoType)?;
     let ty = as_str(text, &ty_member.value).ok_or(HiveError::NoType)?;
@@ -111,7 +117,6 @@ pub fn decode(text: &[u8], meta: &Meta, scratch: &mut Scratch) -> Result<Inbound
             })
         }
         _ => {
-            let ty = ty.into_owned();
             let body = inject(text, scratch, meta, DEVICE_SERVICE);
             Ok(Inbound::Event { ty, body })
         }
@@ -217,7 +222,7 @@ mod tests {
         }
     }
 
-    fn dec(s: &str) -> Result<Inbound, HiveError> {
+    fn dec(s: &str) -> Result<Inbound<'_>, HiveError> {
         decode(s.as_bytes(), &meta(), &mut Scratch::default())
     }
 

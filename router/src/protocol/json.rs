@@ -1,9 +1,21 @@
-//! JSON at the edge: validate a device's object with simd-json, then find the byte
-//! spans of its top-level members so metadata can be injected by copying spans,
-//! never by re-serialising the whole object. Pure functions; no I/O.
+//! JSON at the edge: validate a device's object and find the byte spans of its
+//! top-level members in one pass, so metadata can be injected by copying spans, never
+//! by re-serialising the whole object. Pure functions; no I/O.
+//!
+//! The validator is strict RFC 8259 (what `serde_json` accepts, checked against it by
+//! property tests) plus two refusals of its own: a `\u` escape that is a lone UTF-16
+//! surrogate (no consumer could decode it into a string), and nesting deeper than
+//! [`MAX_DEPTH`] containers (the AMQP header mapping's limit too; `serde_json::Value`
+//! stops one level earlier, its `IgnoredAny` not at all).
+//! It replaced simd-json's tape plus a second scan: for events of a few hundred bytes,
+//! setting up SIMD stages and a tape cost more than one scalar pass (the flood profile
+//! had JSON at ~44% of a shard, see the README).
 
 use std::borrow::Cow;
 use std::ops::Range;
+
+/// Deepest nesting of objects and arrays accepted (the top-level object is 1).
+pub const MAX_DEPTH: usize = 128;
 
 /// One top-level `"key": value` member, as byte ranges into the original text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,11 +36,9 @@ pub enum JsonError {
     NotObject,
 }
 
-/// Reusable buffers, one per shard: validating needs a mutable, padded copy.
+/// Reusable per-shard state: the member list of the last object parsed.
 #[derive(Default)]
 pub struct Scratch {
-    copy: Vec<u8>,
-    buffers: Option<simd_json::Buffers>,
     pub members: Vec<Member>,
 }
 
@@ -36,46 +46,319 @@ impl Scratch {
     /// Validate `text` as one JSON object and fill `self.members` with its top-level members.
     pub fn parse_object(&mut self, text: &[u8]) -> Result<(), JsonError> {
         self.members.clear();
-        self.copy.clear();
-        self.copy.extend_from_slice(text);
-        let buffers = self
-            .buffers
-            .get_or_insert_with(|| simd_json::Buffers::new(4096));
-        simd_json::to_tape_with_buffers(&mut self.copy, buffers).map_err(|_| JsonError::Invalid)?;
-        // Valid JSON from here on, so the scanner can be simple.
-        let mut i = skip_ws(text, 0);
-        if text.get(i) != Some(&b'{') {
-            return Err(JsonError::NotObject);
-        }
-        i = skip_ws(text, i + 1);
-        if text.get(i) == Some(&b'}') {
-            return Ok(());
-        }
-        loop {
-            let key_start = i;
-            let (key_end, key_escaped) = skip_string(text, i);
-            i = skip_ws(text, key_end);
-            // ':'
-            i = skip_ws(text, i + 1);
-            let value_start = i;
-            let value_end = skip_value(text, i);
-            self.members.push(Member {
-                key: key_start..key_end,
-                key_escaped,
-                value: value_start..value_end,
+        let mut p = Parser { b: text, i: 0 };
+        p.ws();
+        if p.peek() != Some(b'{') {
+            // Valid JSON that is not an object is told apart from junk.
+            p.value(0)?;
+            p.ws();
+            return Err(if p.i == text.len() {
+                JsonError::NotObject
+            } else {
+                JsonError::Invalid
             });
-            i = skip_ws(text, value_end);
-            match text.get(i) {
-                Some(b',') => i = skip_ws(text, i + 1),
-                _ => return Ok(()),
+        }
+        p.i += 1;
+        p.ws();
+        if p.peek() == Some(b'}') {
+            p.i += 1;
+        } else {
+            loop {
+                if p.peek() != Some(b'"') {
+                    return Err(JsonError::Invalid);
+                }
+                let key_start = p.i;
+                let key_escaped = p.string()?;
+                let key_end = p.i;
+                p.ws();
+                p.expect(b':')?;
+                p.ws();
+                let value_start = p.i;
+                p.value(1)?;
+                self.members.push(Member {
+                    key: key_start..key_end,
+                    key_escaped,
+                    value: value_start..p.i,
+                });
+                p.ws();
+                match p.bump() {
+                    Some(b',') => p.ws(),
+                    Some(b'}') => break,
+                    _ => return Err(JsonError::Invalid),
+                }
             }
         }
+        p.ws();
+        if p.i != text.len() {
+            return Err(JsonError::Invalid);
+        }
+        Ok(())
     }
 
     /// The last member whose (unescaped) key is `name`.
     pub fn find(&self, text: &[u8], name: &str) -> Option<&Member> {
         self.members.iter().rev().find(|m| key_is(text, m, name))
     }
+}
+
+/// Is `text` one valid JSON value (any kind), by the rules above?
+pub fn validate(text: &[u8]) -> bool {
+    let mut p = Parser { b: text, i: 0 };
+    p.ws();
+    if p.value(0).is_err() {
+        return false;
+    }
+    p.ws();
+    p.i == text.len()
+}
+
+/// Bytes that end the fast run inside a string: `"`, `\`, controls, non-ASCII.
+const fn string_stops() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = c < 0x20 || c == b'"' as usize || c == b'\\' as usize || c >= 0x80;
+        c += 1;
+    }
+    t
+}
+static STRING_STOP: [bool; 256] = string_stops();
+
+struct Parser<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Parser<'_> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    #[inline]
+    fn bump(&mut self) -> Option<u8> {
+        let c = self.peek();
+        self.i += 1;
+        c
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    #[inline]
+    fn expect(&mut self, c: u8) -> Result<(), JsonError> {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(JsonError::Invalid)
+        }
+    }
+
+    /// One value at the cursor; `depth` is how many containers enclose it.
+    fn value(&mut self, depth: usize) -> Result<(), JsonError> {
+        match self.peek() {
+            Some(b'"') => self.string().map(|_| ()),
+            Some(b'{') => self.object(depth + 1),
+            Some(b'[') => self.array(depth + 1),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => Err(JsonError::Invalid),
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Result<(), JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(JsonError::Invalid);
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(JsonError::Invalid);
+            }
+            self.string()?;
+            self.ws();
+            self.expect(b':')?;
+            self.ws();
+            self.value(depth)?;
+            self.ws();
+            match self.bump() {
+                Some(b',') => self.ws(),
+                Some(b'}') => return Ok(()),
+                _ => return Err(JsonError::Invalid),
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<(), JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(JsonError::Invalid);
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.value(depth)?;
+            self.ws();
+            match self.bump() {
+                Some(b',') => self.ws(),
+                Some(b']') => return Ok(()),
+                _ => return Err(JsonError::Invalid),
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), JsonError> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(JsonError::Invalid)
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    fn number(&mut self) -> Result<(), JsonError> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return Err(JsonError::Invalid),
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return Err(JsonError::Invalid);
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return Err(JsonError::Invalid);
+            }
+        }
+        Ok(())
+    }
+
+    /// A string at the cursor (on its opening quote); leaves the cursor after the
+    /// closing one. Ok(true): it holds escapes.
+    fn string(&mut self) -> Result<bool, JsonError> {
+        let b = self.b;
+        let start = self.i + 1;
+        let mut i = start;
+        let mut escaped = false;
+        let mut non_ascii = false;
+        loop {
+            // The fast run: eight bytes at a time while none of them needs a look.
+            while i + 8 <= b.len() {
+                let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+                if needs_look(w) {
+                    break;
+                }
+                i += 8;
+            }
+            while i < b.len() && !STRING_STOP[b[i] as usize] {
+                i += 1;
+            }
+            match b.get(i) {
+                None => return Err(JsonError::Invalid),
+                Some(b'"') => {
+                    if non_ascii && std::str::from_utf8(&b[start..i]).is_err() {
+                        return Err(JsonError::Invalid);
+                    }
+                    self.i = i + 1;
+                    return Ok(escaped);
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    i = escape(b, i)?;
+                }
+                Some(&c) if c < 0x20 => return Err(JsonError::Invalid),
+                Some(_) => {
+                    non_ascii = true;
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Does any byte of `w` end a string's fast run (`"`, `\`, < 0x20, >= 0x80)?
+#[inline]
+fn needs_look(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let quote = has_zero(w ^ (ONES * b'"' as u64));
+    let backslash = has_zero(w ^ (ONES * b'\\' as u64));
+    // Bytes < 0x20 (for bytes < 0x80; bytes >= 0x80 are caught by `w & HIGH`).
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    (quote | backslash | control | (w & HIGH)) != 0
+}
+
+/// An escape at `i` (on the backslash); returns the index after it.
+fn escape(b: &[u8], i: usize) -> Result<usize, JsonError> {
+    match b.get(i + 1) {
+        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(i + 2),
+        Some(b'u') => {
+            let unit = hex4(b, i + 2)?;
+            match unit {
+                // A high surrogate must be followed by a low one.
+                0xD800..=0xDBFF => {
+                    if b.get(i + 6) == Some(&b'\\')
+                        && b.get(i + 7) == Some(&b'u')
+                        && matches!(hex4(b, i + 8)?, 0xDC00..=0xDFFF)
+                    {
+                        Ok(i + 12)
+                    } else {
+                        Err(JsonError::Invalid)
+                    }
+                }
+                0xDC00..=0xDFFF => Err(JsonError::Invalid),
+                _ => Ok(i + 6),
+            }
+        }
+        _ => Err(JsonError::Invalid),
+    }
+}
+
+fn hex4(b: &[u8], i: usize) -> Result<u16, JsonError> {
+    let digits = b.get(i..i + 4).ok_or(JsonError::Invalid)?;
+    let mut v = 0u16;
+    for &d in digits {
+        let x = (d as char).to_digit(16).ok_or(JsonError::Invalid)?;
+        v = v << 4 | x as u16;
+    }
+    Ok(v)
 }
 
 /// Does this member's key equal `name` once unescaped? (`"d\u0065vice"` is `device`.)
@@ -98,70 +381,6 @@ pub fn as_str<'a>(text: &'a [u8], value: &Range<usize>) -> Option<Cow<'a, str>> 
         return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
     }
     serde_json::from_slice::<String>(raw).ok().map(Cow::Owned)
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while let Some(c) = b.get(i) {
-        if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
-            break;
-        }
-        i += 1;
-    }
-    i
-}
-
-/// `i` at an opening quote; returns the index after the closing quote and whether
-/// the string holds an escape.
-fn skip_string(b: &[u8], mut i: usize) -> (usize, bool) {
-    let mut escaped = false;
-    i += 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' => {
-                escaped = true;
-                i += 2;
-            }
-            b'"' => return (i + 1, escaped),
-            _ => i += 1,
-        }
-    }
-    (b.len(), escaped)
-}
-
-fn skip_value(b: &[u8], mut i: usize) -> usize {
-    match b.get(i) {
-        Some(b'"') => skip_string(b, i).0,
-        Some(b'{') | Some(b'[') => {
-            let mut depth = 0usize;
-            while i < b.len() {
-                match b[i] {
-                    b'"' => {
-                        i = skip_string(b, i).0;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return i + 1;
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-            b.len()
-        }
-        _ => {
-            while let Some(c) = b.get(i) {
-                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
-                    break;
-                }
-                i += 1;
-            }
-            i
-        }
-    }
 }
 
 /// Append `s` as a JSON string literal.
@@ -244,5 +463,107 @@ mod tests {
         assert!(s.find(text, "device").is_some());
         let ty = s.find(text, "type").unwrap();
         assert_eq!(as_str(text, &ty.value).unwrap(), "té");
+    }
+
+    #[test]
+    fn strict_grammar() {
+        let ok = [
+            "0",
+            "-0",
+            "1.5",
+            "-1.5e3",
+            "1E+2",
+            "1e-2",
+            "123456789012345678901234567890",
+            "1e400",
+            "true",
+            "false",
+            "null",
+            "\"\"",
+            "\"\\u00e9\\n\\/\"",
+            "[]",
+            "{}",
+            " [ 1 , {\"a\" : [ ] } ] ",
+            "\"\\ud83d\\ude00\"",
+            "\"é€😀\"",
+        ];
+        for t in ok {
+            assert!(validate(t.as_bytes()), "{t:?} refused");
+            assert!(
+                serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok(),
+                "{t:?}"
+            );
+        }
+        let bad = [
+            "",
+            " ",
+            "01",
+            "-",
+            "1.",
+            ".5",
+            "1e",
+            "1e+",
+            "+1",
+            "0x1",
+            "tru",
+            "nulll",
+            "True",
+            "[1,]",
+            "[,1]",
+            "{\"a\":1,}",
+            "{\"a\"}",
+            "{a:1}",
+            "[1 2]",
+            "\"a",
+            "\"\\x\"",
+            "\"\\u12\"",
+            "\"\\u12g4\"",
+            "\"tab\there\"",
+            "1 2",
+            "[]]",
+            "{}}",
+            "\"\\ud800\"",
+            "\"\\udc00\"",
+            "\"\\ud800\\u0041\"",
+            "\"\\ud800x\"",
+        ];
+        for t in bad {
+            assert!(!validate(t.as_bytes()), "{t:?} accepted");
+        }
+        // Raw invalid UTF-8 inside a string, and a raw control character.
+        assert!(!validate(b"\"\xff\""));
+        assert!(!validate(b"\"\xc3\""));
+        assert!(!validate(b"\"a\x01\""));
+        assert!(validate("\"\u{7f}\"".as_bytes()));
+    }
+
+    #[test]
+    fn nesting_stops_where_the_amqp_header_mapping_stops() {
+        // Containers, the top-level object included: 128 pass, 129 do not, in both.
+        for inner in [1, 126, 127, 128, 20_000] {
+            let t = format!("{{\"a\":{}{}}}", "[".repeat(inner), "]".repeat(inner));
+            let ours = Scratch::default().parse_object(t.as_bytes()).is_ok();
+            assert_eq!(ours, inner < MAX_DEPTH, "{inner} arrays in an object");
+            let headers = crate::bridge::headers::from_json(t.as_bytes()).is_ok();
+            assert_eq!(ours, headers, "{inner} arrays in an object");
+            assert_eq!(validate(t.as_bytes()), ours);
+        }
+    }
+
+    #[test]
+    fn long_strings_take_the_word_at_a_time_path() {
+        // Every stop byte at every offset of a long string.
+        let stops: [&str; 4] = ["\\\"", "\\n", "é", "\\u0041"];
+        for stop in stops {
+            for at in 0..20 {
+                let t = format!("\"{}{}{}\"", "x".repeat(at), stop, "y".repeat(19 - at));
+                assert!(validate(t.as_bytes()), "{t:?}");
+                assert_eq!(members(&format!("{{{t}:{t}}}")).unwrap().len(), 1);
+            }
+            for at in 0..20 {
+                let t = format!("\"{}\u{1}{}\"", "x".repeat(at), "y".repeat(19 - at));
+                assert!(!validate(t.as_bytes()), "{t:?}");
+            }
+        }
     }
 }

@@ -23,6 +23,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
 use crate::protocol::ws::OP_PING;
 use crate::Shared;
+use bytes::Bytes;
 use conn::Conn;
 use poller::Poller;
 
@@ -248,7 +249,10 @@ impl ShardCtx {
         }
         batch.push(BusEvent {
             routing_key,
-            body: body.into(),
+            // Exactly sized, a Vec becomes `Bytes` without a separate shared header
+            // (shrinking a little in place is free with mimalloc); one allocation less
+            // per event.
+            body: Bytes::from(body.into_boxed_slice()),
         });
         let n = batch.len();
         drop(batch);
