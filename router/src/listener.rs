@@ -8,8 +8,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::auth::{AuthError, Identity};
 use crate::protocol::hivekit;
@@ -67,29 +68,210 @@ pub fn bind_reuseport(
     Ok((bound, out))
 }
 
-pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
+/// Connections accepted per listener wake-up before the shard's other tasks get a turn.
+const ACCEPTS_PER_WAKE: usize = 64;
+
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: AsyncFd<std::net::TcpListener>) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                ctx.metrics().accepted.fetch_add(1, Relaxed);
-                match ctx.admit(peer.ip()) {
-                    Ok(()) => {
-                        ctx.shared.metrics.open_connections.fetch_add(1, Relaxed);
-                        tokio::task::spawn_local(handle_new(ctx.clone(), stream, peer));
-                    }
-                    // Refused fast, before reading anything: never queued, never hung.
-                    Err((status, why)) => {
-                        tokio::task::spawn_local(refuse(stream, status, why));
-                    }
+        let mut guard = match listener.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(shard = ctx.id, error = %e, "listener lost");
+                return;
+            }
+        };
+        let mut drained = false;
+        for _ in 0..ACCEPTS_PER_WAKE {
+            match accept_nonblocking(guard.get_inner()) {
+                Ok((stream, peer)) => on_accept(&ctx, stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    drained = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tracing::warn!(shard = ctx.id, error = %e, "accept failed");
+                    drop(guard);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    drained = true;
+                    break;
                 }
             }
-            Err(e) => {
-                // Out of descriptors or similar: back off instead of spinning.
-                tracing::warn!(shard = ctx.id, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !drained {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// accept4 with SOCK_NONBLOCK: the socket comes out ready for the poller, one
+/// syscall instead of two.
+fn accept_nonblocking(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4 on our listening socket, writing at most `len` bytes into `addr`.
+    let fd = unsafe {
+        libc::accept4(
+            l.as_raw_fd(),
+            &mut addr as *mut _ as *mut libc::sockaddr,
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = match sockaddr_to_std(&addr) {
+        Some(a) => a,
+        None => stream.peer_addr()?,
+    };
+    Ok((stream, peer))
+}
+
+fn sockaddr_to_std(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match addr.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let a = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let a = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    ctx.metrics().accepted.fetch_add(1, Relaxed);
+    if let Err((status, why)) = ctx.admit(peer.ip()) {
+        // Refused fast, before reading anything: never queued, never hung.
+        if let Ok(s) = TcpStream::from_std(stream) {
+            tokio::task::spawn_local(refuse(s, status, why));
+        }
+        return;
+    }
+    ctx.shared.metrics.open_connections.fetch_add(1, Relaxed);
+    let (stream, first) = if ctx.shared.tls.is_none() {
+        match fast_path(ctx, stream, peer) {
+            Fast::Done => return,
+            Fast::Continue(stream, bytes) => (stream, bytes),
+            Fast::Gone => {
+                ctx.metrics().handshake_failures.fetch_add(1, Relaxed);
+                ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+                return;
             }
         }
+    } else {
+        (stream, Vec::new())
+    };
+    match TcpStream::from_std(stream) {
+        Ok(s) => {
+            tokio::task::spawn_local(handle_new(ctx.clone(), s, peer, first));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register an accepted socket");
+            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+enum Fast {
+    /// Authenticated and handed over (or refused as busy): nothing left to do here.
+    Done,
+    /// Not decided by what was there: the handshake goes on, from these bytes.
+    Continue(std::net::TcpStream, Vec<u8>),
+    /// The peer closed or reset before saying anything.
+    Gone,
+}
+
+/// With TCP_DEFER_ACCEPT the upgrade request is usually in the socket already at
+/// accept. If it is complete and carries a valid token, the device is adopted right
+/// here: no task, no timer, no tokio registration for its short handshake. Anything
+/// else (partial request, token in the first frame, a refusal to answer) goes the
+/// general way with the bytes read so far.
+fn fast_path(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) -> Fast {
+    let mut buf = [0u8; 4096];
+    let n = match io::Read::read(&mut &stream, &mut buf) {
+        Ok(0) => return Fast::Gone,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            return Fast::Continue(stream, Vec::new())
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            return Fast::Continue(stream, Vec::new())
+        }
+        Err(_) => return Fast::Gone,
+    };
+    let bytes = &buf[..n];
+    let Ok(Some(up)) = parse_upgrade(bytes) else {
+        return Fast::Continue(stream, bytes.to_vec());
+    };
+    let Some(token) = up.token.as_deref() else {
+        return Fast::Continue(stream, bytes.to_vec());
+    };
+    let Ok(ident) = ctx.shared.verifier.verify(token) else {
+        // The general path answers the refusal (101, close 4401, linger).
+        return Fast::Continue(stream, bytes.to_vec());
+    };
+    hand_over(
+        ctx,
+        Adopt {
+            stream,
+            tls: None,
+            ident,
+            peer,
+            protocol: up.protocol,
+            leftover: bytes[up.consumed..].to_vec(),
+            preface: switching_protocols(&up.key).into_bytes(),
+        },
+    );
+    Fast::Done
+}
+
+fn switching_protocols(key: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+        ws::accept_key(key.as_bytes())
+    )
+}
+
+/// An authenticated connection to the shard that owns its device (this one or another).
+fn hand_over(ctx: &Rc<ShardCtx>, adopt: Adopt) {
+    let m = ctx.metrics();
+    let target = shard_of(&adopt.ident.device, ctx.shared.shards.len());
+    if target == ctx.id {
+        ctx.adopt(adopt);
+        return;
+    }
+    if let Err(ShardMsg::Adopt(a)) =
+        ctx.shared.shards[target].send(ShardMsg::Adopt(Box::new(adopt)))
+    {
+        // Owner's inbox is full: refuse fast rather than queue forever.
+        m.close(1013);
+        if a.tls.is_none() {
+            let mut frames = a.preface;
+            frames.extend_from_slice(&close_frame(1013, "router busy, retry later"));
+            let _ = io::Write::write(&mut &a.stream, &frames);
+        }
+        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+    } else {
+        m.handoffs.fetch_add(1, Relaxed);
     }
 }
 
@@ -120,7 +302,7 @@ enum Outcome {
     Gone,
 }
 
-async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
+async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, first: Vec<u8>) {
     let m = ctx.metrics();
     m.handshakes.fetch_add(1, Relaxed);
     let deadline =
@@ -128,7 +310,7 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     let done = match ctx.shared.tls.clone() {
         None => {
             let mut s = stream;
-            upgrade_and_auth(&ctx, &mut s, None, deadline)
+            upgrade_and_auth(&ctx, &mut s, None, deadline, first)
                 .await
                 .map(|auth| (s, None, auth))
         }
@@ -142,7 +324,7 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| crate::tls::identity_from_cert(c, field));
-                match upgrade_and_auth(&ctx, &mut tls, cert_ident, deadline).await {
+                match upgrade_and_auth(&ctx, &mut tls, cert_ident, deadline, Vec::new()).await {
                     Some(auth) => {
                         let (tcp, conn) = tls.into_inner();
                         Some((tcp, Some(Box::new(conn)), auth))
@@ -168,7 +350,6 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
         return;
     };
-    let target = shard_of(&ident.device, ctx.shared.shards.len());
     // Out of tokio's reactor either way: the owning shard watches it with its poller.
     let stream = match stream.into_std() {
         Ok(s) => s,
@@ -178,33 +359,18 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let adopt = Adopt {
-        stream,
-        tls,
-        ident,
-        peer,
-        protocol,
-        leftover,
-        preface,
-    };
-    if target == ctx.id {
-        ctx.adopt(adopt);
-        return;
-    }
-    if let Err(ShardMsg::Adopt(a)) =
-        ctx.shared.shards[target].send(ShardMsg::Adopt(Box::new(adopt)))
-    {
-        // Owner's inbox is full: refuse fast rather than queue forever.
-        m.close(1013);
-        if a.tls.is_none() {
-            let mut frames = a.preface;
-            frames.extend_from_slice(&close_frame(1013, "router busy, retry later"));
-            let _ = io::Write::write(&mut &a.stream, &frames);
-        }
-        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
-    } else {
-        m.handoffs.fetch_add(1, Relaxed);
-    }
+    hand_over(
+        &ctx,
+        Adopt {
+            stream,
+            tls,
+            ident,
+            peer,
+            protocol,
+            leftover,
+            preface,
+        },
+    );
 }
 
 /// Upgrade and authenticate within the deadline; on refusal answer (close code or HTTP
@@ -214,10 +380,11 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     cert_ident: Option<Identity>,
     deadline: tokio::time::Instant,
+    first: Vec<u8>,
 ) -> Option<(Identity, Protocol, Vec<u8>, Vec<u8>)> {
     let m = ctx.metrics();
     let mut hs = Handshake {
-        buf: Vec::new(),
+        buf: first,
         upgraded: false,
         protocol: None,
         preface: Vec::new(),
@@ -457,10 +624,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    let resp = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
-        ws::accept_key(up.key.as_bytes())
-    );
+    let resp = switching_protocols(&up.key);
     if cert_ident.is_some() || up.token.is_some() {
         // Decided without another byte from the device: the 101 goes out with the
         // verdict (the greeting from the owning shard, or the close frame).

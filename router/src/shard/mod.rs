@@ -770,7 +770,15 @@ pub fn run_shard(
                 evs.clear();
             }
         });
-        let listener = match tokio::net::TcpListener::from_std(listener) {
+        // SAFETY: the std listener owns its descriptor, which stays open and the
+        // same for as long as the AsyncFd holds the listener.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                listener,
+                tokio::io::Interest::READABLE,
+            )
+        };
+        let listener = match registered {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(shard = id, error = %e, "cannot register listener");
