@@ -402,10 +402,7 @@ async fn a_late_node_learns_by_snapshot_and_a_leaving_node_is_forgotten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     use futures_util::StreamExt;
-    use lapin::options::{
-        BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-    };
-    use lapin::types::FieldTable;
+    use lapin::options::BasicPublishOptions;
     use router::bridge::envelope::{decode_node, encode_node, NodeMsg, Outcome};
 
     let vh = Vhost::new("hive-test");
@@ -417,38 +414,7 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     // We play node "peer": our own queue on hive.nodes receives the replies.
     let conn = connect(&vh.url()).await;
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    ch.queue_bind(
-        q.name().clone(),
-        "hive.nodes".into(),
-        "peer".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            q.name().clone(),
-            "t".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = consume_bound(&ch, "hive.nodes", "peer").await;
     let request = Uuid::new_v4();
     let env = encode_node(&NodeMsg::Request {
         request: request.as_u128(),

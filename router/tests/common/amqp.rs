@@ -138,44 +138,48 @@ pub struct Tap {
     consumer: Consumer,
 }
 
+/// A server-named exclusive queue of the test's own, bound to `exchange` with `key` and
+/// consumed without acks (it goes with the test's connection).
+pub async fn consume_bound(ch: &Channel, exchange: &str, key: &str) -> Consumer {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        q.name().clone(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_consume(
+        q.name().clone(),
+        "".into(),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 impl Tap {
     pub async fn new() -> Tap {
         let conn = connect(&amqp_url()).await;
         let ch = conn.create_channel().await.unwrap();
         declare_events_exchange(&ch).await;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().clone(),
-            "hive.events".into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let consumer = consume_bound(&ch, "hive.events", "#").await;
         Tap {
             _conn: conn,
             consumer,
