@@ -14,9 +14,11 @@ use tokio::net::TcpStream;
 
 use crate::auth::{AuthError, Identity};
 use crate::protocol::hivekit;
-use crate::protocol::phoenix::Vsn;
 use crate::protocol::ws::{self, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use crate::shard::{shard_of, Adopt, Protocol, ShardCtx, ShardMsg};
+use upgrade::{parse_upgrade, switching_protocols};
+
+mod upgrade;
 
 /// Largest HTTP upgrade request accepted (431 beyond).
 const MAX_REQUEST: usize = 8 * 1024;
@@ -244,13 +246,6 @@ fn fast_path(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) 
     Fast::Done
 }
 
-fn switching_protocols(key: &str) -> String {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
-        ws::accept_key(key.as_bytes())
-    )
-}
-
 /// An authenticated connection to the shard that owns its device (this one or another).
 fn hand_over(ctx: &Rc<ShardCtx>, adopt: Adopt) {
     let m = ctx.metrics();
@@ -469,126 +464,6 @@ async fn http_error<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, status: &str, 
     linger(s).await;
 }
 
-/// A parsed upgrade request: what the handshake needs from it.
-struct Upgrade {
-    protocol: Protocol,
-    key: String,
-    token: Option<String>,
-    consumed: usize,
-}
-
-/// Parse an HTTP upgrade request. Err: (status line, message) for the HTTP answer.
-fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, String)> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    let consumed = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(("400 Bad Request", format!("malformed HTTP request: {e}"))),
-    };
-    if req.method != Some("GET") {
-        return Err((
-            "405 Method Not Allowed",
-            "WebSocket upgrades use GET".into(),
-        ));
-    }
-    let target = req.path.unwrap_or("/");
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let param = |name: &str| {
-        query.split('&').find_map(|kv| {
-            kv.split_once('=')
-                .filter(|(k, _)| *k == name)
-                .map(|(_, v)| percent_decode(v))
-        })
-    };
-    let protocol = match path {
-        "/ws" => Protocol::Hive,
-        "/v1/ws" => Protocol::Hivekit,
-        "/socket/websocket" => match param("vsn").as_deref() {
-            None | Some("1.0.0") => Protocol::Phoenix(Vsn::V1),
-            Some("2.0.0") => Protocol::Phoenix(Vsn::V2),
-            Some(v) => {
-                return Err((
-                    "400 Bad Request",
-                    format!("unsupported Phoenix serializer vsn {v:?}; use 1.0.0 or 2.0.0"),
-                ))
-            }
-        },
-        _ => {
-            return Err((
-                "404 Not Found",
-                format!("no WebSocket endpoint at {path}; devices connect to /ws, /socket/websocket or /v1/ws"),
-            ))
-        }
-    };
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
-    let upgrade_ok = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let connection_ok = header("connection").is_some_and(|v| {
-        v.split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-    });
-    if !upgrade_ok || !connection_ok {
-        return Err((
-            "426 Upgrade Required",
-            "this endpoint only speaks WebSocket".into(),
-        ));
-    }
-    if header("sec-websocket-version") != Some("13") {
-        return Err((
-            "426 Upgrade Required",
-            "Sec-WebSocket-Version must be 13".into(),
-        ));
-    }
-    let key = header("sec-websocket-key")
-        .filter(|k| !k.is_empty())
-        .ok_or(("400 Bad Request", "missing Sec-WebSocket-Key".to_string()))?
-        .to_string();
-    let token = header("authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string())
-        .or_else(|| {
-            query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("token="))
-                .map(percent_decode)
-        });
-    Ok(Some(Upgrade {
-        protocol,
-        key,
-        token,
-        consumed,
-    }))
-}
-
-fn percent_decode(s: &str) -> String {
-    fn hex(c: u8) -> Option<u8> {
-        (c as char).to_digit(16).map(|d| d as u8)
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &ShardCtx,
     stream: &mut S,
@@ -713,69 +588,5 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
             _ => return Outcome::Refused(4401, AuthError::Missing),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req(lines: &[&str]) -> Vec<u8> {
-        let mut s = lines.join("\r\n");
-        s.push_str("\r\n\r\n");
-        s.into_bytes()
-    }
-
-    #[test]
-    fn upgrade_parsing() {
-        let base = [
-            "GET /ws?x=1&token=a%2Eb.c HTTP/1.1",
-            "Host: x",
-            "Upgrade: websocket",
-            "Connection: keep-alive, Upgrade",
-            "Sec-WebSocket-Version: 13",
-            "Sec-WebSocket-Key: abc",
-        ];
-        let up = parse_upgrade(&req(&base)).unwrap().unwrap();
-        assert_eq!(up.token.as_deref(), Some("a.b.c"));
-        assert_eq!(up.protocol, Protocol::Hive);
-        let mut with_header = base.to_vec();
-        with_header[0] = "GET /ws HTTP/1.1";
-        with_header.push("Authorization: Bearer tok");
-        assert_eq!(
-            parse_upgrade(&req(&with_header))
-                .unwrap()
-                .unwrap()
-                .token
-                .as_deref(),
-            Some("tok")
-        );
-        assert!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
-            .unwrap()
-            .is_none());
-        let mut wrong_path = base.to_vec();
-        wrong_path[0] = "GET /nope HTTP/1.1";
-        assert_eq!(
-            parse_upgrade(&req(&wrong_path)).err().unwrap().0,
-            "404 Not Found"
-        );
-        let no_upgrade = &base[..2];
-        assert_eq!(
-            parse_upgrade(&req(no_upgrade)).err().unwrap().0,
-            "426 Upgrade Required"
-        );
-        assert_eq!(
-            parse_upgrade(b"\x00\x01junk\r\n\r\n").err().unwrap().0,
-            "400 Bad Request"
-        );
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%2Eb"), "a.b");
-        assert_eq!(percent_decode("abc%"), "abc%");
-        assert_eq!(percent_decode("abc%4"), "abc%4");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%é%"), "%é%");
     }
 }
