@@ -5,6 +5,10 @@
 
 pub mod conn;
 pub mod poller;
+mod thread;
+mod timer;
+
+pub use thread::run_shard;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -21,7 +25,6 @@ use crate::auth::Identity;
 use crate::bridge::BusEvent;
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
-use crate::protocol::ws::OP_PING;
 use crate::Shared;
 use bytes::Bytes;
 use conn::Conn;
@@ -30,18 +33,6 @@ use poller::Poller;
 /// One read buffer per shard, shared by all its connections: an idle connection
 /// holds none. Big enough for a max-size message plus headers in one read.
 pub const READ_BUF: usize = 64 * 1024;
-/// The shard's timer: each tick looks at 1/PING_SLOTS of the connections (pings, idle
-/// checks), so every connection is looked at once a second and a shard's pings go out
-/// a fiftieth at a time. Pinging all due connections at once made one burst a second
-/// (devices that connected in the same second stay due together): with 200,000 devices
-/// that burst was the ack-latency tail (p99 ~200 ms with pings, 2.5 ms without,
-/// `scripts/capacity.sh --devices 200000`).
-const TICK: Duration = Duration::from_millis(20);
-const PING_SLOTS: usize = 50;
-/// The rest of the housekeeping (request expiry, lingering closes, drain) runs every
-/// this many ticks (100 ms).
-const HOUSEKEEPING_EVERY: u64 = 5;
-const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// Whole seconds of the coarse monotonic clock: per-frame timekeeping (last seen, rate
 /// limits) needs seconds, and the coarse clock is a plain read where the precise one
 /// costs a TSC read and arithmetic on every frame (6% of a shard under an event flood).
@@ -639,217 +630,4 @@ impl ShardCtx {
             },
         );
     }
-
-    /// Pings, dead-peer detection and request expiry, spread over the shard's connections.
-    fn tick(&self) {
-        let now = self.now_secs();
-        let interval = self.shared.config.ping_interval.max(1) as u32;
-        let tick = self.ticks.get();
-        self.ticks.set(tick + 1);
-        // This tick's share of the slab: every PING_SLOTS-th slot. Collected first:
-        // pinging may fail a connection, which must not alias the slab borrow.
-        let due: Vec<Rc<Conn>> = self
-            .slab
-            .borrow()
-            .iter()
-            .skip((tick % PING_SLOTS as u64) as usize)
-            .step_by(PING_SLOTS)
-            .flatten()
-            .filter(|c| c.ping_due(now))
-            .cloned()
-            .collect();
-        for c in due {
-            if c.idle_for(now) > interval.saturating_mul(3) {
-                c.fail(self, 1001, "ping timeout");
-            } else {
-                c.send_control(self, OP_PING, b"");
-                c.set_next_ping(now + interval);
-            }
-        }
-        if !tick.is_multiple_of(HOUSEKEEPING_EVERY) {
-            return;
-        }
-        let instant = Instant::now();
-        self.pending
-            .borrow_mut()
-            .retain(|_, p| p.deadline > instant && !p.reply.is_closed());
-        self.ip_rate.borrow_mut().retain(|_, (sec, _)| *sec == now);
-        // Closes whose peer never sent its FIN within the linger: release them.
-        let expired: Vec<(u32, u64)> = {
-            let mut l = self.lingering.borrow_mut();
-            let mut out = Vec::new();
-            l.retain(|&(slot, id, until)| {
-                if until <= instant {
-                    out.push((slot, id));
-                    false
-                } else {
-                    true
-                }
-            });
-            out
-        };
-        for (slot, id) in expired {
-            if let Some(c) = self.conn_at(slot).filter(|c| c.id == id) {
-                self.release(&c);
-            }
-        }
-        if let Some(until) = self.drain_until.get() {
-            self.drain_step(instant, until);
-        }
-    }
-
-    /// Close a share of the remaining connections so the last goes at `until`;
-    /// devices with a request in flight go last, so it can finish.
-    fn drain_step(&self, now: Instant, until: Instant) {
-        let ticks_left = (until.saturating_duration_since(now).as_millis()
-            / HOUSEKEEPING.as_millis())
-        .max(1) as usize;
-        let busy: std::collections::HashSet<Uuid> =
-            self.pending.borrow().values().map(|p| p.device).collect();
-        let mut conns: Vec<Rc<Conn>> = self.routes.borrow().values().cloned().collect();
-        conns.sort_by_key(|c| busy.contains(&c.meta.device));
-        let n = conns.len().div_ceil(ticks_left);
-        for c in conns.iter().take(n) {
-            c.fail(self, 1001, "router draining");
-        }
-    }
-}
-
-/// The shard thread's body: build the runtime, accept, serve; on Drain, close
-/// connections gradually and return when none is left.
-pub fn run_shard(
-    id: usize,
-    shared: Arc<Shared>,
-    rx: crossbeam_channel::Receiver<ShardMsg>,
-    listener: std::net::TcpListener,
-) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(shard = id, error = %e, "cannot build shard runtime");
-            return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let poller = match Poller::new() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(shard = id, error = %e, "cannot create the connection poller");
-                return;
-            }
-        };
-        let ctx = Rc::new(ShardCtx {
-            id,
-            shared: shared.clone(),
-            routes: RefCell::new(HashMap::new()),
-            pending: RefCell::new(HashMap::new()),
-            read_buf: RefCell::new(vec![0u8; READ_BUF]),
-            plain_buf: RefCell::new(Vec::new()),
-            scratch: RefCell::new(Scratch::default()),
-            next_conn_id: Cell::new(0),
-            ticks: Cell::new(0),
-            started: coarse_secs(),
-            drain_until: Cell::new(None),
-            ip_rate: RefCell::new(HashMap::new()),
-            poller,
-            slab: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
-            dirty: RefCell::new(Vec::new()),
-            dirty_notify: Notify::new(),
-            lingering: RefCell::new(Vec::new()),
-            bus_batch: RefCell::new(Vec::new()),
-            throttled: Cell::new(false),
-            held: RefCell::new(Vec::new()),
-        });
-        let driver_ctx = ctx.clone();
-        let driver = tokio::task::spawn_local(async move {
-            let ctx = driver_ctx;
-            let mut evs = Vec::with_capacity(poller::BATCH);
-            loop {
-                tokio::select! {
-                    r = ctx.poller.wait(&mut evs) => {
-                        if let Err(e) = r {
-                            tracing::error!(shard = ctx.id, error = %e, "connection poller failed");
-                            return;
-                        }
-                        for &(key, ev) in &evs {
-                            ctx.on_event(key as u32, ev);
-                        }
-                    }
-                    _ = ctx.dirty_notify.notified() => {}
-                }
-                ctx.settle_dirty();
-                ctx.wake_bus();
-                if ctx.throttled.get() {
-                    ctx.wait_relieved().await;
-                }
-                if evs.len() == poller::BATCH {
-                    tokio::task::yield_now().await;
-                }
-                evs.clear();
-            }
-        });
-        // SAFETY: the std listener owns its descriptor, which stays open and the
-        // same for as long as the AsyncFd holds the listener.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                listener,
-                tokio::io::Interest::READABLE,
-            )
-        };
-        let listener = match registered {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(shard = id, error = %e, "cannot register listener");
-                return;
-            }
-        };
-        let accept = tokio::task::spawn_local(crate::listener::accept_loop(ctx.clone(), listener));
-        let tick_ctx = ctx.clone();
-        let ticker = tokio::task::spawn_local(async move {
-            let mut iv = tokio::time::interval(TICK);
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                iv.tick().await;
-                tick_ctx.tick();
-            }
-        });
-        let handle = &shared.shards[id];
-        'inbox: loop {
-            // Drain in bounded batches so connection tasks get their turn.
-            for _ in 0..1024 {
-                match rx.try_recv() {
-                    Ok(msg) => {
-                        if !ctx.handle(msg) {
-                            break 'inbox;
-                        }
-                    }
-                    Err(_) => {
-                        handle.notify.notified().await;
-                        continue 'inbox;
-                    }
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-        // Draining: no new connections here (other processes on the port keep
-        // accepting); the tick closes ours gradually; messages are still served.
-        accept.abort();
-        ctx.tick();
-        let hard_stop = ctx.drain_until.get().unwrap_or_else(Instant::now) + Duration::from_secs(5);
-        while Instant::now() < hard_stop
-            && (!ctx.routes.borrow().is_empty() || ctx.metrics().handshakes.load(Relaxed) > 0)
-        {
-            while let Ok(msg) = rx.try_recv() {
-                let _ = ctx.handle(msg);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ticker.abort();
-        driver.abort();
-    });
 }

@@ -1,0 +1,155 @@
+//! The shard thread: its runtime, its poller, its accept loop, its timer and its inbox.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::poller::{self, Poller};
+use super::timer::TICK;
+use super::{coarse_secs, ShardCtx, ShardMsg, READ_BUF};
+use crate::protocol::json::Scratch;
+use crate::Shared;
+
+/// The shard thread's body: build the runtime, accept, serve; on Drain, close
+/// connections gradually and return when none is left.
+pub fn run_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    rx: crossbeam_channel::Receiver<ShardMsg>,
+    listener: std::net::TcpListener,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(shard = id, error = %e, "cannot build shard runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let poller = match Poller::new() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(shard = id, error = %e, "cannot create the connection poller");
+                return;
+            }
+        };
+        let ctx = Rc::new(ShardCtx {
+            id,
+            shared: shared.clone(),
+            routes: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            read_buf: RefCell::new(vec![0u8; READ_BUF]),
+            plain_buf: RefCell::new(Vec::new()),
+            scratch: RefCell::new(Scratch::default()),
+            next_conn_id: Cell::new(0),
+            ticks: Cell::new(0),
+            started: coarse_secs(),
+            drain_until: Cell::new(None),
+            ip_rate: RefCell::new(HashMap::new()),
+            poller,
+            slab: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            dirty: RefCell::new(Vec::new()),
+            dirty_notify: Notify::new(),
+            lingering: RefCell::new(Vec::new()),
+            bus_batch: RefCell::new(Vec::new()),
+            throttled: Cell::new(false),
+            held: RefCell::new(Vec::new()),
+        });
+        let driver_ctx = ctx.clone();
+        let driver = tokio::task::spawn_local(async move {
+            let ctx = driver_ctx;
+            let mut evs = Vec::with_capacity(poller::BATCH);
+            loop {
+                tokio::select! {
+                    r = ctx.poller.wait(&mut evs) => {
+                        if let Err(e) = r {
+                            tracing::error!(shard = ctx.id, error = %e, "connection poller failed");
+                            return;
+                        }
+                        for &(key, ev) in &evs {
+                            ctx.on_event(key as u32, ev);
+                        }
+                    }
+                    _ = ctx.dirty_notify.notified() => {}
+                }
+                ctx.settle_dirty();
+                ctx.wake_bus();
+                if ctx.throttled.get() {
+                    ctx.wait_relieved().await;
+                }
+                if evs.len() == poller::BATCH {
+                    tokio::task::yield_now().await;
+                }
+                evs.clear();
+            }
+        });
+        // SAFETY: the std listener owns its descriptor, which stays open and the
+        // same for as long as the AsyncFd holds the listener.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                listener,
+                tokio::io::Interest::READABLE,
+            )
+        };
+        let listener = match registered {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(shard = id, error = %e, "cannot register listener");
+                return;
+            }
+        };
+        let accept = tokio::task::spawn_local(crate::listener::accept_loop(ctx.clone(), listener));
+        let tick_ctx = ctx.clone();
+        let ticker = tokio::task::spawn_local(async move {
+            let mut iv = tokio::time::interval(TICK);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                tick_ctx.tick();
+            }
+        });
+        let handle = &shared.shards[id];
+        'inbox: loop {
+            // Drain in bounded batches so connection tasks get their turn.
+            for _ in 0..1024 {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !ctx.handle(msg) {
+                            break 'inbox;
+                        }
+                    }
+                    Err(_) => {
+                        handle.notify.notified().await;
+                        continue 'inbox;
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        // Draining: no new connections here (other processes on the port keep
+        // accepting); the tick closes ours gradually; messages are still served.
+        accept.abort();
+        ctx.tick();
+        let hard_stop = ctx.drain_until.get().unwrap_or_else(Instant::now) + Duration::from_secs(5);
+        while Instant::now() < hard_stop
+            && (!ctx.routes.borrow().is_empty() || ctx.metrics().handshakes.load(Relaxed) > 0)
+        {
+            while let Ok(msg) = rx.try_recv() {
+                let _ = ctx.handle(msg);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ticker.abort();
+        driver.abort();
+    });
+}
