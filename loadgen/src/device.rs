@@ -8,19 +8,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use rand::Rng;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
 
 use crate::cli::Proto;
 use crate::hist;
+use crate::ws::{Incoming, Ws};
 
 /// Per-worker counters and histograms (single thread: plain RefCell).
 pub struct Stats {
@@ -91,12 +86,6 @@ pub struct DeviceSpec {
     pub dest: SocketAddr,
     pub source: Option<IpAddr>,
 }
-
-type Ws = WebSocketStream<TcpStream>;
-
-/// Initial read buffer of a device's WebSocket: what the router sends a device (requests,
-/// events) is a few hundred bytes.
-const DEVICE_READ_BUFFER: usize = 1024;
 
 /// Phoenix channel clients' heartbeat period.
 const PHOENIX_HEARTBEAT: Duration = Duration::from_secs(30);
@@ -181,26 +170,13 @@ async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Resu
             _ => "connect_error".to_string(),
         })?;
     let token = crate::token::mint(&fleet.secret, spec.id, fleet.account);
-    let mut req = device_url(&spec.base, spec.proto, &token)
-        .into_client_request()
-        .map_err(|_| "bad_url".to_string())?;
-    if spec.proto != Proto::Phoenix {
-        let v = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "bad_token".to_string())?;
-        req.headers_mut().insert("authorization", v);
-    }
-    // Small buffers: a simulated device should cost the load generator little
-    // (tungstenite's default read buffer is 128 KiB; a larger frame just grows it).
-    let mut cfg = WebSocketConfig::default();
-    cfg.read_buffer_size = DEVICE_READ_BUFFER;
-    cfg.write_buffer_size = 0;
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg))
+    let url = device_url(&spec.base, spec.proto, &token);
+    let (host, target) = crate::ws::split_url(&url).ok_or_else(|| "bad_url".to_string())?;
+    let bearer = (spec.proto != Proto::Phoenix).then(|| format!("Bearer {token}"));
+    let mut ws = crate::ws::handshake(tcp, host, target, bearer.as_deref())
         .await
         .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(r) => {
-                format!("http_{}", r.status().as_u16())
-            }
+            crate::ws::WsError::Http(_) => e.kind(),
             _ => "upgrade_error".to_string(),
         })?;
     fleet
@@ -214,14 +190,14 @@ async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Resu
             "nerves_fw_uuid": Uuid::new_v4(), "nerves_fw_version": "1.0.0",
             "nerves_fw_platform": "loadgen", "nerves_fw_architecture": "x86_64", "device_api_version": "2.2.0"
         }]);
-        ws.send(Message::text(join.to_string()))
+        ws.send_text(&join.to_string())
             .await
             .map_err(|_| "send_error".to_string())?;
     }
     // Wait for the protocol's "you are in".
     loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
+        match ws.recv().await {
+            Ok(Incoming::Text(t)) => {
                 let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
                 let ok = match spec.proto {
                     Proto::Phoenix => v[3] == "phx_reply" && v[1] == "1" && v[4]["status"] == "ok",
@@ -239,11 +215,9 @@ async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Resu
                     return Err("auth_refused".into());
                 }
             }
-            Some(Ok(Message::Close(f))) => {
-                return Err(format!("closed_{}", f.map_or(1005, |f| u16::from(f.code))))
-            }
-            Some(Ok(_)) => {}
-            _ => return Err("reset_before_auth".into()),
+            Ok(Incoming::Close(code)) => return Err(format!("closed_{code}")),
+            Err(crate::ws::WsError::Protocol) => return Err("protocol_error".into()),
+            Err(_) => return Err("reset_before_auth".into()),
         }
     }
 }
@@ -268,33 +242,31 @@ async fn serve(
     let mut n: u64 = 0;
     loop {
         tokio::select! {
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
-                    for reply in answer(fleet, spec, &t) {
-                        if ws.send(Message::text(reply)).await.is_err() {
-                            return Some("send_error".into());
-                        }
+            msg = ws.recv() => match msg {
+                Ok(Incoming::Text(t)) => {
+                    let replies = answer(fleet, spec, &t);
+                    if !replies.is_empty() && ws.send_texts(&replies).await.is_err() {
+                        return Some("send_error".into());
                     }
                 }
-                Some(Ok(Message::Close(f))) => return Some(format!("closed_{}", f.map_or(1005, |f| u16::from(f.code)))),
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return Some("connection_lost".into()),
+                Ok(Incoming::Close(code)) => return Some(format!("closed_{code}")),
+                Err(e) => return Some(e.kind()),
             },
             _ = async { match events.as_mut() { Some(e) => { e.tick().await; } None => std::future::pending().await } } => {
                 n += 1;
-                if ws.send(Message::text(event_frame(spec, n))).await.is_err() {
+                if ws.send_text(&event_frame(spec, n)).await.is_err() {
                     return Some("send_error".into());
                 }
                 fleet.stats.borrow_mut().events_sent += 1;
             }
             _ = async { match heartbeat.as_mut() { Some(h) => { h.tick().await; } None => std::future::pending().await } } => {
                 let hb = json!([null, format!("h{n}"), "phoenix", "heartbeat", {}]).to_string();
-                if ws.send(Message::text(hb)).await.is_err() {
+                if ws.send_text(&hb).await.is_err() {
                     return Some("send_error".into());
                 }
             }
             _ = stop.changed() => {
-                let _ = ws.close(None).await;
+                ws.close().await;
                 return None;
             }
             _ = storm.changed() => return Some(STORM.into()),

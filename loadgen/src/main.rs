@@ -13,6 +13,7 @@ mod report;
 mod sched;
 mod token;
 mod worker;
+mod ws;
 
 /// The simulated fleet allocates per connect attempt (handshake state, tokens);
 /// glibc's malloc was ~5% of a worker's CPU during a ramp.

@@ -1,0 +1,527 @@
+//! The simulated devices' WebSocket client (RFC 6455, client side, no extensions).
+//!
+//! Written for a load generator that holds 15,000 devices per process: a connected device
+//! owns its socket and nothing else. Reads go into one scratch buffer per worker thread;
+//! only a frame cut in two by the network is kept per device, until its rest arrives. The
+//! upgrade request and its answer are one write and (usually) one read; the router's first
+//! frame often comes in the same read and is kept for `recv`.
+//!
+//! tokio-tungstenite, used before, holds a fixed 4 KiB read chunk plus its read and write
+//! buffers per connection (~10 KiB per device measured) and its kernel and user work per
+//! connect was twice the router's; see the README's connects/s figures.
+
+use std::cell::{Cell, RefCell};
+
+use base64::Engine;
+use rand::RngCore;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Largest frame a device accepts (the router's requests and events are a few hundred
+/// bytes; its own limit for device frames is far below this).
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Scratch read size per worker thread.
+const SCRATCH: usize = 64 << 10;
+
+/// Largest upgrade answer read before giving up.
+const MAX_RESPONSE_HEAD: usize = 8 << 10;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+    static MASK_STATE: Cell<u64> = Cell::new(rand::thread_rng().next_u64() | 1);
+}
+
+/// A frame from the server, as the device loop needs it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    /// The close code (1005: none given).
+    Close(u16),
+}
+
+/// Why a connection ended or could not start; the strings are loadgen's error kinds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WsError {
+    /// The upgrade was answered with this HTTP status instead of 101.
+    Http(u16),
+    /// The upgrade answer was not a valid 101 for our key.
+    Upgrade,
+    /// The server broke the framing rules (masked or oversized frame, bad UTF-8...).
+    Protocol,
+    /// Reset or closed without a close frame.
+    Lost,
+}
+
+impl WsError {
+    pub fn kind(&self) -> String {
+        match self {
+            WsError::Http(s) => format!("http_{s}"),
+            WsError::Upgrade => "upgrade_error".into(),
+            WsError::Protocol => "protocol_error".into(),
+            WsError::Lost => "connection_lost".into(),
+        }
+    }
+}
+
+pub struct Ws {
+    tcp: TcpStream,
+    /// Bytes of a frame not yet complete (empty, and unallocated, almost always).
+    partial: Vec<u8>,
+    /// A fragmented message being put together (true: text; binary is dropped).
+    fragments: Option<(bool, Vec<u8>)>,
+    /// Frames parsed but not yet handed out.
+    ready: std::collections::VecDeque<Incoming>,
+    /// Control answers (pongs) owed to the server, written by the next `flush_control`.
+    control: Vec<u8>,
+}
+
+/// Open a WebSocket over `tcp`: `host` for the Host header, `target` the path and query,
+/// `auth` an Authorization header value when the protocol carries the token there.
+pub async fn handshake(
+    mut tcp: TcpStream,
+    host: &str,
+    target: &str,
+    auth: Option<&str>,
+) -> Result<Ws, WsError> {
+    let mut key_bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut key_bytes);
+    let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
+    let mut req = String::with_capacity(256 + auth.map_or(0, str::len));
+    req.push_str("GET ");
+    req.push_str(target);
+    req.push_str(" HTTP/1.1\r\nHost: ");
+    req.push_str(host);
+    req.push_str("\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ");
+    req.push_str(&key);
+    if let Some(a) = auth {
+        req.push_str("\r\nAuthorization: ");
+        req.push_str(a);
+    }
+    req.push_str("\r\n\r\n");
+    tcp.write_all(req.as_bytes())
+        .await
+        .map_err(|_| WsError::Lost)?;
+    let mut head = Vec::with_capacity(512);
+    let rest = loop {
+        tcp.readable().await.map_err(|_| WsError::Lost)?;
+        let n = SCRATCH_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match tcp.try_read(&mut b) {
+                Ok(0) => Err(WsError::Lost),
+                Ok(n) => {
+                    head.extend_from_slice(&b[..n]);
+                    Ok(n)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+                Err(_) => Err(WsError::Lost),
+            }
+        })?;
+        if n == 0 {
+            continue;
+        }
+        if let Some(end) = check_response(&head, &key)? {
+            break head.split_off(end);
+        }
+        if head.len() > MAX_RESPONSE_HEAD {
+            return Err(WsError::Upgrade);
+        }
+    };
+    let mut ws = Ws {
+        tcp,
+        partial: Vec::new(),
+        fragments: None,
+        ready: Default::default(),
+        control: Vec::new(),
+    };
+    if !rest.is_empty() {
+        ws.ingest(&rest)?;
+    }
+    Ok(ws)
+}
+
+/// Ok(Some(end of head)) for a complete valid 101, Ok(None) when more bytes are needed.
+fn check_response(head: &[u8], key: &str) -> Result<Option<usize>, WsError> {
+    let mut headers = [httparse::EMPTY_HEADER; 24];
+    let mut resp = httparse::Response::new(&mut headers);
+    let end = match resp.parse(head) {
+        Ok(httparse::Status::Complete(end)) => end,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(WsError::Upgrade),
+    };
+    match resp.code {
+        Some(101) => {}
+        Some(code) => return Err(WsError::Http(code)),
+        None => return Err(WsError::Upgrade),
+    }
+    let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let accepted = resp.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes()
+    });
+    if accepted {
+        Ok(Some(end))
+    } else {
+        Err(WsError::Upgrade)
+    }
+}
+
+impl Ws {
+    /// The next frame for the device loop. Cancel-safe: a frame is only taken out of the
+    /// socket in the same poll that hands it out (or queues it in `ready`).
+    pub async fn recv(&mut self) -> Result<Incoming, WsError> {
+        loop {
+            if let Some(m) = self.ready.pop_front() {
+                return Ok(m);
+            }
+            if !self.control.is_empty() {
+                self.flush_control().await?;
+            }
+            self.tcp.readable().await.map_err(|_| WsError::Lost)?;
+            self.read_some()?;
+        }
+    }
+
+    /// One non-blocking read into the worker's scratch buffer, parsed at once.
+    fn read_some(&mut self) -> Result<(), WsError> {
+        SCRATCH_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match self.tcp.try_read(&mut b) {
+                Ok(0) => Err(WsError::Lost),
+                Ok(n) => self.ingest(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                Err(_) => Err(WsError::Lost),
+            }
+        })
+    }
+
+    /// Parse what arrived, keeping only an incomplete frame's bytes.
+    fn ingest(&mut self, data: &[u8]) -> Result<(), WsError> {
+        if self.partial.is_empty() {
+            let used = self.parse_frames(data)?;
+            if used < data.len() {
+                self.partial.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.partial);
+            buf.extend_from_slice(data);
+            let used = self.parse_frames(&buf)?;
+            if used < buf.len() {
+                buf.drain(..used);
+                self.partial = buf;
+            }
+            // else: buf dropped, the device holds no buffer again
+        }
+        Ok(())
+    }
+
+    /// Parse complete frames from `data`; returns the bytes used.
+    fn parse_frames(&mut self, data: &[u8]) -> Result<usize, WsError> {
+        let mut at = 0;
+        while let Some((header, len)) = frame_header(&data[at..])? {
+            if data.len() - at < header + len {
+                break;
+            }
+            let b0 = data[at];
+            let payload = &data[at + header..at + header + len];
+            at += header + len;
+            self.on_frame(b0 & 0x80 != 0, b0 & 0x0f, payload)?;
+        }
+        Ok(at)
+    }
+
+    fn on_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> Result<(), WsError> {
+        match opcode {
+            0x0..=0x2 => {
+                let (text, msg) = match (opcode, self.fragments.take()) {
+                    (0x0, Some((text, mut acc))) => {
+                        if text {
+                            acc.extend_from_slice(payload);
+                        }
+                        (text, acc)
+                    }
+                    (0x0, None) | (_, Some(_)) => return Err(WsError::Protocol),
+                    (0x1, None) => (true, payload.to_vec()),
+                    // Binary is not part of the protocols loadgen speaks: dropped.
+                    (_, None) => (false, Vec::new()),
+                };
+                if msg.len() > MAX_FRAME {
+                    return Err(WsError::Protocol);
+                }
+                if !fin {
+                    self.fragments = Some((text, msg));
+                    return Ok(());
+                }
+                if text {
+                    let text = String::from_utf8(msg).map_err(|_| WsError::Protocol)?;
+                    self.ready.push_back(Incoming::Text(text));
+                }
+            }
+            0x8 => {
+                let code = match payload {
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                    _ => 1005,
+                };
+                self.ready.push_back(Incoming::Close(code));
+            }
+            0x9 => {
+                if !fin || payload.len() > 125 {
+                    return Err(WsError::Protocol);
+                }
+                encode_frame(&mut self.control, 0xA, payload);
+            }
+            0xA => {}
+            _ => return Err(WsError::Protocol),
+        }
+        Ok(())
+    }
+
+    /// Write owed pongs.
+    async fn flush_control(&mut self) -> Result<(), WsError> {
+        let out = std::mem::take(&mut self.control);
+        self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
+    }
+
+    /// Send text frames in one write (with any pong owed).
+    pub async fn send_texts<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<(), WsError> {
+        let mut out = std::mem::take(&mut self.control);
+        for t in texts {
+            encode_frame(&mut out, 0x1, t.as_ref().as_bytes());
+        }
+        self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
+    }
+
+    /// Send one text frame.
+    pub async fn send_text(&mut self, text: &str) -> Result<(), WsError> {
+        self.send_texts(&[text]).await
+    }
+
+    /// Send a close frame (1000) and stop: what a device does when told to stop.
+    pub async fn close(mut self) {
+        let mut out = std::mem::take(&mut self.control);
+        encode_frame(&mut out, 0x8, &1000u16.to_be_bytes());
+        let _ = self.tcp.write_all(&out).await;
+        let _ = self.tcp.shutdown().await;
+    }
+}
+
+/// A frame's header length and payload length once the header is complete.
+fn frame_header(d: &[u8]) -> Result<Option<(usize, usize)>, WsError> {
+    if d.len() < 2 {
+        return Ok(None);
+    }
+    if d[0] & 0x70 != 0 || d[1] & 0x80 != 0 {
+        // Reserved bits (no extension was negotiated) or a masked server frame.
+        return Err(WsError::Protocol);
+    }
+    let (header, len) = match d[1] & 0x7f {
+        126 if d.len() < 4 => return Ok(None),
+        126 => (4, u16::from_be_bytes([d[2], d[3]]) as usize),
+        127 if d.len() < 10 => return Ok(None),
+        127 => {
+            let n = u64::from_be_bytes(d[2..10].try_into().expect("8 bytes"));
+            (10, usize::try_from(n).unwrap_or(usize::MAX))
+        }
+        n => (2, n as usize),
+    };
+    if len > MAX_FRAME {
+        return Err(WsError::Protocol);
+    }
+    Ok(Some((header, len)))
+}
+
+/// Append one masked client frame (FIN set).
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = next_mask();
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    for (i, b) in out[start..].iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// A fresh masking key per frame (xorshift: the mask only has to be unpredictable to
+/// intermediaries, RFC 6455 10.3, not cryptographically strong for a load generator).
+fn next_mask() -> [u8; 4] {
+    MASK_STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x as u32).to_le_bytes()
+    })
+}
+
+/// `ws://host:port/path?query` -> ("host:port", "/path?query").
+pub fn split_url(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("ws://")?;
+    match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => Some((&rest[..i], &rest[i..])),
+        Some(_) => None,
+        None => Some((rest, "/")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unmask a client frame the way a server does: (opcode, payload, bytes used).
+    fn server_decode(d: &[u8]) -> (u8, Vec<u8>, usize) {
+        assert!(d[1] & 0x80 != 0, "client frames are masked");
+        let (mut at, len) = match d[1] & 0x7f {
+            126 => (4, u16::from_be_bytes([d[2], d[3]]) as usize),
+            127 => (
+                10,
+                u64::from_be_bytes(d[2..10].try_into().unwrap()) as usize,
+            ),
+            n => (2, n as usize),
+        };
+        let mask = [d[at], d[at + 1], d[at + 2], d[at + 3]];
+        at += 4;
+        let p = d[at..at + len]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i & 3])
+            .collect();
+        (d[0] & 0x0f, p, at + len)
+    }
+
+    fn server_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            n if n < 126 => v.push(n as u8),
+            n if n <= 65535 => {
+                v.push(126);
+                v.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                v.push(127);
+                v.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn client_frames_are_masked_and_round_trip_at_every_length_form() {
+        for len in [0usize, 5, 125, 126, 1000, 65535, 65536, 70000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut out = Vec::new();
+            encode_frame(&mut out, 0x1, &payload);
+            let (op, got, used) = server_decode(&out);
+            assert_eq!(op, 1);
+            assert_eq!(used, out.len());
+            assert_eq!(got, payload, "length {len}");
+        }
+        // Two frames never share a mask (the key changes per frame).
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_frame(&mut a, 1, b"x");
+        encode_frame(&mut b, 1, b"x");
+        assert_ne!(a[2..6], b[2..6]);
+    }
+
+    #[test]
+    fn urls_split_into_host_and_target() {
+        assert_eq!(split_url("ws://h:1/ws"), Some(("h:1", "/ws")));
+        assert_eq!(
+            split_url("ws://127.0.0.1:9/socket/websocket?token=t&vsn=2.0.0"),
+            Some(("127.0.0.1:9", "/socket/websocket?token=t&vsn=2.0.0"))
+        );
+        assert_eq!(split_url("ws://h:1"), Some(("h:1", "/")));
+        assert_eq!(split_url("wss://h:1/ws"), None);
+        assert_eq!(split_url("ws://h:1?x"), None);
+    }
+
+    #[test]
+    fn upgrade_answers() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi";
+        let end = check_response(ok, key).unwrap().unwrap();
+        assert_eq!(&ok[end..], b"\x81\x02hi");
+        assert_eq!(check_response(&ok[..40], key), Ok(None));
+        let wrong = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: nope\r\n\r\n";
+        assert_eq!(check_response(wrong, key), Err(WsError::Upgrade));
+        let refused = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(check_response(refused, key), Err(WsError::Http(401)));
+        assert_eq!(
+            check_response(b"garbage\r\n\r\n", key),
+            Err(WsError::Upgrade)
+        );
+    }
+
+    /// Frames arriving in every possible split are parsed the same, and a device holds
+    /// no buffer once a frame is complete.
+    #[tokio::test]
+    async fn frames_split_anywhere_parse_the_same() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut ws = Ws {
+            tcp: client.unwrap(),
+            partial: Vec::new(),
+            fragments: None,
+            ready: Default::default(),
+            control: Vec::new(),
+        };
+        let _server = server.unwrap();
+        let long = "y".repeat(300);
+        let mut stream = server_frame(0x1, true, b"{\"type\":\"a\"}");
+        stream.extend(server_frame(0x9, true, b"p1"));
+        stream.extend(server_frame(0x1, false, b"frag"));
+        stream.extend(server_frame(0x0, true, b"ment"));
+        stream.extend(server_frame(0x1, true, long.as_bytes()));
+        stream.extend(server_frame(0x8, true, &4001u16.to_be_bytes()));
+        for cut in 0..stream.len() {
+            ws.ingest(&stream[..cut]).unwrap();
+            ws.ingest(&stream[cut..]).unwrap();
+            assert!(ws.partial.is_empty() && ws.partial.capacity() == 0);
+            let got: Vec<_> = ws.ready.drain(..).collect();
+            assert_eq!(
+                got,
+                vec![
+                    Incoming::Text("{\"type\":\"a\"}".into()),
+                    Incoming::Text("fragment".into()),
+                    Incoming::Text(long.clone()),
+                    Incoming::Close(4001)
+                ],
+                "cut at {cut}"
+            );
+            let (op, pong, _) = server_decode(&ws.control);
+            assert_eq!((op, pong.as_slice()), (0xA, &b"p1"[..]));
+            ws.control.clear();
+        }
+        // Byte by byte, too.
+        for b in &stream {
+            ws.ingest(std::slice::from_ref(b)).unwrap();
+        }
+        assert_eq!(ws.ready.len(), 4);
+        // Broken framing is an error, not a guess.
+        ws.ready.clear();
+        assert_eq!(
+            ws.ingest(&[0x81, 0x82, 0, 0, 0, 0, b'h', b'i']),
+            Err(WsError::Protocol)
+        );
+        assert_eq!(ws.ingest(&[0xC1, 0x00]), Err(WsError::Protocol));
+        assert_eq!(
+            ws.ingest(&[0x81, 0x7f, 0xff, 0, 0, 0, 0, 0, 0, 0]),
+            Err(WsError::Protocol)
+        );
+        let bad_utf8 = server_frame(0x1, true, &[0xff, 0xfe]);
+        assert_eq!(ws.ingest(&bad_utf8), Err(WsError::Protocol));
+    }
+}
