@@ -28,8 +28,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# ROUTER_BIN / LOADGEN_BIN: run other builds (e.g. to compare two commits in one session).
 cargo build --release --quiet -p router -p loadgen
-ROUTER=target/release/router LOADGEN=target/release/loadgen
+ROUTER=${ROUTER_BIN:-target/release/router} LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
 SECRET=capacity-$RANDOM$RANDOM
 # SO_REUSEPORT spreads by hash, not evenly: aim each node well under the 20,000-file cap.
 NODES=$(( (DEVICES + PER_NODE - 1) / PER_NODE ))

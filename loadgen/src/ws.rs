@@ -524,4 +524,94 @@ mod tests {
         let bad_utf8 = server_frame(0x1, true, &[0xff, 0xfe]);
         assert_eq!(ws.ingest(&bad_utf8), Err(WsError::Protocol));
     }
+
+    /// Against an independent implementation (tungstenite's server): the upgrade, text
+    /// both ways, a ping answered with its pong, a fragmented message, the close code.
+    #[tokio::test]
+    // The header callback's signature is tungstenite's (its error is an HTTP response).
+    #[allow(clippy::result_large_err)]
+    async fn talks_to_tungstenite() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::Message;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_hdr_async(
+                tcp,
+                |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                    assert_eq!(req.uri().path(), "/ws");
+                    assert_eq!(req.headers()["authorization"], "Bearer t0ken");
+                    Ok(resp)
+                },
+            )
+            .await
+            .unwrap();
+            ws.send(Message::text("hello")).await.unwrap();
+            // The client's text back, then its pong for our ping.
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                Message::text("hi router")
+            );
+            ws.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
+            ws.send(Message::text("after ping")).await.unwrap();
+            let first = FrameHeader {
+                is_final: false,
+                opcode: OpCode::Data(Data::Text),
+                ..Default::default()
+            };
+            let piece = Frame::from_payload(first, b"in ".to_vec().into());
+            ws.send(Message::Frame(piece)).await.unwrap();
+            let rest = FrameHeader {
+                opcode: OpCode::Data(Data::Continue),
+                ..Default::default()
+            };
+            let piece = Frame::from_payload(rest, b"pieces".to_vec().into());
+            ws.send(Message::Frame(piece)).await.unwrap();
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                Message::Pong(b"p".to_vec().into())
+            );
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("two"));
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("frames"));
+            ws.close(Some(CloseFrame {
+                code: CloseCode::Library(4409),
+                reason: "taken over".into(),
+            }))
+            .await
+            .unwrap();
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let host = addr.to_string();
+        let mut ws = handshake(tcp, &host, "/ws", Some("Bearer t0ken"))
+            .await
+            .unwrap();
+        assert_eq!(ws.recv().await, Ok(Incoming::Text("hello".into())));
+        ws.send_text("hi router").await.unwrap();
+        assert_eq!(ws.recv().await, Ok(Incoming::Text("after ping".into())));
+        assert_eq!(ws.recv().await, Ok(Incoming::Text("in pieces".into())));
+        ws.send_texts(&["two", "frames"]).await.unwrap();
+        assert_eq!(ws.recv().await, Ok(Incoming::Close(4409)));
+        server.await.unwrap();
+
+        // A refused upgrade is reported with its status.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refuse = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await;
+            tcp.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let r = handshake(tcp, &addr.to_string(), "/ws", None).await;
+        assert_eq!(r.err(), Some(WsError::Http(401)));
+        refuse.await.unwrap();
+    }
 }

@@ -62,6 +62,7 @@ pub fn run_shard(
             dirty_notify: Notify::new(),
             lingering: RefCell::new(Vec::new()),
             bus_batch: RefCell::new(Vec::new()),
+            bus_urgent: Cell::new(false),
             throttled: Cell::new(false),
             held: RefCell::new(Vec::new()),
         });
@@ -83,7 +84,7 @@ pub fn run_shard(
                     _ = ctx.dirty_notify.notified() => {}
                 }
                 ctx.settle_dirty();
-                ctx.wake_bus();
+                ctx.wake_bus_if_urgent();
                 if ctx.throttled.get() {
                     ctx.wait_relieved().await;
                 }
@@ -151,5 +152,7 @@ pub fn run_shard(
         }
         ticker.abort();
         driver.abort();
+        // Device-alive events still waiting for a tick.
+        ctx.wake_bus();
     });
 }

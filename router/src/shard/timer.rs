@@ -50,6 +50,8 @@ impl ShardCtx {
                 c.set_next_ping(now + interval);
             }
         }
+        // Device-alive events of the last 20 ms (see `publish_lazy`).
+        self.wake_bus();
         if !tick.is_multiple_of(HOUSEKEEPING_EVERY) {
             return;
         }

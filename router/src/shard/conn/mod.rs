@@ -592,7 +592,7 @@ impl Conn {
         }
         ctx.metrics().alive_events.fetch_add(1, Relaxed);
         let body = hive::device_alive(&self.meta, &self.peer.to_string());
-        ctx.publish("hive-backend.device-alive".to_string(), body);
+        ctx.publish_lazy("hive-backend.device-alive".to_string(), body);
     }
 
     fn has_out(&self) -> bool {
