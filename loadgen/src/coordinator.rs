@@ -209,8 +209,11 @@ fn watch_events(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the coordinator's work (requests at the backend rate, the workers'
+    // progress lines) is small, and on a current-thread runtime a request's answer needs
+    // no hand-over between runtime threads: at 2,000 requests/s the coordinator took
+    // 11-12% of a core instead of 19-20% with two worker threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(run_async(args))
