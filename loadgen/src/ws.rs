@@ -66,6 +66,12 @@ impl WsError {
 
 pub struct Ws {
     tcp: TcpStream,
+    frames: Frames,
+}
+
+/// What has been read but not yet handed out, and what is owed back.
+#[derive(Default)]
+struct Frames {
     /// Bytes of a frame not yet complete (empty, and unallocated, almost always).
     partial: Vec<u8>,
     /// A fragmented message being put together (true: text; binary is dropped).
@@ -105,19 +111,7 @@ pub async fn handshake(
     let mut head = Vec::with_capacity(512);
     let rest = loop {
         tcp.readable().await.map_err(|_| WsError::Lost)?;
-        let n = SCRATCH_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            match tcp.try_read(&mut b) {
-                Ok(0) => Err(WsError::Lost),
-                Ok(n) => {
-                    head.extend_from_slice(&b[..n]);
-                    Ok(n)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
-                Err(_) => Err(WsError::Lost),
-            }
-        })?;
-        if n == 0 {
+        if read_scratch(&tcp, |data| head.extend_from_slice(data))?.is_none() {
             continue;
         }
         if let Some(end) = check_response(&head, &key)? {
@@ -127,17 +121,11 @@ pub async fn handshake(
             return Err(WsError::Upgrade);
         }
     };
-    let mut ws = Ws {
-        tcp,
-        partial: Vec::new(),
-        fragments: None,
-        ready: Default::default(),
-        control: Vec::new(),
-    };
+    let mut frames = Frames::default();
     if !rest.is_empty() {
-        ws.ingest(&rest)?;
+        frames.ingest(&rest)?;
     }
-    Ok(ws)
+    Ok(Ws { tcp, frames })
 }
 
 /// Ok(Some(end of head)) for a complete valid 101, Ok(None) when more bytes are needed.
@@ -170,10 +158,10 @@ impl Ws {
     /// socket in the same poll that hands it out (or queues it in `ready`).
     pub async fn recv(&mut self) -> Result<Incoming, WsError> {
         loop {
-            if let Some(m) = self.ready.pop_front() {
+            if let Some(m) = self.frames.ready.pop_front() {
                 return Ok(m);
             }
-            if !self.control.is_empty() {
+            if !self.frames.control.is_empty() {
                 self.flush_control().await?;
             }
             self.tcp.readable().await.map_err(|_| WsError::Lost)?;
@@ -183,17 +171,53 @@ impl Ws {
 
     /// One non-blocking read into the worker's scratch buffer, parsed at once.
     fn read_some(&mut self) -> Result<(), WsError> {
-        SCRATCH_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            match self.tcp.try_read(&mut b) {
-                Ok(0) => Err(WsError::Lost),
-                Ok(n) => self.ingest(&b[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-                Err(_) => Err(WsError::Lost),
-            }
-        })
+        let frames = &mut self.frames;
+        read_scratch(&self.tcp, |data| frames.ingest(data))?.unwrap_or(Ok(()))
+    }
+    /// Write owed pongs.
+    async fn flush_control(&mut self) -> Result<(), WsError> {
+        let out = std::mem::take(&mut self.frames.control);
+        self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
     }
 
+    /// Send text frames in one write (with any pong owed).
+    pub async fn send_texts<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<(), WsError> {
+        let mut out = std::mem::take(&mut self.frames.control);
+        for t in texts {
+            encode_frame(&mut out, 0x1, t.as_ref().as_bytes());
+        }
+        self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
+    }
+
+    /// Send one text frame.
+    pub async fn send_text(&mut self, text: &str) -> Result<(), WsError> {
+        self.send_texts(&[text]).await
+    }
+
+    /// Send a close frame (1000) and stop: what a device does when told to stop.
+    pub async fn close(mut self) {
+        let mut out = std::mem::take(&mut self.frames.control);
+        encode_frame(&mut out, 0x8, &1000u16.to_be_bytes());
+        let _ = self.tcp.write_all(&out).await;
+        let _ = self.tcp.shutdown().await;
+    }
+}
+
+/// One non-blocking read into the worker's scratch buffer, handed to `f`. Ok(None): nothing
+/// to read yet (readiness was stale).
+fn read_scratch<R>(tcp: &TcpStream, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, WsError> {
+    SCRATCH_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        match tcp.try_read(&mut b) {
+            Ok(0) => Err(WsError::Lost),
+            Ok(n) => Ok(Some(f(&b[..n]))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(_) => Err(WsError::Lost),
+        }
+    })
+}
+
+impl Frames {
     /// Parse what arrived, keeping only an incomplete frame's bytes.
     fn ingest(&mut self, data: &[u8]) -> Result<(), WsError> {
         if self.partial.is_empty() {
@@ -273,34 +297,6 @@ impl Ws {
             _ => return Err(WsError::Protocol),
         }
         Ok(())
-    }
-
-    /// Write owed pongs.
-    async fn flush_control(&mut self) -> Result<(), WsError> {
-        let out = std::mem::take(&mut self.control);
-        self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
-    }
-
-    /// Send text frames in one write (with any pong owed).
-    pub async fn send_texts<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<(), WsError> {
-        let mut out = std::mem::take(&mut self.control);
-        for t in texts {
-            encode_frame(&mut out, 0x1, t.as_ref().as_bytes());
-        }
-        self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
-    }
-
-    /// Send one text frame.
-    pub async fn send_text(&mut self, text: &str) -> Result<(), WsError> {
-        self.send_texts(&[text]).await
-    }
-
-    /// Send a close frame (1000) and stop: what a device does when told to stop.
-    pub async fn close(mut self) {
-        let mut out = std::mem::take(&mut self.control);
-        encode_frame(&mut out, 0x8, &1000u16.to_be_bytes());
-        let _ = self.tcp.write_all(&out).await;
-        let _ = self.tcp.shutdown().await;
     }
 }
 
@@ -466,19 +462,9 @@ mod tests {
 
     /// Frames arriving in every possible split are parsed the same, and a device holds
     /// no buffer once a frame is complete.
-    #[tokio::test]
-    async fn frames_split_anywhere_parse_the_same() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut ws = Ws {
-            tcp: client.unwrap(),
-            partial: Vec::new(),
-            fragments: None,
-            ready: Default::default(),
-            control: Vec::new(),
-        };
-        let _server = server.unwrap();
+    #[test]
+    fn frames_split_anywhere_parse_the_same() {
+        let mut ws = Frames::default();
         let long = "y".repeat(300);
         let mut stream = server_frame(0x1, true, b"{\"type\":\"a\"}");
         stream.extend(server_frame(0x9, true, b"p1"));
