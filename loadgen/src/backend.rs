@@ -101,17 +101,48 @@ pub async fn targets(b: &Backend, per_node: usize, devices: usize) -> Vec<(usize
     out
 }
 
-/// Send requests at `rate` for `duration`; returns the ack histogram and counts.
+/// One request as `--request-log` writes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Due time, from the start of the steady phase.
+    pub due_us: u64,
+    pub node: usize,
+    pub latency_us: u64,
+    pub outcome: &'static str,
+}
+
+/// The request log as CSV, in due-time order.
+pub fn write_log(mut samples: Vec<Sample>, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    samples.sort_by_key(|s| s.due_us);
+    writeln!(out, "due_ms,node,latency_us,outcome")?;
+    for s in samples {
+        writeln!(
+            out,
+            "{}.{:03},{},{},{}",
+            s.due_us / 1000,
+            s.due_us % 1000,
+            s.node,
+            s.latency_us,
+            s.outcome
+        )?;
+    }
+    Ok(())
+}
+
+/// Send requests at `rate` for `duration`; returns the ack histogram and counts, and with
+/// `log` every request's sample.
 pub async fn run(
     b: Arc<Backend>,
     targets: Vec<(usize, Uuid)>,
     rate: f64,
     duration: Duration,
     timeout_ms: u64,
-) -> (Histogram<u64>, RequestCounts) {
+    log: bool,
+) -> (Histogram<u64>, RequestCounts, Vec<Sample>) {
     if targets.is_empty() || rate <= 0.0 || b.apis.is_empty() {
-        return (hist::new_hist(), RequestCounts::default());
+        return (hist::new_hist(), RequestCounts::default(), Vec::new());
     }
+    let samples = Arc::new(Mutex::new(Vec::new()));
     let acks = Arc::new(Mutex::new(hist::new_hist()));
     let counts = Arc::new(Counters::default());
     // The router answers 504 after timeout_ms; this only bounds a router that hangs.
@@ -136,6 +167,7 @@ pub async fn run(
         let (api, device) = targets[rand::thread_rng().gen_range(0..targets.len())];
         let url = format!("{}/v1/devices/{device}/requests", b.apis[api]);
         let (b2, acks2, counts2, body2) = (b.clone(), acks.clone(), counts.clone(), body.clone());
+        let samples2 = log.then(|| samples.clone());
         tasks.spawn(async move {
             let sent = Instant::now();
             counts2.sent.fetch_add(1, Ordering::Relaxed);
@@ -149,23 +181,46 @@ pub async fn run(
                 .await;
             let done = Instant::now();
             let c = &counts2;
-            let counter = match r.map(|r| r.status().as_u16()) {
+            let us = latency(due, sent, done).as_micros() as u64;
+            let (counter, outcome) = match r.map(|r| r.status().as_u16()) {
                 Ok(200) => {
-                    let us = latency(due, sent, done).as_micros() as u64;
                     hist::record(&mut acks2.lock().unwrap_or_else(|e| e.into_inner()), us);
-                    &c.acked
+                    (&c.acked, "acked")
                 }
-                Ok(504) => &c.timeout,
-                Ok(404) => &c.offline,
-                Ok(_) => &c.http_error,
-                Err(_) => &c.transport_error,
+                Ok(504) => (&c.timeout, "timeout"),
+                Ok(404) => (&c.offline, "offline"),
+                Ok(_) => (&c.http_error, "http_error"),
+                Err(_) => (&c.transport_error, "transport_error"),
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = samples2 {
+                let due_us = due.saturating_duration_since(start).as_micros() as u64;
+                let sample = Sample { due_us, node: api, latency_us: us, outcome };
+                s.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
+            }
         });
         while tasks.try_join_next().is_some() {}
         i += 1;
     }
     while tasks.join_next().await.is_some() {}
     let h = acks.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    (h, counts.snapshot())
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    (h, counts.snapshot(), samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_log_is_csv_in_due_order() {
+        let s = |due_us, node, latency_us, outcome| Sample { due_us, node, latency_us, outcome };
+        let mut out = Vec::new();
+        write_log(vec![s(2_500_017, 3, 912, "acked"), s(1_000, 0, 5_000_000, "timeout")], &mut out)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "due_ms,node,latency_us,outcome\n1.000,0,5000000,timeout\n2500.017,3,912,acked\n"
+        );
+    }
 }

@@ -360,13 +360,14 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             }
         }
     };
-    let ((ack_hist, counts), storm) = tokio::join!(
+    let ((ack_hist, counts, samples), storm) = tokio::join!(
         backend::run(
             backend,
             targets,
             args.request_rate,
             steady,
-            args.request_timeout_ms
+            args.request_timeout_ms,
+            args.request_log.is_some()
         ),
         storm
     );
@@ -512,6 +513,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             ],
         )?;
         std::fs::write(path, out)?;
+    }
+    if let Some(path) = &args.request_log {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        backend::write_log(samples, &mut out)?;
+        std::io::Write::flush(&mut out)?;
     }
     Ok(())
 }

@@ -58,8 +58,10 @@ pub struct RouterHandle {
     pub ws_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub shared: Arc<Shared>,
-    /// Shard threads, then the API thread last.
+    /// Shard threads, then the API thread last (none with one shard: the API runs on
+    /// the shard's thread then).
     threads: Vec<JoinHandle<()>>,
+    api_thread: bool,
 }
 
 impl RouterHandle {
@@ -88,7 +90,11 @@ impl RouterHandle {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        let api = self.threads.pop();
+        let api = if self.api_thread {
+            self.threads.pop()
+        } else {
+            None
+        };
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -146,84 +152,48 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         config,
     });
 
-    let mut threads = Vec::new();
-    for (id, (rx, l)) in inboxes.into_iter().zip(listeners).enumerate() {
-        let sh = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("shard-{id}"))
-                .spawn(move || shard::run_shard(id, sh, rx, l))?,
-        );
-    }
-
     // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
-    // joined by the API thread after the shutdown signal (see bridge::backend).
+    // joined after the API has stopped (see bridge::backend).
     let backend = match (&shared.config.amqp, &shared.config.backend_url) {
         (Some(_), Some(_)) => Some(bridge::backend::spawn(shared.clone())?),
         _ => None,
     };
-    let sh = shared.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build API runtime");
-                        return;
-                    }
-                };
-                let (sink, _) = tokio::sync::broadcast::channel(bridge::embedded::SSE_BACKLOG);
-                // --amqp: the RabbitMQ bridge drains the bus on its own thread (see
-                // bridge::amqp), joined below once the API has stopped so it can flush.
-                let amqp_bridge = if sh.config.amqp.is_some() {
-                    match bridge::amqp::spawn(sh.clone(), bus_rx, sink.clone()) {
-                        Ok(t) => Some(t),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot start the AMQP bridge thread");
-                            None
-                        }
-                    }
-                } else {
-                    rt.spawn(bridge::embedded::run(sh.clone(), bus_rx, sink.clone()));
-                    None
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(api_listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot register API listener");
-                            return;
-                        }
-                    };
-                    // Graceful: in-flight calls finish (SSE streams end on the same
-                    // signal); a call still open 5 s later is cut so the process exits.
-                    let mut stop = sh.shutdown.subscribe();
-                    let mut hard = sh.shutdown.subscribe();
-                    let app = api::router(api::ApiState { shared: sh, sink });
-                    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    });
-                    tokio::select! {
-                        _ = serve => {}
-                        _ = async move {
-                            let _ = hard.wait_for(|s| *s).await;
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                        } => {}
-                    }
-                });
-                if let Some(t) = amqp_bridge {
-                    let _ = t.join();
+    let mut api = Some(ApiPart {
+        listener: api_listener,
+        bus_rx,
+        backend,
+    });
+    // One shard (e.g. one of several processes on a port): the API runs on the shard's
+    // own thread, so a request to one of its devices crosses no thread at all (with a
+    // thread of its own, each request woke it and the shard twice).
+    let api_on_shard = n == 1;
+    let mut threads = Vec::new();
+    for (id, (rx, l)) in inboxes.into_iter().zip(listeners).enumerate() {
+        let sh = shared.clone();
+        let api = if api_on_shard { api.take() } else { None };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("shard-{id}"))
+                .spawn(move || shard::run_shard(id, sh, rx, l, api))?,
+        );
+    }
+    if let Some(api) = api {
+        let sh = shared.clone();
+        threads.push(std::thread::Builder::new().name("api".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build API runtime");
+                    return;
                 }
-                if let Some(t) = backend {
-                    let _ = t.join();
-                }
-            })?,
-    );
+            };
+            let after = rt.block_on(api.serve(sh));
+            after.join();
+        })?);
+    }
     // With --amqp, the bridge says when the router is ready (broker connected).
     if shared.config.amqp.is_none() {
         shared.ready.store(true, Relaxed);
@@ -233,5 +203,66 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         api_addr,
         shared,
         threads,
+        api_thread: !api_on_shard,
     })
+}
+
+/// The HTTP API and what drains the bus (the embedded sink, or the AMQP bridge's
+/// thread): on a thread of its own, or on the shard's thread when there is one shard.
+pub struct ApiPart {
+    listener: std::net::TcpListener,
+    bus_rx: bridge::BusRx,
+    backend: Option<JoinHandle<()>>,
+}
+
+/// Threads to join once the API has stopped (they flush what they hold).
+pub struct ApiThreads(Vec<JoinHandle<()>>);
+
+impl ApiThreads {
+    pub fn join(self) {
+        for t in self.0 {
+            let _ = t.join();
+        }
+    }
+}
+
+impl ApiPart {
+    /// Serve until `shared.shutdown` flips (SSE streams end on the same signal; a call
+    /// still open 5 s later is cut so the process exits). Call inside a runtime.
+    pub async fn serve(self, sh: Arc<Shared>) -> ApiThreads {
+        let mut after = Vec::new();
+        let (sink, _) = tokio::sync::broadcast::channel(bridge::embedded::SSE_BACKLOG);
+        // --amqp: the RabbitMQ bridge drains the bus on its own thread (see
+        // bridge::amqp), joined once the API has stopped so it can flush.
+        if sh.config.amqp.is_some() {
+            match bridge::amqp::spawn(sh.clone(), self.bus_rx, sink.clone()) {
+                Ok(t) => after.push(t),
+                Err(e) => tracing::error!(error = %e, "cannot start the AMQP bridge thread"),
+            }
+        } else {
+            tokio::spawn(bridge::embedded::run(sh.clone(), self.bus_rx, sink.clone()));
+        }
+        after.extend(self.backend);
+        let listener = match tokio::net::TcpListener::from_std(self.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register API listener");
+                return ApiThreads(after);
+            }
+        };
+        let mut stop = sh.shutdown.subscribe();
+        let mut hard = sh.shutdown.subscribe();
+        let app = api::router(api::ApiState { shared: sh, sink });
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        tokio::select! {
+            _ = serve => {}
+            _ = async move {
+                let _ = hard.wait_for(|s| *s).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } => {}
+        }
+        ApiThreads(after)
+    }
 }

@@ -14,6 +14,17 @@ use uuid::Uuid;
 
 #[tokio::test]
 async fn sigterm_drains_gracefully() {
+    drains_gracefully("2").await;
+}
+
+/// One shard: the HTTP API runs on the shard's thread and must still answer the
+/// in-flight request and /readyz while the devices are closed.
+#[tokio::test]
+async fn sigterm_drains_gracefully_with_the_api_on_the_shard() {
+    drains_gracefully("1").await;
+}
+
+async fn drains_gracefully(shards: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_router"))
         .args([
             "serve",
@@ -22,7 +33,7 @@ async fn sigterm_drains_gracefully() {
             "--api",
             "127.0.0.1:0",
             "--shards",
-            "2",
+            shards,
             "--drain-seconds",
             "2",
             "--auth-secret",

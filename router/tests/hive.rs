@@ -398,6 +398,47 @@ async fn pongs_produce_device_alive() {
     reader.abort();
 }
 
+/// One shard: the HTTP API, the embedded bus and the connections share the shard's
+/// thread (no API thread). Requests, their acks, device events on /v1/events,
+/// device-alive from pongs and /metrics all still work there.
+#[tokio::test]
+async fn one_shard_serves_the_api_on_its_own_thread() {
+    let r = TestRouter::start_with(|c| {
+        c.shards = 1;
+        c.ping_interval = 1;
+    });
+    let mut events = Events::subscribe(&r).await;
+    let (d, a) = ids();
+    let mut ws = r.device(d, a).await;
+    let dev = tokio::spawn(async move {
+        for i in 0..3 {
+            let req = next_json(&mut ws).await;
+            assert_eq!(req["type"], "device-request");
+            send_json(&mut ws, json!({"type":"ack","request":req["request"]})).await;
+            send_json(&mut ws, json!({"type":"device-state","n":i})).await;
+        }
+        // Keep reading: tungstenite answers the router's pings.
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    for i in 0..3 {
+        let (status, body) = r
+            .request(d, json!({"command":"DeviceCommand","payload":{"i":i}}), "")
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "acked");
+        let ev = events
+            .find(|v| v["type"] == "device-state" && v["n"] == i)
+            .await;
+        assert_eq!(ev["device"], d.to_string());
+    }
+    let alive = events.find(|v| v["type"] == "device-alive").await;
+    assert_eq!(alive["device"], d.to_string());
+    assert_eq!(r.metric("router_requests_acked_total").await, 3.0);
+    assert_eq!(r.metric("router_connections{shard=\"0\"}").await, 1.0);
+    dev.abort();
+}
+
 #[tokio::test]
 async fn many_devices_across_shards() {
     // Devices hash to both shards; sockets accepted on one are handed to the other.

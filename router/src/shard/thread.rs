@@ -16,12 +16,14 @@ use crate::protocol::json::Scratch;
 use crate::Shared;
 
 /// The shard thread's body: build the runtime, accept, serve; on Drain, close
-/// connections gradually and return when none is left.
+/// connections gradually and return when none is left. With `api` (a process of one
+/// shard) the HTTP API runs here too, and stops once the connections are gone.
 pub fn run_shard(
     id: usize,
     shared: Arc<Shared>,
     rx: crossbeam_channel::Receiver<ShardMsg>,
     listener: std::net::TcpListener,
+    api: Option<crate::ApiPart>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -34,12 +36,13 @@ pub fn run_shard(
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    let api_threads = local.block_on(&rt, async move {
+        let api = api.map(|a| tokio::task::spawn_local(a.serve(shared.clone())));
         let poller = match Poller::new() {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(shard = id, error = %e, "cannot create the connection poller");
-                return;
+                return None;
             }
         };
         let ctx = Rc::new(ShardCtx {
@@ -106,7 +109,7 @@ pub fn run_shard(
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(shard = id, error = %e, "cannot register listener");
-                return;
+                return None;
             }
         };
         let accept = tokio::task::spawn_local(crate::listener::accept_loop(ctx.clone(), listener));
@@ -154,5 +157,13 @@ pub fn run_shard(
         driver.abort();
         // Device-alive events still waiting for a tick.
         ctx.wake_bus();
+        // The API on this thread: devices are gone, end SSE streams and let it finish
+        // what it holds (the process's stop does the same for an API thread).
+        let api = api?;
+        shared.shutdown.send_replace(true);
+        api.await.ok()
     });
+    if let Some(t) = api_threads {
+        t.join();
+    }
 }
