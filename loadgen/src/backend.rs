@@ -108,21 +108,24 @@ pub struct Sample {
     pub due_us: u64,
     pub node: usize,
     pub latency_us: u64,
+    /// How late the request left (the sender's own delay, part of `latency_us`).
+    pub late_us: u64,
     pub outcome: &'static str,
 }
 
 /// The request log as CSV, in due-time order.
 pub fn write_log(mut samples: Vec<Sample>, out: &mut impl std::io::Write) -> std::io::Result<()> {
     samples.sort_by_key(|s| s.due_us);
-    writeln!(out, "due_ms,node,latency_us,outcome")?;
+    writeln!(out, "due_ms,node,latency_us,late_us,outcome")?;
     for s in samples {
         writeln!(
             out,
-            "{}.{:03},{},{},{}",
+            "{}.{:03},{},{},{},{}",
             s.due_us / 1000,
             s.due_us % 1000,
             s.node,
             s.latency_us,
+            s.late_us,
             s.outcome
         )?;
     }
@@ -195,7 +198,14 @@ pub async fn run(
             counter.fetch_add(1, Ordering::Relaxed);
             if let Some(s) = samples2 {
                 let due_us = due.saturating_duration_since(start).as_micros() as u64;
-                let sample = Sample { due_us, node: api, latency_us: us, outcome };
+                let late_us = sent.saturating_duration_since(due).as_micros() as u64;
+                let sample = Sample {
+                    due_us,
+                    node: api,
+                    latency_us: us,
+                    late_us,
+                    outcome,
+                };
                 s.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
             }
         });
@@ -214,13 +224,22 @@ mod tests {
 
     #[test]
     fn request_log_is_csv_in_due_order() {
-        let s = |due_us, node, latency_us, outcome| Sample { due_us, node, latency_us, outcome };
+        let s = |due_us, node, latency_us, late_us, outcome| Sample {
+            due_us,
+            node,
+            latency_us,
+            late_us,
+            outcome,
+        };
         let mut out = Vec::new();
-        write_log(vec![s(2_500_017, 3, 912, "acked"), s(1_000, 0, 5_000_000, "timeout")], &mut out)
-            .unwrap();
+        let samples = vec![
+            s(2_500_017, 3, 912, 4, "acked"),
+            s(1_000, 0, 5_000_000, 0, "timeout"),
+        ];
+        write_log(samples, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "due_ms,node,latency_us,outcome\n1.000,0,5000000,timeout\n2500.017,3,912,acked\n"
+            "due_ms,node,latency_us,late_us,outcome\n1.000,0,5000000,0,timeout\n2500.017,3,912,4,acked\n"
         );
     }
 }

@@ -109,9 +109,9 @@ pub struct Args {
     /// Write the ack-latency histogram (HdrHistogram V2, base64) here.
     #[arg(long, env = "LOADGEN_HDR_LOG")]
     pub hdr_log: Option<PathBuf>,
-    /// Write one CSV line per backend request here (`due_ms,node,latency_us,outcome`:
+    /// Write one CSV line per backend request here (`due_ms,node,latency_us,late_us,outcome`:
     /// due time from the start of the steady phase, index of the --api node, latency as
-    /// in the report, outcome acked/timeout/offline/http_error/transport_error), to find
+    /// in the report, how late the request left (the sender's own delay), outcome acked/timeout/offline/http_error/transport_error), to find
     /// when and where a latency tail happened.
     #[arg(long, env = "LOADGEN_REQUEST_LOG")]
     pub request_log: Option<PathBuf>,

@@ -11,10 +11,12 @@
 //! connect was twice the router's; see the README's connects/s figures.
 
 use std::cell::{Cell, RefCell};
+use std::pin::Pin;
+use std::task::Poll;
 
 use base64::Engine;
 use rand::RngCore;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Largest frame a device accepts (the router's requests and events are a few hundred
@@ -110,10 +112,7 @@ pub async fn handshake(
         .map_err(|_| WsError::Lost)?;
     let mut head = Vec::with_capacity(512);
     let rest = loop {
-        tcp.readable().await.map_err(|_| WsError::Lost)?;
-        if read_scratch(&tcp, |data| head.extend_from_slice(data))?.is_none() {
-            continue;
-        }
+        read_scratch(&mut tcp, |data| head.extend_from_slice(data)).await?;
         if let Some(end) = check_response(&head, &key)? {
             break head.split_off(end);
         }
@@ -164,15 +163,9 @@ impl Ws {
             if !self.frames.control.is_empty() {
                 self.flush_control().await?;
             }
-            self.tcp.readable().await.map_err(|_| WsError::Lost)?;
-            self.read_some()?;
+            let frames = &mut self.frames;
+            read_scratch(&mut self.tcp, |data| frames.ingest(data)).await??;
         }
-    }
-
-    /// One non-blocking read into the worker's scratch buffer, parsed at once.
-    fn read_some(&mut self) -> Result<(), WsError> {
-        let frames = &mut self.frames;
-        read_scratch(&self.tcp, |data| frames.ingest(data))?.unwrap_or(Ok(()))
     }
     /// Write owed pongs.
     async fn flush_control(&mut self) -> Result<(), WsError> {
@@ -203,18 +196,25 @@ impl Ws {
     }
 }
 
-/// One non-blocking read into the worker's scratch buffer, handed to `f`. Ok(None): nothing
-/// to read yet (readiness was stale).
-fn read_scratch<R>(tcp: &TcpStream, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, WsError> {
-    SCRATCH_BUF.with(|b| {
-        let mut b = b.borrow_mut();
-        match tcp.try_read(&mut b) {
-            Ok(0) => Err(WsError::Lost),
-            Ok(n) => Ok(Some(f(&b[..n]))),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-            Err(_) => Err(WsError::Lost),
-        }
+/// Wait for bytes, read what has arrived into the worker's scratch buffer and hand it to
+/// `f` in the same poll (so a cancelled wait loses nothing). Through `poll_read`: a read
+/// shorter than the buffer drained the socket, and tokio then clears its readiness, so the
+/// next wait needs no extra read that could only say WouldBlock (one syscall less per
+/// ping, request or event a device receives).
+async fn read_scratch<R>(tcp: &mut TcpStream, mut f: impl FnMut(&[u8]) -> R) -> Result<R, WsError> {
+    std::future::poll_fn(|cx| {
+        SCRATCH_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let mut rb = ReadBuf::new(&mut b[..]);
+            match Pin::new(&mut *tcp).poll_read(cx, &mut rb) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(WsError::Lost)),
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(f(rb.filled()))),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(WsError::Lost)),
+            }
+        })
     })
+    .await
 }
 
 impl Frames {

@@ -179,20 +179,24 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     }
     if let Some(api) = api {
         let sh = shared.clone();
-        threads.push(std::thread::Builder::new().name("api".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot build API runtime");
-                    return;
-                }
-            };
-            let after = rt.block_on(api.serve(sh));
-            after.join();
-        })?);
+        threads.push(
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot build API runtime");
+                            return;
+                        }
+                    };
+                    let after = rt.block_on(api.serve(sh));
+                    after.join();
+                })?,
+        );
     }
     // With --amqp, the bridge says when the router is ready (broker connected).
     if shared.config.amqp.is_none() {
