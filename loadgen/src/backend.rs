@@ -2,12 +2,9 @@
 //! rate, each timed from its due time to the ack's HTTP answer (µs, HDR). Requests go to
 //! the node that holds the device, learned from each node's `GET /v1/devices`.
 //!
-//! HTTP client: reqwest (hyper underneath, HTTP/1.1 keep-alive pool, no TLS features).
-//! A hand-written HTTP/1.1 writer over raw TCP would shave microseconds, but the client
-//! runs in the coordinator, which holds no device sockets, and at the request rates one
-//! 2-core host can sustain (thousands/s) hyper's cost is far below the router's; the
-//! pool opens as many connections as there are requests in flight, so a slow router
-//! never makes requests queue behind each other in the client (that would hide latency).
+//! HTTP client for the requests: `http::Node`, keep-alive connections per node; the pool
+//! opens as many connections as there are requests in flight, so a slow router never
+//! makes requests queue behind each other in the client (that would hide latency).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +16,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::hist;
+use crate::http::HttpError;
 use crate::sched::{latency, OpenLoop};
 
 /// Outcome counts of the backend's requests (stable JSON field names).
@@ -63,6 +61,8 @@ impl Counters {
 pub struct Backend {
     pub http: reqwest::Client,
     pub apis: Vec<String>,
+    /// The request path's own client, one per API node (see `http`).
+    pub nodes: Vec<crate::http::Node>,
 }
 
 /// (api index, device) pairs to aim at: devices each node says it holds. A router without
@@ -168,32 +168,25 @@ pub async fn run(
         }
         tokio::time::sleep_until(tokio::time::Instant::from_std(sched.wake(i))).await;
         let (api, device) = targets[rand::thread_rng().gen_range(0..targets.len())];
-        let url = format!("{}/v1/devices/{device}/requests", b.apis[api]);
+        let path = format!("/v1/devices/{device}/requests");
         let (b2, acks2, counts2, body2) = (b.clone(), acks.clone(), counts.clone(), body.clone());
         let samples2 = log.then(|| samples.clone());
         tasks.spawn(async move {
             let sent = Instant::now();
             counts2.sent.fetch_add(1, Ordering::Relaxed);
-            let r = b2
-                .http
-                .post(url)
-                .header("content-type", "application/json")
-                .timeout(client_timeout)
-                .body(body2)
-                .send()
-                .await;
+            let r = b2.nodes[api].post_json(&path, &body2, client_timeout).await;
             let done = Instant::now();
             let c = &counts2;
             let us = latency(due, sent, done).as_micros() as u64;
-            let (counter, outcome) = match r.map(|r| r.status().as_u16()) {
+            let (counter, outcome) = match r {
                 Ok(200) => {
                     hist::record(&mut acks2.lock().unwrap_or_else(|e| e.into_inner()), us);
                     (&c.acked, "acked")
                 }
                 Ok(504) => (&c.timeout, "timeout"),
                 Ok(404) => (&c.offline, "offline"),
-                Ok(_) => (&c.http_error, "http_error"),
-                Err(_) => (&c.transport_error, "transport_error"),
+                Ok(_) | Err(HttpError::Malformed) => (&c.http_error, "http_error"),
+                Err(HttpError::Transport) => (&c.transport_error, "transport_error"),
             };
             counter.fetch_add(1, Ordering::Relaxed);
             if let Some(s) = samples2 {

@@ -291,9 +291,15 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let router_conns = metric_sum(&http, &apis, "router_connections").await;
 
     // Steady phase.
+    let nodes = apis
+        .iter()
+        .map(|a| crate::http::Node::new(a))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--api {e}"))?;
     let backend = Arc::new(Backend {
         http: http.clone(),
         apis: apis.clone(),
+        nodes,
     });
     let mut targets = backend::targets(&backend, TARGETS_PER_NODE, args.devices).await;
     if args.request_via == crate::cli::RequestVia::Cross {

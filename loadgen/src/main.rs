@@ -7,6 +7,7 @@ mod cli;
 mod coordinator;
 mod device;
 mod hist;
+mod http;
 mod net;
 mod progress;
 mod report;
