@@ -6,7 +6,7 @@
 //! ack latency measures and shares the two cores with the routers: at 2,000 requests/s
 //! reqwest (hyper's client, its pool, a timer and a task per request) took ~98 µs of CPU
 //! per request in the coordinator, about as much as the router's whole request path
-//! (README, "Ack latency"). reqwest is still used for everything else (device lists,
+//! (README, "Measured", CPU per request). reqwest is still used for everything else (device lists,
 //! metrics, event streams).
 
 use std::sync::Mutex;
