@@ -12,15 +12,16 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use uuid::Uuid;
 
+/// Two shards (an API thread), then one shard (the HTTP API on the shard's thread, which
+/// must still answer the in-flight request and /readyz while the devices are closed).
+/// One after the other, not as two parallel tests: run in parallel, the two-shard case
+/// once got a 504 for the in-flight request (whose ack comes 700 ms into a 2 s drain) in
+/// a fresh-clone CI run. Not reproduced in 14 local runs, also with both cores loaded;
+/// the cause is not known, and running them apart restores the conditions the two-shard
+/// case always passed in.
 #[tokio::test]
 async fn sigterm_drains_gracefully() {
     drains_gracefully("2").await;
-}
-
-/// One shard: the HTTP API runs on the shard's thread and must still answer the
-/// in-flight request and /readyz while the devices are closed.
-#[tokio::test]
-async fn sigterm_drains_gracefully_with_the_api_on_the_shard() {
     drains_gracefully("1").await;
 }
 
