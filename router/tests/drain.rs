@@ -15,10 +15,9 @@ use uuid::Uuid;
 /// Two shards (an API thread), then one shard (the HTTP API on the shard's thread, which
 /// must still answer the in-flight request and /readyz while the devices are closed).
 /// One after the other, not as two parallel tests: run in parallel, the two-shard case
-/// once got a 504 for the in-flight request (whose ack comes 700 ms into a 2 s drain) in
-/// a fresh-clone CI run. Not reproduced in 14 local runs, also with both cores loaded;
-/// the cause is not known, and running them apart restores the conditions the two-shard
-/// case always passed in.
+/// once got a 504 for the in-flight request in a fresh-clone CI run (not reproduced in 14
+/// local runs). SIGTERM went out 100 ms after the request then, whether or not the
+/// request had reached its device; now it waits for that.
 #[tokio::test]
 async fn sigterm_drains_gracefully() {
     drains_gracefully("2").await;
@@ -62,6 +61,8 @@ async fn drains_gracefully(shards: &str) {
     let start = Instant::now();
     let mut closers = Vec::new();
     let mut slow = None;
+    // Says when the in-flight request has reached its device.
+    let (delivered_tx, mut delivered) = tokio::sync::mpsc::unbounded_channel::<()>();
     for i in 0..20 {
         let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
         let mut req = ws_url.as_str().into_client_request().unwrap();
@@ -76,6 +77,7 @@ async fn drains_gracefully(shards: &str) {
         if i == 0 {
             slow = Some(d);
         }
+        let delivered_tx = delivered_tx.clone();
         closers.push(tokio::spawn(async move {
             loop {
                 use futures_util::StreamExt;
@@ -84,6 +86,7 @@ async fn drains_gracefully(shards: &str) {
                         // The in-flight request: ack it late, during the drain.
                         let v: serde_json::Value = serde_json::from_str(&t).unwrap();
                         if v["type"] == "device-request" {
+                            let _ = delivered_tx.send(());
                             tokio::time::sleep(Duration::from_millis(700)).await;
                             send_json(&mut ws, json!({"type":"ack","request":v["request"]})).await;
                         }
@@ -111,7 +114,11 @@ async fn drains_gracefully(shards: &str) {
             r.status().as_u16()
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // SIGTERM once the device holds the request: in flight, not racing the drain (a
+    // request that reaches a shard after its device was closed is not "in flight").
+    tokio::time::timeout(Duration::from_secs(5), delivered.recv())
+        .await
+        .expect("the request reached its device");
     let sigterm_at = start.elapsed();
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
