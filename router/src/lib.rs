@@ -61,7 +61,6 @@ pub struct RouterHandle {
     /// Shard threads, then the API thread last (none with one shard: the API runs on
     /// the shard's thread then).
     threads: Vec<JoinHandle<()>>,
-    api_thread: bool,
 }
 
 impl RouterHandle {
@@ -90,7 +89,7 @@ impl RouterHandle {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        let api = if self.api_thread {
+        let api = if self.shared.shards.len() > 1 {
             self.threads.pop()
         } else {
             None
@@ -207,7 +206,6 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         api_addr,
         shared,
         threads,
-        api_thread: !api_on_shard,
     })
 }
 
