@@ -211,8 +211,8 @@ pub struct ShardCtx {
     ticks: Cell<u64>,
     /// `coarse_secs()` when the shard started.
     started: u64,
-    /// Set on drain: connections are closed gradually until then.
-    drain_until: Cell<Option<Instant>>,
+    /// Set on drain: connections are closed gradually until its `until`.
+    drain: Cell<Option<timer::DrainPlan>>,
     /// Connects per source IP in the current second (only with --ip-connect-rate).
     ip_rate: RefCell<HashMap<std::net::IpAddr, (u32, u32)>>,
     /// Readiness of every authenticated connection (one epoll per shard).
@@ -498,7 +498,7 @@ impl ShardCtx {
     /// May a new connection from `ip` be accepted? Err: the HTTP status line and why.
     pub fn admit(&self, ip: std::net::IpAddr) -> Result<(), (&'static str, &'static str)> {
         let m = self.metrics();
-        if self.drain_until.get().is_some() || self.shared.draining.load(Relaxed) {
+        if self.drain.get().is_some() || self.shared.draining.load(Relaxed) {
             m.refused_draining.fetch_add(1, Relaxed);
             return Err((
                 "503 Service Unavailable",
@@ -617,7 +617,11 @@ impl ShardCtx {
                 let _ = reply.send(self.routes.borrow().keys().take(limit).copied().collect());
             }
             ShardMsg::Drain(until) => {
-                self.drain_until.set(Some(until));
+                self.drain.set(Some(timer::DrainPlan {
+                    from: Instant::now(),
+                    until,
+                    initial: self.routes.borrow().len(),
+                }));
                 return false;
             }
         }

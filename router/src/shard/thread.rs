@@ -56,7 +56,7 @@ pub fn run_shard(
             next_conn_id: Cell::new(0),
             ticks: Cell::new(0),
             started: coarse_secs(),
-            drain_until: Cell::new(None),
+            drain: Cell::new(None),
             ip_rate: RefCell::new(HashMap::new()),
             poller,
             slab: RefCell::new(Vec::new()),
@@ -144,7 +144,8 @@ pub fn run_shard(
         // accepting); the tick closes ours gradually; messages are still served.
         accept.abort();
         ctx.tick();
-        let hard_stop = ctx.drain_until.get().unwrap_or_else(Instant::now) + Duration::from_secs(5);
+        let hard_stop =
+            ctx.drain.get().map_or_else(Instant::now, |d| d.until) + Duration::from_secs(5);
         while Instant::now() < hard_stop
             && (!ctx.routes.borrow().is_empty() || ctx.metrics().handshakes.load(Relaxed) > 0)
         {

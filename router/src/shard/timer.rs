@@ -21,7 +21,6 @@ const PING_SLOTS: usize = 50;
 /// The rest of the housekeeping (request expiry, lingering closes, drain) runs every
 /// this many ticks (100 ms).
 const HOUSEKEEPING_EVERY: u64 = 5;
-const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
 /// Seconds from authentication to a connection's first ping: spread over the second half
 /// of the interval by the connection's id. Devices that (re)connect together, after a
@@ -94,25 +93,55 @@ impl ShardCtx {
                 self.release(&c);
             }
         }
-        if let Some(until) = self.drain_until.get() {
-            self.drain_step(instant, until);
+        if let Some(plan) = self.drain.get() {
+            self.drain_step(instant, plan);
         }
     }
 
-    /// Close a share of the remaining connections so the last goes at `until`;
-    /// devices with a request in flight go last, so it can finish.
-    fn drain_step(&self, now: Instant, until: Instant) {
-        let ticks_left = (until.saturating_duration_since(now).as_millis()
-            / HOUSEKEEPING.as_millis())
-        .max(1) as usize;
+    /// Close what the plan says should be gone by now. Devices with a request in flight
+    /// are kept to the end of the drain, so it can finish: they go once it has, or at
+    /// `until` with the rest.
+    fn drain_step(&self, now: Instant, plan: DrainPlan) {
+        let open = self.routes.borrow().len();
+        let to_close = open.saturating_sub(plan.may_remain(now));
+        if to_close == 0 {
+            return;
+        }
         let busy: std::collections::HashSet<Uuid> =
             self.pending.borrow().values().map(|p| p.device).collect();
-        let mut conns: Vec<Rc<Conn>> = self.routes.borrow().values().cloned().collect();
-        conns.sort_by_key(|c| busy.contains(&c.meta.device));
-        let n = conns.len().div_ceil(ticks_left);
-        for c in conns.iter().take(n) {
+        let last = now >= plan.until;
+        let conns: Vec<Rc<Conn>> = self
+            .routes
+            .borrow()
+            .values()
+            .filter(|c| last || !busy.contains(&c.meta.device))
+            .take(to_close)
+            .cloned()
+            .collect();
+        for c in conns {
             c.fail(self, 1001, "router draining");
         }
+    }
+}
+
+/// A shard's drain: `initial` connections at `from`, the last closed at `until`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DrainPlan {
+    pub from: Instant,
+    pub until: Instant,
+    pub initial: usize,
+}
+
+impl DrainPlan {
+    /// How many connections may still be open at `now`: falls evenly from `initial` at
+    /// `from` to 0 at `until` (the last one goes at `until`, not early).
+    pub fn may_remain(&self, now: Instant) -> usize {
+        let span = self.until.saturating_duration_since(self.from).as_micros();
+        let left = self.until.saturating_duration_since(now).as_micros();
+        if span == 0 || left == 0 {
+            return 0;
+        }
+        (self.initial as u128 * left).div_ceil(span) as usize
     }
 }
 
@@ -137,5 +166,30 @@ mod tests {
             super::first_ping_after(2, 7).clamp(1, 2),
             super::first_ping_after(2, 7)
         );
+    }
+
+    /// The drain closes evenly over its span: a quarter of the way, a quarter is gone;
+    /// the last connection stays until the end (10 over 2 s used to be gone after 1 s).
+    #[test]
+    fn drain_plan_spreads_closes_to_the_deadline() {
+        use std::time::{Duration, Instant};
+        let from = Instant::now();
+        let plan = super::DrainPlan {
+            from,
+            until: from + Duration::from_secs(2),
+            initial: 10,
+        };
+        assert_eq!(plan.may_remain(from), 10);
+        assert_eq!(plan.may_remain(from + Duration::from_millis(500)), 8);
+        assert_eq!(plan.may_remain(from + Duration::from_millis(1000)), 5);
+        assert_eq!(plan.may_remain(from + Duration::from_millis(1900)), 1);
+        assert_eq!(plan.may_remain(from + Duration::from_millis(1999)), 1);
+        assert_eq!(plan.may_remain(from + Duration::from_secs(2)), 0);
+        assert_eq!(plan.may_remain(from + Duration::from_secs(3)), 0);
+        let none = super::DrainPlan {
+            until: from,
+            ..plan
+        };
+        assert_eq!(none.may_remain(from), 0);
     }
 }
