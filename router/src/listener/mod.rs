@@ -44,6 +44,9 @@ pub fn bind_reuseport(
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt per
+        // connection less (`accepted_sockets_have_nodelay` checks the kernel does).
+        s.set_nodelay(true)?;
         s.bind(&bound.into())?;
         if defer_accept > 0 {
             let secs = defer_accept as libc::c_int;
@@ -159,7 +162,6 @@ fn sockaddr_to_std(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
 }
 
 fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
     ctx.metrics().accepted.fetch_add(1, Relaxed);
     if let Err((status, why)) = ctx.admit(peer.ip()) {
         // Refused fast, before reading anything: never queued, never hung.
@@ -588,5 +590,30 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
             _ => return Outcome::Refused(4401, AuthError::Missing),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The router no longer sets TCP_NODELAY per connection: it relies on accepted
+    /// sockets inheriting it from the listener. If a kernel did not, every small frame
+    /// would wait for Nagle (40 ms ack latency): this fails first.
+    #[test]
+    fn accepted_sockets_have_nodelay() {
+        let (addr, listeners) =
+            super::bind_reuseport("127.0.0.1:0".parse().unwrap(), 1, 0).unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let l = &listeners[0];
+        let accepted = loop {
+            match super::accept_nonblocking(l) {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        assert!(!client.nodelay().unwrap());
     }
 }

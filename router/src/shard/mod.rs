@@ -399,9 +399,14 @@ impl ShardCtx {
                 _ => return, // already released
             }
         }
-        self.poller.delete(c.fd());
         self.free.borrow_mut().push(c.slot);
         self.unregister(c);
+        // Closing the descriptor takes it out of the epoll set. When the caller's
+        // reference is the last, it closes as the caller returns, before this thread
+        // waits on the poller again: no EPOLL_CTL_DEL (one system call per connection).
+        if Rc::strong_count(c) > 1 {
+            self.poller.delete(c.fd());
+        }
     }
 
     fn settle_dirty(&self) {

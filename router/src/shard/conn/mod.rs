@@ -78,6 +78,9 @@ struct State {
     lingering: bool,
     /// Our write side is shut down.
     shut: bool,
+    /// The peer sent its close frame (we answer it): once the answer is out the close
+    /// handshake is complete and the socket is closed at once, no shutdown, no linger.
+    peer_closed: bool,
     /// Events registered with the shard's poller.
     interest: u32,
     /// Per-device rate limit: tokens left, the second they were last refilled, and
@@ -538,7 +541,9 @@ impl Conn {
                 };
                 // Echo the close (RFC 6455 §5.5.1); not counted as a router-initiated close.
                 self.send_control(ctx, OP_CLOSE, &code.to_be_bytes());
-                self.st.borrow_mut().closing = true;
+                let mut st = self.st.borrow_mut();
+                st.closing = true;
+                st.peer_closed = true;
             }
             OP_CONT => {
                 let mut st = self.st.borrow_mut();
@@ -692,6 +697,12 @@ impl Conn {
             }
             if st.has_out() {
                 return Some(IN | OUT);
+            }
+            // RFC 6455 §7.1.1: after the close handshake the server closes the TCP
+            // connection first. The peer has said its last word; close, and its FIN
+            // needs no waiting for.
+            if st.peer_closed {
+                return None;
             }
             if !st.shut {
                 st.shut = true;
