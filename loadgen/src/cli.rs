@@ -115,6 +115,12 @@ pub struct Args {
     /// when and where a latency tail happened.
     #[arg(long, env = "LOADGEN_REQUEST_LOG")]
     pub request_log: Option<PathBuf>,
+    /// Run the coordinator (the backend's request clock and its stopwatch) SCHED_FIFO
+    /// (priority 1) once its workers are started, so its own waits for a CPU on a shared
+    /// machine do not count as the router's ack latency. Workers (the simulated devices)
+    /// keep normal priority. Needs root or CAP_SYS_NICE; without, a warning and the run goes on.
+    #[arg(long, env = "LOADGEN_REALTIME")]
+    pub realtime: bool,
     /// Worker processes (0 = as many as --per-worker needs).
     #[arg(long, env = "LOADGEN_WORKERS", default_value_t = 0)]
     pub workers: usize,

@@ -58,6 +58,17 @@ const RAMP_POLL: Duration = Duration::from_millis(50);
 /// Devices per node the backend aims its requests at (a random one each time).
 const TARGETS_PER_NODE: usize = 5000;
 
+/// SCHED_FIFO priority 1 for this thread: the coordinator is one thread (see `run`).
+fn realtime() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn spawn_workers(k: usize, account: uuid::Uuid) -> anyhow::Result<Workers> {
     let exe = std::env::current_exe()?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -255,6 +266,14 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
 
     // Ramp.
     let mut workers = spawn_workers(k, account)?;
+    // After the spawn: the workers must not inherit the policy.
+    if args.realtime {
+        match realtime() {
+            Ok(()) if !args.quiet => eprintln!("coordinator runs SCHED_FIFO 1 (--realtime)"),
+            Ok(()) => {}
+            Err(e) => eprintln!("--realtime: cannot switch to SCHED_FIFO ({e}); going on without"),
+        }
+    }
     let ramp_start = Instant::now();
     let ramp_deadline = ramp_start + Duration::from_secs_f64(args.ramp_timeout);
     // Connect rate shown over the last second or so (samples arrive every 100 ms).
