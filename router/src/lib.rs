@@ -178,24 +178,9 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     }
     if let Some(api) = api {
         let sh = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("api".into())
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot build API runtime");
-                            return;
-                        }
-                    };
-                    let after = rt.block_on(api.serve(sh));
-                    after.join();
-                })?,
-        );
+        threads.push(runtime_thread("api", move |rt| {
+            rt.block_on(api.serve(sh)).join();
+        })?);
     }
     // With --amqp, the bridge says when the router is ready (broker connected).
     if shared.config.amqp.is_none() {
@@ -207,6 +192,27 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         shared,
         threads,
     })
+}
+
+/// A named thread with a current-thread tokio runtime for `body` (the API, the AMQP
+/// bridge, the backend delivery). A runtime that cannot be built is logged and the
+/// thread ends.
+pub(crate) fn runtime_thread(
+    name: &str,
+    body: impl FnOnce(&tokio::runtime::Runtime) + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let what = name.to_string();
+    std::thread::Builder::new()
+        .name(what.clone())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => body(&rt),
+                Err(e) => tracing::error!(thread = %what, error = %e, "cannot build a runtime"),
+            }
+        })
 }
 
 /// The HTTP API and what drains the bus (the embedded sink, or the AMQP bridge's

@@ -104,35 +104,23 @@ pub fn spawn(
     rx: BusRx,
     sink: broadcast::Sender<Bytes>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("amqp-bridge".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot build the AMQP bridge runtime");
-                    return;
-                }
-            };
-            let Some(url) = shared.config.amqp.clone() else {
-                return;
-            };
-            let bridge = Bridge {
-                shutdown: shared.shutdown.subscribe(),
-                buffer: VecDeque::new(),
-                cap: shared.config.amqp_buffer.max(1),
-                window: shared.config.amqp_confirm_window.max(1) as usize,
-                name: format!("hive-router {}", shared.node_id),
-                url,
-                shared,
-                rx,
-                sink,
-            };
-            rt.block_on(bridge.run());
-        })
+    crate::runtime_thread("amqp-bridge", move |rt| {
+        let Some(url) = shared.config.amqp.clone() else {
+            return;
+        };
+        let bridge = Bridge {
+            shutdown: shared.shutdown.subscribe(),
+            buffer: VecDeque::new(),
+            cap: shared.config.amqp_buffer.max(1),
+            window: shared.config.amqp_confirm_window.max(1) as usize,
+            name: format!("hive-router {}", shared.node_id),
+            url,
+            shared,
+            rx,
+            sink,
+        };
+        rt.block_on(bridge.run());
+    })
 }
 
 /// Why a connected session ended.
@@ -593,13 +581,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_jitters_and_caps() {
-        for attempt in 0..40 {
-            let d = backoff(attempt);
-            let full = BACKOFF_BASE
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(BACKOFF_CAP);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
-        }
+        super::super::tests::assert_jittered_doubling(backoff, BACKOFF_BASE, BACKOFF_CAP);
         assert!(backoff(30) <= BACKOFF_CAP);
         assert!(backoff(0) >= Duration::from_millis(50));
     }

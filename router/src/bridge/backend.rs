@@ -129,24 +129,12 @@ fn redact(url: &str) -> String {
 
 /// Start the backend delivery thread. It runs until `shared.shutdown` flips.
 pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("backend-delivery".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot build the backend delivery runtime");
-                    return;
-                }
-            };
-            let Some(delivery) = Delivery::new(shared) else {
-                return;
-            };
-            rt.block_on(delivery.run());
-        })
+    crate::runtime_thread("backend-delivery", move |rt| {
+        let Some(delivery) = Delivery::new(shared) else {
+            return;
+        };
+        rt.block_on(delivery.run());
+    })
 }
 
 /// Why a connected session ended.
@@ -686,13 +674,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_jitters_and_caps_at_ten_seconds() {
-        for attempt in 0..40 {
-            let d = backoff(attempt);
-            let full = BACKOFF_BASE
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(BACKOFF_CAP);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
-        }
+        super::super::tests::assert_jittered_doubling(backoff, BACKOFF_BASE, BACKOFF_CAP);
         assert!(backoff(30) >= Duration::from_secs(5));
     }
 

@@ -142,3 +142,18 @@ pub fn jittered_backoff(
     let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
     std::time::Duration::from_millis(half + r % (half + 1))
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    /// `backoff(attempt)` is `base` doubled per attempt, capped at `cap`, and jittered
+    /// into [d/2, d].
+    pub fn assert_jittered_doubling(backoff: fn(u32) -> Duration, base: Duration, cap: Duration) {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            let full = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+    }
+}
