@@ -1,0 +1,122 @@
+//! A connection's side of the shard's poller: starting and resuming reads, readiness
+//! events, the linger after a close, and the interest the shard registers for it.
+
+use std::io::{self, Read};
+
+use super::{Conn, READS_PER_WAKE};
+use crate::shard::poller::{HUP_ERR, IN, OUT};
+use crate::shard::ShardCtx;
+
+impl Conn {
+    /// Just adopted: bytes that came with the handshake, and what rustls already holds.
+    pub fn start(&self, ctx: &ShardCtx, mut leftover: Vec<u8>) {
+        if !leftover.is_empty() {
+            self.on_bytes(ctx, &mut leftover);
+        }
+        if self.st.borrow().tls.is_some() {
+            self.drain_plaintext(ctx);
+        }
+    }
+
+    /// Backpressure is over: handle the bytes that waited, then what rustls holds.
+    pub fn resume(&self, ctx: &ShardCtx) {
+        if self.is_done() {
+            return;
+        }
+        self.on_bytes(ctx, &mut []);
+        if self.st.borrow().tls.is_some() {
+            self.drain_plaintext(ctx);
+        }
+    }
+
+    /// Readiness reported by the shard's poller.
+    pub fn on_event(&self, ctx: &ShardCtx, events: u32) {
+        let lingering = self.st.borrow().lingering;
+        if events & (IN | HUP_ERR) != 0 {
+            if lingering {
+                self.linger_read(ctx);
+            } else if !self.is_done() {
+                self.on_readable(ctx);
+            }
+        }
+        if events & OUT != 0 {
+            self.flush();
+        }
+    }
+
+    /// While closing: discard what the peer still sends until its FIN.
+    fn linger_read(&self, ctx: &ShardCtx) {
+        let mut buf = ctx.read_buf.take();
+        for _ in 0..READS_PER_WAKE {
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => {
+                    self.st.borrow_mut().dead = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.st.borrow_mut().dead = true;
+                    break;
+                }
+            }
+        }
+        *ctx.read_buf.borrow_mut() = buf;
+    }
+
+    /// After any change: the events to wait for next, or None when the connection is
+    /// finished (the socket is gone, or the peer completed the close) and must be
+    /// released. Sets `started_linger` the first time it finds the connection closing,
+    /// so the shard starts the linger deadline.
+    pub fn settle(&self, started_linger: &mut bool) -> Option<u32> {
+        let (dead, closing) = {
+            let st = self.st.borrow();
+            (st.dead, st.closing)
+        };
+        if dead {
+            return None;
+        }
+        if closing {
+            {
+                let mut st = self.st.borrow_mut();
+                if !st.lingering {
+                    st.lingering = true;
+                    *started_linger = true;
+                    if let Some(tls) = st.tls.as_mut() {
+                        tls.send_close_notify();
+                    }
+                }
+            }
+            self.flush();
+            let mut st = self.st.borrow_mut();
+            if st.dead {
+                return None;
+            }
+            if st.has_out() {
+                return Some(IN | OUT);
+            }
+            // RFC 6455 §7.1.1: after the close handshake the server closes the TCP
+            // connection first. The peer has said its last word; close, and its FIN
+            // needs no waiting for.
+            if st.peer_closed {
+                return None;
+            }
+            if !st.shut {
+                st.shut = true;
+                let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            }
+            return Some(IN);
+        }
+        Some(if self.has_out() { IN | OUT } else { IN })
+    }
+
+    /// The registered interest, updated when `want` differs; Some(want) if it changed.
+    pub fn set_interest(&self, want: u32) -> Option<u32> {
+        let mut st = self.st.borrow_mut();
+        (st.interest != want).then(|| {
+            st.interest = want;
+            want
+        })
+    }
+}
