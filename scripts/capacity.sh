@@ -7,6 +7,7 @@
 #   scripts/capacity.sh --devices 200000 [--amqp URL] [--protocol hive|phoenix|hivekit|mixed]
 #                       [--request-rate 2000] [--duration 20] [--connect-rate 10000]
 #                       [--per-node 12000] [--port 9800] [--json FILE] [--no-priority]
+#                       [--request-log FILE]
 #
 # Priority (off with --no-priority): on a machine with scheduler autogroups the whole
 # run (routers, workers, coordinator) is one group, weighted like one nice-0 process
@@ -17,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRIORITY=1 DEVICES=10000 AMQP="" PROTOCOL=hive RATE=2000 DURATION=20 CONNECT_RATE=10000 PER_NODE=12000 PORT=9800 JSON=target/capacity-report.json EVENTS=0
+PRIORITY=1 DEVICES=10000 AMQP="" PROTOCOL=hive RATE=2000 DURATION=20 CONNECT_RATE=10000 PER_NODE=12000 PORT=9800 JSON=target/capacity-report.json EVENTS=0 REQLOG=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) DEVICES=$2; shift 2 ;;
@@ -31,7 +32,8 @@ while [ $# -gt 0 ]; do
     --json) JSON=$2; shift 2 ;;
     --event-interval) EVENTS=$2; shift 2 ;;
     --no-priority) PRIORITY=0; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --request-log) REQLOG=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -89,7 +91,7 @@ echo "capacity: $DEVICES $PROTOCOL devices over $NODES router node(s) on 127.0.0
 set +e
 "$LOADGEN" --devices "$DEVICES" --protocol "$PROTOCOL" --url "ws://127.0.0.1:$PORT" --api "$APIS" \
   --secret "$SECRET" --connect-rate "$CONNECT_RATE" --request-rate "$RATE" --duration "$DURATION" \
-  --event-interval "$EVENTS" ${AMQP:+--amqp "$AMQP"} --source-ips 127.0.0.2-127.0.0.250 --ramp-timeout 300 --json "$JSON" "${REALTIME[@]}" &
+  --event-interval "$EVENTS" ${AMQP:+--amqp "$AMQP"} --source-ips 127.0.0.2-127.0.0.250 --ramp-timeout 300 --json "$JSON" "${REALTIME[@]}" ${REQLOG:+--request-log "$REQLOG"} &
 LG=$!
 PIDS+=($LG)
 wait $LG

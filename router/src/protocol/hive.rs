@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use uuid::Uuid;
 
-use super::json::{as_str, key_is, push_str, JsonError, Scratch};
+use super::json::{as_str, key_is, push_str, push_uuid, JsonError, Scratch};
 
 /// Routing keys are `<service>.<type>` and AMQP allows 255 bytes; keep headroom.
 pub const MAX_TYPE_LEN: usize = 200;
@@ -150,13 +150,17 @@ fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8>
 }
 
 fn push_meta(out: &mut Vec<u8>, meta: &Meta, service: &str) {
-    let mut buf = Uuid::encode_buffer();
     out.extend_from_slice(b"\"device\":\"");
-    out.extend_from_slice(meta.device.hyphenated().encode_lower(&mut buf).as_bytes());
+    push_uuid(out, &meta.device);
     out.extend_from_slice(b"\",\"account\":\"");
-    out.extend_from_slice(meta.account.hyphenated().encode_lower(&mut buf).as_bytes());
+    push_uuid(out, &meta.account);
     out.extend_from_slice(b"\",\"service\":");
-    push_str(out, service);
+    // The two services are plain ASCII names: no escaping to do.
+    match service {
+        DEVICE_SERVICE => out.extend_from_slice(b"\"hive-device\""),
+        BACKEND_SERVICE => out.extend_from_slice(b"\"hive-backend\""),
+        _ => push_str(out, service),
+    }
 }
 
 /// `{"type":"authenticated","device":D,"account":A}`.
@@ -185,12 +189,11 @@ pub fn device_request(meta: &Meta, request: Uuid, command: &str, payload: &[u8])
     out.extend_from_slice(
         b"{\"type\":\"device-request\",\"service\":\"hive-backend\",\"account\":\"",
     );
-    let mut buf = Uuid::encode_buffer();
-    out.extend_from_slice(meta.account.hyphenated().encode_lower(&mut buf).as_bytes());
+    push_uuid(&mut out, &meta.account);
     out.extend_from_slice(b"\",\"device\":\"");
-    out.extend_from_slice(meta.device.hyphenated().encode_lower(&mut buf).as_bytes());
+    push_uuid(&mut out, &meta.device);
     out.extend_from_slice(b"\",\"request\":\"");
-    out.extend_from_slice(request.hyphenated().encode_lower(&mut buf).as_bytes());
+    push_uuid(&mut out, &request);
     out.extend_from_slice(b"\",\"command\":");
     push_str(&mut out, command);
     out.extend_from_slice(b",\"payload\":");
@@ -219,6 +222,19 @@ mod tests {
         Meta {
             device: Uuid::from_u128(1),
             account: Uuid::from_u128(2),
+        }
+    }
+
+    #[test]
+    fn injected_metadata_names_each_service_as_json() {
+        for service in [DEVICE_SERVICE, BACKEND_SERVICE, "other \"service\""] {
+            let mut out = b"{".to_vec();
+            push_meta(&mut out, &meta(), service);
+            out.push(b'}');
+            let v: Value = serde_json::from_slice(&out).expect("valid JSON");
+            assert_eq!(v["service"], service);
+            assert_eq!(v["device"], Uuid::from_u128(1).to_string());
+            assert_eq!(v["account"], Uuid::from_u128(2).to_string());
         }
     }
 
