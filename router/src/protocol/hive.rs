@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use uuid::Uuid;
 
-use super::json::{as_str, key_is, push_str, push_uuid, JsonError, Scratch};
+use super::json::{as_str, key_is, push_str, push_uuid, JsonError, Member, Scratch};
 
 /// Routing keys are `<service>.<type>` and AMQP allows 255 bytes; keep headroom.
 pub const MAX_TYPE_LEN: usize = 200;
@@ -132,35 +132,66 @@ fn request_id(text: &[u8], scratch: &Scratch) -> Result<Uuid, HiveError> {
 }
 
 /// Copy the object's members, minus any `device`/`account`/`service` the device sent,
-/// then append the real ones. Values are copied as bytes, never re-serialised.
+/// then append the real ones. Values are copied as bytes, never re-serialised, into a
+/// buffer of exactly the right size (so it becomes the bus's `Bytes` without a
+/// reallocation).
 fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len() + 128);
+    let injected = |m: &Member| {
+        if m.key_escaped {
+            return INJECTED.iter().any(|k| key_is(text, m, k));
+        }
+        matches!(
+            &text[m.key.start + 1..m.key.end - 1],
+            b"device" | b"account" | b"service"
+        )
+    };
+    let service = service_json(service);
+    let kept: usize = scratch
+        .members
+        .iter()
+        .filter(|m| !injected(m))
+        .map(|m| m.value.end - m.key.start + 1)
+        .sum();
+    let len = kept + META_LEN + service.len() + 2;
+    let mut out = Vec::with_capacity(len);
     out.push(b'{');
     for m in &scratch.members {
-        if INJECTED.iter().any(|k| key_is(text, m, k)) {
+        if injected(m) {
             continue;
         }
         let member: Range<usize> = m.key.start..m.value.end;
         out.extend_from_slice(&text[member]);
         out.push(b',');
     }
-    push_meta(&mut out, meta, service);
+    push_meta(&mut out, meta, &service);
     out.push(b'}');
+    debug_assert_eq!(out.len(), len);
     out
 }
 
-fn push_meta(out: &mut Vec<u8>, meta: &Meta, service: &str) {
+/// `"device":"<36>","account":"<36>","service":` without the service's value.
+const META_LEN: usize = 10 + 36 + 13 + 36 + 12;
+
+/// A service name as a JSON string; the two the router uses are plain ASCII.
+fn service_json(service: &str) -> Cow<'static, [u8]> {
+    match service {
+        DEVICE_SERVICE => Cow::Borrowed(b"\"hive-device\""),
+        BACKEND_SERVICE => Cow::Borrowed(b"\"hive-backend\""),
+        _ => {
+            let mut v = Vec::new();
+            push_str(&mut v, service);
+            Cow::Owned(v)
+        }
+    }
+}
+
+fn push_meta(out: &mut Vec<u8>, meta: &Meta, service_json: &[u8]) {
     out.extend_from_slice(b"\"device\":\"");
     push_uuid(out, &meta.device);
     out.extend_from_slice(b"\",\"account\":\"");
     push_uuid(out, &meta.account);
     out.extend_from_slice(b"\",\"service\":");
-    // The two services are plain ASCII names: no escaping to do.
-    match service {
-        DEVICE_SERVICE => out.extend_from_slice(b"\"hive-device\""),
-        BACKEND_SERVICE => out.extend_from_slice(b"\"hive-backend\""),
-        _ => push_str(out, service),
-    }
+    out.extend_from_slice(service_json);
 }
 
 /// `{"type":"authenticated","device":D,"account":A}`.
@@ -176,7 +207,7 @@ pub fn authenticated(meta: &Meta) -> Vec<u8> {
 pub fn device_alive(meta: &Meta, address: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(192);
     out.extend_from_slice(b"{\"type\":\"device-alive\",");
-    push_meta(&mut out, meta, BACKEND_SERVICE);
+    push_meta(&mut out, meta, &service_json(BACKEND_SERVICE));
     out.extend_from_slice(b",\"address\":");
     push_str(&mut out, address);
     out.push(b'}');
@@ -229,7 +260,7 @@ mod tests {
     fn injected_metadata_names_each_service_as_json() {
         for service in [DEVICE_SERVICE, BACKEND_SERVICE, "other \"service\""] {
             let mut out = b"{".to_vec();
-            push_meta(&mut out, &meta(), service);
+            push_meta(&mut out, &meta(), &service_json(service));
             out.push(b'}');
             let v: Value = serde_json::from_slice(&out).expect("valid JSON");
             assert_eq!(v["service"], service);

@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::bridge::BusEvent;
+use crate::bridge::{BusEvent, RoutingKey};
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
 use crate::Shared;
@@ -246,7 +246,7 @@ impl ShardCtx {
         coarse_secs().saturating_sub(self.started) as u32
     }
 
-    pub fn publish(&self, routing_key: String, body: Vec<u8>) {
+    pub fn publish(&self, routing_key: RoutingKey, body: Vec<u8>) {
         self.publish_at(routing_key, body, true);
     }
 
@@ -254,11 +254,11 @@ impl ShardCtx {
     /// (at most 20 ms later). Pongs come one at a time, spread over the second; handing
     /// each one's event to the bus at once woke the bus thread thousands of times a
     /// second at 200,000 devices, and those wakeups were a large part of the ack tail.
-    pub fn publish_lazy(&self, routing_key: String, body: Vec<u8>) {
+    pub fn publish_lazy(&self, routing_key: RoutingKey, body: Vec<u8>) {
         self.publish_at(routing_key, body, false);
     }
 
-    fn publish_at(&self, routing_key: String, body: Vec<u8>, urgent: bool) {
+    fn publish_at(&self, routing_key: RoutingKey, body: Vec<u8>, urgent: bool) {
         let m = self.metrics();
         let mut batch = self.bus_batch.borrow_mut();
         if !self.shared.bus.has_room(batch.len()) {

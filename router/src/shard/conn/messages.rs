@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::Conn;
+use crate::bridge::RoutingKey;
 use crate::protocol::effect::Effect;
 use crate::protocol::hive::{self, Inbound};
 use crate::protocol::ws::OP_BINARY;
@@ -191,9 +192,5 @@ impl Conn {
 }
 
 fn publish_event(ctx: &ShardCtx, ty: &str, body: Vec<u8>) {
-    let mut key = String::with_capacity(hive::DEVICE_SERVICE.len() + 1 + ty.len());
-    key.push_str(hive::DEVICE_SERVICE);
-    key.push('.');
-    key.push_str(ty);
-    ctx.publish(key, body);
+    ctx.publish(RoutingKey::concat(&[hive::DEVICE_SERVICE, ".", ty]), body);
 }

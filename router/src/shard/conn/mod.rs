@@ -15,6 +15,7 @@ mod readiness;
 use super::poller::IN;
 use super::{Protocol, ShardCtx};
 use crate::auth::Identity;
+use crate::bridge::RoutingKey;
 use crate::protocol::hive::{self, Meta};
 use crate::protocol::phoenix::PhxState;
 use crate::protocol::ws::{self, FrameHeader, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
@@ -601,7 +602,7 @@ impl Conn {
         }
         ctx.metrics().alive_events.fetch_add(1, Relaxed);
         let body = hive::device_alive(&self.meta, &self.peer.to_string());
-        ctx.publish_lazy("hive-backend.device-alive".to_string(), body);
+        ctx.publish_lazy(RoutingKey::concat(&["hive-backend.device-alive"]), body);
     }
 
     fn has_out(&self) -> bool {
