@@ -7,7 +7,8 @@ use std::ops::Range;
 
 use uuid::Uuid;
 
-use super::json::{as_str, key_is, push_str, push_uuid, JsonError, Member, Scratch};
+use super::json::{as_str, key_is, push_str, JsonError, Member, Scratch};
+use super::simd::push_uuid;
 
 /// Routing keys are `<service>.<type>` and AMQP allows 255 bytes; keep headroom.
 pub const MAX_TYPE_LEN: usize = 200;

@@ -6,4 +6,5 @@ pub mod hive;
 pub mod hivekit;
 pub mod json;
 pub mod phoenix;
+pub mod simd;
 pub mod ws;
