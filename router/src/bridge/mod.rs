@@ -206,6 +206,8 @@ pub fn jittered_backoff(
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::time::Duration;
+
     #[test]
     fn routing_keys_read_back_as_written_inline_or_not() {
         let long = |n: usize| "t".repeat(n);
@@ -223,8 +225,6 @@ pub(crate) mod tests {
             assert_eq!(key.clone().as_str(), key.as_str());
         }
     }
-
-    use std::time::Duration;
 
     /// `backoff(attempt)` is `base` doubled per attempt, capped at `cap`, and jittered
     /// into [d/2, d].

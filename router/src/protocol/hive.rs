@@ -206,10 +206,16 @@ pub fn authenticated(meta: &Meta) -> Vec<u8> {
 
 /// The device-alive event the router emits for a pong.
 pub fn device_alive(meta: &Meta, address: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(192);
-    out.extend_from_slice(b"{\"type\":\"device-alive\",");
-    push_meta(&mut out, meta, &service_json(BACKEND_SERVICE));
-    out.extend_from_slice(b",\"address\":");
+    const HEAD: &[u8] = b"{\"type\":\"device-alive\",";
+    const ADDRESS: &[u8] = b",\"address\":";
+    let service = service_json(BACKEND_SERVICE);
+    // Exact for an address that needs no escaping (a socket address never does), so the
+    // event becomes `Bytes` without a reallocation.
+    let len = HEAD.len() + META_LEN + service.len() + ADDRESS.len() + address.len() + 3;
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(HEAD);
+    push_meta(&mut out, meta, &service);
+    out.extend_from_slice(ADDRESS);
     push_str(&mut out, address);
     out.push(b'}');
     out
@@ -366,9 +372,19 @@ mod tests {
         assert_eq!(v["command"], "Scheduler\"Action");
         assert_eq!(v["request"], r.to_string());
         assert_eq!(v["payload"]["x"], 1);
-        let a: Value = serde_json::from_slice(&device_alive(&meta(), "127.0.0.1:5")).unwrap();
-        assert_eq!(a["service"], "hive-backend");
-        assert_eq!(a["address"], "127.0.0.1:5");
+        for address in ["127.0.0.1:5", "[2001:db8::1]:65535"] {
+            let raw = device_alive(&meta(), address);
+            // Sized exactly (Vec::with_capacity gives exactly what is asked).
+            assert_eq!(raw.len(), raw.capacity());
+            let a: Value = serde_json::from_slice(&raw).unwrap();
+            assert_eq!(a["service"], "hive-backend");
+            assert_eq!(a["address"], address);
+        }
+        let body = match dec(r#"{"type":"t","device":"x","a":[1,{"b":"c"}]}"#) {
+            Ok(Inbound::Event { body, .. }) => body,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(body.len(), body.capacity());
         let e: Value = serde_json::from_slice(&error("bad-json", "a \"b\"")).unwrap();
         assert_eq!(e["message"], "a \"b\"");
         let au: Value = serde_json::from_slice(&authenticated(&meta())).unwrap();
