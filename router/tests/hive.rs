@@ -5,17 +5,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::*;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
-
-fn ids() -> (Uuid, Uuid) {
-    (Uuid::new_v4(), Uuid::new_v4())
-}
 
 #[tokio::test]
 async fn three_ways_to_authenticate() {
@@ -567,150 +563,4 @@ async fn a_full_bus_pushes_back_instead_of_dropping() {
     );
     assert!(metric_value(&m, "router_bus_backpressure_total") > 0.0);
     drop(ws);
-}
-
-#[tokio::test]
-async fn frames_after_bearer_in_same_packet_are_kept() {
-    // The auth frame and an event in one write: the event must not be lost in the handoff.
-    let r = TestRouter::start();
-    let mut events = Events::subscribe(&r).await;
-    let (d, a) = ids();
-    let mut raw = raw_upgrade_no_token(&r).await;
-    let mut bytes = masked_frame(0x1, format!("Bearer {}", r.token(d, a)).as_bytes());
-    bytes.extend(masked_frame(
-        0x1,
-        br#"{"type":"device-version","version":"1.2.3"}"#,
-    ));
-    raw.write_all(&bytes).await.unwrap();
-    let ev = events.find(|v| v["type"] == "device-version").await;
-    assert_eq!(ev["device"], d.to_string());
-    assert_eq!(ev["version"], "1.2.3");
-}
-
-#[tokio::test]
-async fn http_junk_and_wrong_path() {
-    let r = TestRouter::start();
-    let addr = r.ws.trim_start_matches("ws://").to_string();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(b"\x16\x03\x01 binary junk\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-    let req = format!("{}/nope", r.ws).into_client_request().unwrap();
-    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
-    assert!(err.to_string().contains("404"), "{err}");
-    assert_eq!(r.metric("router_handshake_failures_total").await, 2.0);
-}
-
-#[tokio::test]
-async fn upgrades_in_pieces_and_without_deferred_accept_authenticate() {
-    // With --defer-accept 0 the request may not be there at accept; sent in two
-    // pieces it is not complete at the first read either: both go the general way.
-    for defer in [0, 1] {
-        let r = TestRouter::start_with(|c| c.defer_accept = defer);
-        let (d, a) = ids();
-        let _ws = r.device(d, a).await;
-        let (d2, a2) = ids();
-        let addr = r.ws.trim_start_matches("ws://").to_string();
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {}\r\n\r\n", r.token(d2, a2));
-        let (head, tail) = req.split_at(40);
-        s.write_all(head.as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        s.write_all(tail.as_bytes()).await.unwrap();
-        // The 101 and then the greeting (in one segment or two).
-        let mut got = Vec::new();
-        let want = b"\"type\":\"authenticated\"";
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !got.windows(want.len()).any(|w| w == want) {
-            let mut b = [0u8; 512];
-            let n = tokio::time::timeout_at(deadline, s.read(&mut b))
-                .await
-                .expect("greeting in time")
-                .unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&b[..n]);
-        }
-        assert!(got.starts_with(b"HTTP/1.1 101 "), "defer {defer}");
-        let text = String::from_utf8_lossy(&got);
-        assert!(text.contains(&d2.to_string()), "{text}");
-        assert_eq!(r.metric("router_handshake_failures_total").await, 0.0);
-    }
-}
-
-// --- raw socket helpers for what a well-behaved client library will not send ---
-
-async fn raw_upgrade_no_token(r: &TestRouter) -> tokio::net::TcpStream {
-    raw_upgrade_with(r, "").await
-}
-
-async fn raw_upgrade(r: &TestRouter, token: &str) -> tokio::net::TcpStream {
-    raw_upgrade_with(r, &format!("Authorization: Bearer {token}\r\n")).await
-}
-
-async fn raw_upgrade_with(r: &TestRouter, extra: &str) -> tokio::net::TcpStream {
-    let addr = r.ws.trim_start_matches("ws://").to_string();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    while !buf.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        buf.push(b[0]);
-    }
-    assert!(buf.starts_with(b"HTTP/1.1 101"));
-    s
-}
-
-fn masked_frame(op: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [9u8, 8, 7, 6];
-    let mut f = vec![0x80 | op];
-    assert!(payload.len() < 65536);
-    if payload.len() < 126 {
-        f.push(0x80 | payload.len() as u8);
-    } else {
-        f.push(0x80 | 126);
-        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
-/// Read raw frames until a close frame; return its code.
-async fn read_close_code(s: &mut tokio::net::TcpStream) -> u16 {
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let mut chunk = [0u8; 1024];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "EOF before close frame");
-            buf.extend_from_slice(&chunk[..n]);
-            // Server frames are unmasked; walk them.
-            let mut pos = 0;
-            while buf.len() >= pos + 2 {
-                let op = buf[pos] & 0x0f;
-                let len = (buf[pos + 1] & 0x7f) as usize;
-                let (hl, len) = match len {
-                    126 if buf.len() >= pos + 4 => {
-                        (4, u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize)
-                    }
-                    126 | 127 => break,
-                    n => (2, n),
-                };
-                if buf.len() < pos + hl + len {
-                    break;
-                }
-                if op == 0x8 {
-                    return u16::from_be_bytes([buf[pos + hl], buf[pos + hl + 1]]);
-                }
-                pos += hl + len;
-            }
-        }
-    })
-    .await
-    .expect("close within 5 s")
 }

@@ -343,12 +343,7 @@ impl PhxState {
 fn with_request(request: Uuid, payload: &[u8]) -> Vec<u8> {
     let mut o = Vec::with_capacity(payload.len() + 60);
     o.extend_from_slice(b"{\"request\":\"");
-    o.extend_from_slice(
-        request
-            .hyphenated()
-            .encode_lower(&mut Uuid::encode_buffer())
-            .as_bytes(),
-    );
+    super::simd::push_uuid(&mut o, &request);
     o.push(b'"');
     let trimmed = payload.trim_ascii();
     if trimmed.first() == Some(&b'{') {

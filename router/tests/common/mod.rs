@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod raw;
 
 use std::time::Duration;
 
@@ -18,6 +19,11 @@ use uuid::Uuid;
 
 pub const SECRET: &str = "test-secret";
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A fresh (device, account) pair.
+pub fn ids() -> (Uuid, Uuid) {
+    (Uuid::new_v4(), Uuid::new_v4())
+}
 
 pub struct TestRouter {
     pub handle: Option<RouterHandle>,
