@@ -151,6 +151,41 @@ fn bench_routing(c: &mut Criterion) {
     g.finish();
 }
 
+/// The naive Hivekit update: the frame as a `serde_json::Value` tree, the event and the
+/// reply built as trees and serialised (what the adapter did before it used the spans).
+fn naive_hivekit(text: &[u8], m: &Meta) -> Option<(Vec<u8>, Vec<u8>)> {
+    let frame: Vec<Map<String, Value>> = serde_json::from_slice(text).ok()?;
+    let a = frame.first()?;
+    let own = m.device.to_string();
+    if a.get("id")?.as_str()? != own {
+        return None;
+    }
+    let mut ev = Map::new();
+    ev.insert("type".into(), "location".into());
+    ev.insert("action".into(), a.get("act")?.clone());
+    ev.insert("id".into(), own.clone().into());
+    let loc: Map<String, Value> = a
+        .get("loc")?
+        .as_object()?
+        .iter()
+        .map(|(k, v)| {
+            (
+                if k == "lon" { "longitude" } else { "latitude" }.to_string(),
+                v.clone(),
+            )
+        })
+        .collect();
+    ev.insert("location".into(), Value::Object(loc));
+    ev.insert("device".into(), own.into());
+    ev.insert("account".into(), m.account.to_string().into());
+    ev.insert("service".into(), "hive-device".into());
+    let reply = serde_json::json!([{"cid": a.get("cid")?, "res": "suc"}]);
+    Some((
+        serde_json::to_vec(&ev).ok()?,
+        serde_json::to_vec(&reply).ok()?,
+    ))
+}
+
 fn bench_tokens(c: &mut Criterion) {
     let v = Verifier::new("bench-secret");
     let t = mint("bench-secret", Uuid::from_u128(1), Uuid::from_u128(2), 3600);
@@ -176,11 +211,16 @@ fn bench_adapters(c: &mut Criterion) {
         r#"[{{"typ":"obj","act":"upd","id":"{}","cid":1,"loc":{{"lon":24.9,"lat":60.2}}}}]"#,
         m.device
     );
+    let mut scratch = Scratch::default();
     g.bench_function("hivekit_obj_update", |b| {
         b.iter(|| {
             out.clear();
-            hivekit::on_text(&m, black_box(hk.as_bytes()), &mut out);
+            hivekit::on_text(&m, black_box(hk.as_bytes()), &mut scratch, &mut out);
         })
+    });
+    assert!(naive_hivekit(hk.as_bytes(), &m).is_some());
+    g.bench_function("hivekit_obj_update baseline (serde_json Value)", |b| {
+        b.iter(|| naive_hivekit(black_box(hk.as_bytes()), &m))
     });
     g.finish();
 }

@@ -75,9 +75,10 @@ fn main() {
                 m.device
             );
             let mut out = Vec::new();
+            let mut scratch = Scratch::default();
             for _ in 0..N {
                 out.clear();
-                hivekit::on_text(&m, f.as_bytes(), &mut out);
+                hivekit::on_text(&m, f.as_bytes(), &mut scratch, &mut out);
                 sink += out.len();
             }
         }

@@ -1,11 +1,23 @@
 //! Hivekit-style compact protocol (`/v1/ws`): every frame a JSON array of actions
 //! with three-letter keys. Pure: frames in, effects out; no I/O, no state.
+//!
+//! Frames are read with the one-pass validator of [`super::json`] (element and member
+//! spans, no tree): the values the router passes on (`cid`, `dat`, `lab`, `rea`, `loc`
+//! members, `err`, `erc`) are copied as the device wrote them, and replies and events are
+//! written straight into their buffers. A `serde_json::Value` tree per frame cost ~32,000
+//! instructions for a one-action location update (`scripts/perf-check.sh`, `hivekit`).
 
-use serde_json::{json, Map, Value};
+use std::borrow::Cow;
+use std::io::Write as _;
+use std::ops::Range;
+
+use serde_json::json;
 use uuid::Uuid;
 
 use super::effect::Effect;
 use super::hive::{Meta, DEVICE_SERVICE};
+use super::json::{self, Member, Scratch};
+use super::simd::push_uuid;
 
 /// Error codes counted in `router_hivekit_errors_total{code}`.
 pub const ERROR_CODES: [&str; 4] = ["bad-frame", "bad-action", "forbidden", "bad-cid"];
@@ -37,164 +49,326 @@ const LOC_KEYS: [(&str, &str); 7] = [
     ("tim", "time"),
 ];
 
-fn err(cid: Option<&Value>, msg: &str, code: u16) -> Value {
-    let mut o = Map::new();
-    if let Some(c) = cid {
-        o.insert("cid".into(), c.clone());
+/// The members of one action the router reads: spans of their values in the action's
+/// text. Where a key repeats, the last one counts (as JSON object readers keep it).
+#[derive(Default)]
+struct Action {
+    typ: Option<Range<usize>>,
+    act: Option<Range<usize>>,
+    id: Option<Range<usize>>,
+    rea: Option<Range<usize>>,
+    dat: Option<Range<usize>>,
+    loc: Option<Range<usize>>,
+    lab: Option<Range<usize>>,
+    cid: Option<Range<usize>>,
+    res: Option<Range<usize>>,
+    err: Option<Range<usize>>,
+    erc: Option<Range<usize>>,
+}
+
+impl Action {
+    fn read(text: &[u8], members: &[Member]) -> Self {
+        let mut a = Action::default();
+        for m in members {
+            let slot = match &*key(text, m) {
+                b"typ" => &mut a.typ,
+                b"act" => &mut a.act,
+                b"id" => &mut a.id,
+                b"rea" => &mut a.rea,
+                b"dat" => &mut a.dat,
+                b"loc" => &mut a.loc,
+                b"lab" => &mut a.lab,
+                b"cid" => &mut a.cid,
+                b"res" => &mut a.res,
+                b"err" => &mut a.err,
+                b"erc" => &mut a.erc,
+                _ => continue,
+            };
+            *slot = Some(m.value.clone());
+        }
+        a
     }
-    o.insert("res".into(), "err".into());
-    o.insert("err".into(), msg.into());
-    o.insert("erc".into(), code.into());
-    Value::Object(o)
+}
+
+/// A member's key without its quotes, unescaped only when it holds an escape.
+fn key<'t>(text: &'t [u8], m: &Member) -> Cow<'t, [u8]> {
+    if !m.key_escaped {
+        return Cow::Borrowed(&text[m.key.start + 1..m.key.end - 1]);
+    }
+    // The validator accepted the key, so only a key that is not a Rust string (a lone
+    // surrogate, refused there too) could fail here; it matches nothing.
+    serde_json::from_slice::<String>(&text[m.key.clone()])
+        .map_or(Cow::Borrowed(&[][..]), |k| Cow::Owned(k.into_bytes()))
+}
+
+/// The replies to one frame's actions: `[r1,r2,...]`, written as they come.
+#[derive(Default)]
+struct Replies(Vec<u8>);
+
+impl Replies {
+    /// Start the next reply; returns the buffer to write it into.
+    fn next(&mut self) -> &mut Vec<u8> {
+        if self.0.is_empty() {
+            // Room for a few replies: one allocation, not a growth per reply.
+            self.0.reserve(128);
+            self.0.push(b'[');
+        } else {
+            self.0.push(b',');
+        }
+        &mut self.0
+    }
+
+    fn ok(&mut self, cid: Option<&[u8]>) {
+        if let Some(c) = cid {
+            let out = self.next();
+            out.extend_from_slice(b"{\"cid\":");
+            out.extend_from_slice(c);
+            out.extend_from_slice(br#","res":"suc"}"#);
+        }
+    }
+
+    /// `{"cid":C,"res":"err","err":msg,"erc":code}` (no `cid` when the action had none).
+    fn err(&mut self, cid: Option<&[u8]>, msg: &str, code: u16) {
+        let out = self.next();
+        out.push(b'{');
+        if let Some(c) = cid {
+            out.extend_from_slice(b"\"cid\":");
+            out.extend_from_slice(c);
+            out.push(b',');
+        }
+        out.extend_from_slice(br#""res":"err","err":"#);
+        json::push_str(out, msg);
+        out.extend_from_slice(b",\"erc\":");
+        // Writing into a Vec does not fail.
+        let _ = write!(out, "{code}");
+        out.push(b'}');
+    }
+
+    fn finish(mut self) -> Option<Vec<u8>> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.push(b']');
+        Some(self.0)
+    }
 }
 
 /// Handle one text frame from an authenticated device. Replies to all its actions go
 /// back as one batch (one frame), as they came.
-pub fn on_text(meta: &Meta, text: &[u8], out: &mut Vec<Effect>) {
-    let actions = match serde_json::from_slice::<Value>(text) {
-        Ok(Value::Array(a)) => a,
-        _ => {
-            out.push(Effect::Error("bad-frame"));
-            out.push(Effect::Send(
-                json!([err(None, "frame must be a JSON array of actions", 400)])
-                    .to_string()
-                    .into_bytes(),
-            ));
-            return;
-        }
-    };
-    let mut replies = Vec::new();
-    for a in &actions {
-        on_action(meta, a, out, &mut replies);
+pub fn on_text(meta: &Meta, text: &[u8], scratch: &mut Scratch, out: &mut Vec<Effect>) {
+    if scratch.parse_array(text).is_err() {
+        out.push(Effect::Error("bad-frame"));
+        let mut r = Replies::default();
+        r.err(None, "frame must be a JSON array of actions", 400);
+        out.extend(r.finish().map(Effect::Send));
+        return;
     }
-    if !replies.is_empty() {
-        out.push(Effect::Send(Value::Array(replies).to_string().into_bytes()));
+    // The element list is borrowed out while each action reuses the member list.
+    let elements = std::mem::take(&mut scratch.elements);
+    let mut replies = Replies::default();
+    for e in &elements {
+        on_action(meta, &text[e.clone()], scratch, out, &mut replies);
     }
+    scratch.elements = elements;
+    out.extend(replies.finish().map(Effect::Send));
 }
 
-fn on_action(meta: &Meta, a: &Value, out: &mut Vec<Effect>, replies: &mut Vec<Value>) {
-    let Some(obj) = a.as_object() else {
+fn on_action(
+    meta: &Meta,
+    text: &[u8],
+    scratch: &mut Scratch,
+    out: &mut Vec<Effect>,
+    replies: &mut Replies,
+) {
+    // The frame was validated whole: an element that is not an object is the only error.
+    if scratch.parse_object(text).is_err() {
         out.push(Effect::Error("bad-action"));
-        replies.push(err(None, "an action must be an object", 400));
+        replies.err(None, "an action must be an object", 400);
         return;
-    };
-    let cid = obj.get("cid");
-    let s = |k: &str| obj.get(k).and_then(Value::as_str);
+    }
+    let a = Action::read(text, &scratch.members);
+    let raw = |r: &Option<Range<usize>>| r.as_ref().map(|r| &text[r.clone()]);
+    let s = |r: &Option<Range<usize>>| r.as_ref().and_then(|r| json::as_str(text, r));
+    let cid = raw(&a.cid);
     // An answer to a request the router sent: {"cid":R,"res":"suc"|"err"}.
-    if obj.get("typ").is_none() {
-        if let Some(res) = s("res") {
-            let Some(request) = cid
-                .and_then(Value::as_str)
-                .and_then(|c| Uuid::parse_str(c).ok())
-            else {
+    if a.typ.is_none() {
+        if let Some(res) = s(&a.res) {
+            let Some(request) = s(&a.cid).and_then(|c| Uuid::parse_str(&c).ok()) else {
                 out.push(Effect::Error("bad-cid"));
-                replies.push(err(cid, "cid of a result must be the request id", 400));
+                replies.err(cid, "cid of a result must be the request id", 400);
                 return;
             };
-            match res {
-                "err" => {
-                    let detail = json!({"err": obj.get("err"), "erc": obj.get("erc")});
+            if res == "err" {
+                let mut detail = b"{\"err\":".to_vec();
+                detail.extend_from_slice(raw(&a.err).unwrap_or(b"null"));
+                detail.extend_from_slice(b",\"erc\":");
+                detail.extend_from_slice(raw(&a.erc).unwrap_or(b"null"));
+                detail.push(b'}');
+                out.push(Effect::Response {
+                    request,
+                    ok: false,
+                    result: Some(detail),
+                });
+            } else {
+                out.push(Effect::Ack(request));
+                if let Some(d) = raw(&a.dat) {
                     out.push(Effect::Response {
                         request,
-                        ok: false,
-                        result: Some(detail.to_string().into_bytes()),
+                        ok: true,
+                        result: Some(d.to_vec()),
                     });
-                }
-                _ => {
-                    out.push(Effect::Ack(request));
-                    if let Some(d) = obj.get("dat") {
-                        out.push(Effect::Response {
-                            request,
-                            ok: true,
-                            result: Some(d.to_string().into_bytes()),
-                        });
-                    }
                 }
             }
             return;
         }
     }
-    let ok = |replies: &mut Vec<Value>| {
-        if let Some(c) = cid {
-            replies.push(json!({"cid": c, "res": "suc"}));
-        }
-    };
-    match (s("typ"), s("act")) {
-        (Some("sys"), Some("hbt")) | (Some("sys"), Some("aut")) => ok(replies),
+    match (s(&a.typ).as_deref(), s(&a.act).as_deref()) {
+        (Some("sys"), Some("hbt" | "aut")) => replies.ok(cid),
         (Some("obj"), Some(act @ ("set" | "upd"))) => {
-            let own = meta.device.to_string();
-            if s("id") != Some(own.as_str()) {
+            let mut buf = Uuid::encode_buffer();
+            let own = meta.device.hyphenated().encode_lower(&mut buf);
+            if s(&a.id).as_deref() != Some(own) {
                 out.push(Effect::Error("forbidden"));
-                replies.push(err(cid, "a device may only update its own object", 403));
+                replies.err(cid, "a device may only update its own object", 403);
                 return;
             }
-            let mut ev = Map::new();
-            let ty = if obj.contains_key("loc") {
+            let ty = if a.loc.is_some() {
                 "location"
             } else {
                 "object-data"
             };
-            ev.insert("type".into(), ty.into());
-            ev.insert("action".into(), act.into());
-            ev.insert("id".into(), own.clone().into());
-            if let Some(r) = obj.get("rea") {
-                ev.insert("realm".into(), r.clone());
+            let mut ev = Vec::with_capacity(text.len() + 256);
+            ev.extend_from_slice(b"{\"type\":\"");
+            ev.extend_from_slice(ty.as_bytes());
+            ev.extend_from_slice(b"\",\"action\":\"");
+            ev.extend_from_slice(act.as_bytes());
+            ev.extend_from_slice(b"\",\"id\":\"");
+            ev.extend_from_slice(own.as_bytes());
+            ev.push(b'"');
+            if let Some(r) = raw(&a.rea) {
+                ev.extend_from_slice(b",\"realm\":");
+                ev.extend_from_slice(r);
             }
-            if let Some(Value::Object(loc)) = obj.get("loc") {
-                let spelled: Map<String, Value> = loc
-                    .iter()
-                    .map(|(k, v)| {
-                        let name = LOC_KEYS
-                            .iter()
-                            .find(|(s, _)| s == k)
-                            .map_or(k.as_str(), |(_, l)| l);
-                        (name.to_string(), v.clone())
-                    })
-                    .collect();
-                ev.insert("location".into(), Value::Object(spelled));
+            if let Some(loc) = raw(&a.loc) {
+                // A `loc` that is not an object makes a location event without one.
+                if scratch.parse_object(loc).is_ok() {
+                    ev.extend_from_slice(b",\"location\":");
+                    push_spelled(&mut ev, loc, &scratch.members);
+                }
             }
-            if let Some(d) = obj.get("dat") {
-                ev.insert("data".into(), d.clone());
+            if let Some(d) = raw(&a.dat) {
+                ev.extend_from_slice(b",\"data\":");
+                ev.extend_from_slice(d);
             }
-            if let Some(l) = obj.get("lab") {
-                ev.insert("labels".into(), l.clone());
+            if let Some(l) = raw(&a.lab) {
+                ev.extend_from_slice(b",\"labels\":");
+                ev.extend_from_slice(l);
             }
-            ev.insert("device".into(), own.into());
-            ev.insert("account".into(), meta.account.to_string().into());
-            ev.insert("service".into(), DEVICE_SERVICE.into());
+            ev.extend_from_slice(b",\"device\":\"");
+            push_uuid(&mut ev, &meta.device);
+            ev.extend_from_slice(b"\",\"account\":\"");
+            push_uuid(&mut ev, &meta.account);
+            ev.extend_from_slice(b"\",\"service\":");
+            json::push_str(&mut ev, DEVICE_SERVICE);
+            ev.push(b'}');
             out.push(Effect::Publish {
                 ty: ty.into(),
-                body: Value::Object(ev).to_string().into_bytes(),
+                body: ev,
             });
-            ok(replies);
+            replies.ok(cid);
         }
         _ => {
             out.push(Effect::Error("bad-action"));
-            replies.push(err(cid, "unknown action (typ/act)", 400));
+            replies.err(cid, "unknown action (typ/act)", 400);
         }
     }
 }
 
-/// A backend event: `[{"typ":"rea","act":"pub","dat":{"eve":<type>,"dat":<event>}}]`.
-pub fn encode_event(body: &[u8]) -> Vec<u8> {
-    let ev: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let ty = ev.get("type").cloned().unwrap_or(Value::Null);
-    json!([{"typ":"rea","act":"pub","dat":{"eve": ty, "dat": ev}}])
-        .to_string()
-        .into_bytes()
+/// The `loc` object with its short keys spelled out (`lon` -> `longitude`; others kept
+/// as written). Where two members end up with the same name, the last one is written.
+fn push_spelled(ev: &mut Vec<u8>, loc: &[u8], members: &[Member]) {
+    fn spelled<'t>(loc: &'t [u8], m: &Member) -> Cow<'t, [u8]> {
+        let k = key(loc, m);
+        match LOC_KEYS.iter().find(|(short, _)| short.as_bytes() == &*k) {
+            Some((_, long)) => Cow::Borrowed(long.as_bytes()),
+            None => k,
+        }
+    }
+    ev.push(b'{');
+    let mut first = true;
+    for (i, m) in members.iter().enumerate() {
+        let name = spelled(loc, m);
+        if members[i + 1..]
+            .iter()
+            .any(|later| spelled(loc, later) == name)
+        {
+            continue;
+        }
+        if !first {
+            ev.push(b',');
+        }
+        first = false;
+        if m.key_escaped && LOC_KEYS.iter().all(|(_, long)| long.as_bytes() != &*name) {
+            // Kept as written, escapes and all.
+            ev.extend_from_slice(&loc[m.key.clone()]);
+        } else {
+            ev.push(b'"');
+            ev.extend_from_slice(&name);
+            ev.push(b'"');
+        }
+        ev.push(b':');
+        ev.extend_from_slice(&loc[m.value.clone()]);
+    }
+    ev.push(b'}');
 }
 
-/// A request: `[{"typ":"ins","act":"cre","cid":R,"dat":{"command":C,"payload":P}}]`.
+/// A backend event: `[{"typ":"rea","act":"pub","dat":{"eve":<type>,"dat":<event>}}]`.
+/// The event is copied as it is; `eve` is its `type` member (`null` without one, and
+/// both `null` if the body is not JSON).
+pub fn encode_event(body: &[u8]) -> Vec<u8> {
+    let mut scratch = Scratch::default();
+    let (ty, ev): (&[u8], &[u8]) = match scratch.parse_object(body) {
+        Ok(()) => (
+            scratch
+                .find(body, "type")
+                .map_or(&b"null"[..], |m| &body[m.value.clone()]),
+            body,
+        ),
+        Err(json::JsonError::NotObject) => (b"null", body),
+        Err(json::JsonError::Invalid) => (b"null", b"null"),
+    };
+    let mut out = Vec::with_capacity(ev.len() + ty.len() + 48);
+    out.extend_from_slice(br#"[{"typ":"rea","act":"pub","dat":{"eve":"#);
+    out.extend_from_slice(ty);
+    out.extend_from_slice(br#","dat":"#);
+    out.extend_from_slice(ev);
+    out.extend_from_slice(b"}}]");
+    out
+}
+
+/// A request: `[{"typ":"ins","act":"cre","cid":R,"dat":{"command":C,"payload":P}}]`
+/// (`P` as the backend sent it; `null` if that is not JSON).
 pub fn encode_request(request: Uuid, command: &str, payload: &[u8]) -> Vec<u8> {
-    let p: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
-    json!([{"typ":"ins","act":"cre","cid": request, "dat": {"command": command, "payload": p}}])
-        .to_string()
-        .into_bytes()
+    let p: &[u8] = if json::validate(payload) {
+        payload
+    } else {
+        b"null"
+    };
+    let mut out = Vec::with_capacity(p.len() + command.len() + 96);
+    out.extend_from_slice(br#"[{"typ":"ins","act":"cre","cid":""#);
+    push_uuid(&mut out, &request);
+    out.extend_from_slice(br#"","dat":{"command":"#);
+    json::push_str(&mut out, command);
+    out.extend_from_slice(br#","payload":"#);
+    out.extend_from_slice(p);
+    out.extend_from_slice(b"}}]");
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn meta() -> Meta {
         Meta {
@@ -205,7 +379,7 @@ mod tests {
 
     fn run(frame: &str) -> Vec<Effect> {
         let mut out = Vec::new();
-        on_text(&meta(), frame.as_bytes(), &mut out);
+        on_text(&meta(), frame.as_bytes(), &mut Scratch::default(), &mut out);
         out
     }
 

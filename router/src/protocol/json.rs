@@ -40,10 +40,12 @@ pub enum JsonError {
     NotObject,
 }
 
-/// Reusable per-shard state: the member list of the last object parsed.
+/// Reusable per-shard state: the member list of the last object parsed, the element
+/// spans of the last array.
 #[derive(Default)]
 pub struct Scratch {
     pub members: Vec<Member>,
+    pub elements: Vec<Range<usize>>,
 }
 
 impl Scratch {
@@ -88,6 +90,36 @@ impl Scratch {
                 match p.bump() {
                     Some(b',') => p.ws(),
                     Some(b'}') => break,
+                    _ => return Err(JsonError::Invalid),
+                }
+            }
+        }
+        p.ws();
+        if p.i != text.len() {
+            return Err(JsonError::Invalid);
+        }
+        Ok(())
+    }
+
+    /// Validate `text` as one JSON array and fill `self.elements` with the byte spans of
+    /// its elements. Anything else, valid JSON or not, is `Invalid`.
+    pub fn parse_array(&mut self, text: &[u8]) -> Result<(), JsonError> {
+        self.elements.clear();
+        let mut p = Parser { b: text, i: 0 };
+        p.ws();
+        p.expect(b'[')?;
+        p.ws();
+        if p.peek() == Some(b']') {
+            p.i += 1;
+        } else {
+            loop {
+                let start = p.i;
+                p.value(1)?;
+                self.elements.push(start..p.i);
+                p.ws();
+                match p.bump() {
+                    Some(b',') => p.ws(),
+                    Some(b']') => break,
                     _ => return Err(JsonError::Invalid),
                 }
             }
@@ -423,6 +455,36 @@ mod tests {
         }
         assert_eq!(members("[1,2]"), Err(JsonError::NotObject));
         assert_eq!(members("{\"a\"1}"), Err(JsonError::Invalid));
+    }
+
+    /// Arrays split into their elements' spans (any kind, nested containers whole);
+    /// anything that is not one whole array is refused, valid JSON or not.
+    #[test]
+    fn splits_arrays_into_elements() {
+        let elements = |text: &str| -> Result<Vec<String>, JsonError> {
+            let mut s = Scratch::default();
+            s.parse_array(text.as_bytes())?;
+            Ok(s.elements
+                .iter()
+                .map(|r| text[r.clone()].to_string())
+                .collect())
+        };
+        assert_eq!(elements("[]").unwrap(), Vec::<String>::new());
+        assert_eq!(elements(" [ ] ").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            elements(r#"[ {"a":[1,"],"]} , 5,"x\"y" ,[[]],null ]"#).unwrap(),
+            [r#"{"a":[1,"],"]}"#, "5", r#""x\"y""#, "[[]]", "null"]
+        );
+        for bad in [
+            "", "{}", "1", "\"[]\"", "[", "[1,]", "[,1]", "[1 2]", "[1]x", "[{]",
+        ] {
+            assert_eq!(elements(bad), Err(JsonError::Invalid), "{bad:?}");
+        }
+        // The depth limit counts the array as the first container.
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(elements(&deep).is_ok());
+        let deeper = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(elements(&deeper).is_err());
     }
 
     #[test]

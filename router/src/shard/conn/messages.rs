@@ -81,7 +81,12 @@ impl Conn {
             }
             Protocol::Hivekit => {
                 let mut effects = Vec::new();
-                hivekit::on_text(&self.meta, payload, &mut effects);
+                hivekit::on_text(
+                    &self.meta,
+                    payload,
+                    &mut ctx.scratch.borrow_mut(),
+                    &mut effects,
+                );
                 self.apply(ctx, effects);
             }
         }
