@@ -42,6 +42,15 @@
 //! single-threaded tokio runtime (driving lapin and reqwest), so a slow backend or a
 //! busy broker never delays the HTTP API or the shards. It is joined by the API thread
 //! after the shutdown signal.
+//!
+//! The HTTP side (config checks, batches, POSTs, failure accounting) is in `http.rs`;
+//! the AMQP side (connect, declare, consume, probe) in `consume.rs`.
+
+mod consume;
+mod http;
+
+use consume::{connect, probe, Session};
+use http::{redact, take_batch, Batch, Post, PostFuture};
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -50,19 +59,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, Event, ExchangeKind};
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use lapin::options::BasicAckOptions;
+use lapin::types::ShortString;
+use lapin::{Channel, Event};
+use reqwest::header::HeaderValue;
 use tokio::sync::watch;
 
-use super::amqp::EXCHANGE;
-use crate::config::ServeConfig;
 use crate::metrics::BackendMetrics;
 use crate::Shared;
 
@@ -78,54 +81,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// On shutdown, how long a POST already in flight may still take (then acked if 2xx).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// Refuse at startup a configuration that can never deliver.
-pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
-    if config.amqp.is_none() {
-        anyhow::bail!(
-            "--backend-url needs --amqp: backend delivery consumes the device events from \
-             RabbitMQ (exchange hive.events), so it cannot run with the embedded bus"
-        );
-    }
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| anyhow::anyhow!("--backend-url {}: {e}", redact(url)))?;
-    match parsed.scheme() {
-        "http" => {}
-        "https" => anyhow::bail!(
-            "--backend-url: https:// is not supported by this build (no TLS client); use \
-             http:// (e.g. to a local TLS-terminating proxy)"
-        ),
-        s => anyhow::bail!("--backend-url: scheme {s}: only http:// is supported"),
-    }
-    if config.backend_queue.is_empty() || ShortString::try_new(&*config.backend_queue).is_err() {
-        anyhow::bail!("--backend-queue: must be 1 to 255 bytes");
-    }
-    if config.backend_bindings.is_empty()
-        || config
-            .backend_bindings
-            .iter()
-            .any(|k| ShortString::try_new(k.as_str()).is_err())
-    {
-        anyhow::bail!("--backend-bindings: one or more routing keys of at most 255 bytes");
-    }
-    if let Some(t) = &config.backend_token {
-        if HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
-            anyhow::bail!("--backend-token: not a valid HTTP header value");
-        }
-    }
-    Ok(())
-}
-
-/// The URL without user info, for logs.
-fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.to_string()
-        }
-        Err(_) => "<unparsable URL>".into(),
-    }
-}
+pub use http::check_config;
 
 /// Start the backend delivery thread. It runs until `shared.shutdown` flips.
 pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -150,25 +106,6 @@ struct Held {
     body: Vec<u8>,
     at: tokio::time::Instant,
 }
-
-/// The batch being POSTed (or waiting to be POSTed again).
-struct Batch {
-    last_tag: u64,
-    count: usize,
-    body: Bytes,
-    /// Failed POSTs of this batch so far.
-    failures: u32,
-}
-
-/// How one POST ended.
-enum Post {
-    Ok,
-    Status(reqwest::StatusCode, String),
-    Timeout,
-    Error(String),
-}
-
-type PostFuture = Pin<Box<dyn Future<Output = Post>>>;
 
 struct Delivery {
     shared: Arc<Shared>,
@@ -419,42 +356,6 @@ impl Delivery {
         end
     }
 
-    /// One POST of a batch body (the client's timeout bounds all of it).
-    fn post(&self, body: Bytes) -> PostFuture {
-        let mut req = self
-            .client
-            .post(&self.url)
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(body);
-        if let Some(auth) = &self.auth {
-            req = req.header(AUTHORIZATION, auth.clone());
-        }
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let t0 = Instant::now();
-            let out = match req.send().await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    // Read the answer to the end so the connection can be reused.
-                    match resp.bytes().await {
-                        Ok(_) if status.is_success() => Post::Ok,
-                        Ok(text) => {
-                            let text = String::from_utf8_lossy(&text[..text.len().min(200)]);
-                            Post::Status(status, text.into_owned())
-                        }
-                        Err(e) if e.is_timeout() => Post::Timeout,
-                        Err(e) => Post::Error(e.to_string()),
-                    }
-                }
-                Err(e) if e.is_timeout() => Post::Timeout,
-                Err(e) => Post::Error(error_chain(&e)),
-            };
-            let us = t0.elapsed().as_micros() as u64;
-            shared.metrics.backend.post_latency.record_us(us);
-            out
-        })
-    }
-
     /// The backend took the batch: ack it. False if the ack could not be sent (the
     /// connection is gone; RabbitMQ will redeliver, and the backend sees it twice).
     async fn delivered(&mut self, ch: &Channel, b: &Batch) -> bool {
@@ -482,183 +383,12 @@ impl Delivery {
             }
         }
     }
-
-    /// Count a failed POST and warn about it, at most once per [`WARN_EVERY`].
-    fn failed(&mut self, post: Post, failures: u32) {
-        let m = self.m();
-        m.batches_failed.fetch_add(1, Relaxed);
-        match &post {
-            Post::Status(..) => m.failures_status.fetch_add(1, Relaxed),
-            Post::Timeout => m.failures_timeout.fetch_add(1, Relaxed),
-            Post::Error(_) | Post::Ok => m.failures_error.fetch_add(1, Relaxed),
-        };
-        if self.last_warn.is_some_and(|t| t.elapsed() < WARN_EVERY) {
-            self.suppressed += 1;
-            return;
-        }
-        self.last_warn = Some(Instant::now());
-        let suppressed = std::mem::take(&mut self.suppressed);
-        let backend = redact(&self.url);
-        match post {
-            Post::Status(status, body)
-                if status.is_client_error()
-                    && status != reqwest::StatusCode::REQUEST_TIMEOUT
-                    && status != reqwest::StatusCode::TOO_MANY_REQUESTS =>
-            {
-                tracing::warn!(
-                    %backend, status = status.as_u16(), %body, failures, suppressed,
-                    "backend refuses a batch of events; retrying it (events are never dropped): \
-                     the backend needs fixing"
-                );
-            }
-            Post::Status(status, _) => tracing::warn!(
-                %backend, status = status.as_u16(), failures, suppressed,
-                "backend failed a batch of events; retrying with backoff"
-            ),
-            Post::Timeout => tracing::warn!(
-                %backend, failures, suppressed,
-                "backend POST timed out; retrying with backoff"
-            ),
-            Post::Error(error) => tracing::warn!(
-                %backend, %error, failures, suppressed,
-                "backend POST failed; retrying with backoff"
-            ),
-            Post::Ok => {}
-        }
-    }
-}
-
-/// The oldest held deliveries, up to `max`, as one JSON array of their bodies.
-fn take_batch(pending: &mut VecDeque<Held>, max: usize) -> Batch {
-    let n = pending.len().min(max);
-    let len: usize = pending.iter().take(n).map(|h| h.body.len() + 1).sum();
-    let mut body = Vec::with_capacity(len + 2);
-    body.push(b'[');
-    let mut last_tag = 0;
-    for (i, h) in pending.drain(..n).enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(&h.body);
-        last_tag = h.tag;
-    }
-    body.push(b']');
-    Batch {
-        last_tag,
-        count: n,
-        body: body.into(),
-        failures: 0,
-    }
-}
-
-/// The error and its sources, one line (reqwest's Display alone hides the cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 async fn sleep_until(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Messages ready in the queue (a passive declare creates nothing).
-async fn probe(ch: Channel, queue: ShortString) -> lapin::Result<u32> {
-    let q = ch
-        .queue_declare(
-            queue,
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(q.message_count())
-}
-
-struct Session {
-    conn: Connection,
-    ch: Channel,
-    stats: Channel,
-    consumer: Consumer,
-}
-
-/// Connect, declare exchange, queue and bindings, set the prefetch and consume.
-async fn connect(
-    url: String,
-    name: String,
-    queue: String,
-    bindings: Vec<String>,
-    prefetch: u16,
-) -> lapin::Result<Session> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(&url, props).await?;
-    let declared = async {
-        let ch = conn.create_channel().await?;
-        ch.exchange_declare(
-            EXCHANGE.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        let queue: ShortString = queue.as_str().into();
-        ch.queue_declare(
-            queue.clone(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        for key in &bindings {
-            ch.queue_bind(
-                queue.clone(),
-                EXCHANGE.into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
-        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = ch
-            .basic_consume(
-                queue,
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let stats = conn.create_channel().await?;
-        Ok::<_, lapin::Error>((ch, stats, consumer))
-    }
-    .await;
-    match declared {
-        Ok((ch, stats, consumer)) => Ok(Session {
-            conn,
-            ch,
-            stats,
-            consumer,
-        }),
-        Err(e) => {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
-            Err(e)
-        }
     }
 }
 
@@ -676,43 +406,5 @@ mod tests {
     fn backoff_grows_jitters_and_caps_at_ten_seconds() {
         super::super::tests::assert_jittered_doubling(backoff, BACKOFF_BASE, BACKOFF_CAP);
         assert!(backoff(30) >= Duration::from_secs(5));
-    }
-
-    #[test]
-    fn config_is_checked() {
-        let mut c = ServeConfig::for_tests("s");
-        let url = "http://127.0.0.1:9/events";
-        let e = check_config(url, &c).unwrap_err().to_string();
-        assert!(e.contains("--backend-url needs --amqp"), "{e}");
-        c.amqp = Some("amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        assert!(check_config(url, &c).is_ok());
-        assert!(check_config("https://h/", &c).is_err());
-        assert!(check_config("not a url", &c).is_err());
-        c.backend_bindings.clear();
-        assert!(check_config(url, &c).is_err());
-        assert_eq!(
-            redact("http://user:secret@host:80/x"),
-            "http://host/x",
-            "no credentials in logs"
-        );
-    }
-
-    #[test]
-    fn a_batch_is_a_json_array_of_the_bodies_in_order() {
-        let now = tokio::time::Instant::now();
-        let mut pending: VecDeque<Held> = [(1, r#"{"a":1}"#), (2, r#"{"b":[2]}"#), (3, "{}")]
-            .into_iter()
-            .map(|(tag, b)| Held {
-                tag,
-                body: b.as_bytes().to_vec(),
-                at: now,
-            })
-            .collect();
-        let b = take_batch(&mut pending, 2);
-        assert_eq!(&b.body[..], br#"[{"a":1},{"b":[2]}]"#);
-        assert_eq!((b.last_tag, b.count), (2, 2));
-        let b = take_batch(&mut pending, 2);
-        assert_eq!(&b.body[..], b"[{}]");
-        assert_eq!((b.last_tag, b.count, pending.len()), (3, 1, 0));
     }
 }

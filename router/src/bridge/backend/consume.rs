@@ -1,0 +1,105 @@
+//! Backend delivery, the AMQP side: its own connection, the declarations (exchange,
+//! durable queue, bindings, prefetch), the consumer, and the backlog probe.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+
+use crate::bridge::amqp::EXCHANGE;
+
+/// Messages ready in the queue (a passive declare creates nothing).
+pub(super) async fn probe(ch: Channel, queue: ShortString) -> lapin::Result<u32> {
+    let q = ch
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
+pub(super) struct Session {
+    pub(super) conn: Connection,
+    pub(super) ch: Channel,
+    pub(super) stats: Channel,
+    pub(super) consumer: Consumer,
+}
+
+/// Connect, declare exchange, queue and bindings, set the prefetch and consume.
+pub(super) async fn connect(
+    url: String,
+    name: String,
+    queue: String,
+    bindings: Vec<String>,
+    prefetch: u16,
+) -> lapin::Result<Session> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = Connection::connect(&url, props).await?;
+    let declared = async {
+        let ch = conn.create_channel().await?;
+        ch.exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        let queue: ShortString = queue.as_str().into();
+        ch.queue_declare(
+            queue.clone(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        for key in &bindings {
+            ch.queue_bind(
+                queue.clone(),
+                EXCHANGE.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = ch
+            .basic_consume(
+                queue,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let stats = conn.create_channel().await?;
+        Ok::<_, lapin::Error>((ch, stats, consumer))
+    }
+    .await;
+    match declared {
+        Ok((ch, stats, consumer)) => Ok(Session {
+            conn,
+            ch,
+            stats,
+            consumer,
+        }),
+        Err(e) => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+            Err(e)
+        }
+    }
+}
