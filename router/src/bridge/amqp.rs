@@ -506,6 +506,21 @@ enum Outcome {
     Broken(String),
 }
 
+/// Declare `hive.events` (topic, durable): the bridge publishes to it, backend delivery
+/// binds its queue to it; both declare it, whichever connects first.
+pub(super) async fn declare_events_exchange(ch: &Channel) -> lapin::Result<()> {
+    ch.exchange_declare(
+        EXCHANGE.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
 /// Connect, open the publishing channel, declare the topology, enable confirms.
 /// Also opens the cluster channel (see [`super::cluster`]).
 async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channel, Channel)> {
@@ -514,16 +529,7 @@ async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channe
     let declared = async {
         let cluster = conn.create_channel().await?;
         let ch = conn.create_channel().await?;
-        ch.exchange_declare(
-            EXCHANGE.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        declare_events_exchange(&ch).await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok::<_, lapin::Error>((ch, cluster))
     }

@@ -3,14 +3,11 @@
 
 use std::time::Duration;
 
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 
-use crate::bridge::amqp::EXCHANGE;
+use crate::bridge::amqp::{declare_events_exchange, EXCHANGE};
 
 /// Messages ready in the queue (a passive declare creates nothing).
 pub(super) async fn probe(ch: Channel, queue: ShortString) -> lapin::Result<u32> {
@@ -46,16 +43,7 @@ pub(super) async fn connect(
     let conn = Connection::connect(&url, props).await?;
     let declared = async {
         let ch = conn.create_channel().await?;
-        ch.exchange_declare(
-            EXCHANGE.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        declare_events_exchange(&ch).await?;
         let queue: ShortString = queue.as_str().into();
         ch.queue_declare(
             queue.clone(),
