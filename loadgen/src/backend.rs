@@ -132,8 +132,20 @@ pub fn write_log(mut samples: Vec<Sample>, out: &mut impl std::io::Write) -> std
     Ok(())
 }
 
-/// Send requests at `rate` for `duration`; returns the ack histogram and counts, and with
-/// `log` every request's sample.
+/// What one steady phase of requests measured.
+pub struct Outcome {
+    /// Ack latency of every acked request, from its due time.
+    pub acks: Histogram<u64>,
+    /// How late every request left the sender (due time to the send): the sender's own
+    /// scheduling delay, measured in the same run as the acks it is part of.
+    pub late: Histogram<u64>,
+    pub counts: RequestCounts,
+    /// Every request, with `--request-log`.
+    pub samples: Vec<Sample>,
+}
+
+/// Send requests at `rate` for `duration`; returns the ack and lateness histograms and
+/// counts, and with `log` every request's sample.
 pub async fn run(
     b: Arc<Backend>,
     targets: Vec<(usize, Uuid)>,
@@ -141,12 +153,18 @@ pub async fn run(
     duration: Duration,
     timeout_ms: u64,
     log: bool,
-) -> (Histogram<u64>, RequestCounts, Vec<Sample>) {
+) -> Outcome {
     if targets.is_empty() || rate <= 0.0 || b.apis.is_empty() {
-        return (hist::new_hist(), RequestCounts::default(), Vec::new());
+        return Outcome {
+            acks: hist::new_hist(),
+            late: hist::new_hist(),
+            counts: RequestCounts::default(),
+            samples: Vec::new(),
+        };
     }
     let samples = Arc::new(Mutex::new(Vec::new()));
     let acks = Arc::new(Mutex::new(hist::new_hist()));
+    let late = Arc::new(Mutex::new(hist::new_hist()));
     let counts = Arc::new(Counters::default());
     // The router answers 504 after timeout_ms; this only bounds a router that hangs.
     let client_timeout = Duration::from_millis(timeout_ms) + Duration::from_secs(5);
@@ -170,9 +188,15 @@ pub async fn run(
         let (api, device) = targets[rand::thread_rng().gen_range(0..targets.len())];
         let path = format!("/v1/devices/{device}/requests");
         let (b2, acks2, counts2, body2) = (b.clone(), acks.clone(), counts.clone(), body.clone());
+        let late2 = late.clone();
         let samples2 = log.then(|| samples.clone());
         tasks.spawn(async move {
             let sent = Instant::now();
+            let late_us = sent.saturating_duration_since(due).as_micros() as u64;
+            hist::record(
+                &mut late2.lock().unwrap_or_else(|e| e.into_inner()),
+                late_us,
+            );
             counts2.sent.fetch_add(1, Ordering::Relaxed);
             let r = b2.nodes[api].post_json(&path, &body2, client_timeout).await;
             let done = Instant::now();
@@ -191,7 +215,6 @@ pub async fn run(
             counter.fetch_add(1, Ordering::Relaxed);
             if let Some(s) = samples2 {
                 let due_us = due.saturating_duration_since(start).as_micros() as u64;
-                let late_us = sent.saturating_duration_since(due).as_micros() as u64;
                 let sample = Sample {
                     due_us,
                     node: api,
@@ -206,9 +229,14 @@ pub async fn run(
         i += 1;
     }
     while tasks.join_next().await.is_some() {}
-    let h = acks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let take = |h: &Mutex<Histogram<u64>>| h.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
-    (h, counts.snapshot(), samples)
+    Outcome {
+        acks: take(&acks),
+        late: take(&late),
+        counts: counts.snapshot(),
+        samples,
+    }
 }
 
 #[cfg(test)]

@@ -385,7 +385,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             }
         }
     };
-    let ((ack_hist, counts, samples), storm) = tokio::join!(
+    let (outcome, storm) = tokio::join!(
         backend::run(
             backend,
             targets,
@@ -396,6 +396,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         ),
         storm
     );
+    let counts = outcome.counts;
     if steady_start.elapsed() < steady {
         tokio::time::sleep(steady - steady_start.elapsed()).await;
     }
@@ -496,7 +497,8 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         latency_ms: report::Latencies {
             connect: hist::summary(&connect),
             auth: hist::summary(&auth),
-            ack: hist::summary(&ack_hist),
+            ack: hist::summary(&outcome.acks),
+            late: hist::summary(&outcome.late),
             event: hist::summary(&event_hist),
         },
         requests: report::Requests {
@@ -531,7 +533,8 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             steady_wall_start,
             Duration::from_secs_f64(steady_secs),
             &[
-                ("ack", &ack_hist),
+                ("ack", &outcome.acks),
+                ("late", &outcome.late),
                 ("connect", &connect),
                 ("auth", &auth),
                 ("event", &event_hist),
@@ -541,7 +544,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.request_log {
         let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-        backend::write_log(samples, &mut out)?;
+        backend::write_log(outcome.samples, &mut out)?;
         std::io::Write::flush(&mut out)?;
     }
     Ok(())

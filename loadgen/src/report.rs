@@ -46,6 +46,9 @@ pub struct Latencies {
     pub auth: Summary,
     pub ack: Summary,
     pub event: Summary,
+    /// How late each request left loadgen's sender (part of its `ack`): the sender's own
+    /// scheduling delay, the machine's noise measured in the same run.
+    pub late: Summary,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +101,7 @@ impl Report {
         row(&mut o, "auth", &self.latency_ms.auth);
         row(&mut o, "ack", &self.latency_ms.ack);
         row(&mut o, "event", &self.latency_ms.event);
+        row(&mut o, "late", &self.latency_ms.late);
         let c = &self.requests.counts;
         o.push_str(&format!(
             "requests {} sent, {} acked ({:.0}/s of {:.0}/s), {} timeout, {} offline, {} http errors, {} transport errors\n",
@@ -156,7 +160,8 @@ mod tests {
                 connect: s.clone(),
                 auth: s.clone(),
                 ack: s.clone(),
-                event: s,
+                event: s.clone(),
+                late: s,
             },
             requests: Requests {
                 counts: RequestCounts::default(),
@@ -192,6 +197,7 @@ mod tests {
             "/latency_ms/ack/max",
             "/latency_ms/connect/count",
             "/latency_ms/event/p99",
+            "/latency_ms/late/p99",
             "/requests/sent",
             "/requests/acked",
             "/requests/timeout",

@@ -38,6 +38,10 @@ try:
         ordered(r["latency_ms"][k], k)
     q = r["requests"]
     assert q["sent"] > 500 and q["acked"] == q["sent"] and q["timeout"] == 0 and q["offline"] == 0, q
+    # The sender's lateness: one sample per request sent, and part of each ack's latency.
+    late = r["latency_ms"]["late"]
+    assert late["count"] == q["sent"], (late, q)
+    assert 0 <= late["p50"] <= late["p99"] <= late["max"] <= r["latency_ms"]["ack"]["max"], (late, r["latency_ms"]["ack"])
     assert r["errors"] == {}, r["errors"]
     assert r["events"]["received"] > 0, r["events"]
     print(f"loadgen {DEVICES} devices: connected in {r['devices']['connect_seconds']:.2f}s, ack p50 "
