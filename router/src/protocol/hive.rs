@@ -174,7 +174,7 @@ fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8>
 const META_LEN: usize = 10 + 36 + 13 + 36 + 12;
 
 /// A service name as a JSON string; the two the router uses are plain ASCII.
-fn service_json(service: &str) -> Cow<'static, [u8]> {
+pub(super) fn service_json(service: &str) -> Cow<'static, [u8]> {
     match service {
         DEVICE_SERVICE => Cow::Borrowed(b"\"hive-device\""),
         BACKEND_SERVICE => Cow::Borrowed(b"\"hive-backend\""),
@@ -186,7 +186,8 @@ fn service_json(service: &str) -> Cow<'static, [u8]> {
     }
 }
 
-fn push_meta(out: &mut Vec<u8>, meta: &Meta, service_json: &[u8]) {
+/// The metadata members every device event carries: `"device":D,"account":A,"service":S`.
+pub(super) fn push_meta(out: &mut Vec<u8>, meta: &Meta, service_json: &[u8]) {
     out.extend_from_slice(b"\"device\":\"");
     push_uuid(out, &meta.device);
     out.extend_from_slice(b"\",\"account\":\"");

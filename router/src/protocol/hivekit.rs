@@ -15,7 +15,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::effect::Effect;
-use super::hive::{Meta, DEVICE_SERVICE};
+use super::hive::{push_meta, service_json, Meta, DEVICE_SERVICE};
 use super::json::{self, Member, Scratch};
 use super::simd::push_uuid;
 
@@ -264,12 +264,8 @@ fn on_action(
                 ev.extend_from_slice(b",\"labels\":");
                 ev.extend_from_slice(l);
             }
-            ev.extend_from_slice(b",\"device\":\"");
-            push_uuid(&mut ev, &meta.device);
-            ev.extend_from_slice(b"\",\"account\":\"");
-            push_uuid(&mut ev, &meta.account);
-            ev.extend_from_slice(b"\",\"service\":");
-            json::push_str(&mut ev, DEVICE_SERVICE);
+            ev.push(b',');
+            push_meta(&mut ev, meta, &service_json(DEVICE_SERVICE));
             ev.push(b'}');
             out.push(Effect::Publish {
                 ty: ty.into(),
