@@ -166,9 +166,13 @@ impl Parser<'_> {
         c
     }
 
-    #[inline]
+    /// Skip whitespace. Compact JSON has none, so the usual case is one compare.
+    #[inline(always)]
     fn ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+        while let Some(&c) = self.b.get(self.i) {
+            if c > b' ' || !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+                break;
+            }
             self.i += 1;
         }
     }
@@ -185,6 +189,13 @@ impl Parser<'_> {
 
     /// One value at the cursor; `depth` is how many containers enclose it.
     fn value(&mut self, depth: usize) -> Result<(), JsonError> {
+        self.value_inline(depth)
+    }
+
+    /// [`Parser::value`] for the container loops: strings, numbers and literals (most
+    /// values) are taken in place; only a nested container costs a call.
+    #[inline(always)]
+    fn value_inline(&mut self, depth: usize) -> Result<(), JsonError> {
         match self.peek() {
             Some(b'"') => self.string().map(|_| ()),
             Some(b'{') => self.object(depth + 1),
@@ -197,6 +208,7 @@ impl Parser<'_> {
         }
     }
 
+    #[inline(never)]
     fn object(&mut self, depth: usize) -> Result<(), JsonError> {
         if depth > MAX_DEPTH {
             return Err(JsonError::Invalid);
@@ -215,7 +227,7 @@ impl Parser<'_> {
             self.ws();
             self.expect(b':')?;
             self.ws();
-            self.value(depth)?;
+            self.value_inline(depth)?;
             self.ws();
             match self.bump() {
                 Some(b',') => self.ws(),
@@ -225,6 +237,7 @@ impl Parser<'_> {
         }
     }
 
+    #[inline(never)]
     fn array(&mut self, depth: usize) -> Result<(), JsonError> {
         if depth > MAX_DEPTH {
             return Err(JsonError::Invalid);
@@ -236,7 +249,7 @@ impl Parser<'_> {
             return Ok(());
         }
         loop {
-            self.value(depth)?;
+            self.value_inline(depth)?;
             self.ws();
             match self.bump() {
                 Some(b',') => self.ws(),
@@ -246,8 +259,10 @@ impl Parser<'_> {
         }
     }
 
+    /// `true`, `false` or `null` (`word`), compared as a whole.
+    #[inline(always)]
     fn literal(&mut self, word: &[u8]) -> Result<(), JsonError> {
-        if self.b[self.i..].starts_with(word) {
+        if self.b.get(self.i..self.i + word.len()) == Some(word) {
             self.i += word.len();
             Ok(())
         } else {
@@ -255,6 +270,7 @@ impl Parser<'_> {
         }
     }
 
+    #[inline(always)]
     fn digits(&mut self) -> usize {
         let start = self.i;
         while let Some(b'0'..=b'9') = self.peek() {
@@ -264,6 +280,7 @@ impl Parser<'_> {
     }
 
     /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    #[inline(always)]
     fn number(&mut self) -> Result<(), JsonError> {
         if self.peek() == Some(b'-') {
             self.i += 1;
@@ -271,10 +288,20 @@ impl Parser<'_> {
         match self.peek() {
             Some(b'0') => self.i += 1,
             Some(b'1'..=b'9') => {
+                self.i += 1;
                 self.digits();
             }
             _ => return Err(JsonError::Invalid),
         }
+        match self.peek() {
+            Some(b'.' | b'e' | b'E') => self.fraction_exponent(),
+            _ => Ok(()),
+        }
+    }
+
+    /// The rest of a number after its integer part: rarer, kept out of line.
+    #[inline(never)]
+    fn fraction_exponent(&mut self) -> Result<(), JsonError> {
         if self.peek() == Some(b'.') {
             self.i += 1;
             if self.digits() == 0 {
@@ -297,6 +324,18 @@ impl Parser<'_> {
     /// closing one. Ok(true): it holds escapes.
     #[inline(always)]
     fn string(&mut self) -> Result<bool, JsonError> {
+        // Most strings (keys, short values) are plain ASCII and end within sixteen bytes:
+        // one vector compare finds their closing quote.
+        if let Some(quote) = simd::short_plain_string(self.b, self.i + 1) {
+            self.i = quote + 1;
+            return Ok(false);
+        }
+        self.string_general()
+    }
+
+    /// Any string: escapes, non-ASCII, long runs, the end of the text.
+    #[inline(never)]
+    fn string_general(&mut self) -> Result<bool, JsonError> {
         let b = self.b;
         let start = self.i + 1;
         let mut i = start;

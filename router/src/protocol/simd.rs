@@ -24,21 +24,28 @@ static STRING_STOP: [bool; 256] = string_stops();
 pub(super) fn skip_run(b: &[u8], mut i: usize, non_ascii: bool) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        // Sixteen bytes at a time; the last few through a copy padded with quotes, so a
-        // run reaching the end stops at `b.len()`.
+        // Sixteen bytes at a time. The last few: the text's last sixteen bytes, the mask
+        // shifted past those already seen (no copy); a text shorter than sixteen bytes
+        // through a copy padded with quotes. A run reaching the end stops at `b.len()`.
         loop {
-            let stops = if i + 16 <= b.len() {
-                sse2::stops(&b[i..i + 16], !non_ascii)
-            } else {
-                let mut pad = [b'"'; 16];
-                let rest = &b[i.min(b.len())..];
-                pad[..rest.len()].copy_from_slice(rest);
-                sse2::stops(&pad, !non_ascii)
-            };
-            if stops != 0 {
-                return (i + stops.trailing_zeros() as usize).min(b.len());
+            if i + 16 <= b.len() {
+                let stops = sse2::stops(&b[i..i + 16], !non_ascii);
+                if stops != 0 {
+                    return i + stops.trailing_zeros() as usize;
+                }
+                i += 16;
+                continue;
             }
-            i += 16;
+            let stops = match tail_stops(b, i, !non_ascii) {
+                Some(stops) => stops,
+                None => {
+                    let mut pad = [b'"'; 16];
+                    let rest = &b[i.min(b.len())..];
+                    pad[..rest.len()].copy_from_slice(rest);
+                    sse2::stops(&pad, !non_ascii)
+                }
+            };
+            return (i + stops.trailing_zeros() as usize).min(b.len());
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -56,6 +63,40 @@ pub(super) fn skip_run(b: &[u8], mut i: usize, non_ascii: bool) -> usize {
         }
         i
     }
+}
+
+/// When the sixteen bytes from `i` hold a `"` and only plain bytes (ASCII, not `\\`, not
+/// a control) before it, the index of that quote: a whole short plain string, found by
+/// one vector compare. None otherwise (then the general scan decides).
+#[inline(always)]
+pub(super) fn short_plain_string(b: &[u8], i: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let stops = match b.get(i..i + 16) {
+            Some(chunk) => sse2::stops(chunk, true),
+            None => tail_stops(b, i, true)?,
+        };
+        if stops == 0 {
+            return None;
+        }
+        let at = i + stops.trailing_zeros() as usize;
+        (b[at] == b'"').then_some(at)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (b, i);
+        None
+    }
+}
+
+/// Stop bits of the bytes from `i` to the end, fewer than sixteen, read as the last
+/// sixteen bytes of `b` (bit 0 is byte `i`); None when `b` is shorter than sixteen.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tail_stops(b: &[u8], i: usize, high: bool) -> Option<u32> {
+    let base = b.len().checked_sub(16)?;
+    let skip = i.checked_sub(base)?;
+    Some(sse2::stops(&b[base..], high) >> skip)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -133,16 +174,14 @@ pub fn push_uuid(out: &mut Vec<u8>, id: &uuid::Uuid) {
     #[cfg(target_arch = "x86_64")]
     {
         let hex = sse2::hex32(id.as_bytes());
-        // Groups of 8-4-4-4-12 hex digits.
-        out.extend_from_slice(&hex[..8]);
-        out.push(b'-');
-        out.extend_from_slice(&hex[8..12]);
-        out.push(b'-');
-        out.extend_from_slice(&hex[12..16]);
-        out.push(b'-');
-        out.extend_from_slice(&hex[16..20]);
-        out.push(b'-');
-        out.extend_from_slice(&hex[20..]);
+        // Groups of 8-4-4-4-12 hex digits, assembled on the stack and appended at once.
+        let mut s = [b'-'; 36];
+        s[..8].copy_from_slice(&hex[..8]);
+        s[9..13].copy_from_slice(&hex[8..12]);
+        s[14..18].copy_from_slice(&hex[12..16]);
+        s[19..23].copy_from_slice(&hex[16..20]);
+        s[24..].copy_from_slice(&hex[20..]);
+        out.extend_from_slice(&s);
     }
     #[cfg(not(target_arch = "x86_64"))]
     out.extend_from_slice(
@@ -179,6 +218,73 @@ mod tests {
                     super::sse2::stops(&chunk, false),
                     u32::from(without_high) << k
                 );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn short_plain_strings_are_found_where_the_byte_table_says() {
+        // A quote at k after plain bytes is found; any other stop byte first, or no stop
+        // in sixteen bytes, or fewer than sixteen bytes left, gives None.
+        for c in 0..=255u8 {
+            for k in 0..16 {
+                for q in [k + 1, 15, 16] {
+                    let mut b = vec![b'a'; 20];
+                    b[k] = c;
+                    if q < 16 {
+                        b[q] = b'"';
+                    }
+                    let first_stop = (0..16).find(|&j| STRING_STOP[b[j] as usize]);
+                    let want = first_stop.filter(|&j| b[j] == b'"');
+                    assert_eq!(short_plain_string(&b, 0), want, "{c:#x}@{k} quote@{q}");
+                    assert_eq!(short_plain_string(&b[..15], 0), None);
+                }
+            }
+        }
+        assert_eq!(short_plain_string(b"x\"", 2), None);
+    }
+
+    /// The scalar definition of `skip_run`.
+    fn skip_run_scalar(b: &[u8], mut i: usize, non_ascii: bool) -> usize {
+        while i < b.len() && !(STRING_STOP[b[i] as usize] && (b[i] < 0x80 || !non_ascii)) {
+            i += 1;
+        }
+        i
+    }
+
+    #[test]
+    fn scans_agree_with_the_scalar_definition_to_the_last_byte() {
+        // Texts of every length up to 48 with a stop byte (or none) at every position, from
+        // every start: the vector paths, including the last-sixteen-bytes read near the
+        // end, stop where the byte-by-byte scan stops.
+        for len in 0..48usize {
+            for stop_at in 0..=len {
+                for stop in [b'"', b'\\', 0x01, 0xc3] {
+                    let mut b = vec![b'a'; len];
+                    if stop_at < len {
+                        b[stop_at] = stop;
+                    }
+                    for i in 0..=len {
+                        for non_ascii in [false, true] {
+                            assert_eq!(
+                                skip_run(&b, i, non_ascii),
+                                skip_run_scalar(&b, i, non_ascii),
+                                "len {len} stop {stop:#x}@{stop_at} from {i} {non_ascii}"
+                            );
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            let j = skip_run_scalar(&b, i, false);
+                            let want = if len < 16 && i + 16 > len {
+                                None
+                            } else {
+                                (j < len && j < i + 16 && b[j] == b'"').then_some(j)
+                            };
+                            assert_eq!(short_plain_string(&b, i), want, "len {len} @{stop_at} from {i}");
+                        }
+                    }
+                }
             }
         }
     }
