@@ -123,6 +123,45 @@ async fn spoofed_metadata_is_overwritten() {
 }
 
 #[tokio::test]
+async fn frames_split_across_reads_arrive_whole_and_in_order() {
+    // Forty frames of 7- and 16-bit lengths, and a ping, written in pieces of 1 to 233
+    // bytes with pauses, so the router holds partial headers and partial payloads
+    // between reads and completes them from the next read.
+    let r = TestRouter::start();
+    let mut events = Events::subscribe(&r).await;
+    let (d, a) = ids();
+    let mut raw = raw_upgrade(&r, &r.token(d, a)).await;
+    raw.set_nodelay(true).unwrap();
+    let mut stream = Vec::new();
+    for n in 0..40usize {
+        let pad = "p".repeat(n * 7 % 300);
+        let ev = json!({"type": "split", "n": n, "pad": pad}).to_string();
+        stream.extend_from_slice(&masked_frame(0x1, ev.as_bytes()));
+        if n == 20 {
+            stream.extend_from_slice(&masked_frame(0x9, b"hi"));
+        }
+    }
+    let pieces = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233];
+    let mut at = 0;
+    for k in 0.. {
+        if at == stream.len() {
+            break;
+        }
+        let end = (at + pieces[k % pieces.len()]).min(stream.len());
+        raw.write_all(&stream[at..end]).await.unwrap();
+        at = end;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for n in 0..40usize {
+        let ev = events.find(|v| v["type"] == "split").await;
+        assert_eq!(ev["n"], n);
+        assert_eq!(ev["pad"], "p".repeat(n * 7 % 300));
+        assert_eq!(ev["device"], d.to_string());
+    }
+    assert_eq!(r.metric("router_events_published_total").await, 40.0);
+}
+
+#[tokio::test]
 async fn malformed_json_gets_error_replies_then_4400() {
     let r = TestRouter::start();
     let (d, a) = ids();
@@ -164,13 +203,35 @@ async fn binary_and_invalid_utf8_are_refused() {
         .await
         .unwrap();
     assert_eq!(close_code(&mut ws).await, 4400);
-    // Invalid UTF-8 in a text frame, written by hand (tungstenite will not send it).
-    let (d2, a2) = ids();
-    let mut raw = raw_upgrade(&r, &r.token(d2, a2)).await;
-    raw.write_all(&masked_frame(0x1, &[0xff, 0xfe, b'{']))
-        .await
-        .unwrap();
-    assert_eq!(read_close_code(&mut raw).await, 1007);
+    // Invalid UTF-8 in a text frame, written by hand (tungstenite will not send it):
+    // junk, and an otherwise valid frame whose string holds a bad byte (which the JSON
+    // validator is the one to catch), in the Hive and Hivekit protocols.
+    let frames: [&[u8]; 4] = [
+        &[0xff, 0xfe, b'{'],
+        b"{\"type\":\"x\",\"a\":\"\xc3\x28\"}",
+        b"[{\"typ\":\"sys\",\"act\":\"hbt\",\"cid\":\"\xff\"}]",
+        b"[\xe2\x82]",
+    ];
+    for path in ["/ws", "/v1/ws"] {
+        for frame in frames {
+            let (d2, a2) = ids();
+            let auth = format!("Authorization: Bearer {}\r\n", r.token(d2, a2));
+            let mut raw = raw_upgrade_at(&r, path, &auth).await;
+            raw.write_all(&masked_frame(0x1, frame)).await.unwrap();
+            assert_eq!(
+                read_close_code(&mut raw).await,
+                1007,
+                "{path} {}",
+                String::from_utf8_lossy(frame)
+            );
+        }
+    }
+    // Refused as bad UTF-8, not counted as bad JSON.
+    assert_eq!(
+        r.metric("router_protocol_errors_total{code=\"bad-json\"}")
+            .await,
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -153,11 +153,14 @@ impl Replies {
     }
 }
 
+/// The error of a frame that is not a JSON array (always the first effect then).
+pub const BAD_FRAME: &str = "bad-frame";
+
 /// Handle one text frame from an authenticated device. Replies to all its actions go
 /// back as one batch (one frame), as they came.
 pub fn on_text(meta: &Meta, text: &[u8], scratch: &mut Scratch, out: &mut Vec<Effect>) {
     if scratch.parse_array(text).is_err() {
-        out.push(Effect::Error("bad-frame"));
+        out.push(Effect::Error(BAD_FRAME));
         let mut r = Replies::default();
         r.err(None, "frame must be a JSON array of actions", 400);
         out.extend(r.finish().map(Effect::Send));

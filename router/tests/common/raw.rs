@@ -16,9 +16,14 @@ pub async fn raw_upgrade(r: &TestRouter, token: &str) -> tokio::net::TcpStream {
 }
 
 pub async fn raw_upgrade_with(r: &TestRouter, extra: &str) -> tokio::net::TcpStream {
+    raw_upgrade_at(r, "/ws", extra).await
+}
+
+/// An upgrade of `path` (`/ws`, `/v1/ws`...) with `extra` header lines.
+pub async fn raw_upgrade_at(r: &TestRouter, path: &str, extra: &str) -> tokio::net::TcpStream {
     let addr = r.ws.trim_start_matches("ws://").to_string();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     while !buf.ends_with(b"\r\n\r\n") {

@@ -66,8 +66,11 @@ impl Conn {
             self.fail(ctx, 4400, "binary frames are not part of this protocol");
             return;
         }
-        if simdutf8::basic::from_utf8(payload).is_err() {
-            self.fail(ctx, 1007, "text frame is not valid UTF-8");
+        // Hive and Hivekit frames go through the JSON validator first, which accepts
+        // only valid UTF-8 (a byte >= 0x80 may only stand inside a string, and such a
+        // string is checked): a frame it refuses is checked for UTF-8 then, to answer
+        // 1007 rather than a protocol error. Phoenix frames are checked here.
+        if matches!(self.protocol, Protocol::Phoenix(_)) && !self.utf8_or_fail(ctx, payload) {
             return;
         }
         match self.protocol {
@@ -87,9 +90,24 @@ impl Conn {
                     &mut ctx.scratch.borrow_mut(),
                     &mut effects,
                 );
+                // Not a JSON array: perhaps not UTF-8 either (see above).
+                if matches!(effects.first(), Some(Effect::Error(hivekit::BAD_FRAME)))
+                    && !self.utf8_or_fail(ctx, payload)
+                {
+                    return;
+                }
                 self.apply(ctx, effects);
             }
         }
+    }
+
+    /// RFC 6455: a text message that is not UTF-8 fails the connection with 1007.
+    fn utf8_or_fail(&self, ctx: &ShardCtx, payload: &[u8]) -> bool {
+        if simdutf8::basic::from_utf8(payload).is_ok() {
+            return true;
+        }
+        self.fail(ctx, 1007, "text frame is not valid UTF-8");
+        false
     }
 
     fn on_hive(&self, ctx: &ShardCtx, payload: &[u8]) {
@@ -111,6 +129,9 @@ impl Conn {
                 }
             }
             Err(e) => {
+                if !self.utf8_or_fail(ctx, payload) {
+                    return;
+                }
                 ctx.metrics().protocol_errors[e.index()].fetch_add(1, Relaxed);
                 self.send_text(ctx, &hive::error(e.code(), &e.to_string()));
                 self.bad_frame(ctx);
