@@ -56,6 +56,7 @@ pub fn run_shard(
             next_conn_id: Cell::new(0),
             ticks: Cell::new(0),
             started: coarse_secs(),
+            clock: Cell::new(0),
             drain: Cell::new(None),
             ip_rate: RefCell::new(HashMap::new()),
             poller,
@@ -80,6 +81,7 @@ pub fn run_shard(
                             tracing::error!(shard = ctx.id, error = %e, "connection poller failed");
                             return;
                         }
+                        ctx.refresh_clock();
                         for &(key, ev) in &evs {
                             ctx.on_event(key as u32, ev);
                         }

@@ -40,6 +40,7 @@ pub(super) fn first_ping_after(interval: u32, id: u64) -> u32 {
 impl ShardCtx {
     /// Pings, dead-peer detection and request expiry, spread over the shard's connections.
     pub(super) fn tick(&self) {
+        self.refresh_clock();
         let now = self.now_secs();
         let interval = self.shared.config.ping_interval.max(1) as u32;
         let tick = self.ticks.get();
