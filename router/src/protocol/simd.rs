@@ -281,7 +281,11 @@ mod tests {
                             } else {
                                 (j < len && j < i + 16 && b[j] == b'"').then_some(j)
                             };
-                            assert_eq!(short_plain_string(&b, i), want, "len {len} @{stop_at} from {i}");
+                            assert_eq!(
+                                short_plain_string(&b, i),
+                                want,
+                                "len {len} @{stop_at} from {i}"
+                            );
                         }
                     }
                 }
