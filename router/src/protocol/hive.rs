@@ -171,7 +171,7 @@ fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8>
 }
 
 /// `"device":"<36>","account":"<36>","service":` without the service's value.
-const META_LEN: usize = 10 + 36 + 13 + 36 + 12;
+pub(super) const META_LEN: usize = 10 + 36 + 13 + 36 + 12;
 
 /// A service name as a JSON string; the two the router uses are plain ASCII.
 pub(super) fn service_json(service: &str) -> Cow<'static, [u8]> {

@@ -426,6 +426,15 @@ pub fn as_str<'a>(text: &'a [u8], value: &Range<usize>) -> Option<Cow<'a, str>> 
 
 /// Append `s` as a JSON string literal.
 pub fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Most strings written (topics, event names, codes) need no escape: copied between
+    // quotes. serde_json escapes exactly `"`, `\` and controls, so the two agree.
+    if s.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // serde_json's escaping writes into a Vec without failing.
     let _ = serde_json::to_writer(&mut *out, s);
 }
@@ -637,6 +646,27 @@ mod tests {
             assert!(!validate(&bad), "{bad:?}");
             let control = format!("\"é{}\u{1f}\"", "a".repeat(len));
             assert!(!validate(control.as_bytes()), "{control:?}");
+        }
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        // Every char below 0x80 alone and inside text, and some beyond.
+        let mut cases: Vec<String> = (0u8..0x80)
+            .flat_map(|c| {
+                let c = c as char;
+                [c.to_string(), format!("ab{c}cd")]
+            })
+            .collect();
+        cases.extend(["", "device:1", "é ü 字 😀", "\u{7f}\u{80}\u{2028}"].map(String::from));
+        for s in cases {
+            let mut out = b"x".to_vec();
+            push_str(&mut out, &s);
+            assert_eq!(
+                &out[1..],
+                serde_json::to_string(&s).unwrap().as_bytes(),
+                "{s:?}"
+            );
         }
     }
 

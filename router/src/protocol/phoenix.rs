@@ -2,13 +2,15 @@
 //! objects and V2 arrays (`vsn=2.0.0`). Pure: frames in, effects and frames out.
 //! Keeps the per-connection join state; never does I/O.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::effect::Effect;
-use super::hive::{Meta, DEVICE_SERVICE, MAX_TYPE_LEN};
+use super::hive::{push_meta, service_json, Meta, DEVICE_SERVICE, MAX_TYPE_LEN, META_LEN};
 use super::json::push_str;
 
 /// Error codes counted in `router_phoenix_errors_total{code}`.
@@ -39,36 +41,54 @@ pub struct PhxState {
     console: Option<Join>,
 }
 
-/// A decoded Phoenix message.
+/// A decoded Phoenix message; its strings borrowed from the frame unless escaped.
 struct Msg<'a> {
-    join_ref: Option<String>,
-    reff: Option<String>,
-    topic: String,
-    event: String,
+    join_ref: Option<Cow<'a, str>>,
+    reff: Option<Cow<'a, str>>,
+    topic: Cow<'a, str>,
+    event: Cow<'a, str>,
     payload: &'a RawValue,
 }
 
-fn ref_string(v: Option<Value>) -> Option<String> {
-    match v {
-        Some(Value::String(s)) => Some(s),
-        Some(Value::Number(n)) => Some(n.to_string()),
+/// A ref as the client sent it: a string, or a number's text; anything else is none.
+fn ref_string(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    let raw = raw?.get();
+    if raw.starts_with('"') {
+        // Borrowed when it holds no escape (the usual "3"), unescaped otherwise.
+        if let Ok(s) = serde_json::from_str::<&str>(raw) {
+            return Some(Cow::Borrowed(s));
+        }
+        return serde_json::from_str::<String>(raw).ok().map(Cow::Owned);
+    }
+    match serde_json::from_str::<Value>(raw).ok()? {
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
         _ => None,
     }
 }
 
 #[derive(Deserialize)]
 struct V1<'a> {
-    topic: String,
-    event: String,
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    #[serde(borrow)]
+    event: Cow<'a, str>,
     #[serde(borrow)]
     payload: &'a RawValue,
-    #[serde(rename = "ref", default)]
-    reff: Option<Value>,
-    #[serde(default)]
-    join_ref: Option<Value>,
+    #[serde(rename = "ref", default, borrow)]
+    reff: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    join_ref: Option<&'a RawValue>,
 }
 
-type V2<'a> = (Option<Value>, Option<Value>, String, String, &'a RawValue);
+/// `[join_ref, ref, topic, event, payload]`.
+#[derive(Deserialize)]
+struct V2<'a>(
+    #[serde(borrow)] Option<&'a RawValue>,
+    #[serde(borrow)] Option<&'a RawValue>,
+    #[serde(borrow)] Cow<'a, str>,
+    #[serde(borrow)] Cow<'a, str>,
+    #[serde(borrow)] &'a RawValue,
+);
 
 fn decode(vsn: Vsn, text: &[u8]) -> Option<Msg<'_>> {
     match vsn {
@@ -83,7 +103,7 @@ fn decode(vsn: Vsn, text: &[u8]) -> Option<Msg<'_>> {
             })
         }
         Vsn::V2 => {
-            let (j, r, topic, event, payload): V2 = serde_json::from_slice(text).ok()?;
+            let V2(j, r, topic, event, payload) = serde_json::from_slice(text).ok()?;
             Some(Msg {
                 join_ref: ref_string(j),
                 reff: ref_string(r),
@@ -179,7 +199,7 @@ impl PhxState {
                 || t.strip_prefix("device:")
                     .is_some_and(|id| Uuid::parse_str(id).is_ok_and(|u| u == meta.device))
         };
-        match (m.topic.as_str(), m.event.as_str()) {
+        match (&*m.topic, &*m.event) {
             ("phoenix", "heartbeat") => out.push(self.reply(&m, OK)),
             (topic, "phx_join") => {
                 let slot = if own_topic(topic) {
@@ -192,8 +212,12 @@ impl PhxState {
                     return;
                 };
                 let join = Join {
-                    topic: m.topic.clone(),
-                    join_ref: m.join_ref.clone().or_else(|| m.reff.clone()),
+                    topic: m.topic.to_string(),
+                    join_ref: m
+                        .join_ref
+                        .as_deref()
+                        .or(m.reff.as_deref())
+                        .map(str::to_string),
                 };
                 if let Some(old) = slot.replace(join) {
                     // A rejoin closes the earlier channel first, as Phoenix does.
@@ -232,7 +256,7 @@ impl PhxState {
                         return;
                     }
                 };
-                if m.join_ref.is_some() && m.join_ref != current {
+                if m.join_ref.is_some() && m.join_ref.as_deref() != current.as_deref() {
                     // A frame from a channel instance that was since rejoined: ignored.
                     out.push(Effect::Error("stale-join-ref"));
                     return;
@@ -262,7 +286,7 @@ impl PhxState {
             return;
         }
         let payload = m.payload.get().as_bytes();
-        match m.event.as_str() {
+        match &*m.event {
             "ack" | "response" => {
                 let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
                 let Some(request) = v
@@ -362,20 +386,19 @@ fn with_request(request: Uuid, payload: &[u8]) -> Vec<u8> {
 
 /// `{"type":E,"topic":T,"payload":P,"device":D,"account":A,"service":"hive-device"}`.
 fn event_body(meta: &Meta, event: &str, topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut o = Vec::with_capacity(160 + payload.len());
+    let service = service_json(DEVICE_SERVICE);
+    let mut o = Vec::with_capacity(
+        40 + event.len() + topic.len() + payload.len() + META_LEN + service.len(),
+    );
     o.extend_from_slice(b"{\"type\":");
     push_str(&mut o, event);
     o.extend_from_slice(b",\"topic\":");
     push_str(&mut o, topic);
     o.extend_from_slice(b",\"payload\":");
     o.extend_from_slice(payload);
-    o.extend_from_slice(
-        format!(
-            ",\"device\":\"{}\",\"account\":\"{}\",\"service\":\"{DEVICE_SERVICE}\"}}",
-            meta.device, meta.account
-        )
-        .as_bytes(),
-    );
+    o.push(b',');
+    push_meta(&mut o, meta, &service);
+    o.push(b'}');
     o
 }
 
@@ -519,6 +542,28 @@ mod tests {
         );
         assert!(matches!(&out[0], Effect::Publish { ty, .. } if ty == "up"));
         assert_eq!(out.len(), 1, "no ref, no reply");
+    }
+
+    #[test]
+    fn escaped_strings_and_odd_refs() {
+        // Escaped topic, event and refs are unescaped; a ref that is neither a string nor
+        // a number is no ref; a float ref keeps serde_json's spelling of the number.
+        let mut st = PhxState::new(Vsn::V2);
+        let frame = br#"["1\u0031","a\"b","dev\u0069ce","phx_j\u006fin",{}]"#;
+        let mut out = Vec::new();
+        st.on_text(&meta(), frame, &mut out);
+        assert_eq!(
+            sent(&out[0]),
+            json!(["11", "a\"b", "device", "phx_reply", {"status":"ok","response":{}}])
+        );
+        assert!(st.joined());
+        let mut out = Vec::new();
+        st.on_text(&meta(), br#"[true,1.5e1,"device","up",{}]"#, &mut out);
+        assert!(matches!(&out[0], Effect::Publish { ty, .. } if ty == "up"));
+        assert_eq!(
+            sent(&out[1]),
+            json!([null, "15.0", "device", "phx_reply", {"status":"ok","response":{}}])
+        );
     }
 
     #[test]
