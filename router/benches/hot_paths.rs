@@ -200,11 +200,17 @@ fn bench_adapters(c: &mut Criterion) {
     let phx = br#"["3","4","device","fwup_progress",{"value":42}]"#;
     let mut st = PhxState::new(Vsn::V2);
     let mut out: Vec<Effect> = Vec::new();
-    st.on_text(&m, br#"["3","3","device","phx_join",{}]"#, &mut out);
+    let mut phx_scratch = Scratch::default();
+    st.on_text(
+        &m,
+        br#"["3","3","device","phx_join",{}]"#,
+        &mut phx_scratch,
+        &mut out,
+    );
     g.bench_function("phoenix_v2_push", |b| {
         b.iter(|| {
             out.clear();
-            st.on_text(&m, black_box(phx), &mut out);
+            st.on_text(&m, black_box(phx), &mut phx_scratch, &mut out);
         })
     });
     let hk = format!(

@@ -58,12 +58,19 @@ fn main() {
         "phoenix" => {
             let mut st = PhxState::new(Vsn::V2);
             let mut out = Vec::new();
-            st.on_text(&m, br#"["3","3","device","phx_join",{}]"#, &mut out);
+            let mut scratch = Scratch::default();
+            st.on_text(
+                &m,
+                br#"["3","3","device","phx_join",{}]"#,
+                &mut scratch,
+                &mut out,
+            );
             for _ in 0..N {
                 out.clear();
                 st.on_text(
                     &m,
                     br#"["3","4","device","fwup_progress",{"value":42}]"#,
+                    &mut scratch,
                     &mut out,
                 );
                 sink += out.len();

@@ -101,7 +101,7 @@ proptest! {
         let mut out = Vec::new();
         hivekit::on_text(&meta(), &bytes, &mut Scratch::default(), &mut out);
         for vsn in [Vsn::V1, Vsn::V2] {
-            PhxState::new(vsn).on_text(&meta(), &bytes, &mut out);
+            PhxState::new(vsn).on_text(&meta(), &bytes, &mut Scratch::default(), &mut out);
         }
     }
 
@@ -115,7 +115,7 @@ proptest! {
         hivekit::on_text(&meta(), wrapped.as_bytes(), &mut Scratch::default(), &mut out);
         let mut st = PhxState::new(Vsn::V2);
         let frame = serde_json::json!(["1", "1", "device", "phx_join", v]).to_string();
-        st.on_text(&meta(), frame.as_bytes(), &mut out);
+        st.on_text(&meta(), frame.as_bytes(), &mut Scratch::default(), &mut out);
         for e in &out {
             if let Effect::Send(b) | Effect::Publish { body: b, .. } = e {
                 prop_assert!(serde_json::from_slice::<Value>(b).is_ok(), "invalid JSON out: {}", String::from_utf8_lossy(b));

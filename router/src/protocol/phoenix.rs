@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::effect::Effect;
 use super::hive::{push_meta, service_json, Meta, DEVICE_SERVICE, MAX_TYPE_LEN, META_LEN};
-use super::json::push_str;
+use super::json::{self, push_str, Scratch};
 
 /// Error codes counted in `router_phoenix_errors_total{code}`.
 pub const ERROR_CODES: [&str; 4] = [
@@ -42,28 +42,30 @@ pub struct PhxState {
 }
 
 /// A decoded Phoenix message; its strings borrowed from the frame unless escaped.
+#[derive(Debug, PartialEq, Eq)]
 struct Msg<'a> {
     join_ref: Option<Cow<'a, str>>,
     reff: Option<Cow<'a, str>>,
     topic: Cow<'a, str>,
     event: Cow<'a, str>,
-    payload: &'a RawValue,
+    payload: &'a [u8],
 }
 
-/// A ref as the client sent it: a string, or a number's text; anything else is none.
-fn ref_string(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
-    let raw = raw?.get();
-    if raw.starts_with('"') {
-        // Borrowed when it holds no escape (the usual "3"), unescaped otherwise.
-        if let Ok(s) = serde_json::from_str::<&str>(raw) {
-            return Some(Cow::Borrowed(s));
-        }
-        return serde_json::from_str::<String>(raw).ok().map(Cow::Owned);
-    }
-    match serde_json::from_str::<Value>(raw).ok()? {
-        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+/// A ref as the client sent it (raw JSON): a string, or a number as serde_json spells
+/// it; anything else (null, a bool, a container) is no ref. Err: a number serde_json
+/// cannot hold (`1e400`), which makes the frame bad, as it always has.
+fn ref_string(raw: Option<&[u8]>) -> Result<Option<Cow<'_, str>>, ()> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    Ok(match raw.first() {
+        Some(b'"') => json::as_str(raw, &(0..raw.len())),
+        Some(b'-' | b'0'..=b'9') => match serde_json::from_slice::<Value>(raw).map_err(|_| ())? {
+            Value::Number(n) => Some(Cow::Owned(n.to_string())),
+            _ => None,
+        },
         _ => None,
-    }
+    })
 }
 
 #[derive(Deserialize)]
@@ -80,36 +82,31 @@ struct V1<'a> {
     join_ref: Option<&'a RawValue>,
 }
 
-/// `[join_ref, ref, topic, event, payload]`.
-#[derive(Deserialize)]
-struct V2<'a>(
-    #[serde(borrow)] Option<&'a RawValue>,
-    #[serde(borrow)] Option<&'a RawValue>,
-    #[serde(borrow)] Cow<'a, str>,
-    #[serde(borrow)] Cow<'a, str>,
-    #[serde(borrow)] &'a RawValue,
-);
-
-fn decode(vsn: Vsn, text: &[u8]) -> Option<Msg<'_>> {
+fn decode<'a>(vsn: Vsn, text: &'a [u8], scratch: &mut Scratch) -> Option<Msg<'a>> {
     match vsn {
         Vsn::V1 => {
             let m: V1 = serde_json::from_slice(text).ok()?;
             Some(Msg {
-                join_ref: ref_string(m.join_ref),
-                reff: ref_string(m.reff),
+                join_ref: ref_string(m.join_ref.map(|r| r.get().as_bytes())).ok()?,
+                reff: ref_string(m.reff.map(|r| r.get().as_bytes())).ok()?,
                 topic: m.topic,
                 event: m.event,
-                payload: m.payload,
+                payload: m.payload.get().as_bytes(),
             })
         }
         Vsn::V2 => {
-            let V2(j, r, topic, event, payload) = serde_json::from_slice(text).ok()?;
+            // `[join_ref, ref, topic, event, payload]`: the one-pass validator splits the
+            // frame into its five elements' spans; topic and event must be strings.
+            scratch.parse_array(text).ok()?;
+            let [j, r, topic, event, payload] = scratch.elements.as_slice() else {
+                return None;
+            };
             Some(Msg {
-                join_ref: ref_string(j),
-                reff: ref_string(r),
-                topic,
-                event,
-                payload,
+                join_ref: ref_string(Some(&text[j.clone()])).ok()?,
+                reff: ref_string(Some(&text[r.clone()])).ok()?,
+                topic: json::as_str(text, topic)?,
+                event: json::as_str(text, event)?,
+                payload: &text[payload.clone()],
             })
         }
     }
@@ -189,8 +186,14 @@ impl PhxState {
     }
 
     /// Handle one text frame from an authenticated device.
-    pub fn on_text(&mut self, meta: &Meta, text: &[u8], out: &mut Vec<Effect>) {
-        let Some(m) = decode(self.vsn, text) else {
+    pub fn on_text(
+        &mut self,
+        meta: &Meta,
+        text: &[u8],
+        scratch: &mut Scratch,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(m) = decode(self.vsn, text, scratch) else {
             out.push(Effect::Error("bad-frame"));
             return;
         };
@@ -235,7 +238,7 @@ impl PhxState {
                 if own_topic(topic) {
                     out.push(Effect::Publish {
                         ty: "device-join".into(),
-                        body: event_body(meta, "device-join", &m.topic, m.payload.get().as_bytes()),
+                        body: event_body(meta, "device-join", &m.topic, m.payload),
                     });
                     out.push(Effect::Ready);
                 }
@@ -285,7 +288,7 @@ impl PhxState {
             ));
             return;
         }
-        let payload = m.payload.get().as_bytes();
+        let payload = m.payload;
         match &*m.event {
             "ack" | "response" => {
                 let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
@@ -416,7 +419,12 @@ mod tests {
 
     fn run(st: &mut PhxState, frame: Value) -> Vec<Effect> {
         let mut out = Vec::new();
-        st.on_text(&meta(), frame.to_string().as_bytes(), &mut out);
+        st.on_text(
+            &meta(),
+            frame.to_string().as_bytes(),
+            &mut Scratch::default(),
+            &mut out,
+        );
         out
     }
 
@@ -551,19 +559,137 @@ mod tests {
         let mut st = PhxState::new(Vsn::V2);
         let frame = br#"["1\u0031","a\"b","dev\u0069ce","phx_j\u006fin",{}]"#;
         let mut out = Vec::new();
-        st.on_text(&meta(), frame, &mut out);
+        st.on_text(&meta(), frame, &mut Scratch::default(), &mut out);
         assert_eq!(
             sent(&out[0]),
             json!(["11", "a\"b", "device", "phx_reply", {"status":"ok","response":{}}])
         );
         assert!(st.joined());
         let mut out = Vec::new();
-        st.on_text(&meta(), br#"[true,1.5e1,"device","up",{}]"#, &mut out);
+        st.on_text(
+            &meta(),
+            br#"[true,1.5e1,"device","up",{}]"#,
+            &mut Scratch::default(),
+            &mut out,
+        );
         assert!(matches!(&out[0], Effect::Publish { ty, .. } if ty == "up"));
         assert_eq!(
             sent(&out[1]),
             json!([null, "15.0", "device", "phx_reply", {"status":"ok","response":{}}])
         );
+    }
+
+    /// The V2 decoder before it read spans: serde into a tuple, refs as `Value`s.
+    #[allow(clippy::type_complexity)]
+    fn decode_v2_serde(
+        text: &[u8],
+    ) -> Option<(Option<String>, Option<String>, String, String, Vec<u8>)> {
+        type V2<'a> = (Option<Value>, Option<Value>, String, String, &'a RawValue);
+        let (j, r, topic, event, payload): V2 = serde_json::from_slice(text).ok()?;
+        let as_ref = |v: Option<Value>| match v {
+            Some(Value::String(s)) => Some(s),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        Some((
+            as_ref(j),
+            as_ref(r),
+            topic,
+            event,
+            payload.get().as_bytes().to_vec(),
+        ))
+    }
+
+    /// One element of a generated V2 frame: valid JSON of every kind, escapes, numbers
+    /// serde_json cannot hold, near misses.
+    fn element() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            prop::sample::select(vec![
+                "null",
+                "true",
+                "false",
+                "\"3\"",
+                "\"device\"",
+                "\"phx_join\"",
+                "\"d\\u0065vice\"",
+                "\"a\\\"b\"",
+                "\"\\ud83d\\ude00\"",
+                "\"é\"",
+                "12",
+                "-0",
+                "-1.5e3",
+                "1E2",
+                "0.25",
+                "1e400",
+                "{}",
+                "[]",
+                "{\"a\":[1,{\"b\":null}]}",
+                " \"x\" ",
+                "\n{}\t",
+                "tru",
+                "01",
+                "1.",
+                "\"open",
+                "{\"a\"}",
+                "[1,]",
+                "nul",
+            ])
+            .prop_map(str::to_string),
+            any::<String>().prop_map(|s| Value::String(s).to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:e}")),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+        #[test]
+        fn v2_spans_decode_as_serde_did(
+            elems in proptest::collection::vec(element(), 0..7),
+            pad in proptest::sample::select(vec!["", " ", "\n "]),
+        ) {
+            let text = format!("{pad}[{}]{pad}", elems.join(","));
+            let new = decode(Vsn::V2, text.as_bytes(), &mut Scratch::default()).map(|m| {
+                (
+                    m.join_ref.map(Cow::into_owned),
+                    m.reff.map(Cow::into_owned),
+                    m.topic.into_owned(),
+                    m.event.into_owned(),
+                    m.payload.to_vec(),
+                )
+            });
+            proptest::prop_assert_eq!(new, decode_v2_serde(text.as_bytes()), "{}", text);
+        }
+    }
+
+    #[test]
+    fn generated_v2_frames_reach_both_outcomes() {
+        // The property above must see accepted frames, not only refusals.
+        use proptest::strategy::{Strategy, ValueTree};
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut ok, mut bad) = (0, 0);
+        for _ in 0..2000 {
+            let elems: Vec<String> = proptest::collection::vec(element(), 5..6)
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
+            let text = format!("[{}]", elems.join(","));
+            match decode(Vsn::V2, text.as_bytes(), &mut Scratch::default()) {
+                Some(_) => ok += 1,
+                None => bad += 1,
+            }
+        }
+        assert!(ok > 50 && bad > 50, "accepted {ok}, refused {bad}");
+    }
+
+    #[test]
+    fn a_lone_surrogate_is_refused_anywhere_in_a_v2_frame() {
+        // serde_json let one through inside the payload; no backend could decode it,
+        // and Hive events refuse it the same way.
+        let frame = br#"["1","2","device","up",{"x":"\ud800"}]"#;
+        assert!(decode_v2_serde(frame).is_some());
+        assert!(decode(Vsn::V2, frame, &mut Scratch::default()).is_none());
     }
 
     #[test]
@@ -581,7 +707,7 @@ mod tests {
                 "[null,null,\"device\",\"phx_join\"]",
             ] {
                 let mut out = Vec::new();
-                st.on_text(&meta(), bad.as_bytes(), &mut out);
+                st.on_text(&meta(), bad.as_bytes(), &mut Scratch::default(), &mut out);
                 assert_eq!(out, vec![Effect::Error("bad-frame")], "{bad}");
             }
         }

@@ -78,7 +78,12 @@ impl Conn {
             Protocol::Phoenix(_) => {
                 let mut effects = Vec::new();
                 if let Some(phx) = self.phx.borrow_mut().as_mut() {
-                    phx.on_text(&self.meta, payload, &mut effects);
+                    phx.on_text(
+                        &self.meta,
+                        payload,
+                        &mut ctx.scratch.borrow_mut(),
+                        &mut effects,
+                    );
                 }
                 self.apply(ctx, effects);
             }
