@@ -9,16 +9,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+mod frames;
 mod messages;
 mod readiness;
 
 use super::poller::IN;
 use super::{Protocol, ShardCtx};
 use crate::auth::Identity;
-use crate::bridge::RoutingKey;
-use crate::protocol::hive::{self, Meta};
+use crate::protocol::hive::Meta;
 use crate::protocol::phoenix::PhxState;
-use crate::protocol::ws::{self, FrameHeader, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
+use crate::protocol::ws::{self, OP_CLOSE, OP_TEXT};
 
 /// How long a closing connection may take to flush and see the peer's FIN.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -460,163 +460,6 @@ impl Conn {
         st.closing || st.dead
     }
 
-    /// Feed received bytes; keeps an incomplete frame's bytes (only those) for later.
-    /// Bytes held from an earlier read are completed with only what their frame still
-    /// lacks, and the rest of `data` is parsed where it lies: appending a whole 64 KiB
-    /// read to a held partial frame copied every byte of a flood once more (memmove was
-    /// 7% of a shard).
-    fn on_bytes(&self, ctx: &ShardCtx, data: &mut [u8]) {
-        let held = self
-            .st
-            .borrow_mut()
-            .bufs
-            .as_mut()
-            .map(|b| std::mem::take(&mut b.inbuf))
-            .unwrap_or_default();
-        let mut from = 0;
-        if !held.is_empty() {
-            let mut held = held;
-            from = complete_frame(&mut held, data, ctx.shared.config.max_frame);
-            let used = self.parse_frames(ctx, &mut held);
-            if used < held.len() {
-                // Still short of a frame (`data` is used up), or paused by backpressure:
-                // everything not handled waits, in order.
-                held.drain(..used);
-                held.extend_from_slice(&data[from..]);
-                self.keep_unparsed(Some(held));
-                return;
-            }
-        }
-        let data = &mut data[from..];
-        let used = self.parse_frames(ctx, data);
-        self.keep_unparsed((used < data.len()).then(|| data[used..].to_vec()));
-    }
-
-    fn keep_unparsed(&self, rest: Option<Vec<u8>>) {
-        let mut st = self.st.borrow_mut();
-        match rest {
-            Some(rest) if !st.closing && !st.dead => {
-                st.bufs.get_or_insert_with(Box::default).inbuf = rest
-            }
-            _ => {
-                if st.bufs.as_ref().is_some_and(|b| b.is_empty()) {
-                    st.bufs = None;
-                }
-            }
-        }
-    }
-
-    /// Parse and handle every complete frame in `data`; returns the bytes consumed.
-    fn parse_frames(&self, ctx: &ShardCtx, data: &mut [u8]) -> usize {
-        let max = ctx.shared.config.max_frame;
-        let mut pos = 0;
-        while !self.is_done() {
-            if pos < data.len() && !ctx.may_read() {
-                // Backpressure: the rest waits (kept as this connection's pending bytes)
-                // until the bus has drained; the shard resumes us then.
-                ctx.hold(self.slot);
-                break;
-            }
-            let h = match ws::parse_header(&data[pos..], max) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => {
-                    self.fail(ctx, e.close_code(), &e.to_string());
-                    return data.len();
-                }
-            };
-            if data.len() - pos < h.total_len() {
-                break;
-            }
-            let payload = &mut data[pos + h.header_len..pos + h.total_len()];
-            ws::unmask(payload, h.mask);
-            pos += h.total_len();
-            ctx.metrics().frames_in.fetch_add(1, Relaxed);
-            self.on_frame(ctx, h, payload);
-        }
-        pos
-    }
-
-    fn on_frame(&self, ctx: &ShardCtx, h: FrameHeader, payload: &mut [u8]) {
-        let now = ctx.now_secs();
-        self.st.borrow_mut().last_seen = now;
-        match h.opcode {
-            OP_PING => {
-                if self.admit(ctx) {
-                    self.send_control(ctx, OP_PONG, payload);
-                }
-            }
-            OP_PONG => self.on_pong(ctx, now),
-            OP_CLOSE => {
-                let code = if payload.len() >= 2 {
-                    u16::from_be_bytes([payload[0], payload[1]])
-                } else {
-                    1000
-                };
-                // Echo the close (RFC 6455 §5.5.1); not counted as a router-initiated close.
-                self.send_control(ctx, OP_CLOSE, &code.to_be_bytes());
-                let mut st = self.st.borrow_mut();
-                st.closing = true;
-                st.peer_closed = true;
-            }
-            OP_CONT => {
-                let mut st = self.st.borrow_mut();
-                let b = st.bufs.get_or_insert_with(Box::default);
-                if b.msg_op == 0 {
-                    drop(st);
-                    self.fail(ctx, 1002, "continuation frame without a message");
-                    return;
-                }
-                if b.msg.len() + payload.len() > ctx.shared.config.max_frame {
-                    drop(st);
-                    self.fail(ctx, 1009, "message too big");
-                    return;
-                }
-                b.msg.extend_from_slice(payload);
-                if h.fin {
-                    let op = b.msg_op;
-                    let mut msg = std::mem::take(&mut b.msg);
-                    b.msg_op = 0;
-                    drop(st);
-                    self.on_message(ctx, op, &mut msg);
-                }
-            }
-            op => {
-                let mut st = self.st.borrow_mut();
-                if st.bufs.as_ref().is_some_and(|b| b.msg_op != 0) {
-                    drop(st);
-                    self.fail(ctx, 1002, "new message inside a fragmented one");
-                    return;
-                }
-                if h.fin {
-                    drop(st);
-                    self.on_message(ctx, op, payload);
-                } else {
-                    let b = st.bufs.get_or_insert_with(Box::default);
-                    b.msg_op = op;
-                    b.msg = payload.to_vec();
-                }
-            }
-        }
-    }
-
-    fn on_pong(&self, ctx: &ShardCtx, now: u32) {
-        // At most one device-alive per half ping interval: every solicited pong counts,
-        // a device spraying unsolicited pongs does not flood the backend.
-        let min_gap = (ctx.shared.config.ping_interval / 2) as u32;
-        {
-            let mut st = self.st.borrow_mut();
-            if st.alive_sent && now.saturating_sub(st.last_alive) < min_gap {
-                return;
-            }
-            st.alive_sent = true;
-            st.last_alive = now;
-        }
-        ctx.metrics().alive_events.fetch_add(1, Relaxed);
-        let body = hive::device_alive(&self.meta, &self.peer.to_string());
-        ctx.publish_lazy(RoutingKey::concat(&["hive-backend.device-alive"]), body);
-    }
-
     fn has_out(&self) -> bool {
         let st = self.st.borrow();
         st.has_out() && !st.dead
@@ -637,69 +480,8 @@ fn flush_tls(tls: &mut rustls::ServerConnection, stream: &TcpStream) -> io::Resu
     Ok(true)
 }
 
-/// Move into `held` (bytes from the start of a frame) what that frame still lacks, as far
-/// as `data` has it; returns how many bytes of `data` were taken. The header comes first,
-/// a byte at a time (at most 14), since its length says how long the frame is.
-fn complete_frame(held: &mut Vec<u8>, data: &[u8], max_payload: usize) -> usize {
-    let mut taken = 0;
-    loop {
-        match ws::parse_header(held, max_payload) {
-            Ok(Some(h)) => {
-                let take = h
-                    .total_len()
-                    .saturating_sub(held.len())
-                    .min(data.len() - taken);
-                held.extend_from_slice(&data[taken..taken + take]);
-                return taken + take;
-            }
-            Ok(None) if taken < data.len() => {
-                held.push(data[taken]);
-                taken += 1;
-            }
-            // Out of bytes, or a bad header (which parse_frames refuses).
-            _ => return taken,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn masked(payload_len: usize) -> Vec<u8> {
-        let payload = vec![b'x'; payload_len];
-        let mut frame = Vec::new();
-        ws::encode_frame(OP_TEXT, &payload, &mut frame);
-        frame[1] |= 0x80;
-        let header = frame.len() - payload.len();
-        frame.splice(header..header, [1u8, 2, 3, 4]);
-        frame
-    }
-
-    #[test]
-    fn a_held_frame_takes_only_what_it_lacks() {
-        // 7-bit and 16-bit lengths, cut at every byte, header included.
-        for len in [0, 5, 125, 126, 300] {
-            let frame = masked(len);
-            for cut in 1..frame.len() {
-                let mut held = frame[..cut].to_vec();
-                let mut data = frame[cut..].to_vec();
-                data.extend_from_slice(b"NEXT");
-                let taken = complete_frame(&mut held, &data, 1 << 20);
-                assert_eq!(held, frame, "len {len} cut {cut}");
-                assert_eq!(&data[taken..], b"NEXT");
-                // A read that stops short of the frame's end is taken whole.
-                let mut held = frame[..cut].to_vec();
-                let short = &frame[cut..frame.len() - 1];
-                assert_eq!(complete_frame(&mut held, short, 1 << 20), short.len());
-                assert_eq!(held, frame[..frame.len() - 1]);
-            }
-        }
-        // A bad header takes nothing more (the frame parser refuses it).
-        let mut held = vec![0x83];
-        assert_eq!(complete_frame(&mut held, &[0x85, 1, 2, 3], 1 << 20), 1);
-    }
-
     /// Memory per idle connection is a product feature: this guard fails when the
     /// per-connection struct grows past what the README's RSS figure was measured with.
     #[test]
