@@ -14,8 +14,7 @@ impl Conn {
     /// Feed received bytes; keeps an incomplete frame's bytes (only those) for later.
     /// Bytes held from an earlier read are completed with only what their frame still
     /// lacks, and the rest of `data` is parsed where it lies: appending a whole 64 KiB
-    /// read to a held partial frame copied every byte of a flood once more (memmove was
-    /// 7% of a shard).
+    /// read to a held partial frame copied nearly every byte of a flood once more.
     pub(super) fn on_bytes(&self, ctx: &ShardCtx, data: &mut [u8]) {
         let held = self
             .st
