@@ -65,7 +65,7 @@ pub(super) fn skip_run(b: &[u8], mut i: usize, non_ascii: bool) -> usize {
     }
 }
 
-/// When the sixteen bytes from `i` hold a `"` and only plain bytes (ASCII, not `\\`, not
+/// When the sixteen bytes from `i` hold a `"` and only plain bytes (ASCII, not a backslash, not
 /// a control) before it, the index of that quote: a whole short plain string, found by
 /// one vector compare. None otherwise (then the general scan decides).
 #[inline(always)]
