@@ -42,7 +42,6 @@ pub struct PhxState {
 }
 
 /// A decoded Phoenix message; its strings borrowed from the frame unless escaped.
-#[derive(Debug, PartialEq, Eq)]
 struct Msg<'a> {
     join_ref: Option<Cow<'a, str>>,
     reff: Option<Cow<'a, str>>,
