@@ -4,13 +4,16 @@
 use std::collections::HashMap;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use router::auth::{mint, Verifier};
+use router::bridge::envelope::{self, ArchivedNodeMsg, NodeMsg, Received};
+use router::bridge::headers;
 use router::protocol::effect::Effect;
 use router::protocol::hive::{self, Meta};
 use router::protocol::json::Scratch;
 use router::protocol::phoenix::{PhxState, Vsn};
 use router::protocol::{hivekit, ws};
-use router::shard::shard_of;
+use router::shard::{shard_of, ShardHandle, ShardMsg};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -231,6 +234,173 @@ fn bench_adapters(c: &mut Criterion) {
     g.finish();
 }
 
+/// The naive JSON -> AMQP headers mapping: a `serde_json::Value` tree, converted.
+fn naive_headers(body: &[u8]) -> Option<FieldTable> {
+    fn conv(v: &Value) -> AMQPValue {
+        match v {
+            Value::Null => AMQPValue::Void,
+            Value::Bool(b) => AMQPValue::Boolean(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => AMQPValue::LongLongInt(i),
+                None => AMQPValue::Double(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            Value::Array(a) => {
+                AMQPValue::FieldArray(FieldArray::from(a.iter().map(conv).collect::<Vec<_>>()))
+            }
+            Value::Object(o) => AMQPValue::FieldTable(table(o)),
+        }
+    }
+    fn table(o: &Map<String, Value>) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in o {
+            t.insert(k.as_str().into(), conv(v));
+        }
+        t
+    }
+    let v: Value = serde_json::from_slice(body).ok()?;
+    Some(table(v.as_object()?))
+}
+
+fn bench_headers(c: &mut Criterion) {
+    let ev = instances_event();
+    let mut g = c.benchmark_group("amqp_headers_600B");
+    g.throughput(Throughput::Bytes(ev.len() as u64));
+    // Both produce the same table for this event (integers, doubles, strings, nesting).
+    assert_eq!(
+        headers::from_json(&ev).unwrap().table,
+        naive_headers(&ev).unwrap()
+    );
+    g.bench_function("router (validate, walk the text)", |b| {
+        b.iter(|| headers::from_json(black_box(&ev)).unwrap())
+    });
+    g.bench_function("baseline (serde_json Value, converted)", |b| {
+        b.iter(|| naive_headers(black_box(&ev)).unwrap())
+    });
+    g.finish();
+}
+
+/// The naive cross-node envelope: JSON, UUIDs as text, the payload as a `Value`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JsonRequest {
+    request: String,
+    device: String,
+    origin: String,
+    command: String,
+    payload: Value,
+    wait_response: bool,
+    deadline_unix_ms: u64,
+}
+
+fn bench_envelopes(c: &mut Criterion) {
+    let payload = br#"{"version":"2.1.0","url":"https://fw.example.com/images/2.1.0.fw","sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}"#;
+    let (request, device) = (Uuid::from_u128(7), Uuid::from_u128(0xdead));
+    let msg = NodeMsg::Request {
+        request: request.as_u128(),
+        device: device.as_u128(),
+        origin: "node-a-4242".into(),
+        command: "update".into(),
+        payload: payload.to_vec(),
+        wait_response: true,
+        deadline_unix_ms: 1_764_500_000_000,
+    };
+    let mut g = c.benchmark_group("node_envelope");
+    // What a node does per request across nodes: encode on one side; copy to an aligned
+    // buffer, validate every byte and read the fields in place on the other.
+    g.bench_function("router (rkyv: encode, validate, read in place)", |b| {
+        b.iter(|| {
+            let bytes = envelope::encode_node(black_box(&msg));
+            let r = Received::new(&bytes);
+            match r.node().unwrap() {
+                ArchivedNodeMsg::Request {
+                    command, payload, ..
+                } => command.len() + payload.len(),
+                _ => unreachable!(),
+            }
+        })
+    });
+    let json = JsonRequest {
+        request: request.to_string(),
+        device: device.to_string(),
+        origin: "node-a-4242".into(),
+        command: "update".into(),
+        payload: serde_json::from_slice(payload).unwrap(),
+        wait_response: true,
+        deadline_unix_ms: 1_764_500_000_000,
+    };
+    g.bench_function(
+        "baseline (serde_json: encode, parse, payload re-serialised)",
+        |b| {
+            b.iter(|| {
+                let bytes = serde_json::to_vec(black_box(&json)).unwrap();
+                let back: JsonRequest = serde_json::from_slice(&bytes).unwrap();
+                let device = Uuid::parse_str(&back.device).unwrap();
+                // The payload goes on to the device as text.
+                serde_json::to_vec(&back.payload).unwrap().len()
+                    + back.command.len()
+                    + device.as_bytes().len()
+            })
+        },
+    );
+    g.finish();
+}
+
+/// Handing a backend event to the device's owner: the shard's bounded crossbeam inbox
+/// (hash to the shard, `try_send`, wake) against a map of per-device tokio channels
+/// behind one lock (a task per connection, the common design). Both drained as they go.
+fn bench_fanout(c: &mut Criterion) {
+    const DEVICES: usize = 10_000;
+    const SHARDS: usize = 2;
+    let devices: Vec<Uuid> = (0..DEVICES as u128)
+        .map(|i| Uuid::from_u128(i.wrapping_mul(0x9E3779B97F4A7C15)))
+        .collect();
+    let body = br#"{"type":"config","interval":30}"#.to_vec();
+    let mut g = c.benchmark_group("shard_fanout");
+    let (handles, inboxes): (Vec<ShardHandle>, Vec<_>) =
+        (0..SHARDS).map(|_| ShardHandle::new(65_536)).unzip();
+    g.bench_function("router (shard_of + crossbeam inbox)", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 7919) % DEVICES;
+            let device = devices[i];
+            let (reply, _answer) = tokio::sync::oneshot::channel();
+            let s = shard_of(&device, SHARDS);
+            let msg = ShardMsg::Event {
+                device,
+                body: body.clone(),
+                reply,
+            };
+            assert!(handles[s].send(msg).is_ok());
+            inboxes[s].try_recv().is_ok()
+        })
+    });
+    type Per = (Uuid, Vec<u8>, tokio::sync::oneshot::Sender<()>);
+    let mut senders = HashMap::new();
+    let mut receivers = Vec::new();
+    for d in &devices {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Per>();
+        senders.insert(*d, tx);
+        receivers.push(rx);
+    }
+    let senders = std::sync::Mutex::new(senders);
+    g.bench_function("baseline (global Mutex<HashMap<device, mpsc>>)", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 7919) % DEVICES;
+            let device = devices[i];
+            let (reply, _answer) = tokio::sync::oneshot::channel();
+            let sent = senders
+                .lock()
+                .unwrap()
+                .get(&device)
+                .map(|tx| tx.send((device, body.clone(), reply)).is_ok());
+            assert_eq!(sent, Some(true));
+            receivers[i].try_recv().is_ok()
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_decode,
@@ -238,6 +408,9 @@ criterion_group!(
     bench_frames,
     bench_routing,
     bench_tokens,
-    bench_adapters
+    bench_adapters,
+    bench_headers,
+    bench_envelopes,
+    bench_fanout
 );
 criterion_main!(benches);
