@@ -216,6 +216,18 @@ fn bench_adapters(c: &mut Criterion) {
             st.on_text(&m, black_box(phx), &mut phx_scratch, &mut out);
         })
     });
+    // A backend event to the joined device: pushed under its `type`.
+    let ev = instances_event();
+    g.bench_function("phoenix_event", |b| {
+        b.iter(|| st.encode_event(black_box(&ev)).unwrap())
+    });
+    g.bench_function("phoenix_event baseline (serde_json Value)", |b| {
+        b.iter(|| {
+            let v: Value = serde_json::from_slice(black_box(&ev)).unwrap();
+            let name = v.get("type").and_then(Value::as_str).unwrap_or("event");
+            serde_json::to_vec(&serde_json::json!(["3", null, "device", name, &v])).unwrap()
+        })
+    });
     let hk = format!(
         r#"[{{"typ":"obj","act":"upd","id":"{}","cid":1,"loc":{{"lon":24.9,"lat":60.2}}}}]"#,
         m.device

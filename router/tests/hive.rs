@@ -226,9 +226,36 @@ async fn binary_and_invalid_utf8_are_refused() {
             );
         }
     }
-    // Refused as bad UTF-8, not counted as bad JSON.
+    // Phoenix: V2 frames are checked by the validator (a refused one then for UTF-8),
+    // V1 objects before serde_json (which skips unknown members unchecked).
+    let phoenix: [(&str, &[u8]); 6] = [
+        ("2.0.0", &[0xff, 0xfe, b'[']),
+        ("2.0.0", b"[\"1\",\"1\",\"device\",\"phx_join\",{\"a\":\"\xc3\x28\"}]"),
+        ("2.0.0", b"[\"1\",\"1\",\"d\xffvice\",\"phx_join\",{}]"),
+        ("2.0.0", b"[\xe2\x82]"),
+        ("1.0.0", b"{\"topic\":\"device\",\"event\":\"phx_join\",\"payload\":{},\"ref\":\"1\",\"x\":\"\xff\"}"),
+        ("1.0.0", &[0xff, 0xfe, b'{']),
+    ];
+    for (vsn, frame) in phoenix {
+        let (d2, a2) = ids();
+        let path = format!("/socket/websocket?token={}&vsn={vsn}", r.token(d2, a2));
+        let mut raw = raw_upgrade_at(&r, &path, "").await;
+        raw.write_all(&masked_frame(0x1, frame)).await.unwrap();
+        assert_eq!(
+            read_close_code(&mut raw).await,
+            1007,
+            "phoenix {vsn} {}",
+            String::from_utf8_lossy(frame)
+        );
+    }
+    // Refused as bad UTF-8, not counted as bad JSON or a bad Phoenix frame.
     assert_eq!(
         r.metric("router_protocol_errors_total{code=\"bad-json\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        r.metric("router_phoenix_errors_total{code=\"bad-frame\"}")
             .await,
         0.0
     );

@@ -13,13 +13,11 @@ use super::effect::Effect;
 use super::hive::{push_meta, service_json, Meta, DEVICE_SERVICE, MAX_TYPE_LEN, META_LEN};
 use super::json::{self, push_str, Scratch};
 
+/// A frame that is not a Phoenix message (not JSON, or not its shape).
+pub const BAD_FRAME: &str = "bad-frame";
+
 /// Error codes counted in `router_phoenix_errors_total{code}`.
-pub const ERROR_CODES: [&str; 4] = [
-    "bad-frame",
-    "unmatched-topic",
-    "stale-join-ref",
-    "bad-event",
-];
+pub const ERROR_CODES: [&str; 4] = [BAD_FRAME, "unmatched-topic", "stale-join-ref", "bad-event"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vsn {
@@ -193,7 +191,7 @@ impl PhxState {
         out: &mut Vec<Effect>,
     ) {
         let Some(m) = decode(self.vsn, text, scratch) else {
-            out.push(Effect::Error("bad-frame"));
+            out.push(Effect::Error(BAD_FRAME));
             return;
         };
         let own_topic = |t: &str| {
@@ -336,16 +334,12 @@ impl PhxState {
     /// None until the device joined.
     pub fn encode_event(&self, body: &[u8]) -> Option<Vec<u8>> {
         let j = self.device.as_ref()?;
-        let name = serde_json::from_slice::<Value>(body)
-            .ok()
-            .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_else(|| "event".to_string());
         Some(encode(
             self.vsn,
             j.join_ref.as_deref(),
             None,
             &j.topic,
-            &name,
+            &event_name(body),
             body,
         ))
     }
@@ -363,6 +357,20 @@ impl PhxState {
             &p,
         ))
     }
+}
+
+/// The event name a backend event is pushed under: its `type` when that is a string (the
+/// last one, if repeated), else `event`. Found by the validator's member spans; the body
+/// is not built into a tree.
+fn event_name(body: &[u8]) -> Cow<'_, str> {
+    let mut scratch = Scratch::default();
+    if scratch.parse_object(body).is_err() {
+        return Cow::Borrowed("event");
+    }
+    scratch
+        .find(body, "type")
+        .and_then(|m| json::as_str(body, &m.value))
+        .unwrap_or(Cow::Borrowed("event"))
 }
 
 /// The payload object with `"request": R` added (a non-object payload is wrapped as `value`).

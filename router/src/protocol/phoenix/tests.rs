@@ -323,3 +323,65 @@ fn request_payload_injection() {
         );
     }
 }
+
+/// How `encode_event` named an event before it used the validator's spans.
+fn event_name_serde(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "event".to_string())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+    /// Generated bodies (objects with zero or more `type` members of every kind, under
+    /// escaped and plain keys, and bare values) are named as the serde tree named them.
+    #[test]
+    fn event_names_as_serde_gave_them(
+        members in proptest::collection::vec(
+            (proptest::sample::select(vec!["\"type\"", "\"t\\u0079pe\"", "\"typ\"", "\"x\""]), element()),
+            0..4,
+        ),
+        bare in element(),
+        object in proptest::bool::ANY,
+    ) {
+        let text = if object {
+            let m: Vec<String> = members.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            format!("{{{}}}", m.join(","))
+        } else {
+            bare
+        };
+        // A number beyond f64 (`1e400`) made serde's tree fail and the name `event`;
+        // the validator takes it (see the test below).
+        proptest::prop_assume!(!text.contains("1e400"));
+        proptest::prop_assert_eq!(event_name(text.as_bytes()), event_name_serde(text.as_bytes()), "{}", text);
+    }
+}
+
+#[test]
+fn event_names() {
+    for (body, name) in [
+        (&br#"{"type":"config","interval":30}"#[..], "config"),
+        (br#"{"type":"a","type":"b"}"#, "b"),
+        (br#"{"t\u0079pe":"c\u0041"}"#, "cA"),
+        (br#"{"type":3}"#, "event"),
+        (br#"{"kind":"config"}"#, "event"),
+        (br#"["type","config"]"#, "event"),
+        (br#"{"type":"config""#, "event"),
+        // Deliberately not as before: serde_json's tree refused a number beyond f64.
+        (br#"{"type":"config","n":1e400}"#, "config"),
+    ] {
+        assert_eq!(event_name(body), name, "{}", String::from_utf8_lossy(body));
+    }
+    let mut st = PhxState::new(Vsn::V2);
+    run(&mut st, json!(["1", "1", "device", "phx_join", {}]));
+    let frame: Value = serde_json::from_slice(
+        &st.encode_event(br#"{"type":"config","interval":30}"#)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        frame,
+        json!(["1", null, "device", "config", {"type": "config", "interval": 30}])
+    );
+}

@@ -8,8 +8,9 @@ use super::Conn;
 use crate::bridge::RoutingKey;
 use crate::protocol::effect::Effect;
 use crate::protocol::hive::{self, Inbound};
+use crate::protocol::hivekit;
+use crate::protocol::phoenix::{self, Vsn};
 use crate::protocol::ws::OP_BINARY;
-use crate::protocol::{hivekit, phoenix};
 use crate::shard::{Protocol, ShardCtx};
 
 /// Malformed frames in a row before the router gives up with 4400.
@@ -66,11 +67,12 @@ impl Conn {
             self.fail(ctx, 4400, "binary frames are not part of this protocol");
             return;
         }
-        // Hive and Hivekit frames go through the JSON validator first, which accepts
-        // only valid UTF-8 (a byte >= 0x80 may only stand inside a string, and such a
-        // string is checked): a frame it refuses is checked for UTF-8 then, to answer
-        // 1007 rather than a protocol error. Phoenix frames are checked here.
-        if matches!(self.protocol, Protocol::Phoenix(_)) && !self.utf8_or_fail(ctx, payload) {
+        // Hive, Hivekit and Phoenix V2 frames go through the JSON validator first, which
+        // accepts only valid UTF-8 (a byte >= 0x80 may only stand inside a string, and
+        // such a string is checked): a frame it refuses is checked for UTF-8 then, to
+        // answer 1007 rather than a protocol error. Phoenix V1 objects go through
+        // serde_json, which does not check the strings it skips: checked here.
+        if matches!(self.protocol, Protocol::Phoenix(Vsn::V1)) && !self.utf8_or_fail(ctx, payload) {
             return;
         }
         match self.protocol {
@@ -84,6 +86,12 @@ impl Conn {
                         &mut ctx.scratch.borrow_mut(),
                         &mut effects,
                     );
+                }
+                // Refused by the validator (V2): perhaps not UTF-8 either (see above).
+                if matches!(effects.first(), Some(Effect::Error(phoenix::BAD_FRAME)))
+                    && !self.utf8_or_fail(ctx, payload)
+                {
+                    return;
                 }
                 self.apply(ctx, effects);
             }
