@@ -24,6 +24,9 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+step "fuzz targets build (cargo check; fuzz/ is its own workspace, run by fuzz/run.sh)"
+cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
+
 step "cargo test"
 ensure_rabbitmq
 cargo test --workspace --quiet
