@@ -1,5 +1,7 @@
 //! The `router` command: parse the command line, call the library.
 
+use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
+
 use clap::Parser;
 use router::config::{Cli, Command, DEV_SECRET};
 
@@ -14,6 +16,13 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let thp_error = THP_ERROR.load(Relaxed);
+    if thp_error != 0 {
+        tracing::warn!(
+            error = %std::io::Error::from_raw_os_error(thp_error),
+            "could not set transparent huge pages off for this process; memory per device may read higher"
+        );
+    }
     match Cli::parse().command {
         Command::Token(t) => {
             let secret = t.secret.unwrap_or_else(|| DEV_SECRET.to_string());
@@ -24,6 +33,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(config) => {
+            if config.transparent_hugepages {
+                if let Err(e) = set_thp_disable(false) {
+                    tracing::warn!(error = %e, "could not turn transparent huge pages back on");
+                }
+            }
             let handle = router::start(*config)?;
             // One machine-readable line: scripts and tests wait for it.
             println!(
@@ -42,6 +56,35 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+/// Transparent huge pages are off for the router from its first instruction of Rust:
+/// this runs from `.init_array`, before the runtime or anything else allocates, so no
+/// early allocation lands in a huge page that would then stay (turned off in `main`, a
+/// few MiB of the heap already had). `--transparent-hugepages` turns them back on.
+#[used]
+#[link_section = ".init_array"]
+static THP_OFF_AT_START: extern "C" fn() = {
+    extern "C" fn thp_off() {
+        if let Err(e) = set_thp_disable(true) {
+            // Logged by `main` once logging is up: only memory use depends on it.
+            THP_ERROR.store(e.raw_os_error().unwrap_or(-1), Relaxed);
+        }
+    }
+    thp_off
+};
+
+fn set_thp_disable(off: bool) -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integer arguments and touches
+    // no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(off), 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+static THP_ERROR: AtomicI32 = AtomicI32::new(0);
 
 fn wait_for_signal() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()

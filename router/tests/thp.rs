@@ -1,0 +1,48 @@
+//! `router serve` turns transparent huge pages off for itself unless
+//! `--transparent-hugepages` is given (read back from /proc/PID/status, `THP_enabled`).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+/// The `THP_enabled` line of a `router serve` started with `extra`, once it is ready.
+fn thp_enabled(extra: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_router"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .args(["--shards", "1", "--auth-secret", "thp-test"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("router ready"), "{line}");
+    let status = thp_line(&format!("/proc/{}/status", child.id()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    status
+}
+
+fn thp_line(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("this kernel reports THP_enabled (Linux 5.0 and later)")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn huge_pages_off_unless_asked_for() {
+    assert_eq!(thp_enabled(&[]), "0");
+    // With the flag the router keeps what it inherited (this test's own setting).
+    assert_eq!(
+        thp_enabled(&["--transparent-hugepages"]),
+        thp_line("/proc/self/status")
+    );
+}
