@@ -4,10 +4,12 @@
 //! it only through its bounded crossbeam inbox.
 
 pub mod conn;
+mod handle;
 pub mod poller;
 mod thread;
 mod timer;
 
+pub use handle::ShardHandle;
 pub use thread::run_shard;
 
 use std::cell::{Cell, RefCell};
@@ -153,36 +155,6 @@ pub struct DeviceInfo {
     pub address: String,
     pub protocol: &'static str,
     pub shard: usize,
-}
-
-/// How other threads reach a shard.
-pub struct ShardHandle {
-    tx: crossbeam_channel::Sender<ShardMsg>,
-    notify: Notify,
-}
-
-impl ShardHandle {
-    pub fn new(capacity: usize) -> (Self, crossbeam_channel::Receiver<ShardMsg>) {
-        let (tx, rx) = crossbeam_channel::bounded(capacity);
-        (
-            ShardHandle {
-                tx,
-                notify: Notify::new(),
-            },
-            rx,
-        )
-    }
-
-    /// Never blocks: a full inbox is the caller's decision (503, drop, close).
-    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
-        match self.tx.try_send(msg) {
-            Ok(()) => {
-                self.notify.notify_one();
-                Ok(())
-            }
-            Err(e) => Err(e.into_inner()),
-        }
-    }
 }
 
 /// A request sent to a device, waiting for its ack or response.
