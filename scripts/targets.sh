@@ -15,10 +15,12 @@
 #   5. ack p99 <= 2 ms at 200,000 devices: `scripts/capacity.sh --devices 200000
 #      --duration 20` (about 2.5 minutes; --no-capacity skips it).
 #
-# Takes ~7 minutes with the capacity run. Refuses to start while anything listens on its
-# ports: the router listens with SO_REUSEPORT, so a leftover router on the same port would
-# silently take half the connections and the figures would be wrong. Exit code 0 whether
-# or not the targets are met (the table says); 1 when a run failed.
+# Takes ~5 minutes with the capacity run; each run's report, output and router log are
+# kept in target/targets/ (the capacity run's as capacity.json and capacity.log). Refuses
+# to start while anything listens on its ports: the router listens with SO_REUSEPORT, so a
+# leftover router on the same port would silently take half the connections and the
+# figures would be wrong. Exit code 0 whether or not the targets are met (the table says);
+# 1 when a run failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNECT_RUNS=3 ROUNDS=5 CAPACITY=1 JSON=
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift 2 ;;
     --no-capacity) CAPACITY=0; shift ;;
     --json) JSON=$2; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -41,8 +43,10 @@ for p in $WS $API 9800 9900 9901 9910; do
   fi
 done
 cargo build --release --quiet -p router -p loadgen
-OUT=$(mktemp -d)
-ROUTER=; trap '[ -n "$ROUTER" ] && kill "$ROUTER" 2>/dev/null; rm -rf "$OUT"' EXIT
+# Every run's report (loadgen --json), log and router log stay here for a look afterwards.
+OUT=target/targets
+rm -rf "$OUT"; mkdir -p "$OUT"
+ROUTER=; trap '[ -n "$ROUTER" ] && kill "$ROUTER" 2>/dev/null' EXIT
 
 # One router, one loadgen run against it, the router stopped; the report JSON in $OUT/$1.
 run() {
