@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -25,28 +23,18 @@ async fn sigterm_drains_gracefully() {
 }
 
 async fn drains_gracefully(shards: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_router"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--shards",
-            shards,
-            "--drain-seconds",
-            "2",
-            "--auth-secret",
-            SECRET,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut child, line) = spawn_router(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--shards",
+        shards,
+        "--drain-seconds",
+        "2",
+        "--auth-secret",
+        SECRET,
+    ]);
     let fields: std::collections::HashMap<&str, &str> = line
         .split_whitespace()
         .filter_map(|kv| kv.split_once('='))

@@ -1,24 +1,16 @@
 //! `router serve` turns transparent huge pages off for itself unless
 //! `--transparent-hugepages` is given (read back from /proc/PID/status, `THP_enabled`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use common::spawn_router;
 
 /// The `THP_enabled` line of a `router serve` started with `extra`, once it is ready.
 fn thp_enabled(extra: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_router"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-        .args(["--shards", "1", "--auth-secret", "thp-test"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("router ready"), "{line}");
+    let mut args = vec!["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"];
+    args.extend(["--shards", "1", "--auth-secret", "thp-test"]);
+    args.extend(extra);
+    let (mut child, _) = spawn_router(&args);
     let status = thp_line(&format!("/proc/{}/status", child.id()));
     child.kill().unwrap();
     child.wait().unwrap();

@@ -210,3 +210,22 @@ impl Events {
         .expect("matching event within 5 s")
     }
 }
+
+/// The `router` binary started as `router serve ARGS` (stdout piped, stderr dropped),
+/// once it has printed its ready line; returns the process and that line.
+pub fn spawn_router(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_router"))
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("router ready"), "{line}");
+    (child, line)
+}
