@@ -87,13 +87,7 @@ impl Conn {
                         &mut effects,
                     );
                 }
-                // Refused by the validator (V2): perhaps not UTF-8 either (see above).
-                if matches!(effects.first(), Some(Effect::Error(phoenix::BAD_FRAME)))
-                    && !self.utf8_or_fail(ctx, payload)
-                {
-                    return;
-                }
-                self.apply(ctx, effects);
+                self.apply_unless_not_utf8(ctx, payload, phoenix::BAD_FRAME, effects);
             }
             Protocol::Hivekit => {
                 let mut effects = Vec::new();
@@ -103,15 +97,26 @@ impl Conn {
                     &mut ctx.scratch.borrow_mut(),
                     &mut effects,
                 );
-                // Not a JSON array: perhaps not UTF-8 either (see above).
-                if matches!(effects.first(), Some(Effect::Error(hivekit::BAD_FRAME)))
-                    && !self.utf8_or_fail(ctx, payload)
-                {
-                    return;
-                }
-                self.apply(ctx, effects);
+                self.apply_unless_not_utf8(ctx, payload, hivekit::BAD_FRAME, effects);
             }
         }
+    }
+
+    /// A frame the adapter refused as not its format (`bad_frame` first) may not be
+    /// UTF-8 either (see `on_message`): then it closes 1007; otherwise the effects apply.
+    fn apply_unless_not_utf8(
+        &self,
+        ctx: &ShardCtx,
+        payload: &[u8],
+        bad_frame: &str,
+        effects: Vec<Effect>,
+    ) {
+        if matches!(effects.first(), Some(Effect::Error(code)) if *code == bad_frame)
+            && !self.utf8_or_fail(ctx, payload)
+        {
+            return;
+        }
+        self.apply(ctx, effects);
     }
 
     /// RFC 6455: a text message that is not UTF-8 fails the connection with 1007.
