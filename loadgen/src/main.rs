@@ -26,6 +26,16 @@ use clap::Parser;
 fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     args.validate()?;
+    if !args.transparent_hugepages && args.worker_index.is_none() {
+        // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only. The setting
+        // is inherited by the worker processes started next.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            eprintln!(
+                "loadgen: could not turn transparent huge pages off: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     match args.worker_index {
         Some(_) => worker::run(args),
         None => coordinator::run(args),

@@ -58,6 +58,27 @@ try:
     assert s["devices"]["connected"] == 1000 and s["errors"] == {}, s
     print(f"loadgen --storm-at: 1000 devices dropped at once, all back in {st['seconds_to_reconnect']:.2f} s, router unharmed")
 
+    # Transparent huge pages: off in the coordinator and its worker processes unless asked.
+    def thp(pid):
+        return next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("THP_enabled:"))
+
+    def children(pid):
+        import os
+        return [int(c) for c in os.listdir("/proc") if c.isdigit() and os.path.exists(f"/proc/{c}/stat")
+                and open(f"/proc/{c}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid)]
+
+    import time
+    for extra, want in (((), "0"), (("--transparent-hugepages",), thp("self"))):
+        lg = subprocess.Popen([LOADGEN, "--url", f"ws://{f['ws']}", "--api", f"http://{f['api']}", "--secret", "lg",
+                               "--quiet", "--devices", "50", "--workers", "2", "--request-rate", "0", "--duration", "0",
+                               "--hold", "3", *extra], stdout=subprocess.DEVNULL)
+        time.sleep(1.5)
+        workers = children(lg.pid)
+        got = [thp(lg.pid)] + [thp(w) for w in workers]
+        assert lg.wait(timeout=60) == 0
+        assert len(workers) == 2 and got == [want] * 3, (extra, workers, got)
+    print("loadgen: transparent huge pages off in the coordinator and both workers, kept with --transparent-hugepages")
+
     n = run("--devices", "200", "--no-ack", "--request-rate", "50", "--duration", "2", "--request-timeout-ms", "300")
     assert n["requests"]["acked"] == 0 and n["requests"]["timeout"] > 0, n["requests"]
     assert n["errors"].get("request_timeout", 0) > 0, n["errors"]
