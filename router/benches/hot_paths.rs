@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use router::auth::{mint, Verifier};
-use router::bridge::envelope::{self, ArchivedNodeMsg, NodeMsg, Received};
 use router::bridge::headers;
+use router::cluster::envelope::{self, NodeMsg, Received, What};
 use router::protocol::effect::Effect;
 use router::protocol::hive::{self, Meta};
 use router::protocol::json::Scratch;
@@ -311,21 +311,29 @@ fn bench_envelopes(c: &mut Criterion) {
         request: request.as_u128(),
         device: device.as_u128(),
         origin: "node-a-4242".into(),
-        command: "update".into(),
-        payload: payload.to_vec(),
-        wait_response: true,
+        hops: 0,
         deadline_unix_ms: 1_764_500_000_000,
+        what: What::Command {
+            command: "update".into(),
+            payload: payload.to_vec(),
+            wait_response: true,
+        },
     };
     let mut g = c.benchmark_group("node_envelope");
     // What a node does per request across nodes: encode on one side; copy to an aligned
-    // buffer, validate every byte and read the fields in place on the other.
-    g.bench_function("router (rkyv: encode, validate, read in place)", |b| {
+    // buffer, validate every byte and take the owned message on the other.
+    g.bench_function("router (rkyv: encode, validate, deserialize)", |b| {
         b.iter(|| {
             let bytes = envelope::encode_node(black_box(&msg));
             let r = Received::new(&bytes);
-            match r.node().unwrap() {
-                ArchivedNodeMsg::Request {
-                    command, payload, ..
+            let a = r.node().unwrap();
+            match rkyv::deserialize::<NodeMsg, rkyv::rancor::Error>(a).unwrap() {
+                NodeMsg::Request {
+                    what:
+                        What::Command {
+                            command, payload, ..
+                        },
+                    ..
                 } => command.len() + payload.len(),
                 _ => unreachable!(),
             }

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod bridge;
+pub mod cluster;
 pub mod config;
 pub mod listener;
 pub mod metrics;
@@ -43,8 +44,23 @@ pub struct Shared {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// TLS on the device listener (--tls-cert/--tls-key), with mTLS when --client-ca.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// With --amqp: which node holds which device, and envelopes to other nodes.
-    pub presence: Option<bridge::presence::Presence>,
+    /// With --amqp: the cluster (membership, directory, envelopes to other nodes).
+    pub cluster: Option<cluster::Cluster>,
+}
+
+impl Shared {
+    /// With --amqp, ready when the event bridge is connected and the cluster has joined
+    /// (never again once draining).
+    pub fn update_ready(&self) {
+        let bridge_up = self.metrics.bridge.connected.load(Relaxed) == 1;
+        let cluster_up = self.cluster.as_ref().is_none_or(|c| c.joined());
+        let ready = bridge_up && cluster_up && !self.draining.load(Relaxed);
+        self.ready.store(ready, Relaxed);
+        // A drain that began meanwhile wins.
+        if self.draining.load(Relaxed) {
+            self.ready.store(false, Relaxed);
+        }
+    }
 }
 
 pub fn unix_ms() -> u64 {
@@ -144,10 +160,10 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::watch::Sender::new(false),
         tls: tls::server_config(&config)?.map(tokio_rustls::TlsAcceptor::from),
-        presence: config
+        cluster: config
             .amqp
             .is_some()
-            .then(|| bridge::presence::Presence::new(node_id)),
+            .then(|| cluster::Cluster::new(node_id)),
         config,
     });
 
@@ -246,6 +262,11 @@ impl ApiPart {
             match bridge::amqp::spawn(sh.clone(), self.bus_rx, sink.clone()) {
                 Ok(t) => after.push(t),
                 Err(e) => tracing::error!(error = %e, "cannot start the AMQP bridge thread"),
+            }
+            // The cluster: its own connection and thread (see cluster::session).
+            match cluster::session::spawn(sh.clone()) {
+                Ok(t) => after.push(t),
+                Err(e) => tracing::error!(error = %e, "cannot start the cluster thread"),
             }
         } else {
             tokio::spawn(bridge::embedded::run(sh.clone(), self.bus_rx, sink.clone()));

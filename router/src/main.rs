@@ -12,7 +12,13 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ROUTER_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // lapin logs every message the broker returns and every channel the
+                // broker closes; the cluster sends envelopes `mandatory` and probes
+                // peers' queues (a channel closed 404/405) on purpose, and counts both
+                // itself (router_cluster_envelopes_returned_total, ..._probes_*).
+                .unwrap_or_else(|_| {
+                    "info,lapin::returned_messages=error,lapin::channel=off".into()
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

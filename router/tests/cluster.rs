@@ -124,7 +124,7 @@ async fn a_request_through_node_a_reaches_a_device_on_node_b() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 202);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["status"], "forwarded");
+    assert_eq!(v["status"], "sent");
     assert_eq!(v["node"], "node-b");
 
     let seen = tokio::time::timeout(Duration::from_secs(10), dev)
@@ -136,12 +136,12 @@ async fn a_request_through_node_a_reaches_a_device_on_node_b() {
     assert_eq!(seen[0]["payload"], json!({"delay":1}));
     assert_eq!(seen[1]["command"], "Respond");
 
-    // Counted on both sides.
+    // Counted on both sides (two requests and the event).
     assert_eq!(
         a.metric("router_cluster_requests_forwarded_total").await,
-        2.0
+        3.0
     );
-    assert_eq!(b.metric("router_cluster_requests_served_total").await, 2.0);
+    assert_eq!(b.metric("router_cluster_requests_served_total").await, 3.0);
     assert_eq!(a.metric("router_requests_acked_total").await, 1.0);
     assert_eq!(a.metric("router_cluster_nodes").await, 2.0);
 
@@ -209,7 +209,7 @@ async fn three_nodes_and_a_device_that_moves_with_a_request_in_flight() {
         seen[0]["request"], first["request"],
         "the same request UUID"
     );
-    assert!(a.metric("router_cluster_requests_rerouted_total").await >= 1.0);
+    assert!(a.metric("router_cluster_requests_retried_total").await >= 1.0);
 }
 
 fn router_bin() -> &'static str {
@@ -242,7 +242,12 @@ impl Proc {
                 SECRET,
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // HIVE_TEST_NODE_LOG=1: the nodes' logs on the test's stderr.
+            .stderr(if std::env::var_os("HIVE_TEST_NODE_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("router binary starts");
         Proc {
@@ -363,10 +368,11 @@ async fn a_node_killed_with_requests_in_flight_loses_none() {
     drop(pa);
 }
 
-/// A node that starts late learns the devices of the nodes already running
-/// (snapshot on join), and a node that stops gracefully is forgotten at once.
+/// A node that starts late finds the devices of the nodes already running (they
+/// register at their new homes when it joins), the directory holds each device once,
+/// and a node that stops gracefully is forgotten at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_node_learns_by_snapshot_and_a_leaving_node_is_forgotten() {
+async fn a_late_node_finds_earlier_devices_and_a_leaving_node_is_forgotten() {
     let vh = Vhost::new("hive-test");
     let a = node(&vh, "early");
     wait_ready(&a).await;
@@ -382,7 +388,11 @@ async fn a_late_node_learns_by_snapshot_and_a_leaving_node_is_forgotten() {
     for d in &ids {
         wait_owner(&b, *d, Some("early")).await;
     }
-    assert!(b.metric("router_cluster_devices").await >= 20.0);
+    // One entry per device across the cluster, split between the two homes.
+    let entries = a.metric("router_cluster_directory_entries").await
+        + b.metric("router_cluster_directory_entries").await;
+    assert_eq!(entries, 20.0);
+    assert!(b.metric("router_cluster_directory_entries").await >= 1.0);
     drop(wss);
     drop(a); // graceful stop: Leaving
     let t0 = Instant::now();
@@ -403,7 +413,7 @@ async fn a_late_node_learns_by_snapshot_and_a_leaving_node_is_forgotten() {
 async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     use futures_util::StreamExt;
     use lapin::options::BasicPublishOptions;
-    use router::bridge::envelope::{decode_node, encode_node, NodeMsg, Outcome};
+    use router::cluster::envelope::{decode_node, encode_node, NodeMsg, Outcome, What};
 
     let vh = Vhost::new("hive-test");
     let b = node(&vh, "holder");
@@ -420,10 +430,13 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
         request: request.as_u128(),
         device: d.as_u128(),
         origin: "peer".into(),
-        command: "identify".into(),
-        payload: b"{}".to_vec(),
-        wait_response: false,
+        hops: 0,
         deadline_unix_ms: router::unix_ms() + 10_000,
+        what: What::Command {
+            command: "identify".into(),
+            payload: b"{}".to_vec(),
+            wait_response: false,
+        },
     });
     let publish = |bytes: Vec<u8>| {
         let ch = ch.clone();

@@ -26,7 +26,7 @@ use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tokio_stream::StreamExt;
 use uuid::Uuid;
 
-use crate::bridge::cluster::{self, Routed};
+use crate::cluster::route::{self, EventRouted, Routed};
 use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
 use crate::Shared;
 
@@ -170,13 +170,21 @@ async fn device_info(State(st): State<ApiState>, Path(raw): Path<String>) -> Res
         Ok(d) => d,
         Err(r) => return r,
     };
-    if let Some(p) = &st.shared.presence {
-        if let Some(cluster::RemoteOwner(node)) = cluster::remote_owner(p, &device) {
-            return (
-                StatusCode::OK,
-                Json(json!({ "device": device, "connected": true, "node": node })),
-            )
-                .into_response();
+    if let Some(c) = &st.shared.cluster {
+        if !c.is_local(&device) {
+            return match route::locate(&st.shared, device).await {
+                Ok(Some(node)) => (
+                    StatusCode::OK,
+                    Json(json!({ "device": device, "connected": true, "node": node })),
+                )
+                    .into_response(),
+                Ok(None) => offline(&device),
+                Err(()) => err(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "the cluster's broker connection is down; retry".into(),
+                ),
+            };
         }
     }
     let (tx, rx) = oneshot::channel();
@@ -221,36 +229,40 @@ async fn send_event(State(st): State<ApiState>, Path(raw): Path<String>, body: B
             );
         }
     }
-    if st.shared.presence.is_some() {
-        match cluster::route_event(&st.shared, device, &body) {
-            Ok(Some(node)) => {
+    // With --amqp the device may be on any node: the cluster finds it.
+    let delivery = if st.shared.cluster.is_some() {
+        match route::route_event(&st.shared, device, body.to_vec()).await {
+            EventRouted::Sent(Some(node)) => {
                 api.events_to_devices.fetch_add(1, Relaxed);
                 return (
                     StatusCode::ACCEPTED,
-                    Json(json!({ "device": device, "status": "forwarded", "node": node })),
+                    Json(json!({ "device": device, "status": "sent", "node": node })),
                 )
                     .into_response();
             }
-            Ok(None) => {}
-            Err(_) => {
+            EventRouted::Sent(None) => Ok(Delivery::Sent),
+            EventRouted::Delivery(d) => Ok(d),
+            EventRouted::Busy => {
                 return err(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "busy",
-                    "the broker connection is down; retry".into(),
+                    "the router is overloaded or its broker connection is down; retry".into(),
                 )
             }
         }
-    }
-    let (tx, rx) = oneshot::channel();
-    let msg = ShardMsg::Event {
-        device,
-        body: body.to_vec(),
-        reply: tx,
+    } else {
+        let (tx, rx) = oneshot::channel();
+        let msg = ShardMsg::Event {
+            device,
+            body: body.to_vec(),
+            reply: tx,
+        };
+        if let Err(r) = to_shard(&st.shared, &device, msg) {
+            return r;
+        }
+        rx.await
     };
-    if let Err(r) = to_shard(&st.shared, &device, msg) {
-        return r;
-    }
-    match rx.await {
+    match delivery {
         Ok(Delivery::Sent) => {
             api.events_to_devices.fetch_add(1, Relaxed);
             (
@@ -360,8 +372,8 @@ async fn send_request(
     };
     // With --amqp the device may be on any node: the cluster routes it (and follows
     // the device if it moves); otherwise straight to the owning shard.
-    let outcome = if st.shared.presence.is_some() {
-        match cluster::route_request(&st.shared, msg).await {
+    let outcome = if st.shared.cluster.is_some() {
+        match route::route_request(&st.shared, msg).await {
             Routed::Reply(r) => Some(r),
             Routed::TimedOut => None,
             Routed::Busy => {
@@ -464,8 +476,8 @@ impl Drop for SubscriberGuard {
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     let mut text = st.shared.metrics.render(&st.shared.node_id);
-    if let Some(p) = &st.shared.presence {
-        p.render_metrics(&mut text);
+    if let Some(c) = &st.shared.cluster {
+        c.render_metrics(&mut text);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -1,8 +1,9 @@
 //! The RabbitMQ bridge (`--amqp URL`): device events from the shards to the durable
 //! topic exchange `hive.events`, with publisher confirms.
 //!
-//! **What it owns.** The process's single AMQP connection and its one publishing
-//! channel; the receiving end of the shards' bus queue; a bounded in-memory buffer of
+//! **What it owns.** The event connection (one of the process's two AMQP connections;
+//! the cluster has the other, so flow control on events never holds back requests) and
+//! its one publishing channel; the receiving end of the shards' bus queue; a bounded in-memory buffer of
 //! events waiting for the broker; the `router_amqp_*` metrics; and, in AMQP mode, the
 //! readiness flag (`shared.ready`, so `/readyz` answers 503 while the broker is away).
 //!
@@ -195,19 +196,8 @@ impl Bridge {
     }
 
     fn set_ready(&self, up: bool) {
-        let m = self.m();
-        m.connected.store(i64::from(up), Relaxed);
-        if up {
-            // Never turn ready again once the process is draining.
-            if !self.shared.draining.load(Relaxed) {
-                self.shared.ready.store(true, Relaxed);
-                if self.shared.draining.load(Relaxed) {
-                    self.shared.ready.store(false, Relaxed);
-                }
-            }
-        } else {
-            self.shared.ready.store(false, Relaxed);
-        }
+        self.m().connected.store(i64::from(up), Relaxed);
+        self.shared.update_ready();
     }
 
     /// Drive `fut` while buffering new events; None if shutdown came first.
@@ -234,7 +224,7 @@ impl Bridge {
             );
             match self.buffering(connecting).await {
                 None => break,
-                Some(Ok(Ok((conn, ch, cluster_ch)))) => {
+                Some(Ok(Ok((conn, ch)))) => {
                     attempt = 0;
                     self.m().connects.fetch_add(1, Relaxed);
                     if ever_connected {
@@ -244,29 +234,9 @@ impl Bridge {
                         tracing::info!(url = %redact(&self.url), "AMQP bridge connected");
                     }
                     ever_connected = true;
-                    // The cluster side (presence, envelopes between nodes) runs beside
-                    // the publisher on its own channel; if it fails, the session ends
-                    // and both start over on a new connection.
-                    let mut cluster = tokio::spawn({
-                        let sh = self.shared.clone();
-                        async move {
-                            if let Err(e) = super::cluster::session(sh.clone(), cluster_ch).await {
-                                if e.to_string().contains("RESOURCE_LOCKED") {
-                                    tracing::error!(node = %sh.node_id, "another router holds this node's queue: every node needs its own --node-id");
-                                } else {
-                                    tracing::warn!(error = %e, "AMQP cluster channel failed");
-                                }
-                            }
-                        }
-                    });
                     self.set_ready(true);
-                    let end = self.session(&conn, &ch, &mut cluster).await;
+                    let end = self.session(&conn, &ch).await;
                     self.set_ready(false);
-                    if end == End::Shutdown {
-                        // Let it announce that this node leaves (bounded).
-                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut cluster).await;
-                    }
-                    cluster.abort();
                     // Best effort: a lost connection may not answer at all.
                     let _ =
                         tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into()))
@@ -311,12 +281,7 @@ impl Bridge {
 
     /// Publish while the connection lives. Returns why it ended; on return every
     /// event not confirmed is back in the buffer.
-    async fn session(
-        &mut self,
-        conn: &Connection,
-        ch: &Channel,
-        cluster: &mut tokio::task::JoinHandle<()>,
-    ) -> End {
+    async fn session(&mut self, conn: &Connection, ch: &Channel) -> End {
         let mut inflight: FuturesUnordered<Publish> = FuturesUnordered::new();
         // Events published and awaiting their confirm, by publish sequence number.
         let mut held: HashMap<u64, BusEvent> = HashMap::with_capacity(self.window);
@@ -377,7 +342,6 @@ impl Bridge {
                 _ = self.shared.bus.wait(), if can_take && !more => Wake::Work,
                 _ = async {}, if more => Wake::Work,
                 _ = tick.tick() => Wake::Tick,
-                _ = &mut *cluster, if flush_until.is_none() => Wake::ClusterDown,
             };
             match wake {
                 Wake::Confirm(id, res) => {
@@ -408,7 +372,6 @@ impl Bridge {
                 Wake::Conn(None) => break End::Lost,
                 Wake::Shutdown => flush_until = Some(Instant::now() + FLUSH_ON_SHUTDOWN),
                 Wake::Work => {}
-                Wake::ClusterDown => break End::Lost,
                 Wake::Tick => {
                     if !conn.status().connected() || !ch.status().connected() {
                         break End::Lost;
@@ -494,8 +457,6 @@ enum Wake {
     Shutdown,
     Work,
     Tick,
-    /// The cluster task ended while the connection lives: start over.
-    ClusterDown,
 }
 
 /// How one publish ended.
@@ -521,21 +482,20 @@ pub(super) async fn declare_events_exchange(ch: &Channel) -> lapin::Result<()> {
     .await
 }
 
-/// Connect, open the publishing channel, declare the topology, enable confirms.
-/// Also opens the cluster channel (see [`super::cluster`]).
-async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channel, Channel)> {
+/// Connect, open the publishing channel, declare the exchange, enable confirms. (The
+/// cluster has a connection of its own: see [`crate::cluster::session`].)
+async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channel)> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let conn = Connection::connect(&url, props).await?;
     let declared = async {
-        let cluster = conn.create_channel().await?;
         let ch = conn.create_channel().await?;
         declare_events_exchange(&ch).await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok::<_, lapin::Error>((ch, cluster))
+        Ok::<_, lapin::Error>(ch)
     }
     .await;
     match declared {
-        Ok((ch, cluster)) => Ok((conn, ch, cluster)),
+        Ok(ch) => Ok((conn, ch)),
         Err(e) => {
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;

@@ -7,11 +7,8 @@
 
 pub mod amqp;
 pub mod backend;
-pub mod cluster;
 pub mod embedded;
-pub mod envelope;
 pub mod headers;
-pub mod presence;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;

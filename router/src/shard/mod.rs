@@ -99,6 +99,12 @@ pub enum ShardMsg {
         limit: usize,
         reply: oneshot::Sender<Vec<Uuid>>,
     },
+    /// Another node holds a newer connection of this device (the cluster directory
+    /// decided): close ours with 4409 if it was made at or before `since_ms`.
+    Evict {
+        device: Uuid,
+        since_ms: u64,
+    },
     /// Stop accepting and close every connection with 1001, spread until this instant;
     /// the shard stops when its last connection is gone.
     Drain(Instant),
@@ -434,10 +440,9 @@ impl ShardCtx {
         self.slab.borrow_mut()[slot as usize] = Some(conn.clone());
         let old = self.routes.borrow_mut().insert(ident.device, conn.clone());
         self.metrics().connections.fetch_add(1, Relaxed);
-        if old.is_none() {
-            if let Some(p) = &self.shared.presence {
-                p.local_gained(ident.device);
-            }
+        // Also after a takeover here: the directory keeps the newest connection's age.
+        if let Some(c) = &self.shared.cluster {
+            c.local_gained(ident.device, conn.connected_at_ms);
         }
         if let Some(old) = old {
             self.metrics().takeovers.fetch_add(1, Relaxed);
@@ -528,8 +533,10 @@ impl ShardCtx {
             .is_some_and(|c| c.id == conn.id)
         {
             routes.remove(&conn.meta.device);
-            if let Some(p) = &self.shared.presence {
-                p.local_lost(conn.meta.device);
+            if let Some(c) = &self.shared.cluster {
+                // Closed by a drain: the device is expected back on another node.
+                let back = self.drain.get().is_some() || self.shared.draining.load(Relaxed);
+                c.local_lost(conn.meta.device, conn.connected_at_ms, back);
             }
         }
         self.metrics().connections.fetch_sub(1, Relaxed);
@@ -602,6 +609,17 @@ impl ShardCtx {
             }
             ShardMsg::List { limit, reply } => {
                 let _ = reply.send(self.routes.borrow().keys().take(limit).copied().collect());
+            }
+            ShardMsg::Evict { device, since_ms } => {
+                let conn = self.routes.borrow().get(&device).cloned();
+                if let Some(c) = conn.filter(|c| c.connected_at_ms <= since_ms) {
+                    self.metrics().takeovers.fetch_add(1, Relaxed);
+                    c.fail(
+                        self,
+                        4409,
+                        "replaced by a newer connection of the same device on another node",
+                    );
+                }
             }
             ShardMsg::Drain(until) => {
                 self.drain.set(Some(timer::DrainPlan {

@@ -1,0 +1,359 @@
+//! Which router nodes are alive, and which node is a device's directory *home*.
+//!
+//! Nodes hear of each other from the heartbeats on `hive.presence` (one small message
+//! per node per [`super::HEARTBEAT`], never per device). Silence alone never removes a
+//! node: a node silent for [`SUSPECT_AFTER`] is only *suspected*, and the broker is
+//! asked whether its queue `hive.node.<id>` still exists (a passive declare of a queue
+//! that is exclusive to another connection answers 405 RESOURCE_LOCKED while that
+//! connection lives, 404 NOT_FOUND once it is gone). Only the broker's "gone" removes
+//! it. A node that is slow, stalled or behind a flow-controlled connection keeps its
+//! queue, so it stays a member; a node killed with -9 loses its connection and queue at
+//! once, and is removed at the next probe.
+//!
+//! The home of a device is chosen by rendezvous hashing over the live nodes: every node
+//! computes the same home from the same member list, and a node joining or leaving moves
+//! only the devices whose home it becomes or was (about 1/N of them).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// A member silent this long is probed (its queue looked up on the broker).
+pub const SUSPECT_AFTER: Duration = Duration::from_secs(3);
+/// After a probe that could not decide (broker error), wait this long before the next.
+pub const PROBE_RETRY: Duration = Duration::from_secs(2);
+
+/// A node's id in this process's table (never reused, so a stale id never names a
+/// different node).
+pub type NodeId = u32;
+/// This node's own id in its table.
+pub const ME: NodeId = 0;
+
+#[derive(Debug)]
+pub struct Peer {
+    pub name: String,
+    /// Stable across processes: the rendezvous weight of a device at this node.
+    seed: u64,
+    pub incarnation: u64,
+    pub session: u64,
+    pub last_seen: Instant,
+    pub devices: u64,
+    /// A probe is under way, or none before this instant.
+    probe_after: Option<Instant>,
+    probing: bool,
+}
+
+/// What a heartbeat (or join) told us about its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// Already known, same process, same broker session.
+    Same,
+    /// First heard of (or heard again after it was removed).
+    New,
+    /// Same process, a new broker session: its queue was declared anew.
+    Reconnected,
+    /// The same name, a new process: what the old one held is gone.
+    Restarted,
+}
+
+#[derive(Debug)]
+pub struct Membership {
+    peers: HashMap<NodeId, Peer>,
+    by_name: HashMap<String, NodeId>,
+    next_id: NodeId,
+    /// No member is probed before this (set when our own session starts, while every
+    /// node may still be reconnecting after a broker restart).
+    hold_probes_until: Instant,
+    /// Bumped whenever the member set changes.
+    pub epoch: u64,
+}
+
+/// The weight of `device` at a node with `seed`: the highest weight is the home.
+fn weight(device: u128, seed: u64) -> u64 {
+    splitmix((device as u64) ^ splitmix(((device >> 64) as u64) ^ seed))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a of the node name: the same on every node (std's hasher is seeded per process).
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Membership {
+    pub fn new(me: &str, incarnation: u64, now: Instant) -> Self {
+        let mut m = Membership {
+            peers: HashMap::new(),
+            by_name: HashMap::new(),
+            next_id: 1,
+            hold_probes_until: now,
+            epoch: 0,
+        };
+        m.peers.insert(ME, Peer::new(me, incarnation, 0, now));
+        m.by_name.insert(me.to_string(), ME);
+        m
+    }
+
+    pub fn name(&self, id: NodeId) -> Option<&str> {
+        self.peers.get(&id).map(|p| p.name.as_str())
+    }
+
+    pub fn id(&self, name: &str) -> Option<NodeId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    pub fn set_my_session(&mut self, session: u64) {
+        if let Some(p) = self.peers.get_mut(&ME) {
+            p.session = session;
+        }
+    }
+
+    /// Our own session (re)started: whatever we heard before is as fresh as now, and
+    /// nobody is probed until `hold` has passed (they may all be reconnecting too).
+    pub fn restart_clock(&mut self, now: Instant, hold: Duration) {
+        for p in self.peers.values_mut() {
+            p.last_seen = now;
+            p.probe_after = None;
+        }
+        self.hold_probes_until = now + hold;
+    }
+
+    /// A heartbeat or join from `name`.
+    pub fn heard(
+        &mut self,
+        name: &str,
+        incarnation: u64,
+        session: u64,
+        devices: Option<u64>,
+        now: Instant,
+    ) -> (NodeId, Heard) {
+        if let Some(&id) = self.by_name.get(name) {
+            let p = self.peers.get_mut(&id).expect("by_name and peers agree");
+            let heard = if p.incarnation != incarnation {
+                Heard::Restarted
+            } else if p.session != session {
+                Heard::Reconnected
+            } else {
+                Heard::Same
+            };
+            p.incarnation = incarnation;
+            p.session = session;
+            p.last_seen = now;
+            p.probe_after = None;
+            if let Some(d) = devices {
+                p.devices = d;
+            }
+            return (id, heard);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut p = Peer::new(name, incarnation, session, now);
+        p.devices = devices.unwrap_or(0);
+        self.peers.insert(id, p);
+        self.by_name.insert(name.to_string(), id);
+        self.epoch += 1;
+        (id, Heard::New)
+    }
+
+    /// Remove a member (it left, or the broker says its queue is gone).
+    pub fn remove(&mut self, id: NodeId) -> Option<Peer> {
+        if id == ME {
+            return None;
+        }
+        let p = self.peers.remove(&id)?;
+        self.by_name.remove(&p.name);
+        self.epoch += 1;
+        Some(p)
+    }
+
+    /// Members to probe now: silent for [`SUSPECT_AFTER`], not already being probed.
+    pub fn suspects(&mut self, now: Instant) -> Vec<(NodeId, String)> {
+        if now < self.hold_probes_until {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (&id, p) in self.peers.iter_mut() {
+            if id == ME || p.probing {
+                continue;
+            }
+            let silent = now.duration_since(p.last_seen) >= SUSPECT_AFTER;
+            let due = p.probe_after.is_none_or(|t| now >= t);
+            if silent && due {
+                p.probing = true;
+                out.push((id, p.name.clone()));
+            }
+        }
+        out
+    }
+
+    /// Probe `id` now, whatever its silence (the broker returned a message for it),
+    /// unless probes are held.
+    pub fn suspect_now(&mut self, id: NodeId, now: Instant) -> Option<String> {
+        if now < self.hold_probes_until {
+            return None;
+        }
+        let p = self.peers.get_mut(&id).filter(|_| id != ME)?;
+        if p.probing {
+            return None;
+        }
+        p.probing = true;
+        Some(p.name.clone())
+    }
+
+    /// A probe ended: `Some(true)` alive (its queue exists), `Some(false)` gone,
+    /// `None` undecided. Returns the removed peer when gone.
+    pub fn probed(&mut self, id: NodeId, alive: Option<bool>, now: Instant) -> Option<Peer> {
+        let p = self.peers.get_mut(&id)?;
+        p.probing = false;
+        match alive {
+            Some(false) => self.remove(id),
+            Some(true) => {
+                // Alive but silent: look again after another SUSPECT_AFTER.
+                p.probe_after = Some(now + SUSPECT_AFTER);
+                None
+            }
+            None => {
+                p.probe_after = Some(now + PROBE_RETRY);
+                None
+            }
+        }
+    }
+
+    /// The home of `device` among the live members.
+    pub fn home(&self, device: u128) -> NodeId {
+        let mut best = (0u64, ME);
+        for (&id, p) in &self.peers {
+            let w = weight(device, p.seed);
+            // Ties (practically never) go to the lower seed, the same on every node.
+            if w > best.0 || (w == best.0 && self.peers[&best.1].seed > p.seed) {
+                best = (w, id);
+            }
+        }
+        best.1
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = (NodeId, &Peer)> {
+        self.peers.iter().map(|(id, p)| (*id, p))
+    }
+}
+
+impl Peer {
+    fn new(name: &str, incarnation: u64, session: u64, now: Instant) -> Self {
+        Peer {
+            name: name.to_string(),
+            seed: seed_of(name),
+            incarnation,
+            session,
+            last_seen: now,
+            devices: 0,
+            probe_after: None,
+            probing: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn homes_agree_across_nodes_and_move_little() {
+        let now = Instant::now();
+        let names: Vec<String> = (0..5).map(|i| format!("n{i}")).collect();
+        // Each node's table lists the same members (itself first, others in another order).
+        let tables: Vec<Membership> = names
+            .iter()
+            .map(|me| {
+                let mut m = Membership::new(me, 1, now);
+                for other in names.iter().rev().filter(|n| *n != me) {
+                    m.heard(other, 1, 1, None, now);
+                }
+                m
+            })
+            .collect();
+        let devices: Vec<u128> = (0..4000u128)
+            .map(|i| i.wrapping_mul(0x1234_5678_9abc_def1_2345))
+            .collect();
+        let mut per_node = HashMap::new();
+        for &d in &devices {
+            let homes: Vec<&str> = tables.iter().map(|t| t.name(t.home(d)).unwrap()).collect();
+            assert!(homes.windows(2).all(|w| w[0] == w[1]), "{homes:?}");
+            *per_node.entry(homes[0].to_string()).or_insert(0) += 1;
+        }
+        // Spread: each of 5 nodes is home to roughly a fifth.
+        for (n, c) in &per_node {
+            assert!((600..1000).contains(c), "{n}: {c}");
+        }
+        // A sixth node joins: only devices whose home becomes n5 move.
+        let mut t = Membership::new("n0", 1, now);
+        for n in &names[1..] {
+            t.heard(n, 1, 1, None, now);
+        }
+        let before: Vec<NodeId> = devices.iter().map(|&d| t.home(d)).collect();
+        let (n5, _) = t.heard("n5", 1, 1, None, now);
+        let mut moved = 0;
+        for (i, &d) in devices.iter().enumerate() {
+            let h = t.home(d);
+            if h != before[i] {
+                assert_eq!(h, n5);
+                moved += 1;
+            }
+        }
+        assert!((450..900).contains(&moved), "{moved}");
+    }
+
+    #[test]
+    fn silence_only_suspects_and_the_broker_decides() {
+        let t0 = Instant::now();
+        let mut m = Membership::new("a", 1, t0);
+        let (b, h) = m.heard("b", 7, 1, Some(10), t0);
+        assert_eq!(h, Heard::New);
+        assert!(m.suspects(t0 + Duration::from_secs(1)).is_empty());
+        let later = t0 + SUSPECT_AFTER;
+        assert_eq!(m.suspects(later), vec![(b, "b".to_string())]);
+        // Being probed: not suspected twice.
+        assert!(m.suspects(later).is_empty());
+        // The broker says its queue exists: still a member, probed again later.
+        assert!(m.probed(b, Some(true), later).is_none());
+        assert_eq!(m.len(), 2);
+        assert!(m.suspects(later + Duration::from_secs(1)).is_empty());
+        assert_eq!(m.suspects(later + SUSPECT_AFTER).len(), 1);
+        // Gone: removed, and the epoch moves.
+        let e = m.epoch;
+        assert!(m.probed(b, Some(false), later + SUSPECT_AFTER).is_some());
+        assert_eq!(m.len(), 1);
+        assert!(m.epoch > e);
+        // Heard again: a new member with a new id.
+        let (b2, h) = m.heard("b", 7, 1, None, later);
+        assert_eq!(h, Heard::New);
+        assert_ne!(b2, b);
+        assert_eq!(m.heard("b", 7, 2, None, later).1, Heard::Reconnected);
+        assert_eq!(m.heard("b", 8, 2, None, later).1, Heard::Restarted);
+        assert_eq!(m.heard("b", 8, 2, None, later).1, Heard::Same);
+    }
+
+    #[test]
+    fn no_probes_while_held_after_our_own_reconnect() {
+        let t0 = Instant::now();
+        let mut m = Membership::new("a", 1, t0);
+        m.heard("b", 1, 1, None, t0);
+        let t1 = t0 + Duration::from_secs(20);
+        m.restart_clock(t1, Duration::from_secs(10));
+        assert!(m.suspects(t1 + SUSPECT_AFTER).is_empty());
+        assert_eq!(m.suspects(t1 + Duration::from_secs(10)).len(), 1);
+    }
+}
