@@ -493,3 +493,124 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     assert_eq!(get(&b, "/readyz").await.0, 200);
     let _ = conn.close(200, "bye".into()).await;
 }
+
+/// The same device connects to node B while still connected on node A: A closes the
+/// old connection with 4409 within a second, and requests through A reach the device
+/// on B only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_connects_to_another_node_is_closed_4409_on_the_first() {
+    let vh = Vhost::new("hive-test");
+    let a = process_node(&vh, "take-a");
+    let b = process_node(&vh, "take-b");
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut old = a.device(d, acc).await;
+    wait_owner(&b, d, Some("take-a")).await;
+    let new = b.device(d, acc).await;
+    let t0 = Instant::now();
+    let code = close_code(&mut old).await;
+    assert_eq!(code, 4409);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(a.metric("router_cluster_evictions_total").await, 1.0);
+    wait_owner(&a, d, Some("take-b")).await;
+    let dev = acking(new, 1);
+    let (s, body) = a.request(d, json!({"command":"where"}), "").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(dev.await.unwrap()[0]["command"], "where");
+    // One entry for the device in the whole cluster.
+    let entries = a.metric("router_cluster_directory_entries").await
+        + b.metric("router_cluster_directory_entries").await;
+    assert_eq!(entries, 1.0);
+}
+
+/// A node that stops answering for longer than the suspicion time (SIGSTOP: no
+/// heartbeats, nothing consumed) but whose broker connection lives is not a dead node:
+/// the broker says its queue exists, so it is kept, and its devices are reachable
+/// again as soon as it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_is_not_declared_dead_while_its_queue_exists() {
+    let vh = Vhost::new("hive-test");
+    let pa = Proc::start(&vh, "watcher", free_port(), free_port());
+    let pb = Proc::start(&vh, "sleeper", free_port(), free_port());
+    let (a, b) = (pa.as_router(), pb.as_router());
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+    let ws = b.device(d, acc).await;
+    wait_owner(&a, d, Some("sleeper")).await;
+    let pid = pb.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    // Silent for 3 s makes a suspect; stay stopped well past that (but under twice the
+    // cluster connection's 5 s AMQP heartbeat, after which the broker drops it).
+    let t0 = Instant::now();
+    while a.metric("router_cluster_liveness_probes_alive_total").await < 1.0 {
+        if t0.elapsed() > Duration::from_secs(7) {
+            signal("-CONT");
+            panic!("the stalled node was never probed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal("-CONT");
+    assert_eq!(a.metric("router_cluster_nodes_expired_total").await, 0.0);
+    assert_eq!(a.metric("router_cluster_nodes").await, 2.0);
+    let dev = acking(ws, 1);
+    let (s, body) = a.request(d, json!({"command":"awake"}), "").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(dev.await.unwrap()[0]["command"], "awake");
+}
+
+/// The broker closes a node's cluster connection (`rabbitmqctl close_connection`): it
+/// reconnects, registers its devices again, its devices stay reachable from the other
+/// node, and no device is known at two nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_connection_the_broker_closes_comes_back_with_its_devices() {
+    if !have_rabbitmqctl() {
+        eprintln!("skipped: no rabbitmqctl on this machine");
+        return;
+    }
+    let vh = Vhost::new("hive-test");
+    let pa = Proc::start(&vh, "steady", free_port(), free_port());
+    let pb = Proc::start(&vh, "bounced", free_port(), free_port());
+    let (a, b) = (pa.as_router(), pb.as_router());
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let mut devs = Vec::new();
+    for _ in 0..10 {
+        let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
+        devs.push((d, b.device(d, acc).await));
+    }
+    for (d, _) in &devs {
+        wait_owner(&a, *d, Some("bounced")).await;
+    }
+    assert!(broker_close_connection("hive-router bounced cluster".into(), "cluster").await);
+    let t0 = Instant::now();
+    while b.metric("router_cluster_sessions_total").await < 2.0 || get(&b, "/readyz").await.0 != 200
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "node did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(b.metric("router_cluster_reregistered_total").await >= 10.0);
+    for (d, ws) in devs.drain(..) {
+        let dev = acking(ws, 1);
+        let (s, body) = a.request(d, json!({"command":"still-there"}), "").await;
+        assert_eq!(s, 200, "{body}");
+        dev.await.unwrap();
+    }
+    let entries = a.metric("router_cluster_directory_entries").await
+        + b.metric("router_cluster_directory_entries").await;
+    assert_eq!(entries, 10.0, "each device known once");
+    assert_eq!(a.metric("router_cluster_nodes_expired_total").await, 0.0);
+}

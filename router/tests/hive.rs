@@ -482,6 +482,30 @@ async fn pongs_produce_device_alive() {
     reader.abort();
 }
 
+/// --device-alive-interval longer than the ping interval: every ping is answered, but
+/// the backend hears of the device once per interval.
+#[tokio::test]
+async fn device_alive_interval_spaces_the_events_out() {
+    let mut counts = Vec::new();
+    for alive in [0, 60] {
+        let r = TestRouter::start_with(|c| {
+            c.ping_interval = 1;
+            c.device_alive_interval = alive;
+        });
+        let (d, a) = ids();
+        let mut ws = r.device(d, a).await;
+        let reader = tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        counts.push(r.metric("router_device_alive_events_total").await);
+        reader.abort();
+    }
+    assert!(counts[0] >= 2.0, "one per ping: {counts:?}");
+    assert_eq!(counts[1], 1.0, "one per minute: {counts:?}");
+}
+
 /// One shard: the HTTP API, the embedded bus and the connections share the shard's
 /// thread (no API thread). Requests, their acks, device events on /v1/events,
 /// device-alive from pongs and /metrics all still work there.

@@ -50,9 +50,15 @@ pub enum NodeMsg {
         session: u64,
         changes: Vec<DirChange>,
     },
+    /// "I have just counted you in (again): register with me the devices I am home
+    /// for." Sent to a node on first sight, so a node that was wrongly thought gone and
+    /// forgotten fills the directory again.
+    Resync { from: String },
 }
 
 /// What a [`NodeMsg::Request`] asks for.
+///
+/// (Also on `hive.nodes`: [`NodeMsg::Resync`].)
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum What {
     /// A backend request: deliver to the device and wait for its ack or response.
@@ -242,6 +248,7 @@ mod tests {
                     },
                 ],
             },
+            NodeMsg::Resync { from: "a".into() },
         ];
         for m in msgs {
             assert_eq!(decode_node(&encode_node(&m)).unwrap(), m);

@@ -37,9 +37,10 @@ pub struct Peer {
     pub session: u64,
     pub last_seen: Instant,
     pub devices: u64,
-    /// A probe is under way, or none before this instant.
+    /// No probe before this instant.
     probe_after: Option<Instant>,
-    probing: bool,
+    /// When the probe under way started.
+    probing: Option<Instant>,
 }
 
 /// What a heartbeat (or join) told us about its sender.
@@ -187,13 +188,13 @@ impl Membership {
         }
         let mut out = Vec::new();
         for (&id, p) in self.peers.iter_mut() {
-            if id == ME || p.probing {
+            if id == ME || p.probing.is_some() {
                 continue;
             }
             let silent = now.duration_since(p.last_seen) >= SUSPECT_AFTER;
             let due = p.probe_after.is_none_or(|t| now >= t);
             if silent && due {
-                p.probing = true;
+                p.probing = Some(now);
                 out.push((id, p.name.clone()));
             }
         }
@@ -207,18 +208,24 @@ impl Membership {
             return None;
         }
         let p = self.peers.get_mut(&id).filter(|_| id != ME)?;
-        if p.probing {
+        if p.probing.is_some() {
             return None;
         }
-        p.probing = true;
+        p.probing = Some(now);
         Some(p.name.clone())
     }
 
     /// A probe ended: `Some(true)` alive (its queue exists), `Some(false)` gone,
-    /// `None` undecided. Returns the removed peer when gone.
+    /// `None` undecided. Returns the removed peer when gone. A node heard from since
+    /// the probe started is alive whatever the probe found (it had just reconnected).
     pub fn probed(&mut self, id: NodeId, alive: Option<bool>, now: Instant) -> Option<Peer> {
         let p = self.peers.get_mut(&id)?;
-        p.probing = false;
+        let started = p.probing.take().unwrap_or(now);
+        let alive = if p.last_seen > started {
+            Some(true)
+        } else {
+            alive
+        };
         match alive {
             Some(false) => self.remove(id),
             Some(true) => {
@@ -261,7 +268,7 @@ impl Peer {
             last_seen: now,
             devices: 0,
             probe_after: None,
-            probing: false,
+            probing: None,
         }
     }
 }
@@ -337,6 +344,16 @@ mod tests {
         assert!(m.probed(b, Some(false), later + SUSPECT_AFTER).is_some());
         assert_eq!(m.len(), 1);
         assert!(m.epoch > e);
+        // A gone verdict for a node heard from while the probe ran does not count.
+        let (b2, _) = m.heard("b", 7, 1, None, later);
+        let t = later + SUSPECT_AFTER * 2;
+        assert_eq!(m.suspects(t).len(), 1);
+        m.heard("b", 7, 1, None, t + Duration::from_millis(1));
+        assert!(m
+            .probed(b2, Some(false), t + Duration::from_millis(2))
+            .is_none());
+        assert_eq!(m.len(), 2);
+        assert!(m.remove(b2).is_some());
         // Heard again: a new member with a new id.
         let (b2, h) = m.heard("b", 7, 1, None, later);
         assert_eq!(h, Heard::New);

@@ -252,6 +252,8 @@ struct State {
     /// The member epoch the last registration pass was for.
     registered_epoch: u64,
     last_heartbeat: Option<Instant>,
+    /// Nodes just counted in, to be sent a `Resync`.
+    resync: Vec<String>,
 }
 
 impl State {
@@ -291,6 +293,7 @@ impl State {
             Heard::New => {
                 tracing::info!(node = %name, "router node joined the cluster");
                 self.schedule_reregister();
+                self.resync.push(name.to_string());
             }
             Heard::Reconnected => {
                 self.reset.push(id);
@@ -438,6 +441,7 @@ async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>
         reregister_at: None,
         registered_epoch: 0,
         last_heartbeat: None,
+        resync: Vec::new(),
         shared: shared.clone(),
     };
     let mut shutdown = shared.shutdown.subscribe();
@@ -798,6 +802,12 @@ async fn timed_probe(conn: &Connection, id: NodeId, name: String) -> (NodeId, Op
 
 /// Send the gathered directory changes: to other nodes in batches, ours applied here.
 async fn flush_directory(st: &mut State, pubr: &mut Publisher<'_>) -> lapin::Result<()> {
+    for to in std::mem::take(&mut st.resync) {
+        let m = NodeMsg::Resync {
+            from: st.me().to_string(),
+        };
+        pubr.node(cluster(&st.shared), &to, &m).await?;
+    }
     // Our own first: applying them may queue evictions for others.
     if let Some(mine) = st.dir_out.remove(&ME) {
         st.apply_directory(ME, &mine);
@@ -894,6 +904,12 @@ async fn on_node_msg(st: &mut State, pubr: &mut Publisher<'_>, m: NodeMsg) -> la
                 .fetch_add(changes.len() as u64, Relaxed);
             let id = st.heard(&from, incarnation, session, None);
             st.apply_directory(id, &changes);
+        }
+        NodeMsg::Resync { from } => {
+            if let Some(id) = st.members.id(&from) {
+                st.reset.push(id);
+                st.schedule_reregister();
+            }
         }
         NodeMsg::Request {
             request,

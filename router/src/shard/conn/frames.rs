@@ -151,9 +151,10 @@ impl Conn {
     }
 
     fn on_pong(&self, ctx: &ShardCtx, now: u32) {
-        // At most one device-alive per half ping interval: every solicited pong counts,
-        // a device spraying unsolicited pongs does not flood the backend.
-        let min_gap = (ctx.shared.config.ping_interval / 2) as u32;
+        // At most one device-alive per `device_alive_gap`: every solicited pong counts
+        // (or one per --device-alive-interval), a device spraying unsolicited pongs does
+        // not flood the backend.
+        let min_gap = ctx.shared.config.device_alive_gap() as u32;
         {
             let mut st = self.st.borrow_mut();
             if st.alive_sent && now.saturating_sub(st.last_alive) < min_gap {
