@@ -413,9 +413,11 @@ impl State {
                 device,
                 since_ms: ch.since,
             };
-            if self.shared.shards[shard].send(msg).is_ok() {
-                c.metrics.evictions.fetch_add(1, Relaxed);
-            } else {
+            // Counted before the shard can act on it (a reader of /metrics who saw the
+            // close sees the count).
+            c.metrics.evictions.fetch_add(1, Relaxed);
+            if self.shared.shards[shard].send(msg).is_err() {
+                c.metrics.evictions.fetch_sub(1, Relaxed);
                 self.shared
                     .metrics
                     .api
