@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::hist;
 use crate::http::HttpError;
 use crate::sched::{latency, OpenLoop};
+use crate::timeline::{Req, Timeline};
 
 /// Outcome counts of the backend's requests (stable JSON field names).
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -145,7 +146,8 @@ pub struct Outcome {
 }
 
 /// Send requests at `rate` for `duration`; returns the ack and lateness histograms and
-/// counts, and with `log` every request's sample.
+/// counts, and with `log` every request's sample. Each outcome also goes to `timeline`,
+/// in the second the request was due.
 pub async fn run(
     b: Arc<Backend>,
     targets: Vec<(usize, Uuid)>,
@@ -153,6 +155,7 @@ pub async fn run(
     duration: Duration,
     timeout_ms: u64,
     log: bool,
+    timeline: Arc<Timeline>,
 ) -> Outcome {
     if targets.is_empty() || rate <= 0.0 || b.apis.is_empty() {
         return Outcome {
@@ -189,6 +192,7 @@ pub async fn run(
         let path = format!("/v1/devices/{device}/requests");
         let (b2, acks2, counts2, body2) = (b.clone(), acks.clone(), counts.clone(), body.clone());
         let late2 = late.clone();
+        let timeline2 = timeline.clone();
         let samples2 = log.then(|| samples.clone());
         tasks.spawn(async move {
             let sent = Instant::now();
@@ -202,17 +206,18 @@ pub async fn run(
             let done = Instant::now();
             let c = &counts2;
             let us = latency(due, sent, done).as_micros() as u64;
-            let (counter, outcome) = match r {
+            let (counter, outcome, req) = match r {
                 Ok(200) => {
                     hist::record(&mut acks2.lock().unwrap_or_else(|e| e.into_inner()), us);
-                    (&c.acked, "acked")
+                    (&c.acked, "acked", Req::Acked)
                 }
-                Ok(504) => (&c.timeout, "timeout"),
-                Ok(404) => (&c.offline, "offline"),
-                Ok(_) | Err(HttpError::Malformed) => (&c.http_error, "http_error"),
-                Err(HttpError::Transport) => (&c.transport_error, "transport_error"),
+                Ok(504) => (&c.timeout, "timeout", Req::Timeout),
+                Ok(404) => (&c.offline, "offline", Req::Offline),
+                Ok(_) | Err(HttpError::Malformed) => (&c.http_error, "http_error", Req::Error),
+                Err(HttpError::Transport) => (&c.transport_error, "transport_error", Req::Error),
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            timeline2.request(due, req);
             if let Some(s) = samples2 {
                 let due_us = due.saturating_duration_since(start).as_micros() as u64;
                 let sample = Sample {

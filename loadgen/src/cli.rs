@@ -100,9 +100,25 @@ pub struct Args {
     #[arg(long, env = "LOADGEN_STORM_AT", default_value_t = 0.0)]
     pub storm_at: f64,
     /// RabbitMQ URL: time device events through a `hive.events` consumer (routers run with
-    /// --amqp) instead of the routers' /v1/events streams.
+    /// --amqp) instead of the routers' /v1/events streams, and count them per device: each
+    /// device numbers its events (`seq`), and the report's `events` gets received_unique,
+    /// duplicated, reordered, lost and lost_in_broken_connections with `counted: true`.
+    /// Without --amqp (or without --event-interval) those five are null and `counted` is
+    /// false. The consumer reconnects by itself (jittered backoff) when the broker goes away.
     #[arg(long, env = "LOADGEN_AMQP")]
     pub amqp: Option<String>,
+    /// With --amqp: consume through a named durable queue `loadgen.events.<random>` with
+    /// manual acks, so that events published while loadgen's consumer is disconnected (a
+    /// broker stop_app/start_app) wait in it and are counted after the reconnect. loadgen
+    /// deletes the queue at the end of the run (RabbitMQ does, 10 minutes after its last
+    /// consumer left, if loadgen could not). Default: an exclusive auto-delete queue
+    /// without acks, which vanishes with the connection.
+    #[arg(long, env = "LOADGEN_AMQP_DURABLE_EVENTS", requires = "amqp")]
+    pub amqp_durable_events: bool,
+    /// With --amqp: at the end of the run, once the devices have stopped, wait up to this
+    /// many seconds for events still in flight: until no event arrived for 2 s.
+    #[arg(long, env = "LOADGEN_EVENT_DRAIN_TIMEOUT", default_value_t = 20.0)]
+    pub event_drain_timeout: f64,
     /// Write the report as JSON here (stable field names).
     #[arg(long, env = "LOADGEN_JSON")]
     pub json: Option<PathBuf>,
@@ -186,6 +202,15 @@ impl Args {
         );
         ensure!(self.per_worker > 0, "--per-worker must be > 0");
         ensure!(
+            self.event_drain_timeout >= 0.0,
+            "--event-drain-timeout must be >= 0"
+        );
+        // The event consumer keeps its per-device counts under 32-bit device indexes.
+        ensure!(
+            self.amqp.is_none() || self.devices <= u32::MAX as usize,
+            "--devices too large for --amqp's event counting"
+        );
+        ensure!(
             self.devices as u64 <= 0xffff_ffff_ffff,
             "--devices too large for the device id space"
         );
@@ -218,6 +243,15 @@ pub fn device_id(i: usize) -> Uuid {
     .expect("valid by construction")
 }
 
+/// The i of a `device_id(i)` in its text form; None for any other UUID.
+pub fn device_index(id: &str) -> Option<usize> {
+    let hex = id.strip_prefix("00000000-0000-4000-8000-")?;
+    if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    usize::from_str_radix(hex, 16).ok()
+}
+
 /// Device i's protocol (mixed fleets rotate).
 pub fn device_proto(p: Proto, i: usize) -> Proto {
     match p {
@@ -242,6 +276,12 @@ mod tests {
         );
         let ids: std::collections::HashSet<Uuid> = (0..10_000).map(device_id).collect();
         assert_eq!(ids.len(), 10_000);
+        for i in [0, 1, 255, 999_999, 0xffff_ffff_ffff] {
+            assert_eq!(device_index(&device_id(i).to_string()), Some(i));
+        }
+        assert_eq!(device_index("00000000-0000-4000-8001-000000000001"), None);
+        assert_eq!(device_index("00000000-0000-4000-8000-00000000000g"), None);
+        assert_eq!(device_index(&Uuid::new_v4().to_string()), None);
         assert_eq!(device_proto(Proto::Mixed, 4), Proto::Phoenix);
     }
 
@@ -271,6 +311,7 @@ mod tests {
             &["--source-ips", "127.0.0.9-127.0.0.2"],
             &["--connect-rate", "0"],
             &["--per-worker", "0"],
+            &["--event-drain-timeout=-1"],
         ] {
             assert!(parse(bad).validate().is_err(), "{bad:?}");
         }
@@ -280,5 +321,10 @@ mod tests {
         );
         assert_eq!(parse(&["--devices", "10"]).worker_count(), 1);
         assert_eq!(parse(&["--workers", "4"]).worker_count(), 4);
+        // A durable event queue only makes sense with a broker to hold it.
+        assert!(Args::try_parse_from(["loadgen", "--amqp-durable-events"]).is_err());
+        assert!(parse(&["--amqp", "amqp://h", "--amqp-durable-events"])
+            .validate()
+            .is_ok());
     }
 }

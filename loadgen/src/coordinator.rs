@@ -1,9 +1,12 @@
 //! The coordinator: starts the worker processes, follows the ramp, runs the backend
-//! and the event watcher, samples router RSS, stops everything and merges the report.
-//! It holds no device sockets itself.
+//! and the event watcher, samples router RSS and the per-second timeline, stops
+//! everything, waits for events still in flight and merges the report (with --amqp,
+//! the per-device event counts against the workers' record of what they sent). It holds
+//! no device sockets itself.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +20,8 @@ use crate::cli::Args;
 use crate::hist;
 use crate::progress::Live;
 use crate::report::{self, Report};
+use crate::seqs::SeqCounter;
+use crate::timeline::{Timeline, Totals};
 use crate::worker::WorkerResult;
 
 #[derive(Default, Clone, Copy)]
@@ -25,6 +30,7 @@ struct Progress {
     ever: u64,
     errors: u64,
     reconnects: u64,
+    events_sent: u64,
 }
 
 struct Workers {
@@ -48,8 +54,12 @@ fn total(progress: &Mutex<Vec<Progress>>) -> Progress {
         ever: a.ever + b.ever,
         errors: a.errors + b.errors,
         reconnects: a.reconnects + b.reconnects,
+        events_sent: a.events_sent + b.events_sent,
     })
 }
+
+/// Events in flight at the end count once no new one arrived for this long.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
 
 /// How often the coordinator looks at the workers' counts during the ramp (they report
 /// every 100 ms): the ramp's measured duration is this precise.
@@ -113,12 +123,13 @@ fn spawn_workers(k: usize, account: uuid::Uuid) -> anyhow::Result<Workers> {
                         .split_whitespace()
                         .filter_map(|x| x.parse().ok())
                         .collect();
-                    if n.len() == 4 {
+                    if n.len() == 5 {
                         p.lock().unwrap_or_else(|e| e.into_inner())[i] = Progress {
                             connected: n[0],
                             ever: n[1],
                             errors: n[2],
                             reconnects: n[3],
+                            events_sent: n[4],
                         };
                     }
                 } else if let Some(json) = l.strip_prefix("R ") {
@@ -247,13 +258,37 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let rss_baseline = metric_sum(&http, &apis, "router_process_resident_memory_bytes").await;
     let event_hist = Arc::new(Mutex::new(hist::new_hist()));
     let events_received = Arc::new(Mutex::new(0u64));
+    // Per-device seq counts: with --amqp only (see cli's --amqp). 8 bytes per device.
+    let counted = args.amqp.is_some() && args.event_interval > 0.0;
+    let seqs = Arc::new(Mutex::new(SeqCounter::new(if counted {
+        args.devices
+    } else {
+        0
+    })));
+    let consumer_reconnects = Arc::new(AtomicU64::new(0));
+    let consumer_connected = Arc::new(AtomicBool::new(false));
+    let mut consumer = None;
     if args.event_interval > 0.0 {
         match &args.amqp {
             // AMQP mode: the events' real way out, a hive.events consumer.
             Some(url) => {
-                crate::amqp_events::watch(url, event_hist.clone(), events_received.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("--amqp {url}: {e}"))?
+                let cfg = crate::amqp_events::Config {
+                    url: url.clone(),
+                    durable: args.amqp_durable_events,
+                    account: account.to_string(),
+                };
+                let sink = crate::amqp_events::Sink {
+                    hist: event_hist.clone(),
+                    received: events_received.clone(),
+                    seqs: seqs.clone(),
+                    reconnects: consumer_reconnects.clone(),
+                    connected: consumer_connected.clone(),
+                };
+                consumer = Some(
+                    crate::amqp_events::watch(cfg, sink)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("--amqp {url}: {e}"))?,
+                );
             }
             None => watch_events(
                 http.clone(),
@@ -275,6 +310,32 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         }
     }
     let ramp_start = Instant::now();
+    let timeline_start_unix_ms = now_us() / 1000;
+    // The timeline: the fleet's totals at the end of every second from here on.
+    let timeline = Arc::new(Timeline::new(ramp_start));
+    let totals = {
+        let (progress, received) = (workers.progress.clone(), events_received.clone());
+        move || {
+            let p = total(&progress);
+            Totals {
+                connected: p.connected,
+                device_errors: p.errors,
+                events_sent: p.events_sent,
+                events_received: *received.lock().unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    };
+    let sampler = {
+        let (timeline, totals) = (timeline.clone(), totals.clone());
+        tokio::spawn(async move {
+            let second = Duration::from_secs(1);
+            let mut iv = tokio::time::interval_at((ramp_start + second).into(), second);
+            loop {
+                iv.tick().await;
+                timeline.sample(totals());
+            }
+        })
+    };
     let ramp_deadline = ramp_start + Duration::from_secs_f64(args.ramp_timeout);
     // Connect rate shown over the last second or so (samples arrive every 100 ms).
     let mut last = (Instant::now(), 0u64);
@@ -392,7 +453,8 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             args.request_rate,
             steady,
             args.request_timeout_ms,
-            args.request_log.is_some()
+            args.request_log.is_some(),
+            timeline.clone()
         ),
         storm
     );
@@ -427,11 +489,54 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     for c in workers.children.iter_mut() {
         let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
     }
-    live.finish();
     let results = std::mem::take(&mut *workers.results.lock().unwrap_or_else(|e| e.into_inner()));
+    // The devices' record of what they sent: each one's last seq, and the seq ranges of
+    // their connections that broke.
+    let mut last_seqs = vec![0u64; if counted { args.devices } else { 0 }];
+    let mut reported = vec![false; k];
+    let mut broken: Vec<(usize, u64, u64)> = Vec::new();
+    let mut events_sent = 0u64;
+    for r in &results {
+        if let Some(seen) = reported.get_mut(r.worker_index) {
+            *seen = true;
+        }
+        events_sent += r.last_seqs.iter().sum::<u64>();
+        if counted {
+            for (j, &seq) in r.last_seqs.iter().enumerate() {
+                if let Some(l) = last_seqs.get_mut(r.worker_index + j * k) {
+                    *l = seq;
+                }
+            }
+        }
+        broken.extend(r.broken.iter().map(|&(d, a, b)| (d as usize, a, b)));
+    }
+    // Events still in flight (queued in the routers, the bridge, the broker): counted
+    // once the consumer saw none arrive for DRAIN_QUIET, or at --event-drain-timeout.
+    // Quiet while the consumer is reconnecting does not count.
+    let drain_start = Instant::now();
+    if counted && events_sent > 0 {
+        live.update("drain", 0, "waiting for events in flight".to_string());
+        let limit = Duration::from_secs_f64(args.event_drain_timeout);
+        let received = || *events_received.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut last, mut since) = (received(), Instant::now());
+        while drain_start.elapsed() < limit && since.elapsed() < DRAIN_QUIET {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = received();
+            if now != last || !consumer_connected.load(Ordering::Relaxed) {
+                (last, since) = (now, Instant::now());
+            }
+        }
+    }
+    let drain_seconds = drain_start.elapsed().as_secs_f64();
+    if let Some(c) = consumer {
+        c.finish().await;
+    }
+    sampler.abort();
+    timeline.sample(totals());
+    live.finish();
     let (mut connect, mut auth) = (hist::new_hist(), hist::new_hist());
     let mut errors = BTreeMap::new();
-    let (mut reconnects, mut events_sent) = (0, 0);
+    let mut reconnects = 0;
     for r in &results {
         if let Some(h) = hist::from_b64(&r.connect_hist) {
             hist::merge(&mut connect, &h);
@@ -443,11 +548,22 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             *errors.entry(kind.clone()).or_insert(0) += n;
         }
         reconnects += r.reconnects;
-        events_sent += r.events_sent;
     }
     if results.len() < k {
         errors.insert("worker_lost".into(), (k - results.len()) as u64);
     }
+    let seqs = seqs.lock().unwrap_or_else(|e| e.into_inner());
+    if counted {
+        // A worker that never reported: its devices count as having sent what arrived.
+        for w in (0..k).filter(|w| !reported[*w]) {
+            for i in (w..args.devices).step_by(k) {
+                last_seqs[i] = seqs.highest(i);
+                events_sent += last_seqs[i];
+            }
+        }
+    }
+    let losses = counted.then(|| seqs.losses(&last_seqs, &broken));
+    let when = |v: u64| counted.then_some(v);
     // The ramp from the workers' own clocks when every worker got all its devices in:
     // first connect attempt to last device authenticated, free of process start-up and
     // of the 100 ms progress ticks. Otherwise the coordinator's coarser measure stands.
@@ -511,6 +627,16 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             sent: events_sent,
             received: *events_received.lock().unwrap_or_else(|e| e.into_inner()),
             per_sec: events_in_steady as f64 / steady_secs.max(1e-3),
+            counted,
+            received_unique: when(seqs.unique),
+            duplicated: when(seqs.duplicated),
+            reordered: when(seqs.reordered),
+            lost: losses.map(|l| l.lost),
+            lost_in_broken_connections: losses.map(|l| l.in_broken_connections),
+            redelivered: when(seqs.redelivered),
+            broken_connections: broken.len() as u64,
+            consumer_reconnects: consumer_reconnects.load(Ordering::Relaxed),
+            drain_seconds,
         },
         errors,
         storm,
@@ -521,6 +647,8 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             rss_per_device_bytes: per_device(rss_after),
             rss_per_device_delta_bytes: per_device(rss_after.saturating_sub(rss_baseline)),
         },
+        timeline_start_unix_ms,
+        timeline: timeline.seconds(),
     };
     print!("{}", report.table());
     if let Some(path) = &args.json {

@@ -35,10 +35,20 @@ pub struct Stats {
     pub full_us: u64,
     /// This worker's share of the fleet.
     pub target: usize,
+    /// Each device's last event seq, by its slot in this worker (`DeviceSpec::slot`). A
+    /// device numbers its events 1, 2, 3, ... across all its connections; a seq counts
+    /// as sent once its frame was handed to the socket whole.
+    pub seqs: Vec<u64>,
+    /// (slot, first seq, last seq) of every connection that broke (reset, end of stream
+    /// without a close frame, an error, a storm drop) after sending events on it: its
+    /// last events may have died with it. Connections that ended with a close frame, or
+    /// by loadgen's own stop, are not kept.
+    pub broken: Vec<(u32, u64, u64)>,
 }
 
 impl Stats {
-    pub fn new() -> Self {
+    /// Counters for a worker holding `target` devices.
+    pub fn new(target: usize) -> Self {
         Stats {
             connect: hist::new_hist(),
             auth: hist::new_hist(),
@@ -52,7 +62,9 @@ impl Stats {
             requests_received: 0,
             first_attempt_us: 0,
             full_us: 0,
-            target: 0,
+            target,
+            seqs: vec![0; target],
+            broken: Vec::new(),
         }
     }
     fn error(&mut self, kind: &str) {
@@ -77,9 +89,22 @@ pub struct Fleet {
 
 const STORM: &str = "storm";
 
+/// How a connected device's session ended.
+enum End {
+    /// loadgen stopped the device (it sent a close frame).
+    Stopped,
+    /// The router closed the connection with a close frame (the error kind, `closed_<code>`).
+    Closed(String),
+    /// The connection broke: reset, end of stream without a close frame, a send or
+    /// protocol error, or a storm drop (the error kind).
+    Broke(String),
+}
+
 /// One device's identity and route: kept small, it lives as long as the device.
 pub struct DeviceSpec {
     pub id: Uuid,
+    /// Its place among its worker's devices (index into `Stats::seqs`).
+    pub slot: u32,
     pub proto: Proto,
     /// The router's base WebSocket URL (shared by the devices aimed at it).
     pub base: Rc<str>,
@@ -128,16 +153,23 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
                         s.full_us = now_us();
                     }
                 }
-                let why = serve(&fleet, &spec, ws, &mut stop).await;
-                fleet.stats.borrow_mut().connected -= 1;
-                match why {
-                    None => return, // stopped
-                    Some(kind) if kind == STORM => {
+                let seq_before = fleet.stats.borrow().seqs[spec.slot as usize];
+                let end = serve(&fleet, &spec, ws, &mut stop).await;
+                let mut s = fleet.stats.borrow_mut();
+                s.connected -= 1;
+                // The seqs this connection carried: those after the ones before it.
+                let seq_after = s.seqs[spec.slot as usize];
+                if matches!(end, End::Broke(_)) && seq_after > seq_before {
+                    s.broken.push((spec.slot, seq_before + 1, seq_after));
+                }
+                match end {
+                    End::Stopped => return,
+                    End::Broke(kind) if kind == STORM => {
                         // The storm's point: the whole fleet back at once, no backoff.
-                        fleet.stats.borrow_mut().storm_drops += 1;
+                        s.storm_drops += 1;
                         continue;
                     }
-                    Some(kind) => fleet.stats.borrow_mut().error(&kind),
+                    End::Closed(kind) | End::Broke(kind) => s.error(&kind),
                 }
             }
             Ok(Err(kind)) => fleet.stats.borrow_mut().error(&kind),
@@ -222,13 +254,13 @@ async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Resu
     }
 }
 
-/// The connected life of a device. None: stopped on request; Some(kind): lost.
+/// The connected life of a device, until it is stopped or its connection ends.
 async fn serve(
     fleet: &Fleet,
     spec: &DeviceSpec,
     mut ws: Ws,
     stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> Option<String> {
+) -> End {
     let first = fleet
         .event_interval
         .map(|iv| tokio::time::Instant::now() + iv.mul_f64(rand::thread_rng().gen_range(0.0..1.0)));
@@ -246,30 +278,39 @@ async fn serve(
                 Ok(Incoming::Text(t)) => {
                     let replies = answer(fleet, spec, &t);
                     if !replies.is_empty() && ws.send_texts(&replies).await.is_err() {
-                        return Some("send_error".into());
+                        return End::Broke("send_error".into());
                     }
                 }
-                Ok(Incoming::Close(code)) => return Some(format!("closed_{code}")),
-                Err(e) => return Some(e.kind()),
+                Ok(Incoming::Close(code)) => return End::Closed(format!("closed_{code}")),
+                Err(e) => return End::Broke(e.kind()),
             },
             _ = async { match events.as_mut() { Some(e) => { e.tick().await; } None => std::future::pending().await } } => {
                 n += 1;
-                if ws.send_text(&event_frame(spec, n)).await.is_err() {
-                    return Some("send_error".into());
+                // The seq is taken only once the frame went out whole: a frame cut short
+                // by a failed write cannot reach the router, and its seq goes to the next
+                // event, on the next connection.
+                let seq = fleet.stats.borrow().seqs[spec.slot as usize] + 1;
+                if ws.send_text(&event_frame(spec, seq)).await.is_err() {
+                    return End::Broke("send_error".into());
                 }
-                fleet.stats.borrow_mut().events_sent += 1;
+                let mut s = fleet.stats.borrow_mut();
+                s.seqs[spec.slot as usize] = seq;
+                s.events_sent += 1;
             }
             _ = async { match heartbeat.as_mut() { Some(h) => { h.tick().await; } None => std::future::pending().await } } => {
                 let hb = json!([null, format!("h{n}"), "phoenix", "heartbeat", {}]).to_string();
                 if ws.send_text(&hb).await.is_err() {
-                    return Some("send_error".into());
+                    return End::Broke("send_error".into());
                 }
             }
             _ = stop.changed() => {
                 ws.close().await;
-                return None;
+                return End::Stopped;
             }
-            _ = storm.changed() => return Some(STORM.into()),
+            // Only a storm that happened: when the worker stops, its storm sender goes
+            // away, and `changed()` then fails at once; that must not beat `stop` (the
+            // device would leave without its close frame).
+            Ok(()) = storm.changed() => return End::Broke(STORM.into()),
         }
     }
 }
@@ -323,16 +364,19 @@ fn answer(fleet: &Fleet, spec: &DeviceSpec, text: &str) -> Vec<String> {
     }
 }
 
-/// The device's n-th periodic event, stamped with `sent_us` for end-to-end latency.
-fn event_frame(spec: &DeviceSpec, n: u64) -> String {
+/// The device's event number `seq`, stamped with `sent_us` for end-to-end latency. Both
+/// go where the router passes them on to hive.events: the top level of a hive event,
+/// the payload of a Phoenix one, the `dat` of a hivekit object update (published as
+/// `data`).
+fn event_frame(spec: &DeviceSpec, seq: u64) -> String {
     let sent_us = now_us();
     match spec.proto {
-        Proto::Phoenix => json!(["1", format!("e{n}"), "device", "status_update", {"status": "ok", "sent_us": sent_us}]).to_string(),
-        Proto::Hivekit => json!([{"typ": "obj", "act": "upd", "id": spec.id, "dat": {"sent_us": sent_us, "n": n}}]).to_string(),
-        _ => match n % 3 {
-            0 => json!({"type": "instances", "sent_us": sent_us, "apps": [{"name": "app", "healthy": true}]}),
-            1 => json!({"type": "device-version", "sent_us": sent_us, "version": "1.0.0"}),
-            _ => json!({"type": "device-state", "sent_us": sent_us, "disk_free_pct": 42}),
+        Proto::Phoenix => json!(["1", format!("e{seq}"), "device", "status_update", {"status": "ok", "sent_us": sent_us, "seq": seq}]).to_string(),
+        Proto::Hivekit => json!([{"typ": "obj", "act": "upd", "id": spec.id, "dat": {"sent_us": sent_us, "seq": seq}}]).to_string(),
+        _ => match seq % 3 {
+            0 => json!({"type": "instances", "sent_us": sent_us, "seq": seq, "apps": [{"name": "app", "healthy": true}]}),
+            1 => json!({"type": "device-version", "sent_us": sent_us, "seq": seq, "version": "1.0.0"}),
+            _ => json!({"type": "device-state", "sent_us": sent_us, "seq": seq, "disk_free_pct": 42}),
         }
         .to_string(),
     }
@@ -365,7 +409,7 @@ mod tests {
         let (_tx, stop) = tokio::sync::watch::channel(false);
         let (_stx, storm) = tokio::sync::watch::channel(0u64);
         let fleet = Rc::new(Fleet {
-            stats: RefCell::new(Stats::new()),
+            stats: RefCell::new(Stats::new(1)),
             stop,
             storm,
             handshake_timeout: Duration::from_secs(1),
@@ -376,6 +420,7 @@ mod tests {
         });
         let spec = DeviceSpec {
             id: Uuid::nil(),
+            slot: 0,
             proto: Proto::Hive,
             base: "ws://127.0.0.1:1".into(),
             dest: "127.0.0.1:1".parse().unwrap(),
@@ -386,6 +431,137 @@ mod tests {
         let task = run(fleet, spec);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 2048, "device task is {size} bytes");
+    }
+
+    fn fleet(stop: tokio::sync::watch::Receiver<bool>, event_interval: Option<Duration>) -> Fleet {
+        let (_stx, storm) = tokio::sync::watch::channel(0u64);
+        Fleet {
+            stats: RefCell::new(Stats::new(1)),
+            stop,
+            storm,
+            handshake_timeout: Duration::from_secs(2),
+            event_interval,
+            no_ack: false,
+            secret: "s".into(),
+            account: Uuid::nil(),
+        }
+    }
+
+    #[test]
+    fn events_carry_seq_beside_sent_us() {
+        let spec = |proto| DeviceSpec {
+            id: Uuid::from_u128(9),
+            slot: 0,
+            proto,
+            base: "ws://127.0.0.1:1".into(),
+            dest: "127.0.0.1:1".parse().unwrap(),
+            source: None,
+        };
+        let v = |proto| serde_json::from_str::<Value>(&event_frame(&spec(proto), 41)).unwrap();
+        let hive = v(Proto::Hive);
+        assert_eq!(hive["seq"], 41);
+        assert!(hive["sent_us"].as_u64().unwrap() > 0);
+        let phoenix = v(Proto::Phoenix);
+        assert_eq!(
+            (phoenix[3].clone(), phoenix[4]["seq"].clone()),
+            (json!("status_update"), json!(41))
+        );
+        assert!(phoenix[4]["sent_us"].as_u64().unwrap() > 0);
+        let hivekit = v(Proto::Hivekit);
+        assert_eq!(hivekit[0]["dat"]["seq"], 41);
+        assert!(hivekit[0]["dat"]["sent_us"].as_u64().unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn seqs_continue_across_reconnects_and_broken_connections_are_kept() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let fleet = Rc::new(fleet(stop, Some(Duration::from_millis(15))));
+        let spec = DeviceSpec {
+            id: Uuid::from_u128(3),
+            slot: 0,
+            proto: Proto::Hive,
+            base: format!("ws://{addr}").into(),
+            dest: addr,
+            source: None,
+        };
+        // A router that drops the first connection without a close frame after 3 events,
+        // closes the second with a close frame after 2, and on the third has loadgen
+        // stop the device after 2. Returns the seqs it read on each connection.
+        let router = async move {
+            let mut conns: Vec<Vec<u64>> = Vec::new();
+            for round in 0..3 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                ws.send(Message::text(r#"{"type":"authenticated"}"#))
+                    .await
+                    .unwrap();
+                let mut seen = Vec::new();
+                let seq = |m: Message| -> Option<u64> {
+                    let v: Value = serde_json::from_str(m.to_text().ok()?).ok()?;
+                    v["seq"].as_u64()
+                };
+                while seen.len() < [3, 2, 2][round] {
+                    if let Some(s) = seq(ws.next().await.unwrap().unwrap()) {
+                        seen.push(s);
+                    }
+                }
+                match round {
+                    0 => drop(ws),
+                    _ => {
+                        if round == 1 {
+                            ws.close(None).await.unwrap();
+                        } else {
+                            stop_tx.send(true).unwrap();
+                        }
+                        // Whatever the device sent before it saw the end.
+                        while let Some(Ok(m)) = ws.next().await {
+                            seen.extend(seq(m));
+                        }
+                    }
+                }
+                conns.push(seen);
+            }
+            conns
+        };
+        let local = tokio::task::LocalSet::new();
+        let (conns, ()) = local
+            .run_until(async { tokio::join!(router, run(fleet.clone(), spec)) })
+            .await;
+        let s = fleet.stats.borrow();
+        let consecutive = |c: &[u64]| c.windows(2).all(|w| w[1] == w[0] + 1);
+        assert!(conns.iter().all(|c| consecutive(c)), "{conns:?}");
+        assert_eq!(conns[0][0], 1);
+        // Only the first connection broke; its range may hold events the router never read.
+        assert_eq!(s.broken.len(), 1, "{:?}", s.broken);
+        let (slot, first, last) = s.broken[0];
+        assert_eq!((slot, first), (0, 1));
+        assert!(
+            last >= *conns[0].last().unwrap(),
+            "{:?} {conns:?}",
+            s.broken
+        );
+        // The next connection goes on from the broken one's last seq, and so on.
+        assert_eq!(conns[1][0], last + 1, "{conns:?}");
+        assert_eq!(conns[2][0], conns[1].last().unwrap() + 1, "{conns:?}");
+        assert_eq!(s.seqs[0], *conns[2].last().unwrap());
+        assert_eq!(s.events_sent, s.seqs[0]);
+        assert_eq!(
+            s.errors.get("connection_lost").copied().unwrap_or(0)
+                + s.errors.get("send_error").copied().unwrap_or(0),
+            1,
+            "{:?}",
+            s.errors
+        );
+        assert!(
+            s.errors.keys().any(|k| k.starts_with("closed_")),
+            "{:?}",
+            s.errors
+        );
     }
 
     #[test]

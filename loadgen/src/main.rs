@@ -12,6 +12,8 @@ mod net;
 mod progress;
 mod report;
 mod sched;
+mod seqs;
+mod timeline;
 mod token;
 mod worker;
 mod ws;

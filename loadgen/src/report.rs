@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::backend::RequestCounts;
 use crate::hist::Summary;
+use crate::timeline::Second;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -19,6 +20,10 @@ pub struct Report {
     /// With --storm-at: the reconnect storm; null otherwise.
     pub storm: Option<Storm>,
     pub router: Router,
+    /// Unix ms of second 0 of `timeline` (the start of the ramp).
+    pub timeline_start_unix_ms: u64,
+    /// The run second by second (`timeline::Second`).
+    pub timeline: Vec<Second>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,9 +69,39 @@ pub struct Requests {
 
 #[derive(Debug, Serialize)]
 pub struct Events {
+    /// Events the devices sent: the sum of their last seqs. A device whose worker never
+    /// reported (errors.worker_lost) counts as the highest seq received from it when
+    /// events are counted, as 0 otherwise.
     pub sent: u64,
+    /// Stamped events that arrived, duplicates included.
     pub received: u64,
     pub per_sec: f64,
+    /// True when loadgen consumed hive.events itself (--amqp with --event-interval) and
+    /// counted each device's seqs; the five counts below are null otherwise.
+    pub counted: bool,
+    /// Distinct (device, seq) received.
+    pub received_unique: Option<u64>,
+    /// Deliveries of a seq already received (RabbitMQ's redeliveries to loadgen's own
+    /// consumer after a reconnect are not counted: see `redelivered`).
+    pub duplicated: Option<u64>,
+    /// First arrivals of a seq below the highest already received from its device.
+    pub reordered: Option<u64>,
+    /// Seqs sent and never received, not counting `lost_in_broken_connections`.
+    pub lost: Option<u64>,
+    /// Seqs never received that were the trailing seqs of a device connection that broke
+    /// (reset, end of stream without a close frame, an error, a storm drop): no seq sent
+    /// later on the same connection was received. Events the router may never have
+    /// confirmed when the connection, or its node, died.
+    pub lost_in_broken_connections: Option<u64>,
+    /// Deliveries RabbitMQ redelivered to loadgen's consumer (unacked when its connection
+    /// went) of seqs it had counted already.
+    pub redelivered: Option<u64>,
+    /// Device connections that broke after sending events.
+    pub broken_connections: u64,
+    /// Times loadgen's hive.events consumer reconnected.
+    pub consumer_reconnects: u64,
+    /// Seconds spent at the end waiting for events in flight (--event-drain-timeout).
+    pub drain_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,10 +142,21 @@ impl Report {
             "requests {} sent, {} acked ({:.0}/s of {:.0}/s), {} timeout, {} offline, {} http errors, {} transport errors\n",
             c.sent, c.acked, self.requests.rate, self.requests.target_rate, c.timeout, c.offline, c.http_error, c.transport_error
         ));
+        let e = &self.events;
         o.push_str(&format!(
-            "events   {} sent, {} received ({:.0}/s)\n",
-            self.events.sent, self.events.received, self.events.per_sec
+            "events   {} sent, {} received ({:.0}/s)",
+            e.sent, e.received, e.per_sec
         ));
+        let n = |v: Option<u64>| v.unwrap_or(0);
+        if e.counted {
+            o.push_str(&format!(
+                ": {} unique, {} duplicated, {} reordered, {} lost, {} lost in {} broken connections; {} consumer reconnects, drained {:.1} s\n",
+                n(e.received_unique), n(e.duplicated), n(e.reordered), n(e.lost),
+                n(e.lost_in_broken_connections), e.broken_connections, e.consumer_reconnects, e.drain_seconds
+            ));
+        } else {
+            o.push_str(", not counted per device (needs --amqp)\n");
+        }
         o.push_str(&format!(
             "router   RSS {:.1} MiB (baseline {:.1} MiB) for {} connections: {:.0} bytes/device, {:.0} bytes/device over baseline\n",
             self.router.rss_bytes as f64 / 1048576.0, self.router.rss_baseline_bytes as f64 / 1048576.0, self.router.connections, self.router.rss_per_device_bytes, self.router.rss_per_device_delta_bytes
@@ -173,6 +219,16 @@ mod tests {
                 sent: 0,
                 received: 0,
                 per_sec: 0.0,
+                counted: false,
+                received_unique: None,
+                duplicated: None,
+                reordered: None,
+                lost: None,
+                lost_in_broken_connections: None,
+                redelivered: None,
+                broken_connections: 0,
+                consumer_reconnects: 0,
+                drain_seconds: 0.0,
             },
             errors: BTreeMap::new(),
             storm: None,
@@ -183,6 +239,8 @@ mod tests {
                 rss_per_device_bytes: 0.0,
                 rss_per_device_delta_bytes: 0.0,
             },
+            timeline_start_unix_ms: 0,
+            timeline: vec![Second::default()],
         };
         let v = serde_json::to_value(&r).unwrap();
         for path in [
@@ -215,9 +273,27 @@ mod tests {
             "/events/sent",
             "/errors",
             "/router/rss_per_device_delta_bytes",
+            "/events/counted",
+            "/events/received_unique",
+            "/events/duplicated",
+            "/events/reordered",
+            "/events/lost",
+            "/events/lost_in_broken_connections",
+            "/timeline_start_unix_ms",
+            "/timeline/0/t",
+            "/timeline/0/connected",
+            "/timeline/0/acked",
+            "/timeline/0/timeout",
+            "/timeline/0/offline",
+            "/timeline/0/errors",
+            "/timeline/0/events_sent",
+            "/timeline/0/events_received",
         ] {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }
+        // Not counted: null, not 0.
+        assert!(v["events"]["lost"].is_null() && v["events"]["counted"] == false);
+        assert!(r.table().contains("not counted"));
         assert!(r.table().contains("p99.9"));
     }
 }

@@ -1,6 +1,7 @@
 //! A worker process: simulates its slice of the fleet (devices i with i % K == index),
-//! prints progress lines (`P connected ever_connected errors reconnects`) and, when its
-//! stdin says stop (or closes: the coordinator died), a final `R <json>` line.
+//! prints progress lines (`P connected ever_connected errors reconnects events_sent`)
+//! and, when its stdin says stop (or closes: the coordinator died), a final `R <json>`
+//! line, the `WorkerResult`.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -27,6 +28,17 @@ pub struct WorkerResult {
     pub first_attempt_us: u64,
     #[serde(default)]
     pub full_us: u64,
+    /// Which worker this is: its devices are `worker_index + j * worker_count`, j = 0, 1, ...
+    #[serde(default)]
+    pub worker_index: usize,
+    /// The last event seq of each of this worker's devices, in that order (0: sent none).
+    #[serde(default)]
+    pub last_seqs: Vec<u64>,
+    /// (device index, first seq, last seq) of every connection that broke after sending
+    /// events: all that the coordinator needs, beside `last_seqs`, to tell events lost
+    /// with a broken connection from others (`seqs::SeqCounter::losses`).
+    #[serde(default)]
+    pub broken: Vec<(u64, u64, u64)>,
 }
 
 /// Handshakes in flight per worker at most: pacing alone could pile up thousands of
@@ -38,6 +50,15 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// A worker stops by itself this long after ramp timeout + duration + hold.
 const SELF_STOP_MARGIN: Duration = Duration::from_secs(60);
+
+/// The progress line: `P connected ever_connected errors reconnects events_sent`.
+fn progress_line(s: &Stats) -> String {
+    let errors: u64 = s.errors.values().sum();
+    format!(
+        "P {} {} {} {} {}",
+        s.connected, s.ever_connected, errors, s.reconnects, s.events_sent
+    )
+}
 
 /// One line to the coordinator; false once it is gone (a closed pipe is not a panic).
 fn say(line: &str) -> bool {
@@ -56,8 +77,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     local.block_on(&rt, async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (storm_tx, storm_rx) = tokio::sync::watch::channel(0u64);
+        let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
         let fleet = Rc::new(Fleet {
-            stats: std::cell::RefCell::new(Stats::new()),
+            stats: std::cell::RefCell::new(Stats::new(mine.len())),
             stop: stop_rx.clone(),
             storm: storm_rx,
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
@@ -92,14 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let mut iv = tokio::time::interval(PROGRESS_EVERY);
             loop {
                 iv.tick().await;
-                let line = {
-                    let s = progress.stats.borrow();
-                    let errors: u64 = s.errors.values().sum();
-                    format!(
-                        "P {} {} {} {}",
-                        s.connected, s.ever_connected, errors, s.reconnects
-                    )
-                };
+                let line = progress_line(&progress.stats.borrow());
                 if !say(&line) {
                     break;
                 }
@@ -116,8 +131,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let bases: Vec<Rc<str>> = args.urls.iter().map(|u| Rc::from(u.as_str())).collect();
         let rate = (args.connect_rate / k as f64).max(1.0);
         let sched = crate::sched::OpenLoop::new(std::time::Instant::now(), rate);
-        let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
-        fleet.stats.borrow_mut().target = mine.len();
         let mut stop = stop_rx.clone();
         for (j, &i) in mine.iter().enumerate() {
             if *stop.borrow() {
@@ -135,6 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let id = device_id(i);
             let spec = DeviceSpec {
                 id,
+                slot: j as u32,
                 proto,
                 base: bases[i % bases.len()].clone(),
                 dest: dests[i % dests.len()],
@@ -161,7 +175,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             requests_received: s.requests_received,
             first_attempt_us: s.first_attempt_us,
             full_us: s.full_us,
+            worker_index: index,
+            last_seqs: s.seqs.clone(),
+            broken: s
+                .broken
+                .iter()
+                .map(|&(slot, first, last)| (mine[slot as usize] as u64, first, last))
+                .collect(),
         };
+        // The final counts first, so the coordinator's timeline ends on them.
+        say(&progress_line(&s));
         say(&format!("R {}", serde_json::to_string(&result)?));
         Ok::<_, anyhow::Error>(())
     })

@@ -1,25 +1,37 @@
 """CI check of loadgen against the real router: a small fleet connects fully, requests
 are acked, percentiles are present and ordered, zero errors; a mixed-protocol fleet too;
-and with --no-ack the report shows timeouts (the measurement can fail)."""
+with --no-ack the report shows timeouts (the measurement can fail); and against a router
+with --amqp, loadgen's own hive.events consumer counts every event each device sent
+(per-device seqs: nothing lost, nothing twice), with a per-second timeline that adds up.
+
+Broker for the --amqp case: $HIVE_AMQP_URL or the local guest account."""
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 
 ROUTER, LOADGEN = sys.argv[1], sys.argv[2]
 DEVICES = int(sys.argv[3]) if len(sys.argv) > 3 else 3000
-
-proc = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--auth-secret", "lg"],
-                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-line = proc.stdout.readline()
-assert line.startswith("router ready"), line
-f = dict(kv.split("=", 1) for kv in line.split()[2:])
+AMQP_URL = os.environ.get("HIVE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 
 
-def run(*extra):
+def start_router(*extra):
+    p = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--auth-secret", "lg",
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("router ready"), line
+    return p, dict(kv.split("=", 1) for kv in line.split()[2:])
+
+
+proc, f = start_router()
+
+
+def run(*extra, node=None):
+    node = node or f
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [LOADGEN, "--url", f"ws://{f['ws']}", "--api", f"http://{f['api']}", "--secret", "lg", "--quiet",
+        cmd = [LOADGEN, "--url", f"ws://{node['ws']}", "--api", f"http://{node['api']}", "--secret", "lg", "--quiet",
                "--json", out.name, *extra]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=300)
         return json.load(open(out.name))
@@ -44,6 +56,12 @@ try:
     assert 0 <= late["p50"] <= late["p99"] <= late["max"] <= r["latency_ms"]["ack"]["max"], (late, r["latency_ms"]["ack"])
     assert r["errors"] == {}, r["errors"]
     assert r["events"]["received"] > 0, r["events"]
+    # Without --amqp loadgen does not count events per device: null, and says so.
+    e = r["events"]
+    assert e["counted"] is False and e["lost"] is None and e["received_unique"] is None, e
+    tl = r["timeline"]
+    assert tl and [s["t"] for s in tl] == list(range(len(tl))), tl
+    assert sum(s["acked"] for s in tl) == q["acked"] and max(s["connected"] for s in tl) == DEVICES, tl
     print(f"loadgen {DEVICES} devices: connected in {r['devices']['connect_seconds']:.2f}s, ack p50 "
           f"{r['latency_ms']['ack']['p50']} ms p99 {r['latency_ms']['ack']['p99']} ms, 0 errors")
 
@@ -83,6 +101,26 @@ try:
     assert n["requests"]["acked"] == 0 and n["requests"]["timeout"] > 0, n["requests"]
     assert n["errors"].get("request_timeout", 0) > 0, n["errors"]
     print(f"loadgen --no-ack: {n['requests']['timeout']} timeouts reported")
+    # Per-device event counting through RabbitMQ: each device numbers its events, loadgen's
+    # hive.events consumer counts them, and after the drain every seq sent has arrived once.
+    amqp_proc, a = start_router("--amqp", AMQP_URL)
+    try:
+        m = run("--devices", "200", "--protocol", "mixed", "--event-interval", "0.2", "--duration", "5",
+                "--amqp", AMQP_URL, node=a)
+    finally:
+        amqp_proc.terminate()
+        amqp_proc.wait(timeout=30)
+    e = m["events"]
+    assert e["counted"] is True and e["sent"] > 0, e
+    assert e["lost"] == 0 and e["lost_in_broken_connections"] == 0, e
+    assert e["received_unique"] == e["sent"] and e["duplicated"] == 0, e
+    assert e["received"] == e["received_unique"] + e["duplicated"], e
+    tl = m["timeline"]
+    assert sum(s["events_sent"] for s in tl) == e["sent"], (e, tl)
+    assert sum(s["events_received"] for s in tl) == e["received"], (e, tl)
+    assert m["errors"] == {}, m["errors"]
+    print(f"loadgen --amqp: {e['sent']} events from 200 devices, {e['received_unique']} received once each, "
+          f"0 lost, {e['reordered']} reordered")
 finally:
     proc.terminate()
     proc.wait(timeout=30)
