@@ -14,7 +14,10 @@
 # against every other session; this raises the group to nice -10 for the run (restored
 # after), and loadgen's coordinator runs SCHED_FIFO (--realtime) so its own waits for a
 # CPU are not counted as ack latency. Routers and simulated devices keep their normal
-# priority among themselves. Needs root; otherwise it says so and runs without.
+# priority among themselves. With --amqp and a broker on this machine, the broker's own
+# autogroup is raised to the same nice for the run (restored after): otherwise the run
+# would outweigh the broker ten to one and starve it (every connection in flow control,
+# events minutes late). Needs root; otherwise it says so and runs without.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +42,10 @@ while [ $# -gt 0 ]; do
 done
 
 # ROUTER_BIN / LOADGEN_BIN: run other builds (e.g. to compare two commits in one session).
-cargo build --release --quiet -p router -p loadgen
+BUILD=()
+[ -n "${ROUTER_BIN:-}" ] || BUILD+=(-p router)
+[ -n "${LOADGEN_BIN:-}" ] || BUILD+=(-p loadgen)
+[ ${#BUILD[@]} -eq 0 ] || cargo build --release --quiet "${BUILD[@]}"
 ROUTER=${ROUTER_BIN:-target/release/router} LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
 SECRET=capacity-$RANDOM$RANDOM
 # SO_REUSEPORT spreads by hash, not evenly: aim each node well under the 20,000-file cap.
@@ -48,12 +54,16 @@ SHARDS=$([ "$NODES" -gt 1 ] && echo 1 || echo 0)
 LOGDIR=$(mktemp -d)
 PIDS=()
 AUTOGROUP_BEFORE=""
+BROKER_AUTOGROUPS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   sleep 1
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   rm -rf "$LOGDIR"
   if [ -n "$AUTOGROUP_BEFORE" ]; then echo "$AUTOGROUP_BEFORE" >/proc/self/autogroup 2>/dev/null || true; fi
+  for entry in "${BROKER_AUTOGROUPS[@]}"; do
+    echo "${entry#*:}" >"/proc/${entry%%:*}/autogroup" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -66,6 +76,17 @@ if [ "$PRIORITY" = 1 ]; then
     if echo -10 >/proc/self/autogroup 2>/dev/null; then
       AUTOGROUP_BEFORE=$before
       echo "capacity: this session's scheduler autogroup at nice -10 for the run (--no-priority: off)" >&2
+      # A broker on this machine gets the same weight (RabbitMQ's VM is beam.smp).
+      case "$AMQP" in
+        *@127.*|*@localhost*|amqp://127.*|amqp://localhost*)
+          for bp in $(pgrep -x beam.smp 2>/dev/null); do
+            bbefore=$(sed -n 's/.* nice //p' "/proc/$bp/autogroup" 2>/dev/null) || continue
+            if echo -10 >"/proc/$bp/autogroup" 2>/dev/null; then
+              BROKER_AUTOGROUPS+=("$bp:$bbefore")
+              echo "capacity: the local broker's autogroup (pid $bp) at nice -10 too" >&2
+            fi
+          done ;;
+      esac
     else
       echo "capacity: cannot raise the autogroup's priority (not root?); running without" >&2
     fi

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use envelope::{DirKind, NodeMsg, Outcome};
@@ -117,8 +117,6 @@ pub struct Cluster {
     replies: Mutex<HashMap<Uuid, mpsc::Sender<(String, Outcome)>>>,
     out_tx: mpsc::Sender<Outgoing>,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
-    /// Local changes are waiting to be sent.
-    pub(crate) outbox_notify: Notify,
     /// The cluster's broker session is up and has heard its peers.
     pub(crate) joined: AtomicBool,
     pub metrics: ClusterMetrics,
@@ -138,7 +136,6 @@ impl Cluster {
             replies: Mutex::new(HashMap::new()),
             out_tx,
             out_rx: Mutex::new(Some(out_rx)),
-            outbox_notify: Notify::new(),
             joined: AtomicBool::new(false),
             metrics: ClusterMetrics::default(),
         }
@@ -176,7 +173,6 @@ impl Cluster {
                 home: None,
             });
         }
-        self.outbox_notify.notify_one();
     }
 
     /// The device's connection here (made at `since`) ended and no newer one replaced
@@ -203,7 +199,6 @@ impl Cluster {
                 home,
             });
         }
-        self.outbox_notify.notify_one();
     }
 
     pub fn is_local(&self, device: &Uuid) -> bool {

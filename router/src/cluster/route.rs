@@ -5,11 +5,12 @@
 //! the way (so requests to local devices keep working while the broker is away).
 //! Otherwise the envelope goes to the device's home, which hands it to the node holding
 //! the device (or answers itself: unknown, or moving); that node answers this one.
-//! While the answer is "not found" the request is sent again every [`RETRY_OFFLINE`]
-//! for [`OFFLINE_GRACE`] (a device that just connected may not be registered yet), then
-//! it is a 404. While the answer is "moving" (its node died or drained it) it is sent
-//! again every [`RETRY_MOVING`] until its deadline, and whenever the member set
-//! changes. A node drops a second delivery of a request UUID it already holds and
+//! While the answer is "not found" the request is sent again after [`RETRY_OFFLINE`]
+//! (doubling) for [`OFFLINE_GRACE`] (a device that just connected may not be registered
+//! yet), then it is a 404. While the answer is "moving" (its node died or drained it) it
+//! is sent again after [`RETRY_MOVING`] (doubling, capped) until its deadline, and
+//! whenever the member set changes. Every try goes through the home, so it follows the
+//! device wherever it reconnected. A node drops a second delivery of a request UUID it already holds and
 //! answers a duplicate of a finished one with the same outcome.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -26,14 +27,18 @@ use crate::{unix_ms, Shared};
 
 /// After a device was reported not connected, how long it is looked for before 404.
 pub const OFFLINE_GRACE: Duration = Duration::from_millis(1000);
-/// How often a device not found yet is asked for again within the grace.
+/// A device not found yet is asked for again after this, doubling (within the grace).
 pub const RETRY_OFFLINE: Duration = Duration::from_millis(150);
-/// How often a moving device (its node died or drained it) is asked for again.
+/// A moving device (its node died or drained it) is asked for again after this,
+/// doubling up to [`RETRY_CAP`].
 pub const RETRY_MOVING: Duration = Duration::from_millis(250);
 /// Without any answer for this long, where the device is is checked again (its node may
-/// have died with the request, or the device moved): a duplicate is dropped where it
-/// is already held.
-pub const REASK: Duration = Duration::from_millis(1000);
+/// have died with the request, or the device moved), doubling up to [`RETRY_CAP`]: a
+/// duplicate is dropped where it is already held, and a slow broker is not sent more
+/// the slower it gets.
+pub const REASK: Duration = Duration::from_millis(2000);
+/// The longest wait between two tries.
+pub const RETRY_CAP: Duration = Duration::from_secs(4);
 /// A lookup (`GET /v1/devices/{id}`) gives up after this.
 const LOCATE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -204,12 +209,19 @@ async fn route(
     let mut send_now = true;
     let mut sent_once = false;
     let mut retry_at: Option<Instant> = None;
+    // Tries so far of each kind, for their backoff.
+    let (mut reasks, mut offline_tries, mut moving_tries) = (0u32, 0u32, 0u32);
+    let backoff = |base: Duration, n: &mut u32| {
+        let d = base.saturating_mul(1 << (*n).min(5)).min(RETRY_CAP);
+        *n += 1;
+        Instant::now() + d
+    };
     loop {
         if send_now {
             send_now = false;
             changes.borrow_and_update();
-            // Look again within REASK unless an answer says otherwise.
-            retry_at = Some(Instant::now() + REASK);
+            // Look again if nothing answers (an answer sets its own retry).
+            retry_at = Some(backoff(REASK, &mut reasks));
             if c.is_local(&device) {
                 if local_rx.is_none() {
                     let (tx, rx) = oneshot::channel();
@@ -260,7 +272,7 @@ async fn route(
                 match r {
                     Ok(RequestReply::Offline) => {
                         offline_since.get_or_insert_with(Instant::now);
-                        retry_at = Some(Instant::now() + RETRY_OFFLINE);
+                        retry_at = Some(backoff(RETRY_OFFLINE, &mut offline_tries));
                     }
                     Ok(other) => return Step::Local(other),
                     // The shard dropped it: its deadline passed.
@@ -279,11 +291,11 @@ async fn route(
                     }
                     Outcome::Offline => {
                         offline_since.get_or_insert_with(Instant::now);
-                        retry_at = Some(Instant::now() + RETRY_OFFLINE);
+                        retry_at = Some(backoff(RETRY_OFFLINE, &mut offline_tries));
                     }
                     Outcome::Moving => {
                         offline_since = None;
-                        retry_at = Some(Instant::now() + RETRY_MOVING);
+                        retry_at = Some(backoff(RETRY_MOVING, &mut moving_tries));
                     }
                     Outcome::At { .. } | Outcome::Expired => {}
                 }

@@ -34,13 +34,11 @@ use std::time::{Duration, Instant};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -58,7 +56,7 @@ use crate::{unix_ms, Shared};
 pub const NODES_EXCHANGE: &str = "hive.nodes";
 pub const PRESENCE_EXCHANGE: &str = "hive.presence";
 /// Local connects and disconnects are gathered this long before they are sent.
-pub const DIRECTORY_EVERY: Duration = Duration::from_millis(50);
+pub const DIRECTORY_EVERY: Duration = Duration::from_millis(100);
 /// After the member set changes, wait this long for more changes before the devices
 /// whose home moved are registered again (one pass for a burst of joins).
 const REREGISTER_AFTER: Duration = Duration::from_millis(200);
@@ -218,15 +216,7 @@ enum Served {
 }
 
 type ServeFut = Pin<Box<dyn Future<Output = (u128, String, Outcome)>>>;
-type ConfirmFut = Pin<Box<dyn Future<Output = (Sent, bool)>>>;
 type ProbeFut<'a> = Pin<Box<dyn Future<Output = (NodeId, Option<bool>)> + 'a>>;
-
-/// What a published envelope was, to act on if the broker returns it.
-struct Sent {
-    to: String,
-    /// For a request: (request, origin), told "moving" if the envelope comes back.
-    request: Option<(u128, String)>,
-}
 
 /// Why a session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -497,19 +487,16 @@ async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>
 
 struct Publisher<'a> {
     ch: &'a Channel,
-    confirms: FuturesUnordered<ConfirmFut>,
 }
 
 impl Publisher<'_> {
+    /// Publish an envelope to a node's queue, `mandatory`: if the queue is gone the
+    /// broker returns it, and [`returned`] finds it. Not confirmed: a lost envelope is
+    /// covered by the origin asking again, and confirms would double the messages the
+    /// broker sends on the latency path.
     async fn node(&mut self, c: &Cluster, to: &str, m: &NodeMsg) -> lapin::Result<()> {
         let bytes = encode_node(m);
         c.metrics.envelopes_sent.fetch_add(1, Relaxed);
-        let request = match m {
-            NodeMsg::Request {
-                request, origin, ..
-            } => Some((*request, origin.clone())),
-            _ => None,
-        };
         let confirm = self
             .ch
             .basic_publish(
@@ -523,17 +510,7 @@ impl Publisher<'_> {
                 BasicProperties::default(),
             )
             .await?;
-        let sent = Sent {
-            to: to.to_string(),
-            request,
-        };
-        self.confirms.push(Box::pin(async move {
-            let returned = match confirm.await {
-                Ok(Confirmation::Ack(r)) | Ok(Confirmation::Nack(r)) => r.is_some(),
-                _ => false,
-            };
-            (sent, returned)
-        }));
+        drop(confirm);
         Ok(())
     }
 
@@ -545,7 +522,7 @@ impl Publisher<'_> {
             body,
         });
         st.c().metrics.presence_sent.fetch_add(1, Relaxed);
-        // Confirms are awaited by nobody: a heartbeat that is lost is replaced by the next.
+        // A heartbeat that is lost is replaced by the next.
         let confirm = self
             .ch
             .basic_publish(
@@ -567,7 +544,6 @@ async fn session(
     out: &mut mpsc::Receiver<Outgoing>,
 ) -> lapin::Result<End> {
     let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let me = st.me().to_string();
     let pq = declare(&ch, &me).await?;
     let no_ack = BasicConsumeOptions {
@@ -608,10 +584,7 @@ async fn session(
     // the answers change), and tell everyone we are here.
     st.reregister_all = true;
     st.reregister();
-    let mut pubr = Publisher {
-        ch: &ch,
-        confirms: FuturesUnordered::new(),
-    };
+    let mut pubr = Publisher { ch: &ch };
     pubr.presence(st, PresenceBody::Join).await?;
     let joined_at = Instant::now() + JOIN_WAIT;
 
@@ -691,20 +664,6 @@ async fn session(
                     }
                 }
             }
-            Some((sent, returned)) = pubr.confirms.next(), if !pubr.confirms.is_empty() => {
-                if returned {
-                    // The node's queue is gone: ask the broker whether the node is.
-                    c.metrics.envelopes_returned.fetch_add(1, Relaxed);
-                    if let Some(id) = st.members.id(&sent.to) {
-                        if let Some(name) = st.members.suspect_now(id, Instant::now()) {
-                            probes.push(Box::pin(timed_probe(conn, id, name)));
-                        }
-                    }
-                    if let Some((request, origin)) = sent.request {
-                        reply(st, &mut pubr, &origin, request, Outcome::Moving).await?;
-                    }
-                }
-            }
             Some((id, verdict)) = probes.next(), if !probes.is_empty() => {
                 let m = &c.metrics;
                 match verdict {
@@ -730,12 +689,33 @@ async fn session(
                 }
                 reply(st, &mut pubr, &origin, request, outcome).await?;
             }
-            _ = c.outbox_notify.notified() => {}
             _ = dir_tick.tick() => {
                 for (request, origin) in st.take_local() {
                     reply(st, &mut pubr, &origin, request, Outcome::Moving).await?;
                 }
                 flush_directory(st, &mut pubr).await?;
+                // Envelopes the broker returned (no confirms are pending on this channel,
+                // so this only collects what came back).
+                for r in ch.wait_for_confirms().await? {
+                    let to = r.delivery.routing_key.as_str().to_string();
+                    let msg = Received::new(&r.delivery.data);
+                    let request = match msg.node() {
+                        Ok(super::envelope::ArchivedNodeMsg::Request { request, origin, .. }) => {
+                            Some((request.to_native(), origin.as_str().to_string()))
+                        }
+                        _ => None,
+                    };
+                    c.metrics.envelopes_returned.fetch_add(1, Relaxed);
+                    // The node's queue is gone: ask the broker whether the node is.
+                    if let Some(id) = st.members.id(&to) {
+                        if let Some(name) = st.members.suspect_now(id, Instant::now()) {
+                            probes.push(Box::pin(timed_probe(conn, id, name)));
+                        }
+                    }
+                    if let Some((request, origin)) = request {
+                        reply(st, &mut pubr, &origin, request, Outcome::Moving).await?;
+                    }
+                }
             }
             _ = async { tokio::time::sleep_until(reregister_at.expect("guarded").into()).await }, if reregister_at.is_some() => {
                 st.reregister();
@@ -784,10 +764,6 @@ async fn session(
                 }
                 flush_directory(st, &mut pubr).await?;
                 pubr.presence(st, PresenceBody::Leaving).await?;
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while pubr.confirms.next().await.is_some() {}
-                })
-                .await;
                 return Ok(End::Shutdown);
             }
         }
