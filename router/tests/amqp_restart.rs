@@ -173,9 +173,9 @@ async fn broker_restart_under_load_loses_nothing_and_reannounces() {
     assert_eq!(dropped, 0.0, "the buffer is large enough for this outage");
     let _ = conn.close(200, "bye".into()).await;
 
-    // The nodes re-announced: A reaches the device on B again.
+    // The nodes registered their devices again: A reaches the device on B again.
     until(
-        "presence re-announced",
+        "device registered again",
         Duration::from_secs(15),
         async || get(&a, &format!("/v1/devices/{d}")).await.1["node"] == "rb",
     )
@@ -192,4 +192,7 @@ async fn broker_restart_under_load_loses_nothing_and_reannounces() {
     let (s, body) = a.request(d, json!({"command":"after-restart"}), "").await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(dev.await.unwrap()["command"], "after-restart");
+    // Everyone was away together: no node was taken for dead.
+    assert_eq!(a.metric("router_cluster_nodes_expired_total").await, 0.0);
+    assert_eq!(b.metric("router_cluster_nodes_expired_total").await, 0.0);
 }

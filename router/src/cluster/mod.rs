@@ -105,6 +105,7 @@ pub struct ClusterMetrics {
     pub nodes: AtomicU64,
     pub directory_entries: AtomicU64,
     pub directory_moving: AtomicU64,
+    pub publish_backlog: AtomicU64,
 }
 
 pub struct Cluster {
@@ -342,6 +343,11 @@ impl Cluster {
                 "router_cluster_directory_moving",
                 "Devices this node is home for whose node died or drained them, waited for.",
                 m.directory_moving.load(Relaxed),
+            ),
+            (
+                "router_cluster_publish_backlog",
+                "Envelopes waiting to be published on the cluster connection (the broker is slow).",
+                m.publish_backlog.load(Relaxed),
             ),
             (
                 "router_cluster_joined",

@@ -485,33 +485,53 @@ async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>
     }
 }
 
-struct Publisher<'a> {
-    ch: &'a Channel,
+/// One publish for the session's publisher task.
+struct Publish {
+    exchange: &'static str,
+    key: String,
+    bytes: Vec<u8>,
+    mandatory: bool,
 }
 
-impl Publisher<'_> {
+/// Envelopes to publish are handed to a task of their own, so that a publish waiting
+/// for the broker (flow control stops it reading our socket) never stops this node from
+/// consuming its queue: a node that stopped consuming because it could not publish would
+/// back up its own queue, and the broker would throttle every node publishing to it.
+struct Publisher {
+    tx: mpsc::UnboundedSender<Publish>,
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// While more than this many publishes wait, the API's envelopes are left in their
+/// (bounded) queue: new requests get 503 rather than pile up behind a slow broker.
+const PUBLISH_BACKLOG: usize = 10_000;
+
+impl Publisher {
+    fn push(&mut self, c: &Cluster, p: Publish) -> lapin::Result<()> {
+        self.backlog.fetch_add(1, Relaxed);
+        c.metrics
+            .publish_backlog
+            .store(self.backlog.load(Relaxed) as u64, Relaxed);
+        // The task is gone only when the session is ending (it reports why).
+        let _ = self.tx.send(p);
+        Ok(())
+    }
+
     /// Publish an envelope to a node's queue, `mandatory`: if the queue is gone the
-    /// broker returns it, and [`returned`] finds it. Not confirmed: a lost envelope is
+    /// broker returns it, and the tick finds it. Not confirmed: a lost envelope is
     /// covered by the origin asking again, and confirms would double the messages the
     /// broker sends on the latency path.
     async fn node(&mut self, c: &Cluster, to: &str, m: &NodeMsg) -> lapin::Result<()> {
-        let bytes = encode_node(m);
         c.metrics.envelopes_sent.fetch_add(1, Relaxed);
-        let confirm = self
-            .ch
-            .basic_publish(
-                NODES_EXCHANGE.into(),
-                to.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &bytes,
-                BasicProperties::default(),
-            )
-            .await?;
-        drop(confirm);
-        Ok(())
+        self.push(
+            c,
+            Publish {
+                exchange: NODES_EXCHANGE,
+                key: to.to_string(),
+                bytes: encode_node(m),
+                mandatory: true,
+            },
+        )
     }
 
     async fn presence(&mut self, st: &State, body: PresenceBody) -> lapin::Result<()> {
@@ -522,20 +542,47 @@ impl Publisher<'_> {
             body,
         });
         st.c().metrics.presence_sent.fetch_add(1, Relaxed);
-        // A heartbeat that is lost is replaced by the next.
-        let confirm = self
-            .ch
+        self.push(
+            st.c(),
+            Publish {
+                exchange: PRESENCE_EXCHANGE,
+                key: String::new(),
+                bytes,
+                mandatory: false,
+            },
+        )
+    }
+
+    fn backlog(&self) -> usize {
+        self.backlog.load(Relaxed)
+    }
+}
+
+/// The session's publisher: publishes in order until the channel fails.
+async fn publish_all(
+    ch: Channel,
+    mut rx: mpsc::UnboundedReceiver<Publish>,
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+) -> lapin::Error {
+    while let Some(p) = rx.recv().await {
+        let r = ch
             .basic_publish(
-                PRESENCE_EXCHANGE.into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &bytes,
+                p.exchange.into(),
+                p.key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: p.mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                &p.bytes,
                 BasicProperties::default(),
             )
-            .await?;
-        drop(confirm);
-        Ok(())
+            .await;
+        backlog.fetch_sub(1, Relaxed);
+        if let Err(e) = r {
+            return e;
+        }
     }
+    lapin::Error::from(std::io::Error::other("publisher stopped"))
 }
 
 async fn session(
@@ -544,8 +591,30 @@ async fn session(
     out: &mut mpsc::Receiver<Outgoing>,
 ) -> lapin::Result<End> {
     let ch = conn.create_channel().await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut publisher = tokio::spawn(publish_all(ch.clone(), rx, backlog.clone()));
+    let mut pubr = Publisher { tx, backlog };
+    let end = session_loop(st, conn, &ch, &mut pubr, &mut publisher, out).await;
+    if matches!(end, Ok(End::Shutdown)) {
+        // Let what is queued (releases, the leave) go out, briefly.
+        drop(pubr);
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut publisher).await;
+    }
+    publisher.abort();
+    end
+}
+
+async fn session_loop(
+    st: &mut State,
+    conn: &Connection,
+    ch: &Channel,
+    pubr: &mut Publisher,
+    publisher: &mut tokio::task::JoinHandle<lapin::Error>,
+    out: &mut mpsc::Receiver<Outgoing>,
+) -> lapin::Result<End> {
     let me = st.me().to_string();
-    let pq = declare(&ch, &me).await?;
+    let pq = declare(ch, &me).await?;
     let no_ack = BasicConsumeOptions {
         no_ack: true,
         exclusive: true,
@@ -584,7 +653,6 @@ async fn session(
     // the answers change), and tell everyone we are here.
     st.reregister_all = true;
     st.reregister();
-    let mut pubr = Publisher { ch: &ch };
     pubr.presence(st, PresenceBody::Join).await?;
     let joined_at = Instant::now() + JOIN_WAIT;
 
@@ -606,7 +674,7 @@ async fn session(
                     .ok()
                     .and_then(|a| rkyv::deserialize::<NodeMsg, rkyv::rancor::Error>(a).ok());
                 match msg {
-                    Some(m) => on_node_msg(st, &mut pubr, m).await?,
+                    Some(m) => on_node_msg(st, pubr, m).await?,
                     None => {
                         c.metrics.bad_envelopes.fetch_add(1, Relaxed);
                     }
@@ -650,16 +718,21 @@ async fn session(
                     }
                 }
             }
-            o = out.recv() => {
+            e = &mut *publisher => {
+                let e = e.unwrap_or_else(|j| lapin::Error::from(std::io::Error::other(j.to_string())));
+                tracing::warn!(error = %e, "cluster publishing failed");
+                return Ok(End::Lost);
+            }
+            o = out.recv(), if pubr.backlog() < PUBLISH_BACKLOG => {
                 let Some(o) = o else { return Ok(End::Shutdown) };
                 match o.to {
-                    Dest::Node(n) if n == me => on_node_msg(st, &mut pubr, o.msg).await?,
+                    Dest::Node(n) if n == me => on_node_msg(st, pubr, o.msg).await?,
                     Dest::Node(n) => pubr.node(c, &n, &o.msg).await?,
                     Dest::HomeOf(d) => {
                         let home = st.members.home(d.as_u128());
                         match st.members.name(home).map(str::to_string) {
                             Some(n) if home != ME => pubr.node(c, &n, &o.msg).await?,
-                            _ => on_node_msg(st, &mut pubr, o.msg).await?,
+                            _ => on_node_msg(st, pubr, o.msg).await?,
                         }
                     }
                 }
@@ -687,13 +760,13 @@ async fn session(
                 } else {
                     st.served.remove(&request);
                 }
-                reply(st, &mut pubr, &origin, request, outcome).await?;
+                reply(st, pubr, &origin, request, outcome).await?;
             }
             _ = dir_tick.tick() => {
                 for (request, origin) in st.take_local() {
-                    reply(st, &mut pubr, &origin, request, Outcome::Moving).await?;
+                    reply(st, pubr, &origin, request, Outcome::Moving).await?;
                 }
-                flush_directory(st, &mut pubr).await?;
+                flush_directory(st, pubr).await?;
                 // Envelopes the broker returned (no confirms are pending on this channel,
                 // so this only collects what came back).
                 for r in ch.wait_for_confirms().await? {
@@ -713,13 +786,13 @@ async fn session(
                         }
                     }
                     if let Some((request, origin)) = request {
-                        reply(st, &mut pubr, &origin, request, Outcome::Moving).await?;
+                        reply(st, pubr, &origin, request, Outcome::Moving).await?;
                     }
                 }
             }
             _ = async { tokio::time::sleep_until(reregister_at.expect("guarded").into()).await }, if reregister_at.is_some() => {
                 st.reregister();
-                flush_directory(st, &mut pubr).await?;
+                flush_directory(st, pubr).await?;
             }
             _ = beat.tick() => {
                 st.last_heartbeat = Some(Instant::now());
@@ -760,9 +833,9 @@ async fn session(
             _ = shutdown.wait_for(|s| *s) => {
                 // Releases of the devices the drain closed go out first, then the leave.
                 for (request, origin) in st.take_local() {
-                    reply(st, &mut pubr, &origin, request, Outcome::Moving).await?;
+                    reply(st, pubr, &origin, request, Outcome::Moving).await?;
                 }
-                flush_directory(st, &mut pubr).await?;
+                flush_directory(st, pubr).await?;
                 pubr.presence(st, PresenceBody::Leaving).await?;
                 return Ok(End::Shutdown);
             }
@@ -779,7 +852,7 @@ async fn timed_probe(conn: &Connection, id: NodeId, name: String) -> (NodeId, Op
 }
 
 /// Send the gathered directory changes: to other nodes in batches, ours applied here.
-async fn flush_directory(st: &mut State, pubr: &mut Publisher<'_>) -> lapin::Result<()> {
+async fn flush_directory(st: &mut State, pubr: &mut Publisher) -> lapin::Result<()> {
     for to in std::mem::take(&mut st.resync) {
         let m = NodeMsg::Resync {
             from: st.me().to_string(),
@@ -823,7 +896,7 @@ async fn flush_directory(st: &mut State, pubr: &mut Publisher<'_>) -> lapin::Res
 
 async fn reply(
     st: &mut State,
-    pubr: &mut Publisher<'_>,
+    pubr: &mut Publisher,
     origin: &str,
     request: u128,
     outcome: Outcome,
@@ -857,7 +930,7 @@ fn local_deadline(unix_deadline: u64) -> Option<Instant> {
     (left > 0).then(|| Instant::now() + Duration::from_millis(left))
 }
 
-async fn on_node_msg(st: &mut State, pubr: &mut Publisher<'_>, m: NodeMsg) -> lapin::Result<()> {
+async fn on_node_msg(st: &mut State, pubr: &mut Publisher, m: NodeMsg) -> lapin::Result<()> {
     let shared = st.shared.clone();
     let c = cluster(&shared);
     match m {
@@ -960,7 +1033,7 @@ async fn on_node_msg(st: &mut State, pubr: &mut Publisher<'_>, m: NodeMsg) -> la
 /// to `origin` when the shard answers (or the deadline passes).
 async fn serve_here(
     st: &mut State,
-    pubr: &mut Publisher<'_>,
+    pubr: &mut Publisher,
     request: u128,
     device: Uuid,
     origin: String,
