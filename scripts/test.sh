@@ -55,6 +55,10 @@ step "loadgen against the router: small fleet, mixed protocols, and --no-ack tim
 cargo build --quiet -p loadgen
 "$VENV/bin/python" tests/python/check_loadgen.py "$ROUTER" "$PWD/target/debug/loadgen" 3000
 
+step "chaos: kill -9, broker restart, rolling restart, closed cluster connection under load (3 nodes, 3,000 devices)"
+ensure_rabbitmq
+ROUTER_BIN="$ROUTER" LOADGEN_BIN="$PWD/target/debug/loadgen" scripts/chaos.sh all --small
+
 step "independent client: the official Phoenix JS client (npm phoenix + ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 node tests/js/phoenix_client.mjs "$ROUTER"

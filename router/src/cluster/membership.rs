@@ -201,20 +201,6 @@ impl Membership {
         out
     }
 
-    /// Probe `id` now, whatever its silence (the broker returned a message for it),
-    /// unless probes are held.
-    pub fn suspect_now(&mut self, id: NodeId, now: Instant) -> Option<String> {
-        if now < self.hold_probes_until {
-            return None;
-        }
-        let p = self.peers.get_mut(&id).filter(|_| id != ME)?;
-        if p.probing.is_some() {
-            return None;
-        }
-        p.probing = Some(now);
-        Some(p.name.clone())
-    }
-
     /// A probe ended: `Some(true)` alive (its queue exists), `Some(false)` gone,
     /// `None` undecided. Returns the removed peer when gone. A node heard from since
     /// the probe started is alive whatever the probe found (it had just reconnected).

@@ -654,7 +654,17 @@ async fn session_loop(
     st.reregister_all = true;
     st.reregister();
     pubr.presence(st, PresenceBody::Join).await?;
-    let joined_at = Instant::now() + JOIN_WAIT;
+    // A first session waits to hear its peers before it is ready; after a reconnect it
+    // knows them already.
+    let joined_at = if st.session > 1 {
+        Instant::now()
+    } else {
+        Instant::now() + JOIN_WAIT
+    };
+    if st.session > 1 {
+        c.joined.store(true, Relaxed);
+        shared.update_ready();
+    }
 
     let mut probes: FuturesUnordered<ProbeFut<'_>> = FuturesUnordered::new();
     let mut dir_tick = tokio::time::interval(DIRECTORY_EVERY);
@@ -779,12 +789,10 @@ async fn session_loop(
                         _ => None,
                     };
                     c.metrics.envelopes_returned.fetch_add(1, Relaxed);
-                    // The node's queue is gone: ask the broker whether the node is.
-                    if let Some(id) = st.members.id(&to) {
-                        if let Some(name) = st.members.suspect_now(id, Instant::now()) {
-                            probes.push(Box::pin(timed_probe(conn, id, name)));
-                        }
-                    }
+                    // The node's queue is gone: it died, or it is reconnecting (its
+                    // connection was closed). Only silence makes it a suspect: a node
+                    // that is back within SUSPECT_AFTER has said so by then.
+                    tracing::debug!(node = %to, "envelope returned: the node's queue is gone");
                     if let Some((request, origin)) = request {
                         reply(st, pubr, &origin, request, Outcome::Moving).await?;
                     }
