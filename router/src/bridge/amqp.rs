@@ -33,7 +33,9 @@
 //!
 //! **What it must never do.** Block or slow a shard: shards only `try_send` into the
 //! bus queue (a full queue is dropped and counted by the shard), and nothing here
-//! waits on a shard. Lose an event silently: every event taken from the bus ends
+//! waits on a shard. While the broker is slow to confirm, events keep moving from the
+//! bus into the buffer, so the shards keep reading their devices (and their acks) until
+//! the buffer itself is full. Lose an event silently: every event taken from the bus ends
 //! confirmed by the broker or counted in `router_amqp_dropped_total`. Panic on
 //! anything the broker or a device controls. Declare anything but its own exchange.
 
@@ -321,6 +323,16 @@ impl Bridge {
                 self.m().published.fetch_add(1, Relaxed);
             }
             let more = !paused && held.len() < self.window && sent == BATCH;
+            // With the window full (the broker is slow to confirm), keep taking events
+            // from the shards into the buffer, up to its bound: shards that find the bus
+            // full stop reading their devices, and a device's acks and responses would
+            // then wait behind its unread events. Only a full buffer pushes back.
+            if held.len() >= self.window || paused {
+                while self.buffer.len() < self.cap {
+                    let Some(ev) = self.take_new() else { break };
+                    self.buffer.push_back(ev);
+                }
+            }
             self.m().buffered.store(self.buffer.len() as i64, Relaxed);
             self.m().unconfirmed.store(held.len() as i64, Relaxed);
             if let Some(deadline) = flush_until {
@@ -339,7 +351,7 @@ impl Bridge {
                 Some((id, res)) = inflight.next(), if !inflight.is_empty() => Wake::Confirm(id, res),
                 ev = conn_events.next() => Wake::Conn(ev),
                 _ = self.shutdown.wait_for(|s| *s), if flush_until.is_none() => Wake::Shutdown,
-                _ = self.shared.bus.wait(), if can_take && !more => Wake::Work,
+                _ = self.shared.bus.wait(), if (can_take && !more) || self.buffer.len() < self.cap => Wake::Work,
                 _ = async {}, if more => Wake::Work,
                 _ = tick.tick() => Wake::Tick,
             };
