@@ -475,3 +475,36 @@ impl TakeHandle for TestRouter {
         self.handle.take().expect("router running")
     }
 }
+
+/// A drain closes each device with 1001, and the device may already have sent more when
+/// that close reaches it. Those frames are still handled: here an event written after
+/// the device read the close (as if in flight when the close was sent), then its own
+/// close. The event reaches hive.events: a rolling restart loses no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_still_takes_what_the_device_sent_before_it_saw_the_close() {
+    use common::raw::*;
+    use tokio::io::AsyncWriteExt;
+    let mut tap = Tap::new().await;
+    let mut r = TestRouter::start_with(|c| {
+        c.amqp = Some(amqp_url());
+        c.drain_seconds = 1;
+    });
+    wait_ready(&r, 200, Duration::from_secs(10)).await;
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let token = r.token(d, a);
+    let mut s = raw_upgrade(&r, &token).await;
+    let h = r.handle_take();
+    let drain = tokio::task::spawn_blocking(move || h.drain());
+    assert_eq!(read_close_code(&mut s).await, 1001);
+    s.write_all(&masked_frame(0x1, br#"{"type":"last-word","n":7}"#))
+        .await
+        .unwrap();
+    s.write_all(&masked_frame(0x8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let got = tap.next_for(d, Duration::from_secs(10)).await;
+    let v: Value = serde_json::from_slice(&got.data).unwrap();
+    assert_eq!(v["type"], "last-word");
+    assert_eq!(v["n"], 7);
+    drain.await.unwrap();
+}

@@ -120,7 +120,7 @@ impl ShardCtx {
             .cloned()
             .collect();
         for c in conns {
-            c.fail(self, 1001, "router draining");
+            c.close_reading(self, 1001, "router draining");
         }
     }
 }

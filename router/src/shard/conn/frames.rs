@@ -45,7 +45,7 @@ impl Conn {
     fn keep_unparsed(&self, rest: Option<Vec<u8>>) {
         let mut st = self.st.borrow_mut();
         match rest {
-            Some(rest) if !st.closing && !st.dead => {
+            Some(rest) if (!st.closing || st.read_on) && !st.dead && !st.peer_closed => {
                 st.bufs.get_or_insert_with(Box::default).inbuf = rest
             }
             _ => {
@@ -104,7 +104,10 @@ impl Conn {
                     1000
                 };
                 // Echo the close (RFC 6455 §5.5.1); not counted as a router-initiated close.
-                self.send_control(ctx, OP_CLOSE, &code.to_be_bytes());
+                // (Closing already: ours is out, the handshake is complete.)
+                if !self.st.borrow().closing {
+                    self.send_control(ctx, OP_CLOSE, &code.to_be_bytes());
+                }
                 let mut st = self.st.borrow_mut();
                 st.closing = true;
                 st.peer_closed = true;

@@ -83,6 +83,9 @@ struct State {
     /// The peer sent its close frame (we answer it): once the answer is out the close
     /// handshake is complete and the socket is closed at once, no shutdown, no linger.
     peer_closed: bool,
+    /// Closing by drain: what the peer sent before it saw our close frame (events, acks)
+    /// is still read and handled, until its close frame or FIN (or the linger deadline).
+    read_on: bool,
     /// Events registered with the shard's poller.
     interest: u32,
     /// Per-device rate limit: tokens left, the second they were last refilled, and
@@ -322,6 +325,16 @@ impl Conn {
         self.wake(ctx);
     }
 
+    /// Like [`Conn::fail`], but the device may still finish what it was saying: frames it
+    /// sent before it saw the close are handled, not dropped (a drain loses no event).
+    pub fn close_reading(&self, ctx: &ShardCtx, code: u16, reason: &str) {
+        if self.is_done() {
+            return;
+        }
+        self.fail(ctx, code, reason);
+        self.st.borrow_mut().read_on = true;
+    }
+
     fn flush(&self) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
@@ -457,7 +470,13 @@ impl Conn {
 
     fn is_done(&self) -> bool {
         let st = self.st.borrow();
-        st.closing || st.dead
+        st.dead || st.peer_closed || (st.closing && !st.read_on)
+    }
+
+    /// Closing but still reading what the peer sends (see [`Conn::close_reading`]).
+    fn reads_while_closing(&self) -> bool {
+        let st = self.st.borrow();
+        st.closing && st.read_on && !st.peer_closed && !st.dead
     }
 
     fn has_out(&self) -> bool {

@@ -33,7 +33,7 @@ impl Conn {
     pub fn on_event(&self, ctx: &ShardCtx, events: u32) {
         let lingering = self.st.borrow().lingering;
         if events & (IN | HUP_ERR) != 0 {
-            if lingering {
+            if lingering && !self.reads_while_closing() {
                 self.linger_read(ctx);
             } else if !self.is_done() {
                 self.on_readable(ctx);
