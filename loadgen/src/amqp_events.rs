@@ -57,6 +57,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Config {
     pub url: String,
+    /// --realtime: the connection's I/O thread runs SCHED_FIFO too (see
+    /// `coordinator::realtime_threads`).
+    pub realtime: bool,
     /// --amqp-durable-events.
     pub durable: bool,
     /// The run's account (hyphenated UUID, as the router writes it).
@@ -162,6 +165,9 @@ struct Session {
 async fn open(cfg: &Config, queue: &str) -> lapin::Result<Session> {
     let props = ConnectionProperties::default().with_connection_name("loadgen events".into());
     let conn = Connection::connect(&cfg.url, props).await?;
+    if cfg.realtime {
+        crate::coordinator::realtime_threads("lapin-io-loop");
+    }
     let ch = conn.create_channel().await?;
     ch.exchange_declare(
         "hive.events".into(),

@@ -133,8 +133,9 @@ pub struct Args {
     pub request_log: Option<PathBuf>,
     /// Run the coordinator (the backend's request clock and its stopwatch) SCHED_FIFO
     /// (priority 1) once its workers are started, so its own waits for a CPU on a shared
-    /// machine do not count as the router's ack latency. Workers (the simulated devices)
-    /// keep normal priority. Needs root or CAP_SYS_NICE; without, a warning and the run goes on.
+    /// machine do not count as the router's ack latency; with --amqp, the event consumer's
+    /// I/O thread too (the event stopwatch). Workers (the simulated devices) keep normal
+    /// priority. Needs root or CAP_SYS_NICE; without, a warning and the run goes on.
     #[arg(long, env = "LOADGEN_REALTIME")]
     pub realtime: bool,
     /// Keep transparent huge pages. By default loadgen turns them off for itself and its

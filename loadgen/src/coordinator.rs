@@ -79,6 +79,31 @@ fn realtime() -> std::io::Result<()> {
     }
 }
 
+/// SCHED_FIFO priority 1 for every thread of this process named `comm` (lapin's I/O
+/// thread of the event consumer: the other half of the stopwatch for event latency; on a
+/// saturated machine it waited for a CPU long enough to hold events at the broker for
+/// tens of seconds). Returns how many were switched.
+pub fn realtime_threads(comm: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if name.trim_end() == comm {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: sched_setscheduler on a thread id of this process, valid param.
+            if unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) } == 0 {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 fn spawn_workers(k: usize, account: uuid::Uuid) -> anyhow::Result<Workers> {
     let exe = std::env::current_exe()?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -273,6 +298,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             // AMQP mode: the events' real way out, a hive.events consumer.
             Some(url) => {
                 let cfg = crate::amqp_events::Config {
+                    realtime: args.realtime,
                     url: url.clone(),
                     durable: args.amqp_durable_events,
                     account: account.to_string(),

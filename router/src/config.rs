@@ -58,6 +58,18 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_AMQP_CONFIRM_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub amqp_confirm_window: u32,
 
+    /// Direct TCP link listener for requests between router nodes (with --amqp):
+    /// `auto` (the address this host uses to reach the broker, a free port), an
+    /// address `IP:PORT`, or `off` (every envelope through the broker). Peers learn the
+    /// address and a per-start token from this node's heartbeats on the broker.
+    #[arg(long, env = "ROUTER_CLUSTER_LINK", default_value = "auto")]
+    pub cluster_link: String,
+
+    /// `HOST:PORT` peers connect to for this node's link, when it differs from the
+    /// listener's own address (NAT, a container's published port, a 0.0.0.0 bind).
+    #[arg(long, env = "ROUTER_CLUSTER_ADVERTISE")]
+    pub cluster_advertise: Option<String>,
+
     /// This node's id (AMQP queue hive.node.<id>). Default: hostname-pid.
     #[arg(long, env = "ROUTER_NODE_ID")]
     pub node_id: Option<String>,
@@ -251,6 +263,8 @@ impl ServeConfig {
             amqp: None,
             amqp_buffer: 100_000,
             amqp_confirm_window: 1000,
+            cluster_link: "auto".into(),
+            cluster_advertise: None,
             // Unique: nodes sharing a broker must have distinct ids.
             node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),
             auth_secret: Some(secret.into()),

@@ -150,6 +150,31 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     }
     let (bus, bus_rx) = Bus::new(config.queue_capacity);
     let node_id = config.node_id();
+    // --amqp: the cluster's direct link listener, bound now so a bad address stops the start.
+    let link = match &config.amqp {
+        Some(url) => {
+            match cluster::link::bind_addr(&config.cluster_link, url).map_err(anyhow::Error::msg)? {
+                Some(addr) => {
+                    let l = std::net::TcpListener::bind(addr)
+                        .with_context(|| format!("binding cluster link listener {addr}"))?;
+                    let local = l.local_addr()?;
+                    if local.ip().is_unspecified() && config.cluster_advertise.is_none() {
+                        anyhow::bail!(
+                            "--cluster-link {addr} listens on every address: say which one peers \
+                         reach with --cluster-advertise HOST:PORT"
+                        );
+                    }
+                    let advertised = config
+                        .cluster_advertise
+                        .clone()
+                        .unwrap_or_else(|| local.to_string());
+                    Some((l, advertised))
+                }
+                None => None,
+            }
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         node_id: node_id.clone(),
         verifier: Verifier::new(&secret),
@@ -163,7 +188,7 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         cluster: config
             .amqp
             .is_some()
-            .then(|| cluster::Cluster::new(node_id)),
+            .then(|| cluster::Cluster::new(node_id, link)),
         config,
     });
 

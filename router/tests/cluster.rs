@@ -98,6 +98,9 @@ async fn a_request_through_node_a_reaches_a_device_on_node_b() {
     let b = process_node(&vh, "node-b");
     wait_ready(&a).await;
     wait_ready(&b).await;
+    // Each has heard the other's heartbeat and opened its direct link.
+    wait_metric(&a, "router_cluster_links_up", 1.0).await;
+    wait_metric(&b, "router_cluster_links_up", 1.0).await;
     let (d, acc) = (Uuid::new_v4(), Uuid::new_v4());
     let ws = b.device(d, acc).await;
     wait_owner(&a, d, Some("node-b")).await;
@@ -144,6 +147,13 @@ async fn a_request_through_node_a_reaches_a_device_on_node_b() {
     assert_eq!(b.metric("router_cluster_requests_served_total").await, 3.0);
     assert_eq!(a.metric("router_requests_acked_total").await, 1.0);
     assert_eq!(a.metric("router_cluster_nodes").await, 2.0);
+    // Requests went to B, and replies came back, over the direct links, none through
+    // the broker.
+    assert!(a.metric("router_cluster_link_sent_total").await >= 3.0);
+    assert!(b.metric("router_cluster_link_sent_total").await >= 3.0);
+    assert!(b.metric("router_cluster_link_received_total").await >= 3.0);
+    assert_eq!(a.metric("router_cluster_link_via_broker_total").await, 0.0);
+    assert_eq!(b.metric("router_cluster_link_via_broker_total").await, 0.0);
 
     // A device nobody holds: 404 from any node, at once.
     let t0 = Instant::now();
@@ -225,6 +235,10 @@ struct Proc {
 
 impl Proc {
     fn start(vh: &Vhost, id: &str, ws_port: u16, api_port: u16) -> Proc {
+        Self::start_with(vh, id, ws_port, api_port, &[])
+    }
+
+    fn start_with(vh: &Vhost, id: &str, ws_port: u16, api_port: u16, extra: &[&str]) -> Proc {
         let child = Command::new(router_bin())
             .args([
                 "serve",
@@ -241,6 +255,7 @@ impl Proc {
                 "--auth-secret",
                 SECRET,
             ])
+            .args(extra)
             .stdout(Stdio::null())
             // HIVE_TEST_NODE_LOG=1: the nodes' logs on the test's stderr.
             .stderr(if std::env::var_os("HIVE_TEST_NODE_LOG").is_some() {
@@ -280,6 +295,82 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+async fn wait_metric(r: &TestRouter, name: &str, want: f64) {
+    let t0 = Instant::now();
+    loop {
+        let v = r.metric(name).await;
+        if v == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{name} stayed {v}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A node with `--cluster-link off` is reached through the broker, both ways; a
+/// connection to a link listener without the node's token is refused and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_links_is_reached_through_the_broker_and_strangers_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let vh = Vhost::new("hive-test");
+    let link_port = free_port();
+    let link = format!("127.0.0.1:{link_port}");
+    let pa = Proc::start_with(
+        &vh,
+        "la",
+        free_port(),
+        free_port(),
+        &["--cluster-link", &link],
+    );
+    let pc = Proc::start_with(
+        &vh,
+        "lc",
+        free_port(),
+        free_port(),
+        &["--cluster-link", "off"],
+    );
+    let (a, c) = (pa.as_router(), pc.as_router());
+    wait_ready(&a).await;
+    wait_ready(&c).await;
+    let (d, e, acc) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let dev_c = acking(c.device(d, acc).await, 1);
+    let dev_a = acking(a.device(e, acc).await, 1);
+    wait_owner(&a, d, Some("lc")).await;
+    wait_owner(&c, e, Some("la")).await;
+    let (s, body) = a.request(d, json!({"command":"reboot"}), "").await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = c.request(e, json!({"command":"reboot"}), "").await;
+    assert_eq!(s, 200, "{body}");
+    for dev in [dev_a, dev_c] {
+        tokio::time::timeout(Duration::from_secs(5), dev)
+            .await
+            .expect("each device got its request")
+            .unwrap();
+    }
+    assert_eq!(a.metric("router_cluster_links_up").await, 0.0);
+    assert_eq!(c.metric("router_cluster_links_up").await, 0.0);
+    assert!(a.metric("router_cluster_link_via_broker_total").await >= 1.0);
+    assert_eq!(a.metric("router_cluster_link_sent_total").await, 0.0);
+
+    // A stranger: right magic and version, a guessed token.
+    let mut s = tokio::net::TcpStream::connect(&link).await.unwrap();
+    let mut hello = b"HIVL\x01".to_vec();
+    hello.extend_from_slice(&42u128.to_le_bytes());
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.push(b'x');
+    s.write_all(&hello).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed promptly")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a wrong token is closed without an answer");
+    wait_metric(&a, "router_cluster_link_refused_total", 1.0).await;
 }
 
 /// kill -9 a node holding devices with requests in flight; the devices reconnect to

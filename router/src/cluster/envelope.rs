@@ -130,6 +130,10 @@ pub struct PresenceMsg {
     /// anew (whatever was sent to it in between is gone), so its peers register again
     /// the devices it is home for.
     pub session: u64,
+    /// Where this node's direct link listens (`IP:PORT`; empty: links off) and the
+    /// token a peer must open it with (see `cluster::link`).
+    pub link: String,
+    pub link_token: u128,
     pub body: PresenceBody,
 }
 
@@ -266,6 +270,8 @@ mod tests {
                 node: "n1".into(),
                 incarnation: 99,
                 session: 3,
+                link: "127.0.0.1:4000".into(),
+                link_token: u128::MAX - 5,
                 body,
             };
             assert_eq!(decode_presence(&encode_presence(&m)).unwrap(), m);

@@ -20,6 +20,7 @@
 
 pub mod directory;
 pub mod envelope;
+pub mod link;
 pub mod membership;
 pub mod route;
 pub mod session;
@@ -121,13 +122,18 @@ pub struct Cluster {
     /// The cluster's broker session is up and has heard its peers.
     pub(crate) joined: AtomicBool,
     pub metrics: ClusterMetrics,
+    /// The direct link listener bound at startup, with the address peers are told
+    /// (taken by the cluster thread); None: links off.
+    link_listener: Mutex<Option<(std::net::TcpListener, String)>>,
+    pub link_metrics: std::sync::Arc<link::LinkMetrics>,
 }
 
 /// Room for envelopes waiting for the broker; beyond it, a send fails fast.
 const OUTGOING_QUEUE: usize = 65_536;
 
 impl Cluster {
-    pub fn new(node: String) -> Self {
+    /// `link`: the direct link listener and the address to advertise (see [`link`]).
+    pub fn new(node: String, link: Option<(std::net::TcpListener, String)>) -> Self {
         let (out_tx, out_rx) = mpsc::channel(OUTGOING_QUEUE);
         Cluster {
             node,
@@ -139,7 +145,17 @@ impl Cluster {
             out_rx: Mutex::new(Some(out_rx)),
             joined: AtomicBool::new(false),
             metrics: ClusterMetrics::default(),
+            link_listener: Mutex::new(link),
+            link_metrics: Default::default(),
         }
+    }
+
+    /// The link listener (taken once, by the cluster thread).
+    pub(crate) fn take_link_listener(&self) -> Option<(std::net::TcpListener, String)> {
+        self.link_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
@@ -354,6 +370,11 @@ impl Cluster {
                 "1 while the cluster's broker session is up and its peers are known.",
                 u64::from(self.joined()),
             ),
+            (
+                "router_cluster_links_up",
+                "Direct links to other nodes that are connected now.",
+                self.link_metrics.up.load(Relaxed),
+            ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
@@ -468,6 +489,36 @@ impl Cluster {
                 "Envelopes refused because the outgoing queue was full (broker away).",
                 &m.outgoing_dropped,
             ),
+            (
+                "router_cluster_link_sent_total",
+                "Requests, events and replies sent to another node over its direct link.",
+                &self.link_metrics.sent,
+            ),
+            (
+                "router_cluster_link_received_total",
+                "Envelopes received over direct links.",
+                &self.link_metrics.received,
+            ),
+            (
+                "router_cluster_link_via_broker_total",
+                "Requests, events and replies sent through the broker because no link to their node was up.",
+                &self.link_metrics.via_broker,
+            ),
+            (
+                "router_cluster_link_connects_total",
+                "Direct links opened (accepted by their peer).",
+                &self.link_metrics.connects,
+            ),
+            (
+                "router_cluster_link_failures_total",
+                "Direct link attempts or links that failed (refused, unreachable, broken).",
+                &self.link_metrics.failures,
+            ),
+            (
+                "router_cluster_link_refused_total",
+                "Incoming links closed: bad hello, wrong token, or an oversized frame.",
+                &self.link_metrics.refused,
+            ),
         ] {
             let _ = writeln!(
                 o,
@@ -512,7 +563,7 @@ mod tests {
 
     #[test]
     fn claims_and_releases_follow_the_connection() {
-        let c = Cluster::new("a".into());
+        let c = Cluster::new("a".into(), None);
         let (d1, d2) = (Uuid::new_v4(), Uuid::new_v4());
         c.local_gained(d1, 10);
         c.local_gained(d2, 10);
@@ -547,7 +598,7 @@ mod tests {
 
     #[test]
     fn reregistering_sends_only_what_moved_or_was_reset() {
-        let c = Cluster::new("a".into());
+        let c = Cluster::new("a".into(), None);
         let ds: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
         for d in &ds {
             c.local_gained(*d, 1);

@@ -47,6 +47,7 @@ use super::envelope::{
     encode_node, encode_presence, DirChange, DirKind, NodeMsg, Outcome, PresenceBody, PresenceMsg,
     Received, What, MAX_DEADLINE_MS,
 };
+use super::link::{Inbound, Links, PeerAddr};
 use super::membership::{Heard, Membership, NodeId, ME};
 use super::route::cluster;
 use super::{Cluster, Dest, Outgoing, HEARTBEAT};
@@ -244,6 +245,8 @@ struct State {
     last_heartbeat: Option<Instant>,
     /// Nodes just counted in, to be sent a `Resync`.
     resync: Vec<String>,
+    /// Direct links to the other nodes (the latency path without the broker).
+    links: Arc<Links>,
 }
 
 impl State {
@@ -307,9 +310,21 @@ impl State {
         }
     }
 
+    /// A heartbeat or join said where the node's direct link listens.
+    fn heard_link(&self, name: &str, link: &str, token: u128) {
+        self.links.heard(
+            name,
+            PeerAddr {
+                addr: link.to_string(),
+                token,
+            },
+        );
+    }
+
     /// A node is no longer a member: its devices are expected back elsewhere, and the
     /// devices it was home for are registered at their new homes.
     fn forget(&mut self, id: NodeId, name: &str) {
+        self.links.forget(name);
         let n = self.dir.owner_gone(id, Instant::now());
         tracing::warn!(node = %name, devices = n, "router node gone from the cluster");
         self.dir_out.remove(&id);
@@ -421,6 +436,23 @@ impl State {
 async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>) {
     let now = Instant::now();
     let c = cluster(&shared);
+    let (links, mut link_in) = match c.take_link_listener() {
+        Some((listener, advertised)) => {
+            match Links::start(
+                &shared.node_id,
+                listener,
+                advertised,
+                c.link_metrics.clone(),
+            ) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster link listener failed: links off");
+                    (Links::off(&shared.node_id), mpsc::channel(1).1)
+                }
+            }
+        }
+        None => (Links::off(&shared.node_id), mpsc::channel(1).1),
+    };
     let mut st = State {
         members: Membership::new(&shared.node_id, c.incarnation, now),
         dir: Directory::default(),
@@ -434,6 +466,7 @@ async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>
         registered_epoch: 0,
         last_heartbeat: None,
         resync: Vec::new(),
+        links: Arc::new(links),
         shared: shared.clone(),
     };
     let mut shutdown = shared.shutdown.subscribe();
@@ -452,7 +485,7 @@ async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>
         match conn {
             Ok(Ok(conn)) => {
                 attempt = 0;
-                let end = session(&mut st, &conn, &mut out).await;
+                let end = session(&mut st, &conn, &mut out, &mut link_in).await;
                 c.joined.store(false, Relaxed);
                 shared.update_ready();
                 let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into()))
@@ -500,6 +533,7 @@ struct Publish {
 struct Publisher {
     tx: mpsc::UnboundedSender<Publish>,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
+    links: Arc<Links>,
 }
 
 /// While more than this many publishes wait, the API's envelopes are left in their
@@ -517,18 +551,26 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publish an envelope to a node's queue, `mandatory`: if the queue is gone the
-    /// broker returns it, and the tick finds it. Not confirmed: a lost envelope is
-    /// covered by the origin asking again, and confirms would double the messages the
-    /// broker sends on the latency path.
+    /// Send an envelope to a node: requests and replies over its direct link when one
+    /// is up, everything else (and those when none is) to the node's queue,
+    /// `mandatory`: if the queue is gone the broker returns it, and the tick finds it.
+    /// Not confirmed: a lost envelope is covered by the origin asking again, and
+    /// confirms would double the messages the broker sends on the latency path.
+    /// Directory changes always go through the broker: they must not be lost, and a
+    /// node's queue being declared anew tells its peers when some were.
     async fn node(&mut self, c: &Cluster, to: &str, m: &NodeMsg) -> lapin::Result<()> {
         c.metrics.envelopes_sent.fetch_add(1, Relaxed);
+        let bytes = encode_node(m);
+        let latency_path = matches!(m, NodeMsg::Request { .. } | NodeMsg::Reply { .. });
+        if latency_path && self.links.send(to, &bytes) {
+            return Ok(());
+        }
         self.push(
             c,
             Publish {
                 exchange: NODES_EXCHANGE,
                 key: to.to_string(),
-                bytes: encode_node(m),
+                bytes,
                 mandatory: true,
             },
         )
@@ -539,6 +581,8 @@ impl Publisher {
             node: st.me().to_string(),
             incarnation: st.c().incarnation,
             session: st.session,
+            link: st.links.advertised.clone(),
+            link_token: st.links.token,
             body,
         });
         st.c().metrics.presence_sent.fetch_add(1, Relaxed);
@@ -589,13 +633,18 @@ async fn session(
     st: &mut State,
     conn: &Connection,
     out: &mut mpsc::Receiver<Outgoing>,
+    link_in: &mut mpsc::Receiver<Inbound>,
 ) -> lapin::Result<End> {
     let ch = conn.create_channel().await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut publisher = tokio::spawn(publish_all(ch.clone(), rx, backlog.clone()));
-    let mut pubr = Publisher { tx, backlog };
-    let end = session_loop(st, conn, &ch, &mut pubr, &mut publisher, out).await;
+    let mut pubr = Publisher {
+        tx,
+        backlog,
+        links: st.links.clone(),
+    };
+    let end = session_loop(st, conn, &ch, &mut pubr, &mut publisher, out, link_in).await;
     if matches!(end, Ok(End::Shutdown)) {
         // Let what is queued (releases, the leave) go out, briefly.
         drop(pubr);
@@ -612,6 +661,7 @@ async fn session_loop(
     pubr: &mut Publisher,
     publisher: &mut tokio::task::JoinHandle<lapin::Error>,
     out: &mut mpsc::Receiver<Outgoing>,
+    link_in: &mut mpsc::Receiver<Inbound>,
 ) -> lapin::Result<End> {
     let me = st.me().to_string();
     let pq = declare(ch, &me).await?;
@@ -690,6 +740,25 @@ async fn session_loop(
                     }
                 }
             }
+            Some((from, bytes)) = link_in.recv() => {
+                c.metrics.envelopes_received.fetch_add(1, Relaxed);
+                let r = Received::new(&bytes);
+                let msg = r
+                    .node()
+                    .ok()
+                    .and_then(|a| rkyv::deserialize::<NodeMsg, rkyv::rancor::Error>(a).ok());
+                match msg {
+                    // Only the latency path travels on links; anything else is refused
+                    // (directory changes must come through the broker, in order).
+                    Some(m @ (NodeMsg::Request { .. } | NodeMsg::Reply { .. })) => {
+                        on_node_msg(st, pubr, m).await?
+                    }
+                    _ => {
+                        tracing::debug!(peer = %from, "bad envelope on a cluster link");
+                        c.metrics.bad_envelopes.fetch_add(1, Relaxed);
+                    }
+                }
+            }
             d = presence_in.next() => {
                 let Some(d) = d else { return Ok(End::Lost) };
                 let d = d?;
@@ -706,9 +775,11 @@ async fn session_loop(
                 match &m.body {
                     super::envelope::ArchivedPresenceBody::Heartbeat { devices } => {
                         st.heard(m.node.as_str(), inc, sess, Some(devices.to_native()));
+                        st.heard_link(m.node.as_str(), m.link.as_str(), m.link_token.to_native());
                     }
                     super::envelope::ArchivedPresenceBody::Join => {
                         st.heard(m.node.as_str(), inc, sess, None);
+                        st.heard_link(m.node.as_str(), m.link.as_str(), m.link_token.to_native());
                         // Answer at once so the newcomer knows us before it is ready
                         // (at most one extra heartbeat per 100 ms, whoever joins).
                         let recent = st
