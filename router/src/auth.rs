@@ -26,16 +26,19 @@ pub enum AuthError {
     Expired,
     #[error("invalid token")]
     Invalid,
+    #[error("token not valid yet (nbf in the future)")]
+    NotYetValid,
     #[error("no authentication within the auth timeout")]
     Timeout,
 }
 
 impl AuthError {
-    pub const ALL: [AuthError; 4] = [
+    pub const ALL: [AuthError; 5] = [
         AuthError::Missing,
         AuthError::Expired,
         AuthError::Invalid,
         AuthError::Timeout,
+        AuthError::NotYetValid,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -43,6 +46,7 @@ impl AuthError {
             AuthError::Expired => "expired",
             AuthError::Invalid => "invalid",
             AuthError::Timeout => "timeout",
+            AuthError::NotYetValid => "not_yet_valid",
         }
     }
     pub fn index(self) -> usize {
@@ -68,6 +72,8 @@ impl Verifier {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.validate_exp = true;
+        // A token that is not valid yet (`nbf` in the future) is refused too.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Verifier {
             key: DecodingKey::from_secret(secret.as_bytes()),
@@ -83,12 +89,23 @@ impl Verifier {
         let data =
             decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid,
             })?;
         let device = Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError::Invalid)?;
         let account = Uuid::parse_str(&data.claims.acc).map_err(|_| AuthError::Invalid)?;
         Ok(Identity { device, account })
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value: the scheme in any case
+/// (HTTP auth schemes are case-insensitive), then spaces or tabs. None: another scheme,
+/// or no token.
+pub fn bearer_token(v: &str) -> Option<&str> {
+    let v = v.trim_matches([' ', '\t']);
+    let (scheme, rest) = v.split_once([' ', '\t'])?;
+    let token = rest.trim_matches([' ', '\t']);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 pub fn unix_now() -> u64 {
@@ -139,6 +156,15 @@ mod tests {
             Err(AuthError::Expired)
         );
         assert_eq!(v.verify(""), Err(AuthError::Missing));
+        // Signed right, but not valid for another minute.
+        let early = encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": d.to_string(), "acc": a.to_string(),
+                "exp": unix_now() + 600, "nbf": unix_now() + 60}),
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&early), Err(AuthError::NotYetValid));
         assert_eq!(v.verify("garbage"), Err(AuthError::Invalid));
         // alg: none with the same claims and an empty signature.
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;

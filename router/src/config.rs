@@ -103,7 +103,7 @@ pub struct ServeConfig {
     pub max_frame: usize,
 
     /// Default timeout of a request sent through the HTTP API when the body gives no timeout_ms.
-    #[arg(long, env = "ROUTER_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "ROUTER_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=300_000))]
     pub request_timeout_ms: u64,
 
     /// Bytes that may wait in one device's outbound queue (slow reader); beyond it events

@@ -280,7 +280,10 @@ impl ApiPart {
     /// still open 5 s later is cut so the process exits). Call inside a runtime.
     pub async fn serve(self, sh: Arc<Shared>) -> ApiThreads {
         let mut after = Vec::new();
-        let (sink, _) = tokio::sync::broadcast::channel(bridge::embedded::SSE_BACKLOG);
+        let sink = Arc::new(bridge::sse::SseHub::new(
+            bridge::sse::SSE_BUFFER_BYTES,
+            bridge::sse::SSE_BUFFER_EVENTS,
+        ));
         // --amqp: the RabbitMQ bridge drains the bus on its own thread (see
         // bridge::amqp), joined once the API has stopped so it can flush.
         if sh.config.amqp.is_some() {

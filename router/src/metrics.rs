@@ -34,21 +34,29 @@ pub struct ShardMetrics {
     pub alive_events: AtomicU64,
     pub acks_unmatched: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Devices closed (1008) because what they asked for (replies, errors, pongs)
+    /// would have queued past --max-outbound.
+    pub outbound_overflow: AtomicU64,
     pub refused_ip_rate: AtomicU64,
     pub refused_max_connections: AtomicU64,
     pub refused_draining: AtomicU64,
-    pub auth_failures: [AtomicU64; 4],
+    pub auth_failures: [AtomicU64; AuthError::ALL.len()],
     pub protocol_errors: [AtomicU64; 5],
     pub phoenix_errors: [AtomicU64; crate::protocol::phoenix::ERROR_CODES.len()],
     pub hivekit_errors: [AtomicU64; crate::protocol::hivekit::ERROR_CODES.len()],
     pub closes: [AtomicU64; CLOSE_CODES.len()],
+    /// Close frames sent with a code not in `CLOSE_CODES` (answers to a device's own).
+    pub closes_other: AtomicU64,
+    /// Close handshakes a device started (its close frame, answered).
+    pub peer_closes: AtomicU64,
 }
 
 impl ShardMetrics {
     pub fn close(&self, code: u16) {
-        if let Some(i) = CLOSE_CODES.iter().position(|c| *c == code) {
-            self.closes[i].fetch_add(1, Relaxed);
-        }
+        match CLOSE_CODES.iter().position(|c| *c == code) {
+            Some(i) => self.closes[i].fetch_add(1, Relaxed),
+            None => self.closes_other.fetch_add(1, Relaxed),
+        };
     }
     /// Count a Phoenix or Hivekit frame error under its code.
     pub fn adapter_error(&self, protocol: crate::shard::Protocol, code: &str) {
@@ -423,6 +431,12 @@ impl Metrics {
         );
         counter(
             &mut o,
+            "router_outbound_overflow_total",
+            "Devices closed with 1008 because the replies, errors or pongs they asked for would have queued past --max-outbound (a device that does not read).",
+            self.sum(|s| &s.outbound_overflow),
+        );
+        counter(
+            &mut o,
             "router_api_unauthorized_total",
             "API calls refused with 401 (missing or wrong --api-token).",
             self.api.unauthorized.load(Relaxed),
@@ -498,11 +512,19 @@ impl Metrics {
                 let _ = writeln!(o, "{name}{{code=\"{code}\"}} {v}");
             }
         }
-        let _ = writeln!(o, "# HELP router_closes_total WebSocket closes sent by the router, by close code.\n# TYPE router_closes_total counter");
+        let _ = writeln!(o, "# HELP router_closes_total WebSocket close frames sent by the router (its own, and its answers to a device's close), by close code.\n# TYPE router_closes_total counter");
         for (i, code) in CLOSE_CODES.iter().enumerate() {
             let v: u64 = self.shards.iter().map(|s| s.closes[i].load(Relaxed)).sum();
             let _ = writeln!(o, "router_closes_total{{code=\"{code}\"}} {v}");
         }
+        let v: u64 = self.sum(|s| &s.closes_other);
+        let _ = writeln!(o, "router_closes_total{{code=\"other\"}} {v}");
+        counter(
+            &mut o,
+            "router_device_closes_total",
+            "Close handshakes a device started (its close frame, answered by the router).",
+            self.sum(|s| &s.peer_closes),
+        );
         self.api.ack_latency.render(
             "router_ack_latency_seconds",
             "Time from a request entering the API to the device's ack.",

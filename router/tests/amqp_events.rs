@@ -360,9 +360,9 @@ async fn broker_closing_the_connection_forces_a_clean_reconnect() {
     let mut ws = r.device(d, a).await;
     send_seq(&mut ws, "seq", 0..100, 64).await;
 
-    // Find the router's connection by its name and have the broker close it.
-    let node2 = node.clone();
-    let closed = broker_close_connection(node2, "router").await;
+    // Find the router's event connection by its name (`hive-router <node>`, not the
+    // cluster's `hive-router <node> cluster`) and have the broker close it.
+    let closed = broker_close_connection(format!("hive-router {node}\""), "router").await;
     assert!(closed);
     send_seq(&mut ws, "seq", 100..300, 64).await;
     wait_metric(

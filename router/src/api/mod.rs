@@ -21,9 +21,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, oneshot};
-use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
-use tokio_stream::StreamExt;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::cluster::route::{self, EventRouted, Routed};
@@ -33,7 +31,7 @@ use crate::Shared;
 #[derive(Clone)]
 pub struct ApiState {
     pub shared: Arc<Shared>,
-    pub sink: broadcast::Sender<Bytes>,
+    pub sink: Arc<crate::bridge::sse::SseHub>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -53,8 +51,82 @@ pub fn router(state: ApiState) -> Router {
                 "no such endpoint".into(),
             )
         })
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(state.clone(), json_errors))
         .with_state(state)
+}
+
+/// Largest request body the API reads.
+pub const MAX_BODY: usize = 2 << 20;
+/// A request body must have arrived whole within this (a client that starts a body and
+/// never finishes it does not hold its connection and task for ever).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Read the request's body whole, within [`BODY_TIMEOUT`] and [`MAX_BODY`], before
+/// any handler runs: 408 or 413, as JSON, otherwise.
+async fn read_body(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, bytes.into())).await,
+        Ok(Err(_)) => {
+            st.shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
+            err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                format!("request bodies are limited to {MAX_BODY} bytes"),
+            )
+        }
+        Err(_) => {
+            st.shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
+            err(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+        }
+    }
+}
+
+/// Every error the API answers is JSON `{error, message}`, also those the HTTP layer
+/// makes itself (a query string that does not parse, a method a path does not take, a
+/// body too large): their plain text becomes the message.
+async fn json_errors(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    st.shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
+    let text = axum::body::to_bytes(res.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::BAD_REQUEST => "bad-request",
+        s if s.is_server_error() => "internal",
+        _ => "bad-request",
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    err(status, code, message)
 }
 
 /// With --api-token, every endpoint but the health probes needs `Authorization: Bearer T`.
@@ -66,7 +138,7 @@ async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(crate::auth::bearer_token);
         if !open && !given.is_some_and(|g| constant_time_eq(g.as_bytes(), want.as_bytes())) {
             st.shared.metrics.api.unauthorized.fetch_add(1, Relaxed);
             return err(
@@ -353,8 +425,15 @@ async fn send_request(
     }
     let timeout_ms = req
         .timeout_ms
-        .unwrap_or(st.shared.config.request_timeout_ms)
-        .clamp(1, MAX_TIMEOUT_MS);
+        .unwrap_or(st.shared.config.request_timeout_ms);
+    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+        api.bad_requests.fetch_add(1, Relaxed);
+        return err(
+            StatusCode::BAD_REQUEST,
+            "bad-timeout",
+            format!("timeout_ms must be 1 to {MAX_TIMEOUT_MS}, not {timeout_ms}"),
+        );
+    }
     let timeout = Duration::from_millis(timeout_ms);
     let request = Uuid::new_v4();
     let (tx, rx) = oneshot::channel();
@@ -448,17 +527,23 @@ async fn events(State(st): State<ApiState>) -> impl IntoResponse {
     shared.metrics.api.sse_subscribers.fetch_add(1, Relaxed);
     let guard = SubscriberGuard(shared.clone());
     let mut stop = shared.shutdown.subscribe();
-    let stream = BroadcastStream::new(st.sink.subscribe()).filter_map(move |item| {
-        let _keep = &guard;
-        match item {
-            Ok(body) => Some(Ok::<_, Infallible>(
-                SseEvent::default().data(String::from_utf8_lossy(&body)),
-            )),
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
-                shared.metrics.api.sse_lagged.fetch_add(n, Relaxed);
-                None
+    // Read from the ring only as fast as the client takes the events (the response
+    // body is pulled when the socket has room): one that reads slowly or not at all
+    // falls behind, misses events (counted) and holds nothing beyond the ring.
+    let sub = st.sink.subscribe();
+    let stream = futures_util::stream::unfold((sub, guard), |(mut sub, guard)| async move {
+        let ev = match sub.recv().await {
+            crate::bridge::sse::Item::Event(body) => {
+                SseEvent::default().data(String::from_utf8_lossy(&body))
             }
-        }
+            // Counted (router_sse_lagged_total); the client sees a comment saying how
+            // many it missed.
+            crate::bridge::sse::Item::Lagged(n) => {
+                guard.0.metrics.api.sse_lagged.fetch_add(n, Relaxed);
+                SseEvent::default().comment(format!("lagged {n}"))
+            }
+        };
+        Some((Ok::<_, Infallible>(ev), (sub, guard)))
     });
     // The stream ends when the router stops, so a graceful shutdown is not held open.
     let stream = futures_util::StreamExt::take_until(stream, async move {
@@ -478,6 +563,15 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     let mut text = st.shared.metrics.render(&st.shared.node_id);
     if let Some(c) = &st.shared.cluster {
         c.render_metrics(&mut text);
+    }
+    {
+        use std::fmt::Write;
+        let name = "router_sse_buffered_bytes";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Bytes of device events held for /v1/events subscribers (bounded).\n# TYPE {name} gauge\n{name} {}",
+            st.sink.buffered_bytes()
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

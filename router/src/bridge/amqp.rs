@@ -19,7 +19,7 @@
 //! as `router_amqp_dropped_total{reason="buffer_full"}`) and the bridge reconnects with
 //! exponential backoff and jitter (100 ms doubling, capped at 5 s), re-declares its
 //! topology and flushes the buffer oldest first. Every event taken from the bus is
-//! also offered to the `/v1/events` SSE broadcast, as the embedded bus does.
+//! also offered to the `/v1/events` SSE ring, as the embedded bus does.
 //!
 //! **Why its own thread.** The bridge runs on a dedicated OS thread with a
 //! single-threaded tokio runtime (which also drives lapin's socket), not as a task on
@@ -54,7 +54,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
 };
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use super::{headers, BusEvent, BusRx};
 use crate::metrics::BridgeMetrics;
@@ -105,7 +105,7 @@ fn redact(url: &str) -> String {
 pub fn spawn(
     shared: Arc<Shared>,
     rx: BusRx,
-    sink: broadcast::Sender<Bytes>,
+    sink: Arc<super::sse::SseHub>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     crate::runtime_thread("amqp-bridge", move |rt| {
         let Some(url) = shared.config.amqp.clone() else {
@@ -138,7 +138,7 @@ type Publish = Pin<Box<dyn Future<Output = (u64, Outcome)>>>;
 struct Bridge {
     shared: Arc<Shared>,
     rx: BusRx,
-    sink: broadcast::Sender<Bytes>,
+    sink: Arc<super::sse::SseHub>,
     shutdown: watch::Receiver<bool>,
     /// Events waiting for the broker, oldest first.
     buffer: VecDeque<BusEvent>,
@@ -161,8 +161,8 @@ impl Bridge {
     fn take_new(&mut self) -> Option<BusEvent> {
         let ev = self.rx.try_recv()?;
         // No subscriber is fine: nothing is offered then.
-        if self.sink.receiver_count() > 0 {
-            let _ = self.sink.send(ev.body.clone());
+        if self.sink.subscriber_count() > 0 {
+            self.sink.publish(ev.body.clone());
         }
         Some(ev)
     }

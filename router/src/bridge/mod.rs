@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod backend;
 pub mod embedded;
 pub mod headers;
+pub mod sse;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;

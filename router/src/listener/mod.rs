@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::{AuthError, Identity};
 use crate::protocol::hivekit;
-use crate::protocol::ws::{self, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
+use crate::protocol::ws::{self, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use crate::shard::{shard_of, Adopt, Protocol, ShardCtx, ShardMsg};
 use upgrade::{parse_upgrade, switching_protocols};
 
@@ -539,6 +539,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         // Phoenix sockets authenticate with connect params only.
         return Outcome::Refused(4401, AuthError::Missing);
     }
+    // A `Bearer` message may come in fragments: reassembled (within --max-frame).
+    let mut message: Option<Vec<u8>> = None;
     loop {
         let h = match ws::parse_header(&hs.buf, ctx.shared.config.max_frame) {
             Ok(Some(h)) if hs.buf.len() >= h.total_len() => h,
@@ -570,11 +572,32 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 linger(stream).await;
                 return Outcome::Gone;
             }
-            OP_TEXT if h.fin => {
-                // Quarantine: the only thing looked at is whether this is `Bearer T`.
-                let token = std::str::from_utf8(payload)
+            OP_TEXT | OP_CONT => {
+                let whole = match (h.opcode, message.as_mut()) {
+                    (OP_TEXT, None) if h.fin => payload.to_vec(),
+                    (OP_TEXT, None) => {
+                        message = Some(payload.to_vec());
+                        continue;
+                    }
+                    (OP_CONT, Some(m)) => {
+                        if m.len() + payload.len() > ctx.shared.config.max_frame {
+                            m.clear();
+                            return Outcome::Refused(4401, AuthError::Invalid);
+                        }
+                        m.extend_from_slice(payload);
+                        if !h.fin {
+                            continue;
+                        }
+                        message.take().unwrap_or_default()
+                    }
+                    // A continuation with no message, or a new message inside one.
+                    _ => return Outcome::Refused(4401, AuthError::Missing),
+                };
+                // Quarantine: the only thing looked at is whether this is `Bearer T`
+                // (the scheme in any case, as in the Authorization header).
+                let token = std::str::from_utf8(&whole)
                     .ok()
-                    .and_then(|s| s.strip_prefix("Bearer "));
+                    .and_then(crate::auth::bearer_token);
                 return match token {
                     Some(t) => match verify(t) {
                         Ok(ident) => Outcome::Authenticated {

@@ -4,6 +4,7 @@
 use crate::protocol::phoenix::Vsn;
 use crate::protocol::ws;
 use crate::shard::Protocol;
+use base64::Engine;
 
 /// A parsed upgrade request: what the handshake needs from it.
 pub struct Upgrade {
@@ -27,6 +28,10 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             "405 Method Not Allowed",
             "WebSocket upgrades use GET".into(),
         ));
+    }
+    // RFC 6455 §4.1: the opening handshake is an HTTP/1.1 request.
+    if req.version != Some(1) {
+        return Err(("400 Bad Request", "WebSocket upgrades need HTTP/1.1".into()));
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -81,21 +86,36 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
         ));
     }
     let key = header("sec-websocket-key")
+        .map(str::trim)
         .filter(|k| !k.is_empty())
-        .ok_or(("400 Bad Request", "missing Sec-WebSocket-Key".to_string()))?
-        .to_string();
-    let token = header("authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string())
-        .or_else(|| {
-            query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("token="))
-                .map(percent_decode)
-        });
+        .ok_or(("400 Bad Request", "missing Sec-WebSocket-Key".to_string()))?;
+    // RFC 6455 §4.2.1: a base64-encoded 16-byte nonce.
+    let nonce = base64::engine::general_purpose::STANDARD.decode(key);
+    if !nonce.is_ok_and(|n| n.len() == 16) {
+        return Err((
+            "400 Bad Request",
+            "Sec-WebSocket-Key must be 16 bytes in base64".into(),
+        ));
+    }
+    let key = key.to_string();
+    let bearer = match header("authorization") {
+        None => None,
+        Some(v) => match crate::auth::bearer_token(v) {
+            Some(t) => Some(t.to_string()),
+            None => {
+                return Err((
+                    "401 Unauthorized",
+                    "the Authorization header must be `Bearer <token>`".into(),
+                ))
+            }
+        },
+    };
+    let token = bearer.or_else(|| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(percent_decode)
+    });
     Ok(Some(Upgrade {
         protocol,
         key,
@@ -151,7 +171,7 @@ mod tests {
             "Upgrade: websocket",
             "Connection: keep-alive, Upgrade",
             "Sec-WebSocket-Version: 13",
-            "Sec-WebSocket-Key: abc",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
         ];
         let up = parse_upgrade(&req(&base)).unwrap().unwrap();
         assert_eq!(up.token.as_deref(), Some("a.b.c"));
@@ -185,6 +205,33 @@ mod tests {
             parse_upgrade(b"\x00\x01junk\r\n\r\n").err().unwrap().0,
             "400 Bad Request"
         );
+        // RFC 6455 refusals: no key, a key that is not a base64 16-byte nonce, HTTP/1.0.
+        for (i, line) in [
+            (5, ""),
+            (5, "Sec-WebSocket-Key: abc"),
+            (0, "GET /ws HTTP/1.0"),
+        ] {
+            let mut r = base.to_vec();
+            r[i] = line;
+            let r: Vec<&str> = r.into_iter().filter(|l| !l.is_empty()).collect();
+            assert_eq!(
+                parse_upgrade(&req(&r)).err().unwrap().0,
+                "400 Bad Request",
+                "{line:?}"
+            );
+        }
+        // The Bearer scheme in any case, spaces or a tab; another scheme is refused.
+        for auth in ["BEARER tok", "bearer\ttok", "Bearer   tok ", "bEaReR tok"] {
+            let mut r = base.to_vec();
+            r[0] = "GET /ws HTTP/1.1";
+            let line = format!("Authorization: {auth}");
+            r.push(&line);
+            let up = parse_upgrade(&req(&r)).unwrap().unwrap();
+            assert_eq!(up.token.as_deref(), Some("tok"), "{auth:?}");
+        }
+        let mut r = base.to_vec();
+        r.push("Authorization: Basic dXNlcjpwdw==");
+        assert_eq!(parse_upgrade(&req(&r)).err().unwrap().0, "401 Unauthorized");
     }
 
     #[test]

@@ -20,7 +20,17 @@ use super::json::{self, Member, Scratch};
 use super::simd::push_uuid;
 
 /// Error codes counted in `router_hivekit_errors_total{code}`.
-pub const ERROR_CODES: [&str; 4] = ["bad-frame", "bad-action", "forbidden", "bad-cid"];
+pub const ERROR_CODES: [&str; 5] = [
+    "bad-frame",
+    "bad-action",
+    "forbidden",
+    "bad-cid",
+    "too-many-actions",
+];
+
+/// Actions one frame may carry. Each is answered, so without a bound one small frame of
+/// thousands of malformed actions was answered by a frame thirty times its size.
+pub const MAX_ACTIONS: usize = 256;
 
 /// The answer to a successful authentication.
 pub fn auth_ok() -> Vec<u8> {
@@ -163,6 +173,17 @@ pub fn on_text(meta: &Meta, text: &[u8], scratch: &mut Scratch, out: &mut Vec<Ef
         out.push(Effect::Error(BAD_FRAME));
         let mut r = Replies::default();
         r.err(None, "frame must be a JSON array of actions", 400);
+        out.extend(r.finish().map(Effect::Send));
+        return;
+    }
+    if scratch.elements.len() > MAX_ACTIONS {
+        out.push(Effect::Error("too-many-actions"));
+        let mut r = Replies::default();
+        r.err(
+            None,
+            &format!("at most {MAX_ACTIONS} actions in one frame"),
+            413,
+        );
         out.extend(r.finish().map(Effect::Send));
         return;
     }
@@ -428,6 +449,22 @@ mod tests {
             ),
             (json!(3), json!("err"), json!(403))
         );
+    }
+
+    #[test]
+    fn a_frame_of_too_many_actions_is_refused_whole_with_one_small_reply() {
+        let ok = vec![r#"{"typ":"sys","act":"hbt","cid":1}"#; MAX_ACTIONS].join(",");
+        let out = run(&format!("[{ok}]"));
+        assert_eq!(last_send(&out).as_array().unwrap().len(), MAX_ACTIONS);
+        let bad = vec!["1"; 21_000].join(",");
+        let frame = format!("[{bad}]");
+        let out = run(&frame);
+        assert_eq!(out[0], Effect::Error("too-many-actions"));
+        let Some(Effect::Send(reply)) = out.last() else {
+            panic!("no reply")
+        };
+        assert!(reply.len() < 200, "{} bytes", reply.len());
+        assert_eq!(last_send(&out)[0]["erc"], 413);
     }
 
     #[test]

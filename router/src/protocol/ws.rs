@@ -175,6 +175,28 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     p
 }
 
+/// What a device's close frame says (RFC 6455 §5.5.1, §7.4): `Ok(None)` no status
+/// code, `Ok(Some(code))` a code a peer may send, or the close code and reason to fail
+/// the connection with: a 1-byte payload or a code no endpoint may send (below 1000,
+/// 1004-1006, 1015, 1016-2999, 5000 and up) is a protocol error (1002); a reason that
+/// is not UTF-8 is 1007.
+pub fn check_close(payload: &[u8]) -> Result<Option<u16>, (u16, &'static str)> {
+    match payload.len() {
+        0 => return Ok(None),
+        1 => return Err((1002, "a close payload of one byte")),
+        _ => {}
+    }
+    let code = u16::from_be_bytes([payload[0], payload[1]]);
+    let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+    if !allowed {
+        return Err((1002, "a close code a peer may not send"));
+    }
+    if simdutf8::basic::from_utf8(&payload[2..]).is_err() {
+        return Err((1007, "a close reason that is not UTF-8"));
+    }
+    Ok(Some(code))
+}
+
 /// The Sec-WebSocket-Accept value for a client key (RFC 6455 §4.2.2).
 pub fn accept_key(key: &[u8]) -> String {
     let mut h = Sha1::new();
@@ -262,6 +284,30 @@ mod tests {
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[test]
+    fn close_frames_are_checked() {
+        assert_eq!(check_close(b""), Ok(None));
+        assert_eq!(
+            check_close(&[3]),
+            Err((1002, "a close payload of one byte"))
+        );
+        for ok in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4409, 4999] {
+            assert_eq!(check_close(&ok.to_be_bytes()), Ok(Some(ok)), "{ok}");
+        }
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            assert_eq!(
+                check_close(&bad.to_be_bytes()).unwrap_err().0,
+                1002,
+                "{bad}"
+            );
+        }
+        let mut p = 1000u16.to_be_bytes().to_vec();
+        p.extend_from_slice(b"bye \xff");
+        assert_eq!(check_close(&p).unwrap_err().0, 1007);
+        p.truncate(6);
+        assert_eq!(check_close(&p), Ok(Some(1000)));
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::auth::Identity;
 use crate::bridge::{BusEvent, RoutingKey};
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
+use crate::protocol::ws::OP_TEXT;
 use crate::Shared;
 use bytes::Bytes;
 use conn::Conn;
@@ -466,7 +467,10 @@ impl ShardCtx {
             if p.device == conn.meta.device && !p.acked && !p.reply.is_closed() {
                 let (command, payload) = &p.frame_parts;
                 if let Some(frame) = conn.encode_request(*id, command, payload) {
-                    conn.send_text(self, &frame);
+                    let limit = self.shared.config.max_outbound.saturating_mul(2);
+                    if !conn.send_or_close(self, OP_TEXT, &frame, limit) {
+                        break;
+                    }
                 }
             }
         }
@@ -644,8 +648,7 @@ impl ShardCtx {
             // Requests may queue up to twice the event limit; a device that far behind
             // is not reading at all, so it is closed rather than buffered without end.
             let limit = self.shared.config.max_outbound.saturating_mul(2);
-            if !conn.send_limited(self, &frame, limit) {
-                conn.fail(self, 1008, "outbound queue full: device too slow");
+            if !conn.send_or_close(self, OP_TEXT, &frame, limit) {
                 let _ = r.reply.send(RequestReply::Full);
                 return;
             }

@@ -10,6 +10,9 @@ use crate::protocol::hive;
 use crate::protocol::ws::{self, FrameHeader, OP_CLOSE, OP_CONT, OP_PING, OP_PONG};
 use crate::shard::ShardCtx;
 
+/// Frames one message may be split into (each also costs a rate-limit token).
+const MAX_FRAGMENTS: u16 = 1024;
+
 impl Conn {
     /// Feed received bytes; keeps an incomplete frame's bytes (only those) for later.
     /// Bytes held from an earlier read are completed with only what their frame still
@@ -90,28 +93,25 @@ impl Conn {
     fn on_frame(&self, ctx: &ShardCtx, h: FrameHeader, payload: &mut [u8]) {
         let now = ctx.now_secs();
         self.st.borrow_mut().last_seen = now;
+        if h.opcode == OP_CLOSE {
+            self.on_close(ctx, payload);
+            return;
+        }
+        // Every other frame costs a token of the per-device rate limit: pongs, pings and
+        // each fragment of a message too, so a flood of frames that carry nothing (empty
+        // continuations, unsolicited pongs) is refused, then closed 1008, like a flood
+        // of messages, and its shard neighbours keep their latency.
+        if !self.admit(ctx) {
+            // A fragment cannot be dropped without corrupting its message.
+            let fragment = h.opcode == OP_CONT || !h.fin;
+            if fragment {
+                self.fail(ctx, 1008, "rate limit exceeded inside a fragmented message");
+            }
+            return;
+        }
         match h.opcode {
-            OP_PING => {
-                if self.admit(ctx) {
-                    self.send_control(ctx, OP_PONG, payload);
-                }
-            }
+            OP_PING => self.send_control(ctx, OP_PONG, payload),
             OP_PONG => self.on_pong(ctx, now),
-            OP_CLOSE => {
-                let code = if payload.len() >= 2 {
-                    u16::from_be_bytes([payload[0], payload[1]])
-                } else {
-                    1000
-                };
-                // Echo the close (RFC 6455 §5.5.1); not counted as a router-initiated close.
-                // (Closing already: ours is out, the handshake is complete.)
-                if !self.st.borrow().closing {
-                    self.send_control(ctx, OP_CLOSE, &code.to_be_bytes());
-                }
-                let mut st = self.st.borrow_mut();
-                st.closing = true;
-                st.peer_closed = true;
-            }
             OP_CONT => {
                 let mut st = self.st.borrow_mut();
                 let b = st.bufs.get_or_insert_with(Box::default);
@@ -125,11 +125,18 @@ impl Conn {
                     self.fail(ctx, 1009, "message too big");
                     return;
                 }
+                b.msg_frames = b.msg_frames.saturating_add(1);
+                if b.msg_frames > MAX_FRAGMENTS {
+                    drop(st);
+                    self.fail(ctx, 1009, "message in too many fragments");
+                    return;
+                }
                 b.msg.extend_from_slice(payload);
                 if h.fin {
                     let op = b.msg_op;
                     let mut msg = std::mem::take(&mut b.msg);
                     b.msg_op = 0;
+                    b.msg_frames = 0;
                     drop(st);
                     self.on_message(ctx, op, &mut msg);
                 }
@@ -147,10 +154,30 @@ impl Conn {
                 } else {
                     let b = st.bufs.get_or_insert_with(Box::default);
                     b.msg_op = op;
+                    b.msg_frames = 1;
                     b.msg = payload.to_vec();
                 }
             }
         }
+    }
+
+    /// The device's close frame: answered with the same code (RFC 6455 §5.5.1), or, if
+    /// the frame is malformed (see `ws::check_close`), with 1002 or 1007. Both counted.
+    fn on_close(&self, ctx: &ShardCtx, payload: &[u8]) {
+        ctx.metrics().peer_closes.fetch_add(1, Relaxed);
+        match ws::check_close(payload) {
+            Ok(code) => {
+                // (Closing already: ours is out, the handshake is complete.)
+                if !self.st.borrow().closing {
+                    let code = code.unwrap_or(1000);
+                    self.fail(ctx, code, "");
+                }
+            }
+            Err((code, reason)) => self.fail(ctx, code, reason),
+        }
+        let mut st = self.st.borrow_mut();
+        st.closing = true;
+        st.peer_closed = true;
     }
 
     fn on_pong(&self, ctx: &ShardCtx, now: u32) {

@@ -59,10 +59,8 @@ impl Conn {
         false
     }
 
+    /// A complete message (its frames were admitted by the rate limit one by one).
     pub(super) fn on_message(&self, ctx: &ShardCtx, op: u8, payload: &mut [u8]) {
-        if !self.admit(ctx) {
-            return;
-        }
         if op == OP_BINARY {
             self.fail(ctx, 4400, "binary frames are not part of this protocol");
             return;

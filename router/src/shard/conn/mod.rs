@@ -48,6 +48,8 @@ struct Bufs {
     /// A fragmented message being reassembled, and its opcode (0: none).
     msg: Vec<u8>,
     msg_op: u8,
+    /// Frames of `msg` so far (bounded: see `frames`).
+    msg_frames: u16,
     /// Outbound bytes the socket did not take yet; `out_pos` is how far they went.
     out: Vec<u8>,
     out_pos: usize,
@@ -169,9 +171,34 @@ impl Conn {
         now.saturating_sub(self.st.borrow().last_seen)
     }
 
-    /// Send a text frame; always queued, however full (used for small router messages).
+    /// Send a text frame the device asked for (a reply, an error): counted against
+    /// --max-outbound like everything queued for it (see [`Conn::send_or_close`]).
     pub fn send_text(&self, ctx: &ShardCtx, payload: &[u8]) {
-        self.send(ctx, OP_TEXT, payload, usize::MAX);
+        self.send_or_close(ctx, OP_TEXT, payload, ctx.shared.config.max_outbound);
+    }
+
+    /// Send a frame that may not be dropped (a reply, an error, a pong, a ping, a
+    /// request sent again): queued unless the outbound queue would pass `limit` bytes.
+    /// A device whose queue is that full does not read what it keeps asking for (one
+    /// frame of bad actions can be answered by a frame many times its size), so it is
+    /// closed with 1008 and counted (`router_outbound_overflow_total`) instead of
+    /// costing the router more memory. False: not sent (closed, or closing).
+    pub fn send_or_close(&self, ctx: &ShardCtx, op: u8, payload: &[u8], limit: usize) -> bool {
+        // A frame over the whole budget is refused even when the queue is empty (it
+        // would otherwise be written, and its rest queued, past the limit).
+        if payload.len() <= limit && self.send(ctx, op, payload, limit) {
+            return true;
+        }
+        if self.is_done() {
+            return false;
+        }
+        ctx.metrics().outbound_overflow.fetch_add(1, Relaxed);
+        self.fail(
+            ctx,
+            1008,
+            "outbound limit: the device is not reading its replies",
+        );
+        false
     }
 
     /// Send a text frame unless the outbound queue is over its limit; false = dropped.
@@ -179,13 +206,9 @@ impl Conn {
         self.send(ctx, OP_TEXT, payload, ctx.shared.config.max_outbound)
     }
 
-    /// Send a text frame unless the queue would pass `limit` bytes; false = not sent.
-    pub fn send_limited(&self, ctx: &ShardCtx, payload: &[u8], limit: usize) -> bool {
-        self.send(ctx, OP_TEXT, payload, limit)
-    }
-
+    /// A ping or pong, counted against --max-outbound (see [`Conn::send_or_close`]).
     pub fn send_control(&self, ctx: &ShardCtx, op: u8, payload: &[u8]) {
-        self.send(ctx, op, payload, usize::MAX);
+        self.send_or_close(ctx, op, payload, ctx.shared.config.max_outbound);
     }
 
     /// Write now if nothing is queued (no copy at all on the fast path); queue the rest.
@@ -320,7 +343,8 @@ impl Conn {
             }
         }
         ctx.metrics().close(code);
-        self.send_control(ctx, OP_CLOSE, &ws::close_payload(code, reason));
+        // The close frame itself always goes (at most 125 bytes).
+        self.send(ctx, OP_CLOSE, &ws::close_payload(code, reason), usize::MAX);
         self.st.borrow_mut().closing = true;
         self.wake(ctx);
     }
