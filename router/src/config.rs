@@ -146,6 +146,13 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_MAX_CONNECTIONS", default_value_t = 18_000)]
     pub max_connections: usize,
 
+    /// PROXY protocol header required on the device listener, from an L4 load balancer
+    /// in front: off, v1, v2 or any. The header's client address is then the device's
+    /// address (per-IP connect rate, device-alive, the API); a connection without a
+    /// valid header is closed (router_proxy_protocol_refused_total).
+    #[arg(long, env = "ROUTER_PROXY_PROTOCOL", default_value = "off")]
+    pub proxy_protocol: crate::listener::proxy::Mode,
+
     /// TCP_DEFER_ACCEPT on the device listener, in seconds: a connection reaches the
     /// router only once its first bytes (the upgrade request) are in, one wake-up less
     /// per connect; a silent one holds no descriptor meanwhile (the kernel keeps it and
@@ -283,6 +290,7 @@ impl ServeConfig {
             ip_connect_rate: 0,
             max_connections: 18_000,
             defer_accept: 1,
+            proxy_protocol: crate::listener::proxy::Mode::Off,
             drain_seconds: 2,
             tls_cert: None,
             tls_key: None,

@@ -38,6 +38,8 @@ pub struct ShardMetrics {
     /// would have queued past --max-outbound.
     pub outbound_overflow: AtomicU64,
     pub refused_ip_rate: AtomicU64,
+    /// Connections closed for a missing or invalid PROXY protocol header.
+    pub proxy_refused: AtomicU64,
     pub refused_max_connections: AtomicU64,
     pub refused_draining: AtomicU64,
     pub auth_failures: [AtomicU64; AuthError::ALL.len()],
@@ -428,6 +430,12 @@ impl Metrics {
             "router_rate_limited_total",
             "Device messages refused by the per-device rate limit (answered rate-limited).",
             self.sum(|s| &s.rate_limited),
+        );
+        counter(
+            &mut o,
+            "router_proxy_protocol_refused_total",
+            "Connections closed because the PROXY protocol header --proxy-protocol requires was missing, invalid or late.",
+            self.sum(|s| &s.proxy_refused),
         );
         counter(
             &mut o,

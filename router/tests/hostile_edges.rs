@@ -78,6 +78,67 @@ async fn close_code_after(s: &mut tokio::net::TcpStream) -> (u16, usize) {
     .expect("a close frame within 30 s")
 }
 
+/// Upgrade `path` with a small receive buffer (so the kernel holds few of the replies a
+/// device that never reads leaves there) and the token in the Authorization header.
+async fn small_rcvbuf_upgrade(r: &TestRouter, path: &str, token: &str) -> tokio::net::TcpStream {
+    let addr: std::net::SocketAddr = r.ws.trim_start_matches("ws://").parse().unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let std_stream: std::net::TcpStream = sock.into();
+    std_stream.set_nonblocking(true).unwrap();
+    let mut s = tokio::net::TcpStream::from_std(std_stream).unwrap();
+    let up = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n");
+    s.write_all(up.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// A Phoenix device that sends heartbeats with 60 KB refs (each echoed in its reply)
+/// and never reads is closed with 1008 once the replies pass --max-outbound.
+#[tokio::test]
+async fn phoenix_replies_to_a_device_that_never_reads_are_bounded() {
+    let r = TestRouter::start_with(|c| {
+        c.device_rate = 100_000;
+        c.device_burst = 100_000;
+    });
+    let (d, a) = ids();
+    let mut s = small_rcvbuf_upgrade(&r, "/socket/websocket?vsn=2.0.0", &r.token(d, a)).await;
+    let big_ref = "7".repeat(60_000);
+    let hb = format!(r#"[null,"{big_ref}","phoenix","heartbeat",{{}}]"#);
+    let one = masked_frame(OP_TEXT, hb.as_bytes());
+    let writer = tokio::spawn(async move {
+        for _ in 0..300 {
+            if s.write_all(&one).await.is_err() {
+                break;
+            }
+        }
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while r.metric("router_outbound_overflow_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "replies to a reader that never reads were not bounded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut s = writer.await.unwrap();
+    let (code, read) = close_code_after(&mut s).await;
+    assert_eq!(code, 1008);
+    eprintln!("phoenix: {read} bytes of replies before the 1008");
+}
+
 /// A Hivekit device that sends frames of 2,000 malformed actions alternating with
 /// valid ones and never reads: before, every frame was answered in full and memory
 /// grew without bound; now a frame of more than 256 actions gets one small error, and
@@ -90,23 +151,7 @@ async fn a_device_that_makes_the_router_amplify_is_closed_1008() {
         c.device_burst = 100_000;
     });
     let (d, a) = ids();
-    // A small receive buffer, so the kernel holds few of the replies the device ignores.
-    let addr: std::net::SocketAddr = r.ws.trim_start_matches("ws://").parse().unwrap();
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&addr.into()).unwrap();
-    let std_stream: std::net::TcpStream = sock.into();
-    std_stream.set_nonblocking(true).unwrap();
-    let mut s = tokio::net::TcpStream::from_std(std_stream).unwrap();
-    let up = format!("GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {}\r\n\r\n", r.token(d, a));
-    s.write_all(up.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut s = small_rcvbuf_upgrade(&r, "/v1/ws", &r.token(d, a)).await;
     let bad = format!("[{}]", vec!["1"; 2000].join(","));
     // 255 actions, each a malformed object: one error reply per action.
     let many = format!("[{}]", vec![r#"{"typ":"x"}"#; 255].join(","));

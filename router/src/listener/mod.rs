@@ -18,6 +18,7 @@ use crate::protocol::ws::{self, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use crate::shard::{shard_of, Adopt, Protocol, ShardCtx, ShardMsg};
 use upgrade::{parse_upgrade, switching_protocols};
 
+pub mod proxy;
 mod upgrade;
 
 /// Largest HTTP upgrade request accepted (431 beyond).
@@ -163,7 +164,14 @@ fn sockaddr_to_std(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
 
 fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
     ctx.metrics().accepted.fetch_add(1, Relaxed);
-    if let Err((status, why)) = ctx.admit(peer.ip()) {
+    let proxied = ctx.shared.config.proxy_protocol != proxy::Mode::Off;
+    // Behind a balancer the per-IP rate waits for the header's address (below).
+    let admitted = if proxied {
+        ctx.admit_connection()
+    } else {
+        ctx.admit(peer.ip())
+    };
+    if let Err((status, why)) = admitted {
         // Refused fast, before reading anything: never queued, never hung.
         if let Ok(s) = TcpStream::from_std(stream) {
             tokio::task::spawn_local(refuse(s, status, why));
@@ -171,6 +179,18 @@ fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) 
         return;
     }
     ctx.shared.metrics.open_connections.fetch_add(1, Relaxed);
+    if proxied {
+        match TcpStream::from_std(stream) {
+            Ok(s) => {
+                tokio::task::spawn_local(handle_proxied(ctx.clone(), s, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register an accepted socket");
+                ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+            }
+        }
+        return;
+    }
     let (stream, first) = if ctx.shared.tls.is_none() {
         match fast_path(ctx, stream, peer) {
             Fast::Done => return,
@@ -297,6 +317,28 @@ enum Outcome {
     Refused(u16, AuthError),
     /// The peer went away or spoke no WebSocket; already answered if possible.
     Gone,
+}
+
+/// `--proxy-protocol`: the header first (within the auth timeout); the address it names
+/// is the device's from then on, and the per-IP connect rate counts it.
+async fn handle_proxied(ctx: Rc<ShardCtx>, mut stream: TcpStream, balancer: SocketAddr) {
+    let cfg = &ctx.shared.config;
+    let within = Duration::from_secs(cfg.auth_timeout);
+    let peer = match proxy::read_header(&mut stream, cfg.proxy_protocol, within).await {
+        Ok(source) => source.unwrap_or(balancer),
+        Err(why) => {
+            ctx.metrics().proxy_refused.fetch_add(1, Relaxed);
+            tracing::debug!(%balancer, why, "connection without a valid PROXY header closed");
+            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+            return;
+        }
+    };
+    if let Err((status, why)) = ctx.admit_ip(peer.ip()) {
+        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+        refuse(stream, status, why).await;
+        return;
+    }
+    handle_new(ctx, stream, peer, Vec::new()).await;
 }
 
 async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, first: Vec<u8>) {

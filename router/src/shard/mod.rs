@@ -493,6 +493,12 @@ impl ShardCtx {
 
     /// May a new connection from `ip` be accepted? Err: the HTTP status line and why.
     pub fn admit(&self, ip: std::net::IpAddr) -> Result<(), (&'static str, &'static str)> {
+        self.admit_connection()?;
+        self.admit_ip(ip)
+    }
+
+    /// Draining and the connection cap: decided at accept, before a byte is read.
+    pub fn admit_connection(&self) -> Result<(), (&'static str, &'static str)> {
         let m = self.metrics();
         if self.drain.get().is_some() || self.shared.draining.load(Relaxed) {
             m.refused_draining.fetch_add(1, Relaxed);
@@ -509,6 +515,12 @@ impl ShardCtx {
                 "connection limit reached; retry later",
             ));
         }
+        Ok(())
+    }
+
+    /// The per-IP connect rate (`--ip-connect-rate`), for the device's address.
+    pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<(), (&'static str, &'static str)> {
+        let m = self.metrics();
         let rate = self.shared.config.ip_connect_rate;
         if rate > 0 {
             let now = self.now_secs();
