@@ -27,10 +27,34 @@ pub enum Command {
     Serve(Box<ServeConfig>),
     /// Print a signed device token (HS256 JWT: sub = device, acc = account, exp).
     Token(TokenArgs),
+    /// The configuration file of `router serve --config`: print an example, or check one.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a complete configuration file: every key of `router serve` with its help,
+    /// environment variable and default.
+    Example,
+    /// Check a configuration file (with the environment, as `serve` would read them)
+    /// without starting anything.
+    Check {
+        /// The TOML file.
+        #[arg(long, env = "ROUTER_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
+    /// TOML file setting any of these flags by its long name (`max-outbound = 262144`).
+    /// Precedence: flag, then environment variable, then the file, then the default; an
+    /// unknown key or a bad value stops the start naming the key. `router config example`
+    /// prints a complete file.
+    #[arg(long, env = "ROUTER_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Device WebSocket listener (paths /ws). Shared by all shards with SO_REUSEPORT,
     /// so several router processes may listen on the same port.
     #[arg(long, env = "ROUTER_LISTEN", default_value = "0.0.0.0:8080")]
@@ -264,6 +288,7 @@ impl ServeConfig {
     /// A config for tests and embedding: loopback, ephemeral ports.
     pub fn for_tests(secret: &str) -> Self {
         ServeConfig {
+            config: None,
             listen: "127.0.0.1:0".parse().expect("literal addr"),
             api: "127.0.0.1:0".parse().expect("literal addr"),
             shards: 2,

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bridge;
 pub mod cluster;
 pub mod config;
+pub mod config_file;
 pub mod listener;
 pub mod metrics;
 pub mod protocol;

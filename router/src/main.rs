@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
 
 use clap::Parser;
-use router::config::{Cli, Command, DEV_SECRET};
+use router::config::{Cli, Command, ConfigCommand, DEV_SECRET};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -29,7 +29,32 @@ fn main() -> anyhow::Result<()> {
             "could not set transparent huge pages off for this process; memory per device may read higher"
         );
     }
+    // `--config FILE` first: its keys become the flags' environment variables (unless
+    // set), so the command line and the environment still win (see config_file).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(path) = router::config_file::config_path(&args) {
+        if let Err(e) = router::config_file::apply(&path) {
+            eprintln!("error: --config {e}");
+            std::process::exit(2);
+        }
+    }
     match Cli::parse().command {
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", router::config_file::example());
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { config }) => {
+            match router::config_file::parse_serve(&[]) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    std::process::exit(2);
+                }
+            }
+        }
         Command::Token(t) => {
             let secret = t.secret.unwrap_or_else(|| DEV_SECRET.to_string());
             println!(
