@@ -241,6 +241,11 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_BACKEND_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub backend_timeout_ms: u64,
 
+    /// PEM CA certificate(s) an https:// backend's certificate may be signed by, in
+    /// addition to the system's roots (a private CA).
+    #[arg(long, env = "ROUTER_BACKEND_CA", requires = "backend_url")]
+    pub backend_ca: Option<PathBuf>,
+
     /// Sent to the backend as `Authorization: Bearer T`. Never logged.
     #[arg(long, env = "ROUTER_BACKEND_TOKEN", hide_env_values = true)]
     pub backend_token: Option<String>,
@@ -329,6 +334,7 @@ impl ServeConfig {
             backend_batch_wait_ms: 20,
             backend_timeout_ms: 5000,
             backend_token: None,
+            backend_ca: None,
         }
     }
 }

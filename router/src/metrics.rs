@@ -222,6 +222,7 @@ pub struct BackendMetrics {
     pub failures_status: AtomicU64,
     pub failures_error: AtomicU64,
     pub failures_timeout: AtomicU64,
+    pub failures_tls: AtomicU64,
     /// Messages ready in the backend queue (passive queue.declare, every second).
     pub backlog: AtomicI64,
     /// Deliveries received from RabbitMQ and not yet acked.
@@ -251,6 +252,7 @@ impl BackendMetrics {
             ("status", &self.failures_status),
             ("error", &self.failures_error),
             ("timeout", &self.failures_timeout),
+            ("tls", &self.failures_tls),
         ] {
             let _ = writeln!(
                 o,

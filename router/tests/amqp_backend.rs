@@ -474,3 +474,201 @@ async fn a_closed_amqp_connection_is_reopened_and_held_events_redelivered() {
     .await;
     assert_eq!(queue_ready(&queue.0).await, 0);
 }
+
+/// openssl, in `dir`: a CA, and a server certificate for 127.0.0.1 it signs. Returns
+/// (ca.pem, server.pem, server.key).
+fn openssl_ca_and_server(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let p = |f: &str| {
+        dir.join(format!("{name}-{f}"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let (ca_key, ca, key, csr, cert, ext) = (
+        p("ca.key"),
+        p("ca.pem"),
+        p("server.key"),
+        p("server.csr"),
+        p("server.pem"),
+        p("ext.cnf"),
+    );
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let run = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} test CA"),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &cert,
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+    ]);
+    (ca, cert, key)
+}
+
+/// An HTTPS backend written with Python's standard library (http.server + ssl): answers
+/// every POST 200 and prints the number of events in it. Returns the process and its URL.
+fn python_https_backend(cert: &str, key: &str) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = format!(
+        r#"
+import http.server, json, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        print(len(json.loads(body)), flush=True)
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", {port}), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("{cert}", "{key}")
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print("ready", flush=True)
+s.serve_forever()
+"#
+    );
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    // Keep reading its output so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut l = String::new();
+        while std::io::BufRead::read_line(&mut out, &mut l).unwrap_or(0) > 0 {
+            l.clear();
+        }
+    });
+    (child, format!("https://127.0.0.1:{port}/events"))
+}
+
+/// `https://` backends: events reach a backend whose certificate `--backend-ca` signs;
+/// with another CA the TLS handshake fails with a clear error and
+/// `router_backend_post_failures_total{reason="tls"}`, and nothing is acked: the events
+/// wait in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backend_is_trusted_only_through_its_ca() {
+    let dir = std::env::temp_dir().join(format!("hive-backend-tls-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = openssl_ca_and_server(&dir, "right");
+    let (wrong_ca, _, _) = openssl_ca_and_server(&dir, "wrong");
+    let (mut py, url) = python_https_backend(&cert, &key);
+    let bindings = vec!["hive-device.tls-seq".to_string()];
+
+    for (ca_file, trusted) in [(wrong_ca, false), (ca, true)] {
+        let queue = QueueGuard::new();
+        let (q, u, b, caf) = (
+            queue.0.clone(),
+            url.clone(),
+            bindings.clone(),
+            ca_file.clone(),
+        );
+        let r = TestRouter::start_with(move |c| {
+            c.amqp = Some(amqp_url());
+            c.backend_url = Some(u);
+            c.backend_queue = q;
+            c.backend_bindings = b;
+            c.backend_ca = Some(caf.into());
+            fast_device(c);
+        });
+        let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut ws = r.device(d, a).await;
+        wait_metric(
+            &r,
+            "router_backend_connected",
+            Duration::from_secs(10),
+            |v| v == 1.0,
+        )
+        .await;
+        send_seq(&mut ws, "tls-seq", 0..20, 8).await;
+        if trusted {
+            wait_metric(
+                &r,
+                "router_backend_events_delivered_total",
+                Duration::from_secs(15),
+                |v| v >= 20.0,
+            )
+            .await;
+            assert_eq!(
+                r.metric("router_backend_post_failures_total{reason=\"tls\"}")
+                    .await,
+                0.0
+            );
+        } else {
+            wait_metric(
+                &r,
+                "router_backend_post_failures_total{reason=\"tls\"}",
+                Duration::from_secs(15),
+                |v| v >= 1.0,
+            )
+            .await;
+            assert_eq!(r.metric("router_backend_events_delivered_total").await, 0.0);
+            drop(r);
+            // Nothing acked: every event still waits in the queue.
+            let t0 = Instant::now();
+            while queue_ready(&queue.0).await < 20 {
+                assert!(t0.elapsed() < Duration::from_secs(10), "events were acked");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let _ = py.kill();
+    let _ = py.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,12 +25,11 @@ pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| anyhow::anyhow!("--backend-url {}: {e}", redact(url)))?;
     match parsed.scheme() {
-        "http" => {}
-        "https" => anyhow::bail!(
-            "--backend-url: https:// is not supported by this build (no TLS client); use \
-             http:// (e.g. to a local TLS-terminating proxy)"
-        ),
-        s => anyhow::bail!("--backend-url: scheme {s}: only http:// is supported"),
+        "http" | "https" => {}
+        s => anyhow::bail!("--backend-url: scheme {s}: http:// or https://"),
+    }
+    if let Some(path) = &config.backend_ca {
+        backend_ca(path)?;
     }
     if config.backend_queue.is_empty() || ShortString::try_new(&*config.backend_queue).is_err() {
         anyhow::bail!("--backend-queue: must be 1 to 255 bytes");
@@ -49,6 +48,18 @@ pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The certificates of `--backend-ca` (PEM), refused at startup if there are none.
+pub fn backend_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("--backend-ca {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| anyhow::anyhow!("--backend-ca {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("--backend-ca {}: no PEM certificate in it", path.display());
+    }
+    Ok(certs)
 }
 
 /// The URL without user info, for logs.
@@ -77,6 +88,9 @@ pub(super) enum Post {
     Ok,
     Status(reqwest::StatusCode, String),
     Timeout,
+    /// The TLS handshake failed (the backend's certificate is not trusted, expired, or
+    /// for another name).
+    Tls(String),
     Error(String),
 }
 
@@ -111,7 +125,14 @@ impl Delivery {
                     }
                 }
                 Err(e) if e.is_timeout() => Post::Timeout,
-                Err(e) => Post::Error(error_chain(&e)),
+                Err(e) => {
+                    let chain = error_chain(&e);
+                    if is_tls_failure(&chain) {
+                        Post::Tls(chain)
+                    } else {
+                        Post::Error(chain)
+                    }
+                }
             };
             let us = t0.elapsed().as_micros() as u64;
             shared.metrics.backend.post_latency.record_us(us);
@@ -126,6 +147,7 @@ impl Delivery {
         match &post {
             Post::Status(..) => m.failures_status.fetch_add(1, Relaxed),
             Post::Timeout => m.failures_timeout.fetch_add(1, Relaxed),
+            Post::Tls(_) => m.failures_tls.fetch_add(1, Relaxed),
             Post::Error(_) | Post::Ok => m.failures_error.fetch_add(1, Relaxed),
         };
         if self.last_warn.is_some_and(|t| t.elapsed() < WARN_EVERY) {
@@ -154,6 +176,11 @@ impl Delivery {
             Post::Timeout => tracing::warn!(
                 %backend, failures, suppressed,
                 "backend POST timed out; retrying with backoff"
+            ),
+            Post::Tls(error) => tracing::warn!(
+                %backend, %error, failures, suppressed,
+                "backend TLS handshake failed (is its certificate signed by the system roots or \
+                 --backend-ca, valid, and for this host name?); events are kept and retried"
             ),
             Post::Error(error) => tracing::warn!(
                 %backend, %error, failures, suppressed,
@@ -187,6 +214,20 @@ pub(super) fn take_batch(pending: &mut VecDeque<Held>, max: usize) -> Batch {
     }
 }
 
+/// Whether a connection error's chain says the TLS handshake failed.
+fn is_tls_failure(chain: &str) -> bool {
+    let c = chain.to_ascii_lowercase();
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "unknownissuer",
+        "notvalidforname",
+    ]
+    .iter()
+    .any(|w| c.contains(w))
+}
+
 /// The error and its sources, one line (reqwest's Display alone hides the cause).
 pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -211,7 +252,8 @@ mod tests {
         assert!(e.contains("--backend-url needs --amqp"), "{e}");
         c.amqp = Some("amqp://guest:guest@127.0.0.1:5672/%2f".into());
         assert!(check_config(url, &c).is_ok());
-        assert!(check_config("https://h/", &c).is_err());
+        assert!(check_config("https://h/", &c).is_ok());
+        assert!(check_config("ftp://h/", &c).is_err());
         assert!(check_config("not a url", &c).is_err());
         c.backend_bindings.clear();
         assert!(check_config(url, &c).is_err());

@@ -126,10 +126,24 @@ impl Delivery {
     fn new(shared: Arc<Shared>) -> Option<Delivery> {
         let c = &shared.config;
         let (amqp_url, url) = (c.amqp.clone()?, c.backend_url.clone()?);
-        let client = match reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(c.backend_timeout_ms))
-            .build()
-        {
+            .use_rustls_tls();
+        if let Some(path) = &c.backend_ca {
+            // Checked at startup (http::check_config); read again here.
+            match http::backend_ca(path) {
+                Ok(certs) => {
+                    for cert in certs {
+                        builder = builder.add_root_certificate(cert);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read --backend-ca");
+                    return None;
+                }
+            }
+        }
+        let client = match builder.build() {
             Ok(client) => client,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the backend HTTP client");
