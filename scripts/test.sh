@@ -43,6 +43,14 @@ ensure_haproxy
 # The HAProxy test may not skip itself here.
 HIVE_REQUIRE_HAPROXY=1 cargo test --workspace --quiet
 
+step "a 3-node RabbitMQ cluster: kill -9 the broker node under load (failover, quorum queues, nothing lost)"
+scripts/rabbitmq-cluster.sh stop >/dev/null 2>&1 || true
+trap 'scripts/rabbitmq-cluster.sh stop >/dev/null 2>&1 || true' EXIT
+scripts/rabbitmq-cluster.sh start 2>/dev/null
+HIVE_RMQ_CLUSTER_URLS=$(scripts/rabbitmq-cluster.sh urls) HIVE_REQUIRE_RMQ_CLUSTER=1 \
+  cargo test --quiet -p router --test broker_cluster -- --nocapture
+scripts/rabbitmq-cluster.sh stop
+
 step "router binary"
 cargo build --quiet -p router
 ROUTER="$PWD/target/debug/router"

@@ -46,6 +46,13 @@ pub enum ConfigCommand {
     },
 }
 
+/// `--amqp-queue-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// TOML file setting any of these flags by its long name (`max-outbound = 262144`).
@@ -69,7 +76,9 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_SHARDS", default_value_t = 0)]
     pub shards: usize,
 
-    /// RabbitMQ URL (amqp://...). Absent = embedded in-process bus, no broker needed.
+    /// RabbitMQ URL (amqp://...), or the nodes of one RabbitMQ cluster, comma-separated:
+    /// each connection starts at the first and moves on to the next when one fails or is
+    /// lost. Absent = embedded in-process bus, no broker needed.
     #[arg(long, env = "ROUTER_AMQP")]
     pub amqp: Option<String>,
 
@@ -93,6 +102,13 @@ pub struct ServeConfig {
     /// listener's own address (NAT, a container's published port, a 0.0.0.0 bind).
     #[arg(long, env = "ROUTER_CLUSTER_ADVERTISE")]
     pub cluster_advertise: Option<String>,
+
+    /// Type of the durable queue the router declares (--backend-queue): `classic`, or
+    /// `quorum` (replicated over a RabbitMQ cluster's nodes: what it holds survives the
+    /// loss of a node). A queue that exists already keeps its type (RabbitMQ refuses to
+    /// redeclare it as another: delete it first to change).
+    #[arg(long, env = "ROUTER_AMQP_QUEUE_TYPE", default_value = "classic")]
+    pub amqp_queue_type: QueueType,
 
     /// This node's id (AMQP queue hive.node.<id>). Default: hostname-pid.
     #[arg(long, env = "ROUTER_NODE_ID")]
@@ -301,6 +317,7 @@ impl ServeConfig {
             amqp_buffer: 100_000,
             amqp_confirm_window: 1000,
             cluster_link: "auto".into(),
+            amqp_queue_type: QueueType::Classic,
             cluster_advertise: None,
             // Unique: nodes sharing a broker must have distinct ids.
             node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),

@@ -78,12 +78,18 @@ const NACK_PAUSE: Duration = Duration::from_millis(50);
 const HEADER_FRAME_OVERHEAD: usize = 256;
 
 /// Refuse at startup a URL that can never work, rather than retrying it forever.
-pub fn check_url(url: &str) -> anyhow::Result<()> {
-    let uri: lapin::uri::AMQPUri = url
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--amqp {}: {e}", redact(url)))?;
-    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
-        anyhow::bail!("--amqp: only amqp:// is supported by this build (no TLS to the broker)");
+pub fn check_url(spec: &str) -> anyhow::Result<()> {
+    let urls = super::amqp_urls(spec);
+    if urls.is_empty() {
+        anyhow::bail!("--amqp: no URL");
+    }
+    for url in &urls {
+        let uri: lapin::uri::AMQPUri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--amqp {}: {e}", redact(url)))?;
+        if uri.scheme != lapin::uri::AMQPScheme::AMQP {
+            anyhow::bail!("--amqp: only amqp:// is supported by this build (no TLS to the broker)");
+        }
     }
     Ok(())
 }
@@ -117,7 +123,7 @@ pub fn spawn(
             cap: shared.config.amqp_buffer.max(1),
             window: shared.config.amqp_confirm_window.max(1) as usize,
             name: format!("hive-router {}", shared.node_id),
-            url,
+            urls: super::Failover::new(&url),
             shared,
             rx,
             sink,
@@ -144,7 +150,7 @@ struct Bridge {
     buffer: VecDeque<BusEvent>,
     cap: usize,
     window: usize,
-    url: String,
+    urls: super::Failover,
     name: String,
 }
 
@@ -222,7 +228,7 @@ impl Bridge {
         while !self.stopping() {
             let connecting = tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                connect(self.url.clone(), self.name.clone()),
+                connect(self.urls.current().to_string(), self.name.clone()),
             );
             match self.buffering(connecting).await {
                 None => break,
@@ -233,7 +239,7 @@ impl Bridge {
                         self.m().reconnects.fetch_add(1, Relaxed);
                         tracing::info!(buffered = self.buffer.len(), "AMQP bridge reconnected");
                     } else {
-                        tracing::info!(url = %redact(&self.url), "AMQP bridge connected");
+                        tracing::info!(url = %redact(self.urls.current()), "AMQP bridge connected");
                     }
                     ever_connected = true;
                     self.set_ready(true);
@@ -248,16 +254,20 @@ impl Bridge {
                     }
                     tracing::warn!(
                         buffered = self.buffer.len(),
+                        url = %redact(self.urls.current()),
                         "AMQP connection lost; events are buffered until it is back"
                     );
+                    self.urls.advance();
                 }
                 Some(Ok(Err(e))) => {
                     self.m().connect_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(error = %e, attempt, "cannot connect to RabbitMQ");
+                    tracing::warn!(error = %e, attempt, url = %redact(self.urls.current()), "cannot connect to RabbitMQ");
+                    self.urls.advance();
                 }
                 Some(Err(_)) => {
                     self.m().connect_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(attempt, "connecting to RabbitMQ timed out");
+                    tracing::warn!(attempt, url = %redact(self.urls.current()), "connecting to RabbitMQ timed out");
+                    self.urls.advance();
                 }
             }
             let delay = backoff(attempt);
@@ -568,6 +578,9 @@ mod tests {
     fn urls_are_checked_and_redacted() {
         assert!(check_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
         assert!(check_url("amqps://h/").is_err());
+        assert!(check_url("amqp://a:5681/%2f, amqp://b:5682/%2f").is_ok());
+        assert!(check_url("amqp://a:5681/%2f,amqps://b/").is_err());
+        assert!(check_url(" , ").is_err());
         assert!(check_url("not a url").is_err());
         assert_eq!(
             redact("amqp://user:secret@host:5672/%2f"),

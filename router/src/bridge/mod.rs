@@ -187,6 +187,53 @@ impl BusRx {
     }
 }
 
+/// The `--amqp` value: one URL, or the nodes of one RabbitMQ cluster, comma-separated.
+/// Each of the router's connections (events, cluster, backend delivery) starts at the
+/// first and, whenever an attempt fails or an established connection is lost, moves on
+/// to the next (round robin), with the usual backoff between attempts: a broker node
+/// that dies is left for the next reachable one.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    urls: Vec<String>,
+    next: usize,
+}
+
+impl Failover {
+    pub fn new(spec: &str) -> Self {
+        Failover {
+            urls: amqp_urls(spec),
+            next: 0,
+        }
+    }
+
+    /// The URL to connect to now.
+    pub fn current(&self) -> &str {
+        self.urls
+            .get(self.next % self.urls.len().max(1))
+            .map_or("", String::as_str)
+    }
+
+    /// The current URL failed (or its connection was lost): the next one.
+    pub fn advance(&mut self) {
+        self.next = self.next.wrapping_add(1);
+    }
+
+    /// Every URL changed by `f` (the cluster connection's heartbeat and frame size).
+    pub fn map(mut self, f: impl Fn(&str) -> String) -> Self {
+        self.urls = self.urls.iter().map(|u| f(u)).collect();
+        self
+    }
+}
+
+/// The URLs of an `--amqp` value (comma-separated, blanks ignored).
+pub fn amqp_urls(spec: &str) -> Vec<String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Delay before retry `attempt` (0-based): `base` doubling per attempt, capped at `cap`,
 /// with jitter in [d/2, d] so a fleet of routers does not retry in lockstep.
 pub fn jittered_backoff(
@@ -204,6 +251,19 @@ pub fn jittered_backoff(
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn failover_goes_round_the_urls() {
+        let mut f = super::Failover::new(" amqp://a , amqp://b,,amqp://c ");
+        assert_eq!(f.current(), "amqp://a");
+        f.advance();
+        assert_eq!(f.current(), "amqp://b");
+        f.advance();
+        f.advance();
+        assert_eq!(f.current(), "amqp://a");
+        let one = super::Failover::new("amqp://x").map(|u| format!("{u}?h=5"));
+        assert_eq!(one.current(), "amqp://x?h=5");
+    }
+
     use std::time::Duration;
 
     #[test]

@@ -256,7 +256,9 @@ fn broker_host(url: &str) -> Option<(String, u16)> {
 /// nothing; it only picks the route).
 fn local_ip_towards(amqp: &str) -> Option<std::net::IpAddr> {
     use std::net::ToSocketAddrs;
-    let (host, port) = broker_host(amqp)?;
+    // The first of several broker nodes.
+    let first = amqp.split(',').map(str::trim).find(|u| !u.is_empty())?;
+    let (host, port) = broker_host(first)?;
     let broker = (host.as_str(), port).to_socket_addrs().ok()?.next()?;
     let any: SocketAddr = if broker.is_ipv4() {
         "0.0.0.0:0".parse().ok()?

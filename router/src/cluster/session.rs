@@ -116,7 +116,8 @@ pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>
         let Some(out) = cluster(&shared).take_outgoing() else {
             return;
         };
-        rt.block_on(run(shared, cluster_url(&url), out));
+        let urls = crate::bridge::Failover::new(&url).map(cluster_url);
+        rt.block_on(run(shared, urls, out));
     })
 }
 
@@ -433,7 +434,11 @@ impl State {
     }
 }
 
-async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>) {
+async fn run(
+    shared: Arc<Shared>,
+    mut urls: crate::bridge::Failover,
+    mut out: mpsc::Receiver<Outgoing>,
+) {
     let now = Instant::now();
     let c = cluster(&shared);
     let (links, mut link_in) = match c.take_link_listener() {
@@ -477,6 +482,7 @@ async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>
             return;
         }
         let props = ConnectionProperties::default().with_connection_name(name.clone().into());
+        let url = urls.current().to_string();
         let connecting = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&url, props));
         let conn = tokio::select! {
             r = connecting => r,
@@ -507,6 +513,8 @@ async fn run(shared: Arc<Shared>, url: String, mut out: mpsc::Receiver<Outgoing>
             }
             Err(_) => tracing::warn!(attempt, "cluster: connecting to RabbitMQ timed out"),
         }
+        // Failed, or lost: the next broker node (one cluster's nodes share the topology).
+        urls.advance();
         let delay = crate::bridge::jittered_backoff(BACKOFF_BASE, BACKOFF_CAP, attempt);
         attempt = attempt.saturating_add(1);
         // Meanwhile, keep serving what needs no broker: nothing queued for other nodes

@@ -38,6 +38,7 @@ pub(super) async fn connect(
     queue: String,
     bindings: Vec<String>,
     prefetch: u16,
+    queue_type: crate::config::QueueType,
 ) -> lapin::Result<Session> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let conn = Connection::connect(&url, props).await?;
@@ -45,13 +46,20 @@ pub(super) async fn connect(
         let ch = conn.create_channel().await?;
         declare_events_exchange(&ch).await?;
         let queue: ShortString = queue.as_str().into();
+        let mut args = FieldTable::default();
+        if queue_type == crate::config::QueueType::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString("quorum".into()),
+            );
+        }
         ch.queue_declare(
             queue.clone(),
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await?;
         for key in &bindings {

@@ -110,7 +110,7 @@ struct Held {
 struct Delivery {
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    amqp_url: String,
+    amqp_urls: crate::bridge::Failover,
     url: String,
     client: reqwest::Client,
     auth: Option<HeaderValue>,
@@ -157,7 +157,7 @@ impl Delivery {
         });
         Some(Delivery {
             shutdown: shared.shutdown.subscribe(),
-            amqp_url,
+            amqp_urls: crate::bridge::Failover::new(&amqp_url),
             url,
             client,
             auth,
@@ -194,11 +194,12 @@ impl Delivery {
             let connecting = tokio::time::timeout(
                 CONNECT_TIMEOUT,
                 connect(
-                    self.amqp_url.clone(),
+                    self.amqp_urls.current().to_string(),
                     self.name.clone(),
                     c.backend_queue.clone(),
                     c.backend_bindings.clone(),
                     c.backend_prefetch,
+                    c.amqp_queue_type,
                 ),
             );
             match self.or_shutdown(connecting).await {
@@ -232,6 +233,8 @@ impl Delivery {
                     );
                 }
             }
+            // Failed, or lost: the next broker node of --amqp.
+            self.amqp_urls.advance();
             let delay = backoff(attempt);
             attempt = attempt.saturating_add(1);
             if self.or_shutdown(tokio::time::sleep(delay)).await.is_none() {
