@@ -103,6 +103,20 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_CLUSTER_ADVERTISE")]
     pub cluster_advertise: Option<String>,
 
+    /// PEM CA certificate(s) an `amqps://` broker's certificate is verified against (in
+    /// place of the system's roots).
+    #[arg(long, env = "ROUTER_AMQP_CA")]
+    pub amqp_ca: Option<PathBuf>,
+
+    /// PEM client certificate for `amqps://` (with --amqp-key): for brokers that
+    /// require one (RabbitMQ `fail_if_no_peer_cert`, or EXTERNAL authentication).
+    #[arg(long, env = "ROUTER_AMQP_CERT", requires = "amqp_key")]
+    pub amqp_cert: Option<PathBuf>,
+
+    /// PEM (PKCS#8) private key of --amqp-cert.
+    #[arg(long, env = "ROUTER_AMQP_KEY", requires = "amqp_cert")]
+    pub amqp_key: Option<PathBuf>,
+
     /// Type of the durable queue the router declares (--backend-queue): `classic`, or
     /// `quorum` (replicated over a RabbitMQ cluster's nodes: what it holds survives the
     /// loss of a node). A queue that exists already keeps its type (RabbitMQ refuses to
@@ -318,6 +332,9 @@ impl ServeConfig {
             amqp_confirm_window: 1000,
             cluster_link: "auto".into(),
             amqp_queue_type: QueueType::Classic,
+            amqp_ca: None,
+            amqp_cert: None,
+            amqp_key: None,
             cluster_advertise: None,
             // Unique: nodes sharing a broker must have distinct ids.
             node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),

@@ -126,6 +126,8 @@ impl RouterHandle {
 pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     if let Some(url) = &config.amqp {
         bridge::amqp::check_url(url)?;
+        // The TLS files are read now too, so a missing one stops the start.
+        bridge::amqp_tls(&config)?;
     }
     if let Some(url) = &config.backend_url {
         bridge::backend::check_config(url, &config)?;

@@ -299,3 +299,70 @@ async fn killing_the_broker_node_loses_no_confirmed_event() {
     let _ = conn.close(200, "bye".into()).await;
     cluster_script(&["restart", "1"]);
 }
+
+/// `amqps://` to node 2's TLS listener, which requires a client certificate: with the
+/// broker's CA (`--amqp-ca`) and a client certificate the router connects and its events
+/// are confirmed; without the certificate, or with another CA, it does not connect
+/// (counted in `router_amqp_connect_failures_total`) and is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_private_ca_and_a_client_certificate() {
+    if cluster_urls().is_none() {
+        eprintln!("no RabbitMQ cluster (HIVE_RMQ_CLUSTER_URLS): skipping");
+        return;
+    }
+    let tls = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/rabbitmq-cluster/tls"
+    );
+    let url = "amqps://guest:guest@127.0.0.1:5692/%2f".to_string();
+    let f = |name: &str| std::path::PathBuf::from(format!("{tls}/{name}"));
+    let start = |ca: &str, client: bool| {
+        let (url, ca, cert, key) = (url.clone(), f(ca), f("client.pem"), f("client.key"));
+        TestRouter::start_with(move |c| {
+            c.amqp = Some(url);
+            c.node_id = Some(format!("tls-{}", Uuid::new_v4().simple()));
+            c.amqp_ca = Some(ca);
+            if client {
+                c.amqp_cert = Some(cert);
+                c.amqp_key = Some(key);
+            }
+            fast_device(c);
+        })
+    };
+
+    let good = start("ca.pem", true);
+    let t0 = Instant::now();
+    while get(&good, "/readyz").await.0 != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "not ready over amqps"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ws = good.device(Uuid::new_v4(), Uuid::new_v4()).await;
+    send_json(&mut ws, json!({"type":"over-tls"})).await;
+    wait_metric(
+        &good,
+        "router_amqp_confirmed_total",
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    )
+    .await;
+
+    for (ca, client) in [("ca.pem", false), ("wrong-ca.pem", true)] {
+        let bad = start(ca, client);
+        wait_metric(
+            &bad,
+            "router_amqp_connect_failures_total",
+            Duration::from_secs(15),
+            |v| v >= 1.0,
+        )
+        .await;
+        assert_eq!(
+            bad.metric("router_amqp_connected").await,
+            0.0,
+            "{ca} {client}"
+        );
+        assert_eq!(get(&bad, "/readyz").await.0, 503, "{ca} {client}");
+    }
+}

@@ -84,12 +84,10 @@ pub fn check_url(spec: &str) -> anyhow::Result<()> {
         anyhow::bail!("--amqp: no URL");
     }
     for url in &urls {
-        let uri: lapin::uri::AMQPUri = url
+        // amqp:// or amqps:// (TLS: rustls, the system's roots or --amqp-ca).
+        let _: lapin::uri::AMQPUri = url
             .parse()
             .map_err(|e| anyhow::anyhow!("--amqp {}: {e}", redact(url)))?;
-        if uri.scheme != lapin::uri::AMQPScheme::AMQP {
-            anyhow::bail!("--amqp: only amqp:// is supported by this build (no TLS to the broker)");
-        }
     }
     Ok(())
 }
@@ -124,6 +122,7 @@ pub fn spawn(
             window: shared.config.amqp_confirm_window.max(1) as usize,
             name: format!("hive-router {}", shared.node_id),
             urls: super::Failover::new(&url),
+            tls: super::amqp_tls(&shared.config).ok().flatten(),
             shared,
             rx,
             sink,
@@ -152,6 +151,7 @@ struct Bridge {
     window: usize,
     urls: super::Failover,
     name: String,
+    tls: Option<lapin::tcp::OwnedTLSConfig>,
 }
 
 impl Bridge {
@@ -228,7 +228,11 @@ impl Bridge {
         while !self.stopping() {
             let connecting = tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                connect(self.urls.current().to_string(), self.name.clone()),
+                connect(
+                    self.urls.current().to_string(),
+                    self.name.clone(),
+                    self.tls.clone(),
+                ),
             );
             match self.buffering(connecting).await {
                 None => break,
@@ -506,9 +510,13 @@ pub(super) async fn declare_events_exchange(ch: &Channel) -> lapin::Result<()> {
 
 /// Connect, open the publishing channel, declare the exchange, enable confirms. (The
 /// cluster has a connection of its own: see [`crate::cluster::session`].)
-async fn connect(url: String, name: String) -> lapin::Result<(Connection, Channel)> {
+async fn connect(
+    url: String,
+    name: String,
+    tls: Option<lapin::tcp::OwnedTLSConfig>,
+) -> lapin::Result<(Connection, Channel)> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(&url, props).await?;
+    let conn = super::amqp_connect(&url, props, tls.as_ref()).await?;
     let declared = async {
         let ch = conn.create_channel().await?;
         declare_events_exchange(&ch).await?;
@@ -577,9 +585,9 @@ mod tests {
     #[test]
     fn urls_are_checked_and_redacted() {
         assert!(check_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
-        assert!(check_url("amqps://h/").is_err());
+        assert!(check_url("amqps://h/").is_ok());
         assert!(check_url("amqp://a:5681/%2f, amqp://b:5682/%2f").is_ok());
-        assert!(check_url("amqp://a:5681/%2f,amqps://b/").is_err());
+        assert!(check_url("amqp://a:5681/%2f,http://b/").is_err());
         assert!(check_url(" , ").is_err());
         assert!(check_url("not a url").is_err());
         assert_eq!(

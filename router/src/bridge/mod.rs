@@ -225,6 +225,51 @@ impl Failover {
     }
 }
 
+/// TLS settings of `amqps://` connections (`--amqp-ca`, `--amqp-cert`, `--amqp-key`);
+/// None: the system's roots and no client certificate.
+pub fn amqp_tls(
+    config: &crate::config::ServeConfig,
+) -> anyhow::Result<Option<lapin::tcp::OwnedTLSConfig>> {
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", p.display()))
+    };
+    let cert_chain = match &config.amqp_ca {
+        Some(p) => Some(
+            String::from_utf8(read("--amqp-ca", p)?)
+                .map_err(|_| anyhow::anyhow!("--amqp-ca {}: not PEM text", p.display()))?,
+        ),
+        None => None,
+    };
+    let identity = match (&config.amqp_cert, &config.amqp_key) {
+        (Some(c), Some(k)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: read("--amqp-cert", c)?,
+            key: read("--amqp-key", k)?,
+        }),
+        _ => None,
+    };
+    Ok(
+        (cert_chain.is_some() || identity.is_some()).then_some(lapin::tcp::OwnedTLSConfig {
+            identity,
+            cert_chain,
+        }),
+    )
+}
+
+/// Open an AMQP connection (`amqp://` or `amqps://`) with the configured TLS settings.
+pub async fn amqp_connect(
+    url: &str,
+    props: lapin::ConnectionProperties,
+    tls: Option<&lapin::tcp::OwnedTLSConfig>,
+) -> lapin::Result<lapin::Connection> {
+    match tls {
+        None => lapin::Connection::connect(url, props).await,
+        Some(t) => {
+            let rt = lapin::runtime::default_runtime()?;
+            lapin::Connection::connect_with_config(url, props, t.clone(), rt).await
+        }
+    }
+}
+
 /// The URLs of an `--amqp` value (comma-separated, blanks ignored).
 pub fn amqp_urls(spec: &str) -> Vec<String> {
     spec.split(',')

@@ -441,6 +441,7 @@ async fn run(
 ) {
     let now = Instant::now();
     let c = cluster(&shared);
+    let tls = crate::bridge::amqp_tls(&shared.config).ok().flatten();
     let (links, mut link_in) = match c.take_link_listener() {
         Some((listener, advertised)) => {
             match Links::start(
@@ -483,7 +484,10 @@ async fn run(
         }
         let props = ConnectionProperties::default().with_connection_name(name.clone().into());
         let url = urls.current().to_string();
-        let connecting = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&url, props));
+        let connecting = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            crate::bridge::amqp_connect(&url, props, tls.as_ref()),
+        );
         let conn = tokio::select! {
             r = connecting => r,
             _ = shutdown.wait_for(|s| *s) => return,

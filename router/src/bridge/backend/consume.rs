@@ -39,9 +39,10 @@ pub(super) async fn connect(
     bindings: Vec<String>,
     prefetch: u16,
     queue_type: crate::config::QueueType,
+    tls: Option<lapin::tcp::OwnedTLSConfig>,
 ) -> lapin::Result<Session> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(&url, props).await?;
+    let conn = crate::bridge::amqp_connect(&url, props, tls.as_ref()).await?;
     let declared = async {
         let ch = conn.create_channel().await?;
         declare_events_exchange(&ch).await?;

@@ -200,6 +200,7 @@ impl Delivery {
                     c.backend_bindings.clone(),
                     c.backend_prefetch,
                     c.amqp_queue_type,
+                    crate::bridge::amqp_tls(c).ok().flatten(),
                 ),
             );
             match self.or_shutdown(connecting).await {
