@@ -205,13 +205,21 @@ async fn killing_the_broker_node_loses_no_confirmed_event() {
     cluster_script(&["kill", "1"]);
 
     // Publishing again through another node.
-    wait_metric(
-        &a,
-        "router_amqp_confirmed_total",
-        Duration::from_secs(30),
-        |v| v > confirmed_before + 50.0,
-    )
-    .await;
+    loop {
+        let m = a.metrics().await;
+        if metric_value(&m, "router_amqp_confirmed_total") > confirmed_before + 50.0 {
+            break;
+        }
+        let show: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("router_amqp_"))
+            .collect();
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "not publishing again after 30 s: {show:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let publishing_again = killed.elapsed();
     // Requests across router nodes.
     let cross_again = loop {

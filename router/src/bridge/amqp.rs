@@ -312,6 +312,8 @@ impl Bridge {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut flush_until: Option<Instant> = None;
         let mut paused_until: Option<tokio::time::Instant> = None;
+        // Nacks since the last ack (see the Confirm arm).
+        let mut nacks_in_a_row = 0usize;
 
         let end = 'session: loop {
             // 1. Fill the confirm window: retries first (oldest), then new events.
@@ -374,9 +376,21 @@ impl Bridge {
                     let mut next = Some((id, res));
                     while let Some((id, res)) = next.take() {
                         match self.settle(id, res, &mut held) {
-                            Outcome::Ack => {}
+                            Outcome::Ack => nacks_in_a_row = 0,
                             Outcome::Nack => {
                                 paused_until = Some(tokio::time::Instant::now() + NACK_PAUSE);
+                                nacks_in_a_row += 1;
+                                // A whole window refused and none accepted: the channel may
+                                // be what is refused (after a broker node died, a quorum
+                                // queue's new leader can keep refusing a publisher it lost
+                                // track of). A new connection, on the next node, starts over.
+                                if nacks_in_a_row > self.window.max(100) {
+                                    tracing::warn!(
+                                        nacks = nacks_in_a_row,
+                                        "RabbitMQ refuses every publish on this channel: reconnecting"
+                                    );
+                                    break 'session End::Lost;
+                                }
                             }
                             Outcome::Broken(e) => {
                                 tracing::warn!(error = %e, "AMQP publish failed");
