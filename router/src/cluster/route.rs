@@ -300,8 +300,14 @@ async fn route(
                     Outcome::At { .. } | Outcome::Expired => {}
                 }
             }
-            // The member set changed: the home may have too.
-            _ = changes.changed() => send_now = true,
+            // The member set changed: the home may have too, and the directory is being
+            // rebuilt (claims move to their new homes): "not found" said before this is
+            // stale, so the grace starts again.
+            _ = changes.changed() => {
+                send_now = true;
+                offline_since = None;
+                offline_tries = 0;
+            }
             _ = tokio::time::sleep_until(retry.into()), if retry_at.is_some() => send_now = true,
             _ = tokio::time::sleep_until(give_up.into()) => {
                 return if offline_since.is_some() && Instant::now() < deadline {
