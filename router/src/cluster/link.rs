@@ -184,20 +184,21 @@ impl Links {
         self.peers().remove(node);
     }
 
-    /// Send an envelope to `node` over its link. False: no link up (or its queue is
-    /// full): the caller sends it through the broker.
-    pub fn send(&self, node: &str, bytes: &[u8]) -> bool {
+    /// Send an envelope to `node` over its link. Err gives the bytes back: no link is up
+    /// (or its queue is full), and the caller sends them through the broker.
+    pub fn send(&self, node: &str, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
         let peers = self.peers();
-        let sent = peers
-            .get(node)
-            .filter(|p| p.up.load(Relaxed))
-            .is_some_and(|p| p.tx.try_send(bytes.to_vec()).is_ok());
+        let sent = match peers.get(node).filter(|p| p.up.load(Relaxed)) {
+            Some(p) => p.tx.try_send(bytes).map_err(|e| e.into_inner()),
+            None => Err(bytes),
+        };
         drop(peers);
-        if sent {
-            self.metrics.sent.fetch_add(1, Relaxed);
+        let m = if sent.is_ok() {
+            &self.metrics.sent
         } else {
-            self.metrics.via_broker.fetch_add(1, Relaxed);
-        }
+            &self.metrics.via_broker
+        };
+        m.fetch_add(1, Relaxed);
         sent
     }
 
@@ -503,7 +504,7 @@ mod tests {
         let (links, mut inbox) = Links::listen("b");
         let (a, _a_inbox) = Links::listen("a");
         // Not heard yet: nothing goes over a link.
-        assert!(!a.send("b", b"x"));
+        assert!(a.send("b", b"x".to_vec()).is_err());
         a.heard(
             "b",
             PeerAddr {
@@ -517,7 +518,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         for i in 0..100u32 {
-            assert!(a.send("b", &i.to_le_bytes()));
+            assert!(a.send("b", i.to_le_bytes().to_vec()).is_ok());
         }
         for i in 0..100u32 {
             let (from, bytes) = inbox.recv().await.unwrap();
@@ -547,11 +548,11 @@ mod tests {
         }
         assert_eq!(c.count_up(), 0);
         assert_eq!(c.metrics.connects.load(Relaxed), 0);
-        assert!(!c.send("b", b"z"));
+        assert!(c.send("b", b"z".to_vec()).is_err());
         assert!(inbox.try_recv().is_err());
 
         // The peer is forgotten: its link closes and sends fall back to the broker.
         a.forget("b");
-        assert!(!a.send("b", b"y"));
+        assert!(a.send("b", b"y".to_vec()).is_err());
     }
 }

@@ -572,10 +572,13 @@ impl Publisher {
     /// node's queue being declared anew tells its peers when some were.
     async fn node(&mut self, c: &Cluster, to: &str, m: &NodeMsg) -> lapin::Result<()> {
         c.metrics.envelopes_sent.fetch_add(1, Relaxed);
-        let bytes = encode_node(m);
-        let latency_path = matches!(m, NodeMsg::Request { .. } | NodeMsg::Reply { .. });
-        if latency_path && self.links.send(to, &bytes) {
-            return Ok(());
+        let mut bytes = encode_node(m);
+        if matches!(m, NodeMsg::Request { .. } | NodeMsg::Reply { .. }) {
+            // The link takes the bytes as they are; they come back if it is not up.
+            match self.links.send(to, bytes) {
+                Ok(()) => return Ok(()),
+                Err(back) => bytes = back,
+            }
         }
         self.push(
             c,
