@@ -63,6 +63,9 @@ fi
 "$VENV/bin/python" -c 'import websockets' 2>/dev/null || "$VENV/bin/pip" install --quiet 'websockets>=13,<16'
 "$VENV/bin/python" tests/python/test_hive_ws.py "$ROUTER"
 
+step "independent client: Hivekit protocol (Python websockets; every flow a device app uses)"
+"$VENV/bin/python" tests/python/test_hivekit.py "$ROUTER"
+
 step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
 ensure_rabbitmq
 "$VENV/bin/python" -c 'import pika' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pika>=1.3,<2'

@@ -236,6 +236,15 @@ async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Resu
                     Proto::Hivekit => v[0]["act"] == "aut" && v[0]["res"] == "suc",
                     _ => v["type"] == "authenticated",
                 };
+                if ok && spec.proto == Proto::Hivekit {
+                    // Requests arrive as pubsub messages of the device's realm (named
+                    // in the greeting) once it subscribes to them.
+                    let sub = json!([{"typ": "rea", "act": "sub", "id": v[0]["dat"]["realm"],
+                        "dat": {"eve": "hive.request", "idp": "*"}, "cid": "requests"}]);
+                    ws.send_text(&sub.to_string())
+                        .await
+                        .map_err(|_| "send_error".to_string())?;
+                }
                 if ok {
                     hist::record(
                         &mut fleet.stats.borrow_mut().auth,
@@ -325,8 +334,9 @@ fn answer(fleet: &Fleet, spec: &DeviceSpec, text: &str) -> Vec<String> {
         Proto::Phoenix if v[1].is_null() && v[4]["request"].is_string() => {
             (v[4]["request"].clone(), v[4].clone())
         }
-        Proto::Hivekit if v[0]["typ"] == "ins" => {
-            (v[0]["cid"].clone(), v[0]["dat"]["payload"].clone())
+        Proto::Hivekit if v[0]["act"] == "pub" && v[0]["dat"]["eve"] == "hive.request" => {
+            let r = &v[0]["dat"]["dat"];
+            (r["id"].clone(), r["payload"].clone())
         }
         Proto::Hive | Proto::Mixed if v["type"] == "device-request" => {
             (v["request"].clone(), v["payload"].clone())
@@ -348,11 +358,19 @@ fn answer(fleet: &Fleet, spec: &DeviceSpec, text: &str) -> Vec<String> {
             out
         }
         Proto::Hivekit => {
-            let mut a = json!({"cid": request, "res": "suc"});
-            if respond {
-                a["dat"] = json!({"echo": true});
-            }
-            vec![json!([a]).to_string()]
+            // Acked (and answered) by publishing into the realm; fire-and-forget (no
+            // cid): the router answers only failures then.
+            let publish = |eve: &str, dat: Value| json!({"typ": "rea", "act": "pub", "id": v[0]["rea"], "dat": {"eve": eve, "idp": "*", "dat": dat}});
+            // An answer acks too.
+            let action = if respond {
+                publish(
+                    "hive.response",
+                    json!({"id": request, "result": {"echo": true}}),
+                )
+            } else {
+                publish("hive.ack", json!({"id": request}))
+            };
+            vec![json!([action]).to_string()]
         }
         _ => {
             let mut out = vec![json!({"type": "ack", "request": request}).to_string()];

@@ -236,7 +236,16 @@ fn bench_adapters(c: &mut Criterion) {
     g.bench_function("hivekit_obj_update", |b| {
         b.iter(|| {
             out.clear();
-            hivekit::on_text(&m, black_box(hk.as_bytes()), &mut scratch, &mut out);
+            hivekit::on_text(
+                &hivekit::Session {
+                    meta: &m,
+                    realm: "r",
+                },
+                &mut hivekit::Subscriptions::default(),
+                black_box(hk.as_bytes()),
+                &mut scratch,
+                &mut out,
+            );
         })
     });
     assert!(naive_hivekit(hk.as_bytes(), &m).is_some());

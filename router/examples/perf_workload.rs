@@ -85,7 +85,16 @@ fn main() {
             let mut scratch = Scratch::default();
             for _ in 0..N {
                 out.clear();
-                hivekit::on_text(&m, f.as_bytes(), &mut scratch, &mut out);
+                hivekit::on_text(
+                    &hivekit::Session {
+                        meta: &m,
+                        realm: "r",
+                    },
+                    &mut hivekit::Subscriptions::default(),
+                    f.as_bytes(),
+                    &mut scratch,
+                    &mut out,
+                );
                 sink += out.len();
             }
         }

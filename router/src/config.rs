@@ -148,6 +148,11 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_DEVICE_ALIVE_INTERVAL", default_value_t = 0)]
     pub device_alive_interval: u64,
 
+    /// The realm every Hivekit device (`/v1/ws`) lives in. Absent: each device's realm is
+    /// its account UUID (the token's `acc`).
+    #[arg(long, env = "ROUTER_HIVEKIT_REALM", value_parser = parse_realm)]
+    pub hivekit_realm: Option<String>,
+
     /// Seconds a connection may stay unauthenticated before it is closed with 4408.
     #[arg(long, env = "ROUTER_AUTH_TIMEOUT", default_value_t = 10)]
     pub auth_timeout: u64,
@@ -343,6 +348,7 @@ impl ServeConfig {
             ping_interval: 30,
             device_alive_interval: 0,
             auth_timeout: 10,
+            hivekit_realm: None,
             max_frame: 64 * 1024,
             request_timeout_ms: 10_000,
             max_outbound: 256 * 1024,
@@ -371,6 +377,20 @@ impl ServeConfig {
             backend_ca: None,
         }
     }
+}
+
+/// A realm name: 1 to 128 bytes, no control characters.
+fn parse_realm(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > crate::protocol::hivekit::MAX_NAME
+        || s.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "a realm is 1 to {} bytes without control characters",
+            crate::protocol::hivekit::MAX_NAME
+        ));
+    }
+    Ok(s.into())
 }
 
 #[derive(Debug, Clone, Args)]

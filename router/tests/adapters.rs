@@ -22,23 +22,21 @@ async fn text(ws: &mut Ws, v: Value) {
 }
 
 #[tokio::test]
-async fn hivekit_auth_quarantine_and_failure() {
-    let r = TestRouter::start();
+async fn hivekit_auth_quarantine_retries_and_failure() {
+    let r = TestRouter::start_with(|c| c.auth_timeout = 2);
     let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
-    // A frame before auth is not parsed: the connection is refused.
+    // A frame before auth is not parsed: answered aut/err; the socket stays open for a
+    // `Bearer`, and a bad one is answered the same way; then a good one gets in.
     let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
     text(&mut ws, json!([{"typ":"sys","act":"hbt","cid":1}])).await;
     let reply = next_json(&mut ws).await;
-    assert_eq!(reply[0]["res"], "err");
-    assert_eq!(reply[0]["act"], "aut");
-    assert_eq!(close_code(&mut ws).await, 4401);
-    // A bad token: err then 4401.
-    let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
+    assert_eq!(
+        (reply[0]["act"].as_str(), reply[0]["res"].as_str()),
+        (Some("aut"), Some("err"))
+    );
+    assert!(reply[0].get("cid").is_none());
     ws.send(Message::text("Bearer nope")).await.unwrap();
-    assert_eq!(next_json(&mut ws).await[0]["res"], "err");
-    assert_eq!(close_code(&mut ws).await, 4401);
-    // Good token as first frame.
-    let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
+    assert_eq!(next_json(&mut ws).await[0]["err"], "invalid token");
     ws.send(Message::text(format!("Bearer {}", r.token(d, a))))
         .await
         .unwrap();
@@ -51,8 +49,23 @@ async fn hivekit_auth_quarantine_and_failure() {
         ),
         (Some("sys"), Some("aut"), Some("suc"))
     );
-    // And by header.
-    let (d2, _) = (Uuid::new_v4(), ());
+    text(&mut ws, json!([{"typ":"sys","act":"hbt","cid":"h"}])).await;
+    assert_eq!(next_json(&mut ws).await, json!([{"cid":"h","res":"suc"}]));
+    // Five failures close with 4401.
+    let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
+    for i in 0..router::listener::MAX_AUTH_ATTEMPTS {
+        ws.send(Message::text("Bearer nope")).await.unwrap();
+        assert_eq!(next_json(&mut ws).await[0]["res"], "err", "attempt {i}");
+    }
+    assert_eq!(close_code(&mut ws).await, 4401);
+    // No good token within the auth timeout: 4408.
+    let mut ws = connect(format!("{}/v1/ws", r.ws)).await;
+    ws.send(Message::text("Bearer nope")).await.unwrap();
+    assert_eq!(next_json(&mut ws).await[0]["res"], "err");
+    assert_eq!(next_json(&mut ws).await[0]["res"], "err");
+    assert_eq!(close_code(&mut ws).await, 4408);
+    // By header.
+    let d2 = Uuid::new_v4();
     let mut req = format!("{}/v1/ws", r.ws).into_client_request().unwrap();
     req.headers_mut().insert(
         "authorization",
@@ -68,86 +81,148 @@ async fn hivekit_auth_quarantine_and_failure() {
     assert_eq!(
         r.metric("router_auth_failures_total{reason=\"invalid\"}")
             .await,
+        (1 + router::listener::MAX_AUTH_ATTEMPTS + 1) as f64
+    );
+    assert_eq!(
+        r.metric("router_auth_failures_total{reason=\"timeout\"}")
+            .await,
         1.0
     );
 }
 
 #[tokio::test]
-async fn hivekit_batches_heartbeat_updates_and_requests() {
+async fn hivekit_realm_objects_requests_and_events_as_pubsub() {
     let r = TestRouter::start();
     let mut events = Events::subscribe(&r).await;
     let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let realm = a.to_string();
     let mut ws = connect(format!("{}/v1/ws?token={}", r.ws, r.token(d, a))).await;
     assert_eq!(next_json(&mut ws).await[0]["res"], "suc");
     text(
         &mut ws,
         json!([
             {"typ":"sys","act":"hbt","cid":"h"},
-            {"typ":"obj","act":"upd","id":d,"cid":"u1","loc":{"lon":24.9,"lat":60.2,"spe":3}},
+            {"typ":"rea","act":"lis","cid":"l"},
+            {"typ":"rea","act":"rea","id":realm,"cid":"g"},
+            {"typ":"obj","act":"upd","id":d,"rea":realm,"cid":"u1","loc":{"lon":24.9,"lat":60.2,"spe":3,"alc":2}},
             {"typ":"obj","act":"set","id":Uuid::new_v4(),"cid":"u2","dat":{"x":1}},
-            {"typ":"nope","act":"x","cid":"u3"}
+            {"typ":"obj","act":"lis","rea":realm,"cid":"u3"},
+            {"typ":"nope","act":"x","cid":"u4"}
         ]),
     )
     .await;
     let replies = next_json(&mut ws).await;
     assert_eq!(replies[0], json!({"cid":"h","res":"suc"}));
-    assert_eq!(replies[1], json!({"cid":"u1","res":"suc"}));
     assert_eq!(
-        (replies[2]["res"].as_str(), replies[2]["erc"].as_u64()),
-        (Some("err"), Some(403))
+        replies[1],
+        json!({"cid":"l","res":"suc","dat":{(realm.clone()):{"lab":realm,"dat":{}}}})
     );
-    assert_eq!(
-        (replies[3]["res"].as_str(), replies[3]["erc"].as_u64()),
-        (Some("err"), Some(400))
-    );
+    assert_eq!(replies[2]["dat"]["id"], realm);
+    assert_eq!(replies[3], json!({"cid":"u1","res":"suc"}));
+    let codes: Vec<Option<u64>> = replies.as_array().unwrap()[4..]
+        .iter()
+        .map(|r| r["erc"].as_u64())
+        .collect();
+    assert_eq!(codes, vec![Some(403), Some(501), Some(400)]);
     let ev = events.find(|v| v["type"] == "location").await;
     assert_eq!(ev["device"], d.to_string());
+    assert_eq!(ev["realm"], realm);
     assert_eq!(
         ev["location"],
-        json!({"longitude":24.9,"latitude":60.2,"speed":3})
+        json!({"longitude":24.9,"latitude":60.2,"speed":3,"altitudeAccuracy":2})
     );
-    assert_eq!(
-        r.metric("router_hivekit_errors_total{code=\"forbidden\"}")
-            .await,
-        1.0
-    );
-    assert_eq!(
-        r.metric("router_hivekit_errors_total{code=\"bad-action\"}")
-            .await,
-        1.0
-    );
+    for (code, n) in [
+        ("forbidden", 1.0),
+        ("unsupported", 1.0),
+        ("bad-action", 1.0),
+    ] {
+        let m = format!("router_hivekit_errors_total{{code=\"{code}\"}}");
+        assert_eq!(r.metric(&m).await, n, "{m}");
+    }
 
-    // Request -> ins/cre with cid = request id -> {"cid":R,"res":"suc"} acks it.
-    let dev = tokio::spawn(async move {
-        let req = next_json(&mut ws).await;
-        let cid = req[0]["cid"].clone();
-        text(&mut ws, json!([{"cid": cid, "res": "suc"}])).await;
-        (req, ws)
-    });
-    let (status, body) = r
-        .request(d, json!({"command":"reboot","payload":{"in":5}}), "")
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (req, mut ws) = dev.await.unwrap();
-    assert_eq!(req[0]["typ"], "ins");
-    assert_eq!(req[0]["act"], "cre");
-    assert_eq!(req[0]["cid"], body["request"]);
+    // An event before any subscription: the device does not take it (409).
+    let send_event = |body: Value| {
+        r.http
+            .post(format!("{}/v1/devices/{d}/events", r.api))
+            .json(&body)
+            .send()
+    };
     assert_eq!(
-        req[0]["dat"],
-        json!({"command":"reboot","payload":{"in":5}})
+        send_event(json!({"type":"cfg","k":0}))
+            .await
+            .unwrap()
+            .status(),
+        409
     );
-    // Events arrive as rea/pub.
-    let resp = r
-        .http
-        .post(format!("{}/v1/devices/{d}/events", r.api))
-        .json(&json!({"type":"cfg","k":1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
+    // A request sent before the device subscribes to requests waits for it.
+    let api = r.api.clone();
+    let http = r.http.clone();
+    let pending = tokio::spawn(async move {
+        let resp = http
+            .post(format!("{api}/v1/devices/{d}/requests?wait=response"))
+            .json(&json!({"command":"reboot","payload":{"in":5}}))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    text(
+        &mut ws,
+        json!([
+            {"typ":"rea","act":"sub","id":realm,"dat":{"eve":"hive.request","idp":"*"},"cid":"s1"},
+            {"typ":"rea","act":"sub","id":realm,"dat":{"eve":"cfg","idp":"*"},"cid":"s2"}
+        ]),
+    )
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.extend(next_json(&mut ws).await.as_array().unwrap().clone());
+    }
+    let req = got
+        .iter()
+        .find(|m| m["dat"]["eve"] == "hive.request")
+        .unwrap_or_else(|| panic!("no request in {got:?}"))
+        .clone();
+    assert!(req.get("cid").is_none());
+    assert_eq!(
+        (req["typ"].as_str(), req["act"].as_str()),
+        (Some("rea"), Some("pub"))
+    );
+    assert_eq!(
+        (req["rea"].as_str(), req["sid"].as_str()),
+        (Some(realm.as_str()), Some("*"))
+    );
+    assert_eq!(req["dat"]["dat"]["command"], "reboot");
+    assert_eq!(req["dat"]["dat"]["payload"], json!({"in":5}));
+    let id = req["dat"]["dat"]["id"].clone();
+    // Acked and answered by publishing into the realm.
+    text(
+        &mut ws,
+        json!([
+            {"typ":"rea","act":"pub","id":realm,"dat":{"eve":"hive.ack","idp":"*","dat":{"id":id}},"cid":"p1"},
+            {"typ":"rea","act":"pub","id":realm,"dat":{"eve":"hive.response","idp":"*","dat":{"id":id,"result":{"up":true}}},"cid":"p2"}
+        ]),
+    )
+    .await;
     assert_eq!(
         next_json(&mut ws).await,
-        json!([{"typ":"rea","act":"pub","dat":{"eve":"cfg","dat":{"type":"cfg","k":1}}}])
+        json!([{"cid":"p1","res":"suc"},{"cid":"p2","res":"suc"}])
+    );
+    let (status, body) = pending.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], json!({"up":true}));
+    // Events arrive as realm pubsub messages.
+    assert_eq!(
+        send_event(json!({"type":"cfg","k":1}))
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!([{"typ":"rea","act":"pub","rea":realm,"sid":"*","dat":{"eve":"cfg","dat":{"type":"cfg","k":1}}}])
     );
     // Malformed frames get an error reply, and ten in a row close with 4400.
     for _ in 0..10 {

@@ -99,7 +99,7 @@ proptest! {
     fn adapters_never_panic_on_junk(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = hive::decode(&bytes, &meta(), &mut Scratch::default());
         let mut out = Vec::new();
-        hivekit::on_text(&meta(), &bytes, &mut Scratch::default(), &mut out);
+        hivekit::on_text(&hivekit::Session { meta: &meta(), realm: "r" }, &mut hivekit::Subscriptions::default(), &bytes, &mut Scratch::default(), &mut out);
         for vsn in [Vsn::V1, Vsn::V2] {
             PhxState::new(vsn).on_text(&meta(), &bytes, &mut Scratch::default(), &mut out);
         }
@@ -110,9 +110,9 @@ proptest! {
         let text = v.to_string();
         let _ = hive::decode(text.as_bytes(), &meta(), &mut Scratch::default());
         let mut out = Vec::new();
-        hivekit::on_text(&meta(), text.as_bytes(), &mut Scratch::default(), &mut out);
+        hivekit::on_text(&hivekit::Session { meta: &meta(), realm: "r" }, &mut hivekit::Subscriptions::default(), text.as_bytes(), &mut Scratch::default(), &mut out);
         let wrapped = Value::Array(vec![v.clone()]).to_string();
-        hivekit::on_text(&meta(), wrapped.as_bytes(), &mut Scratch::default(), &mut out);
+        hivekit::on_text(&hivekit::Session { meta: &meta(), realm: "r" }, &mut hivekit::Subscriptions::default(), wrapped.as_bytes(), &mut Scratch::default(), &mut out);
         let mut st = PhxState::new(Vsn::V2);
         let frame = serde_json::json!(["1", "1", "device", "phx_join", v]).to_string();
         st.on_text(&meta(), frame.as_bytes(), &mut Scratch::default(), &mut out);

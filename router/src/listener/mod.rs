@@ -25,6 +25,9 @@ mod upgrade;
 const MAX_REQUEST: usize = 8 * 1024;
 /// How long to linger after sending a close frame during the handshake.
 const LINGER: Duration = Duration::from_millis(500);
+/// Failed `Bearer` frames a Hivekit connection may send before it is closed with 4401
+/// (each answered `aut`/`err`; the socket stays open for the next, within --auth-timeout).
+pub const MAX_AUTH_ATTEMPTS: u32 = 5;
 
 /// Create the shard listeners: all bound to the same address with SO_REUSEPORT, so
 /// the kernel spreads connections across shards (and across router processes).
@@ -583,6 +586,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // A `Bearer` message may come in fragments: reassembled (within --max-frame).
     let mut message: Option<Vec<u8>> = None;
+    let mut failures = 0u32;
     loop {
         let h = match ws::parse_header(&hs.buf, ctx.shared.config.max_frame) {
             Ok(Some(h)) if hs.buf.len() >= h.total_len() => h,
@@ -640,18 +644,31 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 let token = std::str::from_utf8(&whole)
                     .ok()
                     .and_then(crate::auth::bearer_token);
-                return match token {
-                    Some(t) => match verify(t) {
-                        Ok(ident) => Outcome::Authenticated {
+                let why = match token.map(verify) {
+                    Some(Ok(ident)) => {
+                        return Outcome::Authenticated {
                             ident,
                             protocol: up.protocol,
                             leftover: std::mem::take(&mut hs.buf),
                             preface: Vec::new(),
-                        },
-                        Err(e) => Outcome::Refused(4401, e),
-                    },
-                    None => Outcome::Refused(4401, AuthError::Missing),
+                        }
+                    }
+                    Some(Err(e)) => e,
+                    None => AuthError::Missing,
                 };
+                // Hivekit: the client asks again on the same socket (a stale token is
+                // replaced, not retried in a reconnect loop), up to MAX_AUTH_ATTEMPTS
+                // and within the auth timeout (then 4408). Each failure is counted.
+                failures += 1;
+                if up.protocol != Protocol::Hivekit || failures >= MAX_AUTH_ATTEMPTS {
+                    return Outcome::Refused(4401, why);
+                }
+                m.auth_failure(why);
+                let mut answer = Vec::new();
+                ws::encode_frame(OP_TEXT, &hivekit::auth_err(&why.to_string()), &mut answer);
+                if write_all(stream, &answer).await.is_err() {
+                    return Outcome::Gone;
+                }
             }
             _ => return Outcome::Refused(4401, AuthError::Missing),
         }

@@ -23,8 +23,11 @@ pub enum Effect {
     },
     /// The device can now receive requests (Phoenix: joined its topic).
     Ready,
-    /// A malformed or refused frame, counted under this code.
+    /// A malformed frame, counted under this code and toward the bad-frame limit.
     Error(&'static str),
+    /// A well-formed action the router refuses (forbidden, not served): counted under
+    /// this code, answered, and not held against the connection.
+    Refused(&'static str),
     /// Close with this code and reason.
     Close(u16, &'static str),
 }

@@ -1,17 +1,26 @@
-//! Hivekit-style compact protocol (`/v1/ws`): every frame a JSON array of actions
-//! with three-letter keys. Pure: frames in, effects out; no I/O, no state.
+//! The Hivekit protocol (`/v1/ws`), as the public Hivekit client speaks it: after a text
+//! frame `Bearer <token>`, every frame is a JSON array of actions with three-letter keys.
+//! A reply carries the `cid` of the action it answers; what the router sends on its own
+//! (pubsub deliveries) carries none, because the client treats every `cid` as the answer
+//! to one of its own calls.
 //!
-//! Frames are read with the one-pass validator of [`super::json`] (element and member
-//! spans, no tree): the values the router passes on (`cid`, `dat`, `lab`, `rea`, `loc`
-//! members, `err`, `erc`) are copied as the device wrote them, and replies and events are
-//! written straight into their buffers. A `serde_json::Value` tree per frame cost ~32,000
-//! instructions for a one-action location update (`scripts/perf-check.sh`, `hivekit`).
+//! A device lives in one realm (`Session::realm`: `--hivekit-realm`, else its account
+//! UUID). Through the client's public calls it can read that realm (`realm.get`,
+//! `realm.list`), create, update and set its own object (each published as a device
+//! event), subscribe to its realm's pubsub events, and publish into it. The backend's
+//! events and requests reach the device as pubsub messages of its realm; it acks and
+//! answers a request by publishing [`ACK_EVENT`] or [`RESPONSE_EVENT`]. Everything a
+//! Hivekit server keeps (objects, areas, tasks, history, object subscriptions) is the
+//! backend's: those actions are answered `erc` 501, never left without an answer.
+//!
+//! Pure: frames in, effects out, plus the connection's pubsub subscriptions. Frames are
+//! read with the one-pass validator of [`super::json`] (member spans, no tree): values
+//! the router passes on are copied as the device wrote them.
 
 use std::borrow::Cow;
 use std::io::Write as _;
 use std::ops::Range;
 
-use serde_json::json;
 use uuid::Uuid;
 
 use super::effect::Effect;
@@ -20,44 +29,148 @@ use super::json::{self, Member, Scratch};
 use super::simd::push_uuid;
 
 /// Error codes counted in `router_hivekit_errors_total{code}`.
-pub const ERROR_CODES: [&str; 5] = [
+pub const ERROR_CODES: [&str; 8] = [
     "bad-frame",
     "bad-action",
     "forbidden",
-    "bad-cid",
+    "bad-request-id",
     "too-many-actions",
+    "unsupported",
+    "too-many-subscriptions",
+    "bad-subscription",
 ];
 
 /// Actions one frame may carry. Each is answered, so without a bound one small frame of
 /// thousands of malformed actions was answered by a frame thirty times its size.
 pub const MAX_ACTIONS: usize = 256;
+/// Pubsub subscriptions one connection may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 32;
+/// Longest event name or id pattern of a subscription, in bytes.
+pub const MAX_NAME: usize = 128;
 
-/// The answer to a successful authentication.
-pub fn auth_ok() -> Vec<u8> {
-    format!(
-        r#"[{{"typ":"sys","act":"aut","res":"suc","dat":{{"version":"{}"}}}}]"#,
-        env!("CARGO_PKG_VERSION")
-    )
-    .into_bytes()
+/// The pubsub event a backend request arrives as: `{"id":R,"command":C,"payload":P}`.
+pub const REQUEST_EVENT: &str = "hive.request";
+/// Published by the device to ack request `R`: data `{"id":R}` (or the string `R`).
+pub const ACK_EVENT: &str = "hive.ack";
+/// Published by the device to answer request `R`: data `{"id":R,"result":X}`, or
+/// `{"id":R,"error":X}` for a failure.
+pub const RESPONSE_EVENT: &str = "hive.response";
+
+/// What an action is judged against: who the device is and its realm.
+pub struct Session<'a> {
+    pub meta: &'a Meta,
+    pub realm: &'a str,
 }
 
-/// The answer to a failed authentication (a 4401 close follows).
+/// A connection's pubsub subscriptions: (event name, id pattern), in the order made.
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    subs: Vec<(Box<str>, Box<str>)>,
+}
+
+impl Subscriptions {
+    pub fn is_empty(&self) -> bool {
+        self.subs.is_empty()
+    }
+
+    /// The subscriptions a backend event of type `ty` (or a request) reaches: the event
+    /// named exactly, or `*` for every backend event (requests excluded), with the id
+    /// pattern `*` or the device's own id.
+    fn receiving<'s>(
+        &'s self,
+        ty: &'s str,
+        device: &'s str,
+    ) -> impl Iterator<Item = (&'s str, &'s str)> + 's {
+        self.subs.iter().filter_map(move |(eve, idp)| {
+            let by_name = &**eve == ty || (&**eve == "*" && ty != REQUEST_EVENT);
+            (by_name && (&**idp == "*" || &**idp == device)).then_some((&**eve, &**idp))
+        })
+    }
+
+    /// Does the connection receive requests?
+    pub fn receives_requests(&self, device: &Uuid) -> bool {
+        let mut buf = Uuid::encode_buffer();
+        let own = device.hyphenated().encode_lower(&mut buf);
+        let found = self.receiving(REQUEST_EVENT, own).next().is_some();
+        found
+    }
+}
+
+/// The answer to a successful authentication (no `cid`: the client routes it by type),
+/// naming the router's version and the device's realm.
+pub fn auth_ok(realm: &str) -> Vec<u8> {
+    let mut out = br#"[{"typ":"sys","act":"aut","res":"suc","dat":{"version":""#.to_vec();
+    out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+    out.extend_from_slice(br#"","realm":"#);
+    json::push_str(&mut out, realm);
+    out.extend_from_slice(b"}}]");
+    out
+}
+
+/// The answer to a failed authentication. The socket stays open for another `Bearer`
+/// (until the auth timeout, or the attempt limit).
 pub fn auth_err(reason: &str) -> Vec<u8> {
-    json!([{"typ":"sys","act":"aut","res":"err","err":reason}])
-        .to_string()
-        .into_bytes()
+    let mut out = br#"[{"typ":"sys","act":"aut","res":"err","err":"#.to_vec();
+    json::push_str(&mut out, reason);
+    out.extend_from_slice(b"}]");
+    out
 }
+
+/// Action keys spelled out in published events (the client's field table); keys not
+/// in it are kept as written.
+const FIELD_KEYS: [(&str, &str); 34] = [
+    ("typ", "type"),
+    ("sty", "scopeType"),
+    ("sid", "scopeId"),
+    ("exe", "executeImmediately"),
+    ("act", "action"),
+    ("res", "result"),
+    ("cid", "correlationId"),
+    ("id", "id"),
+    ("rea", "realm"),
+    ("dat", "data"),
+    ("loc", "location"),
+    ("err", "error"),
+    ("lab", "label"),
+    ("atr", "attribute"),
+    ("uty", "updateType"),
+    ("ins", "instruction"),
+    ("cst", "connectionStatus"),
+    ("sha", "shape"),
+    ("fie", "field"),
+    ("val", "value"),
+    ("sta", "start"),
+    ("end", "end"),
+    ("lvl", "level"),
+    ("eve", "event"),
+    ("idp", "idPattern"),
+    ("erc", "errorCode"),
+    ("int", "interval"),
+    ("tim", "time"),
+    ("r", "radius"),
+    ("sts", "status"),
+    ("stp", "steps"),
+    ("dsc", "description"),
+    ("tid", "targetId"),
+    ("tds", "taskIds"),
+];
 
 /// `loc` keys spelled out in published events.
-const LOC_KEYS: [(&str, &str); 7] = [
+const LOC_KEYS: [(&str, &str); 9] = [
+    ("gcs", "coordinateSystem"),
     ("lon", "longitude"),
     ("lat", "latitude"),
     ("acc", "accuracy"),
     ("spe", "speed"),
     ("hea", "heading"),
     ("alt", "altitude"),
+    ("alc", "altitudeAccuracy"),
     ("tim", "time"),
 ];
+
+/// Members of an action the router reads itself; the rest of an object action is
+/// carried into its event.
+const CONTROL_KEYS: [&str; 5] = ["typ", "act", "cid", "id", "rea"];
 
 /// The members of one action the router reads: spans of their values in the action's
 /// text. Where a key repeats, the last one counts (as JSON object readers keep it).
@@ -69,11 +182,7 @@ struct Action {
     rea: Option<Range<usize>>,
     dat: Option<Range<usize>>,
     loc: Option<Range<usize>>,
-    lab: Option<Range<usize>>,
     cid: Option<Range<usize>>,
-    res: Option<Range<usize>>,
-    err: Option<Range<usize>>,
-    erc: Option<Range<usize>>,
 }
 
 impl Action {
@@ -87,11 +196,7 @@ impl Action {
                 b"rea" => &mut a.rea,
                 b"dat" => &mut a.dat,
                 b"loc" => &mut a.loc,
-                b"lab" => &mut a.lab,
                 b"cid" => &mut a.cid,
-                b"res" => &mut a.res,
-                b"err" => &mut a.err,
-                b"erc" => &mut a.erc,
                 _ => continue,
             };
             *slot = Some(m.value.clone());
@@ -128,16 +233,32 @@ impl Replies {
         &mut self.0
     }
 
+    /// `{"cid":C,"res":"suc"}`; nothing for an action without a `cid` (the client's
+    /// fire-and-forget `set`: an answer without a `cid` would be an unknown message).
     fn ok(&mut self, cid: Option<&[u8]>) {
+        self.ok_with(cid, |_| {});
+    }
+
+    /// `{"cid":C,"res":"suc","dat":...}` with `dat` written by `dat`.
+    fn ok_with(&mut self, cid: Option<&[u8]>, dat: impl FnOnce(&mut Vec<u8>)) {
         if let Some(c) = cid {
             let out = self.next();
             out.extend_from_slice(b"{\"cid\":");
             out.extend_from_slice(c);
-            out.extend_from_slice(br#","res":"suc"}"#);
+            out.extend_from_slice(br#","res":"suc""#);
+            let mark = out.len();
+            out.extend_from_slice(b",\"dat\":");
+            let before = out.len();
+            dat(out);
+            if out.len() == before {
+                out.truncate(mark);
+            }
+            out.push(b'}');
         }
     }
 
-    /// `{"cid":C,"res":"err","err":msg,"erc":code}` (no `cid` when the action had none).
+    /// `{"cid":C,"res":"err","err":msg,"erc":code}` (no `cid` when the action had none:
+    /// the client reports it as a server error).
     fn err(&mut self, cid: Option<&[u8]>, msg: &str, code: u16) {
         let out = self.next();
         out.push(b'{');
@@ -167,8 +288,14 @@ impl Replies {
 pub const BAD_FRAME: &str = "bad-frame";
 
 /// Handle one text frame from an authenticated device. Replies to all its actions go
-/// back as one batch (one frame), as they came.
-pub fn on_text(meta: &Meta, text: &[u8], scratch: &mut Scratch, out: &mut Vec<Effect>) {
+/// back as one batch (one frame), in order.
+pub fn on_text(
+    s: &Session,
+    subs: &mut Subscriptions,
+    text: &[u8],
+    scratch: &mut Scratch,
+    out: &mut Vec<Effect>,
+) {
     if scratch.parse_array(text).is_err() {
         out.push(Effect::Error(BAD_FRAME));
         let mut r = Replies::default();
@@ -191,204 +318,533 @@ pub fn on_text(meta: &Meta, text: &[u8], scratch: &mut Scratch, out: &mut Vec<Ef
     let elements = std::mem::take(&mut scratch.elements);
     let mut replies = Replies::default();
     for e in &elements {
-        on_action(meta, &text[e.clone()], scratch, out, &mut replies);
+        let mut cx = Cx {
+            s,
+            text: &text[e.clone()],
+            scratch: &mut *scratch,
+            out: &mut *out,
+            replies: &mut replies,
+            subs: &mut *subs,
+        };
+        cx.action();
     }
     scratch.elements = elements;
     out.extend(replies.finish().map(Effect::Send));
 }
 
-fn on_action(
-    meta: &Meta,
-    text: &[u8],
-    scratch: &mut Scratch,
-    out: &mut Vec<Effect>,
-    replies: &mut Replies,
-) {
-    // The frame was validated whole: an element that is not an object is the only error.
-    if scratch.parse_object(text).is_err() {
-        out.push(Effect::Error("bad-action"));
-        replies.err(None, "an action must be an object", 400);
-        return;
+/// One action being handled.
+struct Cx<'x, 'a> {
+    s: &'x Session<'a>,
+    text: &'x [u8],
+    scratch: &'x mut Scratch,
+    out: &'x mut Vec<Effect>,
+    replies: &'x mut Replies,
+    subs: &'x mut Subscriptions,
+}
+
+impl<'x> Cx<'x, '_> {
+    /// A member's value: the raw JSON, or the string it holds.
+    fn raw(&self, r: &Option<Range<usize>>) -> Option<&'x [u8]> {
+        let text = self.text;
+        r.as_ref().map(|r| &text[r.clone()])
     }
-    let a = Action::read(text, &scratch.members);
-    let raw = |r: &Option<Range<usize>>| r.as_ref().map(|r| &text[r.clone()]);
-    let s = |r: &Option<Range<usize>>| r.as_ref().and_then(|r| json::as_str(text, r));
-    let cid = raw(&a.cid);
-    // An answer to a request the router sent: {"cid":R,"res":"suc"|"err"}.
-    if a.typ.is_none() {
-        if let Some(res) = s(&a.res) {
-            let Some(request) = s(&a.cid).and_then(|c| Uuid::parse_str(&c).ok()) else {
-                out.push(Effect::Error("bad-cid"));
-                replies.err(cid, "cid of a result must be the request id", 400);
-                return;
-            };
-            if res == "err" {
-                let mut detail = b"{\"err\":".to_vec();
-                detail.extend_from_slice(raw(&a.err).unwrap_or(b"null"));
-                detail.extend_from_slice(b",\"erc\":");
-                detail.extend_from_slice(raw(&a.erc).unwrap_or(b"null"));
-                detail.push(b'}');
-                out.push(Effect::Response {
-                    request,
-                    ok: false,
-                    result: Some(detail),
-                });
-            } else {
-                out.push(Effect::Ack(request));
-                if let Some(d) = raw(&a.dat) {
-                    out.push(Effect::Response {
-                        request,
-                        ok: true,
-                        result: Some(d.to_vec()),
-                    });
-                }
-            }
+
+    fn str(&self, r: &Option<Range<usize>>) -> Option<Cow<'x, str>> {
+        let text = self.text;
+        r.as_ref().and_then(|r| json::as_str(text, r))
+    }
+
+    /// A malformed action: counted toward the bad-frame limit.
+    fn bad(&mut self, cid: Option<&[u8]>, code: &'static str, msg: &str, erc: u16) {
+        self.out.push(Effect::Error(code));
+        self.replies.err(cid, msg, erc);
+    }
+
+    /// A well-formed action the router does not do for a device: counted, answered.
+    fn refuse(&mut self, cid: Option<&[u8]>, code: &'static str, msg: &str, erc: u16) {
+        self.out.push(Effect::Refused(code));
+        self.replies.err(cid, msg, erc);
+    }
+
+    fn action(&mut self) {
+        // The frame was validated whole: an element that is not an object is the only error.
+        if self.scratch.parse_object(self.text).is_err() {
+            self.bad(None, "bad-action", "an action must be an object", 400);
             return;
         }
-    }
-    match (s(&a.typ).as_deref(), s(&a.act).as_deref()) {
-        (Some("sys"), Some("hbt" | "aut")) => replies.ok(cid),
-        (Some("obj"), Some(act @ ("set" | "upd"))) => {
-            let mut buf = Uuid::encode_buffer();
-            let own = meta.device.hyphenated().encode_lower(&mut buf);
-            if s(&a.id).as_deref() != Some(own) {
-                out.push(Effect::Error("forbidden"));
-                replies.err(cid, "a device may only update its own object", 403);
-                return;
-            }
-            let ty = if a.loc.is_some() {
-                "location"
-            } else {
-                "object-data"
-            };
-            let mut ev = Vec::with_capacity(text.len() + 256);
-            ev.extend_from_slice(b"{\"type\":\"");
-            ev.extend_from_slice(ty.as_bytes());
-            ev.extend_from_slice(b"\",\"action\":\"");
-            ev.extend_from_slice(act.as_bytes());
-            ev.extend_from_slice(b"\",\"id\":\"");
-            ev.extend_from_slice(own.as_bytes());
-            ev.push(b'"');
-            if let Some(r) = raw(&a.rea) {
-                ev.extend_from_slice(b",\"realm\":");
-                ev.extend_from_slice(r);
-            }
-            if let Some(loc) = raw(&a.loc) {
-                // A `loc` that is not an object makes a location event without one.
-                if scratch.parse_object(loc).is_ok() {
-                    ev.extend_from_slice(b",\"location\":");
-                    push_spelled(&mut ev, loc, &scratch.members);
+        let text = self.text;
+        let a = Action::read(text, &self.scratch.members);
+        let cid = a.cid.as_ref().map(|r| &text[r.clone()]);
+        let typ = a.typ.as_ref().and_then(|r| json::as_str(text, r));
+        let act = a.act.as_ref().and_then(|r| json::as_str(text, r));
+        match (typ.as_deref(), act.as_deref()) {
+            (Some("sys"), Some("hbt" | "aut")) => self.replies.ok(cid),
+            (Some("rea"), Some("rea")) => {
+                if self.own_realm(cid, &a.id, "id") {
+                    let realm = self.s.realm;
+                    self.replies.ok_with(cid, |o| push_realm(o, realm, true));
                 }
             }
-            if let Some(d) = raw(&a.dat) {
-                ev.extend_from_slice(b",\"data\":");
-                ev.extend_from_slice(d);
+            (Some("rea"), Some("lis")) => {
+                let realm = self.s.realm;
+                self.replies.ok_with(cid, |o| {
+                    o.push(b'{');
+                    json::push_str(o, realm);
+                    o.push(b':');
+                    push_realm(o, realm, false);
+                    o.push(b'}');
+                });
             }
-            if let Some(l) = raw(&a.lab) {
-                ev.extend_from_slice(b",\"labels\":");
-                ev.extend_from_slice(l);
+            (Some("rea"), Some(act @ ("sub" | "uns" | "pub"))) => {
+                if self.own_realm(cid, &a.id, "id") {
+                    match act {
+                        "pub" => self.publish(cid, &a),
+                        _ => self.pubsub_subscription(cid, &a, act == "sub"),
+                    }
+                }
+            }
+            (Some("rea"), Some("cre" | "upd" | "del")) => self.refuse(
+                cid,
+                "forbidden",
+                "a device cannot create, change or delete realms",
+                403,
+            ),
+            (Some("sub"), Some("cre")) => self.subscription(cid, &a),
+            (Some("sub"), Some("del")) => self.replies.ok(cid),
+            (Some("obj"), Some(act @ ("cre" | "upd" | "set"))) => self.object(cid, &a, act),
+            (Some("obj"), Some("del")) => self.refuse(
+                cid,
+                "forbidden",
+                "a device cannot delete objects; the backend owns them",
+                403,
+            ),
+            (Some("obj"), Some("rea" | "lis"))
+            | (Some("rea"), Some("sea"))
+            | (Some("sys"), Some("sta"))
+            | (Some("sub"), Some("upd"))
+            | (Some("are" | "ins" | "his" | "tsk" | "log"), Some(_)) => self.refuse(
+                cid,
+                "unsupported",
+                "not served by the gateway: objects, areas, tasks, instructions and history \
+                 are kept by the backend",
+                501,
+            ),
+            _ => self.bad(cid, "bad-action", "unknown action (typ/act)", 400),
+        }
+    }
+
+    /// Is the realm named by `field` the device's? Answers 400/403 when not.
+    fn own_realm(&mut self, cid: Option<&[u8]>, field: &Option<Range<usize>>, name: &str) -> bool {
+        match self.str(field) {
+            Some(r) if r == self.s.realm => true,
+            Some(_) => {
+                let msg = format!("a device may only use its own realm ({})", self.s.realm);
+                self.refuse(cid, "forbidden", &msg, 403);
+                false
+            }
+            None => {
+                let msg = format!("`{name}` must name the realm");
+                self.bad(cid, "bad-action", &msg, 400);
+                false
+            }
+        }
+    }
+
+    /// `sub cre`: the realm's own data (which the client's `Realm` subscribes to on its
+    /// own) and the realm list are accepted; nothing about them changes for a device, so
+    /// nothing is ever pushed. Object, area, task and log subscriptions are the backend's.
+    fn subscription(&mut self, cid: Option<&[u8]>, a: &Action) {
+        let kind = match self.raw(&a.dat) {
+            Some(d) => match self.scratch.parse_object(d) {
+                Ok(()) => self
+                    .scratch
+                    .find(d, "typ")
+                    .and_then(|m| json::as_str(d, &m.value)),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        match kind.as_deref() {
+            Some("rea") if self.own_realm(cid, &a.rea, "rea") => self.replies.ok(cid),
+            Some("rea") => {}
+            Some("sys") => self.replies.ok(cid),
+            Some("obj" | "are" | "ins" | "log" | "tsk") => self.refuse(
+                cid,
+                "unsupported",
+                "subscriptions to objects, areas, tasks, instructions and logs are not served \
+                 by the gateway; subscribe to the realm's pubsub events",
+                501,
+            ),
+            _ => self.bad(
+                cid,
+                "bad-subscription",
+                "`dat.typ` must name what to subscribe to",
+                400,
+            ),
+        }
+    }
+
+    /// `dat: {"eve": E, "idp": P}` of a pubsub action (`idp` defaults to `*`).
+    fn event_and_pattern(
+        &mut self,
+        a: &Action,
+    ) -> Option<(Cow<'x, str>, Cow<'x, str>, Option<&'x [u8]>)> {
+        let d = self.raw(&a.dat)?;
+        self.scratch.parse_object(d).ok()?;
+        let field = |name| self.scratch.find(d, name).map(|m| m.value.clone());
+        let (eve, idp, data) = (field("eve"), field("idp"), field("dat"));
+        let eve = json::as_str(d, eve.as_ref()?)?;
+        let idp = match idp {
+            Some(r) => json::as_str(d, &r)?,
+            None => Cow::Borrowed("*"),
+        };
+        let data = data.map(|r| &d[r]);
+        (!eve.is_empty() && eve.len() <= MAX_NAME && !idp.is_empty() && idp.len() <= MAX_NAME)
+            .then_some((eve, idp, data))
+    }
+
+    /// `rea sub` / `rea uns`: a pubsub subscription of this connection.
+    fn pubsub_subscription(&mut self, cid: Option<&[u8]>, a: &Action, subscribe: bool) {
+        let Some((eve, idp, _)) = self.event_and_pattern(a) else {
+            let msg = format!(
+                "`dat` must be {{\"eve\": event, \"idp\": id pattern}} (strings of 1 to {MAX_NAME} bytes)"
+            );
+            self.bad(cid, "bad-subscription", &msg, 400);
+            return;
+        };
+        let list = &mut *self.subs;
+        let at = list
+            .subs
+            .iter()
+            .position(|(e, p)| **e == *eve && **p == *idp);
+        if !subscribe {
+            if let Some(i) = at {
+                list.subs.remove(i);
+            }
+            self.replies.ok(cid);
+            return;
+        }
+        let received = list.receives_requests(&self.s.meta.device);
+        if at.is_none() {
+            if list.subs.len() >= MAX_SUBSCRIPTIONS {
+                let msg =
+                    format!("at most {MAX_SUBSCRIPTIONS} pubsub subscriptions per connection");
+                self.refuse(cid, "too-many-subscriptions", &msg, 413);
+                return;
+            }
+            list.subs.push((eve.into(), idp.into()));
+        }
+        if !received && list.receives_requests(&self.s.meta.device) {
+            // Pending requests go out now (after a reconnect too: the client
+            // subscribes anew on the new connection).
+            self.out.push(Effect::Ready);
+        }
+        self.replies.ok(cid);
+    }
+
+    /// `rea pub`: an ack or an answer to a request, or any other event of the device's,
+    /// published to the backend as a `pubsub` device event.
+    fn publish(&mut self, cid: Option<&[u8]>, a: &Action) {
+        let Some((eve, idp, data)) = self.event_and_pattern(a) else {
+            let msg = format!(
+                "`dat` must be {{\"eve\": event, \"idp\": id pattern, \"dat\": data}} (names of 1 to {MAX_NAME} bytes)"
+            );
+            self.bad(cid, "bad-action", &msg, 400);
+            return;
+        };
+        let data = data.unwrap_or(b"null");
+        match &*eve {
+            ACK_EVENT | RESPONSE_EVENT => {
+                let Some(request) = self.request_id(data) else {
+                    let msg = format!(
+                        "{eve}: `dat` must be {{\"id\": request id}} (the id of a {REQUEST_EVENT})"
+                    );
+                    self.bad(cid, "bad-request-id", &msg, 400);
+                    return;
+                };
+                if eve == ACK_EVENT {
+                    self.out.push(Effect::Ack(request));
+                } else {
+                    // `scratch` holds `data`'s members (read by request_id).
+                    let member = |name| {
+                        self.scratch
+                            .find(&data, name)
+                            .map(|m| data[m.value.clone()].to_vec())
+                    };
+                    match (member("error"), member("result")) {
+                        (Some(e), _) => self.out.push(Effect::Response {
+                            request,
+                            ok: false,
+                            result: Some(e),
+                        }),
+                        (None, r) => {
+                            self.out.push(Effect::Ack(request));
+                            self.out.push(Effect::Response {
+                                request,
+                                ok: true,
+                                result: r,
+                            });
+                        }
+                    }
+                }
+            }
+            _ => {
+                let mut ev = Vec::with_capacity(data.len() + eve.len() + idp.len() + 200);
+                ev.extend_from_slice(br#"{"type":"pubsub","realm":"#);
+                json::push_str(&mut ev, self.s.realm);
+                ev.extend_from_slice(br#","event":"#);
+                json::push_str(&mut ev, &eve);
+                ev.extend_from_slice(br#","idPattern":"#);
+                json::push_str(&mut ev, &idp);
+                ev.extend_from_slice(br#","data":"#);
+                ev.extend_from_slice(data);
+                ev.push(b',');
+                push_meta(&mut ev, self.s.meta, &service_json(DEVICE_SERVICE));
+                ev.push(b'}');
+                self.out.push(Effect::Publish {
+                    ty: "pubsub".into(),
+                    body: ev,
+                });
+            }
+        }
+        self.replies.ok(cid);
+    }
+
+    /// The request id of an ack or answer: `{"id": R}` or the string `R`.
+    fn request_id(&mut self, data: &[u8]) -> Option<Uuid> {
+        let id = if data.first() == Some(&b'"') {
+            json::as_str(data, &(0..data.len()))?
+        } else {
+            self.scratch.parse_object(data).ok()?;
+            let m = self.scratch.find(data, "id")?;
+            json::as_str(data, &m.value)?
+        };
+        Uuid::parse_str(&id).ok()
+    }
+
+    /// `obj cre|upd|set` of the device's own object: published as a `location` event
+    /// (with `loc`) or an `object-data` event, every member spelled out.
+    fn object(&mut self, cid: Option<&[u8]>, a: &Action, act: &str) {
+        let mut buf = Uuid::encode_buffer();
+        let own = self.s.meta.device.hyphenated().encode_lower(&mut buf);
+        if self.str(&a.id).as_deref() != Some(own) {
+            self.refuse(
+                cid,
+                "forbidden",
+                "a device may only write its own object",
+                403,
+            );
+            return;
+        }
+        if a.rea.is_some() && !self.own_realm(cid, &a.rea, "rea") {
+            return;
+        }
+        let ty = if a.loc.is_some() {
+            "location"
+        } else {
+            "object-data"
+        };
+        let text = self.text;
+        let mut ev = Vec::with_capacity(text.len() + 256);
+        ev.extend_from_slice(b"{\"type\":\"");
+        ev.extend_from_slice(ty.as_bytes());
+        ev.extend_from_slice(b"\",\"action\":\"");
+        ev.extend_from_slice(act.as_bytes());
+        ev.extend_from_slice(b"\",\"id\":\"");
+        ev.extend_from_slice(own.as_bytes());
+        ev.extend_from_slice(b"\",\"realm\":");
+        json::push_str(&mut ev, self.s.realm);
+        // The action's own members, minus the ones read above; the location object
+        // spelled out too. Where two members end up with the same name, the last counts.
+        let members = std::mem::take(&mut self.scratch.members);
+        let carried: Vec<&Member> = members
+            .iter()
+            .filter(|m| !CONTROL_KEYS.iter().any(|k| json::key_is(text, m, k)))
+            .collect();
+        for (i, m) in carried.iter().enumerate() {
+            let name = spelled(text, m, &FIELD_KEYS);
+            if matches!(&*name, b"type" | b"action" | b"id" | b"realm")
+                || carried[i + 1..]
+                    .iter()
+                    .any(|later| spelled(text, later, &FIELD_KEYS) == name)
+            {
+                continue;
             }
             ev.push(b',');
-            push_meta(&mut ev, meta, &service_json(DEVICE_SERVICE));
-            ev.push(b'}');
-            out.push(Effect::Publish {
-                ty: ty.into(),
-                body: ev,
-            });
-            replies.ok(cid);
+            push_key(&mut ev, text, m, &name, &FIELD_KEYS);
+            let value = &text[m.value.clone()];
+            if &*name == b"location" && self.scratch.parse_object(value).is_ok() {
+                push_spelled_object(&mut ev, value, &self.scratch.members, &LOC_KEYS);
+            } else {
+                ev.extend_from_slice(value);
+            }
         }
-        _ => {
-            out.push(Effect::Error("bad-action"));
-            replies.err(cid, "unknown action (typ/act)", 400);
-        }
+        self.scratch.members = members;
+        ev.push(b',');
+        push_meta(&mut ev, self.s.meta, &service_json(DEVICE_SERVICE));
+        ev.push(b'}');
+        self.out.push(Effect::Publish {
+            ty: ty.into(),
+            body: ev,
+        });
+        self.replies.ok(cid);
     }
 }
 
-/// The `loc` object with its short keys spelled out (`lon` -> `longitude`; others kept
-/// as written). Where two members end up with the same name, the last one is written.
-fn push_spelled(ev: &mut Vec<u8>, loc: &[u8], members: &[Member]) {
-    fn spelled<'t>(loc: &'t [u8], m: &Member) -> Cow<'t, [u8]> {
-        let k = key(loc, m);
-        match LOC_KEYS.iter().find(|(short, _)| short.as_bytes() == &*k) {
-            Some((_, long)) => Cow::Borrowed(long.as_bytes()),
-            None => k,
-        }
+/// A realm as the client reads it: `{"id":R,"lab":R,"dat":{}}` (no `id` in a list).
+fn push_realm(o: &mut Vec<u8>, realm: &str, with_id: bool) {
+    o.push(b'{');
+    if with_id {
+        o.extend_from_slice(b"\"id\":");
+        json::push_str(o, realm);
+        o.push(b',');
     }
-    ev.push(b'{');
+    o.extend_from_slice(b"\"lab\":");
+    json::push_str(o, realm);
+    o.extend_from_slice(b",\"dat\":{}}");
+}
+
+/// A member's name spelled out by `table`; other names as written (unescaped).
+fn spelled<'t>(text: &'t [u8], m: &Member, table: &[(&str, &'static str)]) -> Cow<'t, [u8]> {
+    let k = key(text, m);
+    match table.iter().find(|(short, _)| short.as_bytes() == &*k) {
+        Some((_, long)) => Cow::Borrowed(long.as_bytes()),
+        None => k,
+    }
+}
+
+/// `"name":` for a member: a spelled-out name written plainly, any other kept as the
+/// device wrote it (escapes and all).
+fn push_key(
+    out: &mut Vec<u8>,
+    text: &[u8],
+    m: &Member,
+    name: &[u8],
+    table: &[(&str, &'static str)],
+) {
+    if m.key_escaped && table.iter().all(|(_, long)| long.as_bytes() != name) {
+        out.extend_from_slice(&text[m.key.clone()]);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(name);
+        out.push(b'"');
+    }
+    out.push(b':');
+}
+
+/// An object with its short keys spelled out by `table` (`lon` -> `longitude`; others
+/// kept as written). Where two members end up with the same name, the last is written.
+fn push_spelled_object(
+    out: &mut Vec<u8>,
+    obj: &[u8],
+    members: &[Member],
+    table: &[(&str, &'static str)],
+) {
+    out.push(b'{');
     let mut first = true;
     for (i, m) in members.iter().enumerate() {
-        let name = spelled(loc, m);
+        let name = spelled(obj, m, table);
         if members[i + 1..]
             .iter()
-            .any(|later| spelled(loc, later) == name)
+            .any(|later| spelled(obj, later, table) == name)
         {
             continue;
         }
         if !first {
-            ev.push(b',');
+            out.push(b',');
         }
         first = false;
-        if m.key_escaped && LOC_KEYS.iter().all(|(_, long)| long.as_bytes() != &*name) {
-            // Kept as written, escapes and all.
-            ev.extend_from_slice(&loc[m.key.clone()]);
-        } else {
-            ev.push(b'"');
-            ev.extend_from_slice(&name);
-            ev.push(b'"');
-        }
-        ev.push(b':');
-        ev.extend_from_slice(&loc[m.value.clone()]);
+        push_key(out, obj, m, &name, table);
+        out.extend_from_slice(&obj[m.value.clone()]);
     }
-    ev.push(b'}');
+    out.push(b'}');
 }
 
-/// A backend event: `[{"typ":"rea","act":"pub","dat":{"eve":<type>,"dat":<event>}}]`.
-/// The event is copied as it is; `eve` is its `type` member (`null` without one, and
-/// both `null` if the body is not JSON).
-pub fn encode_event(body: &[u8]) -> Vec<u8> {
+/// `{"typ":"rea","act":"pub","rea":R,"sid":P,"dat":{"eve":E,"dat":`, the start of
+/// one pubsub delivery (the data and `}}` follow).
+fn push_delivery_head(out: &mut Vec<u8>, realm: &str, eve: &str, idp: &str) {
+    out.push(if out.is_empty() { b'[' } else { b',' });
+    out.extend_from_slice(br#"{"typ":"rea","act":"pub","rea":"#);
+    json::push_str(out, realm);
+    out.extend_from_slice(br#","sid":"#);
+    json::push_str(out, idp);
+    out.extend_from_slice(br#","dat":{"eve":"#);
+    json::push_str(out, eve);
+    out.extend_from_slice(br#","dat":"#);
+}
+
+/// A backend event as pubsub messages of the device's realm, one per subscription it
+/// reaches (the client matches each to one callback by event and id pattern), in one
+/// frame. The event's name is its `type` member. None: no subscription receives it.
+pub fn encode_event(s: &Session, subs: &Subscriptions, body: &[u8]) -> Option<Vec<u8>> {
     let mut scratch = Scratch::default();
-    let (ty, ev): (&[u8], &[u8]) = match scratch.parse_object(body) {
+    let (ty, ev): (Cow<str>, &[u8]) = match scratch.parse_object(body) {
         Ok(()) => (
             scratch
                 .find(body, "type")
-                .map_or(&b"null"[..], |m| &body[m.value.clone()]),
+                .and_then(|m| json::as_str(body, &m.value))
+                .unwrap_or(Cow::Borrowed("")),
             body,
         ),
-        Err(json::JsonError::NotObject) => (b"null", body),
-        Err(json::JsonError::Invalid) => (b"null", b"null"),
+        Err(json::JsonError::NotObject) => (Cow::Borrowed(""), body),
+        Err(json::JsonError::Invalid) => (Cow::Borrowed(""), b"null"),
     };
-    let mut out = Vec::with_capacity(ev.len() + ty.len() + 48);
-    out.extend_from_slice(br#"[{"typ":"rea","act":"pub","dat":{"eve":"#);
-    out.extend_from_slice(ty);
-    out.extend_from_slice(br#","dat":"#);
-    out.extend_from_slice(ev);
-    out.extend_from_slice(b"}}]");
-    out
+    let mut buf = Uuid::encode_buffer();
+    let own = s.meta.device.hyphenated().encode_lower(&mut buf);
+    let mut out = Vec::new();
+    for (eve, idp) in subs.receiving(&ty, own) {
+        push_delivery_head(&mut out, s.realm, eve, idp);
+        out.extend_from_slice(ev);
+        out.extend_from_slice(b"}}");
+    }
+    if out.is_empty() {
+        return None;
+    }
+    out.push(b']');
+    Some(out)
 }
 
-/// A request: `[{"typ":"ins","act":"cre","cid":R,"dat":{"command":C,"payload":P}}]`
-/// (`P` as the backend sent it; `null` if that is not JSON).
-pub fn encode_request(request: Uuid, command: &str, payload: &[u8]) -> Vec<u8> {
+/// A backend request as a [`REQUEST_EVENT`] pubsub message:
+/// `dat: {"id":R,"command":C,"payload":P}` (`P` as the backend sent it; `null` if that
+/// is not JSON). None: the device has not subscribed to requests (yet).
+pub fn encode_request(
+    s: &Session,
+    subs: &Subscriptions,
+    request: Uuid,
+    command: &str,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
     let p: &[u8] = if json::validate(payload) {
         payload
     } else {
         b"null"
     };
-    let mut out = Vec::with_capacity(p.len() + command.len() + 96);
-    out.extend_from_slice(br#"[{"typ":"ins","act":"cre","cid":""#);
-    push_uuid(&mut out, &request);
-    out.extend_from_slice(br#"","dat":{"command":"#);
-    json::push_str(&mut out, command);
-    out.extend_from_slice(br#","payload":"#);
-    out.extend_from_slice(p);
-    out.extend_from_slice(b"}}]");
-    out
+    let mut buf = Uuid::encode_buffer();
+    let own = s.meta.device.hyphenated().encode_lower(&mut buf);
+    let mut out = Vec::new();
+    for (eve, idp) in subs.receiving(REQUEST_EVENT, own) {
+        push_delivery_head(&mut out, s.realm, eve, idp);
+        out.extend_from_slice(br#"{"id":""#);
+        push_uuid(&mut out, &request);
+        out.extend_from_slice(br#"","command":"#);
+        json::push_str(&mut out, command);
+        out.extend_from_slice(br#","payload":"#);
+        out.extend_from_slice(p);
+        out.extend_from_slice(b"}}}");
+    }
+    if out.is_empty() {
+        return None;
+    }
+    out.push(b']');
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
+    use serde_json::{json, Value};
+
+    const REALM: &str = "fleet-a";
 
     fn meta() -> Meta {
         Meta {
@@ -397,10 +853,43 @@ mod tests {
         }
     }
 
+    struct Dev {
+        meta: Meta,
+        subs: Subscriptions,
+    }
+
+    impl Dev {
+        fn new() -> Self {
+            Dev {
+                meta: meta(),
+                subs: Subscriptions::default(),
+            }
+        }
+        fn run(&mut self, frame: &str) -> Vec<Effect> {
+            let mut out = Vec::new();
+            let s = Session {
+                meta: &self.meta,
+                realm: REALM,
+            };
+            on_text(
+                &s,
+                &mut self.subs,
+                frame.as_bytes(),
+                &mut Scratch::default(),
+                &mut out,
+            );
+            out
+        }
+        fn session(&self) -> Session<'_> {
+            Session {
+                meta: &self.meta,
+                realm: REALM,
+            }
+        }
+    }
+
     fn run(frame: &str) -> Vec<Effect> {
-        let mut out = Vec::new();
-        on_text(&meta(), frame.as_bytes(), &mut Scratch::default(), &mut out);
-        out
+        Dev::new().run(frame)
     }
 
     fn last_send(out: &[Effect]) -> Value {
@@ -410,45 +899,252 @@ mod tests {
         }
     }
 
-    #[test]
-    fn heartbeat_and_batches() {
-        let out = run(r#"[{"typ":"sys","act":"hbt","cid":"h1"}]"#);
-        assert_eq!(last_send(&out), json!([{"cid":"h1","res":"suc"}]));
-        let d = meta().device;
-        let out = run(&format!(
-            r#"[{{"typ":"obj","act":"upd","id":"{d}","cid":1,"loc":{{"lon":1.5,"lat":2.5,"tim":3}}}},
-                {{"typ":"obj","act":"set","id":"{d}","cid":2,"dat":{{"temp":20}},"lab":{{"a":"b"}}}},
-                {{"typ":"obj","act":"upd","id":"{}","cid":3}}]"#,
-            Uuid::from_u128(5)
-        ));
-        let pubs: Vec<Value> = out
-            .iter()
+    fn published(out: &[Effect]) -> Vec<Value> {
+        out.iter()
             .filter_map(|e| match e {
                 Effect::Publish { body, .. } => Some(serde_json::from_slice(body).unwrap()),
                 _ => None,
             })
-            .collect();
-        assert_eq!(pubs.len(), 2);
+            .collect()
+    }
+
+    #[test]
+    fn heartbeat_realm_and_object_writes() {
+        let out = run(r#"[{"typ":"sys","act":"hbt","cid":"h1"}]"#);
+        assert_eq!(last_send(&out), json!([{"cid":"h1","res":"suc"}]));
+        let out = run(
+            r#"[{"typ":"rea","act":"rea","id":"fleet-a","cid":"r"},{"typ":"rea","act":"lis","cid":"l"}]"#,
+        );
+        assert_eq!(
+            last_send(&out),
+            json!([{"cid":"r","res":"suc","dat":{"id":"fleet-a","lab":"fleet-a","dat":{}}},
+                   {"cid":"l","res":"suc","dat":{"fleet-a":{"lab":"fleet-a","dat":{}}}}])
+        );
+        let out = run(r#"[{"typ":"rea","act":"rea","id":"other","cid":"r"}]"#);
+        assert_eq!(last_send(&out)[0]["erc"], 403);
+        assert_eq!(out[0], Effect::Refused("forbidden"));
+
+        let d = meta().device;
+        let out = run(&format!(
+            r#"[{{"typ":"obj","act":"upd","id":"{d}","rea":"fleet-a","cid":1,"loc":{{"lon":1.5,"lat":2.5,"tim":3,"gcs":"wgs84","alc":4,"acc":2}}}},
+                {{"typ":"obj","act":"set","id":"{d}","dat":{{"temp":20}},"lab":"pump 7","tds":["t1"],"atr":["x"],"zzz":1}},
+                {{"typ":"obj","act":"cre","id":"{d}","rea":"fleet-a","cid":2,"lab":"pump 7","dat":{{"a":1}}}},
+                {{"typ":"obj","act":"upd","id":"{}","cid":3}},
+                {{"typ":"obj","act":"upd","id":"{d}","rea":"elsewhere","cid":4}}]"#,
+            Uuid::from_u128(5)
+        ));
+        let pubs = published(&out);
+        assert_eq!(pubs.len(), 3);
         assert_eq!(pubs[0]["type"], "location");
+        assert_eq!(pubs[0]["realm"], "fleet-a");
         assert_eq!(
             pubs[0]["location"],
-            json!({"longitude":1.5,"latitude":2.5,"time":3})
+            json!({"longitude":1.5,"latitude":2.5,"time":3,"coordinateSystem":"wgs84","altitudeAccuracy":4,"accuracy":2})
         );
         assert_eq!(pubs[1]["type"], "object-data");
+        assert_eq!(pubs[1]["action"], "set");
         assert_eq!(pubs[1]["data"]["temp"], 20);
-        assert_eq!(pubs[1]["labels"]["a"], "b");
+        assert_eq!(pubs[1]["label"], "pump 7");
+        assert_eq!(pubs[1]["taskIds"], json!(["t1"]));
+        assert_eq!(pubs[1]["attribute"], json!(["x"]));
+        assert_eq!(pubs[1]["zzz"], 1);
         assert_eq!(pubs[1]["device"], d.to_string());
+        assert_eq!(pubs[2]["action"], "cre");
         let replies = last_send(&out);
+        // The `set` had no cid: nothing for it on success.
         assert_eq!(replies[0], json!({"cid":1,"res":"suc"}));
         assert_eq!(replies[1], json!({"cid":2,"res":"suc"}));
         assert_eq!(
-            (
-                replies[2]["cid"].clone(),
-                replies[2]["res"].clone(),
-                replies[2]["erc"].clone()
-            ),
-            (json!(3), json!("err"), json!(403))
+            (replies[2]["cid"].clone(), replies[2]["erc"].clone()),
+            (json!(3), json!(403))
         );
+        assert_eq!(
+            (replies[3]["cid"].clone(), replies[3]["erc"].clone()),
+            (json!(4), json!(403))
+        );
+        assert_eq!(replies.as_array().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn requests_arrive_once_subscribed_and_are_acked_by_publishing() {
+        let mut dev = Dev::new();
+        let r = Uuid::from_u128(8);
+        // Not subscribed: the request waits (None), as does an event.
+        assert!(encode_request(&dev.session(), &dev.subs, r, "reboot", b"{}").is_none());
+        let out = dev.run(
+            r#"[{"typ":"rea","act":"sub","id":"fleet-a","dat":{"eve":"cfg","idp":"*"},"cid":"a"}]"#,
+        );
+        assert!(!out.contains(&Effect::Ready));
+        assert!(encode_request(&dev.session(), &dev.subs, r, "reboot", b"{}").is_none());
+        let out = dev.run(r#"[{"typ":"rea","act":"sub","id":"fleet-a","dat":{"eve":"hive.request","idp":"*"},"cid":"b"}]"#);
+        assert_eq!(out[0], Effect::Ready);
+        assert_eq!(last_send(&out), json!([{"cid":"b","res":"suc"}]));
+        // Only the subscription that starts the flow of requests resends what waits.
+        let out = dev.run(r#"[{"typ":"rea","act":"sub","id":"fleet-a","dat":{"eve":"hive.request","idp":"x"},"cid":"b2"}]"#);
+        assert!(!out.contains(&Effect::Ready));
+        dev.run(
+            r#"[{"typ":"rea","act":"uns","id":"fleet-a","dat":{"eve":"hive.request","idp":"x"}}]"#,
+        );
+        let frame = encode_request(&dev.session(), &dev.subs, r, "reboot", br#"{"x":1}"#).unwrap();
+        let v: Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(
+            v,
+            json!([{"typ":"rea","act":"pub","rea":"fleet-a","sid":"*","dat":{"eve":"hive.request","dat":{"id":r,"command":"reboot","payload":{"x":1}}}}])
+        );
+        let out = dev.run(&format!(
+            r#"[{{"typ":"rea","act":"pub","id":"fleet-a","dat":{{"eve":"hive.ack","idp":"*","dat":{{"id":"{r}"}}}},"cid":"c"}}]"#
+        ));
+        assert_eq!(out[0], Effect::Ack(r));
+        let out = dev.run(&format!(
+            r#"[{{"typ":"rea","act":"pub","id":"fleet-a","dat":{{"eve":"hive.response","dat":{{"id":"{r}","result":{{"up":1}}}}}},"cid":"d"}},
+                {{"typ":"rea","act":"pub","id":"fleet-a","dat":{{"eve":"hive.response","dat":{{"id":"{r}","error":"busy"}}}},"cid":"e"}}]"#
+        ));
+        assert_eq!(out[0], Effect::Ack(r));
+        assert_eq!(
+            out[1],
+            Effect::Response {
+                request: r,
+                ok: true,
+                result: Some(br#"{"up":1}"#.to_vec())
+            }
+        );
+        assert_eq!(
+            out[2],
+            Effect::Response {
+                request: r,
+                ok: false,
+                result: Some(br#""busy""#.to_vec())
+            }
+        );
+        let out = dev.run(r#"[{"typ":"rea","act":"pub","id":"fleet-a","dat":{"eve":"hive.ack","dat":{"id":"nope"}},"cid":"f"}]"#);
+        assert_eq!(out[0], Effect::Error("bad-request-id"));
+        assert_eq!(last_send(&out)[0]["erc"], 400);
+        // Unsubscribed again: requests wait.
+        dev.run(r#"[{"typ":"rea","act":"uns","id":"fleet-a","dat":{"eve":"hive.request","idp":"*"},"cid":"g"}]"#);
+        assert!(encode_request(&dev.session(), &dev.subs, r, "reboot", b"{}").is_none());
+    }
+
+    #[test]
+    fn events_reach_each_matching_subscription() {
+        let mut dev = Dev::new();
+        let d = meta().device;
+        dev.run(&format!(
+            r#"[{{"typ":"rea","act":"sub","id":"fleet-a","dat":{{"eve":"cfg","idp":"*"}}}},
+                {{"typ":"rea","act":"sub","id":"fleet-a","dat":{{"eve":"cfg","idp":"{d}"}}}},
+                {{"typ":"rea","act":"sub","id":"fleet-a","dat":{{"eve":"cfg","idp":"someone-else"}}}},
+                {{"typ":"rea","act":"sub","id":"fleet-a","dat":{{"eve":"*"}}}},
+                {{"typ":"rea","act":"sub","id":"fleet-a","dat":{{"eve":"other"}}}}]"#
+        ));
+        let frame = encode_event(&dev.session(), &dev.subs, br#"{"type":"cfg","k":1}"#).unwrap();
+        let v: Value = serde_json::from_slice(&frame).unwrap();
+        let got: Vec<(Value, Value)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["sid"].clone(), m["dat"]["eve"].clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (json!("*"), json!("cfg")),
+                (json!(d.to_string()), json!("cfg")),
+                (json!("*"), json!("*"))
+            ]
+        );
+        assert_eq!(v[0]["rea"], "fleet-a");
+        assert_eq!(v[0]["dat"]["dat"], json!({"type":"cfg","k":1}));
+        assert!(v[0].get("cid").is_none());
+        // `*` does not take requests.
+        let r = Uuid::from_u128(3);
+        assert!(encode_request(&dev.session(), &dev.subs, r, "x", b"1").is_none());
+        // No subscription for this type but `*`.
+        let frame = encode_event(&dev.session(), &dev.subs, br#"{"type":"zzz"}"#).unwrap();
+        let v: Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 1);
+        assert!(encode_event(
+            &Dev::new().session(),
+            &Subscriptions::default(),
+            br#"{"type":"cfg"}"#
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn device_publishes_go_to_the_backend() {
+        let out = run(
+            r#"[{"typ":"rea","act":"pub","id":"fleet-a","dat":{"eve":"door","idp":"*","dat":{"open":true}},"cid":"p"}]"#,
+        );
+        let p = published(&out);
+        assert_eq!(p[0]["type"], "pubsub");
+        assert_eq!(p[0]["event"], "door");
+        assert_eq!(p[0]["data"], json!({"open":true}));
+        assert_eq!(p[0]["realm"], "fleet-a");
+        assert_eq!(last_send(&out), json!([{"cid":"p","res":"suc"}]));
+        let out = run(r#"[{"typ":"rea","act":"pub","id":"other","dat":{"eve":"door"},"cid":"p"}]"#);
+        assert_eq!(last_send(&out)[0]["erc"], 403);
+        assert!(published(&out).is_empty());
+    }
+
+    #[test]
+    fn subscriptions_the_client_makes_on_its_own_are_accepted() {
+        let out = run(
+            r#"[{"typ":"sub","act":"cre","id":"realm-data-fleet-a-x","rea":"fleet-a","dat":{"typ":"rea","sty":"rea"},"cid":1},
+                          {"typ":"sub","act":"cre","id":"realm-subscription--y","rea":"sys","dat":{"typ":"sys","sty":"rea"},"cid":2},
+                          {"typ":"sub","act":"cre","id":"object-subscription-z","rea":"fleet-a","dat":{"typ":"obj","sty":"rea"},"cid":3},
+                          {"typ":"sub","act":"del","id":"realm-data-fleet-a-x","rea":"fleet-a","cid":4}]"#,
+        );
+        let r = last_send(&out);
+        assert_eq!(r[0], json!({"cid":1,"res":"suc"}));
+        assert_eq!(r[1], json!({"cid":2,"res":"suc"}));
+        assert_eq!(r[2]["erc"], 501);
+        assert_eq!(r[3], json!({"cid":4,"res":"suc"}));
+    }
+
+    #[test]
+    fn everything_else_is_answered() {
+        for (frame, erc) in [
+            (
+                r#"{"typ":"are","act":"lis","rea":"fleet-a","cid":"x"}"#,
+                501,
+            ),
+            (
+                r#"{"typ":"obj","act":"lis","rea":"fleet-a","cid":"x"}"#,
+                501,
+            ),
+            (r#"{"typ":"his","act":"rea","cid":"x"}"#, 501),
+            (r#"{"typ":"rea","act":"cre","id":"n","cid":"x"}"#, 403),
+            (r#"{"typ":"zzz","act":"q","cid":"x"}"#, 400),
+            (r#"{"cid":"x","res":"suc"}"#, 400),
+            (r#"{"typ":"rea","act":"sub","id":"fleet-a","cid":"x"}"#, 400),
+        ] {
+            let out = run(&format!("[{frame}]"));
+            let r = last_send(&out);
+            assert_eq!(
+                (r[0]["cid"].clone(), r[0]["erc"].clone()),
+                (json!("x"), json!(erc)),
+                "{frame}"
+            );
+        }
+    }
+
+    #[test]
+    fn subscriptions_are_bounded() {
+        let mut dev = Dev::new();
+        let many: Vec<String> = (0..MAX_SUBSCRIPTIONS + 1)
+            .map(|i| {
+                format!(
+                    r#"{{"typ":"rea","act":"sub","id":"fleet-a","dat":{{"eve":"e{i}"}},"cid":{i}}}"#
+                )
+            })
+            .collect();
+        let out = dev.run(&format!("[{}]", many.join(",")));
+        let r = last_send(&out);
+        assert_eq!(r[MAX_SUBSCRIPTIONS - 1]["res"], "suc");
+        assert_eq!(r[MAX_SUBSCRIPTIONS]["erc"], 413);
+        // The same subscription again is not a new one.
+        let out = dev
+            .run(r#"[{"typ":"rea","act":"sub","id":"fleet-a","dat":{"eve":"e0"},"cid":"again"}]"#);
+        assert_eq!(last_send(&out)[0]["res"], "suc");
     }
 
     #[test]
@@ -468,21 +1164,6 @@ mod tests {
     }
 
     #[test]
-    fn results_ack_requests() {
-        let r = Uuid::from_u128(8);
-        assert_eq!(
-            run(&format!(r#"[{{"cid":"{r}","res":"suc"}}]"#)),
-            vec![Effect::Ack(r)]
-        );
-        let out = run(&format!(
-            r#"[{{"cid":"{r}","res":"err","err":"no","erc":5}}]"#
-        ));
-        assert!(matches!(&out[0], Effect::Response { ok: false, .. }));
-        let out = run(r#"[{"cid":"zzz","res":"suc"}]"#);
-        assert_eq!(out[0], Effect::Error("bad-cid"));
-    }
-
-    #[test]
     fn malformed_frames_get_errors() {
         for bad in ["", "{}", "nope", "[", "\"x\""] {
             let out = run(bad);
@@ -497,19 +1178,16 @@ mod tests {
     }
 
     #[test]
-    fn outbound_shapes() {
-        let r = Uuid::from_u128(4);
-        let v: Value = serde_json::from_slice(&encode_request(r, "reboot", br#"{"x":1}"#)).unwrap();
-        assert_eq!(
-            v,
-            json!([{"typ":"ins","act":"cre","cid": r,"dat":{"command":"reboot","payload":{"x":1}}}])
-        );
-        let v: Value = serde_json::from_slice(&encode_event(br#"{"type":"cfg","k":1}"#)).unwrap();
-        assert_eq!(
-            v,
-            json!([{"typ":"rea","act":"pub","dat":{"eve":"cfg","dat":{"type":"cfg","k":1}}}])
-        );
-        let v: Value = serde_json::from_slice(&auth_ok()).unwrap();
+    fn auth_frames() {
+        let v: Value = serde_json::from_slice(&auth_ok("fleet-a")).unwrap();
         assert_eq!(v[0]["res"], "suc");
+        assert_eq!(v[0]["dat"]["realm"], "fleet-a");
+        assert!(v[0].get("cid").is_none());
+        assert!(v[0]["dat"]["version"].is_string());
+        let v: Value = serde_json::from_slice(&auth_err("token \"expired\"")).unwrap();
+        assert_eq!(
+            v,
+            json!([{"typ":"sys","act":"aut","res":"err","err":"token \"expired\""}])
+        );
     }
 }

@@ -453,7 +453,7 @@ impl ShardCtx {
                 "replaced by a newer connection of the same device",
             );
         }
-        conn.send_greeting(self, &preface, conn.greeting().as_deref());
+        conn.send_greeting(self, &preface, conn.greeting(self).as_deref());
         self.resend_pending(&conn);
         conn.start(self, leftover);
         self.mark(slot);
@@ -466,7 +466,7 @@ impl ShardCtx {
         for (id, p) in pending.iter() {
             if p.device == conn.meta.device && !p.acked && !p.reply.is_closed() {
                 let (command, payload) = &p.frame_parts;
-                if let Some(frame) = conn.encode_request(*id, command, payload) {
+                if let Some(frame) = conn.encode_request(self, *id, command, payload) {
                     let limit = self.shared.config.max_outbound.saturating_mul(2);
                     if !conn.send_or_close(self, OP_TEXT, &frame, limit) {
                         break;
@@ -598,7 +598,7 @@ impl ShardCtx {
                 let conn = self.routes.borrow().get(&device).cloned();
                 let d = match conn {
                     None => Delivery::Offline,
-                    Some(c) => match c.encode_event(&body) {
+                    Some(c) => match c.encode_event(self, &body) {
                         None => Delivery::NotJoined,
                         Some(frame) if c.try_send_text(self, &frame) => Delivery::Sent,
                         Some(_) => {
@@ -656,7 +656,7 @@ impl ShardCtx {
             return;
         };
         // A device that cannot take it yet (Phoenix, not joined) gets it when it can.
-        if let Some(frame) = conn.encode_request(r.request, &r.command, &r.payload) {
+        if let Some(frame) = conn.encode_request(self, r.request, &r.command, &r.payload) {
             // Requests may queue up to twice the event limit; a device that far behind
             // is not reading at all, so it is closed rather than buffered without end.
             let limit = self.shared.config.max_outbound.saturating_mul(2);

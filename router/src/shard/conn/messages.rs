@@ -4,11 +4,11 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::Conn;
+use super::{Adapter, Conn};
 use crate::bridge::RoutingKey;
 use crate::protocol::effect::Effect;
 use crate::protocol::hive::{self, Inbound};
-use crate::protocol::hivekit;
+use crate::protocol::hivekit::{self, Subscriptions};
 use crate::protocol::phoenix::{self, Vsn};
 use crate::protocol::ws::OP_BINARY;
 use crate::shard::{Protocol, ShardCtx};
@@ -77,7 +77,7 @@ impl Conn {
             Protocol::Hive => self.on_hive(ctx, payload),
             Protocol::Phoenix(_) => {
                 let mut effects = Vec::new();
-                if let Some(phx) = self.phx.borrow_mut().as_mut() {
+                if let Some(Adapter::Phoenix(phx)) = self.adapter.borrow_mut().as_deref_mut() {
                     phx.on_text(
                         &self.meta,
                         payload,
@@ -89,12 +89,27 @@ impl Conn {
             }
             Protocol::Hivekit => {
                 let mut effects = Vec::new();
-                hivekit::on_text(
-                    &self.meta,
-                    payload,
-                    &mut ctx.scratch.borrow_mut(),
-                    &mut effects,
-                );
+                self.hivekit_session(ctx, |s| {
+                    let mut slot = self.adapter.borrow_mut();
+                    let mut fresh = Subscriptions::default();
+                    let subs = match slot.as_deref_mut() {
+                        Some(Adapter::Hivekit(subs)) => subs,
+                        _ => &mut fresh,
+                    };
+                    hivekit::on_text(
+                        s,
+                        subs,
+                        payload,
+                        &mut ctx.scratch.borrow_mut(),
+                        &mut effects,
+                    );
+                    // Kept only while there are subscriptions.
+                    if !fresh.is_empty() {
+                        *slot = Some(Box::new(Adapter::Hivekit(fresh)));
+                    } else if matches!(slot.as_deref(), Some(Adapter::Hivekit(s)) if s.is_empty()) {
+                        *slot = None;
+                    }
+                });
                 self.apply_unless_not_utf8(ctx, payload, hivekit::BAD_FRAME, effects);
             }
         }
@@ -185,6 +200,7 @@ impl Conn {
                     had_error = true;
                     ctx.metrics().adapter_error(self.protocol, code);
                 }
+                Effect::Refused(code) => ctx.metrics().adapter_error(self.protocol, code),
                 Effect::Close(code, reason) => self.fail(ctx, code, reason),
             }
         }
@@ -196,11 +212,11 @@ impl Conn {
     }
 
     /// The greeting after authentication, in this connection's protocol.
-    pub fn greeting(&self) -> Option<Vec<u8>> {
+    pub fn greeting(&self, ctx: &ShardCtx) -> Option<Vec<u8>> {
         match self.protocol {
             Protocol::Hive => Some(hive::authenticated(&self.meta)),
             Protocol::Phoenix(_) => None,
-            Protocol::Hivekit => Some(hivekit::auth_ok()),
+            Protocol::Hivekit => Some(self.hivekit_session(ctx, |s| hivekit::auth_ok(s.realm))),
         }
     }
 
@@ -208,28 +224,49 @@ impl Conn {
     /// one (a Phoenix device that has not joined its topic yet).
     pub fn encode_request(
         &self,
+        ctx: &ShardCtx,
         request: uuid::Uuid,
         command: &str,
         payload: &[u8],
     ) -> Option<Vec<u8>> {
-        match self.protocol {
-            Protocol::Hive => Some(hive::device_request(&self.meta, request, command, payload)),
-            Protocol::Phoenix(_) => self
-                .phx
-                .borrow()
-                .as_ref()?
-                .encode_request(request, command, payload),
-            Protocol::Hivekit => Some(hivekit::encode_request(request, command, payload)),
+        match (self.protocol, self.adapter.borrow().as_deref()) {
+            (Protocol::Hive, _) => {
+                Some(hive::device_request(&self.meta, request, command, payload))
+            }
+            (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => {
+                phx.encode_request(request, command, payload)
+            }
+            (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => self.hivekit_session(ctx, |s| {
+                hivekit::encode_request(s, subs, request, command, payload)
+            }),
+            _ => None,
         }
     }
 
-    /// A backend event (JSON object) in this connection's protocol.
-    pub fn encode_event(&self, body: &[u8]) -> Option<Vec<u8>> {
-        match self.protocol {
-            Protocol::Hive => Some(body.to_vec()),
-            Protocol::Phoenix(_) => self.phx.borrow().as_ref()?.encode_event(body),
-            Protocol::Hivekit => Some(hivekit::encode_event(body)),
+    /// A backend event (JSON object) in this connection's protocol; None while the
+    /// device does not take it (not joined, not subscribed).
+    pub fn encode_event(&self, ctx: &ShardCtx, body: &[u8]) -> Option<Vec<u8>> {
+        match (self.protocol, self.adapter.borrow().as_deref()) {
+            (Protocol::Hive, _) => Some(body.to_vec()),
+            (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => phx.encode_event(body),
+            (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => {
+                self.hivekit_session(ctx, |s| hivekit::encode_event(s, subs, body))
+            }
+            _ => None,
         }
+    }
+
+    /// The device as Hivekit sees it: its realm is `--hivekit-realm`, else its account.
+    fn hivekit_session<R>(&self, ctx: &ShardCtx, f: impl FnOnce(&hivekit::Session) -> R) -> R {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let realm = match &ctx.shared.config.hivekit_realm {
+            Some(r) => r.as_str(),
+            None => self.meta.account.hyphenated().encode_lower(&mut buf),
+        };
+        f(&hivekit::Session {
+            meta: &self.meta,
+            realm,
+        })
     }
 }
 

@@ -17,6 +17,7 @@ use super::poller::IN;
 use super::{Protocol, ShardCtx};
 use crate::auth::Identity;
 use crate::protocol::hive::Meta;
+use crate::protocol::hivekit::Subscriptions;
 use crate::protocol::phoenix::PhxState;
 use crate::protocol::ws::{self, OP_CLOSE, OP_TEXT};
 
@@ -35,8 +36,16 @@ pub struct Conn {
     pub connected_at_ms: u64,
     stream: TcpStream,
     st: RefCell<State>,
-    /// Phoenix channel state (joins); None for the other protocols.
-    phx: RefCell<Option<Box<PhxState>>>,
+    /// What the protocol keeps per connection (Phoenix joins, Hivekit pubsub
+    /// subscriptions); None while there is nothing (and always for Hive).
+    adapter: RefCell<Option<Box<Adapter>>>,
+}
+
+/// Per-connection state of a protocol adapter, boxed: an idle connection pays one
+/// pointer for it.
+enum Adapter {
+    Phoenix(PhxState),
+    Hivekit(Subscriptions),
 }
 
 /// Buffers a connection needs only while bytes are in flight; freed when all are
@@ -143,8 +152,8 @@ impl Conn {
                 interest: IN,
                 ..State::default()
             }),
-            phx: RefCell::new(match protocol {
-                Protocol::Phoenix(vsn) => Some(Box::new(PhxState::new(vsn))),
+            adapter: RefCell::new(match protocol {
+                Protocol::Phoenix(vsn) => Some(Box::new(Adapter::Phoenix(PhxState::new(vsn)))),
                 _ => None,
             }),
         }
