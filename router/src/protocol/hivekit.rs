@@ -116,61 +116,171 @@ pub fn auth_err(reason: &str) -> Vec<u8> {
     out
 }
 
-/// Action keys spelled out in published events (the client's field table); keys not
-/// in it are kept as written.
-const FIELD_KEYS: [(&str, &str); 34] = [
-    ("typ", "type"),
-    ("sty", "scopeType"),
-    ("sid", "scopeId"),
-    ("exe", "executeImmediately"),
-    ("act", "action"),
-    ("res", "result"),
-    ("cid", "correlationId"),
-    ("id", "id"),
-    ("rea", "realm"),
-    ("dat", "data"),
-    ("loc", "location"),
-    ("err", "error"),
-    ("lab", "label"),
-    ("atr", "attribute"),
-    ("uty", "updateType"),
-    ("ins", "instruction"),
-    ("cst", "connectionStatus"),
-    ("sha", "shape"),
-    ("fie", "field"),
-    ("val", "value"),
-    ("sta", "start"),
-    ("end", "end"),
-    ("lvl", "level"),
-    ("eve", "event"),
-    ("idp", "idPattern"),
-    ("erc", "errorCode"),
-    ("int", "interval"),
-    ("tim", "time"),
-    ("r", "radius"),
-    ("sts", "status"),
-    ("stp", "steps"),
-    ("dsc", "description"),
-    ("tid", "targetId"),
-    ("tds", "taskIds"),
-];
+/// A key of at most 4 bytes as one integer (0 for longer keys), so the tables below
+/// are one integer switch rather than a byte comparison per entry.
+const fn short_key(k: &[u8]) -> u32 {
+    if k.is_empty() || k.len() > 4 {
+        return 0;
+    }
+    let mut b = [0u8; 4];
+    let mut i = 0;
+    while i < k.len() {
+        b[i] = k[i];
+        i += 1;
+    }
+    u32::from_le_bytes(b)
+}
 
-/// `loc` keys spelled out in published events.
-const LOC_KEYS: [(&str, &str); 9] = [
-    ("gcs", "coordinateSystem"),
-    ("lon", "longitude"),
-    ("lat", "latitude"),
-    ("acc", "accuracy"),
-    ("spe", "speed"),
-    ("hea", "heading"),
-    ("alt", "altitude"),
-    ("alc", "altitudeAccuracy"),
-    ("tim", "time"),
-];
+/// `spelled!(key, short => long, ...)`: a table lookup as integer comparisons.
+macro_rules! spelled {
+    ($key:expr, $($short:literal => $long:literal),* $(,)?) => {{
+        let k = short_key($key);
+        $(
+            if k == const { short_key($short) } {
+                return Some($long);
+            }
+        )*
+        None
+    }};
+}
 
-/// Members of an action the router reads itself; the rest of an object action is
-/// carried into its event.
-const CONTROL_KEYS: [&str; 5] = ["typ", "act", "cid", "id", "rea"];
+/// The `typ` and `act` codes the router answers.
+const SYS: u32 = short_key(b"sys");
+const HBT: u32 = short_key(b"hbt");
+const AUT: u32 = short_key(b"aut");
+const STA: u32 = short_key(b"sta");
+const REA: u32 = short_key(b"rea");
+const LIS: u32 = short_key(b"lis");
+const SUB: u32 = short_key(b"sub");
+const UNS: u32 = short_key(b"uns");
+const PUB: u32 = short_key(b"pub");
+const CRE: u32 = short_key(b"cre");
+const UPD: u32 = short_key(b"upd");
+const DEL: u32 = short_key(b"del");
+const SEA: u32 = short_key(b"sea");
+const SET: u32 = short_key(b"set");
+const OBJ: u32 = short_key(b"obj");
+const ARE: u32 = short_key(b"are");
+const INS: u32 = short_key(b"ins");
+const HIS: u32 = short_key(b"his");
+const TSK: u32 = short_key(b"tsk");
+const LOG: u32 = short_key(b"log");
+
+/// An action key spelled out in published events (the client's field table); None:
+/// not in it, kept as written.
+fn field_name(short: &[u8]) -> Option<&'static [u8]> {
+    spelled!(short,
+        b"typ" => b"type",
+        b"sty" => b"scopeType",
+        b"sid" => b"scopeId",
+        b"exe" => b"executeImmediately",
+        b"act" => b"action",
+        b"res" => b"result",
+        b"cid" => b"correlationId",
+        b"id" => b"id",
+        b"rea" => b"realm",
+        b"dat" => b"data",
+        b"loc" => b"location",
+        b"err" => b"error",
+        b"lab" => b"label",
+        b"atr" => b"attribute",
+        b"uty" => b"updateType",
+        b"ins" => b"instruction",
+        b"cst" => b"connectionStatus",
+        b"sha" => b"shape",
+        b"fie" => b"field",
+        b"val" => b"value",
+        b"sta" => b"start",
+        b"end" => b"end",
+        b"lvl" => b"level",
+        b"eve" => b"event",
+        b"idp" => b"idPattern",
+        b"erc" => b"errorCode",
+        b"int" => b"interval",
+        b"tim" => b"time",
+        b"r" => b"radius",
+        b"sts" => b"status",
+        b"stp" => b"steps",
+        b"dsc" => b"description",
+        b"tid" => b"targetId",
+        b"tds" => b"taskIds",
+    )
+}
+
+/// A `loc` key spelled out in published events.
+fn location_name(short: &[u8]) -> Option<&'static [u8]> {
+    spelled!(short,
+        b"gcs" => b"coordinateSystem",
+        b"lon" => b"longitude",
+        b"lat" => b"latitude",
+        b"acc" => b"accuracy",
+        b"spe" => b"speed",
+        b"hea" => b"heading",
+        b"alt" => b"altitude",
+        b"alc" => b"altitudeAccuracy",
+        b"tim" => b"time",
+    )
+}
+
+/// How a member's key is written in an event.
+struct Name<'t> {
+    /// The name once spelled out (or unescaped).
+    name: Cow<'t, [u8]>,
+    /// Written as the device wrote it (escapes and all): an unknown key with escapes.
+    as_written: bool,
+}
+
+/// A member's name spelled out by `spell` (unknown keys as written).
+fn name_of<'t>(text: &'t [u8], m: &Member, spell: fn(&[u8]) -> Option<&'static [u8]>) -> Name<'t> {
+    let k = key(text, m);
+    match spell(&k) {
+        Some(long) => Name {
+            name: Cow::Borrowed(long),
+            as_written: false,
+        },
+        None => Name {
+            name: k,
+            as_written: m.key_escaped,
+        },
+    }
+}
+
+/// Does one of `later` end up with the name `n`? (Spelled again rather than collected:
+/// objects here have a handful of members, and collecting the names cost more.) A key
+/// spelled out is at most 18 bytes, so only keys of the same length as `n` or short
+/// enough to spell out are spelled.
+fn named_again(
+    text: &[u8],
+    later: &[Member],
+    n: &Name,
+    spell: fn(&[u8]) -> Option<&'static [u8]>,
+) -> bool {
+    later.iter().any(|m| {
+        let raw = m.key.len() - 2;
+        (raw == n.name.len() || raw <= 3 || m.key_escaped) && name_of(text, m, spell).name == n.name
+    })
+}
+
+/// `"name":` for a member.
+fn push_name(out: &mut Vec<u8>, text: &[u8], m: &Member, n: &Name) {
+    if n.as_written {
+        out.extend_from_slice(&text[m.key.clone()]);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(&n.name);
+        out.push(b'"');
+    }
+    out.push(b':');
+}
+
+/// Members of an action the router writes itself (spelled out): the rest of an object
+/// action is carried into its event.
+fn is_control(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"type" | b"action" | b"correlationId" | b"id" | b"realm"
+    )
+}
 
 /// The members of one action the router reads: spans of their values in the action's
 /// text. Where a key repeats, the last one counts (as JSON object readers keep it).
@@ -236,7 +346,12 @@ impl Replies {
     /// `{"cid":C,"res":"suc"}`; nothing for an action without a `cid` (the client's
     /// fire-and-forget `set`: an answer without a `cid` would be an unknown message).
     fn ok(&mut self, cid: Option<&[u8]>) {
-        self.ok_with(cid, |_| {});
+        if let Some(c) = cid {
+            let out = self.next();
+            out.extend_from_slice(b"{\"cid\":");
+            out.extend_from_slice(c);
+            out.extend_from_slice(br#","res":"suc"}"#);
+        }
     }
 
     /// `{"cid":C,"res":"suc","dat":...}` with `dat` written by `dat`.
@@ -332,6 +447,9 @@ pub fn on_text(
     out.extend(replies.finish().map(Effect::Send));
 }
 
+/// A pubsub action's `dat`: event name, id pattern, the data (raw JSON) if any.
+type PubsubDat<'x> = (Cow<'x, str>, Cow<'x, str>, Option<&'x [u8]>);
+
 /// One action being handled.
 struct Cx<'x, 'a> {
     s: &'x Session<'a>,
@@ -377,15 +495,18 @@ impl<'x> Cx<'x, '_> {
         let cid = a.cid.as_ref().map(|r| &text[r.clone()]);
         let typ = a.typ.as_ref().and_then(|r| json::as_str(text, r));
         let act = a.act.as_ref().and_then(|r| json::as_str(text, r));
-        match (typ.as_deref(), act.as_deref()) {
-            (Some("sys"), Some("hbt" | "aut")) => self.replies.ok(cid),
-            (Some("rea"), Some("rea")) => {
+        // One integer per code (`short_key`): the dispatch is a switch, not a string
+        // comparison per arm.
+        let code = |v: &Option<Cow<str>>| v.as_deref().map_or(0, |v| short_key(v.as_bytes()));
+        match (code(&typ), code(&act)) {
+            (SYS, HBT | AUT) => self.replies.ok(cid),
+            (REA, REA) => {
                 if self.own_realm(cid, &a.id, "id") {
                     let realm = self.s.realm;
                     self.replies.ok_with(cid, |o| push_realm(o, realm, true));
                 }
             }
-            (Some("rea"), Some("lis")) => {
+            (REA, LIS) => {
                 let realm = self.s.realm;
                 self.replies.ok_with(cid, |o| {
                     o.push(b'{');
@@ -395,42 +516,50 @@ impl<'x> Cx<'x, '_> {
                     o.push(b'}');
                 });
             }
-            (Some("rea"), Some(act @ ("sub" | "uns" | "pub"))) => {
+            (REA, act @ (SUB | UNS | PUB)) => {
                 if self.own_realm(cid, &a.id, "id") {
                     match act {
-                        "pub" => self.publish(cid, &a),
-                        _ => self.pubsub_subscription(cid, &a, act == "sub"),
+                        PUB => self.publish(cid, &a),
+                        _ => self.pubsub_subscription(cid, &a, act == SUB),
                     }
                 }
             }
-            (Some("rea"), Some("cre" | "upd" | "del")) => self.refuse(
+            (REA, CRE | UPD | DEL) => self.refuse(
                 cid,
                 "forbidden",
                 "a device cannot create, change or delete realms",
                 403,
             ),
-            (Some("sub"), Some("cre")) => self.subscription(cid, &a),
-            (Some("sub"), Some("del")) => self.replies.ok(cid),
-            (Some("obj"), Some(act @ ("cre" | "upd" | "set"))) => self.object(cid, &a, act),
-            (Some("obj"), Some("del")) => self.refuse(
+            (SUB, CRE) => self.subscription(cid, &a),
+            (SUB, DEL) => self.replies.ok(cid),
+            (OBJ, act @ (CRE | UPD | SET)) => {
+                let act = match act {
+                    CRE => "cre",
+                    UPD => "upd",
+                    _ => "set",
+                };
+                self.object(cid, &a, act)
+            }
+            (OBJ, DEL) => self.refuse(
                 cid,
                 "forbidden",
                 "a device cannot delete objects; the backend owns them",
                 403,
             ),
-            (Some("obj"), Some("rea" | "lis"))
-            | (Some("rea"), Some("sea"))
-            | (Some("sys"), Some("sta"))
-            | (Some("sub"), Some("upd"))
-            | (Some("are" | "ins" | "his" | "tsk" | "log"), Some(_)) => self.refuse(
-                cid,
-                "unsupported",
-                "not served by the gateway: objects, areas, tasks, instructions and history \
-                 are kept by the backend",
-                501,
-            ),
+            (OBJ, REA | LIS) | (REA, SEA) | (SYS, STA) | (SUB, UPD) => self.unsupported(cid),
+            (ARE | INS | HIS | TSK | LOG, act) if act != 0 => self.unsupported(cid),
             _ => self.bad(cid, "bad-action", "unknown action (typ/act)", 400),
         }
+    }
+
+    fn unsupported(&mut self, cid: Option<&[u8]>) {
+        self.refuse(
+            cid,
+            "unsupported",
+            "not served by the gateway: objects, areas, tasks, instructions and history \
+             are kept by the backend",
+            501,
+        );
     }
 
     /// Is the realm named by `field` the device's? Answers 400/403 when not.
@@ -485,10 +614,7 @@ impl<'x> Cx<'x, '_> {
     }
 
     /// `dat: {"eve": E, "idp": P}` of a pubsub action (`idp` defaults to `*`).
-    fn event_and_pattern(
-        &mut self,
-        a: &Action,
-    ) -> Option<(Cow<'x, str>, Cow<'x, str>, Option<&'x [u8]>)> {
+    fn event_and_pattern(&mut self, a: &Action) -> Option<PubsubDat<'x>> {
         let d = self.raw(&a.dat)?;
         self.scratch.parse_object(d).ok()?;
         let field = |name| self.scratch.find(d, name).map(|m| m.value.clone());
@@ -568,7 +694,7 @@ impl<'x> Cx<'x, '_> {
                     // `scratch` holds `data`'s members (read by request_id).
                     let member = |name| {
                         self.scratch
-                            .find(&data, name)
+                            .find(data, name)
                             .map(|m| data[m.value.clone()].to_vec())
                     };
                     match (member("error"), member("result")) {
@@ -657,24 +783,25 @@ impl<'x> Cx<'x, '_> {
         // The action's own members, minus the ones read above; the location object
         // spelled out too. Where two members end up with the same name, the last counts.
         let members = std::mem::take(&mut self.scratch.members);
-        let carried: Vec<&Member> = members
-            .iter()
-            .filter(|m| !CONTROL_KEYS.iter().any(|k| json::key_is(text, m, k)))
-            .collect();
-        for (i, m) in carried.iter().enumerate() {
-            let name = spelled(text, m, &FIELD_KEYS);
-            if matches!(&*name, b"type" | b"action" | b"id" | b"realm")
-                || carried[i + 1..]
-                    .iter()
-                    .any(|later| spelled(text, later, &FIELD_KEYS) == name)
+        for (i, m) in members.iter().enumerate() {
+            // The router's own members, cheaply first (as written, unescaped: the usual case).
+            if !m.key_escaped
+                && matches!(
+                    &text[m.key.start + 1..m.key.end - 1],
+                    b"typ" | b"act" | b"id" | b"cid" | b"rea"
+                )
             {
                 continue;
             }
+            let n = name_of(text, m, field_name);
+            if is_control(&n.name) || named_again(text, &members[i + 1..], &n, field_name) {
+                continue;
+            }
             ev.push(b',');
-            push_key(&mut ev, text, m, &name, &FIELD_KEYS);
+            push_name(&mut ev, text, m, &n);
             let value = &text[m.value.clone()];
-            if &*name == b"location" && self.scratch.parse_object(value).is_ok() {
-                push_spelled_object(&mut ev, value, &self.scratch.members, &LOC_KEYS);
+            if &*n.name == b"location" && self.scratch.parse_object(value).is_ok() {
+                push_spelled_object(&mut ev, value, &self.scratch.members, location_name);
             } else {
                 ev.extend_from_slice(value);
             }
@@ -704,57 +831,26 @@ fn push_realm(o: &mut Vec<u8>, realm: &str, with_id: bool) {
     o.extend_from_slice(b",\"dat\":{}}");
 }
 
-/// A member's name spelled out by `table`; other names as written (unescaped).
-fn spelled<'t>(text: &'t [u8], m: &Member, table: &[(&str, &'static str)]) -> Cow<'t, [u8]> {
-    let k = key(text, m);
-    match table.iter().find(|(short, _)| short.as_bytes() == &*k) {
-        Some((_, long)) => Cow::Borrowed(long.as_bytes()),
-        None => k,
-    }
-}
-
-/// `"name":` for a member: a spelled-out name written plainly, any other kept as the
-/// device wrote it (escapes and all).
-fn push_key(
-    out: &mut Vec<u8>,
-    text: &[u8],
-    m: &Member,
-    name: &[u8],
-    table: &[(&str, &'static str)],
-) {
-    if m.key_escaped && table.iter().all(|(_, long)| long.as_bytes() != name) {
-        out.extend_from_slice(&text[m.key.clone()]);
-    } else {
-        out.push(b'"');
-        out.extend_from_slice(name);
-        out.push(b'"');
-    }
-    out.push(b':');
-}
-
-/// An object with its short keys spelled out by `table` (`lon` -> `longitude`; others
-/// kept as written). Where two members end up with the same name, the last is written.
+/// An object with its keys spelled out by `spell`, the values as written. Where two
+/// members end up with the same name, the last is written.
 fn push_spelled_object(
     out: &mut Vec<u8>,
     obj: &[u8],
     members: &[Member],
-    table: &[(&str, &'static str)],
+    spell: fn(&[u8]) -> Option<&'static [u8]>,
 ) {
     out.push(b'{');
     let mut first = true;
     for (i, m) in members.iter().enumerate() {
-        let name = spelled(obj, m, table);
-        if members[i + 1..]
-            .iter()
-            .any(|later| spelled(obj, later, table) == name)
-        {
+        let n = name_of(obj, m, spell);
+        if named_again(obj, &members[i + 1..], &n, spell) {
             continue;
         }
         if !first {
             out.push(b',');
         }
         first = false;
-        push_key(out, obj, m, &name, table);
+        push_name(out, obj, m, &n);
         out.extend_from_slice(&obj[m.value.clone()]);
     }
     out.push(b'}');
