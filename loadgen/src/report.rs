@@ -24,12 +24,39 @@ pub struct Report {
     pub timeline_start_unix_ms: u64,
     /// The run second by second (`timeline::Second`).
     pub timeline: Vec<Second>,
+    /// The run after the ramp, phase by phase (`--scenario` phases; without one, a
+    /// `steady` phase and, with --hold, a `hold` phase).
+    pub phases: Vec<Phase>,
+    /// The --assert expressions, as checked at the end of the run.
+    pub assertions: Vec<crate::assert::Verdict>,
 }
 
-#[derive(Debug, Serialize)]
+/// One phase of the run after the ramp (stable JSON field names).
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    /// ramp, steady, storm or hold.
+    pub name: String,
+    /// Start, seconds since the start of the ramp (the timeline's clock).
+    pub start_seconds: f64,
+    pub seconds: f64,
+    /// The phase's request rate (0 for hold).
+    pub target_rate: f64,
+    /// Acked requests per second over the phase.
+    pub rate: f64,
+    /// The devices' event interval set at the start of the phase; null: unchanged.
+    pub event_interval: Option<f64>,
+    pub requests: RequestCounts,
+    /// Ack latency of the requests due in this phase.
+    pub ack_ms: Summary,
+    /// A storm phase's reconnect storm; null otherwise.
+    pub storm: Option<Storm>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Storm {
     pub at_seconds: f64,
-    /// Devices connected when the storm hit (all dropped at once).
+    /// Devices the storm dropped at once (every connected one, or a storm phase's
+    /// fraction of them).
     pub devices: u64,
     /// Until every one of them had reconnected (or the 120 s limit).
     pub seconds_to_reconnect: f64,
@@ -184,22 +211,48 @@ impl Report {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::hist::{new_hist, summary};
+impl Events {
+    /// Events as a run without per-device counting reports them, all zero.
+    pub fn not_counted() -> Events {
+        Events {
+            sent: 0,
+            received: 0,
+            per_sec: 0.0,
+            counted: false,
+            received_unique: None,
+            duplicated: None,
+            reordered: None,
+            lost: None,
+            lost_in_broken_connections: None,
+            redelivered: None,
+            broken_connections: 0,
+            consumer_reconnects: 0,
+            drain_seconds: 0.0,
+        }
+    }
+}
 
-    #[test]
-    fn json_field_names_are_stable() {
-        let s = summary(&new_hist());
-        let r = Report {
+impl Report {
+    /// A report with every field present (a storm, events counted, one phase, one
+    /// second of timeline), all figures zero: the shape `--assert` paths are checked
+    /// against before a run, and a base for tests.
+    pub fn sample() -> Report {
+        let s = crate::hist::summary(&crate::hist::new_hist());
+        let storm = Storm {
+            at_seconds: 0.0,
+            devices: 0,
+            seconds_to_reconnect: 0.0,
+            complete: true,
+        };
+        let some = Some(0);
+        Report {
             protocol: "hive".into(),
             workers: 1,
             devices: Devices {
-                target: 1,
-                connected: 1,
-                connect_seconds: 1.0,
-                connects_per_sec: 1.0,
+                target: 0,
+                connected: 0,
+                connect_seconds: 0.0,
+                connects_per_sec: 0.0,
                 reconnects: 0,
             },
             latency_ms: Latencies {
@@ -207,7 +260,7 @@ mod tests {
                 auth: s.clone(),
                 ack: s.clone(),
                 event: s.clone(),
-                late: s,
+                late: s.clone(),
             },
             requests: Requests {
                 counts: RequestCounts::default(),
@@ -216,22 +269,17 @@ mod tests {
                 target_rate: 0.0,
             },
             events: Events {
-                sent: 0,
-                received: 0,
-                per_sec: 0.0,
-                counted: false,
-                received_unique: None,
-                duplicated: None,
-                reordered: None,
-                lost: None,
-                lost_in_broken_connections: None,
-                redelivered: None,
-                broken_connections: 0,
-                consumer_reconnects: 0,
-                drain_seconds: 0.0,
+                counted: true,
+                received_unique: some,
+                duplicated: some,
+                reordered: some,
+                lost: some,
+                lost_in_broken_connections: some,
+                redelivered: some,
+                ..Events::not_counted()
             },
             errors: BTreeMap::new(),
-            storm: None,
+            storm: Some(storm.clone()),
             router: Router {
                 rss_bytes: 0,
                 rss_baseline_bytes: 0,
@@ -241,7 +289,31 @@ mod tests {
             },
             timeline_start_unix_ms: 0,
             timeline: vec![Second::default()],
-        };
+            phases: vec![Phase {
+                name: "steady".into(),
+                start_seconds: 0.0,
+                seconds: 0.0,
+                target_rate: 0.0,
+                rate: 0.0,
+                event_interval: Some(0.0),
+                requests: RequestCounts::default(),
+                ack_ms: s,
+                storm: Some(storm),
+            }],
+            assertions: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_field_names_are_stable() {
+        let mut r = Report::sample();
+        r.storm = None;
+        r.events = Events::not_counted();
         let v = serde_json::to_value(&r).unwrap();
         for path in [
             "/devices/target",

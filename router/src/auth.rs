@@ -30,15 +30,21 @@ pub enum AuthError {
     NotYetValid,
     #[error("no authentication within the auth timeout")]
     Timeout,
+    #[error("signature already used")]
+    Replayed,
+    #[error("signature algorithm not accepted (weaker than configured, or unknown)")]
+    WeakAlgorithm,
 }
 
 impl AuthError {
-    pub const ALL: [AuthError; 5] = [
+    pub const ALL: [AuthError; 7] = [
         AuthError::Missing,
         AuthError::Expired,
         AuthError::Invalid,
         AuthError::Timeout,
         AuthError::NotYetValid,
+        AuthError::Replayed,
+        AuthError::WeakAlgorithm,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -47,6 +53,8 @@ impl AuthError {
             AuthError::Invalid => "invalid",
             AuthError::Timeout => "timeout",
             AuthError::NotYetValid => "not_yet_valid",
+            AuthError::Replayed => "replayed",
+            AuthError::WeakAlgorithm => "weak_algorithm",
         }
     }
     pub fn index(self) -> usize {

@@ -153,6 +153,32 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_HIVEKIT_REALM", value_parser = parse_realm)]
     pub hivekit_realm: Option<String>,
 
+    /// NervesHub shared-secret authentication: a TOML file of `[[device]]` keys (`key`,
+    /// `secret`, `identifier`, `device` UUID, `account` UUID) and `[[product]]` keys
+    /// (`key` = nhp_..., `secret`, `account`). Read again on SIGHUP. Absent: devices
+    /// sending `x-nh-*` headers are refused (401).
+    #[arg(long, env = "ROUTER_NERVES_KEYS")]
+    pub nerves_keys: Option<PathBuf>,
+
+    /// Fewest PBKDF2 iterations a shared-secret signature may use (`x-nh-alg`).
+    #[arg(long, env = "ROUTER_NERVES_MIN_ITERATIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub nerves_min_iterations: u32,
+
+    /// Oldest a shared-secret signature may be, in seconds (NervesHub: 90).
+    #[arg(long, env = "ROUTER_NERVES_MAX_AGE", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub nerves_max_age: u64,
+
+    /// NervesHub extensions a device may attach (comma-separated, e.g. `health,geo`):
+    /// offered to devices of API 2.2.0 and later (`extensions:get`) and accepted at their
+    /// `extensions` join. Empty: no extensions.
+    #[arg(
+        long,
+        env = "ROUTER_NERVES_EXTENSIONS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub nerves_extensions: Vec<String>,
+
     /// Seconds a connection may stay unauthenticated before it is closed with 4408.
     #[arg(long, env = "ROUTER_AUTH_TIMEOUT", default_value_t = 10)]
     pub auth_timeout: u64,
@@ -349,6 +375,10 @@ impl ServeConfig {
             device_alive_interval: 0,
             auth_timeout: 10,
             hivekit_realm: None,
+            nerves_keys: None,
+            nerves_min_iterations: 1000,
+            nerves_max_age: 90,
+            nerves_extensions: Vec::new(),
             max_frame: 64 * 1024,
             request_timeout_ms: 10_000,
             max_outbound: 256 * 1024,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod config_file;
 pub mod listener;
 pub mod metrics;
+pub mod nerves_auth;
 pub mod protocol;
 pub mod shard;
 pub mod tls;
@@ -47,6 +48,10 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// With --amqp: the cluster (membership, directory, envelopes to other nodes).
     pub cluster: Option<cluster::Cluster>,
+    /// With --nerves-keys: NervesHub shared-secret authentication (reloaded on SIGHUP).
+    pub nerves: Option<nerves_auth::NervesAuth>,
+    /// --nerves-extensions, shared by every Phoenix connection.
+    pub nerves_extensions: Arc<[String]>,
 }
 
 impl Shared {
@@ -188,6 +193,15 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::watch::Sender::new(false),
         tls: tls::server_config(&config)?.map(tokio_rustls::TlsAcceptor::from),
+        nerves: match &config.nerves_keys {
+            Some(path) => Some(nerves_auth::NervesAuth::new(
+                path.clone(),
+                config.nerves_min_iterations,
+                config.nerves_max_age,
+            )?),
+            None => None,
+        },
+        nerves_extensions: config.nerves_extensions.clone().into(),
         cluster: config
             .amqp
             .is_some()

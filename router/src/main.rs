@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
                 handle.ws_addr, handle.api_addr, handle.shared.node_id
             );
             tracing::info!(ws = %handle.ws_addr, api = %handle.api_addr, shards = handle.shared.shards.len(), "router listening");
-            wait_for_signal()?;
+            wait_for_signal(&handle.shared)?;
             tracing::info!(
                 seconds = handle.shared.config.drain_seconds,
                 "draining: closing devices with 1001"
@@ -117,15 +117,28 @@ fn set_thp_disable(off: bool) -> std::io::Result<()> {
 
 static THP_ERROR: AtomicI32 = AtomicI32::new(0);
 
-fn wait_for_signal() -> anyhow::Result<()> {
+/// Until SIGINT or SIGTERM. SIGHUP reads the `--nerves-keys` file again (connections
+/// already authenticated stay; a file that does not parse keeps the keys in use).
+fn wait_for_signal(shared: &router::Shared) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => match &shared.nerves {
+                    Some(n) => match n.reload() {
+                        Ok(keys) => tracing::info!(keys, "SIGHUP: --nerves-keys read again"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: --nerves-keys not reloaded; the keys in use stay"),
+                    },
+                    None => tracing::info!("SIGHUP: nothing to reload"),
+                },
+            }
         }
         Ok::<_, std::io::Error>(())
     })?;

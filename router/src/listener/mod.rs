@@ -546,6 +546,33 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
+    // NervesHub shared secret (`x-nh-*` headers, no certificate): decided before the
+    // upgrade, refused with 401 as NervesHub does.
+    let nerves_ident = match (&cert_ident, &up.nerves, up.protocol) {
+        (None, Some(h), Protocol::Phoenix(_)) => {
+            let verdict = match &ctx.shared.nerves {
+                Some(n) if !h.signature.is_empty() => n.verify(h, crate::unix_ms()),
+                _ => Err(AuthError::Missing),
+            };
+            match verdict {
+                Ok(ident) => Some(ident),
+                Err(why) => {
+                    m.auth_failure(why);
+                    m.handshake_failures.fetch_add(1, Relaxed);
+                    let msg = match why {
+                        AuthError::Missing if ctx.shared.nerves.is_none() => {
+                            "shared-secret authentication is not enabled on this router".to_string()
+                        }
+                        _ => format!("shared-secret authentication failed: {why}"),
+                    };
+                    http_error(stream, "401 Unauthorized", &msg).await;
+                    return Outcome::Gone;
+                }
+            }
+        }
+        _ => None,
+    };
+    let cert_ident = cert_ident.or(nerves_ident);
     let resp = switching_protocols(&up.key);
     if cert_ident.is_some() || up.token.is_some() {
         // Decided without another byte from the device: the 101 goes out with the

@@ -11,6 +11,8 @@ pub struct Upgrade {
     pub protocol: Protocol,
     pub key: String,
     pub token: Option<String>,
+    /// NervesHub shared-secret headers (`x-nh-*`), when the request has any.
+    pub nerves: Option<crate::nerves_auth::Headers>,
     pub consumed: usize,
 }
 
@@ -45,20 +47,23 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
     let protocol = match path {
         "/ws" => Protocol::Hive,
         "/v1/ws" => Protocol::Hivekit,
-        "/socket/websocket" => match param("vsn").as_deref() {
+        // NervesHub serves its device socket at both paths (shared-secret devices use
+        // the second).
+        "/socket/websocket" | "/device-socket/websocket" => match param("vsn").as_deref() {
             None | Some("1.0.0") => Protocol::Phoenix(Vsn::V1),
             Some("2.0.0") => Protocol::Phoenix(Vsn::V2),
+            Some("3.0.0") => Protocol::Phoenix(Vsn::V3),
             Some(v) => {
                 return Err((
                     "400 Bad Request",
-                    format!("unsupported Phoenix serializer vsn {v:?}; use 1.0.0 or 2.0.0"),
+                    format!("unsupported Phoenix serializer vsn {v:?}; use 1.0.0, 2.0.0 or 3.0.0 (MessagePack)"),
                 ))
             }
         },
         _ => {
             return Err((
                 "404 Not Found",
-                format!("no WebSocket endpoint at {path}; devices connect to /ws, /socket/websocket or /v1/ws"),
+                format!("no WebSocket endpoint at {path}; devices connect to /ws, /socket/websocket, /device-socket/websocket or /v1/ws"),
             ))
         }
     };
@@ -116,10 +121,26 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             .find_map(|kv| kv.strip_prefix("token="))
             .map(percent_decode)
     });
+    let nh = |name: &str| header(name).map(str::to_string);
+    let nerves = match (
+        nh("x-nh-alg"),
+        nh("x-nh-key"),
+        nh("x-nh-time"),
+        nh("x-nh-signature"),
+    ) {
+        (None, None, None, None) => None,
+        (alg, key, time, signature) => Some(crate::nerves_auth::Headers {
+            alg: alg.unwrap_or_default(),
+            key: key.unwrap_or_default(),
+            time: time.unwrap_or_default(),
+            signature: signature.unwrap_or_default(),
+        }),
+    };
     Ok(Some(Upgrade {
         protocol,
         key,
         token,
+        nerves,
         consumed,
     }))
 }

@@ -5,6 +5,7 @@ pub mod effect;
 pub mod hive;
 pub mod hivekit;
 pub mod json;
+pub mod msgpack;
 pub mod phoenix;
 pub mod simd;
 pub mod ws;

@@ -1,5 +1,11 @@
-//! Phoenix channels as NervesHub devices speak them (`/socket/websocket`): V1 JSON
-//! objects and V2 arrays (`vsn=2.0.0`). Pure: frames in, effects and frames out.
+//! Phoenix channels as NervesHub devices speak them (`/socket/websocket`,
+//! `/device-socket/websocket`): V1 JSON objects, V2 arrays (`vsn=2.0.0`), and V3
+//! (`vsn=3.0.0`), V2's envelope in MessagePack, converted to V2 text at the edge (see
+//! [`super::msgpack`]). Topics: `device` (or `device:<own id>`), `console`, and
+//! `extensions`. A device whose `device` join carries `device_api_version` is a
+//! NervesHub device and gets NervesHub's behaviour: its pushes are not answered (its
+//! client has no handler for such answers), and after the join it is asked which
+//! extensions it runs (`extensions:get`). Pure: frames in, effects and frames out.
 //! Keeps the per-connection join state; never does I/O.
 
 use std::borrow::Cow;
@@ -17,12 +23,33 @@ use super::json::{self, push_str, Scratch};
 pub const BAD_FRAME: &str = "bad-frame";
 
 /// Error codes counted in `router_phoenix_errors_total{code}`.
-pub const ERROR_CODES: [&str; 4] = [BAD_FRAME, "unmatched-topic", "stale-join-ref", "bad-event"];
+pub const ERROR_CODES: [&str; 5] = [
+    BAD_FRAME,
+    "unmatched-topic",
+    "stale-join-ref",
+    "bad-event",
+    "unknown-extension",
+];
+
+/// Console events a backend sends to a device (pushed on `console` once it is joined).
+const CONSOLE_EVENTS: [&str; 6] = [
+    "dn",
+    "window_size",
+    "restart",
+    "file-data/start",
+    "file-data",
+    "file-data/stop",
+];
+
+/// Extensions one device may run at once.
+const MAX_EXTENSIONS: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vsn {
     V1,
     V2,
+    /// V2's envelope in MessagePack, binary frames.
+    V3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +64,18 @@ pub struct PhxState {
     pub vsn: Vsn,
     device: Option<Join>,
     console: Option<Join>,
+    extensions: Option<Extensions>,
+    /// The device joined as a NervesHub device (its join had `device_api_version`).
+    nerves: bool,
+    /// Extensions the router accepts (`--nerves-extensions`).
+    allowed: std::sync::Arc<[String]>,
+}
+
+/// The `extensions` channel: joined, with the extensions accepted at the join.
+#[derive(Debug)]
+struct Extensions {
+    join: Join,
+    accepted: Vec<String>,
 }
 
 /// A decoded Phoenix message; its strings borrowed from the frame unless escaped.
@@ -91,7 +130,7 @@ fn decode<'a>(vsn: Vsn, text: &'a [u8], scratch: &mut Scratch) -> Option<Msg<'a>
                 payload: m.payload.get().as_bytes(),
             })
         }
-        Vsn::V2 => {
+        Vsn::V2 | Vsn::V3 => {
             // `[join_ref, ref, topic, event, payload]`: the one-pass validator splits the
             // frame into its five elements' spans; topic and event must be strings.
             scratch.parse_array(text).ok()?;
@@ -124,7 +163,7 @@ pub fn encode(
         None => o.extend_from_slice(b"null"),
     };
     match vsn {
-        Vsn::V2 => {
+        Vsn::V2 | Vsn::V3 => {
             o.push(b'[');
             opt(&mut o, join_ref);
             o.push(b',');
@@ -159,10 +198,18 @@ const UNMATCHED: &[u8] = br#"{"status":"error","response":{"reason":"unmatched t
 
 impl PhxState {
     pub fn new(vsn: Vsn) -> Self {
+        Self::with_extensions(vsn, std::sync::Arc::from([]))
+    }
+
+    /// A connection whose device may run the extensions named in `allowed`.
+    pub fn with_extensions(vsn: Vsn, allowed: std::sync::Arc<[String]>) -> Self {
         PhxState {
             vsn,
             device: None,
             console: None,
+            extensions: None,
+            nerves: false,
+            allowed,
         }
     }
 
@@ -201,6 +248,7 @@ impl PhxState {
         };
         match (&*m.topic, &*m.event) {
             ("phoenix", "heartbeat") => out.push(self.reply(&m, OK)),
+            ("extensions", "phx_join") => self.join_extensions(meta, &m, out),
             (topic, "phx_join") => {
                 let slot = if own_topic(topic) {
                     &mut self.device
@@ -237,8 +285,30 @@ impl PhxState {
                         ty: "device-join".into(),
                         body: event_body(meta, "device-join", &m.topic, m.payload),
                     });
+                    let api = api_version(m.payload);
+                    self.nerves = api.is_some();
+                    // NervesHub asks devices of API 2.2.0 and later for their extensions.
+                    if api.is_some_and(|v| v >= (2, 2, 0)) && !self.allowed.is_empty() {
+                        let j = self
+                            .device
+                            .as_ref()
+                            .map(|j| j.join_ref.clone())
+                            .unwrap_or_default();
+                        out.push(Effect::Send(encode(
+                            self.vsn,
+                            j.as_deref(),
+                            None,
+                            &m.topic,
+                            "extensions:get",
+                            b"{}",
+                        )));
+                    }
                     out.push(Effect::Ready);
                 }
+            }
+            ("extensions", "phx_leave") => {
+                self.extensions = None;
+                out.push(self.reply(&m, OK));
             }
             (_, "phx_leave") => {
                 let slot = self.slot(&m.topic);
@@ -247,6 +317,7 @@ impl PhxState {
                 }
                 out.push(self.reply(&m, OK));
             }
+            ("extensions", _) => self.on_extension_push(meta, &m, out),
             _ => {
                 let current = match self.slot(&m.topic) {
                     Some(Some(j)) => j.join_ref.clone(),
@@ -325,28 +396,113 @@ impl PhxState {
                 });
             }
         }
-        if m.reff.is_some() {
+        // NervesHub answers no push (its device client has no handler for an answer).
+        if m.reff.is_some() && !self.nerves {
             out.push(self.reply(m, OK));
         }
+    }
+
+    /// `phx_join` on `extensions` with `{name: version}`: answered with the list of
+    /// those the router accepts (allowed, with a version); the others are left out, as
+    /// NervesHub does.
+    fn join_extensions(&mut self, meta: &Meta, m: &Msg, out: &mut Vec<Effect>) {
+        let offered: serde_json::Map<String, Value> =
+            serde_json::from_slice(m.payload).unwrap_or_default();
+        let accepted: Vec<String> = offered
+            .iter()
+            .filter(|(name, v)| {
+                self.allowed.iter().any(|a| a == *name) && v.as_str().is_some_and(is_version)
+            })
+            .map(|(name, _)| name.clone())
+            .take(MAX_EXTENSIONS)
+            .collect();
+        let join = Join {
+            topic: "extensions".into(),
+            join_ref: m
+                .join_ref
+                .as_deref()
+                .or(m.reff.as_deref())
+                .map(str::to_string),
+        };
+        let mut reply = br#"{"status":"ok","response":"#.to_vec();
+        reply.extend_from_slice(&serde_json::to_vec(&accepted).unwrap_or_default());
+        reply.push(b'}');
+        self.extensions = Some(Extensions { join, accepted });
+        out.push(self.reply(m, &reply));
+        out.push(Effect::Publish {
+            ty: "extensions-join".into(),
+            body: event_body(meta, "extensions-join", "extensions", m.payload),
+        });
+    }
+
+    /// A push on `extensions`: `<extension>:<event>` of an accepted extension is
+    /// published (unanswered, as NervesHub); any other is answered
+    /// `{"status":"error","response":"detach"}`, which makes the device detach it.
+    fn on_extension_push(&mut self, meta: &Meta, m: &Msg, out: &mut Vec<Effect>) {
+        let Some(ext) = &self.extensions else {
+            out.push(Effect::Error("unmatched-topic"));
+            out.push(self.reply(m, UNMATCHED));
+            return;
+        };
+        if m.join_ref.is_some() && m.join_ref != ext.join.join_ref.as_deref().map(Cow::Borrowed) {
+            out.push(Effect::Error("stale-join-ref"));
+            return;
+        }
+        let known = m
+            .event
+            .split_once(':')
+            .is_some_and(|(name, ev)| !ev.is_empty() && ext.accepted.iter().any(|a| a == name));
+        if !known || m.event.len() > MAX_TYPE_LEN {
+            out.push(Effect::Refused("unknown-extension"));
+            out.push(self.reply(m, br#"{"status":"error","response":"detach"}"#));
+            return;
+        }
+        out.push(Effect::Publish {
+            ty: m.event.to_string(),
+            body: event_body(meta, &m.event, "extensions", m.payload),
+        });
+    }
+
+    /// The channel a backend message named `name` goes out on: an accepted extension's
+    /// `<extension>:<event>` on `extensions`, console events on `console`, the rest on
+    /// the device's topic. None: that channel is not joined.
+    fn channel_for(&self, name: &str) -> Option<&Join> {
+        if let Some(ext) = &self.extensions {
+            if name
+                .split_once(':')
+                .is_some_and(|(e, _)| ext.accepted.iter().any(|a| a == e))
+            {
+                return Some(&ext.join);
+            }
+        }
+        if CONSOLE_EVENTS.contains(&name) {
+            if let Some(c) = &self.console {
+                return Some(c);
+            }
+        }
+        self.device.as_ref()
     }
 
     /// A backend event for the device (a JSON object with `type`), pushed on its topic.
     /// None until the device joined.
     pub fn encode_event(&self, body: &[u8]) -> Option<Vec<u8>> {
-        let j = self.device.as_ref()?;
+        let name = event_name(body);
+        let j = self.channel_for(&name)?;
         Some(encode(
             self.vsn,
             j.join_ref.as_deref(),
             None,
             &j.topic,
-            &event_name(body),
+            &name,
             body,
         ))
     }
 
     /// A request pushed as `[join_ref, null, topic, command, payload + request]`.
     pub fn encode_request(&self, request: Uuid, command: &str, payload: &[u8]) -> Option<Vec<u8>> {
-        let j = self.device.as_ref()?;
+        // Requests wait for the device's own topic (its join is when it can take them).
+        self.device.as_ref()?;
+        let j = self.channel_for(command)?;
         let p = with_request(request, payload);
         Some(encode(
             self.vsn,
@@ -357,6 +513,26 @@ impl PhxState {
             &p,
         ))
     }
+}
+
+/// `device_api_version` of a join payload as (major, minor, patch); None without one.
+/// NervesHub reads a version it cannot parse as 1.0.0.
+fn api_version(payload: &[u8]) -> Option<(u32, u32, u32)> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    let s = v.get("device_api_version")?;
+    Some(s.as_str().and_then(parse_version).unwrap_or((1, 0, 0)))
+}
+
+/// `MAJOR.MINOR.PATCH` (a pre-release or build suffix allowed).
+fn parse_version(s: &str) -> Option<(u32, u32, u32)> {
+    let core = s.split(['-', '+']).next()?;
+    let mut it = core.split('.').map(|p| p.parse::<u32>().ok());
+    let v = (it.next()??, it.next()??, it.next()??);
+    it.next().is_none().then_some(v)
+}
+
+fn is_version(s: &str) -> bool {
+    parse_version(s).is_some()
 }
 
 /// The event name a backend event is pushed under: its `type` when that is a string (the

@@ -27,7 +27,6 @@ use crate::auth::Identity;
 use crate::bridge::{BusEvent, RoutingKey};
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
-use crate::protocol::ws::OP_TEXT;
 use crate::Shared;
 use bytes::Bytes;
 use conn::Conn;
@@ -468,7 +467,7 @@ impl ShardCtx {
                 let (command, payload) = &p.frame_parts;
                 if let Some(frame) = conn.encode_request(self, *id, command, payload) {
                     let limit = self.shared.config.max_outbound.saturating_mul(2);
-                    if !conn.send_or_close(self, OP_TEXT, &frame, limit) {
+                    if !conn.send_or_close(self, conn.data_op(), &frame, limit) {
                         break;
                     }
                 }
@@ -600,7 +599,7 @@ impl ShardCtx {
                     None => Delivery::Offline,
                     Some(c) => match c.encode_event(self, &body) {
                         None => Delivery::NotJoined,
-                        Some(frame) if c.try_send_text(self, &frame) => Delivery::Sent,
+                        Some(frame) if c.try_send_data(self, &frame) => Delivery::Sent,
                         Some(_) => {
                             let m = self.metrics();
                             m.events_dropped_slow_device.fetch_add(1, Relaxed);
@@ -660,7 +659,7 @@ impl ShardCtx {
             // Requests may queue up to twice the event limit; a device that far behind
             // is not reading at all, so it is closed rather than buffered without end.
             let limit = self.shared.config.max_outbound.saturating_mul(2);
-            if !conn.send_or_close(self, OP_TEXT, &frame, limit) {
+            if !conn.send_or_close(self, conn.data_op(), &frame, limit) {
                 let _ = r.reply.send(RequestReply::Full);
                 return;
             }

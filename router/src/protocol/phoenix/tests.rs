@@ -62,7 +62,8 @@ fn v2_heartbeat_join_push_and_leave() {
     );
     assert_eq!(out[0], Effect::AckCommand("update"));
     assert!(matches!(&out[1], Effect::Publish { ty, .. } if ty == "fwup_progress"));
-    assert_eq!(sent(&out[2])[3], "phx_reply");
+    // A NervesHub device (its join had device_api_version): pushes are not answered.
+    assert_eq!(out.len(), 2);
 
     let r = Uuid::from_u128(9);
     let out = run(&mut st, json!(["3", "5", "device", "ack", {"request": r}]));
@@ -384,4 +385,107 @@ fn event_names() {
         frame,
         json!(["1", null, "device", "config", {"type": "config", "interval": 30}])
     );
+}
+
+#[test]
+fn a_plain_phoenix_client_gets_its_pushes_answered() {
+    let mut st = PhxState::new(Vsn::V2);
+    run(&mut st, json!(["1", "1", "device", "phx_join", {}]));
+    let out = run(&mut st, json!(["1", "2", "device", "status_update", {}]));
+    assert_eq!(sent(out.last().unwrap())[4]["status"], "ok");
+}
+
+#[test]
+fn extensions_channel() {
+    let allowed: std::sync::Arc<[String]> = vec!["health".to_string(), "geo".to_string()].into();
+    let mut st = PhxState::with_extensions(Vsn::V2, allowed);
+    // API 2.2.0 and later: asked for extensions after the join.
+    let out = run(
+        &mut st,
+        json!(["1", "1", "device", "phx_join", {"device_api_version": "2.3.0"}]),
+    );
+    assert_eq!(
+        sent(&out[2]),
+        json!(["1", null, "device", "extensions:get", {}])
+    );
+    // Offered three; two allowed, one of them with a version that does not parse.
+    let out = run(
+        &mut st,
+        json!(["2", "2", "extensions", "phx_join", {"health": "0.0.1", "geo": "x", "local_shell": "0.0.1"}]),
+    );
+    assert_eq!(
+        sent(&out[0]),
+        json!(["2", "2", "extensions", "phx_reply", {"status":"ok","response":["health"]}])
+    );
+    // An accepted extension's event: published, not answered.
+    let out = run(
+        &mut st,
+        json!(["2", "3", "extensions", "health:report", {"value": {"metrics": {"cpu": 3}}}]),
+    );
+    assert_eq!(out.len(), 1);
+    let Effect::Publish { ty, body } = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(ty, "health:report");
+    assert_eq!(
+        serde_json::from_slice::<Value>(body).unwrap()["topic"],
+        "extensions"
+    );
+    // Any other: answered detach.
+    for ev in ["geo:location:update", "nocolon", "health:"] {
+        let out = run(&mut st, json!(["2", "4", "extensions", ev, {}]));
+        assert_eq!(out[0], Effect::Refused("unknown-extension"), "{ev}");
+        assert_eq!(
+            sent(&out[1]),
+            json!(["2", "4", "extensions", "phx_reply", {"status":"error","response":"detach"}])
+        );
+    }
+    // Backend events go out on the extension's channel, or the console, or the device.
+    assert_eq!(
+        serde_json::from_slice::<Value>(&st.encode_event(br#"{"type":"health:check"}"#).unwrap())
+            .unwrap()[2],
+        "extensions"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(
+            &st.encode_event(br#"{"type":"geo:location:request"}"#)
+                .unwrap()
+        )
+        .unwrap()[2],
+        "device"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(
+            &st.encode_event(br#"{"type":"dn","data":"ls\n"}"#).unwrap()
+        )
+        .unwrap()[2],
+        "device"
+    );
+    run(
+        &mut st,
+        json!(["5", "5", "console", "phx_join", {"console_version": "2.0.0"}]),
+    );
+    let dn: Value =
+        serde_json::from_slice(&st.encode_event(br#"{"type":"dn","data":"ls\n"}"#).unwrap())
+            .unwrap();
+    assert_eq!(
+        (dn[0].clone(), dn[2].clone(), dn[3].clone()),
+        (json!("5"), json!("console"), json!("dn"))
+    );
+    let r = Uuid::from_u128(3);
+    let req: Value = serde_json::from_slice(
+        &st.encode_request(r, "window_size", br#"{"height":40,"width":80}"#)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(req[2], "console");
+    // No extensions configured: not asked.
+    let mut plain = PhxState::new(Vsn::V2);
+    let out = run(
+        &mut plain,
+        json!(["1", "1", "device", "phx_join", {"device_api_version": "2.3.0"}]),
+    );
+    assert!(out.iter().all(
+        |e| !matches!(e, Effect::Send(b) if String::from_utf8_lossy(b).contains("extensions:get"))
+    ));
 }

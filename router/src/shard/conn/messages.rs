@@ -61,6 +61,30 @@ impl Conn {
 
     /// A complete message (its frames were admitted by the rate limit one by one).
     pub(super) fn on_message(&self, ctx: &ShardCtx, op: u8, payload: &mut [u8]) {
+        if self.protocol == Protocol::Phoenix(Vsn::V3) {
+            // MessagePack in binary frames only; converted to the V2 text the adapter
+            // reads. A frame that is not MessagePack is a bad frame, as in V2.
+            if op != OP_BINARY {
+                self.fail(ctx, 4400, "vsn 3.0.0 frames are binary (MessagePack)");
+                return;
+            }
+            let mut effects = Vec::new();
+            match crate::protocol::msgpack::to_json(payload) {
+                Ok(text) => {
+                    if let Some(Adapter::Phoenix(phx)) = self.adapter.borrow_mut().as_deref_mut() {
+                        phx.on_text(
+                            &self.meta,
+                            &text,
+                            &mut ctx.scratch.borrow_mut(),
+                            &mut effects,
+                        );
+                    }
+                }
+                Err(_) => effects.push(Effect::Error(phoenix::BAD_FRAME)),
+            }
+            self.apply(ctx, effects);
+            return;
+        }
         if op == OP_BINARY {
             self.fail(ctx, 4400, "binary frames are not part of this protocol");
             return;
@@ -233,9 +257,9 @@ impl Conn {
             (Protocol::Hive, _) => {
                 Some(hive::device_request(&self.meta, request, command, payload))
             }
-            (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => {
-                phx.encode_request(request, command, payload)
-            }
+            (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => phx
+                .encode_request(request, command, payload)
+                .map(|f| self.wire_owned(f)),
             (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => self.hivekit_session(ctx, |s| {
                 hivekit::encode_request(s, subs, request, command, payload)
             }),
@@ -248,7 +272,9 @@ impl Conn {
     pub fn encode_event(&self, ctx: &ShardCtx, body: &[u8]) -> Option<Vec<u8>> {
         match (self.protocol, self.adapter.borrow().as_deref()) {
             (Protocol::Hive, _) => Some(body.to_vec()),
-            (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => phx.encode_event(body),
+            (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => {
+                phx.encode_event(body).map(|f| self.wire_owned(f))
+            }
             (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => {
                 self.hivekit_session(ctx, |s| hivekit::encode_event(s, subs, body))
             }

@@ -18,8 +18,10 @@ use super::{Protocol, ShardCtx};
 use crate::auth::Identity;
 use crate::protocol::hive::Meta;
 use crate::protocol::hivekit::Subscriptions;
+use crate::protocol::msgpack;
 use crate::protocol::phoenix::PhxState;
-use crate::protocol::ws::{self, OP_CLOSE, OP_TEXT};
+use crate::protocol::phoenix::Vsn;
+use crate::protocol::ws::{self, OP_BINARY, OP_CLOSE, OP_TEXT};
 
 /// How long a closing connection may take to flush and see the peer's FIN.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -153,7 +155,9 @@ impl Conn {
                 ..State::default()
             }),
             adapter: RefCell::new(match protocol {
-                Protocol::Phoenix(vsn) => Some(Box::new(Adapter::Phoenix(PhxState::new(vsn)))),
+                Protocol::Phoenix(vsn) => Some(Box::new(Adapter::Phoenix(
+                    PhxState::with_extensions(vsn, ctx.shared.nerves_extensions.clone()),
+                ))),
                 _ => None,
             }),
         }
@@ -180,10 +184,37 @@ impl Conn {
         now.saturating_sub(self.st.borrow().last_seen)
     }
 
-    /// Send a text frame the device asked for (a reply, an error): counted against
-    /// --max-outbound like everything queued for it (see [`Conn::send_or_close`]).
+    /// Send a frame the device asked for (a reply, an error), as the protocol adapter
+    /// wrote it (JSON text; MessagePack in a binary frame for a Phoenix V3 device):
+    /// counted against --max-outbound like everything queued for it (see
+    /// [`Conn::send_or_close`]).
     pub fn send_text(&self, ctx: &ShardCtx, payload: &[u8]) {
-        self.send_or_close(ctx, OP_TEXT, payload, ctx.shared.config.max_outbound);
+        let wire = self.to_wire(payload);
+        self.send_or_close(ctx, self.data_op(), &wire, ctx.shared.config.max_outbound);
+    }
+
+    /// The opcode of this connection's data frames: binary for Phoenix V3 (MessagePack).
+    pub fn data_op(&self) -> u8 {
+        match self.protocol {
+            Protocol::Phoenix(Vsn::V3) => OP_BINARY,
+            _ => OP_TEXT,
+        }
+    }
+
+    /// As [`Conn::to_wire`], for a frame the caller owns (no copy unless converted).
+    fn wire_owned(&self, json: Vec<u8>) -> Vec<u8> {
+        match self.protocol {
+            Protocol::Phoenix(Vsn::V3) => msgpack::from_json(&json),
+            _ => json,
+        }
+    }
+
+    /// A frame the adapter wrote (JSON) in this connection's wire format.
+    fn to_wire<'a>(&self, json: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        match self.protocol {
+            Protocol::Phoenix(Vsn::V3) => std::borrow::Cow::Owned(msgpack::from_json(json)),
+            _ => std::borrow::Cow::Borrowed(json),
+        }
     }
 
     /// Send a frame that may not be dropped (a reply, an error, a pong, a ping, a
@@ -210,9 +241,10 @@ impl Conn {
         false
     }
 
-    /// Send a text frame unless the outbound queue is over its limit; false = dropped.
-    pub fn try_send_text(&self, ctx: &ShardCtx, payload: &[u8]) -> bool {
-        self.send(ctx, OP_TEXT, payload, ctx.shared.config.max_outbound)
+    /// Send a data frame already in the wire format (from [`Conn::encode_event`]) unless
+    /// the outbound queue is over its limit; false = dropped.
+    pub fn try_send_data(&self, ctx: &ShardCtx, payload: &[u8]) -> bool {
+        self.send(ctx, self.data_op(), payload, ctx.shared.config.max_outbound)
     }
 
     /// A ping or pong, counted against --max-outbound (see [`Conn::send_or_close`]).
