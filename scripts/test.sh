@@ -66,6 +66,10 @@ fi
 step "independent client: Hivekit protocol (Python websockets; every flow a device app uses)"
 "$VENV/bin/python" tests/python/test_hivekit.py "$ROUTER"
 
+step "independent NervesHub device: shared-secret auth and vsn 3.0.0 MessagePack (Python websockets, msgpack, hashlib)"
+"$VENV/bin/python" -c 'import msgpack' 2>/dev/null || "$VENV/bin/pip" install --quiet 'msgpack>=1,<2'
+"$VENV/bin/python" tests/python/test_nerveshub.py "$ROUTER"
+
 step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
 ensure_rabbitmq
 "$VENV/bin/python" -c 'import pika' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pika>=1.3,<2'
