@@ -217,7 +217,7 @@ pub async fn run(
                 Err(HttpError::Transport) => (&c.transport_error, "transport_error", Req::Error),
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            timeline2.request(due, req);
+            timeline2.request(due, req, us);
             if let Some(s) = samples2 {
                 let due_us = due.saturating_duration_since(start).as_micros() as u64;
                 let sample = Sample {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,6 +30,9 @@ pub enum Proto {
     about = "Simulate device fleets and a backend against Hive Router; measure connect, auth, ack and event latency"
 )]
 pub struct Args {
+    /// Without a subcommand loadgen runs the load (the flags below).
+    #[command(subcommand)]
+    pub command: Option<Sub>,
     /// Devices to simulate.
     #[arg(long, env = "LOADGEN_DEVICES", default_value_t = 1000)]
     pub devices: usize,
@@ -122,6 +125,20 @@ pub struct Args {
     /// Write the report as JSON here (stable field names).
     #[arg(long, env = "LOADGEN_JSON")]
     pub json: Option<PathBuf>,
+    /// A threshold checked at the end of the run, e.g. 'ack.p99<5ms', 'errors==0',
+    /// 'events.lost==0', 'timeouts<0.1%' (repeat, or comma-separate). Each is printed PASS or
+    /// FAIL with the measured value; exit status 3 when any fails. FIGURE OP NUMBER[UNIT]:
+    /// FIGURE a dotted path of the JSON report or an alias (ack.p50/p90/p99/p999/max,
+    /// errors, errors.total, timeouts, connected, events.lost, ...: docs/loadgen.md), OP one
+    /// of < <= > >= == !=, UNIT ms/us/s, k/M, KiB/MiB/GiB or %.
+    #[arg(
+        long = "assert",
+        env = "LOADGEN_ASSERT",
+        value_name = "EXPR",
+        value_delimiter = ',',
+        value_parser = crate::thresholds::parse_arg
+    )]
+    pub asserts: Vec<crate::thresholds::Assertion>,
     /// Write the ack-latency histogram (HdrHistogram V2, base64) here.
     #[arg(long, env = "LOADGEN_HDR_LOG")]
     pub hdr_log: Option<PathBuf>,
@@ -164,6 +181,14 @@ pub struct Args {
     pub worker_index: Option<usize>,
     #[arg(long, hide = true, default_value_t = 1)]
     pub worker_count: usize,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Sub {
+    /// Compare two --json reports figure by figure; exit 1 when a latency, error,
+    /// timeout or lost-event figure got worse, or a throughput figure dropped, beyond the
+    /// tolerance.
+    Compare(crate::compare::CompareArgs),
 }
 
 impl Args {

@@ -21,6 +21,7 @@ use crate::hist;
 use crate::progress::Live;
 use crate::report::{self, Report};
 use crate::seqs::SeqCounter;
+use crate::thresholds;
 use crate::timeline::{Timeline, Totals};
 use crate::worker::WorkerResult;
 
@@ -255,7 +256,8 @@ fn watch_events(
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Run the load; Ok(false) when an --assert failed.
+pub fn run(args: Args) -> anyhow::Result<bool> {
     // One thread: the coordinator's work (requests at the backend rate, the workers'
     // progress lines) is small, and on a current-thread runtime a request's answer needs
     // no hand-over between runtime threads: at 2,000 requests/s the coordinator took
@@ -266,7 +268,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(run_async(args))
 }
 
-async fn run_async(args: Args) -> anyhow::Result<()> {
+async fn run_async(args: Args) -> anyhow::Result<bool> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .build()?;
@@ -345,9 +347,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             let p = total(&progress);
             Totals {
                 connected: p.connected,
+                ever: p.ever,
                 device_errors: p.errors,
                 events_sent: p.events_sent,
                 events_received: *received.lock().unwrap_or_else(|e| e.into_inner()),
+                router_rss: None,
             }
         }
     };
@@ -626,7 +630,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         (0, n) => bytes as f64 / n as f64,
         (n, _) => bytes as f64 / n as f64,
     };
-    let report = Report {
+    let mut report = Report {
         protocol: format!("{:?}", args.protocol).to_lowercase(),
         workers: k,
         devices: report::Devices {
@@ -675,8 +679,15 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         },
         timeline_start_unix_ms,
         timeline: timeline.seconds(),
+        phases: Vec::new(),
+        assertions: Vec::new(),
     };
+    let value = serde_json::to_value(&report)?;
+    report.assertions = args.asserts.iter().map(|a| a.check(&value)).collect();
     print!("{}", report.table());
+    if !report.assertions.is_empty() {
+        print!("{}", thresholds::summary(&report.assertions));
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
@@ -701,5 +712,5 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         backend::write_log(outcome.samples, &mut out)?;
         std::io::Write::flush(&mut out)?;
     }
-    Ok(())
+    Ok(report.assertions.iter().all(|v| v.passed))
 }

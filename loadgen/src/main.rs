@@ -4,8 +4,10 @@
 mod amqp_events;
 mod backend;
 mod cli;
+mod compare;
 mod coordinator;
 mod device;
+mod fields;
 mod hist;
 mod http;
 mod net;
@@ -13,6 +15,7 @@ mod progress;
 mod report;
 mod sched;
 mod seqs;
+mod thresholds;
 mod timeline;
 mod token;
 mod worker;
@@ -27,6 +30,9 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();
+    if let Some(cli::Sub::Compare(c)) = &args.command {
+        std::process::exit(compare::run(c));
+    }
     args.validate()?;
     if !args.transparent_hugepages && args.worker_index.is_none() {
         // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only. The setting
@@ -40,6 +46,12 @@ fn main() -> anyhow::Result<()> {
     }
     match args.worker_index {
         Some(_) => worker::run(args),
-        None => coordinator::run(args),
+        None => {
+            if !coordinator::run(args)? {
+                // A threshold failed: distinct from setup errors (1) and usage errors (2).
+                std::process::exit(3);
+            }
+            Ok(())
+        }
     }
 }

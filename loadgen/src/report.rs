@@ -28,7 +28,7 @@ pub struct Report {
     /// `steady` phase and, with --hold, a `hold` phase).
     pub phases: Vec<Phase>,
     /// The --assert expressions, as checked at the end of the run.
-    pub assertions: Vec<crate::assert::Verdict>,
+    pub assertions: Vec<crate::thresholds::Verdict>,
 }
 
 /// One phase of the run after the ramp (stable JSON field names).

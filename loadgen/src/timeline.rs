@@ -225,11 +225,18 @@ mod tests {
         // Two acks, 2 ms and 40 ms: within the per-second histogram's ~6%.
         let near = |got: Option<f64>, want: f64| (got.unwrap() - want).abs() <= want * 0.07;
         assert!(near(s[0].ack_p50_ms, 2.0), "{:?}", s[0]);
-        assert!(near(s[0].ack_p99_ms, 40.0) && near(s[0].ack_max_ms, 40.0), "{:?}", s[0]);
+        assert!(
+            near(s[0].ack_p99_ms, 40.0) && near(s[0].ack_max_ms, 40.0),
+            "{:?}",
+            s[0]
+        );
         // No ack in second 1: no latency, not zero.
         assert_eq!((s[1].ack_p50_ms, s[1].ack_max_ms), (None, None));
         assert_eq!((s[1].connects, s[2].connects), (0, 2));
-        assert_eq!((s[1].router_rss_bytes, s[2].router_rss_bytes), (None, Some(7 << 20)));
+        assert_eq!(
+            (s[1].router_rss_bytes, s[2].router_rss_bytes),
+            (None, Some(7 << 20))
+        );
         assert_eq!(
             (s[1].t, s[1].connected, s[1].timeout, s[1].device_errors),
             (1, 8, 1, 2)
