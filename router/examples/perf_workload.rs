@@ -98,6 +98,15 @@ fn main() {
                 sink += out.len();
             }
         }
+        "deflate" => {
+            // permessage-deflate as the router runs it: a NervesHub-sized message
+            // compressed on its own (no context takeover), and inflated back.
+            let msg = br#"["2","7","extensions","health:report",{"value":{"timestamp":"2026-12-03T10:00:00Z","metadata":{"serial":"pump-0042","fw":"1.4.0"},"alarms":{},"metrics":{"cpu_temp":51.5,"load_1min":0.42,"mem_used_percent":37.1,"disk_used_percentage":12.0},"checks":{},"connectivity":{"wlan0":{"type":"wifi","signal":-61}}}}]"#;
+            for _ in 0..N / 10 {
+                let z = ws::deflate(msg);
+                sink += ws::inflate(&z, 1 << 20).map_or(0, |v| v.len()) + z.len();
+            }
+        }
         "token" => {
             let v = Verifier::new("perf");
             let t = mint("perf", Uuid::from_u128(1), Uuid::from_u128(2), 3600);

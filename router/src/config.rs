@@ -179,6 +179,13 @@ pub struct ServeConfig {
     )]
     pub nerves_extensions: Vec<String>,
 
+    /// Accept permessage-deflate when a device offers it (NervesHub devices do), without
+    /// context takeover: each message compressed on its own, no compressor kept between
+    /// messages. Only for devices that authenticate on the upgrade request (header,
+    /// query, certificate, shared secret). Costs CPU per message; see docs/performance.md.
+    #[arg(long, env = "ROUTER_PERMESSAGE_DEFLATE")]
+    pub permessage_deflate: bool,
+
     /// Seconds a connection may stay unauthenticated before it is closed with 4408.
     #[arg(long, env = "ROUTER_AUTH_TIMEOUT", default_value_t = 10)]
     pub auth_timeout: u64,
@@ -376,6 +383,7 @@ impl ServeConfig {
             auth_timeout: 10,
             hivekit_realm: None,
             nerves_keys: None,
+            permessage_deflate: false,
             nerves_min_iterations: 1000,
             nerves_max_age: 90,
             nerves_extensions: Vec::new(),

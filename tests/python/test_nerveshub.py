@@ -76,7 +76,7 @@ def write_keys(path, with_device=True):
 
 def start_router(keys):
     p = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "2",
-                          "--nerves-keys", keys, "--nerves-extensions", "health,geo"],
+                          "--nerves-keys", keys, "--nerves-extensions", "health,geo", "--permessage-deflate"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     assert line.startswith("router ready"), line
@@ -185,10 +185,12 @@ async def main():
         # 2. A device key: connects; the same headers again are a replay.
         h = nh_headers("nhd_dev1", "device-secret", "serial-001")
         ws = await connect(f"ws://{ws_addr}/device-socket/websocket?vsn=3.0.0", additional_headers=h)
+        ext = ws.response.headers.get("sec-websocket-extensions", "")
+        assert ext.startswith("permessage-deflate"), ext
         assert await refused(ws_addr, h) == 401
         assert metric(api, 'router_auth_failures_total{reason="replayed"}') == 1
         assert metric(api, 'router_auth_failures_total{reason="weak_algorithm"}') == 2
-        print("device key: connected; the same signature again refused as a replay")
+        print(f"device key: connected ({ext}); the same signature again refused as a replay")
 
         # 3. vsn 3.0.0: join with firmware metadata, heartbeat, extensions.
         dev = Device(ws)
@@ -273,6 +275,23 @@ async def main():
         assert st == 200 and json.loads(body)["connected"], (st, body)
         print(f"product key: serial-777 connected as {derived}")
 
+        # 7b. Compressed both ways (the client compresses what it sends): a large event
+        #     arrives whole; a message that inflates past --max-frame closes 1009.
+        big = {"type": "config", "blob": "x" * 20000}
+        st, _ = http("POST", f"http://{api}/v1/devices/{derived}/events", big)
+        assert st == 202, st
+        m = None
+        while m is None or m[3] != "config":  # (extensions:get comes first)
+            m = json.loads(await asyncio.wait_for(ws2.recv(), 5))
+        assert len(m[4]["blob"]) == 20000, m[3]
+        await ws2.send(json.dumps(["1", "9", "device", "status_update", {"pad": "y" * 100000}]))
+        try:
+            while True:
+                await asyncio.wait_for(ws2.recv(), 5)
+        except websockets.ConnectionClosed as e:
+            assert e.rcvd and e.rcvd.code == 1009, e
+        print("permessage-deflate: a 20 KB event delivered compressed; a bomb past --max-frame closed 1009")
+
         # 8. SIGHUP: the device key removed; new connections with it refused, the open
         #    connection kept.
         write_keys(keys, with_device=False)
@@ -291,11 +310,11 @@ async def main():
         except websockets.ConnectionClosed as e:
             assert e.rcvd and e.rcvd.code == 4400, e
         print("a text frame on vsn 3.0.0: closed 4400")
-        await ws2.close()
         print("nerveshub: all flows passed")
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        # A drain lets open connections finish their close handshake (bounded).
+        proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

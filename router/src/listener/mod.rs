@@ -265,7 +265,12 @@ fn fast_path(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) 
             peer,
             protocol: up.protocol,
             leftover: bytes[up.consumed..].to_vec(),
-            preface: switching_protocols(&up.key).into_bytes(),
+            deflate: up.deflate && ctx.shared.config.permessage_deflate,
+            preface: switching_protocols(
+                &up.key,
+                up.deflate && ctx.shared.config.permessage_deflate,
+            )
+            .into_bytes(),
         },
     );
     Fast::Done
@@ -312,6 +317,8 @@ enum Outcome {
     Authenticated {
         ident: Identity,
         protocol: Protocol,
+        /// permessage-deflate negotiated.
+        deflate: bool,
         leftover: Vec<u8>,
         /// Not yet sent: goes out with the greeting, from the owning shard.
         preface: Vec<u8>,
@@ -388,7 +395,7 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, firs
         },
     };
     m.handshakes.fetch_sub(1, Relaxed);
-    let Some((stream, tls, (ident, protocol, leftover, preface))) = done else {
+    let Some((stream, tls, (ident, protocol, deflate, leftover, preface))) = done else {
         ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
         return;
     };
@@ -409,6 +416,7 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, firs
             ident,
             peer,
             protocol,
+            deflate,
             leftover,
             preface,
         },
@@ -423,7 +431,7 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
     cert_ident: Option<Identity>,
     deadline: tokio::time::Instant,
     first: Vec<u8>,
-) -> Option<(Identity, Protocol, Vec<u8>, Vec<u8>)> {
+) -> Option<(Identity, Protocol, bool, Vec<u8>, Vec<u8>)> {
     let m = ctx.metrics();
     let mut hs = Handshake {
         buf: first,
@@ -445,9 +453,10 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
         Outcome::Authenticated {
             ident,
             protocol,
+            deflate,
             leftover,
             preface,
-        } => Some((ident, protocol, leftover, preface)),
+        } => Some((ident, protocol, deflate, leftover, preface)),
         Outcome::Refused(code, why) => {
             m.auth_failure(why);
             m.close(code);
@@ -573,7 +582,12 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         _ => None,
     };
     let cert_ident = cert_ident.or(nerves_ident);
-    let resp = switching_protocols(&up.key);
+    // permessage-deflate only where authentication is decided by the upgrade request:
+    // a first-frame `Bearer` is read by the listener, which does not inflate.
+    let deflate = up.deflate
+        && ctx.shared.config.permessage_deflate
+        && (cert_ident.is_some() || up.token.is_some());
+    let resp = switching_protocols(&up.key, deflate);
     if cert_ident.is_some() || up.token.is_some() {
         // Decided without another byte from the device: the 101 goes out with the
         // verdict (the greeting from the owning shard, or the close frame).
@@ -592,6 +606,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         return Outcome::Authenticated {
             ident,
             protocol: up.protocol,
+            deflate,
             leftover: std::mem::take(&mut hs.buf),
             preface: std::mem::take(&mut hs.preface),
         };
@@ -601,6 +616,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(ident) => Outcome::Authenticated {
                 ident,
                 protocol: up.protocol,
+                deflate,
                 leftover: std::mem::take(&mut hs.buf),
                 preface: std::mem::take(&mut hs.preface),
             },
@@ -628,6 +644,13 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 return Outcome::Gone;
             }
         };
+        if h.rsv1 {
+            // No extension is negotiated for a connection that authenticates by frame.
+            m.close(1002);
+            let _ = write_all(stream, &close_frame(1002, "reserved bits set")).await;
+            linger(stream).await;
+            return Outcome::Gone;
+        }
         let mut frame: Vec<u8> = hs.buf.drain(..h.total_len()).collect();
         let payload = &mut frame[h.header_len..];
         ws::unmask(payload, h.mask);
@@ -676,6 +699,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                         return Outcome::Authenticated {
                             ident,
                             protocol: up.protocol,
+                            deflate: false,
                             leftover: std::mem::take(&mut hs.buf),
                             preface: Vec::new(),
                         }

@@ -13,6 +13,8 @@ pub struct Upgrade {
     pub token: Option<String>,
     /// NervesHub shared-secret headers (`x-nh-*`), when the request has any.
     pub nerves: Option<crate::nerves_auth::Headers>,
+    /// The client offers permessage-deflate in a form the router accepts.
+    pub deflate: bool,
     pub consumed: usize,
 }
 
@@ -136,11 +138,18 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             signature: signature.unwrap_or_default(),
         }),
     };
+    let deflate = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .any(ws::deflate_offered);
     Ok(Some(Upgrade {
         protocol,
         key,
         token,
         nerves,
+        deflate,
         consumed,
     }))
 }
@@ -166,10 +175,16 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The 101 answer to an upgrade request with this `Sec-WebSocket-Key`.
-pub fn switching_protocols(key: &str) -> String {
+/// The 101 answer to an upgrade request with this `Sec-WebSocket-Key`, accepting
+/// permessage-deflate when `deflate`.
+pub fn switching_protocols(key: &str, deflate: bool) -> String {
+    let ext = if deflate {
+        format!("sec-websocket-extensions: {}\r\n", ws::DEFLATE_RESPONSE)
+    } else {
+        String::new()
+    };
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n{ext}\r\n",
         ws::accept_key(key.as_bytes())
     )
 }

@@ -19,6 +19,8 @@ const MAX_CONTROL: u64 = 125;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
+    /// RSV1: the message is compressed (permessage-deflate; first frame only).
+    pub rsv1: bool,
     pub opcode: u8,
     pub mask: [u8; 4],
     pub header_len: usize,
@@ -51,13 +53,15 @@ pub enum WsError {
     Utf8,
     #[error("continuation without a message, or a new message inside a fragmented one")]
     Fragment,
+    #[error("compressed message is not valid deflate data")]
+    Deflate,
 }
 
 impl WsError {
     pub fn close_code(self) -> u16 {
         match self {
             WsError::TooBig => 1009,
-            WsError::Utf8 => 1007,
+            WsError::Utf8 | WsError::Deflate => 1007,
             _ => 1002,
         }
     }
@@ -71,9 +75,12 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<FrameHeader
     }
     let b0 = buf[0];
     let b1 = buf[1];
-    if b0 & 0x70 != 0 {
+    // RSV1 is permessage-deflate's "compressed" bit: reported, and refused by the
+    // connection unless it negotiated the extension. RSV2 and RSV3 mean nothing here.
+    if b0 & 0x30 != 0 {
         return Err(WsError::Reserved);
     }
+    let rsv1 = b0 & 0x40 != 0;
     let opcode = b0 & 0x0F;
     if !matches!(
         opcode,
@@ -115,8 +122,12 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<FrameHeader
     let mut mask = [0u8; 4];
     mask.copy_from_slice(&buf[pos..pos + 4]);
     pos += 4;
+    if rsv1 && opcode & 0x8 != 0 {
+        return Err(WsError::Reserved);
+    }
     Ok(Some(FrameHeader {
         fin,
+        rsv1,
         opcode,
         mask,
         header_len: pos,
@@ -152,6 +163,116 @@ pub fn write_header(opcode: u8, len: usize, out: &mut [u8; 10]) -> usize {
         out[1] = 127;
         out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         10
+    }
+}
+
+/// permessage-deflate (RFC 7692) without context takeover either way: each message is
+/// compressed on its own, so a connection keeps no compressor state between messages
+/// (an idle connection costs nothing more). Messages shorter than this go out as they
+/// are (RSV1 clear): compressing them saves nothing.
+pub const DEFLATE_MIN: usize = 64;
+
+/// The `Sec-WebSocket-Extensions` answer the router gives when it accepts an offer.
+pub const DEFLATE_RESPONSE: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Does this `Sec-WebSocket-Extensions` value offer permessage-deflate in a form the
+/// router can accept? (Any offer without `server_max_window_bits` below 15: the router
+/// compresses with a 32 KiB window.)
+pub fn deflate_offered(header: &str) -> bool {
+    header.split(',').any(|offer| {
+        let mut params = offer.split(';').map(str::trim);
+        params.next() == Some("permessage-deflate")
+            && params.all(|p| {
+                let (name, value) = p.split_once('=').unwrap_or((p, ""));
+                let value = value.trim_matches('"');
+                match name.trim() {
+                    "server_no_context_takeover" | "client_no_context_takeover" => value.is_empty(),
+                    "client_max_window_bits" => {
+                        value.is_empty() || value.parse::<u8>().is_ok_and(|b| (8..=15).contains(&b))
+                    }
+                    "server_max_window_bits" => value == "15",
+                    _ => false,
+                }
+            })
+    })
+}
+
+/// A message compressed for a frame with RSV1 (the trailing `00 00 ff ff` removed).
+/// One compressor per thread, reset for each message (a new one per message spent
+/// three quarters of its time zeroing its tables).
+pub fn deflate(payload: &[u8]) -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress};
+    thread_local! {
+        static COMPRESS: std::cell::RefCell<Compress> =
+            std::cell::RefCell::new(Compress::new(Compression::fast(), false));
+    }
+    COMPRESS.with_borrow_mut(|c| {
+        c.reset();
+        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+        // A sync flush ends with the empty stored block `00 00 ff ff`, which the
+        // receiver puts back.
+        loop {
+            let before = c.total_in() as usize;
+            let _ = c.compress_vec(&payload[before..], &mut out, FlushCompress::Sync);
+            if c.total_in() as usize == payload.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        if out.ends_with(&[0, 0, 0xff, 0xff]) {
+            out.truncate(out.len() - 4);
+        }
+        out
+    })
+}
+
+/// A compressed message's payload, at most `max` bytes once inflated. Err: not
+/// deflate data (1007), or larger than `max` (1009).
+pub fn inflate(payload: &[u8], max: usize) -> Result<Vec<u8>, WsError> {
+    use flate2::Decompress;
+    thread_local! {
+        static DECOMPRESS: std::cell::RefCell<Decompress> =
+            std::cell::RefCell::new(Decompress::new(false));
+    }
+    DECOMPRESS.with_borrow_mut(|d| {
+        d.reset(false);
+        inflate_with(d, payload, max)
+    })
+}
+
+fn inflate_with(
+    d: &mut flate2::Decompress,
+    payload: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, WsError> {
+    use flate2::{FlushDecompress, Status};
+    let mut input = Vec::with_capacity(payload.len() + 4);
+    input.extend_from_slice(payload);
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity((payload.len() * 4).clamp(64, max.max(64)));
+    loop {
+        let (consumed, produced) = (d.total_in() as usize, out.len());
+        let status = d
+            .decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync)
+            .map_err(|_| WsError::Deflate)?;
+        if out.len() > max {
+            return Err(WsError::TooBig);
+        }
+        let done = d.total_in() as usize == input.len();
+        // All input taken and room left over: everything it holds is out.
+        if (done && out.len() < out.capacity()) || status == Status::StreamEnd {
+            return Ok(out);
+        }
+        if out.len() == produced && d.total_in() as usize == consumed && out.len() < out.capacity()
+        {
+            // Neither input taken nor output given with room to spare: cut short, or
+            // not deflate data.
+            return Err(WsError::Deflate);
+        }
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity().min(max + 1 - out.len()).max(64));
+        }
     }
 }
 
@@ -257,8 +378,11 @@ mod tests {
     fn rejects_what_rfc6455_forbids() {
         let ok = client_frame(true, OP_TEXT, b"hi");
         let mut rsv = ok.clone();
-        rsv[0] |= 0x40;
+        rsv[0] |= 0x20;
         assert_eq!(parse_header(&rsv, 100), Err(WsError::Reserved));
+        let mut rsv1 = ok.clone();
+        rsv1[0] |= 0x40;
+        assert!(parse_header(&rsv1, 100).unwrap().unwrap().rsv1);
         let mut op = ok.clone();
         op[0] = 0x83;
         assert_eq!(parse_header(&op, 100), Err(WsError::Opcode));
@@ -316,5 +440,50 @@ mod tests {
         assert!(p.len() <= 125);
         assert!(std::str::from_utf8(&p[2..]).is_ok());
         assert_eq!(&p[..2], &4401u16.to_be_bytes());
+    }
+
+    #[test]
+    fn deflate_round_trip_bounds_and_offers() {
+        let msg =
+            br#"["1",null,"device","status_update",{"status":"ok","status2":"ok","status3":"ok"}]"#
+                .repeat(20);
+        let z = deflate(&msg);
+        assert!(z.len() < msg.len() / 4, "{} of {}", z.len(), msg.len());
+        assert_eq!(inflate(&z, msg.len()).unwrap(), msg);
+        // One byte over the limit once inflated; and a bomb far over it stops early.
+        assert_eq!(inflate(&z, msg.len() - 1), Err(WsError::TooBig));
+        let bomb = deflate(&vec![0u8; 10 << 20]);
+        assert_eq!(inflate(&bomb, 64 * 1024), Err(WsError::TooBig));
+        assert_eq!(
+            inflate(b"\xff\xfe\xfd not deflate", 1024),
+            Err(WsError::Deflate)
+        );
+        assert_eq!(inflate(&deflate(b""), 10).unwrap(), b"");
+        // Offers: bare (Mint, NervesHub's client), Python websockets', browsers'.
+        assert!(deflate_offered("permessage-deflate"));
+        assert!(deflate_offered(
+            "permessage-deflate; client_max_window_bits"
+        ));
+        assert!(deflate_offered("x-webkit-deflate-frame, permessage-deflate; client_max_window_bits=15; server_no_context_takeover"));
+        assert!(!deflate_offered(
+            "permessage-deflate; server_max_window_bits=10"
+        ));
+        assert!(!deflate_offered("permessage-deflate; unknown_param"));
+        assert!(!deflate_offered("x-webkit-deflate-frame"));
+    }
+
+    #[test]
+    fn highly_compressible_messages_inflate_whole() {
+        // Output many times the input (a 100 KB run): inflated in steps, not refused.
+        let msg = [
+            b"[\"1\",\"9\",\"device\",\"x\",{\"pad\":\"".as_slice(),
+            &[b'y'; 100_000],
+            b"\"}]",
+        ]
+        .concat();
+        let z = deflate(&msg);
+        assert!(z.len() < 1000);
+        assert_eq!(inflate(&z, 1 << 20).unwrap(), msg);
+        assert_eq!(inflate(&z, 64 * 1024), Err(WsError::TooBig));
     }
 }

@@ -117,6 +117,8 @@ pub struct Adopt {
     pub ident: Identity,
     pub peer: SocketAddr,
     pub protocol: Protocol,
+    /// permessage-deflate negotiated on the upgrade.
+    pub deflate: bool,
     pub leftover: Vec<u8>,
     /// Bytes the listener left for the owner to send first (the HTTP 101 when the
     /// upgrade request carried the credentials), so the 101 and the greeting leave
@@ -414,6 +416,7 @@ impl ShardCtx {
             ident,
             peer,
             protocol,
+            deflate,
             leftover,
             preface,
         } = a;
@@ -429,7 +432,7 @@ impl ShardCtx {
         };
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let conn = Rc::new(Conn::new(
-            self, id, slot, stream, tls, ident, peer, protocol,
+            self, id, slot, stream, tls, ident, peer, protocol, deflate,
         ));
         if let Err(e) = self.poller.add(fd, u64::from(slot), poller::IN) {
             tracing::warn!(error = %e, "cannot watch an adopted socket");

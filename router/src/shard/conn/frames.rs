@@ -92,7 +92,17 @@ impl Conn {
 
     fn on_frame(&self, ctx: &ShardCtx, h: FrameHeader, payload: &mut [u8]) {
         let now = ctx.now_secs();
-        self.st.borrow_mut().last_seen = now;
+        let deflate = {
+            let mut st = self.st.borrow_mut();
+            st.last_seen = now;
+            st.deflate
+        };
+        // RSV1 (compressed) only with permessage-deflate, and only on a message's first
+        // frame (RFC 7692 §6.1).
+        if h.rsv1 && (!deflate || h.opcode == OP_CONT) {
+            self.fail(ctx, 1002, "reserved bits set");
+            return;
+        }
         if h.opcode == OP_CLOSE {
             self.on_close(ctx, payload);
             return;
@@ -135,10 +145,11 @@ impl Conn {
                 if h.fin {
                     let op = b.msg_op;
                     let mut msg = std::mem::take(&mut b.msg);
+                    let deflated = std::mem::take(&mut b.msg_deflated);
                     b.msg_op = 0;
                     b.msg_frames = 0;
                     drop(st);
-                    self.on_message(ctx, op, &mut msg);
+                    self.on_whole_message(ctx, op, deflated, &mut msg);
                 }
             }
             op => {
@@ -150,14 +161,28 @@ impl Conn {
                 }
                 if h.fin {
                     drop(st);
-                    self.on_message(ctx, op, payload);
+                    self.on_whole_message(ctx, op, h.rsv1, payload);
                 } else {
                     let b = st.bufs.get_or_insert_with(Box::default);
                     b.msg_op = op;
                     b.msg_frames = 1;
+                    b.msg_deflated = h.rsv1;
                     b.msg = payload.to_vec();
                 }
             }
+        }
+    }
+
+    /// A complete message, inflated first when compressed (within --max-frame: a
+    /// message that inflates past it closes 1009, data that is not deflate 1007).
+    fn on_whole_message(&self, ctx: &ShardCtx, op: u8, deflated: bool, payload: &mut [u8]) {
+        if !deflated {
+            self.on_message(ctx, op, payload);
+            return;
+        }
+        match ws::inflate(payload, ctx.shared.config.max_frame) {
+            Ok(mut msg) => self.on_message(ctx, op, &mut msg),
+            Err(e) => self.fail(ctx, e.close_code(), &e.to_string()),
         }
     }
 

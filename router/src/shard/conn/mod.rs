@@ -61,6 +61,8 @@ struct Bufs {
     msg_op: u8,
     /// Frames of `msg` so far (bounded: see `frames`).
     msg_frames: u16,
+    /// `msg` is compressed (its first frame had RSV1).
+    msg_deflated: bool,
     /// Outbound bytes the socket did not take yet; `out_pos` is how far they went.
     out: Vec<u8>,
     out_pos: usize,
@@ -101,6 +103,8 @@ struct State {
     read_on: bool,
     /// Events registered with the shard's poller.
     interest: u32,
+    /// permessage-deflate was negotiated (no context takeover: no state kept for it).
+    deflate: bool,
     /// Per-device rate limit: tokens left, the second they were last refilled, and
     /// messages refused since the last one admitted.
     tokens: u32,
@@ -126,6 +130,7 @@ impl Conn {
         ident: Identity,
         peer: SocketAddr,
         protocol: Protocol,
+        deflate: bool,
     ) -> Self {
         let now = ctx.now_secs();
         let interval = ctx.shared.config.ping_interval.max(1) as u32;
@@ -152,6 +157,7 @@ impl Conn {
                 }),
                 refilled_at: now,
                 interest: IN,
+                deflate,
                 ..State::default()
             }),
             adapter: RefCell::new(match protocol {
@@ -284,8 +290,22 @@ impl Conn {
         if self.is_done() {
             return true;
         }
+        // permessage-deflate: a data message of some size goes out compressed (RSV1).
+        let compressed = (op == OP_TEXT || op == OP_BINARY)
+            && payload.len() >= ws::DEFLATE_MIN
+            && self.st.borrow().deflate;
+        let deflated;
+        let payload = if compressed {
+            deflated = ws::deflate(payload);
+            &deflated[..]
+        } else {
+            payload
+        };
         let mut h = [0u8; 10];
         let hl = ws::write_header(op, payload.len(), &mut h);
+        if compressed {
+            h[0] |= 0x40;
+        }
         let total = (hl + payload.len()) as u64;
         let m = ctx.metrics();
         if !self.write_parts(ctx, &[preface, &h[..hl], payload], limit) {
