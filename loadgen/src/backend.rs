@@ -133,7 +133,7 @@ pub fn write_log(mut samples: Vec<Sample>, out: &mut impl std::io::Write) -> std
     Ok(())
 }
 
-/// What one steady phase of requests measured.
+/// What the requests of one phase, or of several, measured.
 pub struct Outcome {
     /// Ack latency of every acked request, from its due time.
     pub acks: Histogram<u64>,
@@ -145,26 +145,64 @@ pub struct Outcome {
     pub samples: Vec<Sample>,
 }
 
-/// Send requests at `rate` for `duration`; returns the ack and lateness histograms and
-/// counts, and with `log` every request's sample. Each outcome also goes to `timeline`,
-/// in the second the request was due.
-pub async fn run(
-    b: Arc<Backend>,
-    targets: Vec<(usize, Uuid)>,
-    rate: f64,
-    duration: Duration,
-    timeout_ms: u64,
-    log: bool,
-    timeline: Arc<Timeline>,
-) -> Outcome {
-    if targets.is_empty() || rate <= 0.0 || b.apis.is_empty() {
-        return Outcome {
+impl Outcome {
+    pub fn empty() -> Outcome {
+        Outcome {
             acks: hist::new_hist(),
             late: hist::new_hist(),
             counts: RequestCounts::default(),
             samples: Vec::new(),
-        };
+        }
     }
+
+    /// Add another phase's requests to these.
+    pub fn absorb(&mut self, other: Outcome) {
+        hist::merge(&mut self.acks, &other.acks);
+        hist::merge(&mut self.late, &other.late);
+        let (c, o) = (&mut self.counts, other.counts);
+        c.sent += o.sent;
+        c.acked += o.acked;
+        c.timeout += o.timeout;
+        c.offline += o.offline;
+        c.http_error += o.http_error;
+        c.transport_error += o.transport_error;
+        self.samples.extend(other.samples);
+    }
+}
+
+/// When and how one phase sends its requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// Requests per second (open loop); 0: none.
+    pub rate: f64,
+    pub duration: Duration,
+    pub timeout_ms: u64,
+    /// Keep every request's `Sample` (--request-log).
+    pub log: bool,
+    /// Time zero of the samples' due times (the start of the first phase).
+    pub epoch: Instant,
+}
+
+/// Where each request's outcome goes besides the `Outcome`: the timeline (in the second
+/// the request was due) and the live metrics.
+#[derive(Clone)]
+pub struct Sinks {
+    pub timeline: Arc<Timeline>,
+    pub live: Arc<crate::metrics::Live>,
+}
+
+/// Send requests at `s.rate` for `s.duration`; returns the ack and lateness histograms
+/// and counts, and with `s.log` every request's sample.
+pub async fn run(
+    b: Arc<Backend>,
+    targets: Arc<Vec<(usize, Uuid)>>,
+    s: Schedule,
+    sinks: Sinks,
+) -> Outcome {
+    if targets.is_empty() || s.rate <= 0.0 || b.apis.is_empty() {
+        return Outcome::empty();
+    }
+    let (duration, timeout_ms, log) = (s.duration, s.timeout_ms, s.log);
     let samples = Arc::new(Mutex::new(Vec::new()));
     let acks = Arc::new(Mutex::new(hist::new_hist()));
     let late = Arc::new(Mutex::new(hist::new_hist()));
@@ -178,7 +216,7 @@ pub async fn run(
     })
     .to_string();
     let start = Instant::now();
-    let sched = OpenLoop::new(start, rate);
+    let sched = OpenLoop::new(start, s.rate);
     let end = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
     let mut i = 0u64;
@@ -192,7 +230,8 @@ pub async fn run(
         let path = format!("/v1/devices/{device}/requests");
         let (b2, acks2, counts2, body2) = (b.clone(), acks.clone(), counts.clone(), body.clone());
         let late2 = late.clone();
-        let timeline2 = timeline.clone();
+        let sinks2 = sinks.clone();
+        let epoch = s.epoch;
         let samples2 = log.then(|| samples.clone());
         tasks.spawn(async move {
             let sent = Instant::now();
@@ -202,6 +241,7 @@ pub async fn run(
                 late_us,
             );
             counts2.sent.fetch_add(1, Ordering::Relaxed);
+            sinks2.live.request_sent();
             let r = b2.nodes[api].post_json(&path, &body2, client_timeout).await;
             let done = Instant::now();
             let c = &counts2;
@@ -217,9 +257,10 @@ pub async fn run(
                 Err(HttpError::Transport) => (&c.transport_error, "transport_error", Req::Error),
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            timeline2.request(due, req, us);
+            sinks2.timeline.request(due, req, us);
+            sinks2.live.request_done(req, us);
             if let Some(s) = samples2 {
-                let due_us = due.saturating_duration_since(start).as_micros() as u64;
+                let due_us = due.saturating_duration_since(epoch).as_micros() as u64;
                 let sample = Sample {
                     due_us,
                     node: api,

@@ -139,6 +139,29 @@ pub struct Args {
         value_parser = crate::thresholds::parse_arg
     )]
     pub asserts: Vec<crate::thresholds::Assertion>,
+    /// Write a self-contained HTML report here (one file, no network): ack latency by
+    /// percentile, ack latency, connections, errors, requests and router RSS over time,
+    /// the phases and the run's parameters.
+    #[arg(long, env = "LOADGEN_HTML", value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics while the run lasts (connected
+    /// devices, requests by outcome, events, ack latency histogram; all named loadgen_*).
+    #[arg(long, env = "LOADGEN_METRICS", value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Seconds between samples of the routers' RSS for the timeline (the sum of
+    /// router_process_resident_memory_bytes over the --api nodes' /metrics); 0 = not
+    /// sampled.
+    #[arg(long, env = "LOADGEN_ROUTER_RSS_INTERVAL", default_value_t = 1.0)]
+    pub router_rss_interval: f64,
+    /// A TOML file holding flags (keys = the long flag names) and [[phase]] tables run in
+    /// order (ramp, steady, storm, hold: docs/loadgen.md). A flag on the command line wins
+    /// over its environment variable, which wins over the file.
+    #[arg(long, env = "LOADGEN_SCENARIO", value_name = "FILE")]
+    pub scenario: Option<PathBuf>,
+    /// Print the run's configuration (every flag with where its value came from, and the
+    /// phases) and exit without connecting anything.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Write the ack-latency histogram (HdrHistogram V2, base64) here.
     #[arg(long, env = "LOADGEN_HDR_LOG")]
     pub hdr_log: Option<PathBuf>,
@@ -181,6 +204,16 @@ pub struct Args {
     pub worker_index: Option<usize>,
     #[arg(long, hide = true, default_value_t = 1)]
     pub worker_count: usize,
+    /// The scenario's phases after the ramp (`scenario::settle`).
+    #[arg(skip)]
+    pub phases: Vec<crate::scenario::Phase>,
+    /// The run's parameters as (flag, value) for the reports (`parameters`).
+    #[arg(skip)]
+    pub parameters: Vec<(String, String)>,
+    /// Internal: seconds the coordinator plans to run (ramp timeout and phases); a worker
+    /// stops by itself a minute after.
+    #[arg(long, hide = true)]
+    pub worker_run_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -231,6 +264,10 @@ impl Args {
             self.event_drain_timeout >= 0.0,
             "--event-drain-timeout must be >= 0"
         );
+        ensure!(
+            self.router_rss_interval >= 0.0,
+            "--router-rss-interval must be >= 0"
+        );
         // The event consumer keeps its per-device counts under 32-bit device indexes.
         ensure!(
             self.amqp.is_none() || self.devices <= u32::MAX as usize,
@@ -258,6 +295,39 @@ impl Args {
             self.devices.div_ceil(self.per_worker.max(1)).max(1)
         }
     }
+}
+
+/// Every flag of a parsed command line that has a value, as ("--flag", "value (source)"):
+/// source one of command line, environment, scenario (an environment variable the
+/// --scenario file set, listed in `from_file`) or default. The secret is not shown.
+pub fn parameters(m: &clap::ArgMatches, from_file: &[String]) -> Vec<(String, String)> {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let cmd = Args::command();
+    let mut out = Vec::new();
+    for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        let Some(raw) = m.get_raw(id) else { continue };
+        let value: Vec<String> = raw.map(|v| v.to_string_lossy().into_owned()).collect();
+        let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+        let source = match m.value_source(id) {
+            Some(ValueSource::CommandLine) => "command line",
+            Some(ValueSource::EnvVariable) if env.is_some_and(|e| from_file.contains(&e)) => {
+                "scenario"
+            }
+            Some(ValueSource::EnvVariable) => "environment",
+            _ => "default",
+        };
+        let shown = if long == "secret" && source != "default" {
+            "(hidden)".to_string()
+        } else {
+            value.join(",")
+        };
+        out.push((format!("--{long}"), format!("{shown} ({source})")));
+    }
+    out
 }
 
 /// Device i's UUID: deterministic, so workers and backend agree without talking.

@@ -1,63 +1,31 @@
-//! The coordinator: starts the worker processes, follows the ramp, runs the backend
-//! and the event watcher, samples router RSS and the per-second timeline, stops
+//! The coordinator: starts the worker processes, follows the ramp, runs the phases
+//! (the backend's requests, storms, event-interval changes: `phases`) and the event
+//! watcher, samples router RSS and the per-second timeline, serves --metrics, stops
 //! everything, waits for events still in flight and merges the report (with --amqp,
 //! the per-device event counts against the workers' record of what they sent). It holds
 //! no device sockets itself.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, Command};
 
-use crate::backend::{self, Backend};
+use crate::backend::{self, Backend, RequestCounts, Sinks};
 use crate::cli::Args;
 use crate::hist;
+use crate::metrics;
+use crate::outputs::{self, Histograms, Span};
+use crate::phases::{self, AfterRamp};
+use crate::pool::{self, Workers};
 use crate::progress::Live;
 use crate::report::{self, Report};
+use crate::scenario::{self, Segment};
 use crate::seqs::SeqCounter;
-use crate::thresholds;
 use crate::timeline::{Timeline, Totals};
 use crate::worker::WorkerResult;
-
-#[derive(Default, Clone, Copy)]
-struct Progress {
-    connected: u64,
-    ever: u64,
-    errors: u64,
-    reconnects: u64,
-    events_sent: u64,
-}
-
-struct Workers {
-    children: Vec<Child>,
-    stdins: Vec<ChildStdin>,
-    progress: Arc<Mutex<Vec<Progress>>>,
-    results: Arc<Mutex<Vec<WorkerResult>>>,
-}
-
-impl Workers {
-    fn total(&self) -> Progress {
-        total(&self.progress)
-    }
-}
-
-/// The fleet's counts: the sum of the workers' latest progress lines.
-fn total(progress: &Mutex<Vec<Progress>>) -> Progress {
-    let p = progress.lock().unwrap_or_else(|e| e.into_inner());
-    p.iter().fold(Progress::default(), |a, b| Progress {
-        connected: a.connected + b.connected,
-        ever: a.ever + b.ever,
-        errors: a.errors + b.errors,
-        reconnects: a.reconnects + b.reconnects,
-        events_sent: a.events_sent + b.events_sent,
-    })
-}
 
 /// Events in flight at the end count once no new one arrived for this long.
 const DRAIN_QUIET: Duration = Duration::from_secs(2);
@@ -105,78 +73,15 @@ pub fn realtime_threads(comm: &str) -> usize {
     n
 }
 
-fn spawn_workers(k: usize, account: uuid::Uuid) -> anyhow::Result<Workers> {
-    let exe = std::env::current_exe()?;
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let progress = Arc::new(Mutex::new(vec![Progress::default(); k]));
-    let results = Arc::new(Mutex::new(Vec::new()));
-    let mut children = Vec::new();
-    let mut stdins = Vec::new();
-    for i in 0..k {
-        let mut child = Command::new(&exe)
-            .args(&argv)
-            .args([
-                "--worker-index",
-                &i.to_string(),
-                "--worker-count",
-                &k.to_string(),
-            ])
-            // Every worker mints its tokens for the same account (a random one unless
-            // --account was given): hand it down through the environment, which a
-            // repeated flag on the command line could not do.
-            .env("LOADGEN_ACCOUNT", account.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("worker stdout"))?;
-        stdins.push(
-            child
-                .stdin
-                .take()
-                .ok_or_else(|| anyhow::anyhow!("worker stdin"))?,
-        );
-        let (p, r) = (progress.clone(), results.clone());
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if let Some(rest) = l.strip_prefix("P ") {
-                    let n: Vec<u64> = rest
-                        .split_whitespace()
-                        .filter_map(|x| x.parse().ok())
-                        .collect();
-                    if n.len() == 5 {
-                        p.lock().unwrap_or_else(|e| e.into_inner())[i] = Progress {
-                            connected: n[0],
-                            ever: n[1],
-                            errors: n[2],
-                            reconnects: n[3],
-                            events_sent: n[4],
-                        };
-                    }
-                } else if let Some(json) = l.strip_prefix("R ") {
-                    if let Ok(res) = serde_json::from_str::<WorkerResult>(json) {
-                        r.lock().unwrap_or_else(|e| e.into_inner()).push(res);
-                    }
-                }
-            }
-        });
-        children.push(child);
-    }
-    Ok(Workers {
-        children,
-        stdins,
-        progress,
-        results,
-    })
+/// Sum of a metric over the nodes' /metrics (lines `name value` and `name{...} value`);
+/// 0 when no node has it.
+async fn metric_sum(http: &reqwest::Client, apis: &[String], name: &str) -> u64 {
+    metric_total(http, apis, name).await.unwrap_or(0)
 }
 
-/// Sum of a metric over the nodes' /metrics (lines `name value` and `name{...} value`).
-async fn metric_sum(http: &reqwest::Client, apis: &[String], name: &str) -> u64 {
+/// Sum of a metric over the nodes' /metrics; None when no node answered with it.
+async fn metric_total(http: &reqwest::Client, apis: &[String], name: &str) -> Option<u64> {
+    let mut found = false;
     let mut total = 0.0;
     for api in apis {
         let resp = http
@@ -189,6 +94,7 @@ async fn metric_sum(http: &reqwest::Client, apis: &[String], name: &str) -> u64 
                 for l in text.lines() {
                     let key = l.split(['{', ' ']).next().unwrap_or("");
                     if key == name {
+                        found = true;
                         total += l
                             .rsplit(' ')
                             .next()
@@ -199,7 +105,7 @@ async fn metric_sum(http: &reqwest::Client, apis: &[String], name: &str) -> u64 
             }
         }
     }
-    total as u64
+    found.then_some(total as u64)
 }
 
 pub fn now_us() -> u64 {
@@ -257,6 +163,7 @@ fn watch_events(
 }
 
 /// Run the load; Ok(false) when an --assert failed.
+/// Run the load; Ok(false) when an --assert failed.
 pub fn run(args: Args) -> anyhow::Result<bool> {
     // One thread: the coordinator's work (requests at the backend rate, the workers'
     // progress lines) is small, and on a current-thread runtime a request's answer needs
@@ -268,109 +175,184 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     rt.block_on(run_async(args))
 }
 
-async fn run_async(args: Args) -> anyhow::Result<bool> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(512)
-        .build()?;
-    let apis: Vec<String> = args
-        .apis
-        .iter()
-        .map(|a| a.trim_end_matches('/').to_string())
-        .collect();
-    let k = args.worker_count();
-    let account = args.account.unwrap_or_else(uuid::Uuid::new_v4);
-    // Live progress: connected/target, connect rate, errors; hidden with --quiet.
-    let live = Live::new(args.devices as u64, args.quiet);
+/// The event side of a run: latency, counts, per-device seqs, the AMQP consumer.
+struct Events {
+    hist: Arc<Mutex<Histogram<u64>>>,
+    received: Arc<Mutex<u64>>,
+    /// Per-device seqs counted (--amqp with events on).
+    counted: bool,
+    seqs: Arc<Mutex<SeqCounter>>,
+    consumer_reconnects: Arc<AtomicU64>,
+    consumer_connected: Arc<AtomicBool>,
+    consumer: Option<crate::amqp_events::Watcher>,
+}
 
-    let rss_baseline = metric_sum(&http, &apis, "router_process_resident_memory_bytes").await;
-    let event_hist = Arc::new(Mutex::new(hist::new_hist()));
-    let events_received = Arc::new(Mutex::new(0u64));
+impl Events {
+    fn received(&self) -> u64 {
+        *self.received.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Start watching events when any part of the run has devices send them: through a
+/// hive.events consumer with --amqp, else the routers' /v1/events streams.
+async fn start_events(
+    args: &Args,
+    http: &reqwest::Client,
+    apis: &[String],
+    account: uuid::Uuid,
+) -> anyhow::Result<Events> {
+    let on = scenario::events_on(args);
     // Per-device seq counts: with --amqp only (see cli's --amqp). 8 bytes per device.
-    let counted = args.amqp.is_some() && args.event_interval > 0.0;
-    let seqs = Arc::new(Mutex::new(SeqCounter::new(if counted {
-        args.devices
-    } else {
-        0
-    })));
-    let consumer_reconnects = Arc::new(AtomicU64::new(0));
-    let consumer_connected = Arc::new(AtomicBool::new(false));
-    let mut consumer = None;
-    if args.event_interval > 0.0 {
-        match &args.amqp {
-            // AMQP mode: the events' real way out, a hive.events consumer.
-            Some(url) => {
-                let cfg = crate::amqp_events::Config {
-                    realtime: args.realtime,
-                    url: url.clone(),
-                    durable: args.amqp_durable_events,
-                    account: account.to_string(),
-                };
-                let sink = crate::amqp_events::Sink {
-                    hist: event_hist.clone(),
-                    received: events_received.clone(),
-                    seqs: seqs.clone(),
-                    reconnects: consumer_reconnects.clone(),
-                    connected: consumer_connected.clone(),
-                };
-                consumer = Some(
-                    crate::amqp_events::watch(cfg, sink)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("--amqp {url}: {e}"))?,
-                );
-            }
-            None => watch_events(
-                http.clone(),
-                apis.clone(),
-                event_hist.clone(),
-                events_received.clone(),
-            ),
+    let counted = args.amqp.is_some() && on;
+    let mut ev = Events {
+        hist: Arc::new(Mutex::new(hist::new_hist())),
+        received: Arc::new(Mutex::new(0u64)),
+        counted,
+        seqs: Arc::new(Mutex::new(SeqCounter::new(if counted {
+            args.devices
+        } else {
+            0
+        }))),
+        consumer_reconnects: Arc::new(AtomicU64::new(0)),
+        consumer_connected: Arc::new(AtomicBool::new(false)),
+        consumer: None,
+    };
+    match (&args.amqp, on) {
+        (_, false) => {}
+        // AMQP mode: the events' real way out, a hive.events consumer.
+        (Some(url), true) => {
+            let cfg = crate::amqp_events::Config {
+                realtime: args.realtime,
+                url: url.clone(),
+                durable: args.amqp_durable_events,
+                account: account.to_string(),
+            };
+            let sink = crate::amqp_events::Sink {
+                hist: ev.hist.clone(),
+                received: ev.received.clone(),
+                seqs: ev.seqs.clone(),
+                reconnects: ev.consumer_reconnects.clone(),
+                connected: ev.consumer_connected.clone(),
+            };
+            ev.consumer = Some(
+                crate::amqp_events::watch(cfg, sink)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--amqp {url}: {e}"))?,
+            );
         }
+        (None, true) => watch_events(
+            http.clone(),
+            apis.to_vec(),
+            ev.hist.clone(),
+            ev.received.clone(),
+        ),
     }
+    Ok(ev)
+}
 
-    // Ramp.
-    let mut workers = spawn_workers(k, account)?;
-    // After the spawn: the workers must not inherit the policy.
-    if args.realtime {
-        match realtime() {
-            Ok(()) if !args.quiet => eprintln!("coordinator runs SCHED_FIFO 1 (--realtime)"),
-            Ok(()) => {}
-            Err(e) => eprintln!("--realtime: cannot switch to SCHED_FIFO ({e}); going on without"),
+/// No RSS sampled yet (or the last scrape found none).
+const NO_RSS: u64 = u64::MAX;
+
+/// Scrape the routers' RSS every `every` seconds (0: never) into the returned cell.
+fn sample_router_rss(
+    http: reqwest::Client,
+    apis: Vec<String>,
+    every: f64,
+) -> (Arc<AtomicU64>, Option<tokio::task::JoinHandle<()>>) {
+    let cell = Arc::new(AtomicU64::new(NO_RSS));
+    if every <= 0.0 {
+        return (cell, None);
+    }
+    let out = cell.clone();
+    let task = tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_secs_f64(every));
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            iv.tick().await;
+            let rss = metric_total(&http, &apis, "router_process_resident_memory_bytes").await;
+            out.store(rss.unwrap_or(NO_RSS), Ordering::Relaxed);
+        }
+    });
+    (cell, Some(task))
+}
+
+/// The fleet's totals as the timeline samples them.
+fn totals_fn(
+    progress: Arc<Mutex<Vec<pool::Progress>>>,
+    received: Arc<Mutex<u64>>,
+    rss: Arc<AtomicU64>,
+) -> impl Fn() -> Totals + Clone {
+    move || {
+        let p = pool::total(&progress);
+        let rss = rss.load(Ordering::Relaxed);
+        Totals {
+            connected: p.connected,
+            ever: p.ever,
+            device_errors: p.errors,
+            events_sent: p.events_sent,
+            events_received: *received.lock().unwrap_or_else(|e| e.into_inner()),
+            router_rss: (rss != NO_RSS).then_some(rss),
         }
     }
-    let ramp_start = Instant::now();
-    let timeline_start_unix_ms = now_us() / 1000;
-    // The timeline: the fleet's totals at the end of every second from here on.
-    let timeline = Arc::new(Timeline::new(ramp_start));
-    let totals = {
-        let (progress, received) = (workers.progress.clone(), events_received.clone());
-        move || {
-            let p = total(&progress);
-            Totals {
-                connected: p.connected,
-                ever: p.ever,
-                device_errors: p.errors,
-                events_sent: p.events_sent,
-                events_received: *received.lock().unwrap_or_else(|e| e.into_inner()),
-                router_rss: None,
-            }
+}
+
+/// Sample the timeline at the end of every second from `start` on.
+fn sample_timeline(
+    timeline: Arc<Timeline>,
+    start: Instant,
+    totals: impl Fn() -> Totals + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let second = Duration::from_secs(1);
+        let mut iv = tokio::time::interval_at((start + second).into(), second);
+        loop {
+            iv.tick().await;
+            timeline.sample(totals());
         }
+    })
+}
+
+/// --metrics: serve the page from the live counters and the fleet's progress.
+async fn serve_metrics(
+    args: &Args,
+    live: Arc<metrics::Live>,
+    progress: Arc<Mutex<Vec<pool::Progress>>>,
+    received: Arc<Mutex<u64>>,
+) -> anyhow::Result<()> {
+    let Some(addr) = args.metrics else {
+        return Ok(());
     };
-    let sampler = {
-        let (timeline, totals) = (timeline.clone(), totals.clone());
-        tokio::spawn(async move {
-            let second = Duration::from_secs(1);
-            let mut iv = tokio::time::interval_at((ramp_start + second).into(), second);
-            loop {
-                iv.tick().await;
-                timeline.sample(totals());
-            }
-        })
-    };
-    let ramp_deadline = ramp_start + Duration::from_secs_f64(args.ramp_timeout);
+    let target = args.devices as u64;
+    let page = Arc::new(move || {
+        let p = pool::total(&progress);
+        let fleet = metrics::Fleet {
+            target,
+            connected: p.connected,
+            connects: p.ever,
+            errors: p.errors,
+            reconnects: p.reconnects,
+            events_sent: p.events_sent,
+            events_received: *received.lock().unwrap_or_else(|e| e.into_inner()),
+        };
+        metrics::render(&live, &fleet)
+    });
+    let bound = metrics::serve(addr, page)
+        .await
+        .map_err(|e| anyhow::anyhow!("--metrics {addr}: {e}"))?;
+    if !args.quiet {
+        eprintln!("loadgen metrics on http://{bound}/metrics");
+    }
+    Ok(())
+}
+
+/// Follow the ramp until the fleet is whole or --ramp-timeout; its length in seconds
+/// as the coordinator saw it.
+async fn ramp(args: &Args, workers: &Workers, live: &Live, start: Instant) -> f64 {
+    let deadline = start + Duration::from_secs_f64(args.ramp_timeout);
     // Connect rate shown over the last second or so (samples arrive every 100 ms).
     let mut last = (Instant::now(), 0u64);
     let mut rate = 0.0;
-    let connect_seconds = loop {
+    loop {
         tokio::time::sleep(RAMP_POLL).await;
         let p = workers.total();
         let now = Instant::now();
@@ -387,20 +369,217 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
                 p.errors, p.reconnects
             ),
         );
-        if p.connected as usize >= args.devices {
-            break ramp_start.elapsed().as_secs_f64();
+        if p.connected as usize >= args.devices || now >= deadline {
+            return start.elapsed().as_secs_f64();
         }
-        if now >= ramp_deadline {
-            break ramp_start.elapsed().as_secs_f64();
-        }
+    }
+}
+
+/// Tell the workers to stop and collect their results (30 s at most).
+async fn stop_workers(workers: &mut Workers, k: usize) -> Vec<WorkerResult> {
+    workers.tell("stop").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reported = |w: &Workers| w.results.lock().unwrap_or_else(|e| e.into_inner()).len();
+    while reported(workers) < k && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in workers.children.iter_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+    }
+    std::mem::take(&mut *workers.results.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The devices' record of what they sent: each one's last seq (when counted), which
+/// workers reported, the seq ranges of their connections that broke, the total.
+struct Sent {
+    last_seqs: Vec<u64>,
+    reported: Vec<bool>,
+    broken: Vec<(usize, u64, u64)>,
+    events: u64,
+}
+
+fn sent_by_devices(results: &[WorkerResult], k: usize, counted: bool, devices: usize) -> Sent {
+    let mut s = Sent {
+        last_seqs: vec![0u64; if counted { devices } else { 0 }],
+        reported: vec![false; k],
+        broken: Vec::new(),
+        events: 0,
     };
+    for r in results {
+        if let Some(seen) = s.reported.get_mut(r.worker_index) {
+            *seen = true;
+        }
+        s.events += r.last_seqs.iter().sum::<u64>();
+        if counted {
+            for (j, &seq) in r.last_seqs.iter().enumerate() {
+                if let Some(l) = s.last_seqs.get_mut(r.worker_index + j * k) {
+                    *l = seq;
+                }
+            }
+        }
+        s.broken
+            .extend(r.broken.iter().map(|&(d, a, b)| (d as usize, a, b)));
+    }
+    s
+}
+
+/// Events still in flight (queued in the routers, the bridge, the broker): counted once
+/// the consumer saw none arrive for DRAIN_QUIET, or at --event-drain-timeout. Quiet
+/// while the consumer is reconnecting does not count. The seconds spent.
+async fn drain(ev: &Events, limit: f64) -> f64 {
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(limit);
+    let (mut last, mut since) = (ev.received(), Instant::now());
+    while start.elapsed() < limit && since.elapsed() < DRAIN_QUIET {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = ev.received();
+        if now != last || !ev.consumer_connected.load(Ordering::Relaxed) {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// The workers' histograms, errors and reconnects, merged.
+struct Merged {
+    connect: Histogram<u64>,
+    auth: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    reconnects: u64,
+}
+
+fn merge_results(results: &[WorkerResult], k: usize) -> Merged {
+    let mut m = Merged {
+        connect: hist::new_hist(),
+        auth: hist::new_hist(),
+        errors: BTreeMap::new(),
+        reconnects: 0,
+    };
+    for r in results {
+        if let Some(h) = hist::from_b64(&r.connect_hist) {
+            hist::merge(&mut m.connect, &h);
+        }
+        if let Some(h) = hist::from_b64(&r.auth_hist) {
+            hist::merge(&mut m.auth, &h);
+        }
+        for (kind, n) in &r.errors {
+            *m.errors.entry(kind.clone()).or_insert(0) += n;
+        }
+        m.reconnects += r.reconnects;
+    }
+    if results.len() < k {
+        m.errors
+            .insert("worker_lost".into(), (k - results.len()) as u64);
+    }
+    m
+}
+
+/// The ramp from the workers' own clocks when every worker got all its devices in:
+/// first connect attempt to last device authenticated, free of process start-up and of
+/// the 100 ms progress ticks. Otherwise the coordinator's coarser measure stands.
+fn ramp_seconds(results: &[WorkerResult], k: usize, coarse: f64) -> f64 {
+    let first = results
+        .iter()
+        .map(|r| r.first_attempt_us)
+        .min()
+        .unwrap_or(0);
+    let full = results.iter().map(|r| r.full_us).max().unwrap_or(0);
+    let all_full = results.iter().all(|r| r.full_us > 0);
+    if results.len() == k && first > 0 && full > first && all_full {
+        (full - first) as f64 / 1e6
+    } else {
+        coarse
+    }
+}
+
+/// The requests that failed, as kinds of the report's `errors`.
+fn request_errors(errors: &mut BTreeMap<String, u64>, counts: &RequestCounts) {
+    if counts.timeout > 0 {
+        errors.insert("request_timeout".into(), counts.timeout);
+    }
+    if counts.offline > 0 {
+        errors.insert("request_offline".into(), counts.offline);
+    }
+    if counts.http_error + counts.transport_error > 0 {
+        errors.insert(
+            "request_error".into(),
+            counts.http_error + counts.transport_error,
+        );
+    }
+}
+
+/// How long the workers are to expect the run to last: the ramp's limit, the settling
+/// after it, the phases and up to 120 s for each storm to be whole again.
+fn planned_seconds(args: &Args, segments: &[Segment]) -> f64 {
+    let phases: f64 = segments
+        .iter()
+        .map(|s| s.seconds + if s.storm.is_some() { 120.0 } else { 0.0 })
+        .sum();
+    args.ramp_timeout.max(0.0) + 2.0 + phases
+}
+
+/// What the router's /metrics said around the ramp.
+struct RouterFigures {
+    rss_baseline: u64,
+    rss_after: u64,
+    connections: u64,
+}
+
+async fn run_async(args: Args) -> anyhow::Result<bool> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()?;
+    let apis: Vec<String> = args
+        .apis
+        .iter()
+        .map(|a| a.trim_end_matches('/').to_string())
+        .collect();
+    let k = args.worker_count();
+    let account = args.account.unwrap_or_else(uuid::Uuid::new_v4);
+    let segments = scenario::segments(&args);
+    // Live progress: connected/target, connect rate, errors; hidden with --quiet.
+    let live = Live::new(args.devices as u64, args.quiet);
+    let counters = Arc::new(metrics::Live::default());
+
+    let rss_baseline = metric_sum(&http, &apis, "router_process_resident_memory_bytes").await;
+    let mut ev = start_events(&args, &http, &apis, account).await?;
+
+    // Ramp.
+    let mut workers = pool::spawn(k, account, planned_seconds(&args, &segments))?;
+    serve_metrics(
+        &args,
+        counters.clone(),
+        workers.progress.clone(),
+        ev.received.clone(),
+    )
+    .await?;
+    counters.set_phase("ramp", 0.0);
+    // After the spawn: the workers must not inherit the policy.
+    if args.realtime {
+        match realtime() {
+            Ok(()) if !args.quiet => eprintln!("coordinator runs SCHED_FIFO 1 (--realtime)"),
+            Ok(()) => {}
+            Err(e) => eprintln!("--realtime: cannot switch to SCHED_FIFO ({e}); going on without"),
+        }
+    }
+    let ramp_start = Instant::now();
+    let timeline_start_unix_ms = now_us() / 1000;
+    // The timeline: the fleet's totals at the end of every second from here on.
+    let timeline = Arc::new(Timeline::new(ramp_start));
+    let (rss, rss_task) = sample_router_rss(http.clone(), apis.clone(), args.router_rss_interval);
+    let totals = totals_fn(workers.progress.clone(), ev.received.clone(), rss);
+    let sampler = sample_timeline(timeline.clone(), ramp_start, totals.clone());
+    let coarse_ramp = ramp(&args, &workers, &live, ramp_start).await;
     let connected_after_ramp = workers.total().connected as usize;
     // Let allocator and kernel settle, then read the router's cost of the idle fleet.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = metric_sum(&http, &apis, "router_process_resident_memory_bytes").await;
-    let router_conns = metric_sum(&http, &apis, "router_connections").await;
+    let router = RouterFigures {
+        rss_baseline,
+        rss_after: metric_sum(&http, &apis, "router_process_resident_memory_bytes").await,
+        connections: metric_sum(&http, &apis, "router_connections").await,
+    };
 
-    // Steady phase.
+    // The phases.
     let nodes = apis
         .iter()
         .map(|a| crate::http::Node::new(a))
@@ -418,299 +597,165 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
             t.0 = (t.0 + 1) % n;
         }
     }
-    let steady = Duration::from_secs_f64(args.duration);
-    let events_before = *events_received.lock().unwrap_or_else(|e| e.into_inner());
-    let steady_start = Instant::now();
-    let steady_wall_start = SystemTime::now();
-    let hold_at = steady_start + steady;
-    let ticker = {
-        let w = workers.progress.clone();
-        let live = live.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let p = total(&w);
-                let (phase, since) = match Instant::now().checked_duration_since(hold_at) {
-                    Some(d) => ("hold", d),
-                    None => ("steady", steady_start.elapsed()),
-                };
-                live.update(
-                    phase,
-                    p.connected,
-                    format!(
-                        "{:.1}s, {} errors, {} reconnects",
-                        since.as_secs_f64(),
-                        p.errors,
-                        p.reconnects
-                    ),
-                );
-            }
-        })
+    let ctx = phases::Ctx {
+        backend,
+        targets: Arc::new(targets),
+        sinks: Sinks {
+            timeline: timeline.clone(),
+            live: counters.clone(),
+        },
+        timeout_ms: args.request_timeout_ms,
+        log: args.request_log.is_some(),
+        ramp_start,
+        events_received: ev.received.clone(),
     };
-    // A reconnect storm (--storm-at): every device drops at once and comes straight back;
-    // timed until every one of them has reconnected.
-    let storm = async {
-        if args.storm_at <= 0.0 {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_secs_f64(args.storm_at)).await;
-        let before = workers.total();
-        for s in workers.stdins.iter_mut() {
-            let _ = s.write_all(b"storm\n").await;
-            let _ = s.flush().await;
-        }
-        let t = Instant::now();
-        let deadline = t + Duration::from_secs(120);
-        loop {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let now = workers.total();
-            let done =
-                now.ever >= before.ever + before.connected && now.connected >= before.connected;
-            if done || Instant::now() > deadline {
-                return Some(report::Storm {
-                    at_seconds: args.storm_at,
-                    devices: before.connected,
-                    seconds_to_reconnect: t.elapsed().as_secs_f64(),
-                    complete: done,
-                });
-            }
-        }
-    };
-    let (outcome, storm) = tokio::join!(
-        backend::run(
-            backend,
-            targets,
-            args.request_rate,
-            steady,
-            args.request_timeout_ms,
-            args.request_log.is_some(),
-            timeline.clone()
-        ),
-        storm
-    );
-    let counts = outcome.counts;
-    if steady_start.elapsed() < steady {
-        tokio::time::sleep(steady - steady_start.elapsed()).await;
-    }
-    let steady_secs = steady_start.elapsed().as_secs_f64();
-    let events_in_steady =
-        *events_received.lock().unwrap_or_else(|e| e.into_inner()) - events_before;
-    if args.hold > 0.0 {
-        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
-    }
-    ticker.abort();
+    let after = phases::run(&ctx, &mut workers, &segments, &live).await;
 
-    // Stop the workers and collect their histograms.
-    for s in workers.stdins.iter_mut() {
-        let _ = s.write_all(b"stop\n").await;
-        let _ = s.flush().await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while workers
-        .results
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .len()
-        < k
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for c in workers.children.iter_mut() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
-    }
-    let results = std::mem::take(&mut *workers.results.lock().unwrap_or_else(|e| e.into_inner()));
-    // The devices' record of what they sent: each one's last seq, and the seq ranges of
-    // their connections that broke.
-    let mut last_seqs = vec![0u64; if counted { args.devices } else { 0 }];
-    let mut reported = vec![false; k];
-    let mut broken: Vec<(usize, u64, u64)> = Vec::new();
-    let mut events_sent = 0u64;
-    for r in &results {
-        if let Some(seen) = reported.get_mut(r.worker_index) {
-            *seen = true;
-        }
-        events_sent += r.last_seqs.iter().sum::<u64>();
-        if counted {
-            for (j, &seq) in r.last_seqs.iter().enumerate() {
-                if let Some(l) = last_seqs.get_mut(r.worker_index + j * k) {
-                    *l = seq;
-                }
-            }
-        }
-        broken.extend(r.broken.iter().map(|&(d, a, b)| (d as usize, a, b)));
-    }
-    // Events still in flight (queued in the routers, the bridge, the broker): counted
-    // once the consumer saw none arrive for DRAIN_QUIET, or at --event-drain-timeout.
-    // Quiet while the consumer is reconnecting does not count.
-    let drain_start = Instant::now();
-    if counted && events_sent > 0 {
+    // Stop the workers, collect their histograms, wait for the events in flight.
+    counters.set_phase("drain", 0.0);
+    let results = stop_workers(&mut workers, k).await;
+    let mut sent = sent_by_devices(&results, k, ev.counted, args.devices);
+    let drain_seconds = if ev.counted && sent.events > 0 {
         live.update("drain", 0, "waiting for events in flight".to_string());
-        let limit = Duration::from_secs_f64(args.event_drain_timeout);
-        let received = || *events_received.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut last, mut since) = (received(), Instant::now());
-        while drain_start.elapsed() < limit && since.elapsed() < DRAIN_QUIET {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = received();
-            if now != last || !consumer_connected.load(Ordering::Relaxed) {
-                (last, since) = (now, Instant::now());
-            }
-        }
-    }
-    let drain_seconds = drain_start.elapsed().as_secs_f64();
-    if let Some(c) = consumer {
+        drain(&ev, args.event_drain_timeout).await
+    } else {
+        0.0
+    };
+    if let Some(c) = ev.consumer.take() {
         c.finish().await;
     }
     sampler.abort();
+    if let Some(t) = rss_task {
+        t.abort();
+    }
     timeline.sample(totals());
     live.finish();
-    let (mut connect, mut auth) = (hist::new_hist(), hist::new_hist());
-    let mut errors = BTreeMap::new();
-    let mut reconnects = 0;
-    for r in &results {
-        if let Some(h) = hist::from_b64(&r.connect_hist) {
-            hist::merge(&mut connect, &h);
-        }
-        if let Some(h) = hist::from_b64(&r.auth_hist) {
-            hist::merge(&mut auth, &h);
-        }
-        for (kind, n) in &r.errors {
-            *errors.entry(kind.clone()).or_insert(0) += n;
-        }
-        reconnects += r.reconnects;
-    }
-    if results.len() < k {
-        errors.insert("worker_lost".into(), (k - results.len()) as u64);
-    }
-    let seqs = seqs.lock().unwrap_or_else(|e| e.into_inner());
-    if counted {
+    let merged = merge_results(&results, k);
+    if ev.counted {
         // A worker that never reported: its devices count as having sent what arrived.
-        for w in (0..k).filter(|w| !reported[*w]) {
+        let seqs = ev.seqs.lock().unwrap_or_else(|e| e.into_inner());
+        for w in (0..k).filter(|w| !sent.reported[*w]) {
             for i in (w..args.devices).step_by(k) {
-                last_seqs[i] = seqs.highest(i);
-                events_sent += last_seqs[i];
+                sent.last_seqs[i] = seqs.highest(i);
+                sent.events += sent.last_seqs[i];
             }
         }
     }
-    let losses = counted.then(|| seqs.losses(&last_seqs, &broken));
-    let when = |v: u64| counted.then_some(v);
-    // The ramp from the workers' own clocks when every worker got all its devices in:
-    // first connect attempt to last device authenticated, free of process start-up and
-    // of the 100 ms progress ticks. Otherwise the coordinator's coarser measure stands.
-    let first = results
-        .iter()
-        .map(|r| r.first_attempt_us)
-        .min()
-        .unwrap_or(0);
-    let full = results.iter().map(|r| r.full_us).max().unwrap_or(0);
-    let connect_seconds =
-        if results.len() == k && first > 0 && full > first && results.iter().all(|r| r.full_us > 0)
-        {
-            (full - first) as f64 / 1e6
-        } else {
-            connect_seconds
-        };
-    if counts.timeout > 0 {
-        errors.insert("request_timeout".into(), counts.timeout);
-    }
-    if counts.offline > 0 {
-        errors.insert("request_offline".into(), counts.offline);
-    }
-    if counts.http_error + counts.transport_error > 0 {
-        errors.insert(
-            "request_error".into(),
-            counts.http_error + counts.transport_error,
-        );
-    }
-    let event_hist = event_hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let measured = Measured {
+        k,
+        connected_after_ramp,
+        connect_seconds: ramp_seconds(&results, k, coarse_ramp),
+        router,
+        sent,
+        drain_seconds,
+        timeline_start_unix_ms,
+    };
+    let mut after = after;
+    let samples = std::mem::take(&mut after.outcome.samples);
+    let mut report = build_report(&args, &ev, &merged, &after, measured, &timeline);
+    let event_hist = ev.hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let histograms = Histograms {
+        ack: &after.outcome.acks,
+        late: &after.outcome.late,
+        connect: &merged.connect,
+        auth: &merged.auth,
+        event: &event_hist,
+    };
+    let span = Span {
+        wall_start: after.wall_start,
+        seconds: after.seconds,
+    };
+    outputs::finish(&args, &mut report, &histograms, &span, samples)
+}
+
+/// The figures of the run beside the events, the workers' results and the phases.
+struct Measured {
+    k: usize,
+    connected_after_ramp: usize,
+    connect_seconds: f64,
+    router: RouterFigures,
+    sent: Sent,
+    drain_seconds: f64,
+    timeline_start_unix_ms: u64,
+}
+
+fn build_report(
+    args: &Args,
+    ev: &Events,
+    merged: &Merged,
+    after: &AfterRamp,
+    m: Measured,
+    timeline: &Timeline,
+) -> Report {
+    let counts = after.outcome.counts.clone();
+    let mut errors = merged.errors.clone();
+    request_errors(&mut errors, &counts);
+    let seqs = ev.seqs.lock().unwrap_or_else(|e| e.into_inner());
+    let losses = ev
+        .counted
+        .then(|| seqs.losses(&m.sent.last_seqs, &m.sent.broken));
+    let when = |v: u64| ev.counted.then_some(v);
     // Per device = per device loadgen holds connected (the router's own count when
     // loadgen saw none, e.g. progress lines lost); no devices, no per-device figure.
-    let per_device = |bytes: u64| match (connected_after_ramp, router_conns) {
+    let per_device = |bytes: u64| match (m.connected_after_ramp, m.router.connections) {
         (0, 0) => 0.0,
         (0, n) => bytes as f64 / n as f64,
         (n, _) => bytes as f64 / n as f64,
     };
-    let mut report = Report {
+    let request_seconds = after.request_seconds.max(1e-3);
+    let event_hist = ev.hist.lock().unwrap_or_else(|e| e.into_inner());
+    Report {
         protocol: format!("{:?}", args.protocol).to_lowercase(),
-        workers: k,
+        workers: m.k,
         devices: report::Devices {
             target: args.devices,
-            connected: connected_after_ramp,
-            connect_seconds,
-            connects_per_sec: connected_after_ramp as f64 / connect_seconds.max(1e-3),
-            reconnects,
+            connected: m.connected_after_ramp,
+            connect_seconds: m.connect_seconds,
+            connects_per_sec: m.connected_after_ramp as f64 / m.connect_seconds.max(1e-3),
+            reconnects: merged.reconnects,
         },
         latency_ms: report::Latencies {
-            connect: hist::summary(&connect),
-            auth: hist::summary(&auth),
-            ack: hist::summary(&outcome.acks),
-            late: hist::summary(&outcome.late),
+            connect: hist::summary(&merged.connect),
+            auth: hist::summary(&merged.auth),
+            ack: hist::summary(&after.outcome.acks),
+            late: hist::summary(&after.outcome.late),
             event: hist::summary(&event_hist),
         },
         requests: report::Requests {
             errors: counts.http_error + counts.transport_error,
-            rate: counts.acked as f64 / steady_secs.max(1e-3),
-            target_rate: args.request_rate,
+            rate: counts.acked as f64 / request_seconds,
+            target_rate: after.target_rate,
             counts,
         },
         events: report::Events {
-            sent: events_sent,
-            received: *events_received.lock().unwrap_or_else(|e| e.into_inner()),
-            per_sec: events_in_steady as f64 / steady_secs.max(1e-3),
-            counted,
+            sent: m.sent.events,
+            received: ev.received(),
+            per_sec: after.events_in_request_phases as f64 / request_seconds,
+            counted: ev.counted,
             received_unique: when(seqs.unique),
             duplicated: when(seqs.duplicated),
             reordered: when(seqs.reordered),
             lost: losses.map(|l| l.lost),
             lost_in_broken_connections: losses.map(|l| l.in_broken_connections),
             redelivered: when(seqs.redelivered),
-            broken_connections: broken.len() as u64,
-            consumer_reconnects: consumer_reconnects.load(Ordering::Relaxed),
-            drain_seconds,
+            broken_connections: m.sent.broken.len() as u64,
+            consumer_reconnects: ev.consumer_reconnects.load(Ordering::Relaxed),
+            drain_seconds: m.drain_seconds,
         },
         errors,
-        storm,
+        storm: after.storm.clone(),
         router: report::Router {
-            rss_bytes: rss_after,
-            rss_baseline_bytes: rss_baseline,
-            connections: router_conns,
-            rss_per_device_bytes: per_device(rss_after),
-            rss_per_device_delta_bytes: per_device(rss_after.saturating_sub(rss_baseline)),
+            rss_bytes: m.router.rss_after,
+            rss_baseline_bytes: m.router.rss_baseline,
+            connections: m.router.connections,
+            rss_per_device_bytes: per_device(m.router.rss_after),
+            rss_per_device_delta_bytes: per_device(
+                m.router.rss_after.saturating_sub(m.router.rss_baseline),
+            ),
         },
-        timeline_start_unix_ms,
+        timeline_start_unix_ms: m.timeline_start_unix_ms,
         timeline: timeline.seconds(),
-        phases: Vec::new(),
+        phases: after.phases.clone(),
         assertions: Vec::new(),
-    };
-    let value = serde_json::to_value(&report)?;
-    report.assertions = args.asserts.iter().map(|a| a.check(&value)).collect();
-    print!("{}", report.table());
-    if !report.assertions.is_empty() {
-        print!("{}", thresholds::summary(&report.assertions));
     }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
-    }
-    if let Some(path) = &args.hdr_log {
-        let mut out = Vec::new();
-        hist::write_interval_log(
-            &mut out,
-            steady_wall_start,
-            Duration::from_secs_f64(steady_secs),
-            &[
-                ("ack", &outcome.acks),
-                ("late", &outcome.late),
-                ("connect", &connect),
-                ("auth", &auth),
-                ("event", &event_hist),
-            ],
-        )?;
-        std::fs::write(path, out)?;
-    }
-    if let Some(path) = &args.request_log {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-        backend::write_log(outcome.samples, &mut out)?;
-        std::io::Write::flush(&mut out)?;
-    }
-    Ok(report.assertions.iter().all(|v| v.passed))
 }

@@ -28,6 +28,12 @@ pub struct Stats {
     pub errors: BTreeMap<String, u64>,
     pub events_sent: u64,
     pub storm_drops: u64,
+    /// The last storm this worker was told of (`Control::storm`), and how many devices
+    /// all its storms so far were to drop: the connected ones `storm_hits` picked.
+    pub storm_gen: u64,
+    pub storm_expected: u64,
+    /// Which devices are connected, by slot (for `storm_expected`).
+    pub up: Vec<bool>,
     pub requests_received: u64,
     /// Unix µs of this worker's first connect attempt (0: none yet).
     pub first_attempt_us: u64,
@@ -59,6 +65,9 @@ impl Stats {
             errors: BTreeMap::new(),
             events_sent: 0,
             storm_drops: 0,
+            storm_gen: 0,
+            storm_expected: 0,
+            up: vec![false; target],
             requests_received: 0,
             first_attempt_us: 0,
             full_us: 0,
@@ -70,17 +79,48 @@ impl Stats {
     fn error(&mut self, kind: &str) {
         *self.errors.entry(kind.to_string()).or_default() += 1;
     }
+
+    /// Storm number `generation` of `fraction`: count the connected devices it drops.
+    pub fn storm(&mut self, generation: u64, fraction: f64) {
+        let hit = (0..self.up.len())
+            .filter(|&slot| self.up[slot] && storm_hits(slot as u32, generation, fraction))
+            .count();
+        self.storm_gen = generation;
+        self.storm_expected += hit as u64;
+    }
+}
+
+/// What the worker tells all its devices at once, through a watch channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Control {
+    /// Storms so far: at each bump, the devices `storm_hits` picks drop their connection
+    /// at once (no close handshake, as if the network went away) and reconnect without
+    /// backoff.
+    pub storm: u64,
+    /// The share of the fleet the latest storm drops (1: every device).
+    pub fraction: f64,
+    /// Seconds between a device's periodic events; None: no events.
+    pub event_interval: Option<Duration>,
+}
+
+/// Whether storm number `generation` of `fraction` drops the device in `slot`: every
+/// device at 1, else a spread of that share of the slots (golden-ratio hashing keeps
+/// it within a device or two of the fraction), a different one at each storm.
+pub fn storm_hits(slot: u32, generation: u64, fraction: f64) -> bool {
+    if fraction >= 1.0 {
+        return true;
+    }
+    let h = (u64::from(slot) ^ (generation << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 
 /// What every device of a worker shares.
 pub struct Fleet {
     pub stats: RefCell<Stats>,
     pub stop: tokio::sync::watch::Receiver<bool>,
-    /// Bumped by `--storm-at`: every device drops its connection at once (no close
-    /// handshake, as if the network went away) and reconnects without backoff.
-    pub storm: tokio::sync::watch::Receiver<u64>,
+    /// Storms and the event interval (see `Control`).
+    pub control: tokio::sync::watch::Receiver<Control>,
     pub handshake_timeout: Duration,
-    pub event_interval: Option<Duration>,
     pub no_ack: bool,
     /// Tokens are minted at each connect attempt (a few µs), not kept per device.
     pub secret: String,
@@ -149,6 +189,7 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
                     let mut s = fleet.stats.borrow_mut();
                     s.connected += 1;
                     s.ever_connected += 1;
+                    s.up[spec.slot as usize] = true;
                     if s.full_us == 0 && s.connected >= s.target {
                         s.full_us = now_us();
                     }
@@ -157,6 +198,7 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
                 let end = serve(&fleet, &spec, ws, &mut stop).await;
                 let mut s = fleet.stats.borrow_mut();
                 s.connected -= 1;
+                s.up[spec.slot as usize] = false;
                 // The seqs this connection carried: those after the ones before it.
                 let seq_after = s.seqs[spec.slot as usize];
                 if matches!(end, End::Broke(_)) && seq_after > seq_before {
@@ -270,16 +312,13 @@ async fn serve(
     mut ws: Ws,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> End {
-    let first = fleet
-        .event_interval
-        .map(|iv| tokio::time::Instant::now() + iv.mul_f64(rand::thread_rng().gen_range(0.0..1.0)));
-    let mut events =
-        first.map(|at| tokio::time::interval_at(at, fleet.event_interval.unwrap_or(Duration::MAX)));
+    // Storms and interval changes from before this connection do not count.
+    let mut control = fleet.control.clone();
+    let mut seen = *control.borrow_and_update();
+    let mut events = event_timer(seen.event_interval);
     // Phoenix clients send a heartbeat every 30 s; other protocols have no timer here.
     let mut heartbeat =
         (spec.proto == Proto::Phoenix).then(|| tokio::time::interval(PHOENIX_HEARTBEAT));
-    let mut storm = fleet.storm.clone();
-    storm.mark_unchanged();
     let mut n: u64 = 0;
     loop {
         tokio::select! {
@@ -316,12 +355,29 @@ async fn serve(
                 ws.close().await;
                 return End::Stopped;
             }
-            // Only a storm that happened: when the worker stops, its storm sender goes
+            // Only a change that happened: when the worker stops, its control sender goes
             // away, and `changed()` then fails at once; that must not beat `stop` (the
             // device would leave without its close frame).
-            Ok(()) = storm.changed() => return End::Broke(STORM.into()),
+            Ok(()) = control.changed() => {
+                let now = *control.borrow_and_update();
+                if now.storm != seen.storm && storm_hits(spec.slot, now.storm, now.fraction) {
+                    return End::Broke(STORM.into());
+                }
+                if now.event_interval != seen.event_interval {
+                    events = event_timer(now.event_interval);
+                }
+                seen = now;
+            }
         }
     }
+}
+
+/// Periodic events every `interval`, the first at a random point of the first interval
+/// (so that a fleet's events spread out).
+fn event_timer(interval: Option<Duration>) -> Option<tokio::time::Interval> {
+    let iv = interval?;
+    let first = tokio::time::Instant::now() + iv.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+    Some(tokio::time::interval_at(first, iv))
 }
 
 /// Replies to a frame from the router: acks (and responses) for requests.
@@ -425,13 +481,12 @@ mod tests {
         // Memory per simulated device is what lets 15,000 of them share one worker: the
         // handshake's state is boxed, so the task is sized by the connected loop.
         let (_tx, stop) = tokio::sync::watch::channel(false);
-        let (_stx, storm) = tokio::sync::watch::channel(0u64);
+        let (_ctx, control) = tokio::sync::watch::channel(no_control(None));
         let fleet = Rc::new(Fleet {
             stats: RefCell::new(Stats::new(1)),
             stop,
-            storm,
+            control,
             handshake_timeout: Duration::from_secs(1),
-            event_interval: None,
             no_ack: false,
             secret: String::new(),
             account: Uuid::nil(),
@@ -451,14 +506,44 @@ mod tests {
         assert!(size <= 2048, "device task is {size} bytes");
     }
 
+    fn no_control(event_interval: Option<Duration>) -> Control {
+        Control {
+            storm: 0,
+            fraction: 1.0,
+            event_interval,
+        }
+    }
+
+    #[test]
+    fn a_storm_picks_its_fraction_of_the_connected_devices() {
+        let mut s = Stats::new(10_000);
+        s.up.iter_mut().step_by(2).for_each(|u| *u = true);
+        s.storm(1, 1.0);
+        assert_eq!((s.storm_gen, s.storm_expected), (1, 5_000));
+        s.storm(2, 0.3);
+        let second = s.storm_expected - 5_000;
+        assert!((1_480..=1_520).contains(&second), "{second}");
+        // Another storm of the same share picks other devices.
+        let picked = |g| {
+            (0..10_000u32)
+                .filter(|&i| storm_hits(i, g, 0.3))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (picked(2), picked(3));
+        assert!((2_990..=3_010).contains(&a.len()), "{}", a.len());
+        assert_ne!(a, b);
+        assert!(
+            (0..100).all(|i| storm_hits(i, 9, 1.0)) && !(0..100).any(|i| storm_hits(i, 9, 0.0))
+        );
+    }
+
     fn fleet(stop: tokio::sync::watch::Receiver<bool>, event_interval: Option<Duration>) -> Fleet {
-        let (_stx, storm) = tokio::sync::watch::channel(0u64);
+        let (_ctx, control) = tokio::sync::watch::channel(no_control(event_interval));
         Fleet {
             stats: RefCell::new(Stats::new(1)),
             stop,
-            storm,
+            control,
             handshake_timeout: Duration::from_secs(2),
-            event_interval,
             no_ack: false,
             secret: "s".into(),
             account: Uuid::nil(),

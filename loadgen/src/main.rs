@@ -9,12 +9,19 @@ mod coordinator;
 mod device;
 mod fields;
 mod hist;
+mod html;
 mod http;
+mod metrics;
 mod net;
+mod outputs;
+mod phases;
+mod pool;
 mod progress;
 mod report;
+mod scenario;
 mod sched;
 mod seqs;
+mod svg;
 mod thresholds;
 mod timeline;
 mod token;
@@ -26,14 +33,37 @@ mod ws;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+
+/// A usage error found before the run: exit 2, as clap does for the command line.
+fn usage_error(e: &str) -> ! {
+    eprintln!("loadgen: {e}");
+    std::process::exit(2);
+}
 
 fn main() -> anyhow::Result<()> {
-    let args = cli::Args::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Before the command line is parsed: the scenario's keys become environment
+    // variables (see scenario), so that the command line and the environment still win.
+    let sc = scenario::path(&argv)
+        .map(|p| scenario::apply(&p))
+        .transpose()
+        .unwrap_or_else(|e| usage_error(&e))
+        .unwrap_or_default();
+    let matches = cli::Args::command().get_matches_from(&argv);
+    let mut args = cli::Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(cli::Sub::Compare(c)) = &args.command {
         std::process::exit(compare::run(c));
     }
+    if args.worker_index.is_none() {
+        scenario::settle(&mut args, &matches, &sc).unwrap_or_else(|e| usage_error(&e));
+        args.parameters = cli::parameters(&matches, &sc.from_file);
+    }
     args.validate()?;
+    if args.dry_run {
+        print!("{}", scenario::describe(&args));
+        return Ok(());
+    }
     if !args.transparent_hugepages && args.worker_index.is_none() {
         // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only. The setting
         // is inherited by the worker processes started next.

@@ -1,7 +1,11 @@
 //! A worker process: simulates its slice of the fleet (devices i with i % K == index),
-//! prints progress lines (`P connected ever_connected errors reconnects events_sent`)
-//! and, when its stdin says stop (or closes: the coordinator died), a final `R <json>`
-//! line, the `WorkerResult`.
+//! prints progress lines (`P connected ever_connected errors reconnects events_sent
+//! storm_gen storm_expected storm_drops`) and, when its stdin says stop (or closes: the
+//! coordinator died), a final `R <json>` line, the `WorkerResult`.
+//!
+//! Commands on stdin, one a line: `stop`; `storm [FRACTION]` (that share of the
+//! connected devices drops at once and reconnects without backoff; 1 when not given);
+//! `events SECONDS` (the devices' event interval from now on; 0: no events).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -10,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::{device_id, device_proto, Args};
-use crate::device::{self, DeviceSpec, Fleet, Stats};
+use crate::device::{self, Control, DeviceSpec, Fleet, Stats};
 use crate::hist;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,13 +55,68 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// A worker stops by itself this long after ramp timeout + duration + hold.
 const SELF_STOP_MARGIN: Duration = Duration::from_secs(60);
 
-/// The progress line: `P connected ever_connected errors reconnects events_sent`.
+/// The progress line: `P connected ever_connected errors reconnects events_sent
+/// storm_gen storm_expected storm_drops`.
 fn progress_line(s: &Stats) -> String {
     let errors: u64 = s.errors.values().sum();
     format!(
-        "P {} {} {} {} {}",
-        s.connected, s.ever_connected, errors, s.reconnects, s.events_sent
+        "P {} {} {} {} {} {} {} {}",
+        s.connected,
+        s.ever_connected,
+        errors,
+        s.reconnects,
+        s.events_sent,
+        s.storm_gen,
+        s.storm_expected,
+        s.storm_drops
     )
+}
+
+/// A command from the coordinator (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Command {
+    Stop,
+    Storm(f64),
+    Events(Option<Duration>),
+}
+
+fn command(line: &str) -> Option<Command> {
+    let mut words = line.split_whitespace();
+    let verb = words.next()?;
+    let number = words.next().and_then(|w| w.parse::<f64>().ok());
+    match verb {
+        "stop" => Some(Command::Stop),
+        "storm" => Some(Command::Storm(number.unwrap_or(1.0).clamp(0.0, 1.0))),
+        "events" => {
+            let secs = number?;
+            Some(Command::Events(
+                (secs > 0.0).then(|| Duration::from_secs_f64(secs)),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Follow the coordinator's commands until `stop` or the end of stdin.
+async fn obey(fleet: Rc<Fleet>, control: tokio::sync::watch::Sender<Control>) {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(l)) = lines.next_line().await {
+        match command(&l) {
+            Some(Command::Stop) => return,
+            Some(Command::Storm(fraction)) => {
+                // The expected count first, in the same step as the signal: no device
+                // can connect or drop in between.
+                let generation = control.borrow().storm + 1;
+                fleet.stats.borrow_mut().storm(generation, fraction);
+                control.send_modify(|c| {
+                    c.storm = generation;
+                    c.fraction = fraction;
+                });
+            }
+            Some(Command::Events(iv)) => control.send_modify(|c| c.event_interval = iv),
+            None => {}
+        }
+    }
 }
 
 /// One line to the coordinator; false once it is gone (a closed pipe is not a panic).
@@ -76,15 +135,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (storm_tx, storm_rx) = tokio::sync::watch::channel(0u64);
+        let (control_tx, control_rx) = tokio::sync::watch::channel(Control {
+            storm: 0,
+            fraction: 1.0,
+            event_interval: (args.event_interval > 0.0)
+                .then(|| Duration::from_secs_f64(args.event_interval)),
+        });
         let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
         let fleet = Rc::new(Fleet {
             stats: std::cell::RefCell::new(Stats::new(mine.len())),
             stop: stop_rx.clone(),
-            storm: storm_rx,
+            control: control_rx,
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
-            event_interval: (args.event_interval > 0.0)
-                .then(|| Duration::from_secs_f64(args.event_interval)),
             no_ack: args.no_ack,
             secret: args.secret.clone(),
             account: args.account(),
@@ -92,21 +154,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Stop on "stop", on EOF on stdin (the coordinator died: its end of the pipe
         // closed), or by ourselves once the whole run plus a margin is over, so no
         // worker outlives its run whatever happens to the coordinator.
-        let deadline = Duration::from_secs_f64(
-            args.ramp_timeout.max(0.0) + args.duration.max(0.0) + args.hold.max(0.0),
-        ) + SELF_STOP_MARGIN;
+        let run_seconds = args
+            .worker_run_seconds
+            .unwrap_or(args.ramp_timeout.max(0.0) + args.duration.max(0.0) + args.hold.max(0.0));
+        let deadline = Duration::from_secs_f64(run_seconds.max(0.0)) + SELF_STOP_MARGIN;
+        let commands = fleet.clone();
         tokio::task::spawn_local(async move {
-            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-            let wait_stop = async {
-                while let Ok(Some(l)) = lines.next_line().await {
-                    match l.trim() {
-                        "stop" => break,
-                        "storm" => storm_tx.send_modify(|g| *g += 1),
-                        _ => {}
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(deadline, wait_stop).await;
+            let _ = tokio::time::timeout(deadline, obey(commands, control_tx)).await;
             let _ = stop_tx.send(true);
         });
         let progress = fleet.clone();
@@ -207,4 +261,35 @@ async fn resolve(url: &str) -> anyhow::Result<std::net::SocketAddr> {
         .await?
         .next();
     found.ok_or_else(|| anyhow::anyhow!("cannot resolve {url}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands() {
+        assert_eq!(command("stop"), Some(Command::Stop));
+        assert_eq!(command("storm"), Some(Command::Storm(1.0)));
+        assert_eq!(command(" storm 0.25 "), Some(Command::Storm(0.25)));
+        assert_eq!(command("storm 7"), Some(Command::Storm(1.0)));
+        assert_eq!(
+            command("events 1.5"),
+            Some(Command::Events(Some(Duration::from_millis(1500))))
+        );
+        assert_eq!(command("events 0"), Some(Command::Events(None)));
+        assert_eq!(command("events"), None);
+        assert_eq!(command("dance"), None);
+    }
+
+    #[test]
+    fn progress_lines_carry_the_storm_counts() {
+        let mut s = Stats::new(4);
+        s.connected = 2;
+        s.up[0] = true;
+        s.up[3] = true;
+        s.storm(1, 1.0);
+        s.storm_drops = 1;
+        assert_eq!(progress_line(&s), "P 2 0 0 0 0 1 2 1");
+    }
 }
