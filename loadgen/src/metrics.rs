@@ -282,6 +282,27 @@ mod tests {
         assert!((m["loadgen_ack_latency_seconds_sum"] - 20.03248).abs() < 1e-9);
     }
 
+    #[test]
+    fn the_dashboard_asks_for_series_the_page_has() {
+        let dashboard = include_str!("../../grafana/dashboards/hive-router.json");
+        let page = render(&live(), &Fleet::default());
+        let served: std::collections::HashSet<&str> = page
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let mut asked = 0;
+        for (at, _) in dashboard.match_indices("loadgen_") {
+            let name: String = dashboard[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            assert!(served.contains(name.as_str()), "{name} is not served");
+            asked += 1;
+        }
+        assert!(asked >= 15, "the loadgen row has {asked} series");
+    }
+
     #[tokio::test]
     async fn served_over_http() {
         let live = live();
