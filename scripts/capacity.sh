@@ -75,7 +75,7 @@ if [ "$PRIORITY" = 1 ]; then
     before=$(sed -n 's/.* nice //p' /proc/self/autogroup)
     if echo -10 >/proc/self/autogroup 2>/dev/null; then
       AUTOGROUP_BEFORE=$before
-      echo "capacity: this session's scheduler autogroup at nice -10 for the run (--no-priority: off)" >&2
+      echo "capacity: this shell's scheduler autogroup at nice -10 for the run (--no-priority: off)" >&2
       # A broker on this machine gets the same weight (RabbitMQ's VM is beam.smp).
       case "$AMQP" in
         *@127.*|*@localhost*|amqp://127.*|amqp://localhost*)

@@ -516,7 +516,7 @@ impl Conn {
                 tls.read_tls(&mut data).is_ok() && tls.process_new_packets().is_ok()
             };
             if !ok {
-                // A TLS error (bad record, alert): nothing more can be said in this session.
+                // A TLS error (bad record, alert): nothing more can be said on this connection.
                 let mut st = self.st.borrow_mut();
                 st.dead = true;
                 return;
