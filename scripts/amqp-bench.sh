@@ -17,7 +17,7 @@ C=${1:-32} S=${2:-10} N=${3:-2000} RATE=${4:-1000} OFFER=${5:-25000}
 VH="hive-bench-$$"
 URL="amqp://guest:guest@127.0.0.1:5672/$VH"
 # --bins too: naming examples alone builds only them, and the binaries could be stale.
-cargo build --release --quiet -p router -p loadgen --bins --example flood --example lapin_publisher
+cargo build --release --quiet -p router -p loadgen --bins && cargo build --release --quiet -p hive-benches --example flood --example lapin_publisher
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 C=${1:-64} S=${2:-10} N=${3:-1}
 # --bins too: naming examples alone builds only them, and the router binary could be stale.
-cargo build --release --quiet -p router --bins --example echo_reference --example flood
+cargo build --release --quiet -p router --bins && cargo build --release --quiet -p hive-benches --example echo_reference --example flood
 PIDS=(); trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 target/release/router serve --listen 127.0.0.1:9900 --api 127.0.0.1:9901 --auth-secret tp \
   --device-rate 10000000 --device-burst 10000000 >/dev/null 2>&1 &

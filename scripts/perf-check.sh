@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Performance regression check. Gate: instruction counts (valgrind callgrind, identical on
 # every run of the same binary, whatever else the machine does) of fixed workloads over
-# the hot paths, against perf/baseline.json: a workload 10% or more above its baseline
+# the hot paths, against benches/baseline.json: a workload 10% or more above its baseline
 # fails. Then, unless --quick, a short loadgen scenario against the router is reported
 # (latency on a shared 2-core machine is noise, so it is shown, not gated).
 #   scripts/perf-check.sh [--quick] [--update-baseline]
@@ -12,7 +12,7 @@ for a in "$@"; do
   case "$a" in --quick) QUICK=1 ;; --update-baseline) UPDATE=1 ;; *) echo "unknown argument $a" >&2; exit 2 ;; esac
 done
 command -v valgrind >/dev/null || { echo "perf-check needs valgrind" >&2; exit 2; }
-cargo build --release --quiet -p router --example perf_workload
+cargo build --release --quiet -p hive-benches --example perf_workload
 BIN=target/release/examples/perf_workload
 OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
 declare -A IR
@@ -24,14 +24,14 @@ if [ "$UPDATE" = 1 ]; then
   { echo "{"; first=1
     for w in hive_decode ws_frames phoenix hivekit token; do
       [ $first = 1 ] || echo ","; first=0; printf '  "%s": %s' "$w" "${IR[$w]}"; done
-    echo; echo "}"; } > perf/baseline.json
-  echo "baseline updated: perf/baseline.json"; cat perf/baseline.json
+    echo; echo "}"; } > benches/baseline.json
+  echo "baseline updated: benches/baseline.json"; cat benches/baseline.json
   exit 0
 fi
 fail=0
 printf '%-12s %15s %15s %8s\n' workload instructions baseline ratio
 for w in hive_decode ws_frames phoenix hivekit token; do
-  base=$(python3 -c "import json;print(json.load(open('perf/baseline.json'))['$w'])")
+  base=$(python3 -c "import json;print(json.load(open('benches/baseline.json'))['$w'])")
   ratio=$(python3 -c "print(f'{${IR[$w]}/$base:.3f}')")
   verdict=ok
   if python3 -c "import sys; sys.exit(0 if ${IR[$w]} >= 1.10*$base else 1)"; then verdict=REGRESSION; fail=1; fi

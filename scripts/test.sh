@@ -90,7 +90,7 @@ step "independent client: the official Phoenix JS client (npm phoenix + ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 node tests/js/phoenix_client.mjs "$ROUTER"
 
-step "performance regression check (instruction counts under callgrind vs perf/baseline.json)"
+step "performance regression check (instruction counts under callgrind vs benches/baseline.json)"
 scripts/perf-check.sh --quick
 
 step "all tests passed"

@@ -5,7 +5,7 @@
 #                             [--rate-conns N] [--rate LINES_PER_S] [--rate-secs SECS]
 #                             [--no-uring64k] [--no-pin]
 #
-# Builds the standalone crate bench-uring/ (not a workspace member; CI never builds it),
+# Builds the standalone crate benches/uring/ (not a workspace member; CI never builds it),
 # then for each server:
 #   1. idle memory: VmRSS before, N idle connections (default 15,000), VmRSS after;
 #      prints bytes per idle connection;
@@ -41,8 +41,8 @@ done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-cargo build --release --manifest-path bench-uring/Cargo.toml >&2
-BIN="$ROOT/bench-uring/target/release"
+cargo build --release --manifest-path benches/uring/Cargo.toml >&2
+BIN="$ROOT/benches/uring/target/release"
 SRV=(); CLI=()
 if [ "$PIN" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   SRV=(taskset -c 0); CLI=(taskset -c 1)

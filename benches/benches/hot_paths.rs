@@ -1,5 +1,5 @@
 //! Criterion benches of the hot paths, each next to a naive baseline so the number
-//! that matters is a ratio anyone can rerun: `cargo bench -p router --bench hot_paths`.
+//! that matters is a ratio anyone can rerun: `cargo bench -p hive-benches --bench hot_paths`.
 
 use std::collections::HashMap;
 
