@@ -78,7 +78,8 @@ pub struct Args {
     /// Give up waiting for the whole fleet after this many seconds of ramp.
     #[arg(long, env = "LOADGEN_RAMP_TIMEOUT", default_value_t = 120.0)]
     pub ramp_timeout: f64,
-    /// Seconds of steady phase (requests and events flowing).
+    /// Seconds of steady phase (requests and events flowing). Not with a --scenario that
+    /// has phases after the ramp (each phase has its own duration).
     #[arg(long, env = "LOADGEN_DURATION", default_value_t = 10.0)]
     pub duration: f64,
     /// Seconds between each device's periodic events (instances, device-version,
@@ -95,11 +96,13 @@ pub struct Args {
     #[arg(long, env = "LOADGEN_NO_ACK")]
     pub no_ack: bool,
     /// Seconds to keep the fleet connected and idle after the steady phase (RSS checks).
+    /// Not with --scenario phases (a hold phase does this).
     #[arg(long, env = "LOADGEN_HOLD", default_value_t = 0.0)]
     pub hold: f64,
     /// Seconds into the steady phase at which every device drops its connection at once
     /// and reconnects without backoff (a reconnect storm); the report says how long the
-    /// fleet took to be whole again. 0 = no storm.
+    /// fleet took to be whole again. 0 = no storm. Not with --scenario phases (a storm
+    /// phase does this, for a fraction of the fleet if need be).
     #[arg(long, env = "LOADGEN_STORM_AT", default_value_t = 0.0)]
     pub storm_at: f64,
     /// RabbitMQ URL: time device events through a `hive.events` consumer (routers run with
@@ -166,9 +169,10 @@ pub struct Args {
     #[arg(long, env = "LOADGEN_HDR_LOG")]
     pub hdr_log: Option<PathBuf>,
     /// Write one CSV line per backend request here (`due_ms,node,latency_us,late_us,outcome`:
-    /// due time from the start of the steady phase, index of the --api node, latency as
-    /// in the report, how late the request left (the sender's own delay), outcome acked/timeout/offline/http_error/transport_error), to find
-    /// when and where a latency tail happened.
+    /// due time from the start of the first phase after the ramp, index of the --api node,
+    /// latency as in the report, how late the request left (the sender's own delay), outcome
+    /// acked/timeout/offline/http_error/transport_error), to find when and where a latency
+    /// tail happened.
     #[arg(long, env = "LOADGEN_REQUEST_LOG")]
     pub request_log: Option<PathBuf>,
     /// Run the coordinator (the backend's request clock and its stopwatch) SCHED_FIFO

@@ -339,9 +339,8 @@ async fn serve_metrics(
     let bound = metrics::serve(addr, page)
         .await
         .map_err(|e| anyhow::anyhow!("--metrics {addr}: {e}"))?;
-    if !args.quiet {
-        eprintln!("loadgen metrics on http://{bound}/metrics");
-    }
+    // Even with --quiet: with port 0 this is the only way to learn the port.
+    eprintln!("loadgen metrics on http://{bound}/metrics");
     Ok(())
 }
 

@@ -136,7 +136,7 @@ fn headline(o: &mut String, r: &Report) {
                 q.counts.offline,
                 q.errors,
                 num(q.rate.round()),
-                num(q.target_rate)
+                num(q.target_rate.round())
             ),
         ],
         vec![
@@ -313,6 +313,15 @@ fn timeline_charts(r: &Report) -> Vec<String> {
     charts
 }
 
+/// A latency cell: "-" when nothing was measured.
+fn ms(count: u64, v: f64) -> String {
+    if count == 0 {
+        "-".into()
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 fn phases(o: &mut String, r: &Report) {
     if r.phases.is_empty() {
         return;
@@ -342,9 +351,9 @@ fn phases(o: &mut String, r: &Report) {
                 num(p.rate.round()),
                 p.requests.sent.to_string(),
                 p.requests.timeout.to_string(),
-                format!("{:.3}", p.ack_ms.p50),
-                format!("{:.3}", p.ack_ms.p99),
-                format!("{:.3}", p.ack_ms.max),
+                ms(p.ack_ms.count, p.ack_ms.p50),
+                ms(p.ack_ms.count, p.ack_ms.p99),
+                ms(p.ack_ms.count, p.ack_ms.max),
                 storm,
             ]
         })
