@@ -78,6 +78,9 @@ ensure_rabbitmq
 step "independent TLS client: Python ssl + websockets, certificates from openssl"
 "$VENV/bin/python" tests/python/test_tls.py "$ROUTER"
 
+step "a real Prometheus (Debian package) scrapes a router under load; every dashboard expression evaluated"
+scripts/prometheus-check.sh "$ROUTER"
+
 step "loadgen against the router: small fleet, mixed protocols, and --no-ack timeouts"
 cargo build --quiet -p loadgen
 "$VENV/bin/python" tests/python/check_loadgen.py "$ROUTER" "$PWD/target/debug/loadgen" 3000
