@@ -507,6 +507,33 @@ fn request_errors(errors: &mut BTreeMap<String, u64>, counts: &RequestCounts) {
     }
 }
 
+/// The backend's clients and the (node, device) pairs its requests aim at: devices each
+/// node holds (through the next node with --request-via cross).
+async fn backend_and_targets(
+    args: &Args,
+    http: &reqwest::Client,
+    apis: &[String],
+) -> anyhow::Result<(Arc<Backend>, Vec<(usize, uuid::Uuid)>)> {
+    let nodes = apis
+        .iter()
+        .map(|a| crate::http::Node::new(a))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--api {e}"))?;
+    let backend = Arc::new(Backend {
+        http: http.clone(),
+        apis: apis.to_vec(),
+        nodes,
+    });
+    let mut targets = backend::targets(&backend, TARGETS_PER_NODE, args.devices).await;
+    if args.request_via == crate::cli::RequestVia::Cross {
+        let n = backend.apis.len().max(1);
+        for t in &mut targets {
+            t.0 = (t.0 + 1) % n;
+        }
+    }
+    Ok((backend, targets))
+}
+
 /// How long the workers are to expect the run to last: the ramp's limit, the settling
 /// after it, the phases and up to 120 s for each storm to be whole again.
 fn planned_seconds(args: &Args, segments: &[Segment]) -> f64 {
@@ -579,23 +606,7 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
     };
 
     // The phases.
-    let nodes = apis
-        .iter()
-        .map(|a| crate::http::Node::new(a))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("--api {e}"))?;
-    let backend = Arc::new(Backend {
-        http: http.clone(),
-        apis: apis.clone(),
-        nodes,
-    });
-    let mut targets = backend::targets(&backend, TARGETS_PER_NODE, args.devices).await;
-    if args.request_via == crate::cli::RequestVia::Cross {
-        let n = backend.apis.len().max(1);
-        for t in &mut targets {
-            t.0 = (t.0 + 1) % n;
-        }
-    }
+    let (backend, targets) = backend_and_targets(&args, &http, &apis).await?;
     let ctx = phases::Ctx {
         backend,
         targets: Arc::new(targets),
@@ -631,14 +642,7 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
     live.finish();
     let merged = merge_results(&results, k);
     if ev.counted {
-        // A worker that never reported: its devices count as having sent what arrived.
-        let seqs = ev.seqs.lock().unwrap_or_else(|e| e.into_inner());
-        for w in (0..k).filter(|w| !sent.reported[*w]) {
-            for i in (w..args.devices).step_by(k) {
-                sent.last_seqs[i] = seqs.highest(i);
-                sent.events += sent.last_seqs[i];
-            }
-        }
+        count_unreported(&mut sent, &ev, k, args.devices);
     }
     let measured = Measured {
         k,
@@ -649,9 +653,30 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
         drain_seconds,
         timeline_start_unix_ms,
     };
-    let mut after = after;
+    let report = build_report(&args, &ev, &merged, &after, measured, &timeline);
+    finish(&args, report, &ev, &merged, after)
+}
+
+/// A worker that never reported: its devices count as having sent what arrived.
+fn count_unreported(sent: &mut Sent, ev: &Events, k: usize, devices: usize) {
+    let seqs = ev.seqs.lock().unwrap_or_else(|e| e.into_inner());
+    for w in (0..k).filter(|w| !sent.reported[*w]) {
+        for i in (w..devices).step_by(k) {
+            sent.last_seqs[i] = seqs.highest(i);
+            sent.events += sent.last_seqs[i];
+        }
+    }
+}
+
+/// The report out, with the full histograms for the files that want them.
+fn finish(
+    args: &Args,
+    mut report: Report,
+    ev: &Events,
+    merged: &Merged,
+    mut after: AfterRamp,
+) -> anyhow::Result<bool> {
     let samples = std::mem::take(&mut after.outcome.samples);
-    let mut report = build_report(&args, &ev, &merged, &after, measured, &timeline);
     let event_hist = ev.hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let histograms = Histograms {
         ack: &after.outcome.acks,
@@ -664,7 +689,7 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
         wall_start: after.wall_start,
         seconds: after.seconds,
     };
-    outputs::finish(&args, &mut report, &histograms, &span, samples)
+    outputs::finish(args, &mut report, &histograms, &span, samples)
 }
 
 /// The figures of the run beside the events, the workers' results and the phases.

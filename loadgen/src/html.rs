@@ -43,14 +43,20 @@ pub fn percentile_curve(h: &Histogram<u64>) -> Vec<(f64, f64)> {
         .collect()
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1160px;color:#222}\
+const STYLE: &str = "\
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1160px;color:#222}\
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}\
-table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:13px}\
-td.n{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}\
-figure{margin:10px 0}figcaption{font-weight:600;font-size:14px}svg{width:100%;height:auto;background:#fff}\
+table{border-collapse:collapse;margin:6px 0}\
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:13px}\
+td.n{text-align:right;font-variant-numeric:tabular-nums}\
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}\
+figure{margin:10px 0}figcaption{font-weight:600;font-size:14px}\
+svg{width:100%;height:auto;background:#fff}\
 .grid{stroke:#eee}.axis{stroke:#888}.tick{stroke:#888}.marker{stroke:#999;stroke-dasharray:4 3}\
-.line{fill:none;stroke-width:1.8}.ytick{font-size:11px;text-anchor:end;fill:#555}.xtick{font-size:11px;text-anchor:middle;fill:#555}\
-.xlabel,.ylabel{font-size:12px;text-anchor:middle;fill:#333}.legend{font-size:12px;fill:#333}.mlabel{font-size:11px;fill:#666}\
+.line{fill:none;stroke-width:1.8}\
+.ytick{font-size:11px;text-anchor:end;fill:#555}.xtick{font-size:11px;text-anchor:middle;fill:#555}\
+.xlabel,.ylabel{font-size:12px;text-anchor:middle;fill:#333}\
+.legend{font-size:12px;fill:#333}.mlabel{font-size:11px;fill:#666}\
 .empty{font-size:14px;text-anchor:middle;fill:#999}.note{color:#666;font-size:13px}";
 
 pub fn render(input: &Input) -> String {
@@ -256,61 +262,56 @@ fn time_chart(r: &Report, title: &str, y_label: &str, series: Vec<Series>) -> St
 
 fn timeline_charts(r: &Report) -> Vec<String> {
     let n = |v: u64| Some(v as f64);
-    let mut charts = vec![
+    let latency = vec![
+        over_time(r, "p50", COLORS[0], |s| s.ack_p50_ms),
+        over_time(r, "p99", COLORS[1], |s| s.ack_p99_ms),
+        over_time(r, "max", COLORS[3], |s| s.ack_max_ms),
+    ];
+    let devices = vec![
+        over_time(r, "connected", COLORS[0], |s| n(s.connected)),
+        over_time(r, "connects in the second", COLORS[2], |s| n(s.connects)),
+    ];
+    let throughput = vec![
+        over_time(r, "acked", COLORS[0], |s| n(s.acked)),
+        over_time(r, "events sent", COLORS[2], |s| n(s.events_sent)),
+        over_time(r, "events received", COLORS[4], |s| n(s.events_received)),
+    ];
+    let errors = vec![
+        over_time(r, "device errors", COLORS[1], |s| n(s.device_errors)),
+        over_time(r, "timeouts", COLORS[3], |s| n(s.timeout)),
+        over_time(r, "offline", COLORS[4], |s| n(s.offline)),
+        over_time(r, "request errors", COLORS[5], |s| n(s.errors)),
+    ];
+    vec![
         time_chart(
             r,
             "Ack latency per second (requests by the second they were due)",
             "ms",
-            vec![
-                over_time(r, "p50", COLORS[0], |s| s.ack_p50_ms),
-                over_time(r, "p99", COLORS[1], |s| s.ack_p99_ms),
-                over_time(r, "max", COLORS[3], |s| s.ack_max_ms),
-            ],
+            latency,
         ),
-        time_chart(
-            r,
-            "Devices",
-            "devices",
-            vec![
-                over_time(r, "connected", COLORS[0], |s| n(s.connected)),
-                over_time(r, "connects in the second", COLORS[2], |s| n(s.connects)),
-            ],
-        ),
+        time_chart(r, "Devices", "devices", devices),
         time_chart(
             r,
             "Requests and events per second",
             "per second",
-            vec![
-                over_time(r, "acked", COLORS[0], |s| n(s.acked)),
-                over_time(r, "events sent", COLORS[2], |s| n(s.events_sent)),
-                over_time(r, "events received", COLORS[4], |s| n(s.events_received)),
-            ],
+            throughput,
         ),
-        time_chart(
-            r,
-            "Errors per second",
-            "per second",
-            vec![
-                over_time(r, "device errors", COLORS[1], |s| n(s.device_errors)),
-                over_time(r, "timeouts", COLORS[3], |s| n(s.timeout)),
-                over_time(r, "offline", COLORS[4], |s| n(s.offline)),
-                over_time(r, "request errors", COLORS[5], |s| n(s.errors)),
-            ],
-        ),
-    ];
-    if r.timeline.iter().any(|s| s.router_rss_bytes.is_some()) {
-        let mib = |s: &crate::timeline::Second| s.router_rss_bytes.map(|b| b as f64 / 1048576.0);
-        charts.push(time_chart(
-            r,
-            "Router RSS (sum over the --api nodes)",
-            "MiB",
-            vec![over_time(r, "RSS", COLORS[0], mib)],
-        ));
-    } else {
-        charts.push("<figure class=\"chart\"><figcaption>Router RSS</figcaption>\
-                     <p class=\"note\">not sampled (--router-rss-interval 0, or no router_process_resident_memory_bytes on the nodes' /metrics)</p></figure>\n".into());
+        time_chart(r, "Errors per second", "per second", errors),
+        rss_chart(r),
+    ]
+}
+
+/// The routers' RSS over time, or why there is none.
+fn rss_chart(r: &Report) -> String {
+    if r.timeline.iter().all(|s| s.router_rss_bytes.is_none()) {
+        return "<figure class=\"chart\"><figcaption>Router RSS</figcaption>\
+                <p class=\"note\">not sampled (--router-rss-interval 0, or no \
+                router_process_resident_memory_bytes on the nodes' /metrics)</p></figure>\n"
+            .into();
     }
-    charts
+    let mib = |s: &crate::timeline::Second| s.router_rss_bytes.map(|b| b as f64 / 1048576.0);
+    let series = vec![over_time(r, "RSS", COLORS[0], mib)];
+    time_chart(r, "Router RSS (sum over the --api nodes)", "MiB", series)
 }
 
 /// A latency cell: "-" when nothing was measured.

@@ -92,88 +92,98 @@ fn metric(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, 
     }
 }
 
+/// A series without labels: name, type, help, value.
+type Plain = (&'static str, &'static str, &'static str, f64);
+
+fn plain(live: &Live, fleet: &Fleet) -> [Plain; 9] {
+    let n = |v: u64| v as f64;
+    let rate = f64::from_bits(live.target_rate.load(Relaxed));
+    [
+        (
+            "loadgen_devices_target",
+            "gauge",
+            "Devices to simulate (--devices).",
+            n(fleet.target),
+        ),
+        (
+            "loadgen_devices_connected",
+            "gauge",
+            "Simulated devices connected and authenticated now.",
+            n(fleet.connected),
+        ),
+        (
+            "loadgen_connects_total",
+            "counter",
+            "Device connections made (first connects and reconnects).",
+            n(fleet.connects),
+        ),
+        (
+            "loadgen_device_errors_total",
+            "counter",
+            "Device connection errors (failed connects, refused auth, lost connections).",
+            n(fleet.errors),
+        ),
+        (
+            "loadgen_reconnects_total",
+            "counter",
+            "Device reconnect attempts after an error.",
+            n(fleet.reconnects),
+        ),
+        (
+            "loadgen_requests_sent_total",
+            "counter",
+            "Backend requests sent through the router's API.",
+            n(live.sent.load(Relaxed)),
+        ),
+        (
+            "loadgen_request_rate_target",
+            "gauge",
+            "Requests per second the current phase sends.",
+            rate,
+        ),
+        (
+            "loadgen_events_sent_total",
+            "counter",
+            "Events the simulated devices sent.",
+            n(fleet.events_sent),
+        ),
+        (
+            "loadgen_events_received_total",
+            "counter",
+            "Stamped events loadgen received back (router /v1/events, or hive.events with --amqp).",
+            n(fleet.events_received),
+        ),
+    ]
+}
+
 /// The /metrics page.
 pub fn render(live: &Live, fleet: &Fleet) -> String {
     let mut o = String::new();
-    let n = |v: u64| v as f64;
-    let load = |a: &AtomicU64| n(a.load(Relaxed));
-    metric(
-        &mut o,
-        "loadgen_devices_target",
-        "gauge",
-        "Devices to simulate (--devices).",
-        &[("", n(fleet.target))],
-    );
-    metric(
-        &mut o,
-        "loadgen_devices_connected",
-        "gauge",
-        "Simulated devices connected and authenticated now.",
-        &[("", n(fleet.connected))],
-    );
-    metric(
-        &mut o,
-        "loadgen_connects_total",
-        "counter",
-        "Device connections made (first connects and reconnects).",
-        &[("", n(fleet.connects))],
-    );
-    metric(
-        &mut o,
-        "loadgen_device_errors_total",
-        "counter",
-        "Device connection errors (failed connects, refused auth, lost connections).",
-        &[("", n(fleet.errors))],
-    );
-    metric(
-        &mut o,
-        "loadgen_reconnects_total",
-        "counter",
-        "Device reconnect attempts after an error.",
-        &[("", n(fleet.reconnects))],
-    );
-    metric(
-        &mut o,
-        "loadgen_requests_sent_total",
-        "counter",
-        "Backend requests sent through the router's API.",
-        &[("", load(&live.sent))],
-    );
-    let outcomes = ["acked", "timeout", "offline", "error"].map(|o| format!("{{outcome=\"{o}\"}}"));
-    let by_outcome: Vec<(&str, f64)> = outcomes
+    for (name, kind, help, v) in plain(live, fleet) {
+        metric(&mut o, name, kind, help, &[("", v)]);
+    }
+    let labels = ["acked", "timeout", "offline", "error"].map(|o| format!("{{outcome=\"{o}\"}}"));
+    let by_outcome: Vec<(&str, f64)> = labels
         .iter()
         .zip(&live.outcomes)
-        .map(|(l, c)| (l.as_str(), load(c)))
+        .map(|(l, c)| (l.as_str(), c.load(Relaxed) as f64))
         .collect();
-    metric(&mut o, "loadgen_requests_total", "counter", "Backend requests ended, by outcome (acked, timeout = 504, offline = 404, error = any other answer or none).", &by_outcome);
-    let rate = f64::from_bits(live.target_rate.load(Relaxed));
+    let help = "Backend requests ended, by outcome (acked, timeout = 504, offline = 404, \
+                error = any other answer or none).";
     metric(
         &mut o,
-        "loadgen_request_rate_target",
-        "gauge",
-        "Requests per second the current phase sends.",
-        &[("", rate)],
-    );
-    metric(
-        &mut o,
-        "loadgen_events_sent_total",
+        "loadgen_requests_total",
         "counter",
-        "Events the simulated devices sent.",
-        &[("", n(fleet.events_sent))],
-    );
-    metric(
-        &mut o,
-        "loadgen_events_received_total",
-        "counter",
-        "Stamped events loadgen received back (router /v1/events or hive.events with --amqp).",
-        &[("", n(fleet.events_received))],
+        help,
+        &by_outcome,
     );
     let phase = format!("{{phase=\"{}\"}}", live.phase());
+    let help = "The phase running now (ramp, steady, storm, hold, drain), as a label.";
     metric(
         &mut o,
         "loadgen_phase",
         "gauge",
-        "The phase running now (ramp, steady, storm, hold, drain), as a label.",
+        help,
         &[(phase.as_str(), 1.0)],
     );
     ack_histogram(&mut o, live);
@@ -182,7 +192,8 @@ pub fn render(live: &Live, fleet: &Fleet) -> String {
 
 fn ack_histogram(o: &mut String, live: &Live) {
     let name = "loadgen_ack_latency_seconds";
-    let _ = writeln!(o, "# HELP {name} Ack latency of the backend's requests, from their due time (open loop).\n# TYPE {name} histogram");
+    let help = "Ack latency of the backend's requests, from their due time (open loop).";
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cumulative = 0;
     for (b, c) in BUCKETS.iter().zip(&live.buckets) {
         cumulative += c.load(Relaxed);
