@@ -30,4 +30,4 @@ ensure_prometheus() {
 
 ensure_prometheus
 # Bounded: the check itself stops after about 40 s; this is the backstop.
-exec timeout -k 5 90 "$PY" tests/python/check_prometheus.py "$ROUTER" "$(command -v prometheus)"
+exec timeout -k 5 90 "$PY" interop/python/check_prometheus.py "$ROUTER" "$(command -v prometheus)"

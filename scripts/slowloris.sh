@@ -21,7 +21,7 @@ PIDS+=($!); sleep 0.5
 lg() { target/release/loadgen --devices "$DEVICES" --url ws://127.0.0.1:9700 --api http://127.0.0.1:9701 --secret slow \
          --request-rate "$RATE" --duration "$DURATION" --quiet --json "$OUT/$1.json" >/dev/null; }
 lg calm
-target/pyenv/bin/python tests/python/slowloris.py --port 9700 --connections "$HOSTILE" --seconds $((DURATION + 40)) &
+target/pyenv/bin/python interop/python/slowloris.py --port 9700 --connections "$HOSTILE" --seconds $((DURATION + 40)) &
 PIDS+=($!); sleep 15
 hostile_open=$(curl -s http://127.0.0.1:9701/metrics | awk '/^router_handshakes_in_progress/ {s+=$2} END {print s}')
 lg hostile

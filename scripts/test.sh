@@ -61,37 +61,40 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -c 'import websockets' 2>/dev/null || "$VENV/bin/pip" install --quiet 'websockets>=13,<16'
-"$VENV/bin/python" tests/python/test_hive_ws.py "$ROUTER"
+"$VENV/bin/python" interop/python/test_hive_ws.py "$ROUTER"
 
 step "independent client: Hivekit protocol (Python websockets; every flow a device app uses)"
-"$VENV/bin/python" tests/python/test_hivekit.py "$ROUTER"
+"$VENV/bin/python" interop/python/test_hivekit.py "$ROUTER"
 
 step "independent NervesHub device: shared-secret auth and vsn 3.0.0 MessagePack (Python websockets, msgpack, hashlib)"
 "$VENV/bin/python" -c 'import msgpack' 2>/dev/null || "$VENV/bin/pip" install --quiet 'msgpack>=1,<2'
-"$VENV/bin/python" tests/python/test_nerveshub.py "$ROUTER"
+"$VENV/bin/python" interop/python/test_nerveshub.py "$ROUTER"
 
 step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
 ensure_rabbitmq
 "$VENV/bin/python" -c 'import pika' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pika>=1.3,<2'
-"$VENV/bin/python" tests/python/test_amqp_events.py "$ROUTER"
+"$VENV/bin/python" interop/python/test_amqp_events.py "$ROUTER"
 
 step "independent TLS client: Python ssl + websockets, certificates from openssl"
-"$VENV/bin/python" tests/python/test_tls.py "$ROUTER"
+"$VENV/bin/python" interop/python/test_tls.py "$ROUTER"
 
 step "a real Prometheus (Debian package) scrapes a router under load; every dashboard expression evaluated"
 scripts/prometheus-check.sh "$ROUTER"
 
 step "loadgen against the router: small fleet, mixed protocols, and --no-ack timeouts"
 cargo build --quiet -p loadgen
-"$VENV/bin/python" tests/python/check_loadgen.py "$ROUTER" "$PWD/target/debug/loadgen" 3000
+"$VENV/bin/python" interop/python/check_loadgen.py "$ROUTER" "$PWD/target/debug/loadgen" 3000
+
+step "loadgen in CI pipelines: --assert, compare, --html, --metrics, --scenario against the router"
+"$VENV/bin/python" interop/python/check_loadgen_ci.py "$ROUTER" "$PWD/target/debug/loadgen"
 
 step "chaos: kill -9, broker restart, rolling restart, closed cluster connection under load (3 nodes, 3,000 devices)"
 ensure_rabbitmq
 ROUTER_BIN="$ROUTER" LOADGEN_BIN="$PWD/target/debug/loadgen" scripts/chaos.sh all --small
 
 step "independent client: the official Phoenix JS client (npm phoenix + ws)"
-(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
-node tests/js/phoenix_client.mjs "$ROUTER"
+(cd interop/js && npm ci --no-audit --no-fund --loglevel=error)
+node interop/js/phoenix_client.mjs "$ROUTER"
 
 step "performance regression check (instruction counts under callgrind vs benches/baseline.json)"
 scripts/perf-check.sh --quick

@@ -9,8 +9,14 @@ fn main() -> anyhow::Result<()> {
     let handle = router::start(config)?;
     let (device, account) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     let token = router::auth::mint(secret, device, account, 3600);
-    println!("device {device}: ws://{}/ws with `Authorization: Bearer {token}`", handle.ws_addr);
-    println!("its requests: POST http://{}/v1/devices/{device}/requests", handle.api_addr);
+    println!(
+        "device {device}: ws://{}/ws with `Authorization: Bearer {token}`",
+        handle.ws_addr
+    );
+    println!(
+        "its requests: POST http://{}/v1/devices/{device}/requests",
+        handle.api_addr
+    );
     println!("every event:  GET http://{}/v1/events", handle.api_addr);
     println!("Enter stops the router.");
     std::io::stdin().lock().lines().next();

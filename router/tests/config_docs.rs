@@ -23,9 +23,15 @@ fn every_flag_and_variable_is_documented() {
                 missing.push(env.into_owned());
             }
         }
-        if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+        if arg
+            .get_help()
+            .is_none_or(|h| h.to_string().trim().is_empty())
+        {
             missing.push(format!("--{long} has no help text"));
         }
     }
-    assert!(missing.is_empty(), "not in docs/configuration.md: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "not in docs/configuration.md: {missing:?}"
+    );
 }

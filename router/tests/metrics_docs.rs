@@ -43,7 +43,8 @@ async fn every_metric_is_documented_and_every_documented_metric_exists() {
     let clustered = TestRouter::start_with(|c| c.amqp = Some(amqp_url()));
     exported.extend(families(&clustered.metrics().await));
     assert!(exported.len() > 30, "{exported:?}");
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md")).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .unwrap();
     let named = documented(&doc);
     // A histogram's series carry _bucket/_sum/_count; the docs name the family.
     let base = |n: &str| {
@@ -54,10 +55,16 @@ async fn every_metric_is_documented_and_every_documented_metric_exists() {
             .to_string()
     };
     let undocumented: Vec<_> = exported.iter().filter(|m| !named.contains(*m)).collect();
-    assert!(undocumented.is_empty(), "exported, not in docs/metrics.md: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "exported, not in docs/metrics.md: {undocumented:?}"
+    );
     let unknown: Vec<_> = named
         .iter()
         .filter(|m| !exported.contains(*m) && !exported.contains(&base(m)))
         .collect();
-    assert!(unknown.is_empty(), "in docs/metrics.md, not exported: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "in docs/metrics.md, not exported: {unknown:?}"
+    );
 }
