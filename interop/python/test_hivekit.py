@@ -13,11 +13,12 @@ import json
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 import uuid
 
 import websockets
+
+from router_harness import Sse, http, metric, start_router
+from router_harness import token as mint
 
 ROUTER = sys.argv[1]
 SECRET = "py-hivekit-secret"
@@ -25,62 +26,7 @@ REALM = "plant-7"
 
 
 def token(device, account):
-    out = subprocess.run([ROUTER, "token", "--device", device, "--account", account, "--secret", SECRET],
-                         check=True, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def start_router():
-    p = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0",
-                          "--shards", "2", "--auth-secret", SECRET, "--auth-timeout", "3",
-                          "--hivekit-realm", REALM],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = p.stdout.readline()
-    assert line.startswith("router ready"), line
-    fields = dict(kv.split("=", 1) for kv in line.split()[2:])
-    return p, fields["ws"], fields["api"]
-
-
-class Sse:
-    """Every event of /v1/events, collected by a thread."""
-
-    def __init__(self, api):
-        self.events = []
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, args=(api,), daemon=True).start()
-
-    def _read(self, api):
-        with urllib.request.urlopen(f"http://{api}/v1/events", timeout=30) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if line.startswith("data:"):
-                    with self.cond:
-                        self.events.append(json.loads(line[5:].strip()))
-                        self.cond.notify_all()
-
-    def find(self, pred, timeout=10):
-        with self.cond:
-            ok = self.cond.wait_for(lambda: any(pred(e) for e in self.events), timeout)
-            assert ok, f"no such event in {self.events}"
-            return next(e for e in self.events if pred(e))
-
-
-def http(method, url, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metric(api, name):
-    _, text = http("GET", f"http://{api}/metrics")
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
+    return mint(ROUTER, device, account, SECRET)
 
 
 async def recv(ws, timeout=5):
@@ -121,7 +67,8 @@ def sub(event, idp="*", act="sub"):
 
 
 async def main():
-    proc, ws_addr, api = start_router()
+    proc, ws_addr, api = start_router(ROUTER, "--auth-secret", SECRET, "--auth-timeout", "3",
+                                      "--hivekit-realm", REALM)
     try:
         sse = Sse(api)
         device, account = str(uuid.uuid4()), str(uuid.uuid4())

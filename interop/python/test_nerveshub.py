@@ -21,13 +21,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import msgpack
 import websockets
 from websockets.asyncio.client import connect
+
+from router_harness import Sse, http, metric, start_router
 
 ROUTER = sys.argv[1]
 ACCOUNT = str(uuid.uuid4())
@@ -74,54 +74,6 @@ def write_keys(path, with_device=True):
         f.write(text)
 
 
-def start_router(keys):
-    p = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "2",
-                          "--nerves-keys", keys, "--nerves-extensions", "health,geo", "--permessage-deflate"],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = p.stdout.readline()
-    assert line.startswith("router ready"), line
-    fields = dict(kv.split("=", 1) for kv in line.split()[2:])
-    return p, fields["ws"], fields["api"]
-
-
-def http(method, url, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metric(api, name):
-    _, text = http("GET", f"http://{api}/metrics")
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-class Sse:
-    def __init__(self, api):
-        self.events, self.cond = [], threading.Condition()
-        threading.Thread(target=self._read, args=(api,), daemon=True).start()
-
-    def _read(self, api):
-        with urllib.request.urlopen(f"http://{api}/v1/events", timeout=60) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if line.startswith("data:"):
-                    with self.cond:
-                        self.events.append(json.loads(line[5:].strip()))
-                        self.cond.notify_all()
-
-    def find(self, pred, timeout=10):
-        with self.cond:
-            assert self.cond.wait_for(lambda: any(pred(e) for e in self.events), timeout), self.events[-5:]
-            return next(e for e in self.events if pred(e))
-
-
 async def refused(ws_addr, headers):
     """The upgrade is answered 401 (before any WebSocket)."""
     try:
@@ -162,7 +114,8 @@ async def main():
     tmp = tempfile.mkdtemp()
     keys = os.path.join(tmp, "keys.toml")
     write_keys(keys)
-    proc, ws_addr, api = start_router(keys)
+    proc, ws_addr, api = start_router(ROUTER, "--nerves-keys", keys, "--nerves-extensions", "health,geo",
+                                      "--permessage-deflate")
     try:
         sse = Sse(api)
         await asyncio.sleep(0.3)
