@@ -77,10 +77,11 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<FrameHeader
     let b1 = buf[1];
     // RSV1 is permessage-deflate's "compressed" bit: reported, and refused by the
     // connection unless it negotiated the extension. RSV2 and RSV3 mean nothing here.
-    if b0 & 0x30 != 0 {
+    let rsv1 = b0 & 0x70 != 0;
+    if rsv1 && (b0 & 0x30 != 0 || b0 & 0x08 != 0) {
+        // RSV2/RSV3, or RSV1 on a control frame.
         return Err(WsError::Reserved);
     }
-    let rsv1 = b0 & 0x40 != 0;
     let opcode = b0 & 0x0F;
     if !matches!(
         opcode,
@@ -122,9 +123,6 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<FrameHeader
     let mut mask = [0u8; 4];
     mask.copy_from_slice(&buf[pos..pos + 4]);
     pos += 4;
-    if rsv1 && opcode & 0x8 != 0 {
-        return Err(WsError::Reserved);
-    }
     Ok(Some(FrameHeader {
         fin,
         rsv1,
