@@ -9,6 +9,10 @@
 #                       [--per-node 12000] [--port 9800] [--json FILE] [--no-priority]
 #                       [--request-log FILE]
 #
+# As root it sets the kernel limits a large ramp needs for the run and restores them
+# (somaxconn, SYN backlog, the ephemeral port range, conntrack if loaded), and at the end
+# prints where the memory went at its peak: routers, loadgen, kernel slab and TCP buffers.
+#
 # Priority (off with --no-priority): on a machine with scheduler autogroups the whole
 # run (routers, workers, coordinator) is one group, weighted like one nice-0 process
 # against every other session; this raises the group to nice -10 for the run (restored
@@ -68,6 +72,60 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Kernel settings a large ramp needs (root only; restored on exit): accept and SYN queues
+# deep enough for a reconnect storm over every node, and the whole ephemeral port range
+# (loopback gives one port per connection per source/destination pair). Conntrack, if
+# loaded, needs an entry per connection.
+SYSCTL_BEFORE=()
+tune() {
+  local key=$1 value=$2 before
+  before=$(sysctl -n "$key" 2>/dev/null) || return 0
+  # Only ever raised (a single number already as high stays).
+  case "$before" in *[!0-9]*) ;; *) [ "$before" -ge "$value" ] 2>/dev/null && return 0 ;; esac
+  if sysctl -q -w "$key=$value" 2>/dev/null; then
+    SYSCTL_BEFORE+=("$key=$before")
+    echo "capacity: $key = $value for the run (was $before)" >&2
+  fi
+}
+if [ "$(id -u)" = 0 ]; then
+  tune net.core.somaxconn 65535
+  tune net.ipv4.tcp_max_syn_backlog 65535
+  tune net.ipv4.ip_local_port_range "1024 65535"
+  [ -e /proc/sys/net/netfilter/nf_conntrack_max ] && tune net.netfilter.nf_conntrack_max $((DEVICES * 2 + 65536))
+fi
+restore_sysctls() {
+  for kv in "${SYSCTL_BEFORE[@]}"; do sysctl -q -w "$kv" 2>/dev/null || true; done
+}
+trap 'cleanup; restore_sysctls' EXIT
+
+# Where the memory goes, sampled every 2 s while loadgen runs; the sample with the most
+# memory in use is printed at the end: routers' and loadgen's resident memory, and the
+# kernel's (slab, which holds sockets, and TCP buffer pages from /proc/net/sockstat).
+MEMLOG=$LOGDIR/memory.csv
+SLAB_BEFORE=$(awk '/^Slab:/{print $2}' /proc/meminfo)
+USED_BEFORE=$(awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /proc/meminfo)
+sample_memory() {
+  local page; page=$(getconf PAGESIZE)
+  while sleep 2; do
+    local r=0 l=0 pid
+    for pid in $(pgrep -f -- "--node-id cap-" || true); do r=$((r + $(awk '/VmRSS/{print $2}' /proc/$pid/status 2>/dev/null || echo 0))); done
+    for pid in $(pgrep -x loadgen || true); do l=$((l + $(awk '/VmRSS/{print $2}' /proc/$pid/status 2>/dev/null || echo 0))); done
+    local used slab tcp conns
+    used=$(awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /proc/meminfo)
+    slab=$(awk '/^Slab:/{print $2}' /proc/meminfo)
+    tcp=$(awk '/^TCP:/{for(i=1;i<=NF;i++) if($i=="mem") print $(i+1)*'"$page"'/1024}' /proc/net/sockstat)
+    conns=$(awk '/^TCP:/{for(i=1;i<=NF;i++) if($i=="inuse") print $(i+1)}' /proc/net/sockstat)
+    echo "$used,$r,$l,$slab,$tcp,$conns" >>"$MEMLOG"
+  done
+}
+memory_report() {
+  [ -s "$MEMLOG" ] || return 0
+  sort -t, -k1,1n "$MEMLOG" | tail -1 | awk -F, -v d="$DEVICES" -v slab0="$SLAB_BEFORE" -v used0="$USED_BEFORE" '{
+    s = $4 - slab0; n = ($6 > 0 ? $6 : 1)
+    printf "memory at its peak over the start (KiB): in use +%d; routers %d (%.0f B/device); loadgen %d (%.0f B/device); kernel slab +%d and TCP buffers %d (%.0f B per socket, %d sockets, both ends)\n",
+      $1 - used0, $2, $2*1024/d, $3, $3*1024/d, s, $5, (s + $5)*1024/n, $6 }' >&2
+}
+
 REALTIME=()
 if [ "$PRIORITY" = 1 ]; then
   REALTIME=(--realtime)
@@ -115,8 +173,11 @@ set +e
   --event-interval "$EVENTS" ${AMQP:+--amqp "$AMQP"} --source-ips 127.0.0.2-127.0.0.250 --ramp-timeout 300 --json "$JSON" "${REALTIME[@]}" ${REQLOG:+--request-log "$REQLOG"} &
 LG=$!
 PIDS+=($LG)
+sample_memory &
+PIDS+=($!)
 wait $LG
 rc=$?
 set -e
+memory_report
 echo "report JSON: $JSON" >&2
 exit $rc
