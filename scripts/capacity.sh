@@ -104,12 +104,16 @@ trap 'cleanup; restore_sysctls' EXIT
 MEMLOG=$LOGDIR/memory.csv
 SLAB_BEFORE=$(awk '/^Slab:/{print $2}' /proc/meminfo)
 USED_BEFORE=$(awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /proc/meminfo)
+rss_kib() {  # 0 for a process that is gone
+  local v; v=$(awk '/VmRSS/{print $2}' "/proc/$1/status" 2>/dev/null)
+  echo "${v:-0}"
+}
 sample_memory() {
   local page; page=$(getconf PAGESIZE)
   while sleep 2; do
     local r=0 l=0 pid
-    for pid in $(pgrep -f -- "--node-id cap-" || true); do r=$((r + $(awk '/VmRSS/{print $2}' /proc/$pid/status 2>/dev/null || echo 0))); done
-    for pid in $(pgrep -x loadgen || true); do l=$((l + $(awk '/VmRSS/{print $2}' /proc/$pid/status 2>/dev/null || echo 0))); done
+    for pid in $(pgrep -f -- "--node-id cap-" || true); do r=$((r + $(rss_kib "$pid"))); done
+    for pid in $(pgrep -x loadgen || true); do l=$((l + $(rss_kib "$pid"))); done
     local used slab tcp conns
     used=$(awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /proc/meminfo)
     slab=$(awk '/^Slab:/{print $2}' /proc/meminfo)
