@@ -10,7 +10,8 @@
 #                       [--request-log FILE]
 #
 # As root it sets the kernel limits a large ramp needs for the run and restores them
-# (somaxconn, SYN backlog, the ephemeral port range, conntrack if loaded), and at the end
+# (somaxconn, SYN backlog, the ephemeral port range, conntrack if loaded, the loopback
+# backlog, TCP buffer memory), and at the end
 # prints where the memory went at its peak: routers, loadgen, kernel slab and TCP buffers.
 #
 # Priority (off with --no-priority): on a machine with scheduler autogroups the whole
@@ -92,6 +93,21 @@ if [ "$(id -u)" = 0 ]; then
   tune net.ipv4.tcp_max_syn_backlog 65535
   tune net.ipv4.ip_local_port_range "1024 65535"
   [ -e /proc/sys/net/netfilter/nf_conntrack_max ] && tune net.netfilter.nf_conntrack_max $((DEVICES * 2 + 65536))
+  # Loopback packets queue per CPU before the stack takes them (1000 by default): a ramp's
+  # bursts of SYNs and upgrade requests overflow it, and every drop is a retransmit 1 s on.
+  tune net.core.netdev_max_backlog 16384
+  # TCP buffer memory, in pages: the default ceiling (about a tenth of RAM) is reached
+  # while a ramp's upgrade requests and replies sit queued on both ends of a million
+  # sockets; past "pressure" the kernel shrinks buffers, past the ceiling it drops
+  # packets and resets. Raised to a quarter of RAM for the run (pressure at a fifth).
+  page_kib=$(( $(getconf PAGESIZE) / 1024 ))
+  mem_pages=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / page_kib ))
+  tcp_mem_before=$(sysctl -n net.ipv4.tcp_mem | tr -s '\t ' ' ')
+  if [ "$(echo "$tcp_mem_before" | awk '{print $3}')" -lt $((mem_pages / 4)) ] &&
+     sysctl -q -w net.ipv4.tcp_mem="$((mem_pages / 8)) $((mem_pages / 5)) $((mem_pages / 4))" 2>/dev/null; then
+    SYSCTL_BEFORE+=("net.ipv4.tcp_mem=$tcp_mem_before")
+    echo "capacity: net.ipv4.tcp_mem = $((mem_pages / 8)) $((mem_pages / 5)) $((mem_pages / 4)) pages for the run (was $tcp_mem_before)" >&2
+  fi
 fi
 restore_sysctls() {
   for kv in "${SYSCTL_BEFORE[@]}"; do sysctl -q -w "$kv" 2>/dev/null || true; done
@@ -99,13 +115,14 @@ restore_sysctls() {
 trap 'cleanup; restore_sysctls' EXIT
 
 # Where the memory goes, sampled every 2 s while loadgen runs; the sample with the most
-# memory in use is printed at the end: routers' and loadgen's resident memory, and the
+# memory in use is printed at the end: routers' and loadgen's private resident memory
+# (RssAnon: summing VmRSS would count the shared binary once per process), and the
 # kernel's (slab, which holds sockets, and TCP buffer pages from /proc/net/sockstat).
 MEMLOG=$LOGDIR/memory.csv
 SLAB_BEFORE=$(awk '/^Slab:/{print $2}' /proc/meminfo)
 USED_BEFORE=$(awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /proc/meminfo)
-rss_kib() {  # 0 for a process that is gone
-  local v; v=$(awk '/VmRSS/{print $2}' "/proc/$1/status" 2>/dev/null)
+rss_kib() {  # private memory (RssAnon: the binary's file pages are shared); 0 when gone
+  local v; v=$(awk '/RssAnon/{print $2}' "/proc/$1/status" 2>/dev/null)
   echo "${v:-0}"
 }
 sample_memory() {
@@ -122,7 +139,22 @@ sample_memory() {
     echo "$used,$r,$l,$slab,$tcp,$conns" >>"$MEMLOG"
   done
 }
+# The kernel's own account of the run's TCP trouble: accept queues that overflowed, sockets
+# reset for want of memory, memory pressure, drops. Printed as changes over the run.
+TCP_COUNTERS="ListenOverflows ListenDrops TCPAbortOnMemory TCPMemoryPressures TCPBacklogDrop TCPRcvQDrop TCPAbortOnData"
+tcp_counters() {
+  awk -v want="$TCP_COUNTERS" '/^TcpExt:/ { if (!n) { split($0, k); n = 1 } else { split($0, v); for (i = 2; i in k; i++) if (index(" " want " ", " " k[i] " ")) print k[i], v[i] } }' /proc/net/netstat
+}
+softnet_drops() {  # packets dropped because a CPU's backlog queue was full
+  local sum=0 d; for d in $(awk '{print $2}' /proc/net/softnet_stat); do sum=$((sum + 16#$d)); done; echo $sum
+}
+TCP_BEFORE=$(tcp_counters) SOFTNET_BEFORE=$(softnet_drops)
+tcp_report() {
+  local after; after=$(tcp_counters)
+  echo "kernel TCP counters over the run: $(join <(sort <<<"$TCP_BEFORE") <(sort <<<"$after") | awk '{printf "%s%s +%d", sep, $1, $3 - $2; sep = ", "}'), backlog drops +$(( $(softnet_drops) - SOFTNET_BEFORE ))" >&2
+}
 memory_report() {
+  tcp_report
   [ -s "$MEMLOG" ] || return 0
   sort -t, -k1,1n "$MEMLOG" | tail -1 | awk -F, -v d="$DEVICES" -v slab0="$SLAB_BEFORE" -v used0="$USED_BEFORE" '{
     s = $4 - slab0; n = ($6 > 0 ? $6 : 1)

@@ -200,6 +200,12 @@ pub struct Args {
     /// TCP + WebSocket handshake timeout per attempt.
     #[arg(long, env = "LOADGEN_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Handshakes in flight at most during the ramp, over all workers (0: a tenth of a
+    /// second's worth of `--connect-rate`, at least 16 per worker). When the routers fall
+    /// behind, the ramp waits for them instead of piling connections into their accept
+    /// queues, where the wait would count as neither connect time nor error.
+    #[arg(long, env = "LOADGEN_MAX_CONNECTING", default_value_t = 0)]
+    pub max_connecting: usize,
     /// No live progress line.
     #[arg(long, env = "LOADGEN_QUIET")]
     pub quiet: bool,

@@ -445,6 +445,7 @@ struct Merged {
     auth: Histogram<u64>,
     errors: BTreeMap<String, u64>,
     reconnects: u64,
+    memory: report::LoadgenMemory,
 }
 
 fn merge_results(results: &[WorkerResult], k: usize) -> Merged {
@@ -453,8 +454,13 @@ fn merge_results(results: &[WorkerResult], k: usize) -> Merged {
         auth: hist::new_hist(),
         errors: BTreeMap::new(),
         reconnects: 0,
+        memory: report::LoadgenMemory::default(),
     };
+    let all_full = results.len() == k && results.iter().all(|r| r.rss_full_bytes > 0);
     for r in results {
+        m.memory.rss_start_bytes += r.rss_start_bytes;
+        m.memory.rss_full_bytes += r.rss_full_bytes;
+        m.memory.rss_peak_bytes += r.rss_peak_bytes;
         if let Some(h) = hist::from_b64(&r.connect_hist) {
             hist::merge(&mut m.connect, &h);
         }
@@ -466,11 +472,37 @@ fn merge_results(results: &[WorkerResult], k: usize) -> Merged {
         }
         m.reconnects += r.reconnects;
     }
+    if !all_full {
+        m.memory.rss_full_bytes = 0;
+    }
     if results.len() < k {
         m.errors
             .insert("worker_lost".into(), (k - results.len()) as u64);
     }
     m
+}
+
+/// The workers' memory with its per-device figures (over the target fleet).
+fn loadgen_memory(sum: &report::LoadgenMemory, devices: usize) -> report::LoadgenMemory {
+    let n = devices.max(1) as f64;
+    let (held, delta) = if sum.rss_full_bytes > 0 {
+        (
+            sum.rss_full_bytes,
+            sum.rss_full_bytes.saturating_sub(sum.rss_start_bytes),
+        )
+    } else {
+        (
+            sum.rss_peak_bytes,
+            sum.rss_peak_bytes.saturating_sub(sum.rss_start_bytes),
+        )
+    };
+    report::LoadgenMemory {
+        rss_start_bytes: sum.rss_start_bytes,
+        rss_full_bytes: sum.rss_full_bytes,
+        rss_peak_bytes: sum.rss_peak_bytes,
+        rss_per_device_bytes: held as f64 / n,
+        rss_per_device_delta_bytes: delta as f64 / n,
+    }
 }
 
 /// The ramp from the workers' own clocks when every worker got all its devices in:
@@ -777,6 +809,7 @@ fn build_report(
                 m.router.rss_after.saturating_sub(m.router.rss_baseline),
             ),
         },
+        loadgen: loadgen_memory(&merged.memory, args.devices),
         timeline_start_unix_ms: m.timeline_start_unix_ms,
         timeline: timeline.seconds(),
         phases: after.phases.clone(),

@@ -2,10 +2,12 @@
 //! ack every request at once, reconnect with exponential backoff plus jitter. Speaks
 //! the three device protocols. Runs on a worker's single-threaded runtime.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -90,9 +92,11 @@ impl Stats {
     }
 }
 
-/// What the worker tells all its devices at once, through a watch channel.
+/// What the worker tells all its devices at once (through `Signal`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Control {
+    /// The run is over: connected devices send a close frame and end, the others end.
+    pub stop: bool,
     /// Storms so far: at each bump, the devices `storm_hits` picks drop their connection
     /// at once (no close handshake, as if the network went away) and reconnect without
     /// backoff.
@@ -101,6 +105,79 @@ pub struct Control {
     pub fraction: f64,
     /// Seconds between a device's periodic events; None: no events.
     pub event_interval: Option<Duration>,
+}
+
+/// How the worker tells its devices of a new `Control`. A device does not hold a
+/// channel receiver of its own (a watch receiver's `changed()` future is 120 bytes in
+/// every device's task, two of them per device): it notes the generation it has seen,
+/// and leaves its waker in its slot here while it waits.
+pub struct Signal {
+    control: Cell<Control>,
+    generation: Cell<u64>,
+    wakers: RefCell<Vec<Option<Waker>>>,
+}
+
+impl Signal {
+    /// For a worker of `devices` devices (slots 0..devices).
+    pub fn new(devices: usize, control: Control) -> Self {
+        Signal {
+            control: Cell::new(control),
+            generation: Cell::new(0),
+            wakers: RefCell::new(vec![None; devices]),
+        }
+    }
+    pub fn get(&self) -> Control {
+        self.control.get()
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation.get()
+    }
+    pub fn stopped(&self) -> bool {
+        self.control.get().stop
+    }
+    /// Change the control and wake every device waiting on it.
+    pub fn update(&self, change: impl FnOnce(&mut Control)) {
+        let mut c = self.control.get();
+        change(&mut c);
+        self.control.set(c);
+        self.generation.set(self.generation.get() + 1);
+        let woken: Vec<Waker> = self
+            .wakers
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        woken.into_iter().for_each(Waker::wake);
+    }
+    /// Ready once the generation differs from `seen`; otherwise the waker of the device
+    /// in `slot` is kept until the next `update`.
+    fn poll_changed(&self, slot: u32, seen: u64, cx: &mut Context<'_>) -> Poll<()> {
+        if self.generation.get() != seen {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.wakers.borrow_mut();
+        match &mut wakers[slot as usize] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            other => *other = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+    /// Sleep for `pause` unless the fleet stops first (false then).
+    async fn pause(&self, slot: u32, pause: Duration) -> bool {
+        // Boxed: a backoff is rare, and a timer inline would size every device's task.
+        let mut sleep = Box::pin(tokio::time::sleep(pause));
+        std::future::poll_fn(|cx| {
+            if self.stopped() {
+                return Poll::Ready(false);
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            let _ = self.poll_changed(slot, self.generation(), cx);
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// Whether storm number `generation` of `fraction` drops the device in `slot`: every
@@ -117,9 +194,8 @@ pub fn storm_hits(slot: u32, generation: u64, fraction: f64) -> bool {
 /// What every device of a worker shares.
 pub struct Fleet {
     pub stats: RefCell<Stats>,
-    pub stop: tokio::sync::watch::Receiver<bool>,
-    /// Storms and the event interval (see `Control`).
-    pub control: tokio::sync::watch::Receiver<Control>,
+    /// Stop, storms and the event interval (see `Control`).
+    pub signal: Signal,
     pub handshake_timeout: Duration,
     pub no_ack: bool,
     /// Tokens are minted at each connect attempt (a few µs), not kept per device.
@@ -146,10 +222,16 @@ pub struct DeviceSpec {
     /// Its place among its worker's devices (index into `Stats::seqs`).
     pub slot: u32,
     pub proto: Proto,
-    /// The router's base WebSocket URL (shared by the devices aimed at it).
-    pub base: Rc<str>,
-    pub dest: SocketAddr,
+    /// The router it connects to (shared by the devices aimed at it).
+    pub target: Rc<Target>,
     pub source: Option<IpAddr>,
+}
+
+/// A router a worker's devices connect to.
+pub struct Target {
+    /// Its base WebSocket URL.
+    pub base: String,
+    pub dest: SocketAddr,
 }
 
 /// Phoenix channel clients' heartbeat period.
@@ -160,9 +242,8 @@ use crate::coordinator::now_us;
 /// Run one device until the fleet stops.
 pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
     let mut attempt: u32 = 0;
-    let mut stop = fleet.stop.clone();
     loop {
-        if *stop.borrow() {
+        if fleet.signal.stopped() {
             return;
         }
         let t0 = Instant::now();
@@ -173,14 +254,13 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
                 s.first_attempt_us = now_us();
             }
         }
-        let session =
-            // Boxed: the handshake's state is large and short-lived; inline, it would size
-            // every device's task for its whole connected life.
-            tokio::time::timeout(
-                fleet.handshake_timeout,
-                Box::pin(connect_and_auth(&fleet, &spec, t0)),
-            )
-            .await;
+        // Boxed, with its timer: the handshake's state is large and short-lived; inline,
+        // it would size every device's task for its whole connected life.
+        let session = Box::pin(tokio::time::timeout(
+            fleet.handshake_timeout,
+            connect_and_auth(&fleet, &spec, t0),
+        ))
+        .await;
         fleet.stats.borrow_mut().connecting -= 1;
         match session {
             Ok(Ok(ws)) => {
@@ -195,7 +275,7 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
                     }
                 }
                 let seq_before = fleet.stats.borrow().seqs[spec.slot as usize];
-                let end = serve(&fleet, &spec, ws, &mut stop).await;
+                let end = serve(&fleet, &spec, ws).await;
                 let mut s = fleet.stats.borrow_mut();
                 s.connected -= 1;
                 s.up[spec.slot as usize] = false;
@@ -217,7 +297,7 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
             Ok(Err(kind)) => fleet.stats.borrow_mut().error(&kind),
             Err(_) => fleet.stats.borrow_mut().error("handshake_timeout"),
         }
-        if *stop.borrow() {
+        if fleet.signal.stopped() {
             return;
         }
         // Exponential backoff with jitter: a fleet that lost its router must not come
@@ -228,15 +308,18 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
             .saturating_mul(1 << attempt.min(6))
             .min(Duration::from_secs(5));
         let jitter = rand::thread_rng().gen_range(0.5..1.5);
-        tokio::select! {
-            _ = tokio::time::sleep(base.mul_f64(jitter)) => {}
-            _ = stop.changed() => return,
+        if !fleet.signal.pause(spec.slot, base.mul_f64(jitter)).await {
+            return;
         }
     }
 }
 
-async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Result<Ws, String> {
-    let tcp = crate::net::connect(spec.dest, spec.source)
+async fn connect_and_auth(
+    fleet: &Fleet,
+    spec: &DeviceSpec,
+    t0: Instant,
+) -> Result<Box<Ws>, String> {
+    let tcp = crate::net::connect(spec.target.dest, spec.source)
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::ConnectionRefused => "connect_refused".to_string(),
@@ -244,15 +327,19 @@ async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Resu
             _ => "connect_error".to_string(),
         })?;
     let token = crate::token::mint(&fleet.secret, spec.id, fleet.account);
-    let url = device_url(&spec.base, spec.proto, &token);
+    let url = device_url(&spec.target.base, spec.proto, &token);
     let (host, target) = crate::ws::split_url(&url).ok_or_else(|| "bad_url".to_string())?;
     let bearer = (spec.proto != Proto::Phoenix).then(|| format!("Bearer {token}"));
-    let mut ws = crate::ws::handshake(tcp, host, target, bearer.as_deref())
-        .await
-        .map_err(|e| match e {
-            crate::ws::WsError::Http(_) => e.kind(),
-            _ => "upgrade_error".to_string(),
-        })?;
+    // Boxed: a connected device's task then holds a pointer, not the socket's state
+    // (which async fns would otherwise store twice, as argument and as local).
+    let mut ws = Box::new(
+        crate::ws::handshake(tcp, host, target, bearer.as_deref())
+            .await
+            .map_err(|e| match e {
+                crate::ws::WsError::Http(_) => e.kind(),
+                _ => "upgrade_error".to_string(),
+            })?,
+    );
     fleet
         .stats
         .borrow_mut()
@@ -305,34 +392,67 @@ async fn connect_and_auth(fleet: &Fleet, spec: &DeviceSpec, t0: Instant) -> Resu
     }
 }
 
-/// The connected life of a device, until it is stopped or its connection ends.
-async fn serve(
-    fleet: &Fleet,
-    spec: &DeviceSpec,
-    mut ws: Ws,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> End {
+/// What woke a connected device.
+enum Wake {
+    /// A message, or `None`: pongs are owed.
+    Frame(Result<Option<Incoming>, crate::ws::WsError>),
+    Event,
+    Heartbeat,
+    /// The worker changed its `Control`.
+    Signal,
+}
+
+/// The connected life of a device, until it is stopped or its connection ends. One poll
+/// loop over the socket, the timers and the worker's signal, rather than a `select!` of
+/// futures: every future held across the wait would be part of the device's task for
+/// its whole connected life (the loop is 1.3 KB as a select, multiplied by the fleet).
+async fn serve(fleet: &Fleet, spec: &DeviceSpec, mut ws: Box<Ws>) -> End {
+    let signal = &fleet.signal;
     // Storms and interval changes from before this connection do not count.
-    let mut control = fleet.control.clone();
-    let mut seen = *control.borrow_and_update();
+    let mut seen_generation = signal.generation();
+    let mut seen = signal.get();
     let mut events = event_timer(seen.event_interval);
     // Phoenix clients send a heartbeat every 30 s; other protocols have no timer here.
     let mut heartbeat =
         (spec.proto == Proto::Phoenix).then(|| tokio::time::interval(PHOENIX_HEARTBEAT));
     let mut n: u64 = 0;
     loop {
-        tokio::select! {
-            msg = ws.recv() => match msg {
-                Ok(Incoming::Text(t)) => {
-                    let replies = answer(fleet, spec, &t);
-                    if !replies.is_empty() && ws.send_texts(&replies).await.is_err() {
-                        return End::Broke("send_error".into());
-                    }
+        let wake = std::future::poll_fn(|cx| {
+            if signal
+                .poll_changed(spec.slot, seen_generation, cx)
+                .is_ready()
+            {
+                return Poll::Ready(Wake::Signal);
+            }
+            if events.as_mut().is_some_and(|e| e.poll_tick(cx).is_ready()) {
+                return Poll::Ready(Wake::Event);
+            }
+            if heartbeat
+                .as_mut()
+                .is_some_and(|h| h.poll_tick(cx).is_ready())
+            {
+                return Poll::Ready(Wake::Heartbeat);
+            }
+            ws.poll_recv(cx).map(Wake::Frame)
+        })
+        .await;
+        match wake {
+            Wake::Frame(Ok(Some(Incoming::Text(t)))) => {
+                let replies = answer(fleet, spec, &t);
+                if !replies.is_empty() && ws.send_texts(&replies).await.is_err() {
+                    return End::Broke("send_error".into());
                 }
-                Ok(Incoming::Close(code)) => return End::Closed(format!("closed_{code}")),
-                Err(e) => return End::Broke(e.kind()),
-            },
-            _ = async { match events.as_mut() { Some(e) => { e.tick().await; } None => std::future::pending().await } } => {
+            }
+            Wake::Frame(Ok(Some(Incoming::Close(code)))) => {
+                return End::Closed(format!("closed_{code}"))
+            }
+            Wake::Frame(Ok(None)) => {
+                if ws.flush_control().await.is_err() {
+                    return End::Broke("send_error".into());
+                }
+            }
+            Wake::Frame(Err(e)) => return End::Broke(e.kind()),
+            Wake::Event => {
                 n += 1;
                 // The seq is taken only once the frame went out whole: a frame cut short
                 // by a failed write cannot reach the router, and its seq goes to the next
@@ -345,21 +465,19 @@ async fn serve(
                 s.seqs[spec.slot as usize] = seq;
                 s.events_sent += 1;
             }
-            _ = async { match heartbeat.as_mut() { Some(h) => { h.tick().await; } None => std::future::pending().await } } => {
+            Wake::Heartbeat => {
                 let hb = json!([null, format!("h{n}"), "phoenix", "heartbeat", {}]).to_string();
                 if ws.send_text(&hb).await.is_err() {
                     return End::Broke("send_error".into());
                 }
             }
-            _ = stop.changed() => {
-                ws.close().await;
-                return End::Stopped;
-            }
-            // Only a change that happened: when the worker stops, its control sender goes
-            // away, and `changed()` then fails at once; that must not beat `stop` (the
-            // device would leave without its close frame).
-            Ok(()) = control.changed() => {
-                let now = *control.borrow_and_update();
+            Wake::Signal => {
+                seen_generation = signal.generation();
+                let now = signal.get();
+                if now.stop {
+                    ws.close().await;
+                    return End::Stopped;
+                }
                 if now.storm != seen.storm && storm_hits(spec.slot, now.storm, now.fraction) {
                     return End::Broke(STORM.into());
                 }
@@ -480,12 +598,9 @@ mod tests {
     fn a_device_task_stays_small() {
         // Memory per simulated device is what lets 15,000 of them share one worker: the
         // handshake's state is boxed, so the task is sized by the connected loop.
-        let (_tx, stop) = tokio::sync::watch::channel(false);
-        let (_ctx, control) = tokio::sync::watch::channel(no_control(None));
         let fleet = Rc::new(Fleet {
             stats: RefCell::new(Stats::new(1)),
-            stop,
-            control,
+            signal: Signal::new(1, no_control(None)),
             handshake_timeout: Duration::from_secs(1),
             no_ack: false,
             secret: String::new(),
@@ -495,19 +610,25 @@ mod tests {
             id: Uuid::nil(),
             slot: 0,
             proto: Proto::Hive,
-            base: "ws://127.0.0.1:1".into(),
-            dest: "127.0.0.1:1".parse().unwrap(),
+            target: Rc::new(Target {
+                base: "ws://127.0.0.1:1".into(),
+                dest: "127.0.0.1:1".parse().unwrap(),
+            }),
             source: None,
         };
         let spec_size = std::mem::size_of::<DeviceSpec>();
-        assert!(spec_size <= 96, "device spec is {spec_size} bytes");
+        assert!(spec_size <= 48, "device spec is {spec_size} bytes");
         let task = run(fleet, spec);
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 2048, "device task is {size} bytes");
+        eprintln!("device task future: {size} bytes");
+        // 528 bytes today: with tokio's task header the cell is 640 bytes (it is aligned
+        // to 128). A few more bytes here would make every device's task 768.
+        assert!(size <= 544, "device task is {size} bytes");
     }
 
     fn no_control(event_interval: Option<Duration>) -> Control {
         Control {
+            stop: false,
             storm: 0,
             fraction: 1.0,
             event_interval,
@@ -537,12 +658,10 @@ mod tests {
         );
     }
 
-    fn fleet(stop: tokio::sync::watch::Receiver<bool>, event_interval: Option<Duration>) -> Fleet {
-        let (_ctx, control) = tokio::sync::watch::channel(no_control(event_interval));
+    fn fleet(event_interval: Option<Duration>) -> Fleet {
         Fleet {
             stats: RefCell::new(Stats::new(1)),
-            stop,
-            control,
+            signal: Signal::new(1, no_control(event_interval)),
             handshake_timeout: Duration::from_secs(2),
             no_ack: false,
             secret: "s".into(),
@@ -556,8 +675,10 @@ mod tests {
             id: Uuid::from_u128(9),
             slot: 0,
             proto,
-            base: "ws://127.0.0.1:1".into(),
-            dest: "127.0.0.1:1".parse().unwrap(),
+            target: Rc::new(Target {
+                base: "ws://127.0.0.1:1".into(),
+                dest: "127.0.0.1:1".parse().unwrap(),
+            }),
             source: None,
         };
         let v = |proto| serde_json::from_str::<Value>(&event_frame(&spec(proto), 41)).unwrap();
@@ -582,14 +703,16 @@ mod tests {
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let fleet = Rc::new(fleet(stop, Some(Duration::from_millis(15))));
+        let fleet = Rc::new(fleet(Some(Duration::from_millis(15))));
+        let stopper = fleet.clone();
         let spec = DeviceSpec {
             id: Uuid::from_u128(3),
             slot: 0,
             proto: Proto::Hive,
-            base: format!("ws://{addr}").into(),
-            dest: addr,
+            target: Rc::new(Target {
+                base: format!("ws://{addr}"),
+                dest: addr,
+            }),
             source: None,
         };
         // A router that drops the first connection without a close frame after 3 events,
@@ -619,7 +742,7 @@ mod tests {
                         if round == 1 {
                             ws.close(None).await.unwrap();
                         } else {
-                            stop_tx.send(true).unwrap();
+                            stopper.signal.update(|c| c.stop = true);
                         }
                         // Whatever the device sent before it saw the end.
                         while let Some(Ok(m)) = ws.next().await {

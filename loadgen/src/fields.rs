@@ -161,9 +161,14 @@ pub fn better(path: &str) -> Better {
         ("requests", "rate" | "acked") | ("events", "per_sec") => Better::Higher,
         (_, "complete") => Better::Higher,
         (_, "rate") if in_phase => Better::Higher,
-        ("router", "rss_bytes" | "rss_per_device_bytes" | "rss_per_device_delta_bytes") => {
-            Better::LowerUngated
-        }
+        (
+            "router" | "loadgen",
+            "rss_bytes"
+            | "rss_full_bytes"
+            | "rss_peak_bytes"
+            | "rss_per_device_bytes"
+            | "rss_per_device_delta_bytes",
+        ) => Better::LowerUngated,
         _ => Better::Neither,
     }
 }
@@ -173,7 +178,7 @@ const LATENCIES: [&str; 5] = ["ack", "connect", "auth", "event", "late"];
 const STATS: [&str; 6] = ["count", "p50", "p90", "p99", "p999", "max"];
 
 /// Single-word aliases and the report path each stands for.
-pub const ALIASES: [(&str, &str); 14] = [
+pub const ALIASES: [(&str, &str); 15] = [
     ("connected", "devices.connected"),
     ("target", "devices.target"),
     ("connect_seconds", "devices.connect_seconds"),
@@ -188,6 +193,7 @@ pub const ALIASES: [(&str, &str); 14] = [
     ("rss", "router.rss_bytes"),
     ("rss_per_device", "router.rss_per_device_bytes"),
     ("rss_per_device_delta", "router.rss_per_device_delta_bytes"),
+    ("loadgen_rss_per_device", "loadgen.rss_per_device_bytes"),
 ];
 
 /// The report path an alias stands for (`ack.p99` is `latency_ms.ack.p99`); None when

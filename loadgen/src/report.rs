@@ -20,6 +20,8 @@ pub struct Report {
     /// With --storm-at: the reconnect storm; null otherwise.
     pub storm: Option<Storm>,
     pub router: Router,
+    /// loadgen's own memory: its workers, which hold the simulated devices.
+    pub loadgen: LoadgenMemory,
     /// Unix ms of second 0 of `timeline` (the start of the ramp).
     pub timeline_start_unix_ms: u64,
     /// The run second by second (`timeline::Second`).
@@ -142,6 +144,23 @@ pub struct Router {
     pub rss_per_device_delta_bytes: f64,
 }
 
+/// The workers' resident memory, summed (the coordinator holds no device and is left out).
+#[derive(Debug, Serialize, Default)]
+pub struct LoadgenMemory {
+    /// Before the first device.
+    pub rss_start_bytes: u64,
+    /// When every device was first connected (each worker at its own moment; 0 when some
+    /// worker never had all its devices in).
+    pub rss_full_bytes: u64,
+    /// The workers' peaks (VmHWM), at the end of the run.
+    pub rss_peak_bytes: u64,
+    /// rss_full_bytes / target devices (the peak where the fleet never was all in).
+    pub rss_per_device_bytes: f64,
+    /// (rss_full_bytes - rss_start_bytes) / target devices: what one simulated device
+    /// costs, without the workers' fixed memory.
+    pub rss_per_device_delta_bytes: f64,
+}
+
 impl Report {
     pub fn table(&self) -> String {
         let mut o = String::new();
@@ -187,6 +206,11 @@ impl Report {
         o.push_str(&format!(
             "router   RSS {:.1} MiB (baseline {:.1} MiB) for {} connections: {:.0} bytes/device, {:.0} bytes/device over baseline\n",
             self.router.rss_bytes as f64 / 1048576.0, self.router.rss_baseline_bytes as f64 / 1048576.0, self.router.connections, self.router.rss_per_device_bytes, self.router.rss_per_device_delta_bytes
+        ));
+        let l = &self.loadgen;
+        o.push_str(&format!(
+            "loadgen  RSS {:.1} MiB (start {:.1} MiB, peak {:.1} MiB) in {} workers: {:.0} bytes/device, {:.0} bytes/device over start\n",
+            l.rss_full_bytes as f64 / 1048576.0, l.rss_start_bytes as f64 / 1048576.0, l.rss_peak_bytes as f64 / 1048576.0, self.workers, l.rss_per_device_bytes, l.rss_per_device_delta_bytes
         ));
         if let Some(st) = &self.storm {
             o.push_str(&format!(
@@ -287,6 +311,7 @@ impl Report {
                 rss_per_device_bytes: 0.0,
                 rss_per_device_delta_bytes: 0.0,
             },
+            loadgen: LoadgenMemory::default(),
             timeline_start_unix_ms: 0,
             timeline: vec![Second::default()],
             phases: vec![Phase {
@@ -345,6 +370,11 @@ mod tests {
             "/events/sent",
             "/errors",
             "/router/rss_per_device_delta_bytes",
+            "/loadgen/rss_start_bytes",
+            "/loadgen/rss_full_bytes",
+            "/loadgen/rss_peak_bytes",
+            "/loadgen/rss_per_device_bytes",
+            "/loadgen/rss_per_device_delta_bytes",
             "/events/counted",
             "/events/received_unique",
             "/events/duplicated",

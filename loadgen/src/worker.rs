@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::{device_id, device_proto, Args};
-use crate::device::{self, Control, DeviceSpec, Fleet, Stats};
+use crate::device::{self, Control, DeviceSpec, Fleet, Signal, Stats, Target};
 use crate::hist;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,11 +43,43 @@ pub struct WorkerResult {
     /// with a broken connection from others (`seqs::SeqCounter::losses`).
     #[serde(default)]
     pub broken: Vec<(u64, u64, u64)>,
+    /// This worker's resident memory: before its first device, when all its devices
+    /// were first connected (0: never), and its peak (VmHWM) at the end.
+    #[serde(default)]
+    pub rss_start_bytes: u64,
+    #[serde(default)]
+    pub rss_full_bytes: u64,
+    #[serde(default)]
+    pub rss_peak_bytes: u64,
+}
+
+/// A field of /proc/self/status in bytes (`VmRSS`, `VmHWM`); 0 where there is none.
+pub fn own_memory(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Handshakes in flight per worker at most: pacing alone could pile up thousands of
 /// half-open attempts against a stalled router.
-const MAX_CONNECTING: usize = 2000;
+/// The automatic in-flight handshake cap per worker: this share of a second of its rate...
+const CONNECTING_WINDOW_SECONDS: f64 = 0.1;
+/// ...and at least this many.
+const MIN_CONNECTING: usize = 16;
+
+/// Handshakes one worker of `k` keeps in flight at most (see `--max-connecting`).
+pub fn max_connecting(total: usize, connect_rate: f64, k: usize) -> usize {
+    let k = k.max(1);
+    if total > 0 {
+        return total.div_ceil(k).max(1);
+    }
+    ((connect_rate / k as f64 * CONNECTING_WINDOW_SECONDS).ceil() as usize).max(MIN_CONNECTING)
+}
 
 /// How often a worker reports its counts: fine enough to time a short ramp.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
@@ -98,7 +130,7 @@ fn command(line: &str) -> Option<Command> {
 }
 
 /// Follow the coordinator's commands until `stop` or the end of stdin.
-async fn obey(fleet: Rc<Fleet>, control: tokio::sync::watch::Sender<Control>) {
+async fn obey(fleet: Rc<Fleet>) {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(l)) = lines.next_line().await {
         match command(&l) {
@@ -106,14 +138,14 @@ async fn obey(fleet: Rc<Fleet>, control: tokio::sync::watch::Sender<Control>) {
             Some(Command::Storm(fraction)) => {
                 // The expected count first, in the same step as the signal: no device
                 // can connect or drop in between.
-                let generation = control.borrow().storm + 1;
+                let generation = fleet.signal.get().storm + 1;
                 fleet.stats.borrow_mut().storm(generation, fraction);
-                control.send_modify(|c| {
+                fleet.signal.update(|c| {
                     c.storm = generation;
                     c.fraction = fraction;
                 });
             }
-            Some(Command::Events(iv)) => control.send_modify(|c| c.event_interval = iv),
+            Some(Command::Events(iv)) => fleet.signal.update(|c| c.event_interval = iv),
             None => {}
         }
     }
@@ -135,17 +167,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (control_tx, control_rx) = tokio::sync::watch::channel(Control {
+        let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
+        let control = Control {
+            stop: false,
             storm: 0,
             fraction: 1.0,
             event_interval: (args.event_interval > 0.0)
                 .then(|| Duration::from_secs_f64(args.event_interval)),
-        });
-        let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
+        };
         let fleet = Rc::new(Fleet {
             stats: std::cell::RefCell::new(Stats::new(mine.len())),
-            stop: stop_rx.clone(),
-            control: control_rx,
+            signal: Signal::new(mine.len(), control),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
             no_ack: args.no_ack,
             secret: args.secret.clone(),
@@ -160,15 +192,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let deadline = Duration::from_secs_f64(run_seconds.max(0.0)) + SELF_STOP_MARGIN;
         let commands = fleet.clone();
         tokio::task::spawn_local(async move {
-            let _ = tokio::time::timeout(deadline, obey(commands, control_tx)).await;
+            let _ = tokio::time::timeout(deadline, obey(commands.clone())).await;
+            commands.signal.update(|c| c.stop = true);
             let _ = stop_tx.send(true);
         });
+        let rss_start = own_memory("VmRSS");
+        let rss_full = Rc::new(std::cell::Cell::new(0u64));
         let progress = fleet.clone();
+        let full = rss_full.clone();
         tokio::task::spawn_local(async move {
             let mut iv = tokio::time::interval(PROGRESS_EVERY);
             loop {
                 iv.tick().await;
                 let line = progress_line(&progress.stats.borrow());
+                // The fleet's own cost, taken once, the first time every device is in.
+                if full.get() == 0 && progress.stats.borrow().full_us > 0 {
+                    full.set(own_memory("VmRSS"));
+                }
                 if !say(&line) {
                     break;
                 }
@@ -182,9 +222,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(spec) => crate::net::parse_ip_range(spec)?,
             None => crate::net::default_sources(&dests),
         };
-        let bases: Vec<Rc<str>> = args.urls.iter().map(|u| Rc::from(u.as_str())).collect();
+        let targets: Vec<Rc<Target>> = args
+            .urls
+            .iter()
+            .zip(&dests)
+            .map(|(u, &dest)| {
+                Rc::new(Target {
+                    base: u.clone(),
+                    dest,
+                })
+            })
+            .collect();
         let rate = (args.connect_rate / k as f64).max(1.0);
         let sched = crate::sched::OpenLoop::new(std::time::Instant::now(), rate);
+        let in_flight = max_connecting(args.max_connecting, args.connect_rate, k);
         let mut stop = stop_rx.clone();
         for (j, &i) in mine.iter().enumerate() {
             if *stop.borrow() {
@@ -195,7 +246,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 _ = tokio::time::sleep_until(due) => {}
                 _ = stop.changed() => break,
             }
-            while fleet.stats.borrow().connecting >= MAX_CONNECTING {
+            while fleet.stats.borrow().connecting >= in_flight {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let proto = device_proto(args.protocol, i);
@@ -204,8 +255,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 id,
                 slot: j as u32,
                 proto,
-                base: bases[i % bases.len()].clone(),
-                dest: dests[i % dests.len()],
+                target: targets[i % targets.len()].clone(),
                 source: (!sources.is_empty()).then(|| sources[i % sources.len()]),
             };
             tokio::task::spawn_local(device::run(fleet.clone(), spec));
@@ -236,6 +286,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .map(|&(slot, first, last)| (mine[slot as usize] as u64, first, last))
                 .collect(),
+            rss_start_bytes: rss_start,
+            rss_full_bytes: rss_full.get(),
+            rss_peak_bytes: own_memory("VmHWM"),
         };
         // The final counts first, so the coordinator's timeline ends on them.
         say(&progress_line(&s));
@@ -266,6 +319,27 @@ async fn resolve(url: &str) -> anyhow::Result<std::net::SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_handshake_cap_follows_the_rate_unless_given() {
+        // A tenth of a second of each worker's share of the rate...
+        assert_eq!(max_connecting(0, 20_000.0, 1), 2_000);
+        assert_eq!(max_connecting(0, 20_000.0, 10), 200);
+        // ...never below the floor...
+        assert_eq!(max_connecting(0, 20_000.0, 67), 30);
+        assert_eq!(max_connecting(0, 100.0, 4), MIN_CONNECTING);
+        // ...and a given total is shared out, rounding up.
+        assert_eq!(max_connecting(100, 20_000.0, 3), 34);
+        assert_eq!(max_connecting(1, 20_000.0, 8), 1);
+    }
+
+    #[test]
+    fn own_memory_reads_proc() {
+        let rss = own_memory("VmRSS");
+        assert!(rss > 1 << 20 && rss < 1 << 40, "VmRSS {rss}");
+        assert!(own_memory("VmHWM") >= rss);
+        assert_eq!(own_memory("NoSuchField"), 0);
+    }
 
     #[test]
     fn commands() {

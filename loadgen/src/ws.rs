@@ -12,7 +12,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use base64::Engine;
 use rand::RngCore;
@@ -157,18 +157,34 @@ impl Ws {
     /// socket in the same poll that hands it out (or queues it in `ready`).
     pub async fn recv(&mut self) -> Result<Incoming, WsError> {
         loop {
-            if let Some(m) = self.frames.ready.pop_front() {
-                return Ok(m);
+            match std::future::poll_fn(|cx| self.poll_recv(cx)).await? {
+                Some(m) => return Ok(m),
+                None => self.flush_control().await?,
             }
-            if !self.frames.control.is_empty() {
-                self.flush_control().await?;
-            }
-            let frames = &mut self.frames;
-            read_scratch(&mut self.tcp, |data| frames.ingest(data)).await??;
         }
     }
+
+    /// The next message, or `None` when pongs are owed first (`flush_control`): what a
+    /// device's own poll loop waits on beside its timers, without a future of its own.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Incoming>, WsError>> {
+        loop {
+            if let Some(m) = self.frames.ready.pop_front() {
+                return Poll::Ready(Ok(Some(m)));
+            }
+            if !self.frames.control.is_empty() {
+                return Poll::Ready(Ok(None));
+            }
+            let frames = &mut self.frames;
+            match poll_read_scratch(&mut self.tcp, cx, |data| frames.ingest(data)) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e) | Ok(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(Ok(()))) => {}
+            }
+        }
+    }
+
     /// Write owed pongs.
-    async fn flush_control(&mut self) -> Result<(), WsError> {
+    pub async fn flush_control(&mut self) -> Result<(), WsError> {
         let out = std::mem::take(&mut self.frames.control);
         self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
     }
@@ -188,7 +204,7 @@ impl Ws {
     }
 
     /// Send a close frame (1000) and stop: what a device does when told to stop.
-    pub async fn close(mut self) {
+    pub async fn close(&mut self) {
         let mut out = std::mem::take(&mut self.frames.control);
         encode_frame(&mut out, 0x8, &1000u16.to_be_bytes());
         let _ = self.tcp.write_all(&out).await;
@@ -202,19 +218,24 @@ impl Ws {
 /// next wait needs no extra read that could only say WouldBlock (one syscall less per
 /// ping, request or event a device receives).
 async fn read_scratch<R>(tcp: &mut TcpStream, mut f: impl FnMut(&[u8]) -> R) -> Result<R, WsError> {
-    std::future::poll_fn(|cx| {
-        SCRATCH_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let mut rb = ReadBuf::new(&mut b[..]);
-            match Pin::new(&mut *tcp).poll_read(cx, &mut rb) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(WsError::Lost)),
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(f(rb.filled()))),
-                Poll::Ready(Err(_)) => Poll::Ready(Err(WsError::Lost)),
-            }
-        })
+    std::future::poll_fn(|cx| poll_read_scratch(tcp, cx, &mut f)).await
+}
+
+fn poll_read_scratch<R>(
+    tcp: &mut TcpStream,
+    cx: &mut Context<'_>,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Poll<Result<R, WsError>> {
+    SCRATCH_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        let mut rb = ReadBuf::new(&mut b[..]);
+        match Pin::new(&mut *tcp).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(WsError::Lost)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(f(rb.filled()))),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(WsError::Lost)),
+        }
     })
-    .await
 }
 
 impl Frames {
