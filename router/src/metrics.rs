@@ -604,3 +604,33 @@ pub fn process_rss_bytes() -> u64 {
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_gauge_counts_until_dropped() {
+        let g = AtomicI64::new(0);
+        let a = GaugeHold::new(&g);
+        let b = GaugeHold::new(&g);
+        assert_eq!(g.load(Relaxed), 2);
+        drop(a);
+        assert_eq!(g.load(Relaxed), 1);
+        drop(b);
+        assert_eq!(g.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn every_close_code_is_counted() {
+        let m = ShardMetrics::default();
+        for c in CloseCode::NAMED {
+            m.close(c);
+        }
+        m.close(CloseCode::Other(3000));
+        m.close(CloseCode::Other(1000));
+        assert!(m.closes.iter().all(|c| c.load(Relaxed) >= 1));
+        assert_eq!(m.closes[0].load(Relaxed), 2);
+        assert_eq!(m.closes_other.load(Relaxed), 1);
+    }
+}

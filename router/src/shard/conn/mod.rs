@@ -1,6 +1,9 @@
-//! One authenticated device connection: its socket, compact state and the single
-//! loop that reads it. Idle, it holds no buffer (the shard lends its read buffer)
-//! and no timer (the shard's tick pings it). It never blocks the shard.
+//! One authenticated device connection: its socket, its compact state (a `Phase`
+//! and a few counters), and what the shard's driver calls when the poller reports it
+//! ready (`readiness`). It has no task of its own. Idle, it holds no buffer (the shard
+//! lends its read buffer) and no timer (the shard's tick pings it). It never blocks the
+//! shard. Everything it sends goes through [`Conn::send`] or [`Conn::send_or_close`],
+//! within a [`Limit`].
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
@@ -730,5 +733,21 @@ mod tests {
         assert!(conn <= 176, "Conn is {conn} bytes");
         assert!(state <= 48, "State is {state} bytes");
         assert_eq!(std::mem::size_of::<Phase>(), 2);
+    }
+
+    #[test]
+    fn limits_and_phases_say_what_they_mean() {
+        assert!(Limit::Bounded(10).admits(4, 6));
+        assert!(!Limit::Bounded(10).admits(4, 7));
+        assert!(Limit::Exempt.admits(usize::MAX, 1));
+        let closing = |reads| Phase::Closing {
+            reads,
+            linger: Linger::Started,
+        };
+        assert!(Phase::Open.reads());
+        assert!(closing(Reads::UntilPeerCloses).reads());
+        assert!(!closing(Reads::Nothing).reads());
+        assert!(!closing(Reads::PeerClosed).reads());
+        assert!(!Phase::Dead.reads());
     }
 }
