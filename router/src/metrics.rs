@@ -6,11 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use crate::auth::AuthError;
 use crate::protocol::hive::HiveError;
-
-/// Close codes the router sends, in the order of `ShardMetrics::closes`.
-pub const CLOSE_CODES: [u16; 12] = [
-    1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013, 4400, 4401, 4408, 4409,
-];
+use crate::protocol::ws::CloseCode;
 
 #[derive(Default)]
 #[repr(align(128))]
@@ -46,16 +42,19 @@ pub struct ShardMetrics {
     pub protocol_errors: [AtomicU64; 5],
     pub phoenix_errors: [AtomicU64; crate::protocol::phoenix::ERROR_CODES.len()],
     pub hivekit_errors: [AtomicU64; crate::protocol::hivekit::ERROR_CODES.len()],
-    pub closes: [AtomicU64; CLOSE_CODES.len()],
-    /// Close frames sent with a code not in `CLOSE_CODES` (answers to a device's own).
+    /// Close frames sent, by code, in the order of [`CloseCode::NAMED`].
+    pub closes: [AtomicU64; CloseCode::NAMED.len()],
+    /// Close frames sent with any other code (answers to a device's own).
     pub closes_other: AtomicU64,
     /// Close handshakes a device started (its close frame, answered).
     pub peer_closes: AtomicU64,
 }
 
 impl ShardMetrics {
-    pub fn close(&self, code: u16) {
-        match CLOSE_CODES.iter().position(|c| *c == code) {
+    /// Count a close frame sent: every code, a named one under its own label, any
+    /// other under "other".
+    pub fn close(&self, code: CloseCode) {
+        match code.named_index() {
             Some(i) => self.closes[i].fetch_add(1, Relaxed),
             None => self.closes_other.fetch_add(1, Relaxed),
         };
@@ -74,6 +73,22 @@ impl ShardMetrics {
     }
     pub fn auth_failure(&self, e: AuthError) {
         self.auth_failures[e.index()].fetch_add(1, Relaxed);
+    }
+}
+
+/// One unit of a gauge while it is held: counted up when made, down when dropped.
+pub struct GaugeHold<'a>(&'a AtomicI64);
+
+impl<'a> GaugeHold<'a> {
+    pub fn new(gauge: &'a AtomicI64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        GaugeHold(gauge)
+    }
+}
+
+impl Drop for GaugeHold<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -523,7 +538,7 @@ impl Metrics {
             }
         }
         let _ = writeln!(o, "# HELP router_closes_total WebSocket close frames sent by the router (its own, and its answers to a device's close), by close code.\n# TYPE router_closes_total counter");
-        for (i, code) in CLOSE_CODES.iter().enumerate() {
+        for (i, code) in CloseCode::NAMED.iter().enumerate() {
             let v: u64 = self.shards.iter().map(|s| s.closes[i].load(Relaxed)).sum();
             let _ = writeln!(o, "router_closes_total{{code=\"{code}\"}} {v}");
         }
@@ -588,4 +603,34 @@ pub fn process_rss_bytes() -> u64 {
 /// fcntl probing is too slow, so read the directory and accept failure as 0.
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_gauge_counts_until_dropped() {
+        let g = AtomicI64::new(0);
+        let a = GaugeHold::new(&g);
+        let b = GaugeHold::new(&g);
+        assert_eq!(g.load(Relaxed), 2);
+        drop(a);
+        assert_eq!(g.load(Relaxed), 1);
+        drop(b);
+        assert_eq!(g.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn every_close_code_is_counted() {
+        let m = ShardMetrics::default();
+        for c in CloseCode::NAMED {
+            m.close(c);
+        }
+        m.close(CloseCode::Other(3000));
+        m.close(CloseCode::Other(1000));
+        assert!(m.closes.iter().all(|c| c.load(Relaxed) >= 1));
+        assert_eq!(m.closes[0].load(Relaxed), 2);
+        assert_eq!(m.closes_other.load(Relaxed), 1);
+    }
 }

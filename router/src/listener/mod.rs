@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -13,9 +14,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::{AuthError, Identity};
+use crate::metrics::GaugeHold;
 use crate::protocol::hivekit;
-use crate::protocol::ws::{self, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
+use crate::protocol::ws::{self, CloseCode, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use crate::shard::{shard_of, Adopt, Protocol, ShardCtx, ShardMsg};
+use crate::Shared;
 use upgrade::{parse_upgrade, switching_protocols};
 
 pub mod proxy;
@@ -28,6 +31,24 @@ const LINGER: Duration = Duration::from_millis(500);
 /// Failed `Bearer` frames a Hivekit connection may send before it is closed with 4401
 /// (each answered `aut`/`err`; the socket stays open for the next, within --auth-timeout).
 pub const MAX_AUTH_ATTEMPTS: u32 = 5;
+
+/// A device socket counted in `router_open_connections` (which --max-connections caps):
+/// taken when the listener admits it, carried through the handshake and the hand-over,
+/// kept by the adopted connection; given back when whoever holds it last drops it.
+pub struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        shared.metrics.open_connections.fetch_add(1, Relaxed);
+        OpenConnection(shared.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.metrics.open_connections.fetch_sub(1, Relaxed);
+    }
+}
 
 /// Create the shard listeners: all bound to the same address with SO_REUSEPORT, so
 /// the kernel spreads connections across shards (and across router processes).
@@ -181,40 +202,33 @@ fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) 
         }
         return;
     }
-    ctx.shared.metrics.open_connections.fetch_add(1, Relaxed);
+    let open = OpenConnection::new(&ctx.shared);
     if proxied {
         match TcpStream::from_std(stream) {
             Ok(s) => {
-                tokio::task::spawn_local(handle_proxied(ctx.clone(), s, peer));
+                tokio::task::spawn_local(handle_proxied(ctx.clone(), s, peer, open));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register an accepted socket");
-                ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot register an accepted socket"),
         }
         return;
     }
-    let (stream, first) = if ctx.shared.tls.is_none() {
-        match fast_path(ctx, stream, peer) {
+    let (stream, first, open) = if ctx.shared.tls.is_none() {
+        match fast_path(ctx, stream, peer, open) {
             Fast::Done => return,
-            Fast::Continue(stream, bytes) => (stream, bytes),
+            Fast::Continue(stream, bytes, open) => (stream, bytes, open),
             Fast::Gone => {
                 ctx.metrics().handshake_failures.fetch_add(1, Relaxed);
-                ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
                 return;
             }
         }
     } else {
-        (stream, Vec::new())
+        (stream, Vec::new(), open)
     };
     match TcpStream::from_std(stream) {
         Ok(s) => {
-            tokio::task::spawn_local(handle_new(ctx.clone(), s, peer, first));
+            tokio::task::spawn_local(handle_new(ctx.clone(), s, peer, first, open));
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot register an accepted socket");
-            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
-        }
+        Err(e) => tracing::warn!(error = %e, "cannot register an accepted socket"),
     }
 }
 
@@ -222,7 +236,7 @@ enum Fast {
     /// Authenticated and handed over (or refused as busy): nothing left to do here.
     Done,
     /// Not decided by what was there: the handshake goes on, from these bytes.
-    Continue(std::net::TcpStream, Vec<u8>),
+    Continue(std::net::TcpStream, Vec<u8>, OpenConnection),
     /// The peer closed or reset before saying anything.
     Gone,
 }
@@ -232,29 +246,34 @@ enum Fast {
 /// here: no task, no timer, no tokio registration for its short handshake. Anything
 /// else (partial request, token in the first frame, a refusal to answer) goes the
 /// general way with the bytes read so far.
-fn fast_path(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) -> Fast {
+fn fast_path(
+    ctx: &Rc<ShardCtx>,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    open: OpenConnection,
+) -> Fast {
     let mut buf = [0u8; 4096];
     let n = match io::Read::read(&mut &stream, &mut buf) {
         Ok(0) => return Fast::Gone,
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            return Fast::Continue(stream, Vec::new())
+            return Fast::Continue(stream, Vec::new(), open)
         }
         Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-            return Fast::Continue(stream, Vec::new())
+            return Fast::Continue(stream, Vec::new(), open)
         }
         Err(_) => return Fast::Gone,
     };
     let bytes = &buf[..n];
     let Ok(Some(up)) = parse_upgrade(bytes) else {
-        return Fast::Continue(stream, bytes.to_vec());
+        return Fast::Continue(stream, bytes.to_vec(), open);
     };
     let Some(token) = up.token.as_deref() else {
-        return Fast::Continue(stream, bytes.to_vec());
+        return Fast::Continue(stream, bytes.to_vec(), open);
     };
     let Ok(ident) = ctx.shared.verifier.verify(token) else {
         // The general path answers the refusal (101, close 4401, linger).
-        return Fast::Continue(stream, bytes.to_vec());
+        return Fast::Continue(stream, bytes.to_vec(), open);
     };
     hand_over(
         ctx,
@@ -271,6 +290,7 @@ fn fast_path(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) 
                 up.deflate && ctx.shared.config.permessage_deflate,
             )
             .into_bytes(),
+            open,
         },
     );
     Fast::Done
@@ -288,13 +308,13 @@ fn hand_over(ctx: &Rc<ShardCtx>, adopt: Adopt) {
         ctx.shared.shards[target].send(ShardMsg::Adopt(Box::new(adopt)))
     {
         // Owner's inbox is full: refuse fast rather than queue forever.
-        m.close(1013);
+        let code = CloseCode::TryAgainLater;
+        m.close(code);
         if a.tls.is_none() {
             let mut frames = a.preface;
-            frames.extend_from_slice(&close_frame(1013, "router busy, retry later"));
+            frames.extend_from_slice(&close_frame(code, "router busy, retry later"));
             let _ = io::Write::write(&mut &a.stream, &frames);
         }
-        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
     } else {
         m.handoffs.fetch_add(1, Relaxed);
     }
@@ -324,14 +344,19 @@ enum Outcome {
         preface: Vec<u8>,
     },
     /// Close with this code (after the upgrade) and count it.
-    Refused(u16, AuthError),
+    Refused(CloseCode, AuthError),
     /// The peer went away or spoke no WebSocket; already answered if possible.
     Gone,
 }
 
 /// `--proxy-protocol`: the header first (within the auth timeout); the address it names
 /// is the device's from then on, and the per-IP connect rate counts it.
-async fn handle_proxied(ctx: Rc<ShardCtx>, mut stream: TcpStream, balancer: SocketAddr) {
+async fn handle_proxied(
+    ctx: Rc<ShardCtx>,
+    mut stream: TcpStream,
+    balancer: SocketAddr,
+    open: OpenConnection,
+) {
     let cfg = &ctx.shared.config;
     let within = Duration::from_secs(cfg.auth_timeout);
     let peer = match proxy::read_header(&mut stream, cfg.proxy_protocol, within).await {
@@ -339,21 +364,27 @@ async fn handle_proxied(ctx: Rc<ShardCtx>, mut stream: TcpStream, balancer: Sock
         Err(why) => {
             ctx.metrics().proxy_refused.fetch_add(1, Relaxed);
             tracing::debug!(%balancer, why, "connection without a valid PROXY header closed");
-            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
             return;
         }
     };
     if let Err((status, why)) = ctx.admit_ip(peer.ip()) {
-        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
+        // Not counted while the refusal lingers (as a connection refused at accept).
+        drop(open);
         refuse(stream, status, why).await;
         return;
     }
-    handle_new(ctx, stream, peer, Vec::new()).await;
+    handle_new(ctx, stream, peer, Vec::new(), open).await;
 }
 
-async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, first: Vec<u8>) {
+async fn handle_new(
+    ctx: Rc<ShardCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    first: Vec<u8>,
+    open: OpenConnection,
+) {
     let m = ctx.metrics();
-    m.handshakes.fetch_add(1, Relaxed);
+    let handshaking = GaugeHold::new(&m.handshakes);
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(ctx.shared.config.auth_timeout);
     let done = match ctx.shared.tls.clone() {
@@ -394,9 +425,8 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, firs
             }
         },
     };
-    m.handshakes.fetch_sub(1, Relaxed);
+    drop(handshaking);
     let Some((stream, tls, (ident, protocol, deflate, leftover, preface))) = done else {
-        ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
         return;
     };
     // Out of tokio's reactor either way: the owning shard watches it with its poller.
@@ -404,7 +434,6 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, firs
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "could not take an authenticated socket out of the runtime");
-            ctx.shared.metrics.open_connections.fetch_sub(1, Relaxed);
             return;
         }
     };
@@ -419,6 +448,7 @@ async fn handle_new(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr, firs
             deflate,
             leftover,
             preface,
+            open,
         },
     );
 }
@@ -442,7 +472,7 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
     let outcome =
         match tokio::time::timeout_at(deadline, handshake(ctx, s, &mut hs, cert_ident)).await {
             Ok(o) => o,
-            Err(_) if hs.upgraded => Outcome::Refused(4408, AuthError::Timeout),
+            Err(_) if hs.upgraded => Outcome::Refused(CloseCode::AuthTimeout, AuthError::Timeout),
             Err(_) => {
                 m.auth_failure(AuthError::Timeout);
                 m.handshake_failures.fetch_add(1, Relaxed);
@@ -475,7 +505,7 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+fn close_frame(code: CloseCode, reason: &str) -> Vec<u8> {
     let mut f = Vec::with_capacity(130);
     ws::encode_frame(OP_CLOSE, &ws::close_payload(code, reason), &mut f);
     f
@@ -620,12 +650,12 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 leftover: std::mem::take(&mut hs.buf),
                 preface: std::mem::take(&mut hs.preface),
             },
-            Err(e) => Outcome::Refused(4401, e),
+            Err(e) => Outcome::Refused(CloseCode::Unauthorized, e),
         };
     }
     if matches!(up.protocol, Protocol::Phoenix(_)) {
         // Phoenix sockets authenticate with connect params only.
-        return Outcome::Refused(4401, AuthError::Missing);
+        return Outcome::Refused(CloseCode::Unauthorized, AuthError::Missing);
     }
     // A `Bearer` message may come in fragments: reassembled (within --max-frame).
     let mut message: Option<Vec<u8>> = None;
@@ -637,19 +667,11 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(true) => continue,
                 _ => return Outcome::Gone,
             },
-            Err(e) => {
-                m.close(e.close_code());
-                let _ = write_all(stream, &close_frame(e.close_code(), &e.to_string())).await;
-                linger(stream).await;
-                return Outcome::Gone;
-            }
+            Err(e) => return fail_ws(m, stream, e).await,
         };
         if h.rsv1 {
             // No extension is negotiated for a connection that authenticates by frame.
-            m.close(1002);
-            let _ = write_all(stream, &close_frame(1002, "reserved bits set")).await;
-            linger(stream).await;
-            return Outcome::Gone;
+            return fail_ws(m, stream, WsError::Reserved).await;
         }
         let mut frame: Vec<u8> = hs.buf.drain(..h.total_len()).collect();
         let payload = &mut frame[h.header_len..];
@@ -664,7 +686,11 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
             OP_PONG => {}
             OP_CLOSE => {
-                let _ = write_all(stream, &close_frame(1000, "")).await;
+                // Answered (with 1000, whatever the device's code), and counted as a
+                // shard counts an answer.
+                m.peer_closes.fetch_add(1, Relaxed);
+                m.close(CloseCode::Normal);
+                let _ = write_all(stream, &close_frame(CloseCode::Normal, "")).await;
                 linger(stream).await;
                 return Outcome::Gone;
             }
@@ -678,7 +704,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     (OP_CONT, Some(m)) => {
                         if m.len() + payload.len() > ctx.shared.config.max_frame {
                             m.clear();
-                            return Outcome::Refused(4401, AuthError::Invalid);
+                            return Outcome::Refused(CloseCode::Unauthorized, AuthError::Invalid);
                         }
                         m.extend_from_slice(payload);
                         if !h.fin {
@@ -687,7 +713,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                         message.take().unwrap_or_default()
                     }
                     // A continuation with no message, or a new message inside one.
-                    _ => return Outcome::Refused(4401, AuthError::Missing),
+                    _ => return Outcome::Refused(CloseCode::Unauthorized, AuthError::Missing),
                 };
                 // Quarantine: the only thing looked at is whether this is `Bearer T`
                 // (the scheme in any case, as in the Authorization header).
@@ -712,7 +738,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 // and within the auth timeout (then 4408). Each failure is counted.
                 failures += 1;
                 if up.protocol != Protocol::Hivekit || failures >= MAX_AUTH_ATTEMPTS {
-                    return Outcome::Refused(4401, why);
+                    return Outcome::Refused(CloseCode::Unauthorized, why);
                 }
                 m.auth_failure(why);
                 let mut answer = Vec::new();
@@ -721,9 +747,22 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     return Outcome::Gone;
                 }
             }
-            _ => return Outcome::Refused(4401, AuthError::Missing),
+            _ => return Outcome::Refused(CloseCode::Unauthorized, AuthError::Missing),
         }
     }
+}
+
+/// A WebSocket-level error before authentication: its close frame (counted), then the
+/// linger.
+async fn fail_ws<S: AsyncRead + AsyncWrite + Unpin>(
+    m: &crate::metrics::ShardMetrics,
+    stream: &mut S,
+    e: WsError,
+) -> Outcome {
+    m.close(e.close_code());
+    let _ = write_all(stream, &close_frame(e.close_code(), &e.to_string())).await;
+    linger(stream).await;
+    Outcome::Gone
 }
 
 #[cfg(test)]

@@ -29,5 +29,5 @@ pub enum Effect {
     /// this code, answered, and not held against the connection.
     Refused(&'static str),
     /// Close with this code and reason.
-    Close(u16, &'static str),
+    Close(crate::protocol::ws::CloseCode, &'static str),
 }

@@ -36,7 +36,122 @@ impl FrameHeader {
     }
 }
 
-/// A framing error, each mapped to the close code the peer receives.
+/// A WebSocket close code: every code the router sends or counts by name, and
+/// `Other` for a code a device sent (echoed in the answer to its close frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1000: normal closure (the answer to a device's close without a code).
+    Normal,
+    /// 1001: going away (ping timeout, drain).
+    GoingAway,
+    /// 1002: a protocol error in the device's frames.
+    ProtocolError,
+    /// 1007: data that is not what its frame says (text that is not UTF-8, a
+    /// compressed message that is not deflate).
+    InvalidData,
+    /// 1008: a policy the device broke (rate limit, outbound limit).
+    PolicyViolation,
+    /// 1009: a message over --max-frame.
+    TooBig,
+    /// 1011: an internal error.
+    InternalError,
+    /// 1013: try again later (the owning shard is overloaded).
+    TryAgainLater,
+    /// 4400: frames the device's protocol does not allow.
+    BadFrames,
+    /// 4401: authentication failed.
+    Unauthorized,
+    /// 4408: not authenticated within --auth-timeout.
+    AuthTimeout,
+    /// 4409: replaced by a newer connection of the same device.
+    Replaced,
+    /// Any other code (a device's own, echoed).
+    Other(u16),
+}
+
+impl CloseCode {
+    /// The codes counted under their own label in `router_closes_total`, in order.
+    pub const NAMED: [CloseCode; 12] = [
+        CloseCode::Normal,
+        CloseCode::GoingAway,
+        CloseCode::ProtocolError,
+        CloseCode::InvalidData,
+        CloseCode::PolicyViolation,
+        CloseCode::TooBig,
+        CloseCode::InternalError,
+        CloseCode::TryAgainLater,
+        CloseCode::BadFrames,
+        CloseCode::Unauthorized,
+        CloseCode::AuthTimeout,
+        CloseCode::Replaced,
+    ];
+
+    pub const fn as_u16(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidData => 1007,
+            CloseCode::PolicyViolation => 1008,
+            CloseCode::TooBig => 1009,
+            CloseCode::InternalError => 1011,
+            CloseCode::TryAgainLater => 1013,
+            CloseCode::BadFrames => 4400,
+            CloseCode::Unauthorized => 4401,
+            CloseCode::AuthTimeout => 4408,
+            CloseCode::Replaced => 4409,
+            CloseCode::Other(code) => code,
+        }
+    }
+
+    /// The named code for `code`, or `Other(code)`.
+    pub const fn from_u16(code: u16) -> CloseCode {
+        match code {
+            1000 => CloseCode::Normal,
+            1001 => CloseCode::GoingAway,
+            1002 => CloseCode::ProtocolError,
+            1007 => CloseCode::InvalidData,
+            1008 => CloseCode::PolicyViolation,
+            1009 => CloseCode::TooBig,
+            1011 => CloseCode::InternalError,
+            1013 => CloseCode::TryAgainLater,
+            4400 => CloseCode::BadFrames,
+            4401 => CloseCode::Unauthorized,
+            4408 => CloseCode::AuthTimeout,
+            4409 => CloseCode::Replaced,
+            code => CloseCode::Other(code),
+        }
+    }
+
+    /// Index in [`CloseCode::NAMED`]; None for a code counted as "other" (including an
+    /// `Other` that holds a named code's number).
+    pub const fn named_index(self) -> Option<usize> {
+        Some(match CloseCode::from_u16(self.as_u16()) {
+            CloseCode::Normal => 0,
+            CloseCode::GoingAway => 1,
+            CloseCode::ProtocolError => 2,
+            CloseCode::InvalidData => 3,
+            CloseCode::PolicyViolation => 4,
+            CloseCode::TooBig => 5,
+            CloseCode::InternalError => 6,
+            CloseCode::TryAgainLater => 7,
+            CloseCode::BadFrames => 8,
+            CloseCode::Unauthorized => 9,
+            CloseCode::AuthTimeout => 10,
+            CloseCode::Replaced => 11,
+            CloseCode::Other(_) => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for CloseCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_u16().fmt(f)
+    }
+}
+
+/// Why the router fails a connection at the WebSocket layer; each maps to the close
+/// code the peer receives ([`WsError::close_code`]) and says why in the close reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WsError {
     #[error("reserved bits set")]
@@ -49,20 +164,37 @@ pub enum WsError {
     Control,
     #[error("message too big")]
     TooBig,
+    #[error("message in too many fragments")]
+    TooManyFragments,
     #[error("text frame is not valid UTF-8")]
     Utf8,
-    #[error("continuation without a message, or a new message inside a fragmented one")]
-    Fragment,
+    #[error("continuation frame without a message")]
+    OrphanContinuation,
+    #[error("new message inside a fragmented one")]
+    NestedMessage,
     #[error("compressed message is not valid deflate data")]
     Deflate,
+    #[error("a close payload of one byte")]
+    CloseTooShort,
+    #[error("a close code a peer may not send")]
+    CloseCodeForbidden,
+    #[error("a close reason that is not UTF-8")]
+    CloseReasonUtf8,
 }
 
 impl WsError {
-    pub fn close_code(self) -> u16 {
+    pub fn close_code(self) -> CloseCode {
         match self {
-            WsError::TooBig => 1009,
-            WsError::Utf8 | WsError::Deflate => 1007,
-            _ => 1002,
+            WsError::TooBig | WsError::TooManyFragments => CloseCode::TooBig,
+            WsError::Utf8 | WsError::Deflate | WsError::CloseReasonUtf8 => CloseCode::InvalidData,
+            WsError::Reserved
+            | WsError::Opcode
+            | WsError::Unmasked
+            | WsError::Control
+            | WsError::OrphanContinuation
+            | WsError::NestedMessage
+            | WsError::CloseTooShort
+            | WsError::CloseCodeForbidden => CloseCode::ProtocolError,
         }
     }
 }
@@ -283,9 +415,9 @@ pub fn encode_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
 }
 
 /// A close frame's payload: the code, then a reason cut to fit 125 bytes.
-pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+pub fn close_payload(code: CloseCode, reason: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(2 + reason.len().min(123));
-    p.extend_from_slice(&code.to_be_bytes());
+    p.extend_from_slice(&code.as_u16().to_be_bytes());
     let mut cut = reason.len().min(123);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
@@ -295,25 +427,24 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 }
 
 /// What a device's close frame says (RFC 6455 §5.5.1, §7.4): `Ok(None)` no status
-/// code, `Ok(Some(code))` a code a peer may send, or the close code and reason to fail
-/// the connection with: a 1-byte payload or a code no endpoint may send (below 1000,
-/// 1004-1006, 1015, 1016-2999, 5000 and up) is a protocol error (1002); a reason that
-/// is not UTF-8 is 1007.
-pub fn check_close(payload: &[u8]) -> Result<Option<u16>, (u16, &'static str)> {
+/// code, `Ok(Some(code))` a code a peer may send, or why the connection fails: a 1-byte
+/// payload or a code no endpoint may send (below 1000, 1004-1006, 1015, 1016-2999, 5000
+/// and up) is a protocol error (1002); a reason that is not UTF-8 is 1007.
+pub fn check_close(payload: &[u8]) -> Result<Option<CloseCode>, WsError> {
     match payload.len() {
         0 => return Ok(None),
-        1 => return Err((1002, "a close payload of one byte")),
+        1 => return Err(WsError::CloseTooShort),
         _ => {}
     }
     let code = u16::from_be_bytes([payload[0], payload[1]]);
     let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
     if !allowed {
-        return Err((1002, "a close code a peer may not send"));
+        return Err(WsError::CloseCodeForbidden);
     }
     if simdutf8::basic::from_utf8(&payload[2..]).is_err() {
-        return Err((1007, "a close reason that is not UTF-8"));
+        return Err(WsError::CloseReasonUtf8);
     }
-    Ok(Some(code))
+    Ok(Some(CloseCode::from_u16(code)))
 }
 
 /// The Sec-WebSocket-Accept value for a client key (RFC 6455 §4.2.2).
@@ -393,7 +524,7 @@ mod tests {
         assert_eq!(parse_header(&big_ping, 1000), Err(WsError::Control));
         let big = client_frame(true, OP_TEXT, &[b'a'; 101]);
         assert_eq!(parse_header(&big, 100), Err(WsError::TooBig));
-        assert_eq!(WsError::TooBig.close_code(), 1009);
+        assert_eq!(WsError::TooBig.close_code(), CloseCode::TooBig);
         // A 2^63 length header is refused without reading further.
         let mut huge = vec![0x82, 0xFF];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
@@ -411,30 +542,45 @@ mod tests {
     #[test]
     fn close_frames_are_checked() {
         assert_eq!(check_close(b""), Ok(None));
+        assert_eq!(check_close(&[3]), Err(WsError::CloseTooShort));
         assert_eq!(
-            check_close(&[3]),
-            Err((1002, "a close payload of one byte"))
+            WsError::CloseTooShort.to_string(),
+            "a close payload of one byte"
         );
         for ok in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4409, 4999] {
-            assert_eq!(check_close(&ok.to_be_bytes()), Ok(Some(ok)), "{ok}");
+            let code = check_close(&ok.to_be_bytes()).unwrap().unwrap();
+            assert_eq!(code.as_u16(), ok, "{ok}");
         }
         for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
-            assert_eq!(
-                check_close(&bad.to_be_bytes()).unwrap_err().0,
-                1002,
-                "{bad}"
-            );
+            let e = check_close(&bad.to_be_bytes()).unwrap_err();
+            assert_eq!(e.close_code(), CloseCode::ProtocolError, "{bad}");
         }
         let mut p = 1000u16.to_be_bytes().to_vec();
         p.extend_from_slice(b"bye \xff");
-        assert_eq!(check_close(&p).unwrap_err().0, 1007);
+        assert_eq!(
+            check_close(&p).unwrap_err().close_code(),
+            CloseCode::InvalidData
+        );
         p.truncate(6);
-        assert_eq!(check_close(&p), Ok(Some(1000)));
+        assert_eq!(check_close(&p), Ok(Some(CloseCode::Normal)));
+    }
+
+    #[test]
+    fn close_codes_round_trip() {
+        for (i, c) in CloseCode::NAMED.iter().enumerate() {
+            assert_eq!(CloseCode::from_u16(c.as_u16()), *c);
+            assert_eq!(c.named_index(), Some(i));
+        }
+        assert_eq!(CloseCode::from_u16(3000), CloseCode::Other(3000));
+        assert_eq!(CloseCode::Other(3000).named_index(), None);
+        // A named code's number in `Other` is still that code.
+        assert_eq!(CloseCode::Other(1000).named_index(), Some(0));
+        assert_eq!(CloseCode::Other(4409).as_u16(), 4409);
     }
 
     #[test]
     fn close_payload_is_bounded() {
-        let p = close_payload(4401, &"é".repeat(200));
+        let p = close_payload(CloseCode::Unauthorized, &"é".repeat(200));
         assert!(p.len() <= 125);
         assert!(std::str::from_utf8(&p[2..]).is_ok());
         assert_eq!(&p[..2], &4401u16.to_be_bytes());

@@ -25,11 +25,13 @@ use uuid::Uuid;
 
 use crate::auth::Identity;
 use crate::bridge::{BusEvent, RoutingKey};
+use crate::listener::OpenConnection;
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
+use crate::protocol::ws::CloseCode;
 use crate::Shared;
 use bytes::Bytes;
-use conn::Conn;
+use conn::{Conn, Limit, SendOutcome};
 use poller::Poller;
 
 /// One read buffer per shard, shared by all its connections: an idle connection
@@ -124,6 +126,8 @@ pub struct Adopt {
     /// upgrade request carried the credentials), so the 101 and the greeting leave
     /// in one write after the device is routable. Empty: already sent.
     pub preface: Vec<u8>,
+    /// Its place in `router_open_connections`, taken at accept; the connection keeps it.
+    pub open: OpenConnection,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +423,7 @@ impl ShardCtx {
             deflate,
             leftover,
             preface,
+            open,
         } = a;
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
@@ -432,12 +437,11 @@ impl ShardCtx {
         };
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let conn = Rc::new(Conn::new(
-            self, id, slot, stream, tls, ident, peer, protocol, deflate,
+            self, id, slot, stream, tls, ident, peer, protocol, deflate, open,
         ));
         if let Err(e) = self.poller.add(fd, u64::from(slot), poller::IN) {
             tracing::warn!(error = %e, "cannot watch an adopted socket");
             self.free.borrow_mut().push(slot);
-            self.shared.metrics.open_connections.fetch_sub(1, Relaxed);
             return;
         }
         self.slab.borrow_mut()[slot as usize] = Some(conn.clone());
@@ -451,7 +455,7 @@ impl ShardCtx {
             self.metrics().takeovers.fetch_add(1, Relaxed);
             old.fail(
                 self,
-                4409,
+                CloseCode::Replaced,
                 "replaced by a newer connection of the same device",
             );
         }
@@ -469,8 +473,10 @@ impl ShardCtx {
             if p.device == conn.meta.device && !p.acked && !p.reply.is_closed() {
                 let (command, payload) = &p.frame_parts;
                 if let Some(frame) = conn.encode_request(self, *id, command, payload) {
-                    let limit = self.shared.config.max_outbound.saturating_mul(2);
-                    if !conn.send_or_close(self, conn.data_op(), &frame, limit) {
+                    let limit = Limit::requests(self);
+                    if conn.send_or_close(self, conn.data_op(), &frame, limit)
+                        == SendOutcome::Dropped
+                    {
                         break;
                     }
                 }
@@ -543,7 +549,9 @@ impl ShardCtx {
         Ok(())
     }
 
-    /// Called by a connection task when it ends.
+    /// A connection is released: out of the route table (unless a newer connection of
+    /// its device took its place) and the gauges. (`router_open_connections` follows
+    /// when the connection is dropped: see [`OpenConnection`].)
     pub fn unregister(&self, conn: &Conn) {
         let mut routes = self.routes.borrow_mut();
         if routes
@@ -559,7 +567,6 @@ impl ShardCtx {
         }
         self.metrics().connections.fetch_sub(1, Relaxed);
         self.metrics().disconnects.fetch_add(1, Relaxed);
-        self.shared.metrics.open_connections.fetch_sub(1, Relaxed);
     }
 
     pub fn on_ack(&self, device: Uuid, request: Uuid) {
@@ -602,11 +609,16 @@ impl ShardCtx {
                     None => Delivery::Offline,
                     Some(c) => match c.encode_event(self, &body) {
                         None => Delivery::NotJoined,
-                        Some(frame) if c.try_send_data(self, &frame) => Delivery::Sent,
-                        Some(_) => {
-                            let m = self.metrics();
-                            m.events_dropped_slow_device.fetch_add(1, Relaxed);
-                            Delivery::Full
+                        Some(frame) => {
+                            match c.send(self, c.data_op(), &frame, Limit::outbound(self)) {
+                                // (Closing: the event goes the way of the connection.)
+                                SendOutcome::Sent | SendOutcome::Closing => Delivery::Sent,
+                                SendOutcome::Dropped => {
+                                    let m = self.metrics();
+                                    m.events_dropped_slow_device.fetch_add(1, Relaxed);
+                                    Delivery::Full
+                                }
+                            }
                         }
                     },
                 };
@@ -634,7 +646,7 @@ impl ShardCtx {
                     self.metrics().takeovers.fetch_add(1, Relaxed);
                     c.fail(
                         self,
-                        4409,
+                        CloseCode::Replaced,
                         "replaced by a newer connection of the same device on another node",
                     );
                 }
@@ -659,10 +671,9 @@ impl ShardCtx {
         };
         // A device that cannot take it yet (Phoenix, not joined) gets it when it can.
         if let Some(frame) = conn.encode_request(self, r.request, &r.command, &r.payload) {
-            // Requests may queue up to twice the event limit; a device that far behind
-            // is not reading at all, so it is closed rather than buffered without end.
-            let limit = self.shared.config.max_outbound.saturating_mul(2);
-            if !conn.send_or_close(self, conn.data_op(), &frame, limit) {
+            // Requests may queue up to twice the event limit (see `Limit::requests`).
+            let limit = Limit::requests(self);
+            if conn.send_or_close(self, conn.data_op(), &frame, limit) == SendOutcome::Dropped {
                 let _ = r.reply.send(RequestReply::Full);
                 return;
             }

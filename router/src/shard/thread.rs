@@ -126,7 +126,8 @@ pub fn run_shard(
         });
         let handle = &shared.shards[id];
         'inbox: loop {
-            // Drain in bounded batches so connection tasks get their turn.
+            // Drain in bounded batches so the driver, the handshakes and the ticker get
+            // their turn.
             for _ in 0..1024 {
                 match rx.try_recv() {
                     Ok(msg) => {

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::conn::Conn;
+use super::conn::{Conn, Limit};
 use super::ShardCtx;
-use crate::protocol::ws::OP_PING;
+use crate::protocol::ws::{CloseCode, OP_PING};
 
 /// The shard's timer: each tick looks at 1/PING_SLOTS of the connections (pings, idle
 /// checks), so every connection is looked at once a second and a shard's pings go out
@@ -59,9 +59,9 @@ impl ShardCtx {
             .collect();
         for c in due {
             if c.idle_for(now) > interval.saturating_mul(3) {
-                c.fail(self, 1001, "ping timeout");
+                c.fail(self, CloseCode::GoingAway, "ping timeout");
             } else {
-                c.send_control(self, OP_PING, b"");
+                let _ = c.send_or_close(self, OP_PING, b"", Limit::outbound(self));
                 c.set_next_ping(now + interval);
             }
         }
@@ -120,7 +120,7 @@ impl ShardCtx {
             .cloned()
             .collect();
         for c in conns {
-            c.close_reading(self, 1001, "router draining");
+            c.close_reading(self, CloseCode::GoingAway, "router draining");
         }
     }
 }

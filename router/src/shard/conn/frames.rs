@@ -4,10 +4,12 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::Conn;
+use super::{Conn, Limit, Linger, Phase, Reads};
 use crate::bridge::RoutingKey;
 use crate::protocol::hive;
-use crate::protocol::ws::{self, FrameHeader, OP_CLOSE, OP_CONT, OP_PING, OP_PONG};
+use crate::protocol::ws::{
+    self, CloseCode, FrameHeader, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG,
+};
 use crate::shard::ShardCtx;
 
 /// Frames one message may be split into (each also costs a rate-limit token).
@@ -48,9 +50,7 @@ impl Conn {
     fn keep_unparsed(&self, rest: Option<Vec<u8>>) {
         let mut st = self.st.borrow_mut();
         match rest {
-            Some(rest) if (!st.closing || st.read_on) && !st.dead && !st.peer_closed => {
-                st.bufs.get_or_insert_with(Box::default).inbuf = rest
-            }
+            Some(rest) if st.phase.reads() => st.bufs.get_or_insert_with(Box::default).inbuf = rest,
             _ => {
                 if st.bufs.as_ref().is_some_and(|b| b.is_empty()) {
                     st.bufs = None;
@@ -74,7 +74,7 @@ impl Conn {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => {
-                    self.fail(ctx, e.close_code(), &e.to_string());
+                    self.fail_ws(ctx, e);
                     return data.len();
                 }
             };
@@ -100,7 +100,7 @@ impl Conn {
         // RSV1 (compressed) only with permessage-deflate, and only on a message's first
         // frame (RFC 7692 §6.1).
         if h.rsv1 && (!deflate || h.opcode == OP_CONT) {
-            self.fail(ctx, 1002, "reserved bits set");
+            self.fail_ws(ctx, WsError::Reserved);
             return;
         }
         if h.opcode == OP_CLOSE {
@@ -115,30 +115,36 @@ impl Conn {
             // A fragment cannot be dropped without corrupting its message.
             let fragment = h.opcode == OP_CONT || !h.fin;
             if fragment {
-                self.fail(ctx, 1008, "rate limit exceeded inside a fragmented message");
+                self.fail(
+                    ctx,
+                    CloseCode::PolicyViolation,
+                    "rate limit exceeded inside a fragmented message",
+                );
             }
             return;
         }
         match h.opcode {
-            OP_PING => self.send_control(ctx, OP_PONG, payload),
+            OP_PING => {
+                let _ = self.send_or_close(ctx, OP_PONG, payload, Limit::outbound(ctx));
+            }
             OP_PONG => self.on_pong(ctx, now),
             OP_CONT => {
                 let mut st = self.st.borrow_mut();
                 let b = st.bufs.get_or_insert_with(Box::default);
                 if b.msg_op == 0 {
                     drop(st);
-                    self.fail(ctx, 1002, "continuation frame without a message");
+                    self.fail_ws(ctx, WsError::OrphanContinuation);
                     return;
                 }
                 if b.msg.len() + payload.len() > ctx.shared.config.max_frame {
                     drop(st);
-                    self.fail(ctx, 1009, "message too big");
+                    self.fail_ws(ctx, WsError::TooBig);
                     return;
                 }
                 b.msg_frames = b.msg_frames.saturating_add(1);
                 if b.msg_frames > MAX_FRAGMENTS {
                     drop(st);
-                    self.fail(ctx, 1009, "message in too many fragments");
+                    self.fail_ws(ctx, WsError::TooManyFragments);
                     return;
                 }
                 b.msg.extend_from_slice(payload);
@@ -156,7 +162,7 @@ impl Conn {
                 let mut st = self.st.borrow_mut();
                 if st.bufs.as_ref().is_some_and(|b| b.msg_op != 0) {
                     drop(st);
-                    self.fail(ctx, 1002, "new message inside a fragmented one");
+                    self.fail_ws(ctx, WsError::NestedMessage);
                     return;
                 }
                 if h.fin {
@@ -182,7 +188,7 @@ impl Conn {
         }
         match ws::inflate(payload, ctx.shared.config.max_frame) {
             Ok(mut msg) => self.on_message(ctx, op, &mut msg),
-            Err(e) => self.fail(ctx, e.close_code(), &e.to_string()),
+            Err(e) => self.fail_ws(ctx, e),
         }
     }
 
@@ -190,19 +196,24 @@ impl Conn {
     /// the frame is malformed (see `ws::check_close`), with 1002 or 1007. Both counted.
     fn on_close(&self, ctx: &ShardCtx, payload: &[u8]) {
         ctx.metrics().peer_closes.fetch_add(1, Relaxed);
+        // (Closing already: ours is out, and `fail` sends nothing more: the handshake
+        // is complete.)
         match ws::check_close(payload) {
-            Ok(code) => {
-                // (Closing already: ours is out, the handshake is complete.)
-                if !self.st.borrow().closing {
-                    let code = code.unwrap_or(1000);
-                    self.fail(ctx, code, "");
-                }
-            }
-            Err((code, reason)) => self.fail(ctx, code, reason),
+            Ok(code) => self.fail(ctx, code.unwrap_or(CloseCode::Normal), ""),
+            Err(e) => self.fail_ws(ctx, e),
         }
         let mut st = self.st.borrow_mut();
-        st.closing = true;
-        st.peer_closed = true;
+        st.phase = match st.phase {
+            Phase::Open => Phase::Closing {
+                reads: Reads::PeerClosed,
+                linger: Linger::NotStarted,
+            },
+            Phase::Closing { linger, .. } => Phase::Closing {
+                reads: Reads::PeerClosed,
+                linger,
+            },
+            Phase::Dead => Phase::Dead,
+        };
     }
 
     fn on_pong(&self, ctx: &ShardCtx, now: u32) {
@@ -212,11 +223,10 @@ impl Conn {
         let min_gap = ctx.shared.config.device_alive_gap() as u32;
         {
             let mut st = self.st.borrow_mut();
-            if st.alive_sent && now.saturating_sub(st.last_alive) < min_gap {
+            if now < st.next_alive {
                 return;
             }
-            st.alive_sent = true;
-            st.last_alive = now;
+            st.next_alive = now.saturating_add(min_gap);
         }
         ctx.metrics().alive_events.fetch_add(1, Relaxed);
         let body = hive::device_alive(&self.meta, &self.peer.to_string());

@@ -10,7 +10,7 @@ use crate::protocol::effect::Effect;
 use crate::protocol::hive::{self, Inbound};
 use crate::protocol::hivekit::{self, Subscriptions};
 use crate::protocol::phoenix::{self, Vsn};
-use crate::protocol::ws::OP_BINARY;
+use crate::protocol::ws::{CloseCode, WsError, OP_BINARY};
 use crate::shard::{Protocol, ShardCtx};
 
 /// Malformed frames in a row before the router gives up with 4400.
@@ -40,7 +40,7 @@ impl Conn {
         };
         ctx.metrics().rate_limited.fetch_add(1, Relaxed);
         if excess >= cfg.device_burst.max(1) {
-            self.fail(ctx, 1008, "rate limit exceeded");
+            self.fail(ctx, CloseCode::PolicyViolation, "rate limit exceeded");
         } else if excess == 1 {
             let frame = match self.protocol {
                 Protocol::Hive => hive::error("rate-limited", "too many messages; slow down"),
@@ -65,7 +65,11 @@ impl Conn {
             // MessagePack in binary frames only; converted to the V2 text the adapter
             // reads. A frame that is not MessagePack is a bad frame, as in V2.
             if op != OP_BINARY {
-                self.fail(ctx, 4400, "vsn 3.0.0 frames are binary (MessagePack)");
+                self.fail(
+                    ctx,
+                    CloseCode::BadFrames,
+                    "vsn 3.0.0 frames are binary (MessagePack)",
+                );
                 return;
             }
             let mut effects = Vec::new();
@@ -86,7 +90,11 @@ impl Conn {
             return;
         }
         if op == OP_BINARY {
-            self.fail(ctx, 4400, "binary frames are not part of this protocol");
+            self.fail(
+                ctx,
+                CloseCode::BadFrames,
+                "binary frames are not part of this protocol",
+            );
             return;
         }
         // Hive, Hivekit and Phoenix V2 frames go through the JSON validator first, which
@@ -161,7 +169,7 @@ impl Conn {
         if simdutf8::basic::from_utf8(payload).is_ok() {
             return true;
         }
-        self.fail(ctx, 1007, "text frame is not valid UTF-8");
+        self.fail_ws(ctx, WsError::Utf8);
         false
     }
 
@@ -201,7 +209,7 @@ impl Conn {
             st.bad_frames
         };
         if bad >= MAX_BAD_FRAMES {
-            self.fail(ctx, 4400, "too many malformed frames");
+            self.fail(ctx, CloseCode::BadFrames, "too many malformed frames");
         }
     }
 

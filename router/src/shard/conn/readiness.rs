@@ -3,7 +3,7 @@
 
 use std::io::{self, Read};
 
-use super::{Conn, READS_PER_WAKE};
+use super::{Conn, Linger, Phase, Reads, READS_PER_WAKE};
 use crate::shard::poller::{HUP_ERR, IN, OUT};
 use crate::shard::ShardCtx;
 
@@ -31,7 +31,13 @@ impl Conn {
 
     /// Readiness reported by the shard's poller.
     pub fn on_event(&self, ctx: &ShardCtx, events: u32) {
-        let lingering = self.st.borrow().lingering;
+        let lingering = matches!(
+            self.st.borrow().phase,
+            Phase::Closing {
+                linger: Linger::Started | Linger::WriteShut,
+                ..
+            }
+        );
         if events & (IN | HUP_ERR) != 0 {
             if lingering && !self.reads_while_closing() {
                 self.linger_read(ctx);
@@ -50,14 +56,14 @@ impl Conn {
         for _ in 0..READS_PER_WAKE {
             match (&self.stream).read(&mut buf) {
                 Ok(0) => {
-                    self.st.borrow_mut().dead = true;
+                    self.st.borrow_mut().phase = Phase::Dead;
                     break;
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.st.borrow_mut().dead = true;
+                    self.st.borrow_mut().phase = Phase::Dead;
                     break;
                 }
             }
@@ -70,45 +76,53 @@ impl Conn {
     /// released. Sets `started_linger` the first time it finds the connection closing,
     /// so the shard starts the linger deadline.
     pub fn settle(&self, started_linger: &mut bool) -> Option<u32> {
-        let (dead, closing) = {
-            let st = self.st.borrow();
-            (st.dead, st.closing)
-        };
-        if dead {
-            return None;
+        let phase = self.st.borrow().phase;
+        match phase {
+            Phase::Dead => return None,
+            Phase::Open => {}
+            Phase::Closing { .. } => return self.settle_closing(started_linger),
         }
-        if closing {
-            {
-                let mut st = self.st.borrow_mut();
-                if !st.lingering {
-                    st.lingering = true;
+        Some(if self.has_out() { IN | OUT } else { IN })
+    }
+
+    /// A closing connection: the linger starts (the first time), what is queued goes
+    /// out, then our write side is shut down and the peer's FIN awaited; or, when the
+    /// peer closed first, the connection is finished once its answer is out.
+    fn settle_closing(&self, started_linger: &mut bool) -> Option<u32> {
+        {
+            let mut st = self.st.borrow_mut();
+            let st = &mut *st;
+            if let Phase::Closing { linger, .. } = &mut st.phase {
+                if *linger == Linger::NotStarted {
+                    *linger = Linger::Started;
                     *started_linger = true;
                     if let Some(tls) = st.tls.as_mut() {
                         tls.send_close_notify();
                     }
                 }
             }
-            self.flush();
-            let mut st = self.st.borrow_mut();
-            if st.dead {
-                return None;
-            }
-            if st.has_out() {
-                return Some(IN | OUT);
-            }
-            // RFC 6455 §7.1.1: after the close handshake the server closes the TCP
-            // connection first. The peer has said its last word; close, and its FIN
-            // needs no waiting for.
-            if st.peer_closed {
-                return None;
-            }
-            if !st.shut {
-                st.shut = true;
-                let _ = self.stream.shutdown(std::net::Shutdown::Write);
-            }
-            return Some(IN);
         }
-        Some(if self.has_out() { IN | OUT } else { IN })
+        self.flush();
+        let mut st = self.st.borrow_mut();
+        let has_out = st.has_out();
+        let Phase::Closing { reads, linger } = &mut st.phase else {
+            // Flushing found the socket gone.
+            return None;
+        };
+        if has_out {
+            return Some(IN | OUT);
+        }
+        // RFC 6455 §7.1.1: after the close handshake the server closes the TCP
+        // connection first. The peer has said its last word; close, and its FIN
+        // needs no waiting for.
+        if *reads == Reads::PeerClosed {
+            return None;
+        }
+        if *linger != Linger::WriteShut {
+            *linger = Linger::WriteShut;
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
+        Some(IN)
     }
 
     /// The registered interest, updated when `want` differs; Some(want) if it changed.
