@@ -4,8 +4,6 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
-
 use super::conn::Conn;
 use super::ShardCtx;
 use crate::protocol::ws::OP_PING;
@@ -71,10 +69,8 @@ impl ShardCtx {
             return;
         }
         let instant = Instant::now();
-        self.pending
-            .borrow_mut()
-            .retain(|_, p| p.deadline > instant && !p.reply.is_closed());
-        self.ip_rate.borrow_mut().retain(|_, (sec, _)| *sec == now);
+        self.pending.borrow_mut().expire(instant);
+        self.admission.borrow_mut().sweep(now);
         // Closes whose peer never sent its FIN within the linger: release them.
         let expired: Vec<(u32, u64)> = {
             let mut l = self.lingering.borrow_mut();
@@ -108,17 +104,17 @@ impl ShardCtx {
         if to_close == 0 {
             return;
         }
-        let busy: std::collections::HashSet<Uuid> =
-            self.pending.borrow().values().map(|p| p.device).collect();
         let last = now >= plan.until;
-        let conns: Vec<Rc<Conn>> = self
-            .routes
-            .borrow()
-            .values()
-            .filter(|c| last || !busy.contains(&c.meta.device))
-            .take(to_close)
-            .cloned()
-            .collect();
+        let conns: Vec<Rc<Conn>> = {
+            let pending = self.pending.borrow();
+            self.routes
+                .borrow()
+                .values()
+                .filter(|c| last || !pending.has_device(&c.meta.device))
+                .take(to_close)
+                .cloned()
+                .collect()
+        };
         for c in conns {
             c.close_reading(self, 1001, "router draining");
         }
