@@ -10,6 +10,7 @@ mod handle;
 mod msg;
 mod pending;
 pub mod poller;
+mod slab;
 mod thread;
 mod timer;
 
@@ -37,6 +38,7 @@ use batch::{Batch, HandedOver, Queued};
 use conn::Conn;
 use pending::Pending;
 use poller::Poller;
+use slab::Slab;
 
 /// One read buffer per shard, shared by all its connections: an idle connection
 /// holds none. Big enough for a max-size message plus headers in one read.
@@ -106,14 +108,11 @@ pub struct ShardCtx {
     admission: RefCell<Admission>,
     /// Readiness of every authenticated connection (one epoll per shard).
     poller: Poller,
-    /// Authenticated connections by slot (the poller's key); free slots are reused.
-    slab: RefCell<Vec<Option<Rc<Conn>>>>,
-    free: RefCell<Vec<u32>>,
-    /// Slots changed outside a readiness event, to settle next.
-    dirty: RefCell<Vec<u32>>,
+    /// Authenticated connections by slot (the poller's key), those to settle next
+    /// and those closing.
+    slab: RefCell<Slab<Rc<Conn>>>,
+    /// Wakes the driver for the dirty slots (and an urgent bus batch).
     dirty_notify: Notify,
-    /// Closing connections and when their linger ends: (slot, conn id, deadline).
-    lingering: RefCell<Vec<(u32, u64, Instant)>>,
     /// Events published in this pass and the bus's backpressure on reading.
     batch: RefCell<Batch>,
 }
@@ -231,12 +230,12 @@ impl ShardCtx {
 
     /// A connection changed outside a readiness event: settle it soon.
     pub fn mark(&self, slot: u32) {
-        self.dirty.borrow_mut().push(slot);
+        self.slab.borrow_mut().mark(slot);
         self.dirty_notify.notify_one();
     }
 
     fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
-        self.slab.borrow().get(slot as usize).cloned().flatten()
+        self.slab.borrow().get(slot).cloned()
     }
 
     /// Readiness from the poller for the connection in `slot`.
@@ -254,11 +253,11 @@ impl ShardCtx {
             None => self.release(c),
             Some(want) => {
                 if started {
-                    self.lingering.borrow_mut().push((
+                    self.slab.borrow_mut().linger(
                         c.slot,
                         c.id,
                         Instant::now() + conn::CLOSE_LINGER,
-                    ));
+                    );
                 }
                 if let Some(w) = c.set_interest(want) {
                     if self.poller.modify(c.fd(), u64::from(c.slot), w).is_err() {
@@ -271,14 +270,9 @@ impl ShardCtx {
 
     /// The connection is finished: out of the poller, the slab and the route table.
     fn release(&self, c: &Rc<Conn>) {
-        {
-            let mut slab = self.slab.borrow_mut();
-            match slab.get_mut(c.slot as usize) {
-                Some(s) if s.as_ref().is_some_and(|x| x.id == c.id) => *s = None,
-                _ => return, // already released
-            }
+        if !self.slab.borrow_mut().remove_if(c.slot, |x| x.id == c.id) {
+            return; // already released
         }
-        self.free.borrow_mut().push(c.slot);
         self.unregister(c);
         // Closing the descriptor takes it out of the epoll set. When the caller's
         // reference is the last, it closes as the caller returns, before this thread
@@ -289,7 +283,7 @@ impl ShardCtx {
     }
 
     fn settle_dirty(&self) {
-        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+        let dirty = self.slab.borrow_mut().take_dirty();
         for slot in dirty {
             if let Some(c) = self.conn_at(slot) {
                 self.settle(&c);
@@ -311,25 +305,18 @@ impl ShardCtx {
         } = a;
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
-        let slot = match self.free.borrow_mut().pop() {
-            Some(s) => s,
-            None => {
-                let mut slab = self.slab.borrow_mut();
-                slab.push(None);
-                (slab.len() - 1) as u32
-            }
-        };
+        let slot = self.slab.borrow_mut().vacant();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let conn = Rc::new(Conn::new(
             self, id, slot, stream, tls, ident, peer, protocol, deflate,
         ));
         if let Err(e) = self.poller.add(fd, u64::from(slot), poller::IN) {
             tracing::warn!(error = %e, "cannot watch an adopted socket");
-            self.free.borrow_mut().push(slot);
+            self.slab.borrow_mut().give_back(slot);
             self.shared.metrics.open_connections.fetch_sub(1, Relaxed);
             return;
         }
-        self.slab.borrow_mut()[slot as usize] = Some(conn.clone());
+        self.slab.borrow_mut().fill(slot, conn.clone());
         let old = self.routes.borrow_mut().insert(ident.device, conn.clone());
         self.metrics().connections.fetch_add(1, Relaxed);
         // Also after a takeover here: the directory keeps the newest connection's age.

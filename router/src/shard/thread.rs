@@ -64,11 +64,8 @@ pub fn run_shard(
                 shared.config.max_connections,
             )),
             poller,
-            slab: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
-            dirty: RefCell::new(Vec::new()),
+            slab: RefCell::new(Default::default()),
             dirty_notify: Notify::new(),
-            lingering: RefCell::new(Vec::new()),
             batch: RefCell::new(Default::default()),
         });
         let driver_ctx = ctx.clone();

@@ -48,10 +48,7 @@ impl ShardCtx {
         let due: Vec<Rc<Conn>> = self
             .slab
             .borrow()
-            .iter()
-            .skip((tick % PING_SLOTS as u64) as usize)
-            .step_by(PING_SLOTS)
-            .flatten()
+            .share((tick % PING_SLOTS as u64) as usize, PING_SLOTS)
             .filter(|c| c.ping_due(now))
             .cloned()
             .collect();
@@ -72,19 +69,7 @@ impl ShardCtx {
         self.pending.borrow_mut().expire(instant);
         self.admission.borrow_mut().sweep(now);
         // Closes whose peer never sent its FIN within the linger: release them.
-        let expired: Vec<(u32, u64)> = {
-            let mut l = self.lingering.borrow_mut();
-            let mut out = Vec::new();
-            l.retain(|&(slot, id, until)| {
-                if until <= instant {
-                    out.push((slot, id));
-                    false
-                } else {
-                    true
-                }
-            });
-            out
-        };
+        let expired = self.slab.borrow_mut().lingered(instant);
         for (slot, id) in expired {
             if let Some(c) = self.conn_at(slot).filter(|c| c.id == id) {
                 self.release(&c);
