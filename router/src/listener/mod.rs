@@ -195,10 +195,10 @@ fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) 
     } else {
         ctx.admit(peer.ip())
     };
-    if let Err((status, why)) = admitted {
+    if let Err(why) = admitted {
         // Refused fast, before reading anything: never queued, never hung.
         if let Ok(s) = TcpStream::from_std(stream) {
-            tokio::task::spawn_local(refuse(s, status, why));
+            tokio::task::spawn_local(refuse(s, why.status(), why.message()));
         }
         return;
     }
@@ -367,10 +367,10 @@ async fn handle_proxied(
             return;
         }
     };
-    if let Err((status, why)) = ctx.admit_ip(peer.ip()) {
+    if let Err(why) = ctx.admit_ip(peer.ip()) {
         // Not counted while the refusal lingers (as a connection refused at accept).
         drop(open);
-        refuse(stream, status, why).await;
+        refuse(stream, why.status(), why.message()).await;
         return;
     }
     handle_new(ctx, stream, peer, Vec::new(), open).await;

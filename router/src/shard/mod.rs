@@ -3,36 +3,43 @@
 //! It never blocks and never takes a lock on the message path: other threads reach
 //! it only through its bounded crossbeam inbox.
 
+mod admission;
+mod batch;
 pub mod conn;
 mod handle;
+mod msg;
+mod pending;
 pub mod poller;
+mod slab;
 mod thread;
 mod timer;
 
+pub use admission::Refusal;
 pub use handle::ShardHandle;
+pub use msg::{Adopt, Delivery, DeviceInfo, RequestMsg, RequestReply, ShardMsg};
 pub use thread::run_shard;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::auth::Identity;
-use crate::bridge::{BusEvent, RoutingKey};
-use crate::listener::OpenConnection;
+use crate::bridge::RoutingKey;
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
 use crate::protocol::ws::CloseCode;
 use crate::Shared;
-use bytes::Bytes;
+use admission::Admission;
+use batch::{Batch, HandedOver, Queued};
 use conn::{Conn, Limit, SendOutcome};
+use pending::Pending;
 use poller::Poller;
+use slab::Slab;
 
 /// One read buffer per shard, shared by all its connections: an idle connection
 /// holds none. Big enough for a max-size message plus headers in one read.
@@ -49,9 +56,6 @@ fn coarse_secs() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64
 }
-
-/// Events a shard may queue on the bus in one pass before it wakes the consumer anyway.
-const WAKE_EVERY: usize = 512;
 
 /// Which device protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,111 +85,12 @@ pub fn shard_of(device: &Uuid, shards: usize) -> usize {
     ((h >> 32) % shards as u64) as usize
 }
 
-/// What other threads may ask of a shard.
-pub enum ShardMsg {
-    /// An authenticated socket accepted by another shard; this shard owns its device.
-    Adopt(Box<Adopt>),
-    /// Deliver a backend event (a JSON object) to a device; replies whether it was connected.
-    Event {
-        device: Uuid,
-        body: Vec<u8>,
-        reply: oneshot::Sender<Delivery>,
-    },
-    Request(Box<RequestMsg>),
-    Lookup {
-        device: Uuid,
-        reply: oneshot::Sender<Option<DeviceInfo>>,
-    },
-    /// Up to `limit` devices connected to this shard.
-    List {
-        limit: usize,
-        reply: oneshot::Sender<Vec<Uuid>>,
-    },
-    /// Another node holds a newer connection of this device (the cluster directory
-    /// decided): close ours with 4409 if it was made at or before `since_ms`.
-    Evict {
-        device: Uuid,
-        since_ms: u64,
-    },
-    /// Stop accepting and close every connection with 1001, spread until this instant;
-    /// the shard stops when its last connection is gone.
-    Drain(Instant),
-}
-
-pub struct Adopt {
-    pub stream: std::net::TcpStream,
-    /// The TLS session, for wss connections (rustls state moves with the socket).
-    pub tls: Option<Box<rustls::ServerConnection>>,
-    pub ident: Identity,
-    pub peer: SocketAddr,
-    pub protocol: Protocol,
-    /// permessage-deflate negotiated on the upgrade.
-    pub deflate: bool,
-    pub leftover: Vec<u8>,
-    /// Bytes the listener left for the owner to send first (the HTTP 101 when the
-    /// upgrade request carried the credentials), so the 101 and the greeting leave
-    /// in one write after the device is routable. Empty: already sent.
-    pub preface: Vec<u8>,
-    /// Its place in `router_open_connections`, taken at accept; the connection keeps it.
-    pub open: OpenConnection,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    Sent,
-    Offline,
-    /// The device's outbound queue is full (slow reader).
-    Full,
-    /// Connected but cannot receive yet (a Phoenix device that has not joined).
-    NotJoined,
-}
-
-pub struct RequestMsg {
-    pub device: Uuid,
-    pub request: Uuid,
-    pub command: String,
-    pub payload: Vec<u8>,
-    pub wait_response: bool,
-    pub deadline: Instant,
-    pub reply: oneshot::Sender<RequestReply>,
-}
-
-#[derive(Debug)]
-pub enum RequestReply {
-    Offline,
-    Full,
-    Acked,
-    Responded { ok: bool, result: Option<Vec<u8>> },
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DeviceInfo {
-    pub device: Uuid,
-    pub account: Uuid,
-    pub connected: bool,
-    pub since_unix_ms: u64,
-    pub address: String,
-    pub protocol: &'static str,
-    pub shard: usize,
-}
-
-/// A request sent to a device, waiting for its ack or response.
-struct Pending {
-    device: Uuid,
-    wait_response: bool,
-    acked: bool,
-    deadline: Instant,
-    reply: oneshot::Sender<RequestReply>,
-    /// Kept to re-send if the device reconnects before acking.
-    frame_parts: (String, Vec<u8>),
-}
-
 /// Everything one shard owns. Lives in an `Rc` on the shard's thread only.
 pub struct ShardCtx {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub routes: RefCell<HashMap<Uuid, Rc<Conn>>>,
-    pending: RefCell<HashMap<Uuid, Pending>>,
+    pending: RefCell<Pending>,
     pub read_buf: RefCell<Vec<u8>>,
     /// Decrypted bytes of TLS connections (allocated on first use).
     pub plain_buf: RefCell<Vec<u8>>,
@@ -201,26 +106,16 @@ pub struct ShardCtx {
     /// Set on drain: connections are closed gradually until its `until`.
     drain: Cell<Option<timer::DrainPlan>>,
     /// Connects per source IP in the current second (only with --ip-connect-rate).
-    ip_rate: RefCell<HashMap<std::net::IpAddr, (u32, u32)>>,
+    admission: RefCell<Admission>,
     /// Readiness of every authenticated connection (one epoll per shard).
     poller: Poller,
-    /// Authenticated connections by slot (the poller's key); free slots are reused.
-    slab: RefCell<Vec<Option<Rc<Conn>>>>,
-    free: RefCell<Vec<u32>>,
-    /// Slots changed outside a readiness event, to settle next.
-    dirty: RefCell<Vec<u32>>,
+    /// Authenticated connections by slot (the poller's key), those to settle next
+    /// and those closing.
+    slab: RefCell<Slab<Rc<Conn>>>,
+    /// Wakes the driver for the dirty slots (and an urgent bus batch).
     dirty_notify: Notify,
-    /// Closing connections and when their linger ends: (slot, conn id, deadline).
-    lingering: RefCell<Vec<(u32, u64, Instant)>>,
-    /// Events published in this pass, handed to the bus at its end.
-    bus_batch: RefCell<Vec<BusEvent>>,
-    /// The batch holds an event that must go at the end of this pass; without one
-    /// (only device-alive events) it waits for the next tick.
-    bus_urgent: Cell<bool>,
-    /// Reading paused until the bus drains (backpressure).
-    throttled: Cell<bool>,
-    /// Connections holding unparsed bytes because of it.
-    held: RefCell<Vec<u32>>,
+    /// Events published in this pass and the bus's backpressure on reading.
+    batch: RefCell<Batch>,
 }
 
 impl ShardCtx {
@@ -253,70 +148,63 @@ impl ShardCtx {
     }
 
     fn publish_at(&self, routing_key: RoutingKey, body: Vec<u8>, urgent: bool) {
-        let m = self.metrics();
-        let mut batch = self.bus_batch.borrow_mut();
-        if !self.shared.bus.has_room(batch.len()) {
-            m.events_dropped_bus_full.fetch_add(1, Relaxed);
-            return;
-        }
-        batch.push(BusEvent {
-            routing_key,
-            // Exactly sized, a Vec becomes `Bytes` without a separate shared header
-            // (shrinking a little in place is free with mimalloc); one allocation less
-            // per event.
-            body: Bytes::from(body.into_boxed_slice()),
-        });
-        let n = batch.len();
-        drop(batch);
-        // Handed over once per driver pass (see `wake_bus`), whoever published, and
-        // every WAKE_EVERY events within a long pass so the consumer works meanwhile.
-        if n >= WAKE_EVERY {
-            self.wake_bus();
-        } else if urgent && !self.bus_urgent.replace(true) {
-            self.dirty_notify.notify_one();
+        let queued = self
+            .batch
+            .borrow_mut()
+            .push(&self.shared.bus, routing_key, body, urgent);
+        match queued {
+            Queued::Dropped => {
+                self.metrics().events_dropped_bus_full.fetch_add(1, Relaxed);
+            }
+            Queued::Batched => {}
+            // Handed over at the end of the pass (see `wake_bus_if_urgent`).
+            Queued::Urgent => self.dirty_notify.notify_one(),
+            Queued::Full => self.wake_bus(),
         }
     }
 
     /// End of a driver pass: hand the batch over if something in it is urgent.
     fn wake_bus_if_urgent(&self) {
-        if self.bus_urgent.get() {
+        if self.batch.borrow().is_urgent() {
             self.wake_bus();
         }
     }
 
     /// Hand this pass's events to the bus in one batch and wake its consumer.
     fn wake_bus(&self) {
-        self.bus_urgent.set(false);
-        let batch = std::mem::take(&mut *self.bus_batch.borrow_mut());
-        if batch.is_empty() {
-            return;
-        }
-        let n = batch.len() as u64;
         let m = self.metrics();
-        match self.shared.bus.send_batch(batch) {
-            Ok(()) => m.events_published.fetch_add(n, Relaxed),
-            Err(_) => m.events_dropped_bus_full.fetch_add(n, Relaxed),
-        };
-        self.shared.bus.wake();
+        match self.batch.borrow_mut().hand_over(&self.shared.bus) {
+            HandedOver::Nothing => {}
+            HandedOver::Sent(n) => {
+                m.events_published.fetch_add(n, Relaxed);
+            }
+            HandedOver::Dropped(n) => {
+                m.events_dropped_bus_full.fetch_add(n, Relaxed);
+            }
+        }
     }
 
     /// Before reading a device: false (and the shard pauses reading) while the bus queue
     /// is nearly full. Level-triggered readiness brings the unread sockets back later.
     pub fn may_read(&self) -> bool {
-        if self.throttled.get() {
-            return false;
+        match self.batch.borrow_mut().may_read(&self.shared.bus) {
+            Ok(()) => true,
+            Err(first) => {
+                if first {
+                    self.metrics().bus_backpressure.fetch_add(1, Relaxed);
+                }
+                false
+            }
         }
-        if self.shared.bus.congested(self.bus_batch.borrow().len()) {
-            self.throttled.set(true);
-            self.metrics().bus_backpressure.fetch_add(1, Relaxed);
-            return false;
-        }
-        true
+    }
+
+    fn throttled(&self) -> bool {
+        self.batch.borrow().is_throttled()
     }
 
     /// A connection stopped mid-buffer for backpressure; resume it when relieved.
     pub fn hold(&self, slot: u32) {
-        self.held.borrow_mut().push(slot);
+        self.batch.borrow_mut().hold(slot);
     }
 
     /// Paused for backpressure: wait until the bus has drained enough, then go on
@@ -328,17 +216,14 @@ impl ShardCtx {
             while !self.shared.bus.relieved() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            self.throttled.set(false);
-            let mut held = std::mem::take(&mut *self.held.borrow_mut());
-            held.sort_unstable();
-            held.dedup();
+            let held = self.batch.borrow_mut().relieve();
             for slot in held {
                 if let Some(c) = self.conn_at(slot) {
                     c.resume(self);
                     self.settle(&c);
                 }
             }
-            if !self.throttled.get() {
+            if !self.throttled() {
                 return;
             }
         }
@@ -346,12 +231,12 @@ impl ShardCtx {
 
     /// A connection changed outside a readiness event: settle it soon.
     pub fn mark(&self, slot: u32) {
-        self.dirty.borrow_mut().push(slot);
+        self.slab.borrow_mut().mark(slot);
         self.dirty_notify.notify_one();
     }
 
     fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
-        self.slab.borrow().get(slot as usize).cloned().flatten()
+        self.slab.borrow().get(slot).cloned()
     }
 
     /// Readiness from the poller for the connection in `slot`.
@@ -369,11 +254,11 @@ impl ShardCtx {
             None => self.release(c),
             Some(want) => {
                 if started {
-                    self.lingering.borrow_mut().push((
+                    self.slab.borrow_mut().linger(
                         c.slot,
                         c.id,
                         Instant::now() + conn::CLOSE_LINGER,
-                    ));
+                    );
                 }
                 if let Some(w) = c.set_interest(want) {
                     if self.poller.modify(c.fd(), u64::from(c.slot), w).is_err() {
@@ -386,14 +271,9 @@ impl ShardCtx {
 
     /// The connection is finished: out of the poller, the slab and the route table.
     fn release(&self, c: &Rc<Conn>) {
-        {
-            let mut slab = self.slab.borrow_mut();
-            match slab.get_mut(c.slot as usize) {
-                Some(s) if s.as_ref().is_some_and(|x| x.id == c.id) => *s = None,
-                _ => return, // already released
-            }
+        if !self.slab.borrow_mut().remove_if(c.slot, |x| x.id == c.id) {
+            return; // already released
         }
-        self.free.borrow_mut().push(c.slot);
         self.unregister(c);
         // Closing the descriptor takes it out of the epoll set. When the caller's
         // reference is the last, it closes as the caller returns, before this thread
@@ -404,7 +284,7 @@ impl ShardCtx {
     }
 
     fn settle_dirty(&self) {
-        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+        let dirty = self.slab.borrow_mut().take_dirty();
         for slot in dirty {
             if let Some(c) = self.conn_at(slot) {
                 self.settle(&c);
@@ -427,24 +307,17 @@ impl ShardCtx {
         } = a;
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
-        let slot = match self.free.borrow_mut().pop() {
-            Some(s) => s,
-            None => {
-                let mut slab = self.slab.borrow_mut();
-                slab.push(None);
-                (slab.len() - 1) as u32
-            }
-        };
+        let slot = self.slab.borrow_mut().vacant();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let conn = Rc::new(Conn::new(
             self, id, slot, stream, tls, ident, peer, protocol, deflate, open,
         ));
         if let Err(e) = self.poller.add(fd, u64::from(slot), poller::IN) {
             tracing::warn!(error = %e, "cannot watch an adopted socket");
-            self.free.borrow_mut().push(slot);
+            self.slab.borrow_mut().give_back(slot);
             return;
         }
-        self.slab.borrow_mut()[slot as usize] = Some(conn.clone());
+        self.slab.borrow_mut().fill(slot, conn.clone());
         let old = self.routes.borrow_mut().insert(ident.device, conn.clone());
         self.metrics().connections.fetch_add(1, Relaxed);
         // Also after a takeover here: the directory keeps the newest connection's age.
@@ -466,19 +339,15 @@ impl ShardCtx {
     }
 
     /// Requests sent to an earlier connection of this device and not yet acked are
-    /// sent again: a request outlives a reconnect within its deadline.
+    /// sent again, in the order first sent: a request outlives a reconnect within its
+    /// deadline.
     pub fn resend_pending(&self, conn: &Conn) {
         let pending = self.pending.borrow();
-        for (id, p) in pending.iter() {
-            if p.device == conn.meta.device && !p.acked && !p.reply.is_closed() {
-                let (command, payload) = &p.frame_parts;
-                if let Some(frame) = conn.encode_request(self, *id, command, payload) {
-                    let limit = Limit::requests(self);
-                    if conn.send_or_close(self, conn.data_op(), &frame, limit)
-                        == SendOutcome::Dropped
-                    {
-                        break;
-                    }
+        let limit = Limit::requests(self);
+        for (id, command, payload) in pending.unacked(conn.meta.device) {
+            if let Some(frame) = conn.encode_request(self, id, command, payload) {
+                if conn.send_or_close(self, conn.data_op(), &frame, limit) == SendOutcome::Dropped {
+                    break;
                 }
             }
         }
@@ -487,66 +356,43 @@ impl ShardCtx {
     /// A stock device's follow-up (NervesHub `rebooting` after `reboot`) acks the
     /// oldest pending, not yet acked request of that command.
     pub fn ack_command(&self, device: Uuid, command: &str) {
-        let oldest = self
-            .pending
-            .borrow()
-            .iter()
-            .filter(|(_, p)| p.device == device && !p.acked && p.frame_parts.0 == command)
-            .min_by_key(|(_, p)| p.deadline)
-            .map(|(id, _)| *id);
-        if let Some(id) = oldest {
-            self.on_ack(device, id);
-        }
+        self.pending.borrow_mut().ack_command(device, command);
     }
 
-    /// May a new connection from `ip` be accepted? Err: the HTTP status line and why.
-    pub fn admit(&self, ip: std::net::IpAddr) -> Result<(), (&'static str, &'static str)> {
+    /// May a new connection from `ip` be accepted?
+    pub fn admit(&self, ip: std::net::IpAddr) -> Result<(), Refusal> {
         self.admit_connection()?;
         self.admit_ip(ip)
     }
 
     /// Draining and the connection cap: decided at accept, before a byte is read.
-    pub fn admit_connection(&self) -> Result<(), (&'static str, &'static str)> {
-        let m = self.metrics();
-        if self.drain.get().is_some() || self.shared.draining.load(Relaxed) {
-            m.refused_draining.fetch_add(1, Relaxed);
-            return Err((
-                "503 Service Unavailable",
-                "router draining; reconnect elsewhere",
-            ));
-        }
+    pub fn admit_connection(&self) -> Result<(), Refusal> {
+        let draining = self.drain.get().is_some() || self.shared.draining.load(Relaxed);
         let open = self.shared.metrics.open_connections.load(Relaxed);
-        if open >= self.shared.config.max_connections as i64 {
-            m.refused_max_connections.fetch_add(1, Relaxed);
-            return Err((
-                "503 Service Unavailable",
-                "connection limit reached; retry later",
-            ));
+        let r = self.admission.borrow().connection(draining, open);
+        if let Err(why) = r {
+            self.count_refusal(why);
         }
-        Ok(())
+        r
     }
 
     /// The per-IP connect rate (`--ip-connect-rate`), for the device's address.
-    pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<(), (&'static str, &'static str)> {
-        let m = self.metrics();
-        let rate = self.shared.config.ip_connect_rate;
-        if rate > 0 {
-            let now = self.now_secs();
-            let mut map = self.ip_rate.borrow_mut();
-            let e = map.entry(ip).or_insert((now, 0));
-            if e.0 != now {
-                *e = (now, 0);
-            }
-            e.1 += 1;
-            if e.1 > rate {
-                m.refused_ip_rate.fetch_add(1, Relaxed);
-                return Err((
-                    "429 Too Many Requests",
-                    "too many connections from this address; slow down",
-                ));
-            }
+    pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<(), Refusal> {
+        let r = self.admission.borrow_mut().ip(ip, self.now_secs());
+        if let Err(why) = r {
+            self.count_refusal(why);
         }
-        Ok(())
+        r
+    }
+
+    fn count_refusal(&self, why: Refusal) {
+        let m = self.metrics();
+        let counter = match why {
+            Refusal::Draining => &m.refused_draining,
+            Refusal::MaxConnections => &m.refused_max_connections,
+            Refusal::IpRate => &m.refused_ip_rate,
+        };
+        counter.fetch_add(1, Relaxed);
     }
 
     /// A connection is released: out of the route table (unless a newer connection of
@@ -570,28 +416,17 @@ impl ShardCtx {
     }
 
     pub fn on_ack(&self, device: Uuid, request: Uuid) {
-        let mut pending = self.pending.borrow_mut();
-        match pending.get_mut(&request) {
-            Some(p) if p.device == device => {
-                if p.wait_response {
-                    p.acked = true;
-                } else if let Some(p) = pending.remove(&request) {
-                    let _ = p.reply.send(RequestReply::Acked);
-                }
-            }
-            _ => {
-                self.metrics().acks_unmatched.fetch_add(1, Relaxed);
-            }
+        if !self.pending.borrow_mut().ack(device, request) {
+            self.metrics().acks_unmatched.fetch_add(1, Relaxed);
         }
     }
 
     pub fn on_response(&self, device: Uuid, request: Uuid, ok: bool, result: Option<Vec<u8>>) {
-        let mut pending = self.pending.borrow_mut();
-        if pending.get(&request).is_some_and(|p| p.device == device) {
-            if let Some(p) = pending.remove(&request) {
-                let _ = p.reply.send(RequestReply::Responded { ok, result });
-            }
-        } else {
+        if !self
+            .pending
+            .borrow_mut()
+            .respond(device, request, ok, result)
+        {
             self.metrics().acks_unmatched.fetch_add(1, Relaxed);
         }
     }
@@ -678,16 +513,6 @@ impl ShardCtx {
                 return;
             }
         }
-        self.pending.borrow_mut().insert(
-            r.request,
-            Pending {
-                device: r.device,
-                wait_response: r.wait_response,
-                acked: false,
-                deadline: r.deadline,
-                reply: r.reply,
-                frame_parts: (r.command, r.payload),
-            },
-        );
+        self.pending.borrow_mut().insert(r);
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::admission::Admission;
 use super::poller::{self, Poller};
 use super::timer::TICK;
 use super::{coarse_secs, ShardCtx, ShardMsg, READ_BUF};
@@ -49,7 +50,7 @@ pub fn run_shard(
             id,
             shared: shared.clone(),
             routes: RefCell::new(HashMap::new()),
-            pending: RefCell::new(HashMap::new()),
+            pending: RefCell::new(Default::default()),
             read_buf: RefCell::new(vec![0u8; READ_BUF]),
             plain_buf: RefCell::new(Vec::new()),
             scratch: RefCell::new(Scratch::default()),
@@ -58,17 +59,14 @@ pub fn run_shard(
             started: coarse_secs(),
             clock: Cell::new(0),
             drain: Cell::new(None),
-            ip_rate: RefCell::new(HashMap::new()),
+            admission: RefCell::new(Admission::new(
+                shared.config.ip_connect_rate,
+                shared.config.max_connections,
+            )),
             poller,
-            slab: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
-            dirty: RefCell::new(Vec::new()),
+            slab: RefCell::new(Default::default()),
             dirty_notify: Notify::new(),
-            lingering: RefCell::new(Vec::new()),
-            bus_batch: RefCell::new(Vec::new()),
-            bus_urgent: Cell::new(false),
-            throttled: Cell::new(false),
-            held: RefCell::new(Vec::new()),
+            batch: RefCell::new(Default::default()),
         });
         let driver_ctx = ctx.clone();
         let driver = tokio::task::spawn_local(async move {
@@ -90,7 +88,7 @@ pub fn run_shard(
                 }
                 ctx.settle_dirty();
                 ctx.wake_bus_if_urgent();
-                if ctx.throttled.get() {
+                if ctx.throttled() {
                     ctx.wait_relieved().await;
                 }
                 if evs.len() == poller::BATCH {

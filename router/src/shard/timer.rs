@@ -4,8 +4,6 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
-
 use super::conn::{Conn, Limit};
 use super::ShardCtx;
 use crate::protocol::ws::{CloseCode, OP_PING};
@@ -50,10 +48,7 @@ impl ShardCtx {
         let due: Vec<Rc<Conn>> = self
             .slab
             .borrow()
-            .iter()
-            .skip((tick % PING_SLOTS as u64) as usize)
-            .step_by(PING_SLOTS)
-            .flatten()
+            .share((tick % PING_SLOTS as u64) as usize, PING_SLOTS)
             .filter(|c| c.ping_due(now))
             .cloned()
             .collect();
@@ -71,24 +66,10 @@ impl ShardCtx {
             return;
         }
         let instant = Instant::now();
-        self.pending
-            .borrow_mut()
-            .retain(|_, p| p.deadline > instant && !p.reply.is_closed());
-        self.ip_rate.borrow_mut().retain(|_, (sec, _)| *sec == now);
+        self.pending.borrow_mut().expire(instant);
+        self.admission.borrow_mut().sweep(now);
         // Closes whose peer never sent its FIN within the linger: release them.
-        let expired: Vec<(u32, u64)> = {
-            let mut l = self.lingering.borrow_mut();
-            let mut out = Vec::new();
-            l.retain(|&(slot, id, until)| {
-                if until <= instant {
-                    out.push((slot, id));
-                    false
-                } else {
-                    true
-                }
-            });
-            out
-        };
+        let expired = self.slab.borrow_mut().lingered(instant);
         for (slot, id) in expired {
             if let Some(c) = self.conn_at(slot).filter(|c| c.id == id) {
                 self.release(&c);
@@ -108,17 +89,17 @@ impl ShardCtx {
         if to_close == 0 {
             return;
         }
-        let busy: std::collections::HashSet<Uuid> =
-            self.pending.borrow().values().map(|p| p.device).collect();
         let last = now >= plan.until;
-        let conns: Vec<Rc<Conn>> = self
-            .routes
-            .borrow()
-            .values()
-            .filter(|c| last || !busy.contains(&c.meta.device))
-            .take(to_close)
-            .cloned()
-            .collect();
+        let conns: Vec<Rc<Conn>> = {
+            let pending = self.pending.borrow();
+            self.routes
+                .borrow()
+                .values()
+                .filter(|c| last || !pending.has_device(&c.meta.device))
+                .take(to_close)
+                .cloned()
+                .collect()
+        };
         for c in conns {
             c.close_reading(self, CloseCode::GoingAway, "router draining");
         }

@@ -1,0 +1,155 @@
+//! A shard's connection slots: authenticated connections by slot (the poller's key),
+//! free slots reused; the slots to settle next and the closes lingering.
+
+use std::time::Instant;
+
+pub struct Slab<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<u32>,
+    /// Slots changed outside a readiness event, to settle next.
+    dirty: Vec<u32>,
+    /// Closing connections and when their linger ends: (slot, conn id, deadline).
+    lingering: Vec<(u32, u64, Instant)>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            dirty: Vec::new(),
+            lingering: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    /// A slot for a new connection, to [`Slab::fill`] (or [`Slab::give_back`]).
+    pub fn vacant(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    pub fn fill(&mut self, slot: u32, v: T) {
+        self.slots[slot as usize] = Some(v);
+    }
+
+    /// A vacant slot not filled after all.
+    pub fn give_back(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
+
+    pub fn get(&self, slot: u32) -> Option<&T> {
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    /// Empty the slot if it holds what `is` says; false: it did not (already released).
+    pub fn remove_if(&mut self, slot: u32, is: impl FnOnce(&T) -> bool) -> bool {
+        match self.slots.get_mut(slot as usize) {
+            Some(s) if s.as_ref().is_some_and(is) => {
+                *s = None;
+                self.free.push(slot);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every `step`-th slot's occupant from slot `first`: a timer tick's share.
+    pub fn share(&self, first: usize, step: usize) -> impl Iterator<Item = &T> {
+        self.slots.iter().skip(first).step_by(step).flatten()
+    }
+
+    /// The slot changed outside a readiness event: settle it next.
+    pub fn mark(&mut self, slot: u32) {
+        self.dirty.push(slot);
+    }
+
+    /// The slots marked since last asked.
+    pub fn take_dirty(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// The connection `id` in `slot` started closing: release it at `until` if its peer
+    /// has not finished the close by then.
+    pub fn linger(&mut self, slot: u32, id: u64, until: Instant) {
+        self.lingering.push((slot, id, until));
+    }
+
+    /// The lingering closes due at `now`: (slot, conn id), forgotten here.
+    pub fn lingered(&mut self, now: Instant) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        self.lingering.retain(|&(slot, id, until)| {
+            if until <= now {
+                out.push((slot, id));
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::Slab;
+
+    #[test]
+    fn slots_are_reused_once_released() {
+        let mut s = Slab::default();
+        let (a, b) = (s.vacant(), s.vacant());
+        assert_eq!((a, b), (0, 1));
+        s.fill(a, "a");
+        s.fill(b, "b");
+        assert_eq!(s.get(a), Some(&"a"));
+        assert_eq!(s.get(7), None);
+        // Released only if it still holds that connection.
+        assert!(!s.remove_if(a, |v| *v == "b"));
+        assert!(s.remove_if(a, |v| *v == "a"));
+        assert!(!s.remove_if(a, |_| true), "released twice");
+        assert_eq!(s.get(a), None);
+        assert_eq!(s.vacant(), a);
+        // A slot not filled after all.
+        let c = s.vacant();
+        assert_eq!(c, 2);
+        s.give_back(c);
+        assert_eq!(s.vacant(), c);
+    }
+
+    #[test]
+    fn a_tick_sees_its_share_of_the_occupied_slots() {
+        let mut s = Slab::default();
+        for i in 0..10u32 {
+            let slot = s.vacant();
+            s.fill(slot, i);
+        }
+        assert!(s.remove_if(4, |_| true));
+        assert_eq!(s.share(1, 3).copied().collect::<Vec<_>>(), [1, 7]);
+        assert_eq!(s.share(0, 5).copied().collect::<Vec<_>>(), [0, 5]);
+        assert_eq!(s.share(0, 1).count(), 9);
+    }
+
+    #[test]
+    fn dirty_slots_and_lingering_closes() {
+        let mut s: Slab<()> = Slab::default();
+        s.mark(3);
+        s.mark(1);
+        assert_eq!(s.take_dirty(), [3, 1]);
+        assert!(s.take_dirty().is_empty());
+        let now = Instant::now();
+        s.linger(1, 10, now + Duration::from_secs(2));
+        s.linger(2, 11, now + Duration::from_secs(1));
+        assert!(s.lingered(now).is_empty());
+        assert_eq!(s.lingered(now + Duration::from_secs(1)), [(2, 11)]);
+        assert_eq!(s.lingered(now + Duration::from_secs(5)), [(1, 10)]);
+        assert!(s.lingered(now + Duration::from_secs(9)).is_empty());
+    }
+}
