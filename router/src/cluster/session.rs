@@ -51,6 +51,8 @@ use super::link::{Inbound, Links, PeerAddr};
 use super::membership::{Heard, Membership, NodeId, ME};
 use super::route::cluster;
 use super::{Cluster, Dest, Outgoing, HEARTBEAT};
+use crate::amqp::{SessionEnd, CONNECT_TIMEOUT};
+use crate::retry::Backoff;
 use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
 use crate::{unix_ms, Shared};
 
@@ -74,10 +76,6 @@ const PROBE_HOLD: Duration = Duration::from_secs(10);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a finished request's outcome is remembered (to answer duplicates).
 const REMEMBER: Duration = Duration::from_secs(30);
-/// Connecting and declaring must finish within this.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// AMQP heartbeat of the cluster connection (seconds) unless the URL sets one: the
 /// broker drops a connection that misses two, so a node that vanished without closing
 /// its socket loses its queue (and membership) within about twice this.
@@ -116,7 +114,7 @@ pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>
         let Some(out) = cluster(&shared).take_outgoing() else {
             return;
         };
-        let urls = crate::bridge::Failover::new(&url).map(cluster_url);
+        let urls = crate::amqp::Failover::new(&url).map(cluster_url);
         rt.block_on(run(shared, urls, out));
     })
 }
@@ -219,13 +217,6 @@ enum Served {
 
 type ServeFut = Pin<Box<dyn Future<Output = (u128, String, Outcome)>>>;
 type ProbeFut<'a> = Pin<Box<dyn Future<Output = (NodeId, Option<bool>)> + 'a>>;
-
-/// Why a session ended.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    Lost,
-    Shutdown,
-}
 
 /// What outlives a broker session: members, the directory partition, served requests.
 struct State {
@@ -436,12 +427,12 @@ impl State {
 
 async fn run(
     shared: Arc<Shared>,
-    mut urls: crate::bridge::Failover,
+    mut urls: crate::amqp::Failover,
     mut out: mpsc::Receiver<Outgoing>,
 ) {
     let now = Instant::now();
     let c = cluster(&shared);
-    let tls = crate::bridge::amqp_tls(&shared.config).ok().flatten();
+    let tls = crate::amqp::tls_config(&shared.config).ok().flatten();
     let (links, mut link_in) = match c.take_link_listener() {
         Some((listener, advertised)) => {
             match Links::start(
@@ -476,7 +467,7 @@ async fn run(
         shared: shared.clone(),
     };
     let mut shutdown = shared.shutdown.subscribe();
-    let mut attempt = 0u32;
+    let mut backoff = Backoff::RECONNECT;
     let name = format!("hive-router {} cluster", shared.node_id);
     loop {
         if *shutdown.borrow() {
@@ -486,7 +477,7 @@ async fn run(
         let url = urls.current().to_string();
         let connecting = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            crate::bridge::amqp_connect(&url, props, tls.as_ref()),
+            crate::amqp::connect(&url, props, tls.as_ref()),
         );
         let conn = tokio::select! {
             r = connecting => r,
@@ -494,15 +485,14 @@ async fn run(
         };
         match conn {
             Ok(Ok(conn)) => {
-                attempt = 0;
+                backoff.reset();
                 let end = session(&mut st, &conn, &mut out, &mut link_in).await;
                 c.joined.store(false, Relaxed);
                 shared.update_ready();
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into()))
-                    .await;
+                crate::amqp::close(&conn).await;
                 match end {
-                    Ok(End::Shutdown) => return,
-                    Ok(End::Lost) => tracing::warn!("cluster connection lost; reconnecting"),
+                    Ok(SessionEnd::Shutdown) => return,
+                    Ok(SessionEnd::Lost) => tracing::warn!("cluster connection lost; reconnecting"),
                     Err(e) => {
                         if e.to_string().contains("RESOURCE_LOCKED") {
                             tracing::error!(node = %shared.node_id, "another router holds this node's queue: every node needs its own --node-id");
@@ -513,14 +503,16 @@ async fn run(
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, attempt, "cluster: cannot connect to RabbitMQ")
+                tracing::warn!(error = %e, attempt = backoff.attempt(), "cluster: cannot connect to RabbitMQ")
             }
-            Err(_) => tracing::warn!(attempt, "cluster: connecting to RabbitMQ timed out"),
+            Err(_) => tracing::warn!(
+                attempt = backoff.attempt(),
+                "cluster: connecting to RabbitMQ timed out"
+            ),
         }
         // Failed, or lost: the next broker node (one cluster's nodes share the topology).
         urls.advance();
-        let delay = crate::bridge::jittered_backoff(BACKOFF_BASE, BACKOFF_CAP, attempt);
-        attempt = attempt.saturating_add(1);
+        let delay = backoff.next_delay();
         // Meanwhile, keep serving what needs no broker: nothing queued for other nodes
         // can go, so it waits in `out` (bounded; the API answers 503 when it is full).
         tokio::select! {
@@ -649,7 +641,7 @@ async fn session(
     conn: &Connection,
     out: &mut mpsc::Receiver<Outgoing>,
     link_in: &mut mpsc::Receiver<Inbound>,
-) -> lapin::Result<End> {
+) -> lapin::Result<SessionEnd> {
     let ch = conn.create_channel().await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -660,7 +652,7 @@ async fn session(
         links: st.links.clone(),
     };
     let end = session_loop(st, conn, &ch, &mut pubr, &mut publisher, out, link_in).await;
-    if matches!(end, Ok(End::Shutdown)) {
+    if matches!(end, Ok(SessionEnd::Shutdown)) {
         // Let what is queued (releases, the leave) go out, briefly.
         drop(pubr);
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut publisher).await;
@@ -677,7 +669,7 @@ async fn session_loop(
     publisher: &mut tokio::task::JoinHandle<lapin::Error>,
     out: &mut mpsc::Receiver<Outgoing>,
     link_in: &mut mpsc::Receiver<Inbound>,
-) -> lapin::Result<End> {
+) -> lapin::Result<SessionEnd> {
     let me = st.me().to_string();
     let pq = declare(ch, &me).await?;
     let no_ack = BasicConsumeOptions {
@@ -740,7 +732,7 @@ async fn session_loop(
         let reregister_at = st.reregister_at;
         tokio::select! {
             d = node_in.next() => {
-                let Some(d) = d else { return Ok(End::Lost) };
+                let Some(d) = d else { return Ok(SessionEnd::Lost) };
                 let d = d?;
                 c.metrics.envelopes_received.fetch_add(1, Relaxed);
                 let r = Received::new(&d.data);
@@ -775,7 +767,7 @@ async fn session_loop(
                 }
             }
             d = presence_in.next() => {
-                let Some(d) = d else { return Ok(End::Lost) };
+                let Some(d) = d else { return Ok(SessionEnd::Lost) };
                 let d = d?;
                 let r = Received::new(&d.data);
                 let Ok(m) = r.presence() else {
@@ -817,10 +809,10 @@ async fn session_loop(
             e = &mut *publisher => {
                 let e = e.unwrap_or_else(|j| lapin::Error::from(std::io::Error::other(j.to_string())));
                 tracing::warn!(error = %e, "cluster publishing failed");
-                return Ok(End::Lost);
+                return Ok(SessionEnd::Lost);
             }
             o = out.recv(), if pubr.backlog() < PUBLISH_BACKLOG => {
-                let Some(o) = o else { return Ok(End::Shutdown) };
+                let Some(o) = o else { return Ok(SessionEnd::Shutdown) };
                 match o.to {
                     Dest::Node(n) if n == me => on_node_msg(st, pubr, o.msg).await?,
                     Dest::Node(n) => pubr.node(c, &n, &o.msg).await?,
@@ -909,17 +901,17 @@ async fn session_loop(
                 }
                 st.gauges();
                 if !ch.status().connected() || !conn.status().connected() {
-                    return Ok(End::Lost);
+                    return Ok(SessionEnd::Lost);
                 }
             }
             ev = conn_events.next() => {
                 // A probe's channel closed by the broker (404/405) is reported here too:
                 // only a connection that is no longer up ends the session.
                 match ev {
-                    None => return Ok(End::Lost),
+                    None => return Ok(SessionEnd::Lost),
                     Some(lapin::Event::Error(e)) if !conn.status().connected() => {
                         tracing::warn!(error = %e, "cluster connection error");
-                        return Ok(End::Lost);
+                        return Ok(SessionEnd::Lost);
                     }
                     Some(_) => {}
                 }
@@ -931,7 +923,7 @@ async fn session_loop(
                 }
                 flush_directory(st, pubr).await?;
                 pubr.presence(st, PresenceBody::Leaving).await?;
-                return Ok(End::Shutdown);
+                return Ok(SessionEnd::Shutdown);
             }
         }
     }

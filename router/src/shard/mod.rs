@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::bridge::{BusEvent, RoutingKey};
+use crate::bus::{BusEvent, RoutingKey};
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
 use crate::Shared;

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::Conn;
-use crate::bridge::RoutingKey;
+use crate::bus::RoutingKey;
 use crate::protocol::hive;
 use crate::protocol::ws::{self, FrameHeader, OP_CLOSE, OP_CONT, OP_PING, OP_PONG};
 use crate::shard::ShardCtx;

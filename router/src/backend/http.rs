@@ -13,6 +13,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 
 use super::{Delivery, Held, WARN_EVERY};
 use crate::config::ServeConfig;
+use crate::redact_url as redact;
 
 /// Refuse at startup a configuration that can never deliver.
 pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
@@ -60,18 +61,6 @@ pub fn backend_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certifi
         anyhow::bail!("--backend-ca {}: no PEM certificate in it", path.display());
     }
     Ok(certs)
-}
-
-/// The URL without user info, for logs.
-pub(super) fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.to_string()
-        }
-        Err(_) => "<unparsable URL>".into(),
-    }
 }
 
 /// The batch being POSTed (or waiting to be POSTed again).
@@ -259,8 +248,8 @@ mod tests {
         assert!(check_config(url, &c).is_err());
         assert_eq!(
             redact("http://user:secret@host:80/x"),
-            "http://host/x",
-            "no credentials in logs"
+            "http://user:***@host:80/x",
+            "no password in logs"
         );
     }
 
