@@ -157,7 +157,8 @@ impl RouterHandle {
     }
 }
 
-/// Bind the listeners and start the shard threads and the API thread.
+/// Bind the listeners and start the shard threads and the API thread (with more than
+/// one shard; with one, the API runs on the shard's thread).
 pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     if let Some(url) = &config.amqp {
         amqp::check_url(url)?;

@@ -1,5 +1,6 @@
 //! The backend-facing HTTP API ("Device Service"), SSE event stream and metrics.
-//! Runs on its own thread; reaches devices only by messages to the owning shard.
+//! Runs on a thread of its own (or, with one shard, on the shard's thread); reaches
+//! devices only by messages to the owning shard.
 
 // Handlers return early with a ready `Response` as the error: it is the answer itself,
 // built once per refused call, never on the device message path.

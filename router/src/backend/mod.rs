@@ -38,10 +38,10 @@
 //! its batch is acked if it succeeded); everything else held is left unacked and
 //! redelivered to whichever consumer comes next.
 //!
-//! **Why its own thread.** Like the events publisher ([`crate::bus::publisher`]) it runs on a dedicated OS thread with a
-//! single-threaded tokio runtime (driving lapin and reqwest), so a slow backend or a
-//! busy broker never delays the HTTP API or the shards. It is joined by the API thread
-//! after the shutdown signal.
+//! **Why its own thread.** Like the events publisher ([`crate::bus::publisher`]) it
+//! runs on a dedicated OS thread with a single-threaded tokio runtime (driving lapin and
+//! reqwest), so a slow backend or a busy broker never delays the HTTP API or the shards.
+//! It is joined by the thread running the API after the shutdown signal.
 //!
 //! The HTTP side (config checks, batches, POSTs, failure accounting) is in `http.rs`;
 //! the AMQP side (connect, declare, consume, probe) in `consume.rs`.

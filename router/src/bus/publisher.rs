@@ -28,9 +28,10 @@
 //! settling confirms is steady CPU work that would otherwise queue in front of HTTP
 //! requests on the API's single-threaded runtime and inflate request/ack latency, and
 //! a broker that stalls (flow control, memory alarm) must not make the API sluggish
-//! either. The thread is joined by the API thread after the shutdown signal, so on a
-//! graceful stop the bridge gets up to [`FLUSH_ON_SHUTDOWN`] to publish what the shards
-//! handed it; anything still unconfirmed then is counted as dropped (`shutdown`).
+//! either. The thread is joined by the thread running the API after the shutdown
+//! signal, so on a graceful stop the bridge gets up to [`FLUSH_ON_SHUTDOWN`] to publish
+//! what the shards handed it; anything still unconfirmed then is counted as dropped
+//! (`shutdown`).
 //!
 //! **What it must never do.** Block or slow a shard: nothing here waits on a shard,
 //! and shards never wait on the bus queue (above its high-water mark they stop reading

@@ -543,7 +543,7 @@ impl ShardCtx {
         Ok(())
     }
 
-    /// Called by a connection task when it ends.
+    /// Called when a connection ends (see `release`).
     pub fn unregister(&self, conn: &Conn) {
         let mut routes = self.routes.borrow_mut();
         if routes

@@ -126,7 +126,7 @@ pub fn run_shard(
         });
         let handle = &shared.shards[id];
         'inbox: loop {
-            // Drain in bounded batches so connection tasks get their turn.
+            // Drain in bounded batches so the connections (and handshake tasks) get their turn.
             for _ in 0..1024 {
                 match rx.try_recv() {
                     Ok(msg) => {
