@@ -10,7 +10,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ExchangeKind};
 
 /// The exchange every device event is published to.
-pub const EXCHANGE: &str = "hive.events";
+pub(crate) const EXCHANGE: &str = "hive.events";
 /// Connecting and declaring the topology must finish within this.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -27,13 +27,13 @@ pub(crate) enum SessionEnd {
 /// to the next (round robin), with the usual backoff between attempts: a broker node
 /// that dies is left for the next reachable one.
 #[derive(Debug, Clone)]
-pub struct Failover {
+pub(crate) struct Failover {
     urls: Vec<String>,
     next: usize,
 }
 
 impl Failover {
-    pub fn new(spec: &str) -> Self {
+    pub(crate) fn new(spec: &str) -> Self {
         Failover {
             urls: urls(spec),
             next: 0,
@@ -41,19 +41,19 @@ impl Failover {
     }
 
     /// The URL to connect to now.
-    pub fn current(&self) -> &str {
+    pub(crate) fn current(&self) -> &str {
         self.urls
             .get(self.next % self.urls.len().max(1))
             .map_or("", String::as_str)
     }
 
     /// The current URL failed (or its connection was lost): the next one.
-    pub fn advance(&mut self) {
+    pub(crate) fn advance(&mut self) {
         self.next = self.next.wrapping_add(1);
     }
 
     /// Every URL changed by `f` (the cluster connection's heartbeat and frame size).
-    pub fn map(mut self, f: impl Fn(&str) -> String) -> Self {
+    pub(crate) fn map(mut self, f: impl Fn(&str) -> String) -> Self {
         self.urls = self.urls.iter().map(|u| f(u)).collect();
         self
     }
@@ -61,7 +61,7 @@ impl Failover {
 
 /// TLS settings of `amqps://` connections (`--amqp-ca`, `--amqp-cert`, `--amqp-key`);
 /// None: the system's roots and no client certificate.
-pub fn tls_config(
+pub(crate) fn tls_config(
     config: &crate::config::ServeConfig,
 ) -> anyhow::Result<Option<lapin::tcp::OwnedTLSConfig>> {
     let read = |flag: &str, p: &std::path::Path| {
@@ -90,7 +90,7 @@ pub fn tls_config(
 }
 
 /// Open an AMQP connection (`amqp://` or `amqps://`) with the configured TLS settings.
-pub async fn connect(
+pub(crate) async fn connect(
     url: &str,
     props: lapin::ConnectionProperties,
     tls: Option<&lapin::tcp::OwnedTLSConfig>,
@@ -114,7 +114,7 @@ fn urls(spec: &str) -> Vec<String> {
 }
 
 /// Refuse at startup a URL that can never work, rather than retrying it forever.
-pub fn check_url(spec: &str) -> anyhow::Result<()> {
+pub(crate) fn check_url(spec: &str) -> anyhow::Result<()> {
     let urls = urls(spec);
     if urls.is_empty() {
         anyhow::bail!("--amqp: no URL");

@@ -16,7 +16,7 @@ use crate::config::ServeConfig;
 use crate::redact_url as redact;
 
 /// Refuse at startup a configuration that can never deliver.
-pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
+pub(crate) fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
     if config.amqp.is_none() {
         anyhow::bail!(
             "--backend-url needs --amqp: backend delivery consumes the device events from \
@@ -52,7 +52,7 @@ pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
 }
 
 /// The certificates of `--backend-ca` (PEM), refused at startup if there are none.
-pub fn backend_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+pub(crate) fn backend_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
     let pem =
         std::fs::read(path).map_err(|e| anyhow::anyhow!("--backend-ca {}: {e}", path.display()))?;
     let certs = reqwest::Certificate::from_pem_bundle(&pem)

@@ -79,12 +79,12 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 /// At most one warning per this long about a failing backend.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// On shutdown, how long a POST already in flight may still take (then acked if 2xx).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-pub use http::check_config;
+pub(crate) use http::check_config;
 
 /// Start the backend delivery thread. It runs until `shared.shutdown` flips.
-pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub(crate) fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
     crate::runtime_thread("backend-delivery", move |rt| {
         let Some(delivery) = Delivery::new(shared) else {
             return;

@@ -63,7 +63,7 @@ use crate::retry::Backoff;
 use crate::{redact_url, Shared};
 
 /// How long a graceful stop waits for the buffer to be published and confirmed.
-pub const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
+pub(crate) const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
 /// Events published per batch before the bridge lets confirms and I/O run.
 const BATCH: usize = 256;
 /// Pause after a nack before publishing again, so a broker that refuses
@@ -74,7 +74,7 @@ const HEADER_FRAME_OVERHEAD: usize = 256;
 
 /// Start the bridge thread. It runs until `shared.shutdown` flips, then flushes
 /// (bounded by [`FLUSH_ON_SHUTDOWN`]) and returns.
-pub fn spawn(
+pub(crate) fn spawn(
     shared: Arc<Shared>,
     rx: BusRx,
     sink: Arc<super::sse::SseHub>,
