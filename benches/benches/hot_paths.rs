@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use router::auth::{mint, Verifier};
-use router::bridge::headers;
+use router::bus::headers;
 use router::cluster::envelope::{self, NodeMsg, Received, What};
 use router::protocol::effect::Effect;
 use router::protocol::hive::{self, Meta};

@@ -83,7 +83,7 @@ async fn main() {
     while Instant::now() < end {
         while inflight.len() < window {
             // The headers are mapped per message, as the bridge does.
-            let h = router::bridge::headers::from_json(&body).expect("headers");
+            let h = router::bus::headers::from_json(&body).expect("headers");
             let props = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2)

@@ -2,7 +2,7 @@
 //! table's computed wire length is what lapin's encoder really writes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use router::bridge::headers;
+use router::bus::headers;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = headers::from_json(data) {

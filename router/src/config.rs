@@ -274,7 +274,7 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_MTLS_ACCOUNT_FIELD", default_value = "ou", value_parser = ["ou", "o", "uid"])]
     pub mtls_account_field: String,
 
-    // --- Backend delivery (bridge::backend): hive.events -> HTTP POST to the backend ---
+    // --- Backend delivery (`backend`): hive.events -> HTTP POST to the backend ---
     /// Deliver device events to this backend URL by HTTP POST (batched JSON arrays),
     /// consuming them from RabbitMQ: requires --amqp. Absent = no backend delivery.
     #[arg(long, env = "ROUTER_BACKEND_URL", requires = "amqp")]

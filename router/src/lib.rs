@@ -2,11 +2,18 @@
 //!
 //! Data flow, in module order: `listener` (accept, upgrade, auth) -> `shard`
 //! (thread per core, route table, connection loop) -> `protocol` (frames <->
-//! messages, no I/O) -> `bridge` (events out) -> `api` (HTTP device service).
+//! messages, no I/O) -> `bus` (events out of the shards: SSE ring, or RabbitMQ) ->
+//! `backend` (RabbitMQ -> HTTP POSTs to the backend); `api` (HTTP device service) and
+//! `cluster` (requests to devices on other nodes) go the other way. `amqp` is the
+//! connection code the RabbitMQ users share, `retry` their backoff.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod amqp;
 pub mod api;
 pub mod auth;
-pub mod bridge;
+pub mod backend;
+pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod config_file;
@@ -14,6 +21,7 @@ pub mod listener;
 pub mod metrics;
 pub mod nerves_auth;
 pub mod protocol;
+pub(crate) mod retry;
 pub mod shard;
 pub mod tls;
 
@@ -26,7 +34,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use auth::Verifier;
-use bridge::Bus;
+use bus::Bus;
 use config::ServeConfig;
 use metrics::Metrics;
 use shard::{ShardHandle, ShardMsg};
@@ -73,6 +81,28 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The URL with its password replaced by `***` (`scheme://user:***@host/...`), for logs
+/// and errors. Everything up to the last `@` counts as user info, so a password that
+/// holds `/`, `?` or `#` unescaped is hidden too.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// 64 bits that differ per call and per process, not cryptographic (retry jitter, a
+/// node's incarnation); link tokens take the OS generator instead.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    let s = std::collections::hash_map::RandomState::new();
+    s.hash_one((std::process::id(), std::time::Instant::now()))
 }
 
 /// A running router: its bound addresses and the means to stop it.
@@ -127,15 +157,16 @@ impl RouterHandle {
     }
 }
 
-/// Bind the listeners and start the shard threads and the API thread.
+/// Bind the listeners and start the shard threads and the API thread (with more than
+/// one shard; with one, the API runs on the shard's thread).
 pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     if let Some(url) = &config.amqp {
-        bridge::amqp::check_url(url)?;
+        amqp::check_url(url)?;
         // The TLS files are read now too, so a missing one stops the start.
-        bridge::amqp_tls(&config)?;
+        amqp::tls_config(&config)?;
     }
     if let Some(url) = &config.backend_url {
-        bridge::backend::check_config(url, &config)?;
+        backend::check_config(url, &config)?;
     }
     let n = config.shard_count();
     let (secret, dev) = config.secret().context("reading --auth-secret-file")?;
@@ -210,9 +241,9 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     });
 
     // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
-    // joined after the API has stopped (see bridge::backend).
+    // joined after the API has stopped (see `backend`).
     let backend = match (&shared.config.amqp, &shared.config.backend_url) {
-        (Some(_), Some(_)) => Some(bridge::backend::spawn(shared.clone())?),
+        (Some(_), Some(_)) => Some(backend::spawn(shared.clone())?),
         _ => None,
     };
     let mut api = Some(ApiPart {
@@ -277,7 +308,7 @@ pub(crate) fn runtime_thread(
 /// thread): on a thread of its own, or on the shard's thread when there is one shard.
 pub struct ApiPart {
     listener: std::net::TcpListener,
-    bus_rx: bridge::BusRx,
+    bus_rx: bus::BusRx,
     backend: Option<JoinHandle<()>>,
 }
 
@@ -297,14 +328,14 @@ impl ApiPart {
     /// still open 5 s later is cut so the process exits). Call inside a runtime.
     pub async fn serve(self, sh: Arc<Shared>) -> ApiThreads {
         let mut after = Vec::new();
-        let sink = Arc::new(bridge::sse::SseHub::new(
-            bridge::sse::SSE_BUFFER_BYTES,
-            bridge::sse::SSE_BUFFER_EVENTS,
+        let sink = Arc::new(bus::sse::SseHub::new(
+            bus::sse::SSE_BUFFER_BYTES,
+            bus::sse::SSE_BUFFER_EVENTS,
         ));
-        // --amqp: the RabbitMQ bridge drains the bus on its own thread (see
-        // bridge::amqp), joined once the API has stopped so it can flush.
+        // --amqp: the RabbitMQ publisher drains the bus on its own thread (see
+        // bus::publisher), joined once the API has stopped so it can flush.
         if sh.config.amqp.is_some() {
-            match bridge::amqp::spawn(sh.clone(), self.bus_rx, sink.clone()) {
+            match bus::publisher::spawn(sh.clone(), self.bus_rx, sink.clone()) {
                 Ok(t) => after.push(t),
                 Err(e) => tracing::error!(error = %e, "cannot start the AMQP bridge thread"),
             }
@@ -314,7 +345,7 @@ impl ApiPart {
                 Err(e) => tracing::error!(error = %e, "cannot start the cluster thread"),
             }
         } else {
-            tokio::spawn(bridge::embedded::run(sh.clone(), self.bus_rx, sink.clone()));
+            tokio::spawn(bus::embedded::run(sh.clone(), self.bus_rx, sink.clone()));
         }
         after.extend(self.backend);
         let listener = match tokio::net::TcpListener::from_std(self.listener) {

@@ -313,7 +313,7 @@ async fn a_subscriber_that_never_reads_is_bounded_in_bytes() {
     );
     assert!(held > 0.0);
     assert!(
-        held <= (router::bridge::sse::SSE_BUFFER_BYTES + 51_000) as f64,
+        held <= (router::bus::sse::SSE_BUFFER_BYTES + 51_000) as f64,
         "{held}"
     );
     // It reads now: the first thing it learns is how many events went by.

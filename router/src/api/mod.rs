@@ -1,5 +1,6 @@
 //! The backend-facing HTTP API ("Device Service"), SSE event stream and metrics.
-//! Runs on its own thread; reaches devices only by messages to the owning shard.
+//! Runs on a thread of its own (or, with one shard, on the shard's thread); reaches
+//! devices only by messages to the owning shard.
 
 // Handlers return early with a ready `Response` as the error: it is the answer itself,
 // built once per refused call, never on the device message path.
@@ -31,7 +32,7 @@ use crate::Shared;
 #[derive(Clone)]
 pub struct ApiState {
     pub shared: Arc<Shared>,
-    pub sink: Arc<crate::bridge::sse::SseHub>,
+    pub sink: Arc<crate::bus::sse::SseHub>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -533,12 +534,12 @@ async fn events(State(st): State<ApiState>) -> impl IntoResponse {
     let sub = st.sink.subscribe();
     let stream = futures_util::stream::unfold((sub, guard), |(mut sub, guard)| async move {
         let ev = match sub.recv().await {
-            crate::bridge::sse::Item::Event(body) => {
+            crate::bus::sse::Item::Event(body) => {
                 SseEvent::default().data(String::from_utf8_lossy(&body))
             }
             // Counted (router_sse_lagged_total); the client sees a comment saying how
             // many it missed.
-            crate::bridge::sse::Item::Lagged(n) => {
+            crate::bus::sse::Item::Lagged(n) => {
                 guard.0.metrics.api.sse_lagged.fetch_add(n, Relaxed);
                 SseEvent::default().comment(format!("lagged {n}"))
             }

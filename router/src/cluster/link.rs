@@ -40,6 +40,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::retry::Backoff;
+
 const MAGIC: &[u8; 4] = b"HIVL";
 const VERSION: u8 = 1;
 /// The listener's answer to a good hello.
@@ -297,7 +299,7 @@ async fn connect_loop(
     up: Arc<AtomicBool>,
     metrics: Arc<LinkMetrics>,
 ) {
-    let mut attempt = 0u32;
+    let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     loop {
         match run_link(&me, &at, &mut rx, &up, &metrics).await {
             Ok(()) => return, // the sender side is gone: the peer was forgotten
@@ -305,7 +307,7 @@ async fn connect_loop(
                 if up.swap(false, Relaxed) {
                     metrics.up.fetch_sub(1, Relaxed);
                     tracing::info!(peer = %at.addr, error = %e, "cluster link down; using the broker");
-                    attempt = 0;
+                    backoff.reset();
                 }
                 metrics.failures.fetch_add(1, Relaxed);
             }
@@ -313,9 +315,7 @@ async fn connect_loop(
         // Whatever was queued for a link that failed is stale; the broker carries
         // what comes next until the link is back.
         while rx.try_recv().is_ok() {}
-        let delay = crate::bridge::jittered_backoff(RETRY_BASE, RETRY_CAP, attempt);
-        attempt = attempt.saturating_add(1);
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -28,7 +28,7 @@ pub mod session;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -137,7 +137,7 @@ impl Cluster {
         let (out_tx, out_rx) = mpsc::channel(OUTGOING_QUEUE);
         Cluster {
             node,
-            incarnation: rand_u64(),
+            incarnation: crate::random_u64(),
             local: Mutex::new(Local::default()),
             changed: watch::Sender::new(0),
             replies: Mutex::new(HashMap::new()),
@@ -549,12 +549,6 @@ impl Drop for ReplyGuard<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.request);
     }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::BuildHasher;
-    let s = std::collections::hash_map::RandomState::new();
-    s.hash_one((std::process::id(), Instant::now()))
 }
 
 #[cfg(test)]

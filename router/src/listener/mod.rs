@@ -140,6 +140,8 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: AsyncFd<std::net::TcpListe
 /// syscall instead of two.
 fn accept_nonblocking(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
     use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: sockaddr_storage is plain integers and byte arrays, for which all zero
+    // bytes is a valid value.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: accept4 on our listening socket, writing at most `len` bytes into `addr`.

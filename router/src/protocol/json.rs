@@ -624,7 +624,7 @@ mod tests {
             let t = format!("{{\"a\":{}{}}}", "[".repeat(inner), "]".repeat(inner));
             let ours = Scratch::default().parse_object(t.as_bytes()).is_ok();
             assert_eq!(ours, inner < MAX_DEPTH, "{inner} arrays in an object");
-            let headers = crate::bridge::headers::from_json(t.as_bytes()).is_ok();
+            let headers = crate::bus::headers::from_json(t.as_bytes()).is_ok();
             assert_eq!(ours, headers, "{inner} arrays in an object");
             assert_eq!(validate(t.as_bytes()), ours);
         }

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::bridge::{Bus, BusEvent, RoutingKey};
+use crate::bus::{Bus, BusEvent, RoutingKey};
 
 /// Events a shard may queue on the bus in one pass before it wakes the consumer anyway.
 const WAKE_EVERY: usize = 512;
@@ -132,7 +132,7 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::{Batch, HandedOver, Queued, WAKE_EVERY};
-    use crate::bridge::{Bus, RoutingKey};
+    use crate::bus::{Bus, RoutingKey};
 
     fn key() -> RoutingKey {
         RoutingKey::concat(&["hive-backend.test"])

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::bridge::RoutingKey;
+use crate::bus::RoutingKey;
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
 use crate::protocol::ws::CloseCode;

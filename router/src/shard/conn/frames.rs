@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::{Conn, Limit, Linger, Phase, Reads};
-use crate::bridge::RoutingKey;
+use crate::bus::RoutingKey;
 use crate::protocol::hive;
 use crate::protocol::ws::{
     self, CloseCode, FrameHeader, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG,

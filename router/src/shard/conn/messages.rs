@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::{Adapter, Conn};
-use crate::bridge::RoutingKey;
+use crate::bus::RoutingKey;
 use crate::protocol::effect::Effect;
 use crate::protocol::hive::{self, Inbound};
 use crate::protocol::hivekit::{self, Subscriptions};

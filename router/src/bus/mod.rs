@@ -1,14 +1,23 @@
-//! The bridge: where device events leave the shards. Shards hand events to it over
-//! one bounded crossbeam queue (a full queue drops and counts, never blocks a shard).
-//! Embedded mode (the default) delivers them to an in-process sink that feeds
-//! `GET /v1/events`; with `--amqp` the RabbitMQ bridge (`amqp`) publishes them to
-//! `hive.events` with publisher confirms (and feeds the same sink); with `--backend-url`
-//! too, `backend` consumes them back from RabbitMQ and POSTs them to the backend.
+//! The event bus: where device events leave the shards, and what drains it.
+//!
+//! Data flow: a shard batches the events one pass produced and hands the batch to the
+//! [`Bus`] (one unbounded crossbeam channel, bounded in events by `--queue-capacity`).
+//! Shards apply backpressure rather than drop: above three quarters of the capacity
+//! they stop reading their devices until the queue is back under half (TCP then pushes
+//! back on the devices); an event that still finds the queue full is dropped and
+//! counted. One consumer drains the [`BusRx`]:
+//!
+//! - `embedded` (the default, no broker): into the SSE ring (`sse`) that
+//!   `GET /v1/events` subscribers read;
+//! - `publisher` (`--amqp`): to RabbitMQ's `hive.events` with publisher confirms,
+//!   mapping each event's fields to AMQP headers (`headers`), and into the same ring.
+//!
+//! From RabbitMQ on, delivery to the backend (`--backend-url`) is [`crate::backend`];
+//! the AMQP connection code both share is [`crate::amqp`].
 
-pub mod amqp;
-pub mod backend;
 pub mod embedded;
 pub mod headers;
+pub mod publisher;
 pub mod sse;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -124,8 +133,9 @@ impl Bus {
         )
     }
 
-    /// Room for `n` more events besides `pending` not yet handed over? A shard drops
-    /// (and counts) an event that finds the queue full; it never blocks.
+    /// Room for one more event besides `pending` not yet handed over? A shard drops
+    /// (and counts) an event that finds the queue full; it never blocks on the queue
+    /// (it stops reading devices before that: see [`Bus::congested`]).
     pub fn has_room(&self, pending: usize) -> bool {
         self.queued.load(Relaxed) + pending < self.capacity
     }
@@ -187,130 +197,8 @@ impl BusRx {
     }
 }
 
-/// The `--amqp` value: one URL, or the nodes of one RabbitMQ cluster, comma-separated.
-/// Each of the router's connections (events, cluster, backend delivery) starts at the
-/// first and, whenever an attempt fails or an established connection is lost, moves on
-/// to the next (round robin), with the usual backoff between attempts: a broker node
-/// that dies is left for the next reachable one.
-#[derive(Debug, Clone)]
-pub struct Failover {
-    urls: Vec<String>,
-    next: usize,
-}
-
-impl Failover {
-    pub fn new(spec: &str) -> Self {
-        Failover {
-            urls: amqp_urls(spec),
-            next: 0,
-        }
-    }
-
-    /// The URL to connect to now.
-    pub fn current(&self) -> &str {
-        self.urls
-            .get(self.next % self.urls.len().max(1))
-            .map_or("", String::as_str)
-    }
-
-    /// The current URL failed (or its connection was lost): the next one.
-    pub fn advance(&mut self) {
-        self.next = self.next.wrapping_add(1);
-    }
-
-    /// Every URL changed by `f` (the cluster connection's heartbeat and frame size).
-    pub fn map(mut self, f: impl Fn(&str) -> String) -> Self {
-        self.urls = self.urls.iter().map(|u| f(u)).collect();
-        self
-    }
-}
-
-/// TLS settings of `amqps://` connections (`--amqp-ca`, `--amqp-cert`, `--amqp-key`);
-/// None: the system's roots and no client certificate.
-pub fn amqp_tls(
-    config: &crate::config::ServeConfig,
-) -> anyhow::Result<Option<lapin::tcp::OwnedTLSConfig>> {
-    let read = |flag: &str, p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", p.display()))
-    };
-    let cert_chain = match &config.amqp_ca {
-        Some(p) => Some(
-            String::from_utf8(read("--amqp-ca", p)?)
-                .map_err(|_| anyhow::anyhow!("--amqp-ca {}: not PEM text", p.display()))?,
-        ),
-        None => None,
-    };
-    let identity = match (&config.amqp_cert, &config.amqp_key) {
-        (Some(c), Some(k)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
-            pem: read("--amqp-cert", c)?,
-            key: read("--amqp-key", k)?,
-        }),
-        _ => None,
-    };
-    Ok(
-        (cert_chain.is_some() || identity.is_some()).then_some(lapin::tcp::OwnedTLSConfig {
-            identity,
-            cert_chain,
-        }),
-    )
-}
-
-/// Open an AMQP connection (`amqp://` or `amqps://`) with the configured TLS settings.
-pub async fn amqp_connect(
-    url: &str,
-    props: lapin::ConnectionProperties,
-    tls: Option<&lapin::tcp::OwnedTLSConfig>,
-) -> lapin::Result<lapin::Connection> {
-    match tls {
-        None => lapin::Connection::connect(url, props).await,
-        Some(t) => {
-            let rt = lapin::runtime::default_runtime()?;
-            lapin::Connection::connect_with_config(url, props, t.clone(), rt).await
-        }
-    }
-}
-
-/// The URLs of an `--amqp` value (comma-separated, blanks ignored).
-pub fn amqp_urls(spec: &str) -> Vec<String> {
-    spec.split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-/// Delay before retry `attempt` (0-based): `base` doubling per attempt, capped at `cap`,
-/// with jitter in [d/2, d] so a fleet of routers does not retry in lockstep.
-pub fn jittered_backoff(
-    base: std::time::Duration,
-    cap: std::time::Duration,
-    attempt: u32,
-) -> std::time::Duration {
-    use std::hash::BuildHasher;
-    let exp = base.saturating_mul(1u32 << attempt.min(16));
-    let d = exp.min(cap).as_millis() as u64;
-    let half = d / 2;
-    let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
-    std::time::Duration::from_millis(half + r % (half + 1))
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
-    #[test]
-    fn failover_goes_round_the_urls() {
-        let mut f = super::Failover::new(" amqp://a , amqp://b,,amqp://c ");
-        assert_eq!(f.current(), "amqp://a");
-        f.advance();
-        assert_eq!(f.current(), "amqp://b");
-        f.advance();
-        f.advance();
-        assert_eq!(f.current(), "amqp://a");
-        let one = super::Failover::new("amqp://x").map(|u| format!("{u}?h=5"));
-        assert_eq!(one.current(), "amqp://x?h=5");
-    }
-
-    use std::time::Duration;
-
+mod tests {
     #[test]
     fn routing_keys_read_back_as_written_inline_or_not() {
         let long = |n: usize| "t".repeat(n);
@@ -326,16 +214,6 @@ pub(crate) mod tests {
             assert_eq!(key.as_str(), format!("hive-device.{ty}"));
             assert_eq!(key.to_string(), key.as_str());
             assert_eq!(key.clone().as_str(), key.as_str());
-        }
-    }
-
-    /// `backoff(attempt)` is `base` doubled per attempt, capped at `cap`, and jittered
-    /// into [d/2, d].
-    pub fn assert_jittered_doubling(backoff: fn(u32) -> Duration, base: Duration, cap: Duration) {
-        for attempt in 0..40 {
-            let d = backoff(attempt);
-            let full = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
         }
     }
 }

@@ -13,9 +13,10 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 
 use super::{Delivery, Held, WARN_EVERY};
 use crate::config::ServeConfig;
+use crate::redact_url as redact;
 
 /// Refuse at startup a configuration that can never deliver.
-pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
+pub(crate) fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
     if config.amqp.is_none() {
         anyhow::bail!(
             "--backend-url needs --amqp: backend delivery consumes the device events from \
@@ -51,7 +52,7 @@ pub fn check_config(url: &str, config: &ServeConfig) -> anyhow::Result<()> {
 }
 
 /// The certificates of `--backend-ca` (PEM), refused at startup if there are none.
-pub fn backend_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+pub(crate) fn backend_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
     let pem =
         std::fs::read(path).map_err(|e| anyhow::anyhow!("--backend-ca {}: {e}", path.display()))?;
     let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -60,18 +61,6 @@ pub fn backend_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certifi
         anyhow::bail!("--backend-ca {}: no PEM certificate in it", path.display());
     }
     Ok(certs)
-}
-
-/// The URL without user info, for logs.
-pub(super) fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.to_string()
-        }
-        Err(_) => "<unparsable URL>".into(),
-    }
 }
 
 /// The batch being POSTed (or waiting to be POSTed again).
@@ -259,8 +248,8 @@ mod tests {
         assert!(check_config(url, &c).is_err());
         assert_eq!(
             redact("http://user:secret@host:80/x"),
-            "http://host/x",
-            "no credentials in logs"
+            "http://user:***@host:80/x",
+            "no password in logs"
         );
     }
 

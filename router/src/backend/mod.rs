@@ -4,7 +4,7 @@
 //! down; a batch may reach it twice (a retry after a timeout that the backend did
 //! process, or a redelivery after a lost connection or a restart).
 //!
-//! **What it owns.** Its own AMQP connection (not the bridge's: RabbitMQ recommends
+//! **What it owns.** Its own AMQP connection (not the events publisher's: RabbitMQ recommends
 //! separate connections for publishing and consuming, because flow control blocks a
 //! *publishing* connection, and a consumer sharing it would stop acking too, which
 //! deadlocks the very backlog that triggered the alarm); one consuming channel and one
@@ -12,7 +12,7 @@
 //! `hive.backend`) bound to `hive.events` with each of `--backend-bindings` (default
 //! `#`); an HTTP client; the `router_backend_*` metrics.
 //!
-//! **What it does.** It declares `hive.events` (topic, durable, as the bridge does), the
+//! **What it does.** It declares `hive.events` (topic, durable, as the publisher does), the
 //! queue (durable; every router node consumes the same queue, so RabbitMQ spreads the
 //! events over the nodes), the bindings, `basic.qos` with `--backend-prefetch`, and
 //! consumes with manual acks. Deliveries are batched: up to `--backend-batch` events, or
@@ -38,10 +38,10 @@
 //! its batch is acked if it succeeded); everything else held is left unacked and
 //! redelivered to whichever consumer comes next.
 //!
-//! **Why its own thread.** Like the bridge it runs on a dedicated OS thread with a
-//! single-threaded tokio runtime (driving lapin and reqwest), so a slow backend or a
-//! busy broker never delays the HTTP API or the shards. It is joined by the API thread
-//! after the shutdown signal.
+//! **Why its own thread.** Like the events publisher ([`crate::bus::publisher`]) it
+//! runs on a dedicated OS thread with a single-threaded tokio runtime (driving lapin and
+//! reqwest), so a slow backend or a busy broker never delays the HTTP API or the shards.
+//! It is joined by the thread running the API after the shutdown signal.
 //!
 //! The HTTP side (config checks, batches, POSTs, failure accounting) is in `http.rs`;
 //! the AMQP side (connect, declare, consume, probe) in `consume.rs`.
@@ -50,7 +50,7 @@ mod consume;
 mod http;
 
 use consume::{connect, probe, Session};
-use http::{redact, take_batch, Batch, Post, PostFuture};
+use http::{take_batch, Batch, Post, PostFuture};
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -66,38 +66,31 @@ use lapin::{Channel, Event};
 use reqwest::header::HeaderValue;
 use tokio::sync::watch;
 
+use crate::amqp::{Failover, SessionEnd, CONNECT_TIMEOUT};
 use crate::metrics::BackendMetrics;
-use crate::Shared;
+use crate::retry::Backoff;
+use crate::{redact_url as redact, Shared};
 
-/// First retry / reconnect delay; doubles per failed attempt up to [`BACKOFF_CAP`].
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(10);
-/// Connecting and declaring the topology must finish within this.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Delay before a retry or reconnect: 100 ms doubling, capped at 10 s, jittered so
+/// routers do not hammer a recovering backend in step.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 /// How often the queue's ready count is read (passive queue.declare).
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 /// At most one warning per this long about a failing backend.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// On shutdown, how long a POST already in flight may still take (then acked if 2xx).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-pub use http::check_config;
+pub(crate) use http::check_config;
 
 /// Start the backend delivery thread. It runs until `shared.shutdown` flips.
-pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub(crate) fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
     crate::runtime_thread("backend-delivery", move |rt| {
         let Some(delivery) = Delivery::new(shared) else {
             return;
         };
         rt.block_on(delivery.run());
     })
-}
-
-/// Why a connected session ended.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    Lost,
-    Shutdown,
 }
 
 /// One delivery held (received, not yet acked).
@@ -110,7 +103,7 @@ struct Held {
 struct Delivery {
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    amqp_urls: crate::bridge::Failover,
+    amqp_urls: Failover,
     url: String,
     client: reqwest::Client,
     auth: Option<HeaderValue>,
@@ -157,7 +150,7 @@ impl Delivery {
         });
         Some(Delivery {
             shutdown: shared.shutdown.subscribe(),
-            amqp_urls: crate::bridge::Failover::new(&amqp_url),
+            amqp_urls: Failover::new(&amqp_url),
             url,
             client,
             auth,
@@ -188,7 +181,7 @@ impl Delivery {
     }
 
     async fn run(mut self) {
-        let mut attempt = 0u32;
+        let mut backoff = BACKOFF;
         while !self.stopping() {
             let c = &self.shared.config;
             let connecting = tokio::time::timeout(
@@ -200,13 +193,13 @@ impl Delivery {
                     c.backend_bindings.clone(),
                     c.backend_prefetch,
                     c.amqp_queue_type,
-                    crate::bridge::amqp_tls(c).ok().flatten(),
+                    crate::amqp::tls_config(c).ok().flatten(),
                 ),
             );
             match self.or_shutdown(connecting).await {
                 None => break,
                 Some(Ok(Ok(session))) => {
-                    attempt = 0;
+                    backoff.reset();
                     self.m().connected.store(1, Relaxed);
                     tracing::info!(
                         queue = %self.shared.config.backend_queue,
@@ -217,7 +210,7 @@ impl Delivery {
                     let end = self.session(session).await;
                     self.m().connected.store(0, Relaxed);
                     self.m().unacked.store(0, Relaxed);
-                    if end == End::Shutdown {
+                    if end == SessionEnd::Shutdown {
                         break;
                     }
                     tracing::warn!(
@@ -225,19 +218,18 @@ impl Delivery {
                     );
                 }
                 Some(Ok(Err(e))) => {
-                    tracing::warn!(error = %e, attempt, "backend delivery cannot connect to RabbitMQ");
+                    tracing::warn!(error = %e, attempt = backoff.attempt(), "backend delivery cannot connect to RabbitMQ");
                 }
                 Some(Err(_)) => {
                     tracing::warn!(
-                        attempt,
+                        attempt = backoff.attempt(),
                         "backend delivery: connecting to RabbitMQ timed out"
                     );
                 }
             }
             // Failed, or lost: the next broker node of --amqp.
             self.amqp_urls.advance();
-            let delay = backoff(attempt);
-            attempt = attempt.saturating_add(1);
+            let delay = backoff.next_delay();
             if self.or_shutdown(tokio::time::sleep(delay)).await.is_none() {
                 break;
             }
@@ -247,7 +239,7 @@ impl Delivery {
     }
 
     /// Consume, batch, POST and ack while the connection lives.
-    async fn session(&mut self, s: Session) -> End {
+    async fn session(&mut self, s: Session) -> SessionEnd {
         let Session {
             conn,
             ch,
@@ -300,14 +292,14 @@ impl Delivery {
                             self.delivered(&ch, &b).await;
                         }
                     }
-                    break End::Shutdown;
+                    break SessionEnd::Shutdown;
                 }
                 ev = conn_events.next() => match ev {
                     Some(Event::Error(e)) => {
                         tracing::warn!(error = %e, "backend delivery: AMQP connection error");
-                        break End::Lost;
+                        break SessionEnd::Lost;
                     }
-                    None => break End::Lost,
+                    None => break SessionEnd::Lost,
                     Some(_) => {}
                 },
                 res = async { post.as_mut().expect("guarded").await }, if post.is_some() => {
@@ -317,14 +309,14 @@ impl Delivery {
                         Post::Ok => {
                             let b = batch.take().expect("just matched");
                             if !self.delivered(&ch, &b).await {
-                                break End::Lost;
+                                break SessionEnd::Lost;
                             }
                         }
                         failed => {
                             b.failures += 1;
                             let failures = b.failures;
                             self.failed(failed, failures);
-                            retry_at = Some(tokio::time::Instant::now() + backoff(failures - 1));
+                            retry_at = Some(tokio::time::Instant::now() + BACKOFF.delay(failures - 1));
                         }
                     }
                 }
@@ -336,11 +328,11 @@ impl Delivery {
                     }),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "backend delivery: consumer failed");
-                        break End::Lost;
+                        break SessionEnd::Lost;
                     }
                     None => {
                         tracing::warn!("backend delivery: consumer cancelled by the broker");
-                        break End::Lost;
+                        break SessionEnd::Lost;
                     }
                 },
                 _ = sleep_until(batch_due), if batch_due.is_some() => {}
@@ -354,7 +346,7 @@ impl Delivery {
                 }
                 _ = tick.tick() => {
                     if !conn.status().connected() || !ch.status().connected() {
-                        break End::Lost;
+                        break SessionEnd::Lost;
                     }
                     if backlog.is_none() {
                         if !stats.status().connected() {
@@ -370,7 +362,7 @@ impl Delivery {
             }
         };
         drop(consumer);
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+        crate::amqp::close(&conn).await;
         end
     }
 
@@ -407,22 +399,5 @@ async fn sleep_until(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Delay before retry or reconnect `attempt` (0-based): 100 ms doubling, capped at
-/// 10 s, with jitter in [d/2, d] so routers do not hammer a recovering backend in step.
-pub fn backoff(attempt: u32) -> Duration {
-    super::jittered_backoff(BACKOFF_BASE, BACKOFF_CAP, attempt)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_jitters_and_caps_at_ten_seconds() {
-        super::super::tests::assert_jittered_doubling(backoff, BACKOFF_BASE, BACKOFF_CAP);
-        assert!(backoff(30) >= Duration::from_secs(5));
     }
 }

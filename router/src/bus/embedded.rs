@@ -9,7 +9,7 @@ use super::sse::SseHub;
 use super::BusRx;
 use crate::Shared;
 
-pub async fn run(shared: Arc<Shared>, mut rx: BusRx, sink: Arc<SseHub>) {
+pub(crate) async fn run(shared: Arc<Shared>, mut rx: BusRx, sink: Arc<SseHub>) {
     loop {
         let mut n = 0u64;
         // No subscriber is fine: the sink is then a counter and skips the ring.

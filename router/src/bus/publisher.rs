@@ -1,5 +1,6 @@
-//! The RabbitMQ bridge (`--amqp URL`): device events from the shards to the durable
-//! topic exchange `hive.events`, with publisher confirms.
+//! The RabbitMQ publisher, or "AMQP bridge" in logs and metrics (`--amqp URL`): device
+//! events from the shards' bus to the durable topic exchange `hive.events`, with
+//! publisher confirms.
 //!
 //! **What it owns.** The event connection (one of the process's two AMQP connections;
 //! the cluster has the other, so flow control on events never holds back requests) and
@@ -27,13 +28,14 @@
 //! settling confirms is steady CPU work that would otherwise queue in front of HTTP
 //! requests on the API's single-threaded runtime and inflate request/ack latency, and
 //! a broker that stalls (flow control, memory alarm) must not make the API sluggish
-//! either. The thread is joined by the API thread after the shutdown signal, so on a
-//! graceful stop the bridge gets up to [`FLUSH_ON_SHUTDOWN`] to publish what the shards
-//! handed it; anything still unconfirmed then is counted as dropped (`shutdown`).
+//! either. The thread is joined by the thread running the API after the shutdown
+//! signal, so on a graceful stop the bridge gets up to [`FLUSH_ON_SHUTDOWN`] to publish
+//! what the shards handed it; anything still unconfirmed then is counted as dropped
+//! (`shutdown`).
 //!
-//! **What it must never do.** Block or slow a shard: shards only `try_send` into the
-//! bus queue (a full queue is dropped and counted by the shard), and nothing here
-//! waits on a shard. While the broker is slow to confirm, events keep moving from the
+//! **What it must never do.** Block or slow a shard: nothing here waits on a shard,
+//! and shards never wait on the bus queue (above its high-water mark they stop reading
+//! their devices instead; an event that finds it full is dropped and counted). While the broker is slow to confirm, events keep moving from the
 //! bus into the buffer, so the shards keep reading their devices (and their acks) until
 //! the buffer itself is full. Lose an event silently: every event taken from the bus ends
 //! confirmed by the broker or counted in `router_amqp_dropped_total`. Panic on
@@ -49,26 +51,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
 use tokio::sync::watch;
 
 use super::{headers, BusEvent, BusRx};
+use crate::amqp::{self, declare_events_exchange, Failover, SessionEnd, CONNECT_TIMEOUT, EXCHANGE};
 use crate::metrics::BridgeMetrics;
-use crate::Shared;
+use crate::retry::Backoff;
+use crate::{redact_url, Shared};
 
-/// The exchange every device event is published to.
-pub const EXCHANGE: &str = "hive.events";
 /// How long a graceful stop waits for the buffer to be published and confirmed.
-pub const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
-/// First reconnect delay; doubles per failed attempt up to [`BACKOFF_CAP`].
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
-/// Connecting and declaring the topology must finish within this.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
 /// Events published per batch before the bridge lets confirms and I/O run.
 const BATCH: usize = 256;
 /// Pause after a nack before publishing again, so a broker that refuses
@@ -77,36 +72,9 @@ const NACK_PAUSE: Duration = Duration::from_millis(50);
 /// Room left in a frame for the content header's fixed fields and other properties.
 const HEADER_FRAME_OVERHEAD: usize = 256;
 
-/// Refuse at startup a URL that can never work, rather than retrying it forever.
-pub fn check_url(spec: &str) -> anyhow::Result<()> {
-    let urls = super::amqp_urls(spec);
-    if urls.is_empty() {
-        anyhow::bail!("--amqp: no URL");
-    }
-    for url in &urls {
-        // amqp:// or amqps:// (TLS: rustls, the system's roots or --amqp-ca).
-        let _: lapin::uri::AMQPUri = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--amqp {}: {e}", redact(url)))?;
-    }
-    Ok(())
-}
-
-/// The URL without its password, for logs and errors.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// Start the bridge thread. It runs until `shared.shutdown` flips, then flushes
 /// (bounded by [`FLUSH_ON_SHUTDOWN`]) and returns.
-pub fn spawn(
+pub(crate) fn spawn(
     shared: Arc<Shared>,
     rx: BusRx,
     sink: Arc<super::sse::SseHub>,
@@ -121,21 +89,14 @@ pub fn spawn(
             cap: shared.config.amqp_buffer.max(1),
             window: shared.config.amqp_confirm_window.max(1) as usize,
             name: format!("hive-router {}", shared.node_id),
-            urls: super::Failover::new(&url),
-            tls: super::amqp_tls(&shared.config).ok().flatten(),
+            urls: Failover::new(&url),
+            tls: amqp::tls_config(&shared.config).ok().flatten(),
             shared,
             rx,
             sink,
         };
         rt.block_on(bridge.run());
     })
-}
-
-/// Why a connected session ended.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    Lost,
-    Shutdown,
 }
 
 type Publish = Pin<Box<dyn Future<Output = (u64, Outcome)>>>;
@@ -149,7 +110,7 @@ struct Bridge {
     buffer: VecDeque<BusEvent>,
     cap: usize,
     window: usize,
-    urls: super::Failover,
+    urls: Failover,
     name: String,
     tls: Option<lapin::tcp::OwnedTLSConfig>,
 }
@@ -223,7 +184,7 @@ impl Bridge {
     }
 
     async fn run(mut self) {
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::RECONNECT;
         let mut ever_connected = false;
         while !self.stopping() {
             let connecting = tokio::time::timeout(
@@ -237,45 +198,41 @@ impl Bridge {
             match self.buffering(connecting).await {
                 None => break,
                 Some(Ok(Ok((conn, ch)))) => {
-                    attempt = 0;
+                    backoff.reset();
                     self.m().connects.fetch_add(1, Relaxed);
                     if ever_connected {
                         self.m().reconnects.fetch_add(1, Relaxed);
                         tracing::info!(buffered = self.buffer.len(), "AMQP bridge reconnected");
                     } else {
-                        tracing::info!(url = %redact(self.urls.current()), "AMQP bridge connected");
+                        tracing::info!(url = %redact_url(self.urls.current()), "AMQP bridge connected");
                     }
                     ever_connected = true;
                     self.set_ready(true);
                     let end = self.session(&conn, &ch).await;
                     self.set_ready(false);
-                    // Best effort: a lost connection may not answer at all.
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into()))
-                            .await;
-                    if end == End::Shutdown {
+                    amqp::close(&conn).await;
+                    if end == SessionEnd::Shutdown {
                         break;
                     }
                     tracing::warn!(
                         buffered = self.buffer.len(),
-                        url = %redact(self.urls.current()),
+                        url = %redact_url(self.urls.current()),
                         "AMQP connection lost; events are buffered until it is back"
                     );
                     self.urls.advance();
                 }
                 Some(Ok(Err(e))) => {
                     self.m().connect_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(error = %e, attempt, url = %redact(self.urls.current()), "cannot connect to RabbitMQ");
+                    tracing::warn!(error = %e, attempt = backoff.attempt(), url = %redact_url(self.urls.current()), "cannot connect to RabbitMQ");
                     self.urls.advance();
                 }
                 Some(Err(_)) => {
                     self.m().connect_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(attempt, url = %redact(self.urls.current()), "connecting to RabbitMQ timed out");
+                    tracing::warn!(attempt = backoff.attempt(), url = %redact_url(self.urls.current()), "connecting to RabbitMQ timed out");
                     self.urls.advance();
                 }
             }
-            let delay = backoff(attempt);
-            attempt = attempt.saturating_add(1);
+            let delay = backoff.next_delay();
             if self.buffering(tokio::time::sleep(delay)).await.is_none() {
                 break;
             }
@@ -297,7 +254,7 @@ impl Bridge {
 
     /// Publish while the connection lives. Returns why it ended; on return every
     /// event not confirmed is back in the buffer.
-    async fn session(&mut self, conn: &Connection, ch: &Channel) -> End {
+    async fn session(&mut self, conn: &Connection, ch: &Channel) -> SessionEnd {
         let mut inflight: FuturesUnordered<Publish> = FuturesUnordered::new();
         // Events published and awaiting their confirm, by publish sequence number.
         let mut held: HashMap<u64, BusEvent> = HashMap::with_capacity(self.window);
@@ -353,10 +310,10 @@ impl Bridge {
             self.m().unconfirmed.store(held.len() as i64, Relaxed);
             if let Some(deadline) = flush_until {
                 if held.is_empty() && self.buffer.is_empty() && self.rx.is_empty() {
-                    break End::Shutdown;
+                    break SessionEnd::Shutdown;
                 }
                 if Instant::now() >= deadline {
-                    break End::Shutdown;
+                    break SessionEnd::Shutdown;
                 }
             }
 
@@ -389,12 +346,12 @@ impl Bridge {
                                         nacks = nacks_in_a_row,
                                         "RabbitMQ refuses every publish on this channel: reconnecting"
                                     );
-                                    break 'session End::Lost;
+                                    break 'session SessionEnd::Lost;
                                 }
                             }
                             Outcome::Broken(e) => {
                                 tracing::warn!(error = %e, "AMQP publish failed");
-                                break 'session End::Lost;
+                                break 'session SessionEnd::Lost;
                             }
                         }
                         // Settle everything already confirmed without waiting.
@@ -403,18 +360,18 @@ impl Bridge {
                 }
                 Wake::Conn(Some(Event::Error(e))) => {
                     tracing::warn!(error = %e, "AMQP connection error");
-                    break End::Lost;
+                    break SessionEnd::Lost;
                 }
                 Wake::Conn(Some(Event::ConnectionBlocked(reason))) => {
                     tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
                 }
                 Wake::Conn(Some(_)) => {}
-                Wake::Conn(None) => break End::Lost,
+                Wake::Conn(None) => break SessionEnd::Lost,
                 Wake::Shutdown => flush_until = Some(Instant::now() + FLUSH_ON_SHUTDOWN),
                 Wake::Work => {}
                 Wake::Tick => {
                     if !conn.status().connected() || !ch.status().connected() {
-                        break End::Lost;
+                        break SessionEnd::Lost;
                     }
                 }
             }
@@ -424,7 +381,7 @@ impl Bridge {
         drop(inflight);
         let mut left: Vec<(u64, BusEvent)> = held.drain().collect();
         left.sort_unstable_by_key(|(id, _)| *id);
-        if end == End::Lost {
+        if end == SessionEnd::Lost {
             self.m().retried.fetch_add(left.len() as u64, Relaxed);
         }
         self.requeue(left.into_iter().map(|(_, ev)| ev).collect());
@@ -507,21 +464,6 @@ enum Outcome {
     Broken(String),
 }
 
-/// Declare `hive.events` (topic, durable): the bridge publishes to it, backend delivery
-/// binds its queue to it; both declare it, whichever connects first.
-pub(super) async fn declare_events_exchange(ch: &Channel) -> lapin::Result<()> {
-    ch.exchange_declare(
-        EXCHANGE.into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-}
-
 /// Connect, open the publishing channel, declare the exchange, enable confirms. (The
 /// cluster has a connection of its own: see [`crate::cluster::session`].)
 async fn connect(
@@ -530,7 +472,7 @@ async fn connect(
     tls: Option<lapin::tcp::OwnedTLSConfig>,
 ) -> lapin::Result<(Connection, Channel)> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = super::amqp_connect(&url, props, tls.as_ref()).await?;
+    let conn = amqp::connect(&url, props, tls.as_ref()).await?;
     let declared = async {
         let ch = conn.create_channel().await?;
         declare_events_exchange(&ch).await?;
@@ -541,8 +483,7 @@ async fn connect(
     match declared {
         Ok(ch) => Ok((conn, ch)),
         Err(e) => {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+            amqp::close(&conn).await;
             Err(e)
         }
     }
@@ -579,31 +520,11 @@ async fn publish(
     (id, outcome)
 }
 
-/// Delay before reconnect attempt `attempt` (0-based): exponential, capped, with
-/// jitter in [d/2, d] so a fleet of routers does not reconnect in lockstep.
-pub fn backoff(attempt: u32) -> Duration {
-    super::jittered_backoff(BACKOFF_BASE, BACKOFF_CAP, attempt)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
-    fn backoff_grows_jitters_and_caps() {
-        super::super::tests::assert_jittered_doubling(backoff, BACKOFF_BASE, BACKOFF_CAP);
-        assert!(backoff(30) <= BACKOFF_CAP);
-        assert!(backoff(0) >= Duration::from_millis(50));
-    }
-
-    #[test]
-    fn urls_are_checked_and_redacted() {
-        assert!(check_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
-        assert!(check_url("amqps://h/").is_ok());
-        assert!(check_url("amqp://a:5681/%2f, amqp://b:5682/%2f").is_ok());
-        assert!(check_url("amqp://a:5681/%2f,http://b/").is_err());
-        assert!(check_url(" , ").is_err());
-        assert!(check_url("not a url").is_err());
+    fn urls_are_redacted_in_logs() {
+        use crate::redact_url as redact;
         assert_eq!(
             redact("amqp://user:secret@host:5672/%2f"),
             "amqp://user:***@host:5672/%2f"

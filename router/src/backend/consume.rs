@@ -1,13 +1,11 @@
 //! Backend delivery, the AMQP side: its own connection, the declarations (exchange,
 //! durable queue, bindings, prefetch), the consumer, and the backlog probe.
 
-use std::time::Duration;
-
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 
-use crate::bridge::amqp::{declare_events_exchange, EXCHANGE};
+use crate::amqp::{declare_events_exchange, EXCHANGE};
 
 /// Messages ready in the queue (a passive declare creates nothing).
 pub(super) async fn probe(ch: Channel, queue: ShortString) -> lapin::Result<u32> {
@@ -42,7 +40,7 @@ pub(super) async fn connect(
     tls: Option<lapin::tcp::OwnedTLSConfig>,
 ) -> lapin::Result<Session> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = crate::bridge::amqp_connect(&url, props, tls.as_ref()).await?;
+    let conn = crate::amqp::connect(&url, props, tls.as_ref()).await?;
     let declared = async {
         let ch = conn.create_channel().await?;
         declare_events_exchange(&ch).await?;
@@ -94,8 +92,7 @@ pub(super) async fn connect(
             consumer,
         }),
         Err(e) => {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+            crate::amqp::close(&conn).await;
             Err(e)
         }
     }
