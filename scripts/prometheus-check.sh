@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# A real Prometheus (Debian's package) scrapes a real router under a little load, and
-# every PromQL expression of grafana/dashboards/*.json is evaluated through its HTTP API:
-# each must parse and return at least one series (and a non-zero value where the load
-# exercises what it counts). One line per expression: OK / EMPTY / ZERO / ERROR / SKIP.
-#   scripts/prometheus-check.sh [ROUTER_BIN]     (default target/debug/router; builds nothing)
+# A real Prometheus (Debian's package) scrapes a real router under a little load and a real
+# loadgen (`--metrics`, its own devices and requests against that router), both jobs as
+# grafana/prometheus.yml has them, and every PromQL expression of grafana/dashboards/*.json
+# (the loadgen row's too) is evaluated through its HTTP API: each must parse and return at
+# least one series (and a non-zero value where the load exercises what it counts).
+# One line per expression: OK / EMPTY / ZERO / ERROR / MISSING.
+#   scripts/prometheus-check.sh [ROUTER_BIN [LOADGEN_BIN]]
+#     (defaults target/debug/router and target/debug/loadgen; builds nothing)
 # Needs target/pyenv (Python with websockets), as scripts/test.sh creates it.
-# Everything it starts (router, Prometheus, load) listens on and talks to 127.0.0.1 only,
-# in a temporary directory, and is stopped on exit; about 30 s once Prometheus is installed.
+# Everything it starts (router, loadgen, Prometheus, load) listens on and talks to 127.0.0.1
+# only, in a temporary directory, and is stopped on exit; about 35 s once Prometheus is installed.
 # Prometheus's own Debian service (/etc/init.d/prometheus, :9090, /var/lib/prometheus) is
 # neither started nor stopped nor used here: our instance has its own port and data dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUTER=${1:-target/debug/router}
 [ -x "$ROUTER" ] || { echo "no router binary at $ROUTER (cargo build -p router)" >&2; exit 2; }
+LOADGEN=${2:-target/debug/loadgen}
+[ -x "$LOADGEN" ] || { echo "no loadgen binary at $LOADGEN (cargo build -p loadgen)" >&2; exit 2; }
 PY=target/pyenv/bin/python
 [ -x "$PY" ] || { echo "no $PY: scripts/test.sh creates it (python3 -m venv target/pyenv; pip install websockets)" >&2; exit 2; }
 
@@ -29,5 +34,5 @@ ensure_prometheus() {
 }
 
 ensure_prometheus
-# Bounded: the check itself stops after about 40 s; this is the backstop.
-exec timeout -k 5 90 "$PY" interop/python/check_prometheus.py "$ROUTER" "$(command -v prometheus)"
+# Bounded: the check itself stops after about 45 s; this is the backstop.
+exec timeout -k 5 90 "$PY" interop/python/check_prometheus.py "$ROUTER" "$(command -v prometheus)" "$LOADGEN"

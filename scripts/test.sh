@@ -51,9 +51,10 @@ HIVE_RMQ_CLUSTER_URLS=$(scripts/rabbitmq-cluster.sh urls) HIVE_REQUIRE_RMQ_CLUST
   cargo test --quiet -p router --test broker_cluster -- --nocapture
 scripts/rabbitmq-cluster.sh stop
 
-step "router binary"
-cargo build --quiet -p router
+step "router and loadgen binaries"
+cargo build --quiet -p router -p loadgen
 ROUTER="$PWD/target/debug/router"
+LOADGEN="$PWD/target/debug/loadgen"
 
 step "independent client: Python websockets"
 VENV=target/pyenv
@@ -79,10 +80,9 @@ step "independent TLS client: Python ssl + websockets, certificates from openssl
 "$VENV/bin/python" interop/python/test_tls.py "$ROUTER"
 
 step "a real Prometheus (Debian package) scrapes a router under load; every dashboard expression evaluated"
-scripts/prometheus-check.sh "$ROUTER"
+scripts/prometheus-check.sh "$ROUTER" "$LOADGEN"
 
 step "loadgen against the router: small fleet, mixed protocols, and --no-ack timeouts"
-cargo build --quiet -p loadgen
 "$VENV/bin/python" interop/python/check_loadgen.py "$ROUTER" "$PWD/target/debug/loadgen" 3000
 
 step "loadgen in CI pipelines: --assert, compare, --html, --metrics, --scenario against the router"

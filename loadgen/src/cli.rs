@@ -53,6 +53,10 @@ pub struct Args {
         default_value = "http://127.0.0.1:8081"
     )]
     pub apis: Vec<String>,
+    /// Bearer token for the routers' HTTP API (their --api-token): sent with every request,
+    /// device list, event stream and /metrics scrape.
+    #[arg(long, env = "LOADGEN_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     /// Which node's API a request goes through: `owner`, the node holding the device
     /// (the fast path), or `cross`, the next node in --api (measures the path across
     /// nodes through RabbitMQ; needs routers with --amqp and at least two --api URLs).
@@ -309,7 +313,8 @@ impl Args {
 
 /// Every flag of a parsed command line that has a value, as ("--flag", "value (source)"):
 /// source one of command line, environment, scenario (an environment variable the
-/// --scenario file set, listed in `from_file`) or default. The secret is not shown.
+/// --scenario file set, listed in `from_file`) or default. The secret (unless the default)
+/// and the API token are not shown.
 pub fn parameters(m: &clap::ArgMatches, from_file: &[String]) -> Vec<(String, String)> {
     use clap::parser::ValueSource;
     use clap::CommandFactory;
@@ -330,7 +335,7 @@ pub fn parameters(m: &clap::ArgMatches, from_file: &[String]) -> Vec<(String, St
             Some(ValueSource::EnvVariable) => "environment",
             _ => "default",
         };
-        let shown = if long == "secret" && source != "default" {
+        let shown = if (long == "secret" && source != "default") || long == "api-token" {
             "(hidden)".to_string()
         } else {
             value.join(",")
@@ -395,6 +400,39 @@ mod tests {
         let mut argv = vec!["loadgen"];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn parameters_hide_the_secret_and_the_api_token() {
+        use clap::CommandFactory;
+        let show = |argv: &[&str]| {
+            let m = Args::command().try_get_matches_from(argv).unwrap();
+            parameters(&m, &[])
+                .into_iter()
+                .filter(|(k, _)| k == "--secret" || k == "--api-token")
+                .collect::<Vec<_>>()
+        };
+        let p = show(&["loadgen", "--secret", "s3cret", "--api-token", "t0ken"]);
+        assert_eq!(
+            p,
+            [
+                (
+                    "--api-token".to_string(),
+                    "(hidden) (command line)".to_string()
+                ),
+                (
+                    "--secret".to_string(),
+                    "(hidden) (command line)".to_string()
+                ),
+            ]
+        );
+        assert_eq!(
+            show(&["loadgen"]),
+            [(
+                "--secret".to_string(),
+                "hive-dev-secret (default)".to_string()
+            )]
+        );
     }
 
     #[test]

@@ -548,7 +548,7 @@ async fn backend_and_targets(
 ) -> anyhow::Result<(Arc<Backend>, Vec<(usize, uuid::Uuid)>)> {
     let nodes = apis
         .iter()
-        .map(|a| crate::http::Node::new(a))
+        .map(|a| crate::http::Node::new(a).map(|n| n.with_token(args.api_token.as_deref())))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("--api {e}"))?;
     let backend = Arc::new(Backend {
@@ -584,8 +584,16 @@ struct RouterFigures {
 }
 
 async fn run_async(args: Args) -> anyhow::Result<bool> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = &args.api_token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|_| anyhow::anyhow!("--api-token: not a valid header value"))?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
+        .default_headers(headers)
         .build()?;
     let apis: Vec<String> = args
         .apis

@@ -30,6 +30,8 @@ pub enum HttpError {
 pub struct Node {
     addr: String,
     host: String,
+    /// `\r\nAuthorization: Bearer T` with --api-token, else empty.
+    auth: String,
     idle: Mutex<Vec<TcpStream>>,
 }
 
@@ -51,8 +53,15 @@ impl Node {
         Ok(Node {
             addr,
             host,
+            auth: String::new(),
             idle: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Every request carries `Authorization: Bearer token` (the router's --api-token).
+    pub fn with_token(mut self, token: Option<&str>) -> Node {
+        self.auth = token.map_or_else(String::new, |t| format!("\r\nAuthorization: Bearer {t}"));
+        self
     }
 
     /// POST `body` (JSON) to `path`; the answer's status. A pooled connection that the
@@ -63,11 +72,12 @@ impl Node {
         body: &str,
         timeout: Duration,
     ) -> Result<u16, HttpError> {
-        let mut req = String::with_capacity(160 + path.len() + body.len());
+        let mut req = String::with_capacity(160 + self.auth.len() + path.len() + body.len());
         req.push_str("POST ");
         req.push_str(path);
         req.push_str(" HTTP/1.1\r\nHost: ");
         req.push_str(&self.host);
+        req.push_str(&self.auth);
         req.push_str("\r\nContent-Type: application/json\r\nContent-Length: ");
         req.push_str(&body.len().to_string());
         req.push_str("\r\n\r\n");
@@ -266,6 +276,22 @@ mod tests {
         );
         assert!(seen[0].ends_with("\r\n\r\n{\"x\":1}"), "{}", seen[0]);
         assert!(seen[2].starts_with("POST /v1/c "), "{}", seen[2]);
+        assert!(!seen[0].contains("Authorization"), "{}", seen[0]);
+    }
+
+    #[tokio::test]
+    async fn sends_the_api_token() {
+        let (base, srv) = server(vec![OK], 1).await;
+        let node = Node::new(&base).unwrap().with_token(Some("t0ken"));
+        let t = Duration::from_secs(5);
+        assert_eq!(node.post_json("/v1/a", "{}", t).await, Ok(200));
+        drop(node);
+        let seen = srv.await.unwrap();
+        assert!(
+            seen[0].contains("\r\nAuthorization: Bearer t0ken\r\n"),
+            "{}",
+            seen[0]
+        );
     }
 
     #[tokio::test]
