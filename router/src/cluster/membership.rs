@@ -66,7 +66,15 @@ pub struct Membership {
     hold_probes_until: Instant,
     /// Bumped whenever the member set changes.
     pub epoch: u64,
+    /// Nodes that said they were leaving: name -> the incarnation that left, and when.
+    /// Its directory changes travel on another queue than its Leaving and may arrive
+    /// after it; they must not make it a member again (it would then be found dead).
+    left: HashMap<String, (u64, Instant)>,
 }
+
+/// How long a departed incarnation is remembered (messages it sent before leaving are
+/// long delivered by then).
+const LEFT_REMEMBERED: Duration = Duration::from_secs(300);
 
 /// The weight of `device` at a node with `seed`: the highest weight is the home.
 fn weight(device: u128, seed: u64) -> u64 {
@@ -95,6 +103,7 @@ impl Membership {
             next_id: 1,
             hold_probes_until: now,
             epoch: 0,
+            left: HashMap::new(),
         };
         m.peers.insert(ME, Peer::new(me, incarnation, 0, now));
         m.by_name.insert(me.to_string(), ME);
@@ -168,6 +177,24 @@ impl Membership {
         self.by_name.insert(name.to_string(), id);
         self.epoch += 1;
         (id, Heard::New)
+    }
+
+    /// A member said it is leaving: removed, and its incarnation remembered so that what
+    /// it sent before leaving does not bring it back (see [`Membership::has_left`]).
+    pub fn leave(&mut self, id: NodeId, now: Instant) -> Option<Peer> {
+        let p = self.remove(id)?;
+        self.left
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < LEFT_REMEMBERED);
+        self.left.insert(p.name.clone(), (p.incarnation, now));
+        Some(p)
+    }
+
+    /// Whether this incarnation of `name` said it was leaving (a restarted node has
+    /// another incarnation and is a member again).
+    pub fn has_left(&self, name: &str, incarnation: u64) -> bool {
+        self.left
+            .get(name)
+            .is_some_and(|&(inc, _)| inc == incarnation)
     }
 
     /// Remove a member (it left, or the broker says its queue is gone).
@@ -307,6 +334,23 @@ mod tests {
             }
         }
         assert!((450..900).contains(&moved), "{moved}");
+    }
+
+    #[test]
+    fn a_node_that_left_is_not_brought_back_by_what_it_sent_before() {
+        let t0 = Instant::now();
+        let mut m = Membership::new("a", 1, t0);
+        let (b, _) = m.heard("b", 7, 1, None, t0);
+        assert!(m.leave(b, t0).is_some());
+        assert_eq!((m.len(), m.has_left("b", 7)), (1, true));
+        // A restart of b is another incarnation: a member again.
+        assert!(!m.has_left("b", 8));
+        let (_, h) = m.heard("b", 8, 1, None, t0);
+        assert_eq!((h, m.len()), (Heard::New, 2));
+        // Remembered for a while, then forgotten (at the next departure).
+        let (c, _) = m.heard("c", 3, 1, None, t0);
+        m.leave(c, t0 + LEFT_REMEMBERED + Duration::from_secs(1));
+        assert!(!m.has_left("b", 7) && m.has_left("c", 3));
     }
 
     #[test]

@@ -37,11 +37,17 @@ pub(super) async fn on_presence(
     let (inc, sess) = (m.incarnation.to_native(), m.session.to_native());
     match &m.body {
         ArchivedPresenceBody::Heartbeat { devices } => {
-            st.heard(m.node.as_str(), inc, sess, Some(devices.to_native()));
-            st.heard_link(m.node.as_str(), m.link.as_str(), m.link_token.to_native());
+            if st
+                .heard(m.node.as_str(), inc, sess, Some(devices.to_native()))
+                .is_some()
+            {
+                st.heard_link(m.node.as_str(), m.link.as_str(), m.link_token.to_native());
+            }
         }
         ArchivedPresenceBody::Join => {
-            st.heard(m.node.as_str(), inc, sess, None);
+            if st.heard(m.node.as_str(), inc, sess, None).is_none() {
+                return Ok(());
+            }
             st.heard_link(m.node.as_str(), m.link.as_str(), m.link_token.to_native());
             // Answer at once so the newcomer knows us before it is ready (at most one
             // extra heartbeat per 100 ms, whoever joins).

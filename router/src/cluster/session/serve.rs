@@ -181,8 +181,10 @@ pub(super) async fn on_node_msg(
                     .metrics
                     .directory_changes_received
                     .fetch_add(changes.len() as u64, Relaxed);
-                let id = st.heard(&from, incarnation, session, None);
-                st.apply_directory(id, &changes);
+                // Not from a node that has left since (its changes are stale).
+                if let Some(id) = st.heard(&from, incarnation, session, None) {
+                    st.apply_directory(id, &changes);
+                }
             }
             Ok(())
         }

@@ -104,14 +104,18 @@ impl State {
         self.reregister_at = Some(self.reregister_at.map_or(at, |t| t.min(at)));
     }
 
-    /// What a heartbeat, join or directory message told us about its sender.
+    /// What a heartbeat, join or directory message told us about its sender. None: the
+    /// sender said it was leaving, and this message was sent before that (it is ignored).
     pub(super) fn heard(
         &mut self,
         name: &str,
         incarnation: u64,
         session: u64,
         devices: Option<u64>,
-    ) -> NodeId {
+    ) -> Option<NodeId> {
+        if self.members.has_left(name, incarnation) {
+            return None;
+        }
         let now = Instant::now();
         let (id, heard) = self.members.heard(name, incarnation, session, devices, now);
         match heard {
@@ -133,12 +137,12 @@ impl State {
             }
         }
         self.gauges();
-        id
+        Some(id)
     }
 
-    /// A member left: remove it and forget what it held.
+    /// A member said it is leaving: remove it and forget what it held.
     pub(super) fn gone(&mut self, id: NodeId) {
-        if let Some(p) = self.members.remove(id) {
+        if let Some(p) = self.members.leave(id, Instant::now()) {
             self.forget(id, &p.name);
         }
     }
