@@ -7,7 +7,10 @@
 #   scripts/capacity.sh --devices 200000 [--amqp URL] [--protocol hive|phoenix|hivekit|mixed]
 #                       [--request-rate 2000] [--duration 20] [--connect-rate 10000]
 #                       [--per-node 12000] [--port 9800] [--json FILE] [--no-priority]
-#                       [--request-log FILE]
+#                       [--request-log FILE] [--ping-interval S]
+#
+# --ping-interval is the routers' (default 30 s): at a million devices on two cores the pings
+# alone take the machine (performance.md, "One million devices").
 #
 # As root it sets the kernel limits a large ramp needs for the run and restores them
 # (somaxconn, SYN backlog, the ephemeral port range, conntrack if loaded, the loopback
@@ -26,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRIORITY=1 DEVICES=10000 AMQP="" PROTOCOL=hive RATE=2000 DURATION=20 CONNECT_RATE=10000 PER_NODE=12000 PORT=9800 JSON=target/capacity-report.json EVENTS=0 REQLOG=""
+PRIORITY=1 DEVICES=10000 AMQP="" PROTOCOL=hive RATE=2000 DURATION=20 CONNECT_RATE=10000 PER_NODE=12000 PORT=9800 JSON=target/capacity-report.json EVENTS=0 REQLOG="" PING=30
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) DEVICES=$2; shift 2 ;;
@@ -41,7 +44,8 @@ while [ $# -gt 0 ]; do
     --event-interval) EVENTS=$2; shift 2 ;;
     --no-priority) PRIORITY=0; shift ;;
     --request-log) REQLOG=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --ping-interval) PING=$2; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -191,7 +195,8 @@ APIS=""
 for i in $(seq 0 $((NODES - 1))); do
   api=127.0.0.1:$((PORT + 1 + i))
   args=(serve --listen "127.0.0.1:$PORT" --api "$api" --shards "$SHARDS" --node-id "cap-$i"
-        --auth-secret "$SECRET" --max-connections 19000 --queue-capacity 16384 --drain-seconds 1)
+        --auth-secret "$SECRET" --max-connections 19000 --queue-capacity 16384 --drain-seconds 1
+        --ping-interval "$PING")
   [ -n "$AMQP" ] && args+=(--amqp "$AMQP")
   "$ROUTER" "${args[@]}" >"$LOGDIR/router-$i.out" 2>"$LOGDIR/router-$i.err" &
   PIDS+=($!)
