@@ -157,6 +157,16 @@ fn headline(o: &mut String, r: &Report) {
             num(r.router.rss_per_device_delta_bytes.round())
         ),
         ],
+        vec![
+            "loadgen RSS".into(),
+            format!(
+                "{:.1} MiB with every device in ({:.1} MiB at the start, peak {:.1} MiB), {} bytes per device over the start",
+                r.loadgen.rss_full_bytes as f64 / 1048576.0,
+                r.loadgen.rss_start_bytes as f64 / 1048576.0,
+                r.loadgen.rss_peak_bytes as f64 / 1048576.0,
+                num(r.loadgen.rss_per_device_delta_bytes.round())
+            ),
+        ],
     ];
     o.push_str("<h2>Summary</h2>\n");
     table(o, &[], &rows);
@@ -471,6 +481,10 @@ mod tests {
         // The percentile curve's axis and points (p99 of 1..30 ms is about 29.7 ms).
         assert!(page.contains(">p99.999<") && page.contains(">p50<"));
         assert!(page.contains("ack latency: "), "dots with tooltips");
+        assert!(
+            page.contains("<td>loadgen RSS</td>"),
+            "loadgen's own memory in the summary"
+        );
         // The parameters table, the URL kept readable but not a link.
         let params_at = page.find("<div id=\"parameters\">").unwrap();
         let table = &page[params_at..];
