@@ -622,7 +622,7 @@ fn gauge_per_shard(
 }
 
 /// RSS from /proc/self/statm (pages), 0 if unreadable (e.g. at the open-file cap).
-pub fn process_rss_bytes() -> u64 {
+fn process_rss_bytes() -> u64 {
     let page = 4096u64;
     std::fs::read_to_string("/proc/self/statm")
         .ok()

@@ -27,12 +27,12 @@ use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
 use crate::Shared;
 
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub shared: Arc<Shared>,
     pub sink: Arc<crate::bus::sse::SseHub>,
 }
 
-pub fn router(state: ApiState) -> Router {
+pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{device}", get(device_info))
