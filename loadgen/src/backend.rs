@@ -134,7 +134,7 @@ pub fn write_log(mut samples: Vec<Sample>, out: &mut impl std::io::Write) -> std
 }
 
 /// What the requests of one phase, or of several, measured.
-pub struct Outcome {
+pub struct RequestStats {
     /// Ack latency of every acked request, from its due time.
     pub acks: Histogram<u64>,
     /// How late every request left the sender (due time to the send): the sender's own
@@ -145,9 +145,9 @@ pub struct Outcome {
     pub samples: Vec<Sample>,
 }
 
-impl Outcome {
-    pub fn empty() -> Outcome {
-        Outcome {
+impl RequestStats {
+    pub fn empty() -> RequestStats {
+        RequestStats {
             acks: hist::new_hist(),
             late: hist::new_hist(),
             counts: RequestCounts::default(),
@@ -156,7 +156,7 @@ impl Outcome {
     }
 
     /// Add another phase's requests to these.
-    pub fn absorb(&mut self, other: Outcome) {
+    pub fn absorb(&mut self, other: RequestStats) {
         hist::merge(&mut self.acks, &other.acks);
         hist::merge(&mut self.late, &other.late);
         let (c, o) = (&mut self.counts, other.counts);
@@ -183,7 +183,7 @@ pub struct Schedule {
     pub epoch: Instant,
 }
 
-/// Where each request's outcome goes besides the `Outcome`: the timeline (in the second
+/// Where each request's outcome goes besides the `RequestStats`: the timeline (in the second
 /// the request was due) and the live metrics.
 #[derive(Clone)]
 pub struct Sinks {
@@ -198,9 +198,9 @@ pub async fn run(
     targets: Arc<Vec<(usize, Uuid)>>,
     s: Schedule,
     sinks: Sinks,
-) -> Outcome {
+) -> RequestStats {
     if targets.is_empty() || s.rate <= 0.0 || b.apis.is_empty() {
-        return Outcome::empty();
+        return RequestStats::empty();
     }
     let (duration, timeout_ms, log) = (s.duration, s.timeout_ms, s.log);
     let samples = Arc::new(Mutex::new(Vec::new()));
@@ -277,7 +277,7 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     let take = |h: &Mutex<Histogram<u64>>| h.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
-    Outcome {
+    RequestStats {
         acks: take(&acks),
         late: take(&late),
         counts: counts.snapshot(),

@@ -584,17 +584,7 @@ struct RouterFigures {
 }
 
 async fn run_async(args: Args) -> anyhow::Result<bool> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = &args.api_token {
-        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
-            .map_err(|_| anyhow::anyhow!("--api-token: not a valid header value"))?;
-        v.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, v);
-    }
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(512)
-        .default_headers(headers)
-        .build()?;
+    let http = api_client(&args)?;
     let apis: Vec<String> = args
         .apis
         .iter()
@@ -622,11 +612,7 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
     counters.set_phase("ramp", 0.0);
     // After the spawn: the workers must not inherit the policy.
     if args.realtime {
-        match realtime() {
-            Ok(()) if !args.quiet => eprintln!("coordinator runs SCHED_FIFO 1 (--realtime)"),
-            Ok(()) => {}
-            Err(e) => eprintln!("--realtime: cannot switch to SCHED_FIFO ({e}); going on without"),
-        }
+        go_realtime(args.quiet);
     }
     let ramp_start = Instant::now();
     let timeline_start_unix_ms = now_us() / 1000;
@@ -646,34 +632,15 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
     };
 
     // The phases.
-    let (backend, targets) = backend_and_targets(&args, &http, &apis).await?;
-    let ctx = phases::Ctx {
-        backend,
-        targets: Arc::new(targets),
-        sinks: Sinks {
-            timeline: timeline.clone(),
-            live: counters.clone(),
-        },
-        timeout_ms: args.request_timeout_ms,
-        log: args.request_log.is_some(),
-        ramp_start,
-        events_received: ev.received.clone(),
+    let sinks = Sinks {
+        timeline: timeline.clone(),
+        live: counters.clone(),
     };
+    let ctx = phases_ctx(&args, &http, &apis, sinks, ramp_start, &ev).await?;
     let after = phases::run(&ctx, &mut workers, &segments, &live).await;
 
-    // Stop the workers, collect their histograms, wait for the events in flight.
-    counters.set_phase("drain", 0.0);
-    let results = stop_workers(&mut workers, k).await;
-    let mut sent = sent_by_devices(&results, k, ev.counted, args.devices);
-    let drain_seconds = if ev.counted && sent.events > 0 {
-        live.update("drain", 0, "waiting for events in flight".to_string());
-        drain(&ev, args.event_drain_timeout).await
-    } else {
-        0.0
-    };
-    if let Some(c) = ev.consumer.take() {
-        c.finish().await;
-    }
+    let (results, mut sent, drain_seconds) =
+        stop_and_drain(&args, &mut workers, &mut ev, &live, &counters).await;
     sampler.abort();
     if let Some(t) = rss_task {
         t.abort();
@@ -695,6 +662,77 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
     };
     let report = build_report(&args, &ev, &merged, &after, measured, &timeline);
     finish(&args, report, &ev, &merged, after)
+}
+
+/// The HTTP client for the routers' APIs (with --api-token, its bearer token on every
+/// request).
+fn api_client(args: &Args) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = &args.api_token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|_| anyhow::anyhow!("--api-token: not a valid header value"))?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .default_headers(headers)
+        .build()?)
+}
+
+/// --realtime: SCHED_FIFO for the coordinator, or a word on why not.
+fn go_realtime(quiet: bool) {
+    match realtime() {
+        Ok(()) if !quiet => eprintln!("coordinator runs SCHED_FIFO 1 (--realtime)"),
+        Ok(()) => {}
+        Err(e) => eprintln!("--realtime: cannot switch to SCHED_FIFO ({e}); going on without"),
+    }
+}
+
+/// What the phases work with: the backend and its targets, and where they report.
+async fn phases_ctx(
+    args: &Args,
+    http: &reqwest::Client,
+    apis: &[String],
+    sinks: Sinks,
+    ramp_start: Instant,
+    ev: &Events,
+) -> anyhow::Result<phases::Ctx> {
+    let (backend, targets) = backend_and_targets(args, http, apis).await?;
+    Ok(phases::Ctx {
+        backend,
+        targets: Arc::new(targets),
+        sinks,
+        timeout_ms: args.request_timeout_ms,
+        log: args.request_log.is_some(),
+        ramp_start,
+        events_received: ev.received.clone(),
+    })
+}
+
+/// Stop the workers, collect their results, wait for the events in flight: the
+/// results, what the devices sent, and the seconds the wait took.
+async fn stop_and_drain(
+    args: &Args,
+    workers: &mut Workers,
+    ev: &mut Events,
+    live: &Live,
+    counters: &metrics::Live,
+) -> (Vec<WorkerResult>, Sent, f64) {
+    let k = args.worker_count();
+    counters.set_phase("drain", 0.0);
+    let results = stop_workers(workers, k).await;
+    let sent = sent_by_devices(&results, k, ev.counted, args.devices);
+    let drain_seconds = if ev.counted && sent.events > 0 {
+        live.update("drain", 0, "waiting for events in flight".to_string());
+        drain(ev, args.event_drain_timeout).await
+    } else {
+        0.0
+    };
+    if let Some(c) = ev.consumer.take() {
+        c.finish().await;
+    }
+    (results, sent, drain_seconds)
 }
 
 /// A worker that never reported: its devices count as having sent what arrived.

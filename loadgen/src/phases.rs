@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
-use crate::backend::{self, Backend, Outcome, Schedule, Sinks};
+use crate::backend::{self, Backend, RequestStats, Schedule, Sinks};
 use crate::hist;
 use crate::pool::{self, Workers};
 use crate::progress::Live;
@@ -30,7 +30,7 @@ pub struct Ctx {
 /// What the phases measured together.
 pub struct AfterRamp {
     /// Every request of every phase.
-    pub outcome: Outcome,
+    pub outcome: RequestStats,
     pub phases: Vec<report::Phase>,
     /// The first storm.
     pub storm: Option<report::Storm>,
@@ -54,7 +54,7 @@ pub async fn run(ctx: &Ctx, workers: &mut Workers, segments: &[Segment], live: &
         epoch,
     );
     let mut all = AfterRamp {
-        outcome: Outcome::empty(),
+        outcome: RequestStats::empty(),
         phases: Vec::new(),
         storm: None,
         request_seconds: 0.0,
@@ -92,7 +92,7 @@ async fn one(
     workers: &mut Workers,
     seg: &Segment,
     epoch: Instant,
-) -> (report::Phase, Outcome, u64) {
+) -> (report::Phase, RequestStats, u64) {
     ctx.sinks.live.set_phase(seg.kind.name(), seg.request_rate);
     if let Some(iv) = seg.event_interval {
         workers.tell(&format!("events {iv}")).await;

@@ -189,18 +189,18 @@ impl BridgeMetrics {
         for (name, help, v) in counters {
             counter(o, name, help, v.load(Relaxed));
         }
-        let _ = writeln!(o, "# HELP router_amqp_dropped_total Device events the bridge dropped, by reason (buffer_full: oldest dropped while the broker was away).\n# TYPE router_amqp_dropped_total counter");
-        for (reason, v) in [
-            ("buffer_full", &self.dropped_buffer_full),
-            ("shutdown", &self.dropped_shutdown),
-            ("bad_routing_key", &self.dropped_bad_routing_key),
-        ] {
-            let _ = writeln!(
-                o,
-                "router_amqp_dropped_total{{reason=\"{reason}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
+        counter_by(
+            o,
+            "router_amqp_dropped_total",
+            "Device events the bridge dropped, by reason (buffer_full: oldest dropped while the broker was away).",
+            "reason",
+            [
+                ("buffer_full", &self.dropped_buffer_full),
+                ("shutdown", &self.dropped_shutdown),
+                ("bad_routing_key", &self.dropped_bad_routing_key),
+            ]
+            .map(|(reason, v)| (reason, v.load(Relaxed))),
+        );
         for (name, help, v) in [
             (
                 "router_amqp_buffered_events",
@@ -218,11 +218,7 @@ impl BridgeMetrics {
                 &self.connected,
             ),
         ] {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                v.load(Relaxed)
-            );
+            gauge(o, name, help, v.load(Relaxed));
         }
     }
 }
@@ -254,27 +250,27 @@ impl BackendMetrics {
             "Device events the backend accepted (2xx), then acked to RabbitMQ.",
             self.delivered.load(Relaxed),
         );
-        let _ = writeln!(o, "# HELP router_backend_batches_total POSTs of a batch to the backend, by result (failed ones are retried).\n# TYPE router_backend_batches_total counter");
-        for (result, v) in [("ok", &self.batches_ok), ("failed", &self.batches_failed)] {
-            let _ = writeln!(
-                o,
-                "router_backend_batches_total{{result=\"{result}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(o, "# HELP router_backend_post_failures_total Failed POSTs to the backend, by reason (status: non-2xx answer).\n# TYPE router_backend_post_failures_total counter");
-        for (reason, v) in [
-            ("status", &self.failures_status),
-            ("error", &self.failures_error),
-            ("timeout", &self.failures_timeout),
-            ("tls", &self.failures_tls),
-        ] {
-            let _ = writeln!(
-                o,
-                "router_backend_post_failures_total{{reason=\"{reason}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
+        counter_by(
+            o,
+            "router_backend_batches_total",
+            "POSTs of a batch to the backend, by result (failed ones are retried).",
+            "result",
+            [("ok", &self.batches_ok), ("failed", &self.batches_failed)]
+                .map(|(result, v)| (result, v.load(Relaxed))),
+        );
+        counter_by(
+            o,
+            "router_backend_post_failures_total",
+            "Failed POSTs to the backend, by reason (status: non-2xx answer).",
+            "reason",
+            [
+                ("status", &self.failures_status),
+                ("error", &self.failures_error),
+                ("timeout", &self.failures_timeout),
+                ("tls", &self.failures_tls),
+            ]
+            .map(|(reason, v)| (reason, v.load(Relaxed))),
+        );
         for (name, help, v) in [
             (
                 "router_backend_backlog",
@@ -292,11 +288,7 @@ impl BackendMetrics {
                 &self.connected,
             ),
         ] {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                v.load(Relaxed)
-            );
+            gauge(o, name, help, v.load(Relaxed));
         }
         self.post_latency.render(
             "router_backend_post_latency_seconds",
@@ -330,27 +322,45 @@ impl Metrics {
         self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
     }
 
-    /// Prometheus text exposition of everything.
+    /// Prometheus text exposition of everything, one group of families after another
+    /// (always in this order).
     pub fn render(&self, node: &str) -> String {
         let mut o = String::with_capacity(8192);
         let _ = writeln!(o, "# HELP router_info Static facts about this router process.\n# TYPE router_info gauge\nrouter_info{{node=\"{node}\",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        self.render_shard_gauges(&mut o);
+        self.render_device_traffic(&mut o);
+        self.render_api(&mut o);
+        self.render_drops_and_refusals(&mut o);
+        self.render_errors(&mut o);
+        self.render_closes(&mut o);
+        self.render_latencies(&mut o);
+        self.bridge.render(&mut o);
+        self.backend.render(&mut o);
+        render_process(&mut o);
+        o
+    }
 
+    /// Connections and handshakes, one series per shard.
+    fn render_shard_gauges(&self, o: &mut String) {
         gauge_per_shard(
-            &mut o,
+            o,
             "router_connections",
             "Authenticated device connections owned by each shard.",
             &self.shards,
             |s| s.connections.load(Relaxed),
         );
         gauge_per_shard(
-            &mut o,
+            o,
             "router_handshakes_in_progress",
             "Connections accepted but not yet authenticated, per shard.",
             &self.shards,
             |s| s.handshakes.load(Relaxed),
         );
+    }
 
-        let counters: [(&str, &str, u64); 16] = [
+    /// What the devices did: connections, frames, bytes, events (summed over shards).
+    fn render_device_traffic(&self, o: &mut String) {
+        let counters: [(&str, &str, u64); 13] = [
             ("router_connections_accepted_total", "TCP connections accepted.", self.sum(|s| &s.accepted)),
             ("router_handshake_failures_total", "Connections that failed the HTTP upgrade (bad request, wrong path, I/O error).", self.sum(|s| &s.handshake_failures)),
             ("router_bus_backpressure_total", "Times a shard paused reading its devices because the event queue to the bus was nearly full (TCP pushes back instead of events being dropped).", self.sum(|s| &s.bus_backpressure)),
@@ -364,213 +374,243 @@ impl Metrics {
             ("router_events_published_total", "Device events handed to the bus (including device-alive).", self.sum(|s| &s.events_published)),
             ("router_device_alive_events_total", "device-alive events produced by pongs.", self.sum(|s| &s.alive_events)),
             ("router_acks_unmatched_total", "Acks or responses for no pending request of that device (late, duplicate or foreign).", self.sum(|s| &s.acks_unmatched)),
-            ("router_requests_sent_total", "Requests from the API delivered to a device.", self.api.requests_sent.load(Relaxed)),
-            ("router_requests_acked_total", "Requests acked by the device.", self.api.requests_acked.load(Relaxed)),
-            ("router_requests_timed_out_total", "Requests with no ack (or response) within their timeout (HTTP 504).", self.api.requests_timed_out.load(Relaxed)),
         ];
         for (name, help, v) in counters {
-            counter(&mut o, name, help, v);
+            counter(o, name, help, v);
         }
-        let more: [(&str, &str, u64); 9] = [
+    }
+
+    /// The HTTP API: requests and events to devices, refusals, SSE subscribers.
+    fn render_api(&self, o: &mut String) {
+        let api = &self.api;
+        let counters: [(&str, &str, &AtomicU64); 12] = [
+            (
+                "router_requests_sent_total",
+                "Requests from the API delivered to a device.",
+                &api.requests_sent,
+            ),
+            (
+                "router_requests_acked_total",
+                "Requests acked by the device.",
+                &api.requests_acked,
+            ),
+            (
+                "router_requests_timed_out_total",
+                "Requests with no ack (or response) within their timeout (HTTP 504).",
+                &api.requests_timed_out,
+            ),
             (
                 "router_requests_responded_total",
                 "Requests answered with a device response.",
-                self.api.requests_responded.load(Relaxed),
+                &api.requests_responded,
             ),
             (
                 "router_requests_offline_total",
                 "Requests for a device not connected (HTTP 404).",
-                self.api.requests_offline.load(Relaxed),
+                &api.requests_offline,
             ),
             (
                 "router_requests_rejected_total",
                 "Requests refused because the device's outbound queue was full (HTTP 503).",
-                self.api.requests_rejected.load(Relaxed),
+                &api.requests_rejected,
             ),
             (
                 "router_api_events_sent_total",
                 "Events from the API delivered to a device.",
-                self.api.events_to_devices.load(Relaxed),
+                &api.events_to_devices,
             ),
             (
                 "router_api_events_offline_total",
                 "Events from the API for a device not connected (HTTP 404).",
-                self.api.events_to_devices_offline.load(Relaxed),
+                &api.events_to_devices_offline,
             ),
             (
                 "router_api_bad_requests_total",
                 "API calls refused with 400 (bad UUID, bad JSON).",
-                self.api.bad_requests.load(Relaxed),
+                &api.bad_requests,
             ),
             (
                 "router_shard_queue_full_total",
                 "API calls refused because a shard inbox was full (HTTP 503).",
-                self.api.shard_queue_full.load(Relaxed),
+                &api.shard_queue_full,
             ),
             (
                 "router_bus_events_total",
                 "Device events the embedded bus delivered to its sink.",
-                self.api.bus_events.load(Relaxed),
+                &api.bus_events,
             ),
             (
                 "router_sse_lagged_total",
                 "Events a slow /v1/events subscriber missed.",
-                self.api.sse_lagged.load(Relaxed),
+                &api.sse_lagged,
             ),
         ];
-        for (name, help, v) in more {
-            counter(&mut o, name, help, v);
+        for (name, help, v) in counters {
+            counter(o, name, help, v.load(Relaxed));
         }
-        let _ = writeln!(o, "# HELP router_sse_subscribers Open /v1/events streams.\n# TYPE router_sse_subscribers gauge\nrouter_sse_subscribers {}", self.api.sse_subscribers.load(Relaxed));
+        gauge(
+            o,
+            "router_sse_subscribers",
+            "Open /v1/events streams.",
+            api.sse_subscribers.load(Relaxed),
+        );
+    }
 
-        let _ = writeln!(o, "# HELP router_events_dropped_total Device events dropped, by reason.\n# TYPE router_events_dropped_total counter");
-        let _ = writeln!(
+    /// Events dropped, and connections or messages refused (with the open-socket gauge
+    /// --max-connections caps).
+    fn render_drops_and_refusals(&self, o: &mut String) {
+        counter_by(
             o,
-            "router_events_dropped_total{{reason=\"bus_full\"}} {}",
-            self.sum(|s| &s.events_dropped_bus_full)
+            "router_events_dropped_total",
+            "Device events dropped, by reason.",
+            "reason",
+            [
+                ("bus_full", self.sum(|s| &s.events_dropped_bus_full)),
+                ("slow_device", self.sum(|s| &s.events_dropped_slow_device)),
+            ],
         );
-        let _ = writeln!(
+        gauge(
             o,
-            "router_events_dropped_total{{reason=\"slow_device\"}} {}",
-            self.sum(|s| &s.events_dropped_slow_device)
+            "router_open_connections",
+            "Device sockets open in this process, handshaking or authenticated (capped by --max-connections).",
+            self.open_connections.load(Relaxed),
         );
+        let counters: [(&str, &str, u64); 5] = [
+            ("router_tls_handshake_failures_total", "TLS handshakes that failed (bad client certificate, protocol error, not TLS).", self.sum(|s| &s.tls_failures)),
+            ("router_rate_limited_total", "Device messages refused by the per-device rate limit (answered rate-limited).", self.sum(|s| &s.rate_limited)),
+            ("router_proxy_protocol_refused_total", "Connections closed because the PROXY protocol header --proxy-protocol requires was missing, invalid or late.", self.sum(|s| &s.proxy_refused)),
+            ("router_outbound_overflow_total", "Devices closed with 1008 because the replies, errors or pongs they asked for would have queued past --max-outbound (a device that does not read).", self.sum(|s| &s.outbound_overflow)),
+            ("router_api_unauthorized_total", "API calls refused with 401 (missing or wrong --api-token).", self.api.unauthorized.load(Relaxed)),
+        ];
+        for (name, help, v) in counters {
+            counter(o, name, help, v);
+        }
+        counter_by(
+            o,
+            "router_connections_refused_total",
+            "Connections refused before the upgrade, by reason.",
+            "reason",
+            [
+                ("ip_rate", self.sum(|s| &s.refused_ip_rate)),
+                ("max_connections", self.sum(|s| &s.refused_max_connections)),
+                ("draining", self.sum(|s| &s.refused_draining)),
+            ],
+        );
+    }
 
-        let _ = writeln!(o, "# HELP router_open_connections Device sockets open in this process, handshaking or authenticated (capped by --max-connections).\n# TYPE router_open_connections gauge\nrouter_open_connections {}", self.open_connections.load(Relaxed));
-        counter(
-            &mut o,
-            "router_tls_handshake_failures_total",
-            "TLS handshakes that failed (bad client certificate, protocol error, not TLS).",
-            self.sum(|s| &s.tls_failures),
-        );
-        counter(
-            &mut o,
-            "router_rate_limited_total",
-            "Device messages refused by the per-device rate limit (answered rate-limited).",
-            self.sum(|s| &s.rate_limited),
-        );
-        counter(
-            &mut o,
-            "router_proxy_protocol_refused_total",
-            "Connections closed because the PROXY protocol header --proxy-protocol requires was missing, invalid or late.",
-            self.sum(|s| &s.proxy_refused),
-        );
-        counter(
-            &mut o,
-            "router_outbound_overflow_total",
-            "Devices closed with 1008 because the replies, errors or pongs they asked for would have queued past --max-outbound (a device that does not read).",
-            self.sum(|s| &s.outbound_overflow),
-        );
-        counter(
-            &mut o,
-            "router_api_unauthorized_total",
-            "API calls refused with 401 (missing or wrong --api-token).",
-            self.api.unauthorized.load(Relaxed),
-        );
-        let _ = writeln!(o, "# HELP router_connections_refused_total Connections refused before the upgrade, by reason.\n# TYPE router_connections_refused_total counter");
-        let _ = writeln!(
+    /// Refused authentications and device frames answered with an error, by code.
+    fn render_errors(&self, o: &mut String) {
+        counter_by(
             o,
-            "router_connections_refused_total{{reason=\"ip_rate\"}} {}",
-            self.sum(|s| &s.refused_ip_rate)
+            "router_auth_failures_total",
+            "Refused authentications, by reason.",
+            "reason",
+            AuthError::ALL.map(|e| (e.label(), self.sum(|s| &s.auth_failures[e.index()]))),
         );
-        let _ = writeln!(
+        counter_by(
             o,
-            "router_connections_refused_total{{reason=\"max_connections\"}} {}",
-            self.sum(|s| &s.refused_max_connections)
+            "router_protocol_errors_total",
+            "Device frames answered with an error message, by code.",
+            "code",
+            HiveError::ALL.map(|e| (e.code(), self.sum(|s| &s.protocol_errors[e.index()]))),
         );
-        let _ = writeln!(
+        const HELP: &str = "Refused or malformed frames of this protocol, by code.";
+        let phoenix = &crate::protocol::phoenix::ERROR_CODES;
+        let hivekit = &crate::protocol::hivekit::ERROR_CODES;
+        counter_by(
             o,
-            "router_connections_refused_total{{reason=\"draining\"}} {}",
-            self.sum(|s| &s.refused_draining)
+            "router_phoenix_errors_total",
+            HELP,
+            "code",
+            (0..phoenix.len()).map(|i| (phoenix[i], self.sum(|s| &s.phoenix_errors[i]))),
         );
-        let _ = writeln!(o, "# HELP router_auth_failures_total Refused authentications, by reason.\n# TYPE router_auth_failures_total counter");
-        for e in AuthError::ALL {
-            let v: u64 = self
-                .shards
+        counter_by(
+            o,
+            "router_hivekit_errors_total",
+            HELP,
+            "code",
+            (0..hivekit.len()).map(|i| (hivekit[i], self.sum(|s| &s.hivekit_errors[i]))),
+        );
+    }
+
+    /// Close frames sent (by code), and close handshakes devices started.
+    fn render_closes(&self, o: &mut String) {
+        counter_by(
+            o,
+            "router_closes_total",
+            "WebSocket close frames sent by the router (its own, and its answers to a device's close), by close code.",
+            "code",
+            CloseCode::NAMED
                 .iter()
-                .map(|s| s.auth_failures[e.index()].load(Relaxed))
-                .sum();
-            let _ = writeln!(
-                o,
-                "router_auth_failures_total{{reason=\"{}\"}} {v}",
-                e.label()
-            );
-        }
-        let _ = writeln!(o, "# HELP router_protocol_errors_total Device frames answered with an error message, by code.\n# TYPE router_protocol_errors_total counter");
-        for e in HiveError::ALL {
-            let v: u64 = self
-                .shards
-                .iter()
-                .map(|s| s.protocol_errors[e.index()].load(Relaxed))
-                .sum();
-            let _ = writeln!(
-                o,
-                "router_protocol_errors_total{{code=\"{}\"}} {v}",
-                e.code()
-            );
-        }
-        for (name, codes, pick) in [
-            (
-                "router_phoenix_errors_total",
-                &crate::protocol::phoenix::ERROR_CODES[..],
-                0,
-            ),
-            (
-                "router_hivekit_errors_total",
-                &crate::protocol::hivekit::ERROR_CODES[..],
-                1,
-            ),
-        ] {
-            let _ = writeln!(o, "# HELP {name} Refused or malformed frames of this protocol, by code.\n# TYPE {name} counter");
-            for (i, code) in codes.iter().enumerate() {
-                let v: u64 = self
-                    .shards
-                    .iter()
-                    .map(|s| {
-                        if pick == 0 {
-                            &s.phoenix_errors[i]
-                        } else {
-                            &s.hivekit_errors[i]
-                        }
-                        .load(Relaxed)
-                    })
-                    .sum();
-                let _ = writeln!(o, "{name}{{code=\"{code}\"}} {v}");
-            }
-        }
-        let _ = writeln!(o, "# HELP router_closes_total WebSocket close frames sent by the router (its own, and its answers to a device's close), by close code.\n# TYPE router_closes_total counter");
-        for (i, code) in CloseCode::NAMED.iter().enumerate() {
-            let v: u64 = self.shards.iter().map(|s| s.closes[i].load(Relaxed)).sum();
-            let _ = writeln!(o, "router_closes_total{{code=\"{code}\"}} {v}");
-        }
-        let v: u64 = self.sum(|s| &s.closes_other);
-        let _ = writeln!(o, "router_closes_total{{code=\"other\"}} {v}");
+                .enumerate()
+                .map(|(i, code)| (code, self.sum(|s| &s.closes[i]))),
+        );
+        let other = self.sum(|s| &s.closes_other);
+        let _ = writeln!(o, "router_closes_total{{code=\"other\"}} {other}");
         counter(
-            &mut o,
+            o,
             "router_device_closes_total",
             "Close handshakes a device started (its close frame, answered by the router).",
             self.sum(|s| &s.peer_closes),
         );
+    }
+
+    /// Time from the API to a device's ack or response.
+    fn render_latencies(&self, o: &mut String) {
         self.api.ack_latency.render(
             "router_ack_latency_seconds",
             "Time from a request entering the API to the device's ack.",
-            &mut o,
+            o,
         );
         self.api.response_latency.render(
             "router_response_latency_seconds",
             "Time from a request entering the API to the device's response (?wait=response).",
-            &mut o,
+            o,
         );
-        self.bridge.render(&mut o);
-        self.backend.render(&mut o);
-        let rss = process_rss_bytes();
-        let _ = writeln!(o, "# HELP router_process_resident_memory_bytes Resident set size of the router process.\n# TYPE router_process_resident_memory_bytes gauge\nrouter_process_resident_memory_bytes {rss}");
-        let _ = writeln!(o, "# HELP router_process_open_fds Open file descriptors of the router process.\n# TYPE router_process_open_fds gauge\nrouter_process_open_fds {}", open_fds());
-        o
     }
+}
+
+/// The router process's memory and descriptors.
+fn render_process(o: &mut String) {
+    gauge(
+        o,
+        "router_process_resident_memory_bytes",
+        "Resident set size of the router process.",
+        process_rss_bytes(),
+    );
+    gauge(
+        o,
+        "router_process_open_fds",
+        "Open file descriptors of the router process.",
+        open_fds(),
+    );
 }
 
 fn counter(o: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+}
+
+fn gauge(o: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+/// One counter family with a series per value of `label`.
+fn counter_by<L: std::fmt::Display>(
+    o: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, v) in series {
+        // Pieces rather than one format string: fewer formatting arguments per series.
+        o.push_str(name);
+        o.push('{');
+        o.push_str(label);
+        o.push_str("=\"");
+        let _ = writeln!(o, "{value}\"}} {v}");
+    }
 }
 
 fn gauge_per_shard(
@@ -587,7 +627,7 @@ fn gauge_per_shard(
 }
 
 /// RSS from /proc/self/statm (pages), 0 if unreadable (e.g. at the open-file cap).
-pub fn process_rss_bytes() -> u64 {
+fn process_rss_bytes() -> u64 {
     let page = 4096u64;
     std::fs::read_to_string("/proc/self/statm")
         .ok()

@@ -2,10 +2,6 @@
 //! Runs on a thread of its own (or, with one shard, on the shard's thread); reaches
 //! devices only by messages to the owning shard.
 
-// Handlers return early with a ready `Response` as the error: it is the answer itself,
-// built once per refused call, never on the device message path.
-#![allow(clippy::result_large_err)]
-
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -26,16 +22,17 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::cluster::route::{self, EventRouted, Routed};
+use crate::metrics::ApiMetrics;
 use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
 use crate::Shared;
 
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub shared: Arc<Shared>,
     pub sink: Arc<crate::bus::sse::SseHub>,
 }
 
-pub fn router(state: ApiState) -> Router {
+pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{device}", get(device_info))
@@ -46,11 +43,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
         .route("/readyz", get(readyz))
         .fallback(|| async {
-            err(
-                StatusCode::NOT_FOUND,
-                "not-found",
-                "no such endpoint".into(),
-            )
+            ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint")
         })
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -72,15 +65,16 @@ async fn read_body(State(st): State<ApiState>, req: Request, next: Next) -> Resp
         Ok(Ok(bytes)) => next.run(Request::from_parts(parts, bytes.into())).await,
         Ok(Err(_)) => {
             st.shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
-            err(
+            ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body-too-large",
                 format!("request bodies are limited to {MAX_BODY} bytes"),
             )
+            .into_response()
         }
         Err(_) => {
             st.shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
-            err(
+            ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "body-timeout",
                 format!(
@@ -88,6 +82,7 @@ async fn read_body(State(st): State<ApiState>, req: Request, next: Next) -> Resp
                     BODY_TIMEOUT.as_secs()
                 ),
             )
+            .into_response()
         }
     }
 }
@@ -127,7 +122,7 @@ async fn json_errors(State(st): State<ApiState>, req: Request, next: Next) -> Re
     } else {
         text
     };
-    err(status, code, message)
+    ApiError::new(status, code, message).into_response()
 }
 
 /// With --api-token, every endpoint but the health probes needs `Authorization: Bearer T`.
@@ -142,11 +137,12 @@ async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> 
             .and_then(crate::auth::bearer_token);
         if !open && !given.is_some_and(|g| constant_time_eq(g.as_bytes(), want.as_bytes())) {
             st.shared.metrics.api.unauthorized.fetch_add(1, Relaxed);
-            return err(
+            return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "missing or wrong API token (Authorization: Bearer <token>)".into(),
-            );
+                "missing or wrong API token (Authorization: Bearer <token>)",
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -156,50 +152,76 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn draining(shared: &Shared) -> Option<Response> {
-    shared.draining.load(Relaxed).then(|| {
-        err(
+/// A refused API call: its status and the JSON body `{error, message}` the client
+/// gets. Handlers return it with `?`; axum turns it into the response.
+pub(crate) struct ApiError {
+    status: StatusCode,
+    /// Stable, machine-readable: the body's `error`.
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 400, counted in `router_api_bad_requests_total`.
+    fn bad_request(shared: &Shared, code: &'static str, message: impl Into<String>) -> Self {
+        shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// A 503 the caller may retry (`busy`).
+    fn busy(message: &str) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+    }
+
+    fn offline(device: &Uuid) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "offline",
+            format!("device {device} is not connected"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.code, "message": self.message });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn refuse_if_draining(shared: &Shared) -> Result<(), ApiError> {
+    if shared.draining.load(Relaxed) {
+        return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
-            "this router is draining; use another node".into(),
-        )
-    })
+            "this router is draining; use another node",
+        ));
+    }
+    Ok(())
 }
 
-fn err(status: StatusCode, code: &str, message: String) -> Response {
-    (status, Json(json!({ "error": code, "message": message }))).into_response()
-}
-
-fn parse_device(shared: &Shared, raw: &str) -> Result<Uuid, Response> {
+fn parse_device(shared: &Shared, raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|e| {
-        shared.metrics.api.bad_requests.fetch_add(1, Relaxed);
-        err(
-            StatusCode::BAD_REQUEST,
-            "bad-device-id",
-            format!("device id {raw:?} is not a UUID: {e}"),
-        )
+        let message = format!("device id {raw:?} is not a UUID: {e}");
+        ApiError::bad_request(shared, "bad-device-id", message)
     })
 }
 
 /// Send to the owning shard; a full inbox is a 503, not a wait.
-fn to_shard(shared: &Shared, device: &Uuid, msg: ShardMsg) -> Result<(), Response> {
+fn to_shard(shared: &Shared, device: &Uuid, msg: ShardMsg) -> Result<(), ApiError> {
     let shard = shard_of(device, shared.shards.len());
     shared.shards[shard].send(msg).map_err(|_| {
         shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
-        err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "the device's shard is overloaded; retry".into(),
-        )
+        ApiError::busy("the device's shard is overloaded; retry")
     })
-}
-
-fn offline(device: &Uuid) -> Response {
-    err(
-        StatusCode::NOT_FOUND,
-        "offline",
-        format!("device {device} is not connected"),
-    )
 }
 
 #[derive(Deserialize)]
@@ -238,89 +260,61 @@ async fn list_devices(State(st): State<ApiState>, Query(q): Query<ListQuery>) ->
         .into_response()
 }
 
-async fn device_info(State(st): State<ApiState>, Path(raw): Path<String>) -> Response {
-    let device = match parse_device(&st.shared, &raw) {
-        Ok(d) => d,
-        Err(r) => return r,
-    };
+async fn device_info(
+    State(st): State<ApiState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let device = parse_device(&st.shared, &raw)?;
     if let Some(c) = &st.shared.cluster {
         if !c.is_local(&device) {
             return match route::locate(&st.shared, device).await {
-                Ok(Some(node)) => (
+                Ok(Some(node)) => Ok((
                     StatusCode::OK,
                     Json(json!({ "device": device, "connected": true, "node": node })),
                 )
-                    .into_response(),
-                Ok(None) => offline(&device),
-                Err(()) => err(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
-                    "the cluster's broker connection is down; retry".into(),
-                ),
+                    .into_response()),
+                Ok(None) => Err(ApiError::offline(&device)),
+                Err(()) => Err(ApiError::busy(
+                    "the cluster's broker connection is down; retry",
+                )),
             };
         }
     }
     let (tx, rx) = oneshot::channel();
-    if let Err(r) = to_shard(&st.shared, &device, ShardMsg::Lookup { device, reply: tx }) {
-        return r;
-    }
+    to_shard(&st.shared, &device, ShardMsg::Lookup { device, reply: tx })?;
     match rx.await {
         Ok(Some(info)) => {
             let mut v = serde_json::to_value(&info).unwrap_or(Value::Null);
             v["node"] = Value::from(st.shared.node_id.clone());
-            (StatusCode::OK, Json(v)).into_response()
+            Ok((StatusCode::OK, Json(v)).into_response())
         }
-        _ => offline(&device),
+        _ => Err(ApiError::offline(&device)),
     }
 }
 
-async fn send_event(State(st): State<ApiState>, Path(raw): Path<String>, body: Bytes) -> Response {
-    if let Some(r) = draining(&st.shared) {
-        return r;
-    }
+async fn send_event(
+    State(st): State<ApiState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    refuse_if_draining(&st.shared)?;
     let api = &st.shared.metrics.api;
-    let device = match parse_device(&st.shared, &raw) {
-        Ok(d) => d,
-        Err(r) => return r,
-    };
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(_)) => {}
-        Ok(_) => {
-            api.bad_requests.fetch_add(1, Relaxed);
-            return err(
-                StatusCode::BAD_REQUEST,
-                "bad-json",
-                "the event must be a JSON object".into(),
-            );
-        }
-        Err(e) => {
-            api.bad_requests.fetch_add(1, Relaxed);
-            return err(
-                StatusCode::BAD_REQUEST,
-                "bad-json",
-                format!("body is not valid JSON: {e}"),
-            );
-        }
-    }
+    let device = parse_device(&st.shared, &raw)?;
+    check_event_body(&st.shared, &body)?;
     // With --amqp the device may be on any node: the cluster finds it.
     let delivery = if st.shared.cluster.is_some() {
         match route::route_event(&st.shared, device, body.to_vec()).await {
             EventRouted::Sent(Some(node)) => {
                 api.events_to_devices.fetch_add(1, Relaxed);
-                return (
-                    StatusCode::ACCEPTED,
-                    Json(json!({ "device": device, "status": "sent", "node": node })),
-                )
-                    .into_response();
+                let body = json!({ "device": device, "status": "sent", "node": node });
+                return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
             }
-            EventRouted::Sent(None) => Ok(Delivery::Sent),
-            EventRouted::Delivery(d) => Ok(d),
+            EventRouted::Sent(None) => Some(Delivery::Sent),
+            EventRouted::Delivery(d) => Some(d),
             EventRouted::Busy => {
-                return err(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
-                    "the router is overloaded or its broker connection is down; retry".into(),
-                )
+                return Err(ApiError::busy(
+                    "the router is overloaded or its broker connection is down; retry",
+                ))
             }
         }
     } else {
@@ -330,33 +324,55 @@ async fn send_event(State(st): State<ApiState>, Path(raw): Path<String>, body: B
             body: body.to_vec(),
             reply: tx,
         };
-        if let Err(r) = to_shard(&st.shared, &device, msg) {
-            return r;
-        }
-        rx.await
+        to_shard(&st.shared, &device, msg)?;
+        rx.await.ok()
     };
+    event_answer(api, &device, delivery)
+}
+
+/// An event must be a JSON object.
+fn check_event_body(shared: &Shared, body: &[u8]) -> Result<(), ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(_)) => Ok(()),
+        Ok(_) => Err(ApiError::bad_request(
+            shared,
+            "bad-json",
+            "the event must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            shared,
+            "bad-json",
+            format!("body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// The answer to an event call, from what the device's connection did with it (None:
+/// no answer from its shard).
+fn event_answer(
+    api: &ApiMetrics,
+    device: &Uuid,
+    delivery: Option<Delivery>,
+) -> Result<Response, ApiError> {
     match delivery {
-        Ok(Delivery::Sent) => {
+        Some(Delivery::Sent) => {
             api.events_to_devices.fetch_add(1, Relaxed);
-            (
-                StatusCode::ACCEPTED,
-                Json(json!({ "device": device, "status": "sent" })),
-            )
-                .into_response()
+            let body = json!({ "device": device, "status": "sent" });
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
-        Ok(Delivery::NotJoined) => err(
+        Some(Delivery::NotJoined) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "not-joined",
             format!("device {device} is connected but has not joined its channel yet"),
-        ),
-        Ok(Delivery::Full) => err(
+        )),
+        Some(Delivery::Full) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "slow-device",
-            "the device's outbound queue is full; event dropped".into(),
-        ),
-        _ => {
+            "the device's outbound queue is full; event dropped",
+        )),
+        Some(Delivery::Offline) | None => {
             api.events_to_devices_offline.fetch_add(1, Relaxed);
-            offline(&device)
+            Err(ApiError::offline(device))
         }
     }
 }
@@ -378,126 +394,152 @@ struct RequestQuery {
 /// The longest timeout a caller may ask for.
 const MAX_TIMEOUT_MS: u64 = 300_000;
 
+/// A request call, checked: what to send the device and how long to wait for what.
+struct RequestCall {
+    command: String,
+    /// The payload as JSON text (empty: none).
+    payload: Vec<u8>,
+    /// Wait for the device's response (`?wait=response`), not only its ack.
+    wait_response: bool,
+    timeout_ms: u64,
+}
+
+impl RequestCall {
+    /// Refusals (400) in this order: `wait`, the body, the command, the timeout.
+    fn parse(shared: &Shared, q: &RequestQuery, body: &[u8]) -> Result<Self, ApiError> {
+        let wait_response = match q.wait.as_deref() {
+            None | Some("ack") => false,
+            Some("response") => true,
+            Some(other) => {
+                let message = format!("wait must be ack or response, not {other:?}");
+                return Err(ApiError::bad_request(shared, "bad-wait", message));
+            }
+        };
+        let req: RequestBody = serde_json::from_slice(body).map_err(|e| {
+            let message = format!("body must be {{command, payload, timeout_ms?}}: {e}");
+            ApiError::bad_request(shared, "bad-json", message)
+        })?;
+        if req.command.is_empty() {
+            let message = "command must not be empty";
+            return Err(ApiError::bad_request(shared, "bad-command", message));
+        }
+        let timeout_ms = req.timeout_ms.unwrap_or(shared.config.request_timeout_ms);
+        if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+            let message = format!("timeout_ms must be 1 to {MAX_TIMEOUT_MS}, not {timeout_ms}");
+            return Err(ApiError::bad_request(shared, "bad-timeout", message));
+        }
+        Ok(RequestCall {
+            command: req.command,
+            payload: req
+                .payload
+                .map(|p| p.get().as_bytes().to_vec())
+                .unwrap_or_default(),
+            wait_response,
+            timeout_ms,
+        })
+    }
+}
+
+/// What the answer to a request call reports besides the device's reply.
+struct Asked {
+    device: Uuid,
+    request: Uuid,
+    started: Instant,
+    wait_response: bool,
+    timeout_ms: u64,
+}
+
 async fn send_request(
     State(st): State<ApiState>,
     Path(raw): Path<String>,
     Query(q): Query<RequestQuery>,
     body: Bytes,
-) -> Response {
-    if let Some(r) = draining(&st.shared) {
-        return r;
-    }
+) -> Result<Response, ApiError> {
+    refuse_if_draining(&st.shared)?;
     let started = Instant::now();
-    let api = &st.shared.metrics.api;
-    let device = match parse_device(&st.shared, &raw) {
-        Ok(d) => d,
-        Err(r) => return r,
+    let device = parse_device(&st.shared, &raw)?;
+    let call = RequestCall::parse(&st.shared, &q, &body)?;
+    let asked = Asked {
+        device,
+        request: Uuid::new_v4(),
+        started,
+        wait_response: call.wait_response,
+        timeout_ms: call.timeout_ms,
     };
-    let wait_response = match q.wait.as_deref() {
-        None | Some("ack") => false,
-        Some("response") => true,
-        Some(other) => {
-            api.bad_requests.fetch_add(1, Relaxed);
-            return err(
-                StatusCode::BAD_REQUEST,
-                "bad-wait",
-                format!("wait must be ack or response, not {other:?}"),
-            );
-        }
-    };
-    let req: RequestBody = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            api.bad_requests.fetch_add(1, Relaxed);
-            return err(
-                StatusCode::BAD_REQUEST,
-                "bad-json",
-                format!("body must be {{command, payload, timeout_ms?}}: {e}"),
-            );
-        }
-    };
-    if req.command.is_empty() {
-        api.bad_requests.fetch_add(1, Relaxed);
-        return err(
-            StatusCode::BAD_REQUEST,
-            "bad-command",
-            "command must not be empty".into(),
-        );
-    }
-    let timeout_ms = req
-        .timeout_ms
-        .unwrap_or(st.shared.config.request_timeout_ms);
-    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
-        api.bad_requests.fetch_add(1, Relaxed);
-        return err(
-            StatusCode::BAD_REQUEST,
-            "bad-timeout",
-            format!("timeout_ms must be 1 to {MAX_TIMEOUT_MS}, not {timeout_ms}"),
-        );
-    }
-    let timeout = Duration::from_millis(timeout_ms);
-    let request = Uuid::new_v4();
+    let timeout = Duration::from_millis(call.timeout_ms);
     let (tx, rx) = oneshot::channel();
     let msg = RequestMsg {
         device,
-        request,
-        command: req.command,
-        payload: req
-            .payload
-            .map(|p| p.get().as_bytes().to_vec())
-            .unwrap_or_default(),
-        wait_response,
+        request: asked.request,
+        command: call.command,
+        payload: call.payload,
+        wait_response: call.wait_response,
         deadline: started + timeout,
         reply: tx,
     };
-    // With --amqp the device may be on any node: the cluster routes it (and follows
-    // the device if it moves); otherwise straight to the owning shard.
-    let outcome = if st.shared.cluster.is_some() {
-        match route::route_request(&st.shared, msg).await {
-            Routed::Reply(r) => Some(r),
-            Routed::TimedOut => None,
+    let reply = deliver_request(&st.shared, msg, rx, timeout).await?;
+    request_answer(&st.shared.metrics.api, &asked, reply)
+}
+
+/// With --amqp the device may be on any node: the cluster routes the request (and
+/// follows the device if it moves); otherwise straight to the owning shard. None: no
+/// reply within the timeout (or the shard dropped the request as expired).
+async fn deliver_request(
+    shared: &Arc<Shared>,
+    msg: RequestMsg,
+    rx: oneshot::Receiver<RequestReply>,
+    timeout: Duration,
+) -> Result<Option<RequestReply>, ApiError> {
+    if shared.cluster.is_some() {
+        return match route::route_request(shared, msg).await {
+            Routed::Reply(r) => Ok(Some(r)),
+            Routed::TimedOut => Ok(None),
             Routed::Busy => {
-                api.shard_queue_full.fetch_add(1, Relaxed);
-                return err(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
-                    "the router is overloaded or its broker connection is down; retry".into(),
-                );
+                shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
+                Err(ApiError::busy(
+                    "the router is overloaded or its broker connection is down; retry",
+                ))
             }
-        }
-    } else {
-        if let Err(r) = to_shard(&st.shared, &device, ShardMsg::Request(Box::new(msg))) {
-            return r;
-        }
-        tokio::time::timeout(timeout, rx)
-            .await
-            .ok()
-            .and_then(Result::ok)
-    };
-    let latency = started.elapsed();
+        };
+    }
+    let device = msg.device;
+    to_shard(shared, &device, ShardMsg::Request(Box::new(msg)))?;
+    Ok(tokio::time::timeout(timeout, rx)
+        .await
+        .ok()
+        .and_then(Result::ok))
+}
+
+/// The answer to a request call, from the device's reply (counted, with its latency).
+fn request_answer(
+    api: &ApiMetrics,
+    asked: &Asked,
+    reply: Option<RequestReply>,
+) -> Result<Response, ApiError> {
+    let Asked {
+        device, request, ..
+    } = asked;
+    let latency = asked.started.elapsed();
     let latency_ms = latency.as_secs_f64() * 1e3;
-    match outcome {
+    match reply {
         Some(RequestReply::Offline) => {
             api.requests_offline.fetch_add(1, Relaxed);
-            offline(&device)
+            Err(ApiError::offline(device))
         }
         Some(RequestReply::Full) => {
             api.requests_rejected.fetch_add(1, Relaxed);
-            err(
+            Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "slow-device",
-                "the device's outbound queue is full".into(),
-            )
+                "the device's outbound queue is full",
+            ))
         }
         Some(RequestReply::Acked) => {
             api.requests_sent.fetch_add(1, Relaxed);
             api.requests_acked.fetch_add(1, Relaxed);
             api.ack_latency.record_us(latency.as_micros() as u64);
-            (
-                StatusCode::OK,
-                Json(json!({ "request": request, "status": "acked", "latency_ms": latency_ms })),
-            )
-                .into_response()
+            let body = json!({ "request": request, "status": "acked", "latency_ms": latency_ms });
+            Ok((StatusCode::OK, Json(body)).into_response())
         }
         Some(RequestReply::Responded { ok, result }) => {
             api.requests_sent.fetch_add(1, Relaxed);
@@ -507,18 +549,25 @@ async fn send_request(
                 .and_then(|r| serde_json::from_slice(&r).ok())
                 .unwrap_or(Value::Null);
             let status = if ok { "ok" } else { "error" };
-            (StatusCode::OK, Json(json!({ "request": request, "status": status, "latency_ms": latency_ms, "result": result }))).into_response()
+            let body = json!({ "request": request, "status": status, "latency_ms": latency_ms, "result": result });
+            Ok((StatusCode::OK, Json(body)).into_response())
         }
-        // Timed out, or the shard dropped the request (expired).
+        // Timed out, or the shard dropped the request (expired): a 504 that names the
+        // request.
         None => {
             api.requests_sent.fetch_add(1, Relaxed);
             api.requests_timed_out.fetch_add(1, Relaxed);
-            let what = if wait_response { "response" } else { "ack" };
-            (
-                StatusCode::GATEWAY_TIMEOUT,
-                Json(json!({ "error": "timeout", "request": request, "message": format!("no {what} from device {device} within {timeout_ms} ms") })),
-            )
-                .into_response()
+            let what = if asked.wait_response {
+                "response"
+            } else {
+                "ack"
+            };
+            let message = format!(
+                "no {what} from device {device} within {} ms",
+                asked.timeout_ms
+            );
+            let body = json!({ "error": "timeout", "request": request, "message": message });
+            Ok((StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response())
         }
     }
 }
@@ -581,10 +630,11 @@ async fn readyz(State(st): State<ApiState>) -> Response {
     if st.shared.ready.load(Relaxed) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        err(
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",
-            "starting or draining".into(),
+            "starting or draining",
         )
+        .into_response()
     }
 }

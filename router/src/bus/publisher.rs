@@ -99,7 +99,7 @@ pub(crate) fn spawn(
     })
 }
 
-type Publish = Pin<Box<dyn Future<Output = (u64, Outcome)>>>;
+type Publish = Pin<Box<dyn Future<Output = (u64, PublishOutcome)>>>;
 
 struct Bridge {
     shared: Arc<Shared>,
@@ -333,8 +333,8 @@ impl Bridge {
                     let mut next = Some((id, res));
                     while let Some((id, res)) = next.take() {
                         match self.settle(id, res, &mut held) {
-                            Outcome::Ack => nacks_in_a_row = 0,
-                            Outcome::Nack => {
+                            PublishOutcome::Ack => nacks_in_a_row = 0,
+                            PublishOutcome::Nack => {
                                 paused_until = Some(tokio::time::Instant::now() + NACK_PAUSE);
                                 nacks_in_a_row += 1;
                                 // A whole window refused and none accepted: the channel may
@@ -349,7 +349,7 @@ impl Bridge {
                                     break 'session SessionEnd::Lost;
                                 }
                             }
-                            Outcome::Broken(e) => {
+                            PublishOutcome::Broken(e) => {
                                 tracing::warn!(error = %e, "AMQP publish failed");
                                 break 'session SessionEnd::Lost;
                             }
@@ -427,13 +427,18 @@ impl Bridge {
         Some((rk, props))
     }
 
-    fn settle(&mut self, id: u64, outcome: Outcome, held: &mut HashMap<u64, BusEvent>) -> Outcome {
+    fn settle(
+        &mut self,
+        id: u64,
+        outcome: PublishOutcome,
+        held: &mut HashMap<u64, BusEvent>,
+    ) -> PublishOutcome {
         match outcome {
-            Outcome::Ack => {
+            PublishOutcome::Ack => {
                 held.remove(&id);
                 self.m().confirmed.fetch_add(1, Relaxed);
             }
-            Outcome::Nack => {
+            PublishOutcome::Nack => {
                 self.m().nacked.fetch_add(1, Relaxed);
                 if let Some(ev) = held.remove(&id) {
                     self.m().retried.fetch_add(1, Relaxed);
@@ -441,7 +446,7 @@ impl Bridge {
                 }
             }
             // The event stays held: the session ends and requeues it.
-            Outcome::Broken(_) => {}
+            PublishOutcome::Broken(_) => {}
         }
         outcome
     }
@@ -449,7 +454,7 @@ impl Bridge {
 
 /// What woke the publishing loop.
 enum Wake {
-    Confirm(u64, Outcome),
+    Confirm(u64, PublishOutcome),
     Conn(Option<Event>),
     Shutdown,
     Work,
@@ -457,7 +462,7 @@ enum Wake {
 }
 
 /// How one publish ended.
-enum Outcome {
+enum PublishOutcome {
     Ack,
     Nack,
     /// The channel or connection failed before the confirm came.
@@ -496,7 +501,7 @@ async fn publish(
     routing_key: ShortString,
     body: Bytes,
     props: BasicProperties,
-) -> (u64, Outcome) {
+) -> (u64, PublishOutcome) {
     let res = match ch
         .basic_publish(
             EXCHANGE.into(),
@@ -511,11 +516,13 @@ async fn publish(
         Err(e) => Err(e),
     };
     let outcome = match res {
-        Ok(Confirmation::Ack(_)) => Outcome::Ack,
-        Ok(Confirmation::Nack(_)) => Outcome::Nack,
+        Ok(Confirmation::Ack(_)) => PublishOutcome::Ack,
+        Ok(Confirmation::Nack(_)) => PublishOutcome::Nack,
         // Confirms were not enabled on this channel: nothing here can be trusted.
-        Ok(Confirmation::NotRequested) => Outcome::Broken("publisher confirms not enabled".into()),
-        Err(e) => Outcome::Broken(e.to_string()),
+        Ok(Confirmation::NotRequested) => {
+            PublishOutcome::Broken("publisher confirms not enabled".into())
+        }
+        Err(e) => PublishOutcome::Broken(e.to_string()),
     };
     (id, outcome)
 }

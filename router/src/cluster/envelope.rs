@@ -38,7 +38,7 @@ pub enum NodeMsg {
         /// The node that answers (a reply from a node the device has since left is
         /// not the final word).
         from: String,
-        outcome: Outcome,
+        outcome: RequestOutcome,
     },
     /// Directory traffic between a device's owner and its home, in the order it
     /// happened (see `cluster::directory`).
@@ -70,7 +70,7 @@ pub enum What {
     },
     /// A backend event (a JSON object) for the device.
     Event { body: Vec<u8> },
-    /// Where is the device? Answered by its home from the directory (`Outcome::At`).
+    /// Where is the device? Answered by its home from the directory (`RequestOutcome::At`).
     Locate,
 }
 
@@ -97,8 +97,11 @@ pub enum DirKind {
     Evict,
 }
 
+/// How a [`NodeMsg::Request`] ended, carried back by [`NodeMsg::Reply`]. The variants'
+/// order is part of the archived layout (the type's name is not): reordering them
+/// changes the wire format.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum RequestOutcome {
     Acked,
     Responded {
         ok: bool,
@@ -225,7 +228,7 @@ mod tests {
             NodeMsg::Reply {
                 request: 7,
                 from: "node-b".into(),
-                outcome: Outcome::Responded {
+                outcome: RequestOutcome::Responded {
                     ok: false,
                     result: Some(b"[1,2]".to_vec()),
                 },
@@ -233,7 +236,7 @@ mod tests {
             NodeMsg::Reply {
                 request: 8,
                 from: "b".into(),
-                outcome: Outcome::At { node: "c".into() },
+                outcome: RequestOutcome::At { node: "c".into() },
             },
             NodeMsg::Directory {
                 from: "a".into(),

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use envelope::{DirKind, NodeMsg, Outcome};
+use envelope::{DirKind, NodeMsg, RequestOutcome};
 use membership::NodeId;
 
 /// How often a node says it is alive on `hive.presence`.
@@ -116,7 +116,7 @@ pub struct Cluster {
     /// Bumped when the member set changes: requests waiting for a device ask again
     /// (its home may have changed).
     changed: watch::Sender<u64>,
-    replies: Mutex<HashMap<Uuid, mpsc::Sender<(String, Outcome)>>>,
+    replies: Mutex<HashMap<Uuid, mpsc::Sender<(String, RequestOutcome)>>>,
     out_tx: mpsc::Sender<Outgoing>,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// The cluster's broker session is up and has heard its peers.
@@ -325,7 +325,7 @@ impl Cluster {
     }
 
     /// A reply arrived from `from`. False: nobody waits for it (late or unknown).
-    pub fn deliver_reply(&self, request: Uuid, from: String, outcome: Outcome) -> bool {
+    pub fn deliver_reply(&self, request: Uuid, from: String, outcome: RequestOutcome) -> bool {
         let tx = self
             .replies
             .lock()
@@ -538,7 +538,7 @@ pub struct QueueFull;
 pub struct ReplyGuard<'a> {
     cluster: &'a Cluster,
     request: Uuid,
-    pub rx: mpsc::Receiver<(String, Outcome)>,
+    pub rx: mpsc::Receiver<(String, RequestOutcome)>,
 }
 
 impl Drop for ReplyGuard<'_> {

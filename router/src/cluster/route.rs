@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::envelope::{NodeMsg, Outcome, What};
+use super::envelope::{NodeMsg, RequestOutcome, What};
 use super::{Cluster, Dest};
 use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
 use crate::{unix_ms, Shared};
@@ -172,7 +172,7 @@ pub async fn locate(shared: &Arc<Shared>, device: Uuid) -> Result<Option<String>
         return Err(());
     }
     match tokio::time::timeout(LOCATE_TIMEOUT, replies.rx.recv()).await {
-        Ok(Some((_, Outcome::At { node }))) => Ok(Some(node)),
+        Ok(Some((_, RequestOutcome::At { node }))) => Ok(Some(node)),
         Ok(Some(_)) => Ok(None),
         _ => Err(()),
     }
@@ -281,23 +281,23 @@ async fn route(
             }
             Some((from, outcome)) = replies.rx.recv() => {
                 match outcome {
-                    Outcome::Acked => return Step::Remote(from, RequestReply::Acked),
-                    Outcome::Responded { ok, result } => {
+                    RequestOutcome::Acked => return Step::Remote(from, RequestReply::Acked),
+                    RequestOutcome::Responded { ok, result } => {
                         return Step::Remote(from, RequestReply::Responded { ok, result })
                     }
-                    Outcome::Full => return Step::Remote(from, RequestReply::Full),
-                    Outcome::NotJoined => {
+                    RequestOutcome::Full => return Step::Remote(from, RequestReply::Full),
+                    RequestOutcome::NotJoined => {
                         return Step::Remote(from, RequestReply::Responded { ok: false, result: None })
                     }
-                    Outcome::Offline => {
+                    RequestOutcome::Offline => {
                         offline_since.get_or_insert_with(Instant::now);
                         retry_at = Some(backoff(RETRY_OFFLINE, &mut offline_tries));
                     }
-                    Outcome::Moving => {
+                    RequestOutcome::Moving => {
                         offline_since = None;
                         retry_at = Some(backoff(RETRY_MOVING, &mut moving_tries));
                     }
-                    Outcome::At { .. } | Outcome::Expired => {}
+                    RequestOutcome::At { .. } | RequestOutcome::Expired => {}
                 }
             }
             // The member set changed: the home may have too, and the directory is being

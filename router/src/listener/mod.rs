@@ -53,7 +53,7 @@ impl Drop for OpenConnection {
 /// Create the shard listeners: all bound to the same address with SO_REUSEPORT, so
 /// the kernel spreads connections across shards (and across router processes).
 /// `defer_accept` > 0: TCP_DEFER_ACCEPT for that many seconds (see `--defer-accept`).
-pub fn bind_reuseport(
+pub(crate) fn bind_reuseport(
     addr: SocketAddr,
     count: usize,
     defer_accept: u32,
@@ -101,7 +101,7 @@ pub fn bind_reuseport(
 /// Connections accepted per listener wake-up before the shard's other tasks get a turn.
 const ACCEPTS_PER_WAKE: usize = 64;
 
-pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: AsyncFd<std::net::TcpListener>) {
+pub(crate) async fn accept_loop(ctx: Rc<ShardCtx>, listener: AsyncFd<std::net::TcpListener>) {
     loop {
         let mut guard = match listener.readable().await {
             Ok(g) => g,
@@ -335,7 +335,8 @@ struct Handshake {
     preface: Vec<u8>,
 }
 
-enum Outcome {
+/// How a handshake ended.
+enum HandshakeEnd {
     Authenticated {
         ident: Identity,
         protocol: Protocol,
@@ -471,25 +472,26 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
         protocol: None,
         preface: Vec::new(),
     };
-    let outcome =
-        match tokio::time::timeout_at(deadline, handshake(ctx, s, &mut hs, cert_ident)).await {
-            Ok(o) => o,
-            Err(_) if hs.upgraded => Outcome::Refused(CloseCode::AuthTimeout, AuthError::Timeout),
-            Err(_) => {
-                m.auth_failure(AuthError::Timeout);
-                m.handshake_failures.fetch_add(1, Relaxed);
-                Outcome::Gone
-            }
-        };
+    let outcome = match tokio::time::timeout_at(deadline, handshake(ctx, s, &mut hs, cert_ident))
+        .await
+    {
+        Ok(o) => o,
+        Err(_) if hs.upgraded => HandshakeEnd::Refused(CloseCode::AuthTimeout, AuthError::Timeout),
+        Err(_) => {
+            m.auth_failure(AuthError::Timeout);
+            m.handshake_failures.fetch_add(1, Relaxed);
+            HandshakeEnd::Gone
+        }
+    };
     match outcome {
-        Outcome::Authenticated {
+        HandshakeEnd::Authenticated {
             ident,
             protocol,
             deflate,
             leftover,
             preface,
         } => Some((ident, protocol, deflate, leftover, preface)),
-        Outcome::Refused(code, why) => {
+        HandshakeEnd::Refused(code, why) => {
             m.auth_failure(why);
             m.close(code);
             // The 101 first if it has not gone out yet.
@@ -503,7 +505,7 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
             linger(s).await;
             None
         }
-        Outcome::Gone => None,
+        HandshakeEnd::Gone => None,
     }
 }
 
@@ -552,141 +554,163 @@ async fn http_error<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, status: &str, 
     linger(s).await;
 }
 
+/// The handshake proper: the HTTP upgrade, then the device's identity from its
+/// client certificate, NervesHub headers, a token on the upgrade request, or else its
+/// first text frame.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &ShardCtx,
     stream: &mut S,
     hs: &mut Handshake,
     cert_ident: Option<Identity>,
-) -> Outcome {
-    let m = ctx.metrics();
+) -> HandshakeEnd {
     // 1. The HTTP upgrade request.
-    let up = loop {
-        match parse_upgrade(&hs.buf) {
-            Ok(Some(up)) => break up,
-            Ok(None) if hs.buf.len() >= MAX_REQUEST => {
+    let Some(up) = read_upgrade(ctx, stream, &mut hs.buf).await else {
+        return HandshakeEnd::Gone;
+    };
+    let cert_ident = match cert_ident {
+        Some(ident) => Some(ident),
+        None => match nerves_identity(ctx, stream, &up).await {
+            Ok(ident) => ident,
+            Err(()) => return HandshakeEnd::Gone,
+        },
+    };
+    let decided = cert_ident.is_some() || up.token.is_some();
+    // permessage-deflate only where authentication is decided by the upgrade request:
+    // a first-frame `Bearer` is read by the listener, which does not inflate.
+    let deflate = up.deflate && ctx.shared.config.permessage_deflate && decided;
+    let resp = switching_protocols(&up.key, deflate);
+    if decided {
+        // Decided without another byte from the device: the 101 goes out with the
+        // verdict (the greeting from the owning shard, or the close frame).
+        hs.preface = resp.into_bytes();
+    } else if write_all(stream, resp.as_bytes()).await.is_err() {
+        return HandshakeEnd::Gone;
+    }
+    hs.upgraded = true;
+    hs.protocol = Some(up.protocol);
+    hs.buf.drain(..up.consumed);
+
+    // 2. A verified client certificate, a token on the upgrade request, or else the
+    //    first text frame `Bearer T`.
+    let ident = match (cert_ident, up.token) {
+        (Some(ident), _) => ident,
+        (None, Some(token)) => match ctx.shared.verifier.verify(&token) {
+            Ok(ident) => ident,
+            Err(e) => return HandshakeEnd::Refused(CloseCode::Unauthorized, e),
+        },
+        // Phoenix sockets authenticate with connect params only.
+        (None, None) if matches!(up.protocol, Protocol::Phoenix(_)) => {
+            return HandshakeEnd::Refused(CloseCode::Unauthorized, AuthError::Missing)
+        }
+        (None, None) => return bearer_frame(ctx, stream, hs, up.protocol).await,
+    };
+    HandshakeEnd::Authenticated {
+        ident,
+        protocol: up.protocol,
+        deflate,
+        leftover: std::mem::take(&mut hs.buf),
+        preface: std::mem::take(&mut hs.preface),
+    }
+}
+
+/// Read until the HTTP upgrade request is whole (at most [`MAX_REQUEST`]); None once
+/// the connection is answered (431, 400...) or gone. Counted as a handshake failure.
+async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ShardCtx,
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<upgrade::Upgrade> {
+    let m = ctx.metrics();
+    loop {
+        match parse_upgrade(buf) {
+            Ok(Some(up)) => return Some(up),
+            Ok(None) if buf.len() >= MAX_REQUEST => {
                 m.handshake_failures.fetch_add(1, Relaxed);
-                http_error(
-                    stream,
+                let (status, message) = (
                     "431 Request Header Fields Too Large",
                     "upgrade request over 8 KiB",
-                )
-                .await;
-                return Outcome::Gone;
+                );
+                http_error(stream, status, message).await;
+                return None;
             }
-            Ok(None) => match read_more(stream, &mut hs.buf).await {
+            Ok(None) => match read_more(stream, buf).await {
                 Ok(true) => {}
                 _ => {
                     m.handshake_failures.fetch_add(1, Relaxed);
-                    return Outcome::Gone;
+                    return None;
                 }
             },
             Err((status, message)) => {
                 m.handshake_failures.fetch_add(1, Relaxed);
                 http_error(stream, status, &message).await;
-                return Outcome::Gone;
+                return None;
             }
         }
-    };
-    // NervesHub shared secret (`x-nh-*` headers, no certificate): decided before the
-    // upgrade, refused with 401 as NervesHub does.
-    let nerves_ident = match (&cert_ident, &up.nerves, up.protocol) {
-        (None, Some(h), Protocol::Phoenix(_)) => {
-            let verdict = match &ctx.shared.nerves {
-                Some(n) if !h.signature.is_empty() => n.verify(h, crate::unix_ms()),
-                _ => Err(AuthError::Missing),
-            };
-            match verdict {
-                Ok(ident) => Some(ident),
-                Err(why) => {
-                    m.auth_failure(why);
-                    m.handshake_failures.fetch_add(1, Relaxed);
-                    let msg = match why {
-                        AuthError::Missing if ctx.shared.nerves.is_none() => {
-                            "shared-secret authentication is not enabled on this router".to_string()
-                        }
-                        _ => format!("shared-secret authentication failed: {why}"),
-                    };
-                    http_error(stream, "401 Unauthorized", &msg).await;
-                    return Outcome::Gone;
-                }
-            }
-        }
-        _ => None,
-    };
-    let cert_ident = cert_ident.or(nerves_ident);
-    // permessage-deflate only where authentication is decided by the upgrade request:
-    // a first-frame `Bearer` is read by the listener, which does not inflate.
-    let deflate = up.deflate
-        && ctx.shared.config.permessage_deflate
-        && (cert_ident.is_some() || up.token.is_some());
-    let resp = switching_protocols(&up.key, deflate);
-    if cert_ident.is_some() || up.token.is_some() {
-        // Decided without another byte from the device: the 101 goes out with the
-        // verdict (the greeting from the owning shard, or the close frame).
-        hs.preface = resp.into_bytes();
-    } else if write_all(stream, resp.as_bytes()).await.is_err() {
-        return Outcome::Gone;
     }
-    hs.upgraded = true;
-    hs.protocol = Some(up.protocol);
-    hs.buf.drain(..up.consumed);
-    let verify = |t: &str| ctx.shared.verifier.verify(t);
+}
 
-    // 2. A verified client certificate, a token on the upgrade request, or else the
-    //    first text frame `Bearer T`.
-    if let Some(ident) = cert_ident {
-        return Outcome::Authenticated {
-            ident,
-            protocol: up.protocol,
-            deflate,
-            leftover: std::mem::take(&mut hs.buf),
-            preface: std::mem::take(&mut hs.preface),
-        };
-    }
-    if let Some(token) = up.token {
-        return match verify(&token) {
-            Ok(ident) => Outcome::Authenticated {
-                ident,
-                protocol: up.protocol,
-                deflate,
-                leftover: std::mem::take(&mut hs.buf),
-                preface: std::mem::take(&mut hs.preface),
-            },
-            Err(e) => Outcome::Refused(CloseCode::Unauthorized, e),
-        };
-    }
-    if matches!(up.protocol, Protocol::Phoenix(_)) {
-        // Phoenix sockets authenticate with connect params only.
-        return Outcome::Refused(CloseCode::Unauthorized, AuthError::Missing);
-    }
-    // A `Bearer` message may come in fragments: reassembled (within --max-frame).
+/// NervesHub shared secret (`x-nh-*` headers on a Phoenix upgrade): decided before the
+/// upgrade. Ok(None): not asked for; Err: refused with 401 as NervesHub does.
+async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ShardCtx,
+    stream: &mut S,
+    up: &upgrade::Upgrade,
+) -> Result<Option<Identity>, ()> {
+    let (Some(h), Protocol::Phoenix(_)) = (&up.nerves, up.protocol) else {
+        return Ok(None);
+    };
+    let verdict = match &ctx.shared.nerves {
+        Some(n) if !h.signature.is_empty() => n.verify(h, crate::unix_ms()),
+        _ => Err(AuthError::Missing),
+    };
+    let why = match verdict {
+        Ok(ident) => return Ok(Some(ident)),
+        Err(why) => why,
+    };
+    let m = ctx.metrics();
+    m.auth_failure(why);
+    m.handshake_failures.fetch_add(1, Relaxed);
+    let msg = match why {
+        AuthError::Missing if ctx.shared.nerves.is_none() => {
+            "shared-secret authentication is not enabled on this router".to_string()
+        }
+        _ => format!("shared-secret authentication failed: {why}"),
+    };
+    http_error(stream, "401 Unauthorized", &msg).await;
+    Err(())
+}
+
+/// Authentication by the first text message, `Bearer T` (it may come in fragments,
+/// reassembled within --max-frame). Pings are answered, a close ends it. Hivekit may
+/// ask again on the same socket (a stale token is replaced, not retried in a reconnect
+/// loop), up to [`MAX_AUTH_ATTEMPTS`] and within the auth timeout (then 4408), each
+/// failure counted and answered `aut`/`err`.
+async fn bearer_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ShardCtx,
+    stream: &mut S,
+    hs: &mut Handshake,
+    protocol: Protocol,
+) -> HandshakeEnd {
+    let m = ctx.metrics();
     let mut message: Option<Vec<u8>> = None;
     let mut failures = 0u32;
     loop {
-        let h = match ws::parse_header(&hs.buf, ctx.shared.config.max_frame) {
-            Ok(Some(h)) if hs.buf.len() >= h.total_len() => h,
-            Ok(_) => match read_more(stream, &mut hs.buf).await {
-                Ok(true) => continue,
-                _ => return Outcome::Gone,
-            },
-            Err(e) => return fail_ws(m, stream, e).await,
+        let (h, mut frame) = match next_frame(ctx, stream, &mut hs.buf).await {
+            Ok(f) => f,
+            Err(end) => return end,
         };
-        if h.rsv1 {
-            // No extension is negotiated for a connection that authenticates by frame.
-            return fail_ws(m, stream, WsError::Reserved).await;
-        }
-        let mut frame: Vec<u8> = hs.buf.drain(..h.total_len()).collect();
         let payload = &mut frame[h.header_len..];
         ws::unmask(payload, h.mask);
-        match h.opcode {
+        let whole = match h.opcode {
             OP_PING => {
                 let mut pong = Vec::new();
                 ws::encode_frame(OP_PONG, payload, &mut pong);
                 if write_all(stream, &pong).await.is_err() {
-                    return Outcome::Gone;
+                    return HandshakeEnd::Gone;
                 }
+                continue;
             }
-            OP_PONG => {}
+            OP_PONG => continue,
             OP_CLOSE => {
                 // Answered (with 1000, whatever the device's code), and counted as a
                 // shard counts an answer.
@@ -694,63 +718,98 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 m.close(CloseCode::Normal);
                 let _ = write_all(stream, &close_frame(CloseCode::Normal, "")).await;
                 linger(stream).await;
-                return Outcome::Gone;
+                return HandshakeEnd::Gone;
             }
             OP_TEXT | OP_CONT => {
-                let whole = match (h.opcode, message.as_mut()) {
-                    (OP_TEXT, None) if h.fin => payload.to_vec(),
-                    (OP_TEXT, None) => {
-                        message = Some(payload.to_vec());
-                        continue;
-                    }
-                    (OP_CONT, Some(m)) => {
-                        if m.len() + payload.len() > ctx.shared.config.max_frame {
-                            m.clear();
-                            return Outcome::Refused(CloseCode::Unauthorized, AuthError::Invalid);
-                        }
-                        m.extend_from_slice(payload);
-                        if !h.fin {
-                            continue;
-                        }
-                        message.take().unwrap_or_default()
-                    }
-                    // A continuation with no message, or a new message inside one.
-                    _ => return Outcome::Refused(CloseCode::Unauthorized, AuthError::Missing),
-                };
-                // Quarantine: the only thing looked at is whether this is `Bearer T`
-                // (the scheme in any case, as in the Authorization header).
-                let token = std::str::from_utf8(&whole)
-                    .ok()
-                    .and_then(crate::auth::bearer_token);
-                let why = match token.map(verify) {
-                    Some(Ok(ident)) => {
-                        return Outcome::Authenticated {
-                            ident,
-                            protocol: up.protocol,
-                            deflate: false,
-                            leftover: std::mem::take(&mut hs.buf),
-                            preface: Vec::new(),
-                        }
-                    }
-                    Some(Err(e)) => e,
-                    None => AuthError::Missing,
-                };
-                // Hivekit: the client asks again on the same socket (a stale token is
-                // replaced, not retried in a reconnect loop), up to MAX_AUTH_ATTEMPTS
-                // and within the auth timeout (then 4408). Each failure is counted.
-                failures += 1;
-                if up.protocol != Protocol::Hivekit || failures >= MAX_AUTH_ATTEMPTS {
-                    return Outcome::Refused(CloseCode::Unauthorized, why);
-                }
-                m.auth_failure(why);
-                let mut answer = Vec::new();
-                ws::encode_frame(OP_TEXT, &hivekit::auth_err(&why.to_string()), &mut answer);
-                if write_all(stream, &answer).await.is_err() {
-                    return Outcome::Gone;
+                match reassemble(&mut message, &h, payload, ctx.shared.config.max_frame) {
+                    Ok(Some(whole)) => whole,
+                    Ok(None) => continue,
+                    Err(why) => return HandshakeEnd::Refused(CloseCode::Unauthorized, why),
                 }
             }
-            _ => return Outcome::Refused(CloseCode::Unauthorized, AuthError::Missing),
+            _ => return HandshakeEnd::Refused(CloseCode::Unauthorized, AuthError::Missing),
+        };
+        // Quarantine: the only thing looked at is whether this is `Bearer T` (the
+        // scheme in any case, as in the Authorization header).
+        let token = std::str::from_utf8(&whole)
+            .ok()
+            .and_then(crate::auth::bearer_token);
+        let why = match token.map(|t| ctx.shared.verifier.verify(t)) {
+            Some(Ok(ident)) => {
+                return HandshakeEnd::Authenticated {
+                    ident,
+                    protocol,
+                    deflate: false,
+                    leftover: std::mem::take(&mut hs.buf),
+                    preface: Vec::new(),
+                }
+            }
+            Some(Err(e)) => e,
+            None => AuthError::Missing,
+        };
+        failures += 1;
+        if protocol != Protocol::Hivekit || failures >= MAX_AUTH_ATTEMPTS {
+            return HandshakeEnd::Refused(CloseCode::Unauthorized, why);
         }
+        m.auth_failure(why);
+        let mut answer = Vec::new();
+        ws::encode_frame(OP_TEXT, &hivekit::auth_err(&why.to_string()), &mut answer);
+        if write_all(stream, &answer).await.is_err() {
+            return HandshakeEnd::Gone;
+        }
+    }
+}
+
+/// The next whole frame before authentication, read as needed: its header and its
+/// bytes (still masked). A WebSocket error is answered with its close code.
+async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ShardCtx,
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<(ws::FrameHeader, Vec<u8>), HandshakeEnd> {
+    let m = ctx.metrics();
+    loop {
+        let h = match ws::parse_header(buf, ctx.shared.config.max_frame) {
+            Ok(Some(h)) if buf.len() >= h.total_len() => h,
+            Ok(_) => match read_more(stream, buf).await {
+                Ok(true) => continue,
+                _ => return Err(HandshakeEnd::Gone),
+            },
+            Err(e) => return Err(fail_ws(m, stream, e).await),
+        };
+        if h.rsv1 {
+            // No extension is negotiated for a connection that authenticates by frame.
+            return Err(fail_ws(m, stream, WsError::Reserved).await);
+        }
+        let frame = buf.drain(..h.total_len()).collect();
+        return Ok((h, frame));
+    }
+}
+
+/// A text message from its frames: Some once whole, None while more are to come. A
+/// continuation with no message, a new message inside one (Missing) or one larger
+/// than `max` (Invalid) is a refusal.
+fn reassemble(
+    message: &mut Option<Vec<u8>>,
+    h: &ws::FrameHeader,
+    payload: &[u8],
+    max: usize,
+) -> Result<Option<Vec<u8>>, AuthError> {
+    match (h.opcode, message.as_mut()) {
+        (OP_TEXT, None) if h.fin => Ok(Some(payload.to_vec())),
+        (OP_TEXT, None) => {
+            *message = Some(payload.to_vec());
+            Ok(None)
+        }
+        (OP_CONT, Some(m)) => {
+            if m.len() + payload.len() > max {
+                m.clear();
+                return Err(AuthError::Invalid);
+            }
+            m.extend_from_slice(payload);
+            Ok(if h.fin { message.take() } else { None })
+        }
+        _ => Err(AuthError::Missing),
     }
 }
 
@@ -760,11 +819,11 @@ async fn fail_ws<S: AsyncRead + AsyncWrite + Unpin>(
     m: &crate::metrics::ShardMetrics,
     stream: &mut S,
     e: WsError,
-) -> Outcome {
+) -> HandshakeEnd {
     m.close(e.close_code());
     let _ = write_all(stream, &close_frame(e.close_code(), &e.to_string())).await;
     linger(stream).await;
-    Outcome::Gone
+    HandshakeEnd::Gone
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod timer;
 pub use admission::Refusal;
 pub use handle::ShardHandle;
 pub use msg::{Adopt, Delivery, DeviceInfo, RequestMsg, RequestReply, ShardMsg};
-pub use thread::run_shard;
+pub(crate) use thread::run_shard;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

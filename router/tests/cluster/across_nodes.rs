@@ -149,7 +149,7 @@ async fn three_nodes_and_a_device_that_moves_with_a_request_in_flight() {
 async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     use futures_util::StreamExt;
     use lapin::options::BasicPublishOptions;
-    use router::cluster::envelope::{decode_node, encode_node, NodeMsg, Outcome, What};
+    use router::cluster::envelope::{decode_node, encode_node, NodeMsg, RequestOutcome, What};
 
     let vh = Vhost::new("hive-test");
     let b = node(&vh, "holder");
@@ -207,7 +207,7 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     let want = NodeMsg::Reply {
         request: request.as_u128(),
         from: "holder".into(),
-        outcome: Outcome::Acked,
+        outcome: RequestOutcome::Acked,
     };
     assert_eq!(next_reply(&mut replies).await, want);
     // A late duplicate of the finished request: answered again, device untouched.

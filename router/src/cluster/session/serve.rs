@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::super::directory::Lookup;
 use super::super::envelope::{
-    ArchivedNodeMsg, NodeMsg, Outcome, PresenceBody, Received, What, MAX_DEADLINE_MS,
+    ArchivedNodeMsg, NodeMsg, PresenceBody, Received, RequestOutcome, What, MAX_DEADLINE_MS,
 };
 use super::super::membership::ME;
 use super::super::route::cluster;
@@ -51,9 +51,9 @@ pub(super) async fn on_served(
     pubr: &mut Publisher,
     request: u128,
     origin: String,
-    outcome: Outcome,
+    outcome: RequestOutcome,
 ) -> lapin::Result<()> {
-    let terminal = !matches!(outcome, Outcome::Offline | Outcome::Moving);
+    let terminal = !matches!(outcome, RequestOutcome::Offline | RequestOutcome::Moving);
     if terminal {
         st.served.insert(
             request,
@@ -120,7 +120,7 @@ pub(super) async fn on_directory_tick(
     ch: &Channel,
 ) -> lapin::Result<()> {
     for (request, origin) in st.take_local() {
-        reply(st, pubr, &origin, request, Outcome::Moving).await?;
+        reply(st, pubr, &origin, request, RequestOutcome::Moving).await?;
     }
     st.flush_directory(pubr).await?;
     // Envelopes the broker returned (no confirms are pending on this channel, so this
@@ -140,7 +140,7 @@ pub(super) async fn on_directory_tick(
         // SUSPECT_AFTER has said so by then.
         tracing::debug!(node = %to, "envelope returned: the node's queue is gone");
         if let Some((request, origin)) = request {
-            reply(st, pubr, &origin, request, Outcome::Moving).await?;
+            reply(st, pubr, &origin, request, RequestOutcome::Moving).await?;
         }
     }
     Ok(())
@@ -149,7 +149,7 @@ pub(super) async fn on_directory_tick(
 /// Shutdown: releases of the devices the drain closed go out first, then the leave.
 pub(super) async fn on_shutdown(st: &mut State, pubr: &mut Publisher) -> lapin::Result<()> {
     for (request, origin) in st.take_local() {
-        reply(st, pubr, &origin, request, Outcome::Moving).await?;
+        reply(st, pubr, &origin, request, RequestOutcome::Moving).await?;
     }
     st.flush_directory(pubr).await?;
     pubr.presence(st, PresenceBody::Leaving).await
@@ -236,14 +236,14 @@ async fn on_request(st: &mut State, pubr: &mut Publisher, r: Request) -> lapin::
         return reply(st, pubr, &r.origin, r.request, o).await;
     }
     let Some(deadline) = local_deadline(r.deadline_unix_ms) else {
-        return reply(st, pubr, &r.origin, r.request, Outcome::Expired).await;
+        return reply(st, pubr, &r.origin, r.request, RequestOutcome::Expired).await;
     };
     let dev = Uuid::from_u128(r.device);
     if c.is_local(&dev) {
         return on_local_request(st, pubr, r, dev, deadline).await;
     }
     if r.hops > 0 {
-        return reply(st, pubr, &r.origin, r.request, Outcome::Offline).await;
+        return reply(st, pubr, &r.origin, r.request, RequestOutcome::Offline).await;
     }
     // We are (or were told we are) the device's home.
     on_request_at_home(st, pubr, r, &dev).await
@@ -266,7 +266,7 @@ async fn on_local_request(
     }
     if matches!(r.what, What::Locate) {
         let node = st.me().to_string();
-        return reply(st, pubr, &r.origin, r.request, Outcome::At { node }).await;
+        return reply(st, pubr, &r.origin, r.request, RequestOutcome::At { node }).await;
     }
     if r.origin != st.me() {
         c.metrics.requests_served_for_peers.fetch_add(1, Relaxed);
@@ -284,10 +284,17 @@ async fn on_request_at_home(
     match st.dir.lookup(dev) {
         Lookup::At(owner) if owner != ME => {
             let Some(name) = st.members.name(owner).map(str::to_string) else {
-                return reply(st, pubr, &r.origin, r.request, Outcome::Moving).await;
+                return reply(st, pubr, &r.origin, r.request, RequestOutcome::Moving).await;
             };
             if matches!(r.what, What::Locate) {
-                return reply(st, pubr, &r.origin, r.request, Outcome::At { node: name }).await;
+                return reply(
+                    st,
+                    pubr,
+                    &r.origin,
+                    r.request,
+                    RequestOutcome::At { node: name },
+                )
+                .await;
             }
             let shared = st.shared.clone();
             let c = cluster(&shared);
@@ -302,9 +309,9 @@ async fn on_request_at_home(
             };
             pubr.node(c, &name, &fwd).await
         }
-        Lookup::Moving => reply(st, pubr, &r.origin, r.request, Outcome::Moving).await,
+        Lookup::Moving => reply(st, pubr, &r.origin, r.request, RequestOutcome::Moving).await,
         Lookup::At(_) | Lookup::Unknown => {
-            reply(st, pubr, &r.origin, r.request, Outcome::Offline).await
+            reply(st, pubr, &r.origin, r.request, RequestOutcome::Offline).await
         }
     }
 }
@@ -314,7 +321,7 @@ pub(super) async fn reply(
     pubr: &mut Publisher,
     origin: &str,
     request: u128,
-    outcome: Outcome,
+    outcome: RequestOutcome,
 ) -> lapin::Result<()> {
     let c = cluster(&st.shared);
     if origin == st.me() {
@@ -329,12 +336,12 @@ pub(super) async fn reply(
     pubr.node(c, origin, &m).await
 }
 
-fn outcome_of(r: RequestReply) -> Outcome {
+fn outcome_of(r: RequestReply) -> RequestOutcome {
     match r {
-        RequestReply::Offline => Outcome::Offline,
-        RequestReply::Full => Outcome::Full,
-        RequestReply::Acked => Outcome::Acked,
-        RequestReply::Responded { ok, result } => Outcome::Responded { ok, result },
+        RequestReply::Offline => RequestOutcome::Offline,
+        RequestReply::Full => RequestOutcome::Full,
+        RequestReply::Acked => RequestOutcome::Acked,
+        RequestReply::Responded { ok, result } => RequestOutcome::Responded { ok, result },
     }
 }
 
@@ -381,7 +388,7 @@ async fn serve_here(
     };
     let Some(fut) = fut else {
         st.shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
-        return reply(st, pubr, &origin, request, Outcome::Full).await;
+        return reply(st, pubr, &origin, request, RequestOutcome::Full).await;
     };
     st.served.insert(
         request,
@@ -407,7 +414,7 @@ fn command_to_shard(
     Some(Box::pin(async move {
         let outcome = match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(r)) => outcome_of(r),
-            _ => Outcome::Expired,
+            _ => RequestOutcome::Expired,
         };
         (request, to, outcome)
     }))
@@ -430,10 +437,10 @@ fn event_to_shard(
     shard.send(msg).ok()?;
     Some(Box::pin(async move {
         let outcome = match rx.await {
-            Ok(Delivery::Sent) => Outcome::Acked,
-            Ok(Delivery::Full) => Outcome::Full,
-            Ok(Delivery::NotJoined) => Outcome::NotJoined,
-            Ok(Delivery::Offline) | Err(_) => Outcome::Offline,
+            Ok(Delivery::Sent) => RequestOutcome::Acked,
+            Ok(Delivery::Full) => RequestOutcome::Full,
+            Ok(Delivery::NotJoined) => RequestOutcome::NotJoined,
+            Ok(Delivery::Offline) | Err(_) => RequestOutcome::Offline,
         };
         (request, to, outcome)
     }))

@@ -12,7 +12,7 @@ use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
 
 use super::super::directory::Directory;
-use super::super::envelope::{DirChange, DirKind, NodeMsg, Outcome};
+use super::super::envelope::{DirChange, DirKind, NodeMsg, RequestOutcome};
 use super::super::link::{Links, PeerAddr};
 use super::super::membership::{Heard, Membership, NodeId, ME};
 use super::super::route::cluster;
@@ -34,10 +34,10 @@ pub(super) enum Served {
         device: u128,
         origin: String,
     },
-    Done(Outcome, Instant),
+    Done(RequestOutcome, Instant),
 }
 
-pub(super) type ServeFut = Pin<Box<dyn Future<Output = (u128, String, Outcome)>>>;
+pub(super) type ServeFut = Pin<Box<dyn Future<Output = (u128, String, RequestOutcome)>>>;
 
 /// What outlives a broker session: members, the directory partition, served requests.
 pub(super) struct State {
