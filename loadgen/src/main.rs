@@ -21,6 +21,7 @@ mod report;
 mod scenario;
 mod sched;
 mod seqs;
+mod signal;
 mod svg;
 mod thresholds;
 mod timeline;
