@@ -9,18 +9,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::net::TcpStream;
 
-use crate::auth::{AuthError, Identity};
-use crate::metrics::GaugeHold;
-use crate::protocol::hivekit;
-use crate::protocol::ws::{self, CloseCode, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
-use crate::shard::{shard_of, Adopt, Protocol, ShardCtx, ShardMsg};
+use crate::protocol::ws::CloseCode;
+use crate::shard::{shard_of, Adopt, Door, ShardMsg};
 use crate::Shared;
+use handshake::{close_frame, http_error};
 use upgrade::{parse_upgrade, switching_protocols};
 
+mod handshake;
 pub mod proxy;
 mod upgrade;
 
@@ -101,39 +99,46 @@ pub(crate) fn bind_reuseport(
 /// Connections accepted per listener wake-up before the shard's other tasks get a turn.
 const ACCEPTS_PER_WAKE: usize = 64;
 
-pub(crate) async fn accept_loop(ctx: Rc<ShardCtx>, listener: AsyncFd<std::net::TcpListener>) {
-    loop {
-        let mut guard = match listener.readable().await {
-            Ok(g) => g,
+/// After a failed accept (out of descriptors or similar), the listener rests this long.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How a batch of accepts ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// The queue is empty: wait for the listener's next readiness.
+    Drained,
+    /// [`ACCEPTS_PER_WAKE`] taken and more may wait: come back after a yield.
+    More,
+    /// Accepting failed: rest [`ACCEPT_BACKOFF`].
+    Failed,
+}
+
+/// Accept what the listener holds, up to [`ACCEPTS_PER_WAKE`]: refuse, adopt (`adopt`,
+/// for a device of this shard authenticated at once) or start a handshake task.
+pub(crate) fn accept_batch(
+    door: &Rc<Door>,
+    mut ready: AsyncFdReadyGuard<'_, std::net::TcpListener>,
+    mut adopt: impl FnMut(Adopt),
+) -> Accepted {
+    for _ in 0..ACCEPTS_PER_WAKE {
+        match accept_nonblocking(ready.get_inner()) {
+            Ok((stream, peer)) => {
+                if let Some(a) = on_accept(door, stream, peer) {
+                    adopt(a);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ready.clear_ready();
+                return Accepted::Drained;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                tracing::error!(shard = ctx.id, error = %e, "listener lost");
-                return;
+                tracing::warn!(shard = door.id, error = %e, "accept failed");
+                return Accepted::Failed;
             }
-        };
-        let mut drained = false;
-        for _ in 0..ACCEPTS_PER_WAKE {
-            match accept_nonblocking(guard.get_inner()) {
-                Ok((stream, peer)) => on_accept(&ctx, stream, peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    guard.clear_ready();
-                    drained = true;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Out of descriptors or similar: back off instead of spinning.
-                    tracing::warn!(shard = ctx.id, error = %e, "accept failed");
-                    drop(guard);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    drained = true;
-                    break;
-                }
-            }
-        }
-        if !drained {
-            tokio::task::yield_now().await;
         }
     }
+    Accepted::More
 }
 
 /// accept4 with SOCK_NONBLOCK: the socket comes out ready for the poller, one
@@ -188,39 +193,41 @@ fn sockaddr_to_std(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
-    ctx.metrics().accepted.fetch_add(1, Relaxed);
-    let proxied = ctx.shared.config.proxy_protocol != proxy::Mode::Off;
+/// A new socket: refused, or authenticated at once (Some: a device of this shard, for
+/// the caller to adopt), or handed to a handshake task.
+fn on_accept(door: &Rc<Door>, stream: std::net::TcpStream, peer: SocketAddr) -> Option<Adopt> {
+    door.metrics().accepted.fetch_add(1, Relaxed);
+    let proxied = door.shared.config.proxy_protocol != proxy::Mode::Off;
     // Behind a balancer the per-IP rate waits for the header's address (below).
     let admitted = if proxied {
-        ctx.admit_connection()
+        door.admit_connection()
     } else {
-        ctx.admit(peer.ip())
+        door.admit(peer.ip())
     };
     if let Err(why) = admitted {
         // Refused fast, before reading anything: never queued, never hung.
         if let Ok(s) = TcpStream::from_std(stream) {
             tokio::task::spawn_local(refuse(s, why.status(), why.message()));
         }
-        return;
+        return None;
     }
-    let open = OpenConnection::new(&ctx.shared);
+    let open = OpenConnection::new(&door.shared);
     if proxied {
         match TcpStream::from_std(stream) {
             Ok(s) => {
-                tokio::task::spawn_local(handle_proxied(ctx.clone(), s, peer, open));
+                tokio::task::spawn_local(handshake::handle_proxied(door.clone(), s, peer, open));
             }
             Err(e) => tracing::warn!(error = %e, "cannot register an accepted socket"),
         }
-        return;
+        return None;
     }
-    let (stream, first, open) = if ctx.shared.tls.is_none() {
-        match fast_path(ctx, stream, peer, open) {
-            Fast::Done => return,
+    let (stream, first, open) = if door.shared.tls.is_none() {
+        match fast_path(door, stream, peer, open) {
+            Fast::Done(a) => return a,
             Fast::Continue(stream, bytes, open) => (stream, bytes, open),
             Fast::Gone => {
-                ctx.metrics().handshake_failures.fetch_add(1, Relaxed);
-                return;
+                door.metrics().handshake_failures.fetch_add(1, Relaxed);
+                return None;
             }
         }
     } else {
@@ -228,15 +235,17 @@ fn on_accept(ctx: &Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) 
     };
     match TcpStream::from_std(stream) {
         Ok(s) => {
-            tokio::task::spawn_local(handle_new(ctx.clone(), s, peer, first, open));
+            tokio::task::spawn_local(handshake::handle_new(door.clone(), s, peer, first, open));
         }
         Err(e) => tracing::warn!(error = %e, "cannot register an accepted socket"),
     }
+    None
 }
 
 enum Fast {
-    /// Authenticated and handed over (or refused as busy): nothing left to do here.
-    Done,
+    /// Authenticated: a device of this shard to adopt (Some), or handed to its own
+    /// shard or refused as busy (None).
+    Done(Option<Adopt>),
     /// Not decided by what was there: the handshake goes on, from these bytes.
     Continue(std::net::TcpStream, Vec<u8>, OpenConnection),
     /// The peer closed or reset before saying anything.
@@ -249,7 +258,7 @@ enum Fast {
 /// else (partial request, token in the first frame, a refusal to answer) goes the
 /// general way with the bytes read so far.
 fn fast_path(
-    ctx: &Rc<ShardCtx>,
+    door: &Door,
     stream: std::net::TcpStream,
     peer: SocketAddr,
     open: OpenConnection,
@@ -273,12 +282,12 @@ fn fast_path(
     let Some(token) = up.token.as_deref() else {
         return Fast::Continue(stream, bytes.to_vec(), open);
     };
-    let Ok(ident) = ctx.shared.verifier.verify(token) else {
+    let Ok(ident) = door.shared.verifier.verify(token) else {
         // The general path answers the refusal (101, close 4401, linger).
         return Fast::Continue(stream, bytes.to_vec(), open);
     };
-    hand_over(
-        ctx,
+    let mine = hand_over(
+        door,
         Adopt {
             stream,
             tls: None,
@@ -286,28 +295,28 @@ fn fast_path(
             peer,
             protocol: up.protocol,
             leftover: bytes[up.consumed..].to_vec(),
-            deflate: up.deflate && ctx.shared.config.permessage_deflate,
+            deflate: up.deflate && door.shared.config.permessage_deflate,
             preface: switching_protocols(
                 &up.key,
-                up.deflate && ctx.shared.config.permessage_deflate,
+                up.deflate && door.shared.config.permessage_deflate,
             )
             .into_bytes(),
             open,
         },
     );
-    Fast::Done
+    Fast::Done(mine)
 }
 
-/// An authenticated connection to the shard that owns its device (this one or another).
-fn hand_over(ctx: &Rc<ShardCtx>, adopt: Adopt) {
-    let m = ctx.metrics();
-    let target = shard_of(&adopt.ident.device, ctx.shared.shards.len());
-    if target == ctx.id {
-        ctx.adopt(adopt);
-        return;
+/// An authenticated connection to the shard that owns its device: Some if that is this
+/// one (for the caller to adopt or hand back), else sent to the owner's inbox.
+fn hand_over(door: &Door, adopt: Adopt) -> Option<Adopt> {
+    let m = door.metrics();
+    let target = shard_of(&adopt.ident.device, door.shared.shards.len());
+    if target == door.id {
+        return Some(adopt);
     }
     if let Err(ShardMsg::Adopt(a)) =
-        ctx.shared.shards[target].send(ShardMsg::Adopt(Box::new(adopt)))
+        door.shared.shards[target].send(ShardMsg::Adopt(Box::new(adopt)))
     {
         // Owner's inbox is full: refuse fast rather than queue forever.
         let code = CloseCode::TryAgainLater;
@@ -320,510 +329,11 @@ fn hand_over(ctx: &Rc<ShardCtx>, adopt: Adopt) {
     } else {
         m.handoffs.fetch_add(1, Relaxed);
     }
+    None
 }
 
-async fn refuse(mut stream: TcpStream, status: &'static str, why: &'static str) {
+pub(super) async fn refuse(mut stream: TcpStream, status: &'static str, why: &'static str) {
     let _ = tokio::time::timeout(LINGER, http_error(&mut stream, status, why)).await;
-}
-
-/// Where a connection is in its short life before authentication.
-struct Handshake {
-    buf: Vec<u8>,
-    upgraded: bool,
-    protocol: Option<Protocol>,
-    /// The 101 response, when it waits to go out with what follows it.
-    preface: Vec<u8>,
-}
-
-/// How a handshake ended.
-enum HandshakeEnd {
-    Authenticated {
-        ident: Identity,
-        protocol: Protocol,
-        /// permessage-deflate negotiated.
-        deflate: bool,
-        leftover: Vec<u8>,
-        /// Not yet sent: goes out with the greeting, from the owning shard.
-        preface: Vec<u8>,
-    },
-    /// Close with this code (after the upgrade) and count it.
-    Refused(CloseCode, AuthError),
-    /// The peer went away or spoke no WebSocket; already answered if possible.
-    Gone,
-}
-
-/// `--proxy-protocol`: the header first (within the auth timeout); the address it names
-/// is the device's from then on, and the per-IP connect rate counts it.
-async fn handle_proxied(
-    ctx: Rc<ShardCtx>,
-    mut stream: TcpStream,
-    balancer: SocketAddr,
-    open: OpenConnection,
-) {
-    let cfg = &ctx.shared.config;
-    let within = Duration::from_secs(cfg.auth_timeout);
-    let peer = match proxy::read_header(&mut stream, cfg.proxy_protocol, within).await {
-        Ok(source) => source.unwrap_or(balancer),
-        Err(why) => {
-            ctx.metrics().proxy_refused.fetch_add(1, Relaxed);
-            tracing::debug!(%balancer, why, "connection without a valid PROXY header closed");
-            return;
-        }
-    };
-    if let Err(why) = ctx.admit_ip(peer.ip()) {
-        // Not counted while the refusal lingers (as a connection refused at accept).
-        drop(open);
-        refuse(stream, why.status(), why.message()).await;
-        return;
-    }
-    handle_new(ctx, stream, peer, Vec::new(), open).await;
-}
-
-async fn handle_new(
-    ctx: Rc<ShardCtx>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    first: Vec<u8>,
-    open: OpenConnection,
-) {
-    let m = ctx.metrics();
-    let handshaking = GaugeHold::new(&m.handshakes);
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(ctx.shared.config.auth_timeout);
-    let done = match ctx.shared.tls.clone() {
-        None => {
-            let mut s = stream;
-            upgrade_and_auth(&ctx, &mut s, None, deadline, first)
-                .await
-                .map(|auth| (s, None, auth))
-        }
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(mut tls)) => {
-                // mTLS: a certificate rustls verified against --client-ca names the device.
-                let field = &ctx.shared.config.mtls_account_field;
-                let cert_ident = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| crate::tls::identity_from_cert(c, field));
-                match upgrade_and_auth(&ctx, &mut tls, cert_ident, deadline, Vec::new()).await {
-                    Some(auth) => {
-                        let (tcp, conn) = tls.into_inner();
-                        Some((tcp, Some(Box::new(conn)), auth))
-                    }
-                    None => None,
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                m.tls_failures.fetch_add(1, Relaxed);
-                m.handshake_failures.fetch_add(1, Relaxed);
-                None
-            }
-            Err(_) => {
-                m.auth_failure(AuthError::Timeout);
-                m.handshake_failures.fetch_add(1, Relaxed);
-                None
-            }
-        },
-    };
-    drop(handshaking);
-    let Some((stream, tls, (ident, protocol, deflate, leftover, preface))) = done else {
-        return;
-    };
-    // Out of tokio's reactor either way: the owning shard watches it with its poller.
-    let stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not take an authenticated socket out of the runtime");
-            return;
-        }
-    };
-    hand_over(
-        &ctx,
-        Adopt {
-            stream,
-            tls,
-            ident,
-            peer,
-            protocol,
-            deflate,
-            leftover,
-            preface,
-            open,
-        },
-    );
-}
-
-/// Upgrade and authenticate within the deadline; on refusal answer (close code or HTTP
-/// status) and linger. Some: who the device is, its protocol, bytes already read.
-async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
-    ctx: &ShardCtx,
-    s: &mut S,
-    cert_ident: Option<Identity>,
-    deadline: tokio::time::Instant,
-    first: Vec<u8>,
-) -> Option<(Identity, Protocol, bool, Vec<u8>, Vec<u8>)> {
-    let m = ctx.metrics();
-    let mut hs = Handshake {
-        buf: first,
-        upgraded: false,
-        protocol: None,
-        preface: Vec::new(),
-    };
-    let outcome = match tokio::time::timeout_at(deadline, handshake(ctx, s, &mut hs, cert_ident))
-        .await
-    {
-        Ok(o) => o,
-        Err(_) if hs.upgraded => HandshakeEnd::Refused(CloseCode::AuthTimeout, AuthError::Timeout),
-        Err(_) => {
-            m.auth_failure(AuthError::Timeout);
-            m.handshake_failures.fetch_add(1, Relaxed);
-            HandshakeEnd::Gone
-        }
-    };
-    match outcome {
-        HandshakeEnd::Authenticated {
-            ident,
-            protocol,
-            deflate,
-            leftover,
-            preface,
-        } => Some((ident, protocol, deflate, leftover, preface)),
-        HandshakeEnd::Refused(code, why) => {
-            m.auth_failure(why);
-            m.close(code);
-            // The 101 first if it has not gone out yet.
-            let mut frames = std::mem::take(&mut hs.preface);
-            if hs.protocol == Some(Protocol::Hivekit) {
-                // Hivekit says why in its own terms before the close.
-                ws::encode_frame(OP_TEXT, &hivekit::auth_err(&why.to_string()), &mut frames);
-            }
-            frames.extend_from_slice(&close_frame(code, &why.to_string()));
-            let _ = write_all(s, &frames).await;
-            linger(s).await;
-            None
-        }
-        HandshakeEnd::Gone => None,
-    }
-}
-
-fn close_frame(code: CloseCode, reason: &str) -> Vec<u8> {
-    let mut f = Vec::with_capacity(130);
-    ws::encode_frame(OP_CLOSE, &ws::close_payload(code, reason), &mut f);
-    f
-}
-
-async fn write_all<S: AsyncWrite + Unpin>(s: &mut S, data: &[u8]) -> io::Result<()> {
-    s.write_all(data).await?;
-    s.flush().await
-}
-
-/// Read more bytes into `buf`; Ok(false) on EOF.
-async fn read_more<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<bool> {
-    let mut chunk = [0u8; 2048];
-    let n = s.read(&mut chunk).await?;
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(n > 0)
-}
-
-/// Half-close (TLS: close_notify first) and wait briefly for the peer's FIN, so what
-/// was sent is not destroyed by a reset.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
-    let _ = tokio::time::timeout(LINGER, async {
-        let _ = s.shutdown().await;
-        let mut sink = Vec::new();
-        while let Ok(true) = read_more(s, &mut sink).await {
-            sink.clear();
-        }
-    })
-    .await;
-}
-
-async fn http_error<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, status: &str, message: &str) {
-    let body = format!(
-        "{{\"error\":\"handshake\",\"message\":{}}}",
-        serde_json::Value::from(message)
-    );
-    let resp = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = write_all(s, resp.as_bytes()).await;
-    linger(s).await;
-}
-
-/// The handshake proper: the HTTP upgrade, then the device's identity from its
-/// client certificate, NervesHub headers, a token on the upgrade request, or else its
-/// first text frame.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    ctx: &ShardCtx,
-    stream: &mut S,
-    hs: &mut Handshake,
-    cert_ident: Option<Identity>,
-) -> HandshakeEnd {
-    // 1. The HTTP upgrade request.
-    let Some(up) = read_upgrade(ctx, stream, &mut hs.buf).await else {
-        return HandshakeEnd::Gone;
-    };
-    let cert_ident = match cert_ident {
-        Some(ident) => Some(ident),
-        None => match nerves_identity(ctx, stream, &up).await {
-            Ok(ident) => ident,
-            Err(()) => return HandshakeEnd::Gone,
-        },
-    };
-    let decided = cert_ident.is_some() || up.token.is_some();
-    // permessage-deflate only where authentication is decided by the upgrade request:
-    // a first-frame `Bearer` is read by the listener, which does not inflate.
-    let deflate = up.deflate && ctx.shared.config.permessage_deflate && decided;
-    let resp = switching_protocols(&up.key, deflate);
-    if decided {
-        // Decided without another byte from the device: the 101 goes out with the
-        // verdict (the greeting from the owning shard, or the close frame).
-        hs.preface = resp.into_bytes();
-    } else if write_all(stream, resp.as_bytes()).await.is_err() {
-        return HandshakeEnd::Gone;
-    }
-    hs.upgraded = true;
-    hs.protocol = Some(up.protocol);
-    hs.buf.drain(..up.consumed);
-
-    // 2. A verified client certificate, a token on the upgrade request, or else the
-    //    first text frame `Bearer T`.
-    let ident = match (cert_ident, up.token) {
-        (Some(ident), _) => ident,
-        (None, Some(token)) => match ctx.shared.verifier.verify(&token) {
-            Ok(ident) => ident,
-            Err(e) => return HandshakeEnd::Refused(CloseCode::Unauthorized, e),
-        },
-        // Phoenix sockets authenticate with connect params only.
-        (None, None) if matches!(up.protocol, Protocol::Phoenix(_)) => {
-            return HandshakeEnd::Refused(CloseCode::Unauthorized, AuthError::Missing)
-        }
-        (None, None) => return bearer_frame(ctx, stream, hs, up.protocol).await,
-    };
-    HandshakeEnd::Authenticated {
-        ident,
-        protocol: up.protocol,
-        deflate,
-        leftover: std::mem::take(&mut hs.buf),
-        preface: std::mem::take(&mut hs.preface),
-    }
-}
-
-/// Read until the HTTP upgrade request is whole (at most [`MAX_REQUEST`]); None once
-/// the connection is answered (431, 400...) or gone. Counted as a handshake failure.
-async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
-    ctx: &ShardCtx,
-    stream: &mut S,
-    buf: &mut Vec<u8>,
-) -> Option<upgrade::Upgrade> {
-    let m = ctx.metrics();
-    loop {
-        match parse_upgrade(buf) {
-            Ok(Some(up)) => return Some(up),
-            Ok(None) if buf.len() >= MAX_REQUEST => {
-                m.handshake_failures.fetch_add(1, Relaxed);
-                let (status, message) = (
-                    "431 Request Header Fields Too Large",
-                    "upgrade request over 8 KiB",
-                );
-                http_error(stream, status, message).await;
-                return None;
-            }
-            Ok(None) => match read_more(stream, buf).await {
-                Ok(true) => {}
-                _ => {
-                    m.handshake_failures.fetch_add(1, Relaxed);
-                    return None;
-                }
-            },
-            Err((status, message)) => {
-                m.handshake_failures.fetch_add(1, Relaxed);
-                http_error(stream, status, &message).await;
-                return None;
-            }
-        }
-    }
-}
-
-/// NervesHub shared secret (`x-nh-*` headers on a Phoenix upgrade): decided before the
-/// upgrade. Ok(None): not asked for; Err: refused with 401 as NervesHub does.
-async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
-    ctx: &ShardCtx,
-    stream: &mut S,
-    up: &upgrade::Upgrade,
-) -> Result<Option<Identity>, ()> {
-    let (Some(h), Protocol::Phoenix(_)) = (&up.nerves, up.protocol) else {
-        return Ok(None);
-    };
-    let verdict = match &ctx.shared.nerves {
-        Some(n) if !h.signature.is_empty() => n.verify(h, crate::unix_ms()),
-        _ => Err(AuthError::Missing),
-    };
-    let why = match verdict {
-        Ok(ident) => return Ok(Some(ident)),
-        Err(why) => why,
-    };
-    let m = ctx.metrics();
-    m.auth_failure(why);
-    m.handshake_failures.fetch_add(1, Relaxed);
-    let msg = match why {
-        AuthError::Missing if ctx.shared.nerves.is_none() => {
-            "shared-secret authentication is not enabled on this router".to_string()
-        }
-        _ => format!("shared-secret authentication failed: {why}"),
-    };
-    http_error(stream, "401 Unauthorized", &msg).await;
-    Err(())
-}
-
-/// Authentication by the first text message, `Bearer T` (it may come in fragments,
-/// reassembled within --max-frame). Pings are answered, a close ends it. Hivekit may
-/// ask again on the same socket (a stale token is replaced, not retried in a reconnect
-/// loop), up to [`MAX_AUTH_ATTEMPTS`] and within the auth timeout (then 4408), each
-/// failure counted and answered `aut`/`err`.
-async fn bearer_frame<S: AsyncRead + AsyncWrite + Unpin>(
-    ctx: &ShardCtx,
-    stream: &mut S,
-    hs: &mut Handshake,
-    protocol: Protocol,
-) -> HandshakeEnd {
-    let m = ctx.metrics();
-    let mut message: Option<Vec<u8>> = None;
-    let mut failures = 0u32;
-    loop {
-        let (h, mut frame) = match next_frame(ctx, stream, &mut hs.buf).await {
-            Ok(f) => f,
-            Err(end) => return end,
-        };
-        let payload = &mut frame[h.header_len..];
-        ws::unmask(payload, h.mask);
-        let whole = match h.opcode {
-            OP_PING => {
-                let mut pong = Vec::new();
-                ws::encode_frame(OP_PONG, payload, &mut pong);
-                if write_all(stream, &pong).await.is_err() {
-                    return HandshakeEnd::Gone;
-                }
-                continue;
-            }
-            OP_PONG => continue,
-            OP_CLOSE => {
-                // Answered (with 1000, whatever the device's code), and counted as a
-                // shard counts an answer.
-                m.peer_closes.fetch_add(1, Relaxed);
-                m.close(CloseCode::Normal);
-                let _ = write_all(stream, &close_frame(CloseCode::Normal, "")).await;
-                linger(stream).await;
-                return HandshakeEnd::Gone;
-            }
-            OP_TEXT | OP_CONT => {
-                match reassemble(&mut message, &h, payload, ctx.shared.config.max_frame) {
-                    Ok(Some(whole)) => whole,
-                    Ok(None) => continue,
-                    Err(why) => return HandshakeEnd::Refused(CloseCode::Unauthorized, why),
-                }
-            }
-            _ => return HandshakeEnd::Refused(CloseCode::Unauthorized, AuthError::Missing),
-        };
-        // Quarantine: the only thing looked at is whether this is `Bearer T` (the
-        // scheme in any case, as in the Authorization header).
-        let token = std::str::from_utf8(&whole)
-            .ok()
-            .and_then(crate::auth::bearer_token);
-        let why = match token.map(|t| ctx.shared.verifier.verify(t)) {
-            Some(Ok(ident)) => {
-                return HandshakeEnd::Authenticated {
-                    ident,
-                    protocol,
-                    deflate: false,
-                    leftover: std::mem::take(&mut hs.buf),
-                    preface: Vec::new(),
-                }
-            }
-            Some(Err(e)) => e,
-            None => AuthError::Missing,
-        };
-        failures += 1;
-        if protocol != Protocol::Hivekit || failures >= MAX_AUTH_ATTEMPTS {
-            return HandshakeEnd::Refused(CloseCode::Unauthorized, why);
-        }
-        m.auth_failure(why);
-        let mut answer = Vec::new();
-        ws::encode_frame(OP_TEXT, &hivekit::auth_err(&why.to_string()), &mut answer);
-        if write_all(stream, &answer).await.is_err() {
-            return HandshakeEnd::Gone;
-        }
-    }
-}
-
-/// The next whole frame before authentication, read as needed: its header and its
-/// bytes (still masked). A WebSocket error is answered with its close code.
-async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
-    ctx: &ShardCtx,
-    stream: &mut S,
-    buf: &mut Vec<u8>,
-) -> Result<(ws::FrameHeader, Vec<u8>), HandshakeEnd> {
-    let m = ctx.metrics();
-    loop {
-        let h = match ws::parse_header(buf, ctx.shared.config.max_frame) {
-            Ok(Some(h)) if buf.len() >= h.total_len() => h,
-            Ok(_) => match read_more(stream, buf).await {
-                Ok(true) => continue,
-                _ => return Err(HandshakeEnd::Gone),
-            },
-            Err(e) => return Err(fail_ws(m, stream, e).await),
-        };
-        if h.rsv1 {
-            // No extension is negotiated for a connection that authenticates by frame.
-            return Err(fail_ws(m, stream, WsError::Reserved).await);
-        }
-        let frame = buf.drain(..h.total_len()).collect();
-        return Ok((h, frame));
-    }
-}
-
-/// A text message from its frames: Some once whole, None while more are to come. A
-/// continuation with no message, a new message inside one (Missing) or one larger
-/// than `max` (Invalid) is a refusal.
-fn reassemble(
-    message: &mut Option<Vec<u8>>,
-    h: &ws::FrameHeader,
-    payload: &[u8],
-    max: usize,
-) -> Result<Option<Vec<u8>>, AuthError> {
-    match (h.opcode, message.as_mut()) {
-        (OP_TEXT, None) if h.fin => Ok(Some(payload.to_vec())),
-        (OP_TEXT, None) => {
-            *message = Some(payload.to_vec());
-            Ok(None)
-        }
-        (OP_CONT, Some(m)) => {
-            if m.len() + payload.len() > max {
-                m.clear();
-                return Err(AuthError::Invalid);
-            }
-            m.extend_from_slice(payload);
-            Ok(if h.fin { message.take() } else { None })
-        }
-        _ => Err(AuthError::Missing),
-    }
-}
-
-/// A WebSocket-level error before authentication: its close frame (counted), then the
-/// linger.
-async fn fail_ws<S: AsyncRead + AsyncWrite + Unpin>(
-    m: &crate::metrics::ShardMetrics,
-    stream: &mut S,
-    e: WsError,
-) -> HandshakeEnd {
-    m.close(e.close_code());
-    let _ = write_all(stream, &close_frame(e.close_code(), &e.to_string())).await;
-    linger(stream).await;
-    HandshakeEnd::Gone
 }
 
 #[cfg(test)]

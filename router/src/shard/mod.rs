@@ -6,6 +6,7 @@
 mod admission;
 mod batch;
 pub mod conn;
+mod door;
 mod handle;
 mod msg;
 mod pending;
@@ -15,6 +16,7 @@ mod thread;
 mod timer;
 
 pub use admission::Refusal;
+pub(crate) use door::Door;
 pub use handle::ShardHandle;
 pub use msg::{Adopt, Delivery, DeviceInfo, RequestMsg, RequestReply, ShardMsg};
 pub(crate) use thread::run_shard;
@@ -24,9 +26,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::bus::RoutingKey;
@@ -34,7 +35,6 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
 use crate::protocol::ws::CloseCode;
 use crate::Shared;
-use admission::Admission;
 use batch::{Batch, HandedOver, Queued};
 use conn::{Conn, Limit, SendOutcome};
 use pending::Pending;
@@ -85,10 +85,14 @@ pub fn shard_of(device: &Uuid, shards: usize) -> usize {
     ((h >> 32) % shards as u64) as usize
 }
 
-/// Everything one shard owns. Lives in an `Rc` on the shard's thread only.
+/// Everything one shard owns: its connections, their routes and its pending requests.
+/// Owned by the shard's loop (`thread.rs`) alone; the connections' methods borrow it
+/// while the loop runs them.
 pub struct ShardCtx {
     pub id: usize,
     pub shared: Arc<Shared>,
+    /// What the shard's handshake tasks share with it (admission, the hand-back queue).
+    door: Rc<Door>,
     pub routes: RefCell<HashMap<Uuid, Rc<Conn>>>,
     pending: RefCell<Pending>,
     pub read_buf: RefCell<Vec<u8>>,
@@ -105,15 +109,11 @@ pub struct ShardCtx {
     clock: Cell<u32>,
     /// Set on drain: connections are closed gradually until its `until`.
     drain: Cell<Option<timer::DrainPlan>>,
-    /// Connects per source IP in the current second (only with --ip-connect-rate).
-    admission: RefCell<Admission>,
     /// Readiness of every authenticated connection (one epoll per shard).
     poller: Poller,
     /// Authenticated connections by slot (the poller's key), those to settle next
     /// and those closing.
     slab: RefCell<Slab<Rc<Conn>>>,
-    /// Wakes the driver for the dirty slots (and an urgent bus batch).
-    dirty_notify: Notify,
     /// Events published in this pass and the bus's backpressure on reading.
     batch: RefCell<Batch>,
 }
@@ -157,13 +157,13 @@ impl ShardCtx {
                 self.metrics().events_dropped_bus_full.fetch_add(1, Relaxed);
             }
             Queued::Batched => {}
-            // Handed over at the end of the pass (see `wake_bus_if_urgent`).
-            Queued::Urgent => self.dirty_notify.notify_one(),
+            // Handed over at the end of the loop's pass (see `wake_bus_if_urgent`).
+            Queued::Urgent => {}
             Queued::Full => self.wake_bus(),
         }
     }
 
-    /// End of a driver pass: hand the batch over if something in it is urgent.
+    /// End of a pass of the loop: hand the batch over if something in it is urgent.
     fn wake_bus_if_urgent(&self) {
         if self.batch.borrow().is_urgent() {
             self.wake_bus();
@@ -198,6 +198,11 @@ impl ShardCtx {
         }
     }
 
+    /// The end of the drain this shard was asked for, if any.
+    pub(super) fn drain_until(&self) -> Option<Instant> {
+        self.drain.get().map(|d| d.until)
+    }
+
     fn throttled(&self) -> bool {
         self.batch.borrow().is_throttled()
     }
@@ -207,32 +212,32 @@ impl ShardCtx {
         self.batch.borrow_mut().hold(slot);
     }
 
-    /// Paused for backpressure: wait until the bus has drained enough, then go on
-    /// with the connections that stopped mid-buffer.
-    async fn wait_relieved(&self) {
-        loop {
-            self.wake_bus();
-            self.shared.bus.wake();
-            while !self.shared.bus.relieved() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            let held = self.batch.borrow_mut().relieve();
-            for slot in held {
-                if let Some(c) = self.conn_at(slot) {
-                    c.resume(self);
-                    self.settle(&c);
-                }
-            }
-            if !self.throttled() {
-                return;
+    /// While throttled: ask the bus to drain (hand it this pass's events and wake its
+    /// consumer).
+    fn press_bus(&self) {
+        self.wake_bus();
+        self.shared.bus.wake();
+    }
+
+    /// Throttled, checked every millisecond: once the bus has drained enough, reading
+    /// goes on, first with the connections that stopped mid-buffer.
+    fn relieve_if_drained(&self) {
+        if !self.shared.bus.relieved() {
+            return;
+        }
+        let held = self.batch.borrow_mut().relieve();
+        for slot in held {
+            if let Some(c) = self.conn_at(slot) {
+                c.resume(self);
+                self.settle(&c);
             }
         }
     }
 
-    /// A connection changed outside a readiness event: settle it soon.
+    /// A connection changed outside a readiness event: settle it at the end of this
+    /// pass of the loop.
     pub fn mark(&self, slot: u32) {
         self.slab.borrow_mut().mark(slot);
-        self.dirty_notify.notify_one();
     }
 
     fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
@@ -293,7 +298,7 @@ impl ShardCtx {
     }
 
     /// Take ownership of an authenticated socket: route it, greet it, watch it.
-    pub fn adopt(self: &Rc<Self>, a: Adopt) {
+    pub fn adopt(&self, a: Adopt) {
         let Adopt {
             stream,
             tls,
@@ -359,42 +364,6 @@ impl ShardCtx {
         self.pending.borrow_mut().ack_command(device, command);
     }
 
-    /// May a new connection from `ip` be accepted?
-    pub fn admit(&self, ip: std::net::IpAddr) -> Result<(), Refusal> {
-        self.admit_connection()?;
-        self.admit_ip(ip)
-    }
-
-    /// Draining and the connection cap: decided at accept, before a byte is read.
-    pub fn admit_connection(&self) -> Result<(), Refusal> {
-        let draining = self.drain.get().is_some() || self.shared.draining.load(Relaxed);
-        let open = self.shared.metrics.open_connections.load(Relaxed);
-        let r = self.admission.borrow().connection(draining, open);
-        if let Err(why) = r {
-            self.count_refusal(why);
-        }
-        r
-    }
-
-    /// The per-IP connect rate (`--ip-connect-rate`), for the device's address.
-    pub fn admit_ip(&self, ip: std::net::IpAddr) -> Result<(), Refusal> {
-        let r = self.admission.borrow_mut().ip(ip, self.now_secs());
-        if let Err(why) = r {
-            self.count_refusal(why);
-        }
-        r
-    }
-
-    fn count_refusal(&self, why: Refusal) {
-        let m = self.metrics();
-        let counter = match why {
-            Refusal::Draining => &m.refused_draining,
-            Refusal::MaxConnections => &m.refused_max_connections,
-            Refusal::IpRate => &m.refused_ip_rate,
-        };
-        counter.fetch_add(1, Relaxed);
-    }
-
     /// A connection is released: out of the route table (unless a newer connection of
     /// its device took its place) and the gauges. (`router_open_connections` follows
     /// when the connection is dropped: see [`OpenConnection`].)
@@ -431,7 +400,7 @@ impl ShardCtx {
         }
     }
 
-    fn handle(self: &Rc<Self>, msg: ShardMsg) -> bool {
+    fn handle(&self, msg: ShardMsg) -> bool {
         match msg {
             ShardMsg::Adopt(a) => self.adopt(*a),
             ShardMsg::Event {

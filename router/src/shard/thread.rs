@@ -1,18 +1,26 @@
-//! The shard thread: its runtime, its poller, its accept loop, its timer and its inbox.
+//! The shard thread: its runtime and its one loop. The loop owns the shard's state and
+//! waits on everything that can move it: the poller's readiness of authenticated
+//! connections, the inbox, the tick, the listener and connections handed back by
+//! handshake tasks. Each pass handles what woke it, then settles the connections it
+//! changed and hands urgent events to the bus. Backpressure from the bus is a state of
+//! the loop, not a wait inside it: while throttled it reads no device but still serves
+//! the inbox, the tick and the listener.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+use tokio::sync::mpsc;
 
-use super::admission::Admission;
 use super::poller::{self, Poller};
 use super::timer::TICK;
-use super::{coarse_secs, ShardCtx, ShardMsg, READ_BUF};
+use super::{coarse_secs, Adopt, Door, ShardCtx, ShardMsg, READ_BUF};
+use crate::listener::{Accepted, ACCEPT_BACKOFF};
 use crate::protocol::json::Scratch;
 use crate::Shared;
 
@@ -43,7 +51,7 @@ pub(crate) fn run_shard(
     }
 }
 
-/// The shard's tasks on its runtime, until the drain is over; then the API's threads
+/// The shard's loop on its runtime, until the drain is over; then the API's threads
 /// (if it ran here) to wait for.
 async fn serve(
     id: usize,
@@ -60,8 +68,6 @@ async fn serve(
             return None;
         }
     };
-    let ctx = new_ctx(id, &shared, poller);
-    let driver = tokio::task::spawn_local(drive_connections(ctx.clone()));
     // SAFETY: the std listener owns its descriptor, which stays open and the same for
     // as long as the AsyncFd holds the listener.
     let registered = unsafe {
@@ -74,17 +80,24 @@ async fn serve(
             return None;
         }
     };
-    let accept = tokio::task::spawn_local(crate::listener::accept_loop(ctx.clone(), listener));
-    let ticker = tokio::task::spawn_local(tick(ctx.clone()));
-    serve_inbox(&ctx, &rx).await;
-    // Draining: no new connections here (other processes on the port keep accepting);
-    // the tick closes ours gradually; messages are still served.
-    accept.abort();
-    drain(&ctx, &rx).await;
-    ticker.abort();
-    driver.abort();
-    // Device-alive events still waiting for a tick.
-    ctx.wake_bus();
+    let (door, adopted) = Door::new(id, shared.clone());
+    let door = Rc::new(door);
+    let ctx = new_ctx(id, &shared, door.clone(), poller);
+    Loop {
+        ctx,
+        door,
+        inbox: rx,
+        adopted,
+        listener: Some(listener),
+        accept_paused_until: None,
+        inbox_more: false,
+        accept_more: false,
+        poller_ok: true,
+        throttled: false,
+        hard_stop: None,
+    }
+    .run()
+    .await;
     // The API on this thread: devices are gone, end SSE streams and let it finish
     // what it holds (the process's stop does the same for an API thread).
     let api = api?;
@@ -92,10 +105,11 @@ async fn serve(
     api.await.ok()
 }
 
-fn new_ctx(id: usize, shared: &Arc<Shared>, poller: Poller) -> Rc<ShardCtx> {
-    Rc::new(ShardCtx {
+fn new_ctx(id: usize, shared: &Arc<Shared>, door: Rc<Door>, poller: Poller) -> ShardCtx {
+    ShardCtx {
         id,
         shared: shared.clone(),
+        door,
         routes: RefCell::new(HashMap::new()),
         pending: RefCell::new(Default::default()),
         read_buf: RefCell::new(vec![0u8; READ_BUF]),
@@ -106,91 +120,168 @@ fn new_ctx(id: usize, shared: &Arc<Shared>, poller: Poller) -> Rc<ShardCtx> {
         started: coarse_secs(),
         clock: Cell::new(0),
         drain: Cell::new(None),
-        admission: RefCell::new(Admission::new(
-            shared.config.ip_connect_rate,
-            shared.config.max_connections,
-        )),
         poller,
         slab: RefCell::new(Default::default()),
-        dirty_notify: Notify::new(),
         batch: RefCell::new(Default::default()),
-    })
+    }
 }
 
-/// The driver: the authenticated connections' readiness (one epoll), then the dirty
-/// slots and the bus batch, pausing while the bus pushes back.
-async fn drive_connections(ctx: Rc<ShardCtx>) {
-    let mut evs = Vec::with_capacity(poller::BATCH);
-    loop {
-        tokio::select! {
-            r = ctx.poller.wait(&mut evs) => {
-                if let Err(e) = r {
-                    tracing::error!(shard = ctx.id, error = %e, "connection poller failed");
-                    return;
-                }
-                ctx.refresh_clock();
-                for &(key, ev) in &evs {
-                    ctx.on_event(key as u32, ev);
-                }
+/// Inbox messages served per pass before the loop yields (API calls, hand-overs).
+const INBOX_PER_PASS: usize = 1024;
+/// While throttled, how often the loop looks whether the bus has drained.
+const RELIEF_CHECK: Duration = Duration::from_millis(1);
+/// After the drain's deadline, how long the loop waits for the last connections and
+/// handshakes before it stops anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// The shard's one loop and what it waits on.
+struct Loop {
+    ctx: ShardCtx,
+    door: Rc<Door>,
+    inbox: crossbeam_channel::Receiver<ShardMsg>,
+    /// Authenticated connections from this shard's handshake tasks.
+    adopted: mpsc::UnboundedReceiver<Adopt>,
+    /// None once the shard drains: no new connections here (other processes on the
+    /// port keep accepting).
+    listener: Option<AsyncFd<std::net::TcpListener>>,
+    /// Accepting failed (out of descriptors or similar): not before this.
+    accept_paused_until: Option<Instant>,
+    /// The last pass left inbox messages for the next.
+    inbox_more: bool,
+    /// The last pass left connections in the listener's queue.
+    accept_more: bool,
+    /// False after the poller failed (logged; the shard still serves its inbox).
+    poller_ok: bool,
+    /// The bus pushed back: devices are not read until it has drained.
+    throttled: bool,
+    /// Draining: stop at this instant even if connections are left.
+    hard_stop: Option<Instant>,
+}
+
+/// What woke the loop.
+enum Wake<'a> {
+    Ready(io::Result<()>),
+    Relief,
+    Inbox,
+    Adopted(Option<Adopt>),
+    Tick,
+    Listener(io::Result<AsyncFdReadyGuard<'a, std::net::TcpListener>>),
+}
+
+impl Loop {
+    async fn run(mut self) {
+        let mut evs = Vec::with_capacity(poller::BATCH);
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shared = self.ctx.shared.clone();
+        let notify = &shared.shards[self.ctx.id].notify;
+        loop {
+            let busy = self.inbox_more || self.accept_more || evs.len() == poller::BATCH;
+            if busy {
+                // Let the handshake tasks (and the API, with one shard) have their turn.
+                tokio::task::yield_now().await;
             }
-            _ = ctx.dirty_notify.notified() => {}
-        }
-        ctx.settle_dirty();
-        ctx.wake_bus_if_urgent();
-        if ctx.throttled() {
-            ctx.wait_relieved().await;
-        }
-        if evs.len() == poller::BATCH {
-            tokio::task::yield_now().await;
-        }
-        evs.clear();
-    }
-}
-
-/// Pings, timeouts, the gradual drain: every [`TICK`].
-async fn tick(ctx: Rc<ShardCtx>) {
-    let mut iv = tokio::time::interval(TICK);
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        iv.tick().await;
-        ctx.tick();
-    }
-}
-
-/// The inbox (API calls, hand-overs, the drain), until a message says stop.
-async fn serve_inbox(ctx: &Rc<ShardCtx>, rx: &crossbeam_channel::Receiver<ShardMsg>) {
-    let handle = &ctx.shared.shards[ctx.id];
-    'inbox: loop {
-        // Drain in bounded batches so the driver, the handshakes and the ticker get
-        // their turn.
-        for _ in 0..1024 {
-            match rx.try_recv() {
-                Ok(msg) => {
-                    if !ctx.handle(msg) {
-                        return;
+            evs.clear();
+            let accepting = self.listener.is_some()
+                && self.accept_paused_until.is_none_or(|t| Instant::now() >= t);
+            let wake = tokio::select! {
+                r = self.ctx.poller.wait(&mut evs), if self.poller_ok && !self.throttled => Wake::Ready(r),
+                _ = tokio::time::sleep(RELIEF_CHECK), if self.throttled => Wake::Relief,
+                _ = notify.notified(), if !self.inbox_more => Wake::Inbox,
+                _ = std::future::ready(()), if self.inbox_more => Wake::Inbox,
+                a = self.adopted.recv() => Wake::Adopted(a),
+                _ = ticker.tick() => Wake::Tick,
+                r = listener_ready(self.listener.as_ref()), if accepting => Wake::Listener(r),
+            };
+            match wake {
+                Wake::Ready(Ok(())) => {
+                    self.ctx.refresh_clock();
+                    for &(key, ev) in &evs {
+                        self.ctx.on_event(key as u32, ev);
                     }
                 }
-                Err(_) => {
-                    handle.notify.notified().await;
-                    continue 'inbox;
+                Wake::Ready(Err(e)) => {
+                    tracing::error!(shard = self.ctx.id, error = %e, "connection poller failed");
+                    self.poller_ok = false;
+                }
+                Wake::Relief => self.ctx.relieve_if_drained(),
+                Wake::Inbox => self.serve_inbox(),
+                Wake::Adopted(a) => {
+                    // (Never None: the door holds a sender for as long as the loop runs.)
+                    for a in a
+                        .into_iter()
+                        .chain(std::iter::from_fn(|| self.adopted.try_recv().ok()))
+                    {
+                        self.ctx.adopt(a);
+                    }
+                }
+                Wake::Tick => self.ctx.tick(),
+                Wake::Listener(Ok(guard)) => {
+                    let ctx = &self.ctx;
+                    let end = crate::listener::accept_batch(&self.door, guard, |a| ctx.adopt(a));
+                    self.accept_more = end == Accepted::More;
+                    self.accept_paused_until = (end == Accepted::Failed)
+                        // Out of descriptors or similar: back off instead of spinning.
+                        .then(|| Instant::now() + ACCEPT_BACKOFF);
+                }
+                Wake::Listener(Err(e)) => {
+                    tracing::error!(shard = self.ctx.id, error = %e, "listener lost");
+                    self.listener = None;
                 }
             }
+            self.ctx.settle_dirty();
+            self.ctx.wake_bus_if_urgent();
+            self.throttled = self.ctx.throttled();
+            if self.throttled {
+                self.ctx.press_bus();
+            }
+            if self.drained() {
+                break;
+            }
         }
-        tokio::task::yield_now().await;
+        // Device-alive events still waiting for a tick.
+        self.ctx.wake_bus();
+    }
+
+    /// Up to [`INBOX_PER_PASS`] messages; a drain message starts the shard's drain.
+    fn serve_inbox(&mut self) {
+        self.inbox_more = false;
+        for _ in 0..INBOX_PER_PASS {
+            let Ok(msg) = self.inbox.try_recv() else {
+                return;
+            };
+            if !self.ctx.handle(msg) && self.hard_stop.is_none() {
+                self.start_drain();
+            }
+        }
+        self.inbox_more = !self.inbox.is_empty();
+    }
+
+    /// No new connections; the tick closes ours gradually; messages are still served.
+    fn start_drain(&mut self) {
+        self.listener = None;
+        self.ctx.tick();
+        let until = self.ctx.drain_until().unwrap_or_else(Instant::now);
+        self.hard_stop = Some(until + DRAIN_GRACE);
+    }
+
+    /// Draining, and the connections and handshakes are gone (or the grace is over).
+    fn drained(&self) -> bool {
+        let Some(hard_stop) = self.hard_stop else {
+            return false;
+        };
+        let idle =
+            self.ctx.routes.borrow().is_empty() && self.ctx.metrics().handshakes.load(Relaxed) == 0;
+        idle || Instant::now() >= hard_stop
     }
 }
 
-/// Until the connections and handshakes are gone (or 5 s past the drain's end), still
-/// serving the inbox.
-async fn drain(ctx: &Rc<ShardCtx>, rx: &crossbeam_channel::Receiver<ShardMsg>) {
-    ctx.tick();
-    let hard_stop = ctx.drain.get().map_or_else(Instant::now, |d| d.until) + Duration::from_secs(5);
-    while Instant::now() < hard_stop
-        && (!ctx.routes.borrow().is_empty() || ctx.metrics().handshakes.load(Relaxed) > 0)
-    {
-        while let Ok(msg) = rx.try_recv() {
-            let _ = ctx.handle(msg);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// The listener has a connection to accept (never, without a listener).
+async fn listener_ready(
+    l: Option<&AsyncFd<std::net::TcpListener>>,
+) -> io::Result<AsyncFdReadyGuard<'_, std::net::TcpListener>> {
+    match l {
+        Some(l) => l.readable().await,
+        None => std::future::pending().await,
     }
 }

@@ -67,7 +67,7 @@ impl ShardCtx {
         }
         let instant = Instant::now();
         self.pending.borrow_mut().expire(instant);
-        self.admission.borrow_mut().sweep(now);
+        self.door.sweep();
         // Closes whose peer never sent its FIN within the linger: release them.
         let expired = self.slab.borrow_mut().lingered(instant);
         for (slot, id) in expired {
