@@ -9,6 +9,7 @@ pub mod conn;
 mod door;
 mod handle;
 mod msg;
+mod owner;
 mod pending;
 pub mod poller;
 mod slab;
@@ -22,24 +23,19 @@ pub use msg::{Adopt, Delivery, DeviceInfo, RequestMsg, RequestReply, ShardMsg};
 pub(crate) use thread::run_shard;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
 
 use uuid::Uuid;
 
 use crate::bus::RoutingKey;
 use crate::metrics::ShardMetrics;
 use crate::protocol::json::Scratch;
-use crate::protocol::ws::CloseCode;
 use crate::Shared;
 use batch::{Batch, HandedOver, Queued};
 use conn::{Conn, Limit, SendOutcome};
 use pending::Pending;
-use poller::Poller;
-use slab::Slab;
 
 /// One read buffer per shard, shared by all its connections: an idle connection
 /// holds none. Big enough for a max-size message plus headers in one read.
@@ -85,35 +81,28 @@ pub fn shard_of(device: &Uuid, shards: usize) -> usize {
     ((h >> 32) % shards as u64) as usize
 }
 
-/// Everything one shard owns: its connections, their routes and its pending requests.
-/// Owned by the shard's loop (`thread.rs`) alone; the connections' methods borrow it
-/// while the loop runs them.
+/// What a connection's methods see of their shard: the buffers it lends them, its
+/// pending requests, its clock, the bus batch, and where they mark themselves to be
+/// settled. Part of the [`owner::Shard`] its loop owns; the connections themselves are
+/// not reachable from here.
 pub struct ShardCtx {
     pub id: usize,
     pub shared: Arc<Shared>,
     /// What the shard's handshake tasks share with it (admission, the hand-back queue).
     door: Rc<Door>,
-    pub routes: RefCell<HashMap<Uuid, Rc<Conn>>>,
     pending: RefCell<Pending>,
     pub read_buf: RefCell<Vec<u8>>,
     /// Decrypted bytes of TLS connections (allocated on first use).
     pub plain_buf: RefCell<Vec<u8>>,
     pub scratch: RefCell<Scratch>,
-    next_conn_id: Cell<u64>,
-    /// Ticks so far: which ping slot this tick serves.
-    ticks: Cell<u64>,
     /// `coarse_secs()` when the shard started.
     started: u64,
     /// `now_secs()` as of the start of this driver pass or tick (two reads of the
     /// clock per frame were 1.3% of a shard under an event flood).
     clock: Cell<u32>,
-    /// Set on drain: connections are closed gradually until its `until`.
-    drain: Cell<Option<timer::DrainPlan>>,
-    /// Readiness of every authenticated connection (one epoll per shard).
-    poller: Poller,
-    /// Authenticated connections by slot (the poller's key), those to settle next
-    /// and those closing.
-    slab: RefCell<Slab<Rc<Conn>>>,
+    /// Connections changed outside a readiness event, for the loop to settle at the end
+    /// of its pass.
+    dirty: RefCell<Vec<u32>>,
     /// Events published in this pass and the bus's backpressure on reading.
     batch: RefCell<Batch>,
 }
@@ -198,11 +187,6 @@ impl ShardCtx {
         }
     }
 
-    /// The end of the drain this shard was asked for, if any.
-    pub(super) fn drain_until(&self) -> Option<Instant> {
-        self.drain.get().map(|d| d.until)
-    }
-
     fn throttled(&self) -> bool {
         self.batch.borrow().is_throttled()
     }
@@ -219,128 +203,15 @@ impl ShardCtx {
         self.shared.bus.wake();
     }
 
-    /// Throttled, checked every millisecond: once the bus has drained enough, reading
-    /// goes on, first with the connections that stopped mid-buffer.
-    fn relieve_if_drained(&self) {
-        if !self.shared.bus.relieved() {
-            return;
-        }
-        let held = self.batch.borrow_mut().relieve();
-        for slot in held {
-            if let Some(c) = self.conn_at(slot) {
-                c.resume(self);
-                self.settle(&c);
-            }
-        }
-    }
-
     /// A connection changed outside a readiness event: settle it at the end of this
     /// pass of the loop.
     pub fn mark(&self, slot: u32) {
-        self.slab.borrow_mut().mark(slot);
+        self.dirty.borrow_mut().push(slot);
     }
 
-    fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
-        self.slab.borrow().get(slot).cloned()
-    }
-
-    /// Readiness from the poller for the connection in `slot`.
-    fn on_event(&self, slot: u32, events: u32) {
-        if let Some(c) = self.conn_at(slot) {
-            c.on_event(self, events);
-            self.settle(&c);
-        }
-    }
-
-    /// Bring a connection's registration in line with its state; release it if done.
-    fn settle(&self, c: &Rc<Conn>) {
-        let mut started = false;
-        match c.settle(&mut started) {
-            None => self.release(c),
-            Some(want) => {
-                if started {
-                    self.slab.borrow_mut().linger(
-                        c.slot,
-                        c.id,
-                        Instant::now() + conn::CLOSE_LINGER,
-                    );
-                }
-                if let Some(w) = c.set_interest(want) {
-                    if self.poller.modify(c.fd(), u64::from(c.slot), w).is_err() {
-                        self.release(c);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The connection is finished: out of the poller, the slab and the route table.
-    fn release(&self, c: &Rc<Conn>) {
-        if !self.slab.borrow_mut().remove_if(c.slot, |x| x.id == c.id) {
-            return; // already released
-        }
-        self.unregister(c);
-        // Closing the descriptor takes it out of the epoll set. When the caller's
-        // reference is the last, it closes as the caller returns, before this thread
-        // waits on the poller again: no EPOLL_CTL_DEL (one system call per connection).
-        if Rc::strong_count(c) > 1 {
-            self.poller.delete(c.fd());
-        }
-    }
-
-    fn settle_dirty(&self) {
-        let dirty = self.slab.borrow_mut().take_dirty();
-        for slot in dirty {
-            if let Some(c) = self.conn_at(slot) {
-                self.settle(&c);
-            }
-        }
-    }
-
-    /// Take ownership of an authenticated socket: route it, greet it, watch it.
-    pub fn adopt(&self, a: Adopt) {
-        let Adopt {
-            stream,
-            tls,
-            ident,
-            peer,
-            protocol,
-            deflate,
-            leftover,
-            preface,
-            open,
-        } = a;
-        let id = self.next_conn_id.get();
-        self.next_conn_id.set(id + 1);
-        let slot = self.slab.borrow_mut().vacant();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let conn = Rc::new(Conn::new(
-            self, id, slot, stream, tls, ident, peer, protocol, deflate, open,
-        ));
-        if let Err(e) = self.poller.add(fd, u64::from(slot), poller::IN) {
-            tracing::warn!(error = %e, "cannot watch an adopted socket");
-            self.slab.borrow_mut().give_back(slot);
-            return;
-        }
-        self.slab.borrow_mut().fill(slot, conn.clone());
-        let old = self.routes.borrow_mut().insert(ident.device, conn.clone());
-        self.metrics().connections.fetch_add(1, Relaxed);
-        // Also after a takeover here: the directory keeps the newest connection's age.
-        if let Some(c) = &self.shared.cluster {
-            c.local_gained(ident.device, conn.connected_at_ms);
-        }
-        if let Some(old) = old {
-            self.metrics().takeovers.fetch_add(1, Relaxed);
-            old.fail(
-                self,
-                CloseCode::Replaced,
-                "replaced by a newer connection of the same device",
-            );
-        }
-        conn.send_greeting(self, &preface, conn.greeting(self).as_deref());
-        self.resend_pending(&conn);
-        conn.start(self, leftover);
-        self.mark(slot);
+    /// The slots marked since last asked.
+    fn take_dirty(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.dirty.borrow_mut())
     }
 
     /// Requests sent to an earlier connection of this device and not yet acked are
@@ -364,26 +235,6 @@ impl ShardCtx {
         self.pending.borrow_mut().ack_command(device, command);
     }
 
-    /// A connection is released: out of the route table (unless a newer connection of
-    /// its device took its place) and the gauges. (`router_open_connections` follows
-    /// when the connection is dropped: see [`OpenConnection`].)
-    pub fn unregister(&self, conn: &Conn) {
-        let mut routes = self.routes.borrow_mut();
-        if routes
-            .get(&conn.meta.device)
-            .is_some_and(|c| c.id == conn.id)
-        {
-            routes.remove(&conn.meta.device);
-            if let Some(c) = &self.shared.cluster {
-                // Closed by a drain: the device is expected back on another node.
-                let back = self.drain.get().is_some() || self.shared.draining.load(Relaxed);
-                c.local_lost(conn.meta.device, conn.connected_at_ms, back);
-            }
-        }
-        self.metrics().connections.fetch_sub(1, Relaxed);
-        self.metrics().disconnects.fetch_add(1, Relaxed);
-    }
-
     pub fn on_ack(&self, device: Uuid, request: Uuid) {
         if !self.pending.borrow_mut().ack(device, request) {
             self.metrics().acks_unmatched.fetch_add(1, Relaxed);
@@ -398,90 +249,5 @@ impl ShardCtx {
         {
             self.metrics().acks_unmatched.fetch_add(1, Relaxed);
         }
-    }
-
-    fn handle(&self, msg: ShardMsg) -> bool {
-        match msg {
-            ShardMsg::Adopt(a) => self.adopt(*a),
-            ShardMsg::Event {
-                device,
-                body,
-                reply,
-            } => {
-                let conn = self.routes.borrow().get(&device).cloned();
-                let d = match conn {
-                    None => Delivery::Offline,
-                    Some(c) => match c.encode_event(self, &body) {
-                        None => Delivery::NotJoined,
-                        Some(frame) => {
-                            match c.send(self, c.data_op(), &frame, Limit::outbound(self)) {
-                                // (Closing: the event goes the way of the connection.)
-                                SendOutcome::Sent | SendOutcome::Closing => Delivery::Sent,
-                                SendOutcome::Dropped => {
-                                    let m = self.metrics();
-                                    m.events_dropped_slow_device.fetch_add(1, Relaxed);
-                                    Delivery::Full
-                                }
-                            }
-                        }
-                    },
-                };
-                let _ = reply.send(d);
-            }
-            ShardMsg::Request(r) => self.start_request(*r),
-            ShardMsg::Lookup { device, reply } => {
-                let info = self.routes.borrow().get(&device).map(|c| DeviceInfo {
-                    device,
-                    account: c.meta.account,
-                    connected: true,
-                    since_unix_ms: c.connected_at_ms,
-                    address: c.peer.to_string(),
-                    protocol: c.protocol.name(),
-                    shard: self.id,
-                });
-                let _ = reply.send(info);
-            }
-            ShardMsg::List { limit, reply } => {
-                let _ = reply.send(self.routes.borrow().keys().take(limit).copied().collect());
-            }
-            ShardMsg::Evict { device, since_ms } => {
-                let conn = self.routes.borrow().get(&device).cloned();
-                if let Some(c) = conn.filter(|c| c.connected_at_ms <= since_ms) {
-                    self.metrics().takeovers.fetch_add(1, Relaxed);
-                    c.fail(
-                        self,
-                        CloseCode::Replaced,
-                        "replaced by a newer connection of the same device on another node",
-                    );
-                }
-            }
-            ShardMsg::Drain(until) => {
-                self.drain.set(Some(timer::DrainPlan {
-                    from: Instant::now(),
-                    until,
-                    initial: self.routes.borrow().len(),
-                }));
-                return false;
-            }
-        }
-        true
-    }
-
-    fn start_request(&self, r: RequestMsg) {
-        let conn = self.routes.borrow().get(&r.device).cloned();
-        let Some(conn) = conn else {
-            let _ = r.reply.send(RequestReply::Offline);
-            return;
-        };
-        // A device that cannot take it yet (Phoenix, not joined) gets it when it can.
-        if let Some(frame) = conn.encode_request(self, r.request, &r.command, &r.payload) {
-            // Requests may queue up to twice the event limit (see `Limit::requests`).
-            let limit = Limit::requests(self);
-            if conn.send_or_close(self, conn.data_op(), &frame, limit) == SendOutcome::Dropped {
-                let _ = r.reply.send(RequestReply::Full);
-                return;
-            }
-        }
-        self.pending.borrow_mut().insert(r);
     }
 }

@@ -1,13 +1,11 @@
 //! A shard's connection slots: authenticated connections by slot (the poller's key),
-//! free slots reused; the slots to settle next and the closes lingering.
+//! free slots reused; the closes lingering.
 
 use std::time::Instant;
 
 pub struct Slab<T> {
     slots: Vec<Option<T>>,
     free: Vec<u32>,
-    /// Slots changed outside a readiness event, to settle next.
-    dirty: Vec<u32>,
     /// Closing connections and when their linger ends: (slot, conn id, deadline).
     lingering: Vec<(u32, u64, Instant)>,
 }
@@ -17,7 +15,6 @@ impl<T> Default for Slab<T> {
         Slab {
             slots: Vec::new(),
             free: Vec::new(),
-            dirty: Vec::new(),
             lingering: Vec::new(),
         }
     }
@@ -63,16 +60,6 @@ impl<T> Slab<T> {
     /// Every `step`-th slot's occupant from slot `first`: a timer tick's share.
     pub fn share(&self, first: usize, step: usize) -> impl Iterator<Item = &T> {
         self.slots.iter().skip(first).step_by(step).flatten()
-    }
-
-    /// The slot changed outside a readiness event: settle it next.
-    pub fn mark(&mut self, slot: u32) {
-        self.dirty.push(slot);
-    }
-
-    /// The slots marked since last asked.
-    pub fn take_dirty(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.dirty)
     }
 
     /// The connection `id` in `slot` started closing: release it at `until` if its peer
@@ -138,12 +125,8 @@ mod tests {
     }
 
     #[test]
-    fn dirty_slots_and_lingering_closes() {
+    fn lingering_closes() {
         let mut s: Slab<()> = Slab::default();
-        s.mark(3);
-        s.mark(1);
-        assert_eq!(s.take_dirty(), [3, 1]);
-        assert!(s.take_dirty().is_empty());
         let now = Instant::now();
         s.linger(1, 10, now + Duration::from_secs(2));
         s.linger(2, 11, now + Duration::from_secs(1));

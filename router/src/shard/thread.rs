@@ -7,7 +7,6 @@
 //! the inbox, the tick and the listener.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::sync::mpsc;
 
+use super::owner::Shard;
 use super::poller::{self, Poller};
 use super::timer::TICK;
 use super::{coarse_secs, Adopt, Door, ShardCtx, ShardMsg, READ_BUF};
@@ -82,9 +82,9 @@ async fn serve(
     };
     let (door, adopted) = Door::new(id, shared.clone());
     let door = Rc::new(door);
-    let ctx = new_ctx(id, &shared, door.clone(), poller);
+    let ctx = new_ctx(id, &shared, door.clone());
     Loop {
-        ctx,
+        shard: Shard::new(ctx, poller),
         door,
         inbox: rx,
         adopted,
@@ -105,23 +105,18 @@ async fn serve(
     api.await.ok()
 }
 
-fn new_ctx(id: usize, shared: &Arc<Shared>, door: Rc<Door>, poller: Poller) -> ShardCtx {
+fn new_ctx(id: usize, shared: &Arc<Shared>, door: Rc<Door>) -> ShardCtx {
     ShardCtx {
         id,
         shared: shared.clone(),
         door,
-        routes: RefCell::new(HashMap::new()),
         pending: RefCell::new(Default::default()),
         read_buf: RefCell::new(vec![0u8; READ_BUF]),
         plain_buf: RefCell::new(Vec::new()),
         scratch: RefCell::new(Scratch::default()),
-        next_conn_id: Cell::new(0),
-        ticks: Cell::new(0),
         started: coarse_secs(),
         clock: Cell::new(0),
-        drain: Cell::new(None),
-        poller,
-        slab: RefCell::new(Default::default()),
+        dirty: RefCell::new(Vec::new()),
         batch: RefCell::new(Default::default()),
     }
 }
@@ -136,7 +131,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// The shard's one loop and what it waits on.
 struct Loop {
-    ctx: ShardCtx,
+    /// The shard's connections and their environment, owned here alone.
+    shard: Shard,
     door: Rc<Door>,
     inbox: crossbeam_channel::Receiver<ShardMsg>,
     /// Authenticated connections from this shard's handshake tasks.
@@ -173,8 +169,8 @@ impl Loop {
         let mut evs = Vec::with_capacity(poller::BATCH);
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let shared = self.ctx.shared.clone();
-        let notify = &shared.shards[self.ctx.id].notify;
+        let shared = self.shard.ctx.shared.clone();
+        let notify = &shared.shards[self.shard.ctx.id].notify;
         loop {
             let busy = self.inbox_more || self.accept_more || evs.len() == poller::BATCH;
             if busy {
@@ -185,7 +181,7 @@ impl Loop {
             let accepting = self.listener.is_some()
                 && self.accept_paused_until.is_none_or(|t| Instant::now() >= t);
             let wake = tokio::select! {
-                r = self.ctx.poller.wait(&mut evs), if self.poller_ok && !self.throttled => Wake::Ready(r),
+                r = self.shard.poller.wait(&mut evs), if self.poller_ok && !self.throttled => Wake::Ready(r),
                 _ = tokio::time::sleep(RELIEF_CHECK), if self.throttled => Wake::Relief,
                 _ = notify.notified(), if !self.inbox_more => Wake::Inbox,
                 _ = std::future::ready(()), if self.inbox_more => Wake::Inbox,
@@ -195,16 +191,16 @@ impl Loop {
             };
             match wake {
                 Wake::Ready(Ok(())) => {
-                    self.ctx.refresh_clock();
+                    self.shard.ctx.refresh_clock();
                     for &(key, ev) in &evs {
-                        self.ctx.on_event(key as u32, ev);
+                        self.shard.on_event(key as u32, ev);
                     }
                 }
                 Wake::Ready(Err(e)) => {
-                    tracing::error!(shard = self.ctx.id, error = %e, "connection poller failed");
+                    tracing::error!(shard = self.shard.ctx.id, error = %e, "connection poller failed");
                     self.poller_ok = false;
                 }
-                Wake::Relief => self.ctx.relieve_if_drained(),
+                Wake::Relief => self.shard.relieve_if_drained(),
                 Wake::Inbox => self.serve_inbox(),
                 Wake::Adopted(a) => {
                     // (Never None: the door holds a sender for as long as the loop runs.)
@@ -212,35 +208,35 @@ impl Loop {
                         .into_iter()
                         .chain(std::iter::from_fn(|| self.adopted.try_recv().ok()))
                     {
-                        self.ctx.adopt(a);
+                        self.shard.adopt(a);
                     }
                 }
-                Wake::Tick => self.ctx.tick(),
+                Wake::Tick => self.shard.tick(),
                 Wake::Listener(Ok(guard)) => {
-                    let ctx = &self.ctx;
-                    let end = crate::listener::accept_batch(&self.door, guard, |a| ctx.adopt(a));
+                    let shard = &mut self.shard;
+                    let end = crate::listener::accept_batch(&self.door, guard, |a| shard.adopt(a));
                     self.accept_more = end == Accepted::More;
                     self.accept_paused_until = (end == Accepted::Failed)
                         // Out of descriptors or similar: back off instead of spinning.
                         .then(|| Instant::now() + ACCEPT_BACKOFF);
                 }
                 Wake::Listener(Err(e)) => {
-                    tracing::error!(shard = self.ctx.id, error = %e, "listener lost");
+                    tracing::error!(shard = self.shard.ctx.id, error = %e, "listener lost");
                     self.listener = None;
                 }
             }
-            self.ctx.settle_dirty();
-            self.ctx.wake_bus_if_urgent();
-            self.throttled = self.ctx.throttled();
+            self.shard.settle_dirty();
+            self.shard.ctx.wake_bus_if_urgent();
+            self.throttled = self.shard.ctx.throttled();
             if self.throttled {
-                self.ctx.press_bus();
+                self.shard.ctx.press_bus();
             }
             if self.drained() {
                 break;
             }
         }
         // Device-alive events still waiting for a tick.
-        self.ctx.wake_bus();
+        self.shard.ctx.wake_bus();
     }
 
     /// Up to [`INBOX_PER_PASS`] messages; a drain message starts the shard's drain.
@@ -250,7 +246,7 @@ impl Loop {
             let Ok(msg) = self.inbox.try_recv() else {
                 return;
             };
-            if !self.ctx.handle(msg) && self.hard_stop.is_none() {
+            if !self.shard.handle(msg) && self.hard_stop.is_none() {
                 self.start_drain();
             }
         }
@@ -260,8 +256,8 @@ impl Loop {
     /// No new connections; the tick closes ours gradually; messages are still served.
     fn start_drain(&mut self) {
         self.listener = None;
-        self.ctx.tick();
-        let until = self.ctx.drain_until().unwrap_or_else(Instant::now);
+        self.shard.tick();
+        let until = self.shard.drain_until().unwrap_or_else(Instant::now);
         self.hard_stop = Some(until + DRAIN_GRACE);
     }
 
@@ -271,7 +267,7 @@ impl Loop {
             return false;
         };
         let idle =
-            self.ctx.routes.borrow().is_empty() && self.ctx.metrics().handshakes.load(Relaxed) == 0;
+            self.shard.routes.is_empty() && self.shard.ctx.metrics().handshakes.load(Relaxed) == 0;
         idle || Instant::now() >= hard_stop
     }
 }

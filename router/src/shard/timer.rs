@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::conn::{Conn, Limit};
-use super::ShardCtx;
+use super::owner::Shard;
 use crate::protocol::ws::{CloseCode, OP_PING};
 
 /// The shard's timer: each tick looks at 1/PING_SLOTS of the connections (pings, idle
@@ -35,47 +35,43 @@ pub(super) fn first_ping_after(interval: u32, id: u64) -> u32 {
     interval - half + (z % (u64::from(half) + 1)) as u32
 }
 
-impl ShardCtx {
+impl Shard {
     /// Pings, dead-peer detection and request expiry, spread over the shard's connections.
-    pub(super) fn tick(&self) {
-        self.refresh_clock();
-        let now = self.now_secs();
-        let interval = self.shared.config.ping_interval.max(1) as u32;
-        let tick = self.ticks.get();
-        self.ticks.set(tick + 1);
-        // This tick's share of the slab: every PING_SLOTS-th slot. Collected first:
-        // pinging may fail a connection, which must not alias the slab borrow.
-        let due: Vec<Rc<Conn>> = self
+    pub(super) fn tick(&mut self) {
+        self.ctx.refresh_clock();
+        let now = self.ctx.now_secs();
+        let interval = self.ctx.shared.config.ping_interval.max(1) as u32;
+        let tick = self.ticks;
+        self.ticks = tick + 1;
+        // This tick's share of the slab: every PING_SLOTS-th slot. (A connection that
+        // fails here is only marked; the loop releases it after the tick.)
+        let share = self
             .slab
-            .borrow()
-            .share((tick % PING_SLOTS as u64) as usize, PING_SLOTS)
-            .filter(|c| c.ping_due(now))
-            .cloned()
-            .collect();
-        for c in due {
+            .share((tick % PING_SLOTS as u64) as usize, PING_SLOTS);
+        for c in share.filter(|c| c.ping_due(now)) {
             if c.idle_for(now) > interval.saturating_mul(3) {
-                c.fail(self, CloseCode::GoingAway, "ping timeout");
+                c.fail(&self.ctx, CloseCode::GoingAway, "ping timeout");
             } else {
-                let _ = c.send_or_close(self, OP_PING, b"", Limit::outbound(self));
+                let _ = c.send_or_close(&self.ctx, OP_PING, b"", Limit::outbound(&self.ctx));
                 c.set_next_ping(now + interval);
             }
         }
         // Device-alive events of the last 20 ms (see `publish_lazy`).
-        self.wake_bus();
+        self.ctx.wake_bus();
         if !tick.is_multiple_of(HOUSEKEEPING_EVERY) {
             return;
         }
         let instant = Instant::now();
-        self.pending.borrow_mut().expire(instant);
-        self.door.sweep();
+        self.ctx.pending.borrow_mut().expire(instant);
+        self.ctx.door.sweep();
         // Closes whose peer never sent its FIN within the linger: release them.
-        let expired = self.slab.borrow_mut().lingered(instant);
+        let expired = self.slab.lingered(instant);
         for (slot, id) in expired {
             if let Some(c) = self.conn_at(slot).filter(|c| c.id == id) {
                 self.release(&c);
             }
         }
-        if let Some(plan) = self.drain.get() {
+        if let Some(plan) = self.drain {
             self.drain_step(instant, plan);
         }
     }
@@ -83,17 +79,16 @@ impl ShardCtx {
     /// Close what the plan says should be gone by now. Devices with a request in flight
     /// are kept to the end of the drain, so it can finish: they go once it has, or at
     /// `until` with the rest.
-    fn drain_step(&self, now: Instant, plan: DrainPlan) {
-        let open = self.routes.borrow().len();
+    fn drain_step(&mut self, now: Instant, plan: DrainPlan) {
+        let open = self.routes.len();
         let to_close = open.saturating_sub(plan.may_remain(now));
         if to_close == 0 {
             return;
         }
         let last = now >= plan.until;
         let conns: Vec<Rc<Conn>> = {
-            let pending = self.pending.borrow();
+            let pending = self.ctx.pending.borrow();
             self.routes
-                .borrow()
                 .values()
                 .filter(|c| last || !pending.has_device(&c.meta.device))
                 .take(to_close)
@@ -101,7 +96,7 @@ impl ShardCtx {
                 .collect()
         };
         for c in conns {
-            c.close_reading(self, CloseCode::GoingAway, "router draining");
+            c.close_reading(&self.ctx, CloseCode::GoingAway, "router draining");
         }
     }
 }
