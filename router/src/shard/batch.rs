@@ -1,4 +1,4 @@
-//! What a shard publishes to the bus, batched per driver pass, and the backpressure the
+//! What a shard publishes to the bus, batched per pass of its loop, and the backpressure the
 //! bus puts on the shard's reading.
 
 use bytes::Bytes;
@@ -13,10 +13,9 @@ const WAKE_EVERY: usize = 512;
 pub enum Queued {
     /// The bus is full: dropped (and counted by the caller).
     Dropped,
-    /// In the batch; nothing to do now.
+    /// In the batch: handed over at the end of the pass if it is urgent (or an
+    /// urgent event came before it), else with the next urgent one or the next tick.
     Batched,
-    /// The batch's first urgent event: wake the driver so the pass ends with it.
-    Urgent,
     /// The batch is large: hand it over now ([`Batch::hand_over`]).
     Full,
 }
@@ -65,12 +64,11 @@ impl Batch {
             // per event.
             body: Bytes::from(body.into_boxed_slice()),
         });
-        // Handed over once per driver pass, whoever published, and every WAKE_EVERY
-        // events within a long pass so the consumer works meanwhile.
+        // Handed over once per pass of the loop, whoever published, and every
+        // WAKE_EVERY events within a long pass so the consumer works meanwhile.
+        self.urgent |= urgent;
         if self.events.len() >= WAKE_EVERY {
             Queued::Full
-        } else if urgent && !std::mem::replace(&mut self.urgent, true) {
-            Queued::Urgent
         } else {
             Queued::Batched
         }
@@ -139,13 +137,14 @@ mod tests {
     }
 
     #[test]
-    fn the_first_urgent_event_wakes_the_driver_once_per_batch() {
+    fn an_urgent_event_makes_the_batch_urgent_until_handed_over() {
         let (bus, mut rx) = Bus::new(10_000);
         let mut b = Batch::default();
         assert_eq!(b.push(&bus, key(), b"a".to_vec(), false), Queued::Batched);
         assert!(!b.is_urgent(), "a lazy event waits for the tick");
-        assert_eq!(b.push(&bus, key(), b"b".to_vec(), true), Queued::Urgent);
-        assert_eq!(b.push(&bus, key(), b"c".to_vec(), true), Queued::Batched);
+        assert_eq!(b.push(&bus, key(), b"b".to_vec(), true), Queued::Batched);
+        assert!(b.is_urgent());
+        assert_eq!(b.push(&bus, key(), b"c".to_vec(), false), Queued::Batched);
         assert!(b.is_urgent());
         assert_eq!(b.hand_over(&bus), HandedOver::Sent(3));
         assert!(!b.is_urgent());
@@ -153,8 +152,9 @@ mod tests {
             .map(|e| e.body)
             .collect();
         assert_eq!(got, [&b"a"[..], b"b", b"c"]);
-        // A new batch: its first urgent event wakes the driver again.
-        assert_eq!(b.push(&bus, key(), b"d".to_vec(), true), Queued::Urgent);
+        // A new batch: urgent again with its first urgent event.
+        assert_eq!(b.push(&bus, key(), b"d".to_vec(), true), Queued::Batched);
+        assert!(b.is_urgent());
         // Nothing waiting: nothing handed over, the urgency is gone all the same.
         assert_eq!(b.hand_over(&bus), HandedOver::Sent(1));
         assert_eq!(b.hand_over(&bus), HandedOver::Nothing);

@@ -97,7 +97,7 @@ pub struct ShardCtx {
     pub scratch: RefCell<Scratch>,
     /// `coarse_secs()` when the shard started.
     started: u64,
-    /// `now_secs()` as of the start of this driver pass or tick (two reads of the
+    /// `now_secs()` as of the start of this pass of the loop or tick (two reads of the
     /// clock per frame were 1.3% of a shard under an event flood).
     clock: Cell<u32>,
     /// Connections changed outside a readiness event, for the loop to settle at the end
@@ -113,7 +113,7 @@ impl ShardCtx {
     }
 
     /// Coarse shard clock in seconds, for per-connection timestamps that fit in a u32:
-    /// read once per driver pass and per tick (every 20 ms), so it lags by at most a pass.
+    /// read once per pass of the loop and per tick (every 20 ms), so it lags by at most a pass.
     pub fn now_secs(&self) -> u32 {
         self.clock.get()
     }
@@ -145,9 +145,9 @@ impl ShardCtx {
             Queued::Dropped => {
                 self.metrics().events_dropped_bus_full.fetch_add(1, Relaxed);
             }
+            // Handed over at the end of the loop's pass if urgent (see
+            // `wake_bus_if_urgent`), else with the next tick.
             Queued::Batched => {}
-            // Handed over at the end of the loop's pass (see `wake_bus_if_urgent`).
-            Queued::Urgent => {}
             Queued::Full => self.wake_bus(),
         }
     }
@@ -217,7 +217,7 @@ impl ShardCtx {
     /// Requests sent to an earlier connection of this device and not yet acked are
     /// sent again, in the order first sent: a request outlives a reconnect within its
     /// deadline.
-    pub fn resend_pending(&self, conn: &Conn) {
+    pub fn resend_pending(&self, conn: &mut Conn) {
         let pending = self.pending.borrow();
         let limit = Limit::requests(self);
         for (id, command, payload) in pending.unacked(conn.meta.device) {

@@ -6,7 +6,6 @@
 //! mark in the context.
 
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
@@ -22,10 +21,10 @@ use crate::protocol::ws::CloseCode;
 pub(super) struct Shard {
     /// What a connection's methods see: buffers, pending requests, the bus batch.
     pub ctx: ShardCtx,
-    /// The newest connection of each device on this shard.
-    pub routes: HashMap<Uuid, Rc<Conn>>,
+    /// The newest connection of each device on this shard, by slot.
+    pub routes: HashMap<Uuid, u32>,
     /// Authenticated connections by slot (the poller's key) and the closes lingering.
-    pub(super) slab: Slab<Rc<Conn>>,
+    pub(super) slab: Slab<Box<Conn>>,
     /// Readiness of every authenticated connection (one epoll per shard).
     pub poller: Poller,
     next_conn_id: u64,
@@ -61,64 +60,74 @@ impl Shard {
         }
         let held = self.ctx.batch.borrow_mut().relieve();
         for slot in held {
-            if let Some(c) = self.conn_at(slot) {
+            if let Some(c) = self.slab.get_mut(slot) {
                 c.resume(&self.ctx);
-                self.settle(&c);
+                self.settle(slot);
             }
         }
     }
 
-    pub(super) fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
-        self.slab.get(slot).cloned()
+    /// The newest connection of `device` on this shard.
+    fn route(&mut self, device: &Uuid) -> Option<&mut Conn> {
+        let slot = *self.routes.get(device)?;
+        self.slab.get_mut(slot).map(|c| &mut **c)
     }
 
     /// Readiness from the poller for the connection in `slot`.
     pub(super) fn on_event(&mut self, slot: u32, events: u32) {
-        if let Some(c) = self.conn_at(slot) {
+        if let Some(c) = self.slab.get_mut(slot) {
             c.on_event(&self.ctx, events);
-            self.settle(&c);
+            self.settle(slot);
         }
     }
 
     /// Bring a connection's registration in line with its state; release it if done.
-    fn settle(&mut self, c: &Rc<Conn>) {
+    fn settle(&mut self, slot: u32) {
+        let Some(c) = self.slab.get_mut(slot) else {
+            return;
+        };
         let mut started = false;
-        match c.settle(&mut started) {
-            None => self.release(c),
-            Some(want) => {
-                if started {
-                    self.slab
-                        .linger(c.slot, c.id, Instant::now() + conn::CLOSE_LINGER);
-                }
-                if let Some(w) = c.set_interest(want) {
-                    if self.poller.modify(c.fd(), u64::from(c.slot), w).is_err() {
-                        self.release(c);
-                    }
-                }
+        let Some(want) = c.settle(&mut started) else {
+            self.release(slot);
+            return;
+        };
+        let (id, fd) = (c.id, c.fd());
+        let changed = c.set_interest(want);
+        if started {
+            self.slab
+                .linger(slot, id, Instant::now() + conn::CLOSE_LINGER);
+        }
+        if let Some(w) = changed {
+            if self.poller.modify(fd, u64::from(slot), w).is_err() {
+                self.release(slot);
             }
         }
     }
 
-    /// The connection is finished: out of the poller, the slab and the route table.
-    pub(super) fn release(&mut self, c: &Rc<Conn>) {
-        if !self.slab.remove_if(c.slot, |x| x.id == c.id) {
+    /// The connection is finished: out of the slab and the route table, and closed
+    /// (closing its descriptor takes it out of the epoll set: no EPOLL_CTL_DEL, one
+    /// system call per connection less).
+    pub(super) fn release(&mut self, slot: u32) {
+        let Some(conn) = self.slab.take(slot) else {
             return; // already released
+        };
+        if self.routes.get(&conn.meta.device) == Some(&slot) {
+            self.routes.remove(&conn.meta.device);
+            if let Some(c) = &self.ctx.shared.cluster {
+                // Closed by a drain: the device is expected back on another node.
+                let back = self.drain.is_some() || self.ctx.shared.draining.load(Relaxed);
+                c.local_lost(conn.meta.device, conn.connected_at_ms, back);
+            }
         }
-        self.unregister(c);
-        // Closing the descriptor takes it out of the epoll set. When the caller's
-        // reference is the last, it closes as the caller returns, before this thread
-        // waits on the poller again: no EPOLL_CTL_DEL (one system call per connection).
-        if Rc::strong_count(c) > 1 {
-            self.poller.delete(c.fd());
-        }
+        let m = self.ctx.metrics();
+        m.connections.fetch_sub(1, Relaxed);
+        m.disconnects.fetch_add(1, Relaxed);
+        // (`router_open_connections` follows as `conn` drops: see `OpenConnection`.)
     }
 
     pub(super) fn settle_dirty(&mut self) {
-        let dirty = self.ctx.take_dirty();
-        for slot in dirty {
-            if let Some(c) = self.conn_at(slot) {
-                self.settle(&c);
-            }
+        for slot in self.ctx.take_dirty() {
+            self.settle(slot);
         }
     }
 
@@ -139,22 +148,27 @@ impl Shard {
         self.next_conn_id = id + 1;
         let slot = self.slab.vacant();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let conn = Rc::new(Conn::new(
-            &self.ctx, id, slot, stream, tls, ident, peer, protocol, deflate, open,
-        ));
         if let Err(e) = self.poller.add(fd, u64::from(slot), poller::IN) {
             tracing::warn!(error = %e, "cannot watch an adopted socket");
             self.slab.give_back(slot);
             return;
         }
-        self.slab.fill(slot, conn.clone());
-        let old = self.routes.insert(ident.device, conn.clone());
+        let mut conn = Box::new(Conn::new(
+            &self.ctx, id, slot, stream, tls, ident, peer, protocol, deflate, open,
+        ));
         self.ctx.metrics().connections.fetch_add(1, Relaxed);
         // Also after a takeover here: the directory keeps the newest connection's age.
         if let Some(c) = &self.ctx.shared.cluster {
             c.local_gained(ident.device, conn.connected_at_ms);
         }
-        if let Some(old) = old {
+        let greeting = conn.greeting(&self.ctx);
+        conn.send_greeting(&self.ctx, &preface, greeting.as_deref());
+        self.ctx.resend_pending(&mut conn);
+        conn.start(&self.ctx, leftover);
+        self.slab.fill(slot, conn);
+        self.ctx.mark(slot);
+        let old = self.routes.insert(ident.device, slot);
+        if let Some(old) = old.and_then(|s| self.slab.get_mut(s)) {
             self.ctx.metrics().takeovers.fetch_add(1, Relaxed);
             old.fail(
                 &self.ctx,
@@ -162,30 +176,6 @@ impl Shard {
                 "replaced by a newer connection of the same device",
             );
         }
-        conn.send_greeting(&self.ctx, &preface, conn.greeting(&self.ctx).as_deref());
-        self.ctx.resend_pending(&conn);
-        conn.start(&self.ctx, leftover);
-        self.ctx.mark(slot);
-    }
-
-    /// A connection is released: out of the route table (unless a newer connection of
-    /// its device took its place) and the gauges. (`router_open_connections` follows
-    /// when the connection is dropped: see [`OpenConnection`].)
-    fn unregister(&mut self, conn: &Conn) {
-        let routes = &mut self.routes;
-        if routes
-            .get(&conn.meta.device)
-            .is_some_and(|c| c.id == conn.id)
-        {
-            routes.remove(&conn.meta.device);
-            if let Some(c) = &self.ctx.shared.cluster {
-                // Closed by a drain: the device is expected back on another node.
-                let back = self.drain.is_some() || self.ctx.shared.draining.load(Relaxed);
-                c.local_lost(conn.meta.device, conn.connected_at_ms, back);
-            }
-        }
-        self.ctx.metrics().connections.fetch_sub(1, Relaxed);
-        self.ctx.metrics().disconnects.fetch_add(1, Relaxed);
     }
 
     pub(super) fn handle(&mut self, msg: ShardMsg) -> bool {
@@ -196,37 +186,20 @@ impl Shard {
                 body,
                 reply,
             } => {
-                let conn = self.routes.get(&device).cloned();
-                let d = match conn {
-                    None => Delivery::Offline,
-                    Some(c) => match c.encode_event(&self.ctx, &body) {
-                        None => Delivery::NotJoined,
-                        Some(frame) => {
-                            match c.send(&self.ctx, c.data_op(), &frame, Limit::outbound(&self.ctx))
-                            {
-                                // (Closing: the event goes the way of the connection.)
-                                SendOutcome::Sent | SendOutcome::Closing => Delivery::Sent,
-                                SendOutcome::Dropped => {
-                                    let m = self.ctx.metrics();
-                                    m.events_dropped_slow_device.fetch_add(1, Relaxed);
-                                    Delivery::Full
-                                }
-                            }
-                        }
-                    },
-                };
+                let d = self.deliver(&device, &body);
                 let _ = reply.send(d);
             }
             ShardMsg::Request(r) => self.start_request(*r),
             ShardMsg::Lookup { device, reply } => {
-                let info = self.routes.get(&device).map(|c| DeviceInfo {
+                let shard = self.ctx.id;
+                let info = self.route(&device).map(|c| DeviceInfo {
                     device,
                     account: c.meta.account,
                     connected: true,
                     since_unix_ms: c.connected_at_ms,
                     address: c.peer.to_string(),
                     protocol: c.protocol.name(),
-                    shard: self.ctx.id,
+                    shard,
                 });
                 let _ = reply.send(info);
             }
@@ -234,11 +207,13 @@ impl Shard {
                 let _ = reply.send(self.routes.keys().take(limit).copied().collect());
             }
             ShardMsg::Evict { device, since_ms } => {
-                let conn = self.routes.get(&device).cloned();
+                let ctx = &self.ctx;
+                let slot = self.routes.get(&device).copied();
+                let conn = slot.and_then(|s| self.slab.get_mut(s));
                 if let Some(c) = conn.filter(|c| c.connected_at_ms <= since_ms) {
-                    self.ctx.metrics().takeovers.fetch_add(1, Relaxed);
+                    ctx.metrics().takeovers.fetch_add(1, Relaxed);
                     c.fail(
-                        &self.ctx,
+                        ctx,
                         CloseCode::Replaced,
                         "replaced by a newer connection of the same device on another node",
                     );
@@ -256,22 +231,46 @@ impl Shard {
         true
     }
 
+    /// A backend event for a device of this shard, in its protocol.
+    fn deliver(&mut self, device: &Uuid, body: &[u8]) -> Delivery {
+        let ctx = &self.ctx;
+        let Some(slot) = self.routes.get(device).copied() else {
+            return Delivery::Offline;
+        };
+        let Some(c) = self.slab.get_mut(slot) else {
+            return Delivery::Offline;
+        };
+        let Some(frame) = c.encode_event(ctx, body) else {
+            return Delivery::NotJoined;
+        };
+        match c.send(ctx, c.data_op(), &frame, Limit::outbound(ctx)) {
+            // (Closing: the event goes the way of the connection.)
+            SendOutcome::Sent | SendOutcome::Closing => Delivery::Sent,
+            SendOutcome::Dropped => {
+                ctx.metrics()
+                    .events_dropped_slow_device
+                    .fetch_add(1, Relaxed);
+                Delivery::Full
+            }
+        }
+    }
+
     fn start_request(&mut self, r: RequestMsg) {
-        let conn = self.routes.get(&r.device).cloned();
-        let Some(conn) = conn else {
+        let ctx = &self.ctx;
+        let slot = self.routes.get(&r.device).copied();
+        let Some(conn) = slot.and_then(|s| self.slab.get_mut(s)) else {
             let _ = r.reply.send(RequestReply::Offline);
             return;
         };
         // A device that cannot take it yet (Phoenix, not joined) gets it when it can.
-        if let Some(frame) = conn.encode_request(&self.ctx, r.request, &r.command, &r.payload) {
+        if let Some(frame) = conn.encode_request(ctx, r.request, &r.command, &r.payload) {
             // Requests may queue up to twice the event limit (see `Limit::requests`).
-            let limit = Limit::requests(&self.ctx);
-            if conn.send_or_close(&self.ctx, conn.data_op(), &frame, limit) == SendOutcome::Dropped
-            {
+            let limit = Limit::requests(ctx);
+            if conn.send_or_close(ctx, conn.data_op(), &frame, limit) == SendOutcome::Dropped {
                 let _ = r.reply.send(RequestReply::Full);
                 return;
             }
         }
-        self.ctx.pending.borrow_mut().insert(r);
+        ctx.pending.borrow_mut().insert(r);
     }
 }

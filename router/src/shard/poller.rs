@@ -63,10 +63,6 @@ impl Poller {
         self.ctl(libc::EPOLL_CTL_MOD, fd, events, key)
     }
 
-    pub fn delete(&self, fd: RawFd) {
-        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
-    }
-
     /// Wait until the kernel has events for us, then take up to [`BATCH`] of them
     /// into `out` as (key, events).
     pub async fn wait(&self, out: &mut Vec<(u64, u32)>) -> io::Result<()> {

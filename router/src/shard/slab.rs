@@ -45,21 +45,20 @@ impl<T> Slab<T> {
         self.slots.get(slot as usize)?.as_ref()
     }
 
-    /// Empty the slot if it holds what `is` says; false: it did not (already released).
-    pub fn remove_if(&mut self, slot: u32, is: impl FnOnce(&T) -> bool) -> bool {
-        match self.slots.get_mut(slot as usize) {
-            Some(s) if s.as_ref().is_some_and(is) => {
-                *s = None;
-                self.free.push(slot);
-                true
-            }
-            _ => false,
-        }
+    pub fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// Empty the slot (free for reuse); None: it was empty (already released).
+    pub fn take(&mut self, slot: u32) -> Option<T> {
+        let v = self.slots.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        Some(v)
     }
 
     /// Every `step`-th slot's occupant from slot `first`: a timer tick's share.
-    pub fn share(&self, first: usize, step: usize) -> impl Iterator<Item = &T> {
-        self.slots.iter().skip(first).step_by(step).flatten()
+    pub fn share(&mut self, first: usize, step: usize) -> impl Iterator<Item = &mut T> {
+        self.slots.iter_mut().skip(first).step_by(step).flatten()
     }
 
     /// The connection `id` in `slot` started closing: release it at `until` if its peer
@@ -99,9 +98,8 @@ mod tests {
         assert_eq!(s.get(a), Some(&"a"));
         assert_eq!(s.get(7), None);
         // Released only if it still holds that connection.
-        assert!(!s.remove_if(a, |v| *v == "b"));
-        assert!(s.remove_if(a, |v| *v == "a"));
-        assert!(!s.remove_if(a, |_| true), "released twice");
+        assert_eq!(s.take(a), Some("a"));
+        assert_eq!(s.take(a), None, "released twice");
         assert_eq!(s.get(a), None);
         assert_eq!(s.vacant(), a);
         // A slot not filled after all.
@@ -118,9 +116,9 @@ mod tests {
             let slot = s.vacant();
             s.fill(slot, i);
         }
-        assert!(s.remove_if(4, |_| true));
-        assert_eq!(s.share(1, 3).copied().collect::<Vec<_>>(), [1, 7]);
-        assert_eq!(s.share(0, 5).copied().collect::<Vec<_>>(), [0, 5]);
+        assert_eq!(s.take(4), Some(4));
+        assert_eq!(s.share(1, 3).map(|v| *v).collect::<Vec<_>>(), [1, 7]);
+        assert_eq!(s.share(0, 5).map(|v| *v).collect::<Vec<_>>(), [0, 5]);
         assert_eq!(s.share(0, 1).count(), 9);
     }
 

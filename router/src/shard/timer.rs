@@ -1,10 +1,9 @@
 //! The shard's timer: pings and dead-peer checks spread over the second, request expiry,
 //! lingering closes and the drain.
 
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::conn::{Conn, Limit};
+use super::conn::Limit;
 use super::owner::Shard;
 use crate::protocol::ws::{CloseCode, OP_PING};
 
@@ -45,14 +44,15 @@ impl Shard {
         self.ticks = tick + 1;
         // This tick's share of the slab: every PING_SLOTS-th slot. (A connection that
         // fails here is only marked; the loop releases it after the tick.)
+        let ctx = &self.ctx;
         let share = self
             .slab
             .share((tick % PING_SLOTS as u64) as usize, PING_SLOTS);
         for c in share.filter(|c| c.ping_due(now)) {
             if c.idle_for(now) > interval.saturating_mul(3) {
-                c.fail(&self.ctx, CloseCode::GoingAway, "ping timeout");
+                c.fail(ctx, CloseCode::GoingAway, "ping timeout");
             } else {
-                let _ = c.send_or_close(&self.ctx, OP_PING, b"", Limit::outbound(&self.ctx));
+                let _ = c.send_or_close(ctx, OP_PING, b"", Limit::outbound(ctx));
                 c.set_next_ping(now + interval);
             }
         }
@@ -67,8 +67,8 @@ impl Shard {
         // Closes whose peer never sent its FIN within the linger: release them.
         let expired = self.slab.lingered(instant);
         for (slot, id) in expired {
-            if let Some(c) = self.conn_at(slot).filter(|c| c.id == id) {
-                self.release(&c);
+            if self.slab.get(slot).is_some_and(|c| c.id == id) {
+                self.release(slot);
             }
         }
         if let Some(plan) = self.drain {
@@ -86,17 +86,19 @@ impl Shard {
             return;
         }
         let last = now >= plan.until;
-        let conns: Vec<Rc<Conn>> = {
+        let slots: Vec<u32> = {
             let pending = self.ctx.pending.borrow();
             self.routes
-                .values()
-                .filter(|c| last || !pending.has_device(&c.meta.device))
+                .iter()
+                .filter(|(device, _)| last || !pending.has_device(device))
+                .map(|(_, &slot)| slot)
                 .take(to_close)
-                .cloned()
                 .collect()
         };
-        for c in conns {
-            c.close_reading(&self.ctx, CloseCode::GoingAway, "router draining");
+        for slot in slots {
+            if let Some(c) = self.slab.get_mut(slot) {
+                c.close_reading(&self.ctx, CloseCode::GoingAway, "router draining");
+            }
         }
     }
 }

@@ -20,10 +20,9 @@ impl Conn {
     /// Bytes held from an earlier read are completed with only what their frame still
     /// lacks, and the rest of `data` is parsed where it lies: appending a whole 64 KiB
     /// read to a held partial frame copied nearly every byte of a flood once more.
-    pub(super) fn on_bytes(&self, ctx: &ShardCtx, data: &mut [u8]) {
+    pub(super) fn on_bytes(&mut self, ctx: &ShardCtx, data: &mut [u8]) {
         let held = self
             .st
-            .borrow_mut()
             .bufs
             .as_mut()
             .map(|b| std::mem::take(&mut b.inbuf))
@@ -47,8 +46,8 @@ impl Conn {
         self.keep_unparsed((used < data.len()).then(|| data[used..].to_vec()));
     }
 
-    fn keep_unparsed(&self, rest: Option<Vec<u8>>) {
-        let mut st = self.st.borrow_mut();
+    fn keep_unparsed(&mut self, rest: Option<Vec<u8>>) {
+        let st = &mut self.st;
         match rest {
             Some(rest) if st.phase.reads() => st.bufs.get_or_insert_with(Box::default).inbuf = rest,
             _ => {
@@ -60,7 +59,7 @@ impl Conn {
     }
 
     /// Parse and handle every complete frame in `data`; returns the bytes consumed.
-    fn parse_frames(&self, ctx: &ShardCtx, data: &mut [u8]) -> usize {
+    fn parse_frames(&mut self, ctx: &ShardCtx, data: &mut [u8]) -> usize {
         let max = ctx.shared.config.max_frame;
         let mut pos = 0;
         while !self.is_done() {
@@ -90,10 +89,10 @@ impl Conn {
         pos
     }
 
-    fn on_frame(&self, ctx: &ShardCtx, h: FrameHeader, payload: &mut [u8]) {
+    fn on_frame(&mut self, ctx: &ShardCtx, h: FrameHeader, payload: &mut [u8]) {
         let now = ctx.now_secs();
         let deflate = {
-            let mut st = self.st.borrow_mut();
+            let st = &mut self.st;
             st.last_seen = now;
             st.deflate
         };
@@ -129,21 +128,18 @@ impl Conn {
             }
             OP_PONG => self.on_pong(ctx, now),
             OP_CONT => {
-                let mut st = self.st.borrow_mut();
+                let st = &mut self.st;
                 let b = st.bufs.get_or_insert_with(Box::default);
                 if b.msg_op == 0 {
-                    drop(st);
                     self.fail_ws(ctx, WsError::OrphanContinuation);
                     return;
                 }
                 if b.msg.len() + payload.len() > ctx.shared.config.max_frame {
-                    drop(st);
                     self.fail_ws(ctx, WsError::TooBig);
                     return;
                 }
                 b.msg_frames = b.msg_frames.saturating_add(1);
                 if b.msg_frames > MAX_FRAGMENTS {
-                    drop(st);
                     self.fail_ws(ctx, WsError::TooManyFragments);
                     return;
                 }
@@ -154,19 +150,16 @@ impl Conn {
                     let deflated = std::mem::take(&mut b.msg_deflated);
                     b.msg_op = 0;
                     b.msg_frames = 0;
-                    drop(st);
                     self.on_whole_message(ctx, op, deflated, &mut msg);
                 }
             }
             op => {
-                let mut st = self.st.borrow_mut();
+                let st = &mut self.st;
                 if st.bufs.as_ref().is_some_and(|b| b.msg_op != 0) {
-                    drop(st);
                     self.fail_ws(ctx, WsError::NestedMessage);
                     return;
                 }
                 if h.fin {
-                    drop(st);
                     self.on_whole_message(ctx, op, h.rsv1, payload);
                 } else {
                     let b = st.bufs.get_or_insert_with(Box::default);
@@ -181,7 +174,7 @@ impl Conn {
 
     /// A complete message, inflated first when compressed (within --max-frame: a
     /// message that inflates past it closes 1009, data that is not deflate 1007).
-    fn on_whole_message(&self, ctx: &ShardCtx, op: u8, deflated: bool, payload: &mut [u8]) {
+    fn on_whole_message(&mut self, ctx: &ShardCtx, op: u8, deflated: bool, payload: &mut [u8]) {
         if !deflated {
             self.on_message(ctx, op, payload);
             return;
@@ -194,7 +187,7 @@ impl Conn {
 
     /// The device's close frame: answered with the same code (RFC 6455 §5.5.1), or, if
     /// the frame is malformed (see `ws::check_close`), with 1002 or 1007. Both counted.
-    fn on_close(&self, ctx: &ShardCtx, payload: &[u8]) {
+    fn on_close(&mut self, ctx: &ShardCtx, payload: &[u8]) {
         ctx.metrics().peer_closes.fetch_add(1, Relaxed);
         // (Closing already: ours is out, and `fail` sends nothing more: the handshake
         // is complete.)
@@ -202,7 +195,7 @@ impl Conn {
             Ok(code) => self.fail(ctx, code.unwrap_or(CloseCode::Normal), ""),
             Err(e) => self.fail_ws(ctx, e),
         }
-        let mut st = self.st.borrow_mut();
+        let st = &mut self.st;
         st.phase = match st.phase {
             Phase::Open => Phase::Closing {
                 reads: Reads::PeerClosed,
@@ -216,13 +209,13 @@ impl Conn {
         };
     }
 
-    fn on_pong(&self, ctx: &ShardCtx, now: u32) {
+    fn on_pong(&mut self, ctx: &ShardCtx, now: u32) {
         // At most one device-alive per `device_alive_gap`: every solicited pong counts
         // (or one per --device-alive-interval), a device spraying unsolicited pongs does
         // not flood the backend.
         let min_gap = ctx.shared.config.device_alive_gap() as u32;
         {
-            let mut st = self.st.borrow_mut();
+            let st = &mut self.st;
             if now < st.next_alive {
                 return;
             }

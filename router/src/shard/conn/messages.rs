@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::{Adapter, Conn};
 use crate::bus::RoutingKey;
 use crate::protocol::effect::Effect;
-use crate::protocol::hive::{self, Inbound};
+use crate::protocol::hive::{self, Inbound, Meta};
 use crate::protocol::hivekit::{self, Subscriptions};
 use crate::protocol::phoenix::{self, Vsn};
 use crate::protocol::ws::{CloseCode, WsError, OP_BINARY};
@@ -20,11 +20,11 @@ impl Conn {
     /// Token bucket per device: refill at --device-rate per second up to --device-burst.
     /// A refused message is not parsed; the first refusal of a run is answered, and a
     /// whole burst's worth of refusals in a row closes the connection with 1008.
-    pub(super) fn admit(&self, ctx: &ShardCtx) -> bool {
+    pub(super) fn admit(&mut self, ctx: &ShardCtx) -> bool {
         let cfg = &ctx.shared.config;
         let now = ctx.now_secs();
         let excess = {
-            let mut st = self.st.borrow_mut();
+            let st = &mut self.st;
             if now > st.refilled_at {
                 let add = (now - st.refilled_at).saturating_mul(cfg.device_rate);
                 st.tokens = st.tokens.saturating_add(add).min(cfg.device_burst.max(1));
@@ -60,7 +60,7 @@ impl Conn {
     }
 
     /// A complete message (its frames were admitted by the rate limit one by one).
-    pub(super) fn on_message(&self, ctx: &ShardCtx, op: u8, payload: &mut [u8]) {
+    pub(super) fn on_message(&mut self, ctx: &ShardCtx, op: u8, payload: &mut [u8]) {
         if self.protocol == Protocol::Phoenix(Vsn::V3) {
             // MessagePack in binary frames only; converted to the V2 text the adapter
             // reads. A frame that is not MessagePack is a bad frame, as in V2.
@@ -75,7 +75,7 @@ impl Conn {
             let mut effects = Vec::new();
             match crate::protocol::msgpack::to_json(payload) {
                 Ok(text) => {
-                    if let Some(Adapter::Phoenix(phx)) = self.adapter.borrow_mut().as_deref_mut() {
+                    if let Some(Adapter::Phoenix(phx)) = self.adapter.as_deref_mut() {
                         phx.on_text(
                             &self.meta,
                             &text,
@@ -109,7 +109,7 @@ impl Conn {
             Protocol::Hive => self.on_hive(ctx, payload),
             Protocol::Phoenix(_) => {
                 let mut effects = Vec::new();
-                if let Some(Adapter::Phoenix(phx)) = self.adapter.borrow_mut().as_deref_mut() {
+                if let Some(Adapter::Phoenix(phx)) = self.adapter.as_deref_mut() {
                     phx.on_text(
                         &self.meta,
                         payload,
@@ -121,8 +121,8 @@ impl Conn {
             }
             Protocol::Hivekit => {
                 let mut effects = Vec::new();
-                self.hivekit_session(ctx, |s| {
-                    let mut slot = self.adapter.borrow_mut();
+                let slot = &mut self.adapter;
+                hivekit_session(&self.meta, ctx, |s| {
                     let mut fresh = Subscriptions::default();
                     let subs = match slot.as_deref_mut() {
                         Some(Adapter::Hivekit(subs)) => subs,
@@ -150,7 +150,7 @@ impl Conn {
     /// A frame the adapter refused as not its format (`bad_frame` first) may not be
     /// UTF-8 either (see `on_message`): then it closes 1007; otherwise the effects apply.
     fn apply_unless_not_utf8(
-        &self,
+        &mut self,
         ctx: &ShardCtx,
         payload: &[u8],
         bad_frame: &str,
@@ -165,7 +165,7 @@ impl Conn {
     }
 
     /// RFC 6455: a text message that is not UTF-8 fails the connection with 1007.
-    fn utf8_or_fail(&self, ctx: &ShardCtx, payload: &[u8]) -> bool {
+    fn utf8_or_fail(&mut self, ctx: &ShardCtx, payload: &[u8]) -> bool {
         if simdutf8::basic::from_utf8(payload).is_ok() {
             return true;
         }
@@ -173,14 +173,14 @@ impl Conn {
         false
     }
 
-    fn on_hive(&self, ctx: &ShardCtx, payload: &[u8]) {
+    fn on_hive(&mut self, ctx: &ShardCtx, payload: &[u8]) {
         let decoded = {
             let mut scratch = ctx.scratch.borrow_mut();
             hive::decode(payload, &self.meta, &mut scratch)
         };
         match decoded {
             Ok(msg) => {
-                self.st.borrow_mut().bad_frames = 0;
+                self.st.bad_frames = 0;
                 match msg {
                     Inbound::Event { ty, body } => publish_event(ctx, &ty, body),
                     Inbound::Ack { request } => ctx.on_ack(self.meta.device, request),
@@ -202,9 +202,9 @@ impl Conn {
         }
     }
 
-    fn bad_frame(&self, ctx: &ShardCtx) {
+    fn bad_frame(&mut self, ctx: &ShardCtx) {
         let bad = {
-            let mut st = self.st.borrow_mut();
+            let st = &mut self.st;
             st.bad_frames = st.bad_frames.saturating_add(1);
             st.bad_frames
         };
@@ -214,7 +214,7 @@ impl Conn {
     }
 
     /// Carry out what a Phoenix or Hivekit frame asked for, in order.
-    fn apply(&self, ctx: &ShardCtx, effects: Vec<Effect>) {
+    fn apply(&mut self, ctx: &ShardCtx, effects: Vec<Effect>) {
         let mut had_error = false;
         for e in effects {
             match e {
@@ -239,7 +239,7 @@ impl Conn {
         if had_error {
             self.bad_frame(ctx);
         } else {
-            self.st.borrow_mut().bad_frames = 0;
+            self.st.bad_frames = 0;
         }
     }
 
@@ -248,7 +248,9 @@ impl Conn {
         match self.protocol {
             Protocol::Hive => Some(hive::authenticated(&self.meta)),
             Protocol::Phoenix(_) => None,
-            Protocol::Hivekit => Some(self.hivekit_session(ctx, |s| hivekit::auth_ok(s.realm))),
+            Protocol::Hivekit => Some(hivekit_session(&self.meta, ctx, |s| {
+                hivekit::auth_ok(s.realm)
+            })),
         }
     }
 
@@ -261,16 +263,18 @@ impl Conn {
         command: &str,
         payload: &[u8],
     ) -> Option<Vec<u8>> {
-        match (self.protocol, self.adapter.borrow().as_deref()) {
+        match (self.protocol, self.adapter.as_deref()) {
             (Protocol::Hive, _) => {
                 Some(hive::device_request(&self.meta, request, command, payload))
             }
             (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => phx
                 .encode_request(request, command, payload)
                 .map(|f| self.wire_owned(f)),
-            (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => self.hivekit_session(ctx, |s| {
-                hivekit::encode_request(s, subs, request, command, payload)
-            }),
+            (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => {
+                hivekit_session(&self.meta, ctx, |s| {
+                    hivekit::encode_request(s, subs, request, command, payload)
+                })
+            }
             _ => None,
         }
     }
@@ -278,32 +282,29 @@ impl Conn {
     /// A backend event (JSON object) in this connection's protocol; None while the
     /// device does not take it (not joined, not subscribed).
     pub fn encode_event(&self, ctx: &ShardCtx, body: &[u8]) -> Option<Vec<u8>> {
-        match (self.protocol, self.adapter.borrow().as_deref()) {
+        match (self.protocol, self.adapter.as_deref()) {
             (Protocol::Hive, _) => Some(body.to_vec()),
             (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => {
                 phx.encode_event(body).map(|f| self.wire_owned(f))
             }
             (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => {
-                self.hivekit_session(ctx, |s| hivekit::encode_event(s, subs, body))
+                hivekit_session(&self.meta, ctx, |s| hivekit::encode_event(s, subs, body))
             }
             _ => None,
         }
-    }
-
-    /// The device as Hivekit sees it: its realm is `--hivekit-realm`, else its account.
-    fn hivekit_session<R>(&self, ctx: &ShardCtx, f: impl FnOnce(&hivekit::Session) -> R) -> R {
-        let mut buf = uuid::Uuid::encode_buffer();
-        let realm = match &ctx.shared.config.hivekit_realm {
-            Some(r) => r.as_str(),
-            None => self.meta.account.hyphenated().encode_lower(&mut buf),
-        };
-        f(&hivekit::Session {
-            meta: &self.meta,
-            realm,
-        })
     }
 }
 
 fn publish_event(ctx: &ShardCtx, ty: &str, body: Vec<u8>) {
     ctx.publish(RoutingKey::concat(&[hive::DEVICE_SERVICE, ".", ty]), body);
+}
+
+/// The device as Hivekit sees it: its realm is `--hivekit-realm`, else its account.
+fn hivekit_session<R>(meta: &Meta, ctx: &ShardCtx, f: impl FnOnce(&hivekit::Session) -> R) -> R {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let realm = match &ctx.shared.config.hivekit_realm {
+        Some(r) => r.as_str(),
+        None => meta.account.hyphenated().encode_lower(&mut buf),
+    };
+    f(&hivekit::Session { meta, realm })
 }

@@ -1,11 +1,10 @@
 //! One authenticated device connection: its socket, its compact state (a `Phase`
-//! and a few counters), and what the shard's driver calls when the poller reports it
+//! and a few counters), and what the shard's loop calls when the poller reports it
 //! ready (`readiness`). It has no task of its own. Idle, it holds no buffer (the shard
 //! lends its read buffer) and no timer (the shard's tick pings it). It never blocks the
 //! shard. Everything it sends goes through [`Conn::send`] or [`Conn::send_or_close`],
 //! within a [`Limit`].
 
-use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -41,10 +40,10 @@ pub struct Conn {
     pub protocol: Protocol,
     pub connected_at_ms: u64,
     stream: TcpStream,
-    st: RefCell<State>,
+    st: State,
     /// What the protocol keeps per connection (Phoenix joins, Hivekit pubsub
     /// subscriptions); None while there is nothing (and always for Hive).
-    adapter: RefCell<Option<Box<Adapter>>>,
+    adapter: Option<Box<Adapter>>,
     /// This socket's place in `router_open_connections`, given back when the
     /// connection is dropped (after the shard released it).
     _open: OpenConnection,
@@ -253,7 +252,7 @@ impl Conn {
             protocol,
             connected_at_ms: crate::unix_ms(),
             stream,
-            st: RefCell::new(State {
+            st: State {
                 tls: tls.map(|mut t| {
                     // Our own queue does the accounting (--max-outbound); rustls's default
                     // 64 KiB cap would make write_all fail midway through a frame.
@@ -266,19 +265,19 @@ impl Conn {
                     ctx.shared.config.device_burst,
                     deflate,
                 )
-            }),
-            adapter: RefCell::new(match protocol {
+            },
+            adapter: match protocol {
                 Protocol::Phoenix(vsn) => Some(Box::new(Adapter::Phoenix(
                     PhxState::with_extensions(vsn, ctx.shared.nerves_extensions.clone()),
                 ))),
                 _ => None,
-            }),
+            },
             _open: open,
         }
     }
 
     /// Something changed outside a readiness event (output queued, closing, dead):
-    /// the shard's driver settles this connection next.
+    /// the shard's loop settles this connection at the end of its pass.
     fn wake(&self, ctx: &ShardCtx) {
         ctx.mark(self.slot);
     }
@@ -288,21 +287,21 @@ impl Conn {
     }
 
     pub fn ping_due(&self, now: u32) -> bool {
-        let st = self.st.borrow();
+        let st = &self.st;
         st.phase == Phase::Open && now >= st.next_ping
     }
-    pub fn set_next_ping(&self, at: u32) {
-        self.st.borrow_mut().next_ping = at;
+    pub fn set_next_ping(&mut self, at: u32) {
+        self.st.next_ping = at;
     }
     pub fn idle_for(&self, now: u32) -> u32 {
-        now.saturating_sub(self.st.borrow().last_seen)
+        now.saturating_sub(self.st.last_seen)
     }
 
     /// Send a frame the device asked for (a reply, an error), as the protocol adapter
     /// wrote it (JSON text; MessagePack in a binary frame for a Phoenix V3 device):
     /// counted against --max-outbound like everything queued for it (see
     /// [`Conn::send_or_close`]).
-    pub fn send_text(&self, ctx: &ShardCtx, payload: &[u8]) {
+    pub fn send_text(&mut self, ctx: &ShardCtx, payload: &[u8]) {
         let wire = self.to_wire(payload);
         let _ = self.send_or_close(ctx, self.data_op(), &wire, Limit::outbound(ctx));
     }
@@ -337,7 +336,7 @@ impl Conn {
     /// frame many times its size), so instead of costing the router more memory it is
     /// closed with 1008 and counted (`router_outbound_overflow_total`); `Dropped` then.
     pub fn send_or_close(
-        &self,
+        &mut self,
         ctx: &ShardCtx,
         op: u8,
         payload: &[u8],
@@ -366,14 +365,14 @@ impl Conn {
     /// Send a frame (a data frame already in the wire format, from
     /// [`Conn::encode_event`]; a control frame): written now if nothing is queued (no
     /// copy at all on the fast path), the rest queued; not sent past `limit`.
-    pub fn send(&self, ctx: &ShardCtx, op: u8, payload: &[u8], limit: Limit) -> SendOutcome {
+    pub fn send(&mut self, ctx: &ShardCtx, op: u8, payload: &[u8], limit: Limit) -> SendOutcome {
         self.send_frame(ctx, &[], op, payload, limit)
     }
 
     /// The first bytes a handed-over connection gets: the HTTP 101 the listener left
     /// for the owner to send, and the protocol's greeting if it has one, in one write
     /// (one segment, one wake-up of the device instead of two).
-    pub fn send_greeting(&self, ctx: &ShardCtx, preface: &[u8], greeting: Option<&[u8]>) {
+    pub fn send_greeting(&mut self, ctx: &ShardCtx, preface: &[u8], greeting: Option<&[u8]>) {
         let _ = match greeting {
             Some(g) => self.send_frame(ctx, preface, OP_TEXT, g, Limit::Exempt),
             None if !preface.is_empty() => self.write_parts(ctx, &[preface], Limit::Exempt),
@@ -384,7 +383,7 @@ impl Conn {
     /// A frame, after `preface` raw bytes (usually none): compressed if
     /// permessage-deflate applies, then written or queued (see [`Conn::write_parts`]).
     fn send_frame(
-        &self,
+        &mut self,
         ctx: &ShardCtx,
         preface: &[u8],
         op: u8,
@@ -397,7 +396,7 @@ impl Conn {
         // permessage-deflate: a data message of some size goes out compressed (RSV1).
         let compressed = (op == OP_TEXT || op == OP_BINARY)
             && payload.len() >= ws::DEFLATE_MIN
-            && self.st.borrow().deflate;
+            && self.st.deflate;
         let deflated;
         let payload = if compressed {
             deflated = ws::deflate(payload);
@@ -423,8 +422,8 @@ impl Conn {
     /// Write `parts` now if nothing is queued; queue what the socket did not take.
     /// Nothing is written while the connection is not open (its close frame is sent
     /// while it still is), nor when the queue would pass `limit`.
-    fn write_parts(&self, ctx: &ShardCtx, parts: &[&[u8]], limit: Limit) -> SendOutcome {
-        let mut st = self.st.borrow_mut();
+    fn write_parts(&mut self, ctx: &ShardCtx, parts: &[&[u8]], limit: Limit) -> SendOutcome {
+        let st = &mut self.st;
         if st.phase != Phase::Open {
             return SendOutcome::Closing;
         }
@@ -449,13 +448,11 @@ impl Conn {
             return match flush_tls(tls, &self.stream) {
                 Ok(true) => SendOutcome::Sent,
                 Ok(false) => {
-                    drop(st);
                     self.wake(ctx);
                     SendOutcome::Sent
                 }
                 Err(_) => {
                     st.phase = Phase::Dead;
-                    drop(st);
                     self.wake(ctx);
                     SendOutcome::Closing
                 }
@@ -476,7 +473,6 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(_) => {
                 st.phase = Phase::Dead;
-                drop(st);
                 self.wake(ctx);
                 return SendOutcome::Closing;
             }
@@ -495,16 +491,15 @@ impl Conn {
                 b.out.extend_from_slice(&p[skip..]);
                 skip = 0;
             }
-            drop(st);
             self.wake(ctx);
         }
         SendOutcome::Sent
     }
 
-    /// Queue a close frame with `code` and stop reading; the shard's driver flushes it
+    /// Queue a close frame with `code` and stop reading; the shard's loop flushes it
     /// and lingers (see `readiness`). Counted in `router_closes_total`.
-    pub fn fail(&self, ctx: &ShardCtx, code: CloseCode, reason: &str) {
-        if self.st.borrow().phase != Phase::Open {
+    pub fn fail(&mut self, ctx: &ShardCtx, code: CloseCode, reason: &str) {
+        if self.st.phase != Phase::Open {
             return;
         }
         ctx.metrics().close(code);
@@ -516,7 +511,7 @@ impl Conn {
             Limit::Exempt,
         );
         {
-            let mut st = self.st.borrow_mut();
+            let st = &mut self.st;
             // (Unless writing it found the socket gone.)
             if st.phase == Phase::Open {
                 st.phase = Phase::Closing {
@@ -529,26 +524,25 @@ impl Conn {
     }
 
     /// [`Conn::fail`] for a WebSocket-level error: its close code, and why as the reason.
-    pub(super) fn fail_ws(&self, ctx: &ShardCtx, e: WsError) {
+    pub(super) fn fail_ws(&mut self, ctx: &ShardCtx, e: WsError) {
         self.fail(ctx, e.close_code(), &e.to_string());
     }
 
     /// Like [`Conn::fail`], but the device may still finish what it was saying: frames it
     /// sent before it saw the close are handled, not dropped (a drain loses no event).
-    pub fn close_reading(&self, ctx: &ShardCtx, code: CloseCode, reason: &str) {
+    pub fn close_reading(&mut self, ctx: &ShardCtx, code: CloseCode, reason: &str) {
         if self.is_done() {
             return;
         }
         self.fail(ctx, code, reason);
-        let mut st = self.st.borrow_mut();
+        let st = &mut self.st;
         if let Phase::Closing { reads, .. } = &mut st.phase {
             *reads = Reads::UntilPeerCloses;
         }
     }
 
-    fn flush(&self) {
-        let mut st = self.st.borrow_mut();
-        let st = &mut *st;
+    fn flush(&mut self) {
+        let st = &mut self.st;
         if let Some(tls) = st.tls.as_mut() {
             loop {
                 match flush_tls(tls, &self.stream) {
@@ -594,16 +588,16 @@ impl Conn {
         }
     }
 
-    fn on_readable(&self, ctx: &ShardCtx) {
+    fn on_readable(&mut self, ctx: &ShardCtx) {
         let mut buf = ctx.read_buf.take();
-        let tls = self.st.borrow().tls.is_some();
+        let tls = self.st.tls.is_some();
         for _ in 0..READS_PER_WAKE {
             if !ctx.may_read() {
                 break;
             }
             match (&self.stream).read(&mut buf) {
                 Ok(0) => {
-                    self.st.borrow_mut().phase = Phase::Dead;
+                    self.st.phase = Phase::Dead;
                     break;
                 }
                 Ok(n) => {
@@ -622,7 +616,7 @@ impl Conn {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    self.st.borrow_mut().phase = Phase::Dead;
+                    self.st.phase = Phase::Dead;
                     break;
                 }
             }
@@ -634,16 +628,16 @@ impl Conn {
     }
 
     /// TLS: feed ciphertext to rustls and handle the plaintext it yields.
-    fn on_ciphertext(&self, ctx: &ShardCtx, mut data: &[u8]) {
+    fn on_ciphertext(&mut self, ctx: &ShardCtx, mut data: &[u8]) {
         while !data.is_empty() && !self.is_done() {
             let ok = {
-                let mut st = self.st.borrow_mut();
+                let st = &mut self.st;
                 let Some(tls) = st.tls.as_mut() else { return };
                 tls.read_tls(&mut data).is_ok() && tls.process_new_packets().is_ok()
             };
             if !ok {
                 // A TLS error (bad record, alert): nothing more can be said on this connection.
-                self.st.borrow_mut().phase = Phase::Dead;
+                self.st.phase = Phase::Dead;
                 return;
             }
             self.drain_plaintext(ctx);
@@ -651,26 +645,26 @@ impl Conn {
     }
 
     /// Hand every decrypted byte rustls holds to the frame parser.
-    fn drain_plaintext(&self, ctx: &ShardCtx) {
+    fn drain_plaintext(&mut self, ctx: &ShardCtx) {
         let mut plain = ctx.plain_buf.take();
         if plain.is_empty() {
             plain = vec![0u8; super::READ_BUF];
         }
         while !self.is_done() {
-            let r = match self.st.borrow_mut().tls.as_mut() {
+            let r = match self.st.tls.as_mut() {
                 Some(tls) => tls.reader().read(&mut plain),
                 None => break,
             };
             match r {
                 Ok(0) => {
                     // close_notify: the peer is done.
-                    self.st.borrow_mut().phase = Phase::Dead;
+                    self.st.phase = Phase::Dead;
                     break;
                 }
                 Ok(n) => self.on_bytes(ctx, &mut plain[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    self.st.borrow_mut().phase = Phase::Dead;
+                    self.st.phase = Phase::Dead;
                     break;
                 }
             }
@@ -680,13 +674,13 @@ impl Conn {
 
     /// Nothing more is read from the peer, nor sent to it but what is queued.
     fn is_done(&self) -> bool {
-        !self.st.borrow().phase.reads()
+        !self.st.phase.reads()
     }
 
     /// Closing but still reading what the peer sends (see [`Conn::close_reading`]).
     fn reads_while_closing(&self) -> bool {
         matches!(
-            self.st.borrow().phase,
+            self.st.phase,
             Phase::Closing {
                 reads: Reads::UntilPeerCloses,
                 ..
@@ -695,7 +689,7 @@ impl Conn {
     }
 
     fn has_out(&self) -> bool {
-        let st = self.st.borrow();
+        let st = &self.st;
         st.has_out() && st.phase != Phase::Dead
     }
 }
@@ -720,8 +714,8 @@ mod tests {
 
     /// Memory per idle connection is a product feature: this guard fails when the
     /// per-connection struct grows past what the README's RSS figure was measured with.
-    /// (176 bytes before the phase enum and the open-connection guard; 176 with them:
-    /// the phase and the alive deadline took 8 bytes less, the guard 8 more.)
+    /// (160 bytes since the shard owns its connections outright: no RefCell flags for
+    /// the state and the adapter, and no Rc around it; 176 before.)
     #[test]
     fn connection_state_stays_compact() {
         let conn = std::mem::size_of::<Conn>();
@@ -730,7 +724,7 @@ mod tests {
             "size_of Conn {conn}, State {state}, Phase {}",
             std::mem::size_of::<Phase>()
         );
-        assert!(conn <= 176, "Conn is {conn} bytes");
+        assert!(conn <= 160, "Conn is {conn} bytes");
         assert!(state <= 48, "State is {state} bytes");
         assert_eq!(std::mem::size_of::<Phase>(), 2);
     }

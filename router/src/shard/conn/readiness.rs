@@ -9,30 +9,30 @@ use crate::shard::ShardCtx;
 
 impl Conn {
     /// Just adopted: bytes that came with the handshake, and what rustls already holds.
-    pub fn start(&self, ctx: &ShardCtx, mut leftover: Vec<u8>) {
+    pub fn start(&mut self, ctx: &ShardCtx, mut leftover: Vec<u8>) {
         if !leftover.is_empty() {
             self.on_bytes(ctx, &mut leftover);
         }
-        if self.st.borrow().tls.is_some() {
+        if self.st.tls.is_some() {
             self.drain_plaintext(ctx);
         }
     }
 
     /// Backpressure is over: handle the bytes that waited, then what rustls holds.
-    pub fn resume(&self, ctx: &ShardCtx) {
+    pub fn resume(&mut self, ctx: &ShardCtx) {
         if self.is_done() {
             return;
         }
         self.on_bytes(ctx, &mut []);
-        if self.st.borrow().tls.is_some() {
+        if self.st.tls.is_some() {
             self.drain_plaintext(ctx);
         }
     }
 
     /// Readiness reported by the shard's poller.
-    pub fn on_event(&self, ctx: &ShardCtx, events: u32) {
+    pub fn on_event(&mut self, ctx: &ShardCtx, events: u32) {
         let lingering = matches!(
-            self.st.borrow().phase,
+            self.st.phase,
             Phase::Closing {
                 linger: Linger::Started | Linger::WriteShut,
                 ..
@@ -51,19 +51,19 @@ impl Conn {
     }
 
     /// While closing: discard what the peer still sends until its FIN.
-    fn linger_read(&self, ctx: &ShardCtx) {
+    fn linger_read(&mut self, ctx: &ShardCtx) {
         let mut buf = ctx.read_buf.take();
         for _ in 0..READS_PER_WAKE {
             match (&self.stream).read(&mut buf) {
                 Ok(0) => {
-                    self.st.borrow_mut().phase = Phase::Dead;
+                    self.st.phase = Phase::Dead;
                     break;
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.st.borrow_mut().phase = Phase::Dead;
+                    self.st.phase = Phase::Dead;
                     break;
                 }
             }
@@ -75,8 +75,8 @@ impl Conn {
     /// finished (the socket is gone, or the peer completed the close) and must be
     /// released. Sets `started_linger` the first time it finds the connection closing,
     /// so the shard starts the linger deadline.
-    pub fn settle(&self, started_linger: &mut bool) -> Option<u32> {
-        let phase = self.st.borrow().phase;
+    pub fn settle(&mut self, started_linger: &mut bool) -> Option<u32> {
+        let phase = self.st.phase;
         match phase {
             Phase::Dead => return None,
             Phase::Open => {}
@@ -88,10 +88,9 @@ impl Conn {
     /// A closing connection: the linger starts (the first time), what is queued goes
     /// out, then our write side is shut down and the peer's FIN awaited; or, when the
     /// peer closed first, the connection is finished once its answer is out.
-    fn settle_closing(&self, started_linger: &mut bool) -> Option<u32> {
+    fn settle_closing(&mut self, started_linger: &mut bool) -> Option<u32> {
         {
-            let mut st = self.st.borrow_mut();
-            let st = &mut *st;
+            let st = &mut self.st;
             if let Phase::Closing { linger, .. } = &mut st.phase {
                 if *linger == Linger::NotStarted {
                     *linger = Linger::Started;
@@ -103,7 +102,7 @@ impl Conn {
             }
         }
         self.flush();
-        let mut st = self.st.borrow_mut();
+        let st = &mut self.st;
         let has_out = st.has_out();
         let Phase::Closing { reads, linger } = &mut st.phase else {
             // Flushing found the socket gone.
@@ -126,8 +125,8 @@ impl Conn {
     }
 
     /// The registered interest, updated when `want` differs; Some(want) if it changed.
-    pub fn set_interest(&self, want: u32) -> Option<u32> {
-        let mut st = self.st.borrow_mut();
+    pub fn set_interest(&mut self, want: u32) -> Option<u32> {
+        let st = &mut self.st;
         (st.interest != want).then(|| {
             st.interest = want;
             want
