@@ -22,7 +22,6 @@ pub use handle::ShardHandle;
 pub use msg::{Adopt, Delivery, DeviceInfo, RequestMsg, RequestReply, ShardMsg};
 pub(crate) use thread::run_shard;
 
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -90,21 +89,21 @@ pub struct ShardCtx {
     pub shared: Arc<Shared>,
     /// What the shard's handshake tasks share with it (admission, the hand-back queue).
     door: Rc<Door>,
-    pending: RefCell<Pending>,
-    pub read_buf: RefCell<Vec<u8>>,
+    pending: Pending,
+    pub read_buf: Vec<u8>,
     /// Decrypted bytes of TLS connections (allocated on first use).
-    pub plain_buf: RefCell<Vec<u8>>,
-    pub scratch: RefCell<Scratch>,
+    pub plain_buf: Vec<u8>,
+    pub scratch: Scratch,
     /// `coarse_secs()` when the shard started.
     started: u64,
     /// `now_secs()` as of the start of this pass of the loop or tick (two reads of the
     /// clock per frame were 1.3% of a shard under an event flood).
-    clock: Cell<u32>,
+    clock: u32,
     /// Connections changed outside a readiness event, for the loop to settle at the end
     /// of its pass.
-    dirty: RefCell<Vec<u32>>,
+    dirty: Vec<u32>,
     /// Events published in this pass and the bus's backpressure on reading.
-    batch: RefCell<Batch>,
+    batch: Batch,
 }
 
 impl ShardCtx {
@@ -115,16 +114,15 @@ impl ShardCtx {
     /// Coarse shard clock in seconds, for per-connection timestamps that fit in a u32:
     /// read once per pass of the loop and per tick (every 20 ms), so it lags by at most a pass.
     pub fn now_secs(&self) -> u32 {
-        self.clock.get()
+        self.clock
     }
 
     /// Read the clock for [`ShardCtx::now_secs`].
-    pub(super) fn refresh_clock(&self) {
-        self.clock
-            .set(coarse_secs().saturating_sub(self.started) as u32);
+    pub(super) fn refresh_clock(&mut self) {
+        self.clock = coarse_secs().saturating_sub(self.started) as u32;
     }
 
-    pub fn publish(&self, routing_key: RoutingKey, body: Vec<u8>) {
+    pub fn publish(&mut self, routing_key: RoutingKey, body: Vec<u8>) {
         self.publish_at(routing_key, body, true);
     }
 
@@ -132,15 +130,12 @@ impl ShardCtx {
     /// (at most 20 ms later). Pongs come one at a time, spread over the second; handing
     /// each one's event to the bus at once woke the bus thread thousands of times a
     /// second at 200,000 devices, and those wakeups were a large part of the ack tail.
-    pub fn publish_lazy(&self, routing_key: RoutingKey, body: Vec<u8>) {
+    pub fn publish_lazy(&mut self, routing_key: RoutingKey, body: Vec<u8>) {
         self.publish_at(routing_key, body, false);
     }
 
-    fn publish_at(&self, routing_key: RoutingKey, body: Vec<u8>, urgent: bool) {
-        let queued = self
-            .batch
-            .borrow_mut()
-            .push(&self.shared.bus, routing_key, body, urgent);
+    fn publish_at(&mut self, routing_key: RoutingKey, body: Vec<u8>, urgent: bool) {
+        let queued = self.batch.push(&self.shared.bus, routing_key, body, urgent);
         match queued {
             Queued::Dropped => {
                 self.metrics().events_dropped_bus_full.fetch_add(1, Relaxed);
@@ -153,16 +148,17 @@ impl ShardCtx {
     }
 
     /// End of a pass of the loop: hand the batch over if something in it is urgent.
-    fn wake_bus_if_urgent(&self) {
-        if self.batch.borrow().is_urgent() {
+    fn wake_bus_if_urgent(&mut self) {
+        if self.batch.is_urgent() {
             self.wake_bus();
         }
     }
 
     /// Hand this pass's events to the bus in one batch and wake its consumer.
-    fn wake_bus(&self) {
+    fn wake_bus(&mut self) {
+        let handed = self.batch.hand_over(&self.shared.bus);
         let m = self.metrics();
-        match self.batch.borrow_mut().hand_over(&self.shared.bus) {
+        match handed {
             HandedOver::Nothing => {}
             HandedOver::Sent(n) => {
                 m.events_published.fetch_add(n, Relaxed);
@@ -175,8 +171,8 @@ impl ShardCtx {
 
     /// Before reading a device: false (and the shard pauses reading) while the bus queue
     /// is nearly full. Level-triggered readiness brings the unread sockets back later.
-    pub fn may_read(&self) -> bool {
-        match self.batch.borrow_mut().may_read(&self.shared.bus) {
+    pub fn may_read(&mut self) -> bool {
+        match self.batch.may_read(&self.shared.bus) {
             Ok(()) => true,
             Err(first) => {
                 if first {
@@ -188,65 +184,64 @@ impl ShardCtx {
     }
 
     fn throttled(&self) -> bool {
-        self.batch.borrow().is_throttled()
+        self.batch.is_throttled()
     }
 
     /// A connection stopped mid-buffer for backpressure; resume it when relieved.
-    pub fn hold(&self, slot: u32) {
-        self.batch.borrow_mut().hold(slot);
+    pub fn hold(&mut self, slot: u32) {
+        self.batch.hold(slot);
     }
 
     /// While throttled: ask the bus to drain (hand it this pass's events and wake its
     /// consumer).
-    fn press_bus(&self) {
+    fn press_bus(&mut self) {
         self.wake_bus();
         self.shared.bus.wake();
     }
 
     /// A connection changed outside a readiness event: settle it at the end of this
     /// pass of the loop.
-    pub fn mark(&self, slot: u32) {
-        self.dirty.borrow_mut().push(slot);
+    pub fn mark(&mut self, slot: u32) {
+        self.dirty.push(slot);
     }
 
     /// The slots marked since last asked.
-    fn take_dirty(&self) -> Vec<u32> {
-        std::mem::take(&mut *self.dirty.borrow_mut())
+    fn take_dirty(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.dirty)
     }
 
     /// Requests sent to an earlier connection of this device and not yet acked are
     /// sent again, in the order first sent: a request outlives a reconnect within its
     /// deadline.
-    pub fn resend_pending(&self, conn: &mut Conn) {
-        let pending = self.pending.borrow();
+    pub fn resend_pending(&mut self, conn: &mut Conn) {
         let limit = Limit::requests(self);
-        for (id, command, payload) in pending.unacked(conn.meta.device) {
-            if let Some(frame) = conn.encode_request(self, id, command, payload) {
-                if conn.send_or_close(self, conn.data_op(), &frame, limit) == SendOutcome::Dropped {
-                    break;
-                }
+        let ctx: &ShardCtx = self;
+        let frames: Vec<Vec<u8>> = ctx
+            .pending
+            .unacked(conn.meta.device)
+            .filter_map(|(id, command, payload)| conn.encode_request(ctx, id, command, payload))
+            .collect();
+        for frame in frames {
+            if conn.send_or_close(self, conn.data_op(), &frame, limit) == SendOutcome::Dropped {
+                break;
             }
         }
     }
 
     /// A stock device's follow-up (NervesHub `rebooting` after `reboot`) acks the
     /// oldest pending, not yet acked request of that command.
-    pub fn ack_command(&self, device: Uuid, command: &str) {
-        self.pending.borrow_mut().ack_command(device, command);
+    pub fn ack_command(&mut self, device: Uuid, command: &str) {
+        self.pending.ack_command(device, command);
     }
 
-    pub fn on_ack(&self, device: Uuid, request: Uuid) {
-        if !self.pending.borrow_mut().ack(device, request) {
+    pub fn on_ack(&mut self, device: Uuid, request: Uuid) {
+        if !self.pending.ack(device, request) {
             self.metrics().acks_unmatched.fetch_add(1, Relaxed);
         }
     }
 
-    pub fn on_response(&self, device: Uuid, request: Uuid, ok: bool, result: Option<Vec<u8>>) {
-        if !self
-            .pending
-            .borrow_mut()
-            .respond(device, request, ok, result)
-        {
+    pub fn on_response(&mut self, device: Uuid, request: Uuid, ok: bool, result: Option<Vec<u8>>) {
+        if !self.pending.respond(device, request, ok, result) {
             self.metrics().acks_unmatched.fetch_add(1, Relaxed);
         }
     }

@@ -58,10 +58,10 @@ impl Shard {
         if !self.ctx.shared.bus.relieved() {
             return;
         }
-        let held = self.ctx.batch.borrow_mut().relieve();
+        let held = self.ctx.batch.relieve();
         for slot in held {
             if let Some(c) = self.slab.get_mut(slot) {
-                c.resume(&self.ctx);
+                c.resume(&mut self.ctx);
                 self.settle(slot);
             }
         }
@@ -76,7 +76,7 @@ impl Shard {
     /// Readiness from the poller for the connection in `slot`.
     pub(super) fn on_event(&mut self, slot: u32, events: u32) {
         if let Some(c) = self.slab.get_mut(slot) {
-            c.on_event(&self.ctx, events);
+            c.on_event(&mut self.ctx, events);
             self.settle(slot);
         }
     }
@@ -154,7 +154,16 @@ impl Shard {
             return;
         }
         let mut conn = Box::new(Conn::new(
-            &self.ctx, id, slot, stream, tls, ident, peer, protocol, deflate, open,
+            &mut self.ctx,
+            id,
+            slot,
+            stream,
+            tls,
+            ident,
+            peer,
+            protocol,
+            deflate,
+            open,
         ));
         self.ctx.metrics().connections.fetch_add(1, Relaxed);
         // Also after a takeover here: the directory keeps the newest connection's age.
@@ -162,16 +171,16 @@ impl Shard {
             c.local_gained(ident.device, conn.connected_at_ms);
         }
         let greeting = conn.greeting(&self.ctx);
-        conn.send_greeting(&self.ctx, &preface, greeting.as_deref());
+        conn.send_greeting(&mut self.ctx, &preface, greeting.as_deref());
         self.ctx.resend_pending(&mut conn);
-        conn.start(&self.ctx, leftover);
+        conn.start(&mut self.ctx, leftover);
         self.slab.fill(slot, conn);
         self.ctx.mark(slot);
         let old = self.routes.insert(ident.device, slot);
         if let Some(old) = old.and_then(|s| self.slab.get_mut(s)) {
             self.ctx.metrics().takeovers.fetch_add(1, Relaxed);
             old.fail(
-                &self.ctx,
+                &mut self.ctx,
                 CloseCode::Replaced,
                 "replaced by a newer connection of the same device",
             );
@@ -207,7 +216,7 @@ impl Shard {
                 let _ = reply.send(self.routes.keys().take(limit).copied().collect());
             }
             ShardMsg::Evict { device, since_ms } => {
-                let ctx = &self.ctx;
+                let ctx = &mut self.ctx;
                 let slot = self.routes.get(&device).copied();
                 let conn = slot.and_then(|s| self.slab.get_mut(s));
                 if let Some(c) = conn.filter(|c| c.connected_at_ms <= since_ms) {
@@ -233,7 +242,7 @@ impl Shard {
 
     /// A backend event for a device of this shard, in its protocol.
     fn deliver(&mut self, device: &Uuid, body: &[u8]) -> Delivery {
-        let ctx = &self.ctx;
+        let ctx = &mut self.ctx;
         let Some(slot) = self.routes.get(device).copied() else {
             return Delivery::Offline;
         };
@@ -243,7 +252,8 @@ impl Shard {
         let Some(frame) = c.encode_event(ctx, body) else {
             return Delivery::NotJoined;
         };
-        match c.send(ctx, c.data_op(), &frame, Limit::outbound(ctx)) {
+        let limit = Limit::outbound(ctx);
+        match c.send(ctx, c.data_op(), &frame, limit) {
             // (Closing: the event goes the way of the connection.)
             SendOutcome::Sent | SendOutcome::Closing => Delivery::Sent,
             SendOutcome::Dropped => {
@@ -256,7 +266,7 @@ impl Shard {
     }
 
     fn start_request(&mut self, r: RequestMsg) {
-        let ctx = &self.ctx;
+        let ctx = &mut self.ctx;
         let slot = self.routes.get(&r.device).copied();
         let Some(conn) = slot.and_then(|s| self.slab.get_mut(s)) else {
             let _ = r.reply.send(RequestReply::Offline);
@@ -271,6 +281,6 @@ impl Shard {
                 return;
             }
         }
-        ctx.pending.borrow_mut().insert(r);
+        ctx.pending.insert(r);
     }
 }

@@ -6,7 +6,6 @@
 //! the loop, not a wait inside it: while throttled it reads no device but still serves
 //! the inbox, the tick and the listener.
 
-use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -110,14 +109,14 @@ fn new_ctx(id: usize, shared: &Arc<Shared>, door: Rc<Door>) -> ShardCtx {
         id,
         shared: shared.clone(),
         door,
-        pending: RefCell::new(Default::default()),
-        read_buf: RefCell::new(vec![0u8; READ_BUF]),
-        plain_buf: RefCell::new(Vec::new()),
-        scratch: RefCell::new(Scratch::default()),
+        pending: Default::default(),
+        read_buf: vec![0u8; READ_BUF],
+        plain_buf: Vec::new(),
+        scratch: Scratch::default(),
         started: coarse_secs(),
-        clock: Cell::new(0),
-        dirty: RefCell::new(Vec::new()),
-        batch: RefCell::new(Default::default()),
+        clock: 0,
+        dirty: Vec::new(),
+        batch: Default::default(),
     }
 }
 

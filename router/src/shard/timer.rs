@@ -44,7 +44,7 @@ impl Shard {
         self.ticks = tick + 1;
         // This tick's share of the slab: every PING_SLOTS-th slot. (A connection that
         // fails here is only marked; the loop releases it after the tick.)
-        let ctx = &self.ctx;
+        let ctx = &mut self.ctx;
         let share = self
             .slab
             .share((tick % PING_SLOTS as u64) as usize, PING_SLOTS);
@@ -52,7 +52,8 @@ impl Shard {
             if c.idle_for(now) > interval.saturating_mul(3) {
                 c.fail(ctx, CloseCode::GoingAway, "ping timeout");
             } else {
-                let _ = c.send_or_close(ctx, OP_PING, b"", Limit::outbound(ctx));
+                let limit = Limit::outbound(ctx);
+                let _ = c.send_or_close(ctx, OP_PING, b"", limit);
                 c.set_next_ping(now + interval);
             }
         }
@@ -62,7 +63,7 @@ impl Shard {
             return;
         }
         let instant = Instant::now();
-        self.ctx.pending.borrow_mut().expire(instant);
+        self.ctx.pending.expire(instant);
         self.ctx.door.sweep();
         // Closes whose peer never sent its FIN within the linger: release them.
         let expired = self.slab.lingered(instant);
@@ -87,7 +88,7 @@ impl Shard {
         }
         let last = now >= plan.until;
         let slots: Vec<u32> = {
-            let pending = self.ctx.pending.borrow();
+            let pending = &self.ctx.pending;
             self.routes
                 .iter()
                 .filter(|(device, _)| last || !pending.has_device(device))
@@ -97,7 +98,7 @@ impl Shard {
         };
         for slot in slots {
             if let Some(c) = self.slab.get_mut(slot) {
-                c.close_reading(&self.ctx, CloseCode::GoingAway, "router draining");
+                c.close_reading(&mut self.ctx, CloseCode::GoingAway, "router draining");
             }
         }
     }

@@ -20,7 +20,7 @@ impl Conn {
     /// Bytes held from an earlier read are completed with only what their frame still
     /// lacks, and the rest of `data` is parsed where it lies: appending a whole 64 KiB
     /// read to a held partial frame copied nearly every byte of a flood once more.
-    pub(super) fn on_bytes(&mut self, ctx: &ShardCtx, data: &mut [u8]) {
+    pub(super) fn on_bytes(&mut self, ctx: &mut ShardCtx, data: &mut [u8]) {
         let held = self
             .st
             .bufs
@@ -59,7 +59,7 @@ impl Conn {
     }
 
     /// Parse and handle every complete frame in `data`; returns the bytes consumed.
-    fn parse_frames(&mut self, ctx: &ShardCtx, data: &mut [u8]) -> usize {
+    fn parse_frames(&mut self, ctx: &mut ShardCtx, data: &mut [u8]) -> usize {
         let max = ctx.shared.config.max_frame;
         let mut pos = 0;
         while !self.is_done() {
@@ -89,7 +89,7 @@ impl Conn {
         pos
     }
 
-    fn on_frame(&mut self, ctx: &ShardCtx, h: FrameHeader, payload: &mut [u8]) {
+    fn on_frame(&mut self, ctx: &mut ShardCtx, h: FrameHeader, payload: &mut [u8]) {
         let now = ctx.now_secs();
         let deflate = {
             let st = &mut self.st;
@@ -124,7 +124,8 @@ impl Conn {
         }
         match h.opcode {
             OP_PING => {
-                let _ = self.send_or_close(ctx, OP_PONG, payload, Limit::outbound(ctx));
+                let limit = Limit::outbound(ctx);
+                let _ = self.send_or_close(ctx, OP_PONG, payload, limit);
             }
             OP_PONG => self.on_pong(ctx, now),
             OP_CONT => {
@@ -174,7 +175,7 @@ impl Conn {
 
     /// A complete message, inflated first when compressed (within --max-frame: a
     /// message that inflates past it closes 1009, data that is not deflate 1007).
-    fn on_whole_message(&mut self, ctx: &ShardCtx, op: u8, deflated: bool, payload: &mut [u8]) {
+    fn on_whole_message(&mut self, ctx: &mut ShardCtx, op: u8, deflated: bool, payload: &mut [u8]) {
         if !deflated {
             self.on_message(ctx, op, payload);
             return;
@@ -187,7 +188,7 @@ impl Conn {
 
     /// The device's close frame: answered with the same code (RFC 6455 §5.5.1), or, if
     /// the frame is malformed (see `ws::check_close`), with 1002 or 1007. Both counted.
-    fn on_close(&mut self, ctx: &ShardCtx, payload: &[u8]) {
+    fn on_close(&mut self, ctx: &mut ShardCtx, payload: &[u8]) {
         ctx.metrics().peer_closes.fetch_add(1, Relaxed);
         // (Closing already: ours is out, and `fail` sends nothing more: the handshake
         // is complete.)
@@ -209,7 +210,7 @@ impl Conn {
         };
     }
 
-    fn on_pong(&mut self, ctx: &ShardCtx, now: u32) {
+    fn on_pong(&mut self, ctx: &mut ShardCtx, now: u32) {
         // At most one device-alive per `device_alive_gap`: every solicited pong counts
         // (or one per --device-alive-interval), a device spraying unsolicited pongs does
         // not flood the backend.

@@ -20,7 +20,7 @@ impl Conn {
     /// Token bucket per device: refill at --device-rate per second up to --device-burst.
     /// A refused message is not parsed; the first refusal of a run is answered, and a
     /// whole burst's worth of refusals in a row closes the connection with 1008.
-    pub(super) fn admit(&mut self, ctx: &ShardCtx) -> bool {
+    pub(super) fn admit(&mut self, ctx: &mut ShardCtx) -> bool {
         let cfg = &ctx.shared.config;
         let now = ctx.now_secs();
         let excess = {
@@ -60,7 +60,7 @@ impl Conn {
     }
 
     /// A complete message (its frames were admitted by the rate limit one by one).
-    pub(super) fn on_message(&mut self, ctx: &ShardCtx, op: u8, payload: &mut [u8]) {
+    pub(super) fn on_message(&mut self, ctx: &mut ShardCtx, op: u8, payload: &mut [u8]) {
         if self.protocol == Protocol::Phoenix(Vsn::V3) {
             // MessagePack in binary frames only; converted to the V2 text the adapter
             // reads. A frame that is not MessagePack is a bad frame, as in V2.
@@ -76,12 +76,7 @@ impl Conn {
             match crate::protocol::msgpack::to_json(payload) {
                 Ok(text) => {
                     if let Some(Adapter::Phoenix(phx)) = self.adapter.as_deref_mut() {
-                        phx.on_text(
-                            &self.meta,
-                            &text,
-                            &mut ctx.scratch.borrow_mut(),
-                            &mut effects,
-                        );
+                        phx.on_text(&self.meta, &text, &mut ctx.scratch, &mut effects);
                     }
                 }
                 Err(_) => effects.push(Effect::Error(phoenix::BAD_FRAME)),
@@ -110,31 +105,20 @@ impl Conn {
             Protocol::Phoenix(_) => {
                 let mut effects = Vec::new();
                 if let Some(Adapter::Phoenix(phx)) = self.adapter.as_deref_mut() {
-                    phx.on_text(
-                        &self.meta,
-                        payload,
-                        &mut ctx.scratch.borrow_mut(),
-                        &mut effects,
-                    );
+                    phx.on_text(&self.meta, payload, &mut ctx.scratch, &mut effects);
                 }
                 self.apply_unless_not_utf8(ctx, payload, phoenix::BAD_FRAME, effects);
             }
             Protocol::Hivekit => {
                 let mut effects = Vec::new();
                 let slot = &mut self.adapter;
-                hivekit_session(&self.meta, ctx, |s| {
+                hivekit_session(&self.meta, &ctx.shared.config.hivekit_realm, |s| {
                     let mut fresh = Subscriptions::default();
                     let subs = match slot.as_deref_mut() {
                         Some(Adapter::Hivekit(subs)) => subs,
                         _ => &mut fresh,
                     };
-                    hivekit::on_text(
-                        s,
-                        subs,
-                        payload,
-                        &mut ctx.scratch.borrow_mut(),
-                        &mut effects,
-                    );
+                    hivekit::on_text(s, subs, payload, &mut ctx.scratch, &mut effects);
                     // Kept only while there are subscriptions.
                     if !fresh.is_empty() {
                         *slot = Some(Box::new(Adapter::Hivekit(fresh)));
@@ -151,7 +135,7 @@ impl Conn {
     /// UTF-8 either (see `on_message`): then it closes 1007; otherwise the effects apply.
     fn apply_unless_not_utf8(
         &mut self,
-        ctx: &ShardCtx,
+        ctx: &mut ShardCtx,
         payload: &[u8],
         bad_frame: &str,
         effects: Vec<Effect>,
@@ -165,7 +149,7 @@ impl Conn {
     }
 
     /// RFC 6455: a text message that is not UTF-8 fails the connection with 1007.
-    fn utf8_or_fail(&mut self, ctx: &ShardCtx, payload: &[u8]) -> bool {
+    fn utf8_or_fail(&mut self, ctx: &mut ShardCtx, payload: &[u8]) -> bool {
         if simdutf8::basic::from_utf8(payload).is_ok() {
             return true;
         }
@@ -173,11 +157,8 @@ impl Conn {
         false
     }
 
-    fn on_hive(&mut self, ctx: &ShardCtx, payload: &[u8]) {
-        let decoded = {
-            let mut scratch = ctx.scratch.borrow_mut();
-            hive::decode(payload, &self.meta, &mut scratch)
-        };
+    fn on_hive(&mut self, ctx: &mut ShardCtx, payload: &[u8]) {
+        let decoded = hive::decode(payload, &self.meta, &mut ctx.scratch);
         match decoded {
             Ok(msg) => {
                 self.st.bad_frames = 0;
@@ -202,7 +183,7 @@ impl Conn {
         }
     }
 
-    fn bad_frame(&mut self, ctx: &ShardCtx) {
+    fn bad_frame(&mut self, ctx: &mut ShardCtx) {
         let bad = {
             let st = &mut self.st;
             st.bad_frames = st.bad_frames.saturating_add(1);
@@ -214,7 +195,7 @@ impl Conn {
     }
 
     /// Carry out what a Phoenix or Hivekit frame asked for, in order.
-    fn apply(&mut self, ctx: &ShardCtx, effects: Vec<Effect>) {
+    fn apply(&mut self, ctx: &mut ShardCtx, effects: Vec<Effect>) {
         let mut had_error = false;
         for e in effects {
             match e {
@@ -248,9 +229,11 @@ impl Conn {
         match self.protocol {
             Protocol::Hive => Some(hive::authenticated(&self.meta)),
             Protocol::Phoenix(_) => None,
-            Protocol::Hivekit => Some(hivekit_session(&self.meta, ctx, |s| {
-                hivekit::auth_ok(s.realm)
-            })),
+            Protocol::Hivekit => Some(hivekit_session(
+                &self.meta,
+                &ctx.shared.config.hivekit_realm,
+                |s| hivekit::auth_ok(s.realm),
+            )),
         }
     }
 
@@ -271,7 +254,7 @@ impl Conn {
                 .encode_request(request, command, payload)
                 .map(|f| self.wire_owned(f)),
             (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => {
-                hivekit_session(&self.meta, ctx, |s| {
+                hivekit_session(&self.meta, &ctx.shared.config.hivekit_realm, |s| {
                     hivekit::encode_request(s, subs, request, command, payload)
                 })
             }
@@ -288,21 +271,27 @@ impl Conn {
                 phx.encode_event(body).map(|f| self.wire_owned(f))
             }
             (Protocol::Hivekit, Some(Adapter::Hivekit(subs))) => {
-                hivekit_session(&self.meta, ctx, |s| hivekit::encode_event(s, subs, body))
+                hivekit_session(&self.meta, &ctx.shared.config.hivekit_realm, |s| {
+                    hivekit::encode_event(s, subs, body)
+                })
             }
             _ => None,
         }
     }
 }
 
-fn publish_event(ctx: &ShardCtx, ty: &str, body: Vec<u8>) {
+fn publish_event(ctx: &mut ShardCtx, ty: &str, body: Vec<u8>) {
     ctx.publish(RoutingKey::concat(&[hive::DEVICE_SERVICE, ".", ty]), body);
 }
 
 /// The device as Hivekit sees it: its realm is `--hivekit-realm`, else its account.
-fn hivekit_session<R>(meta: &Meta, ctx: &ShardCtx, f: impl FnOnce(&hivekit::Session) -> R) -> R {
+fn hivekit_session<R>(
+    meta: &Meta,
+    realm: &Option<String>,
+    f: impl FnOnce(&hivekit::Session) -> R,
+) -> R {
     let mut buf = uuid::Uuid::encode_buffer();
-    let realm = match &ctx.shared.config.hivekit_realm {
+    let realm = match realm {
         Some(r) => r.as_str(),
         None => meta.account.hyphenated().encode_lower(&mut buf),
     };

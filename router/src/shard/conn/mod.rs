@@ -62,13 +62,13 @@ pub enum Limit {
 
 impl Limit {
     /// --max-outbound: events, replies, errors, pings and pongs.
-    pub fn outbound(ctx: &ShardCtx) -> Limit {
+    pub fn outbound(ctx: &mut ShardCtx) -> Limit {
         Limit::Bounded(ctx.shared.config.max_outbound)
     }
 
     /// Requests may queue up to twice --max-outbound: a device that far behind is not
     /// reading at all, so it is closed rather than buffered without end.
-    pub fn requests(ctx: &ShardCtx) -> Limit {
+    pub fn requests(ctx: &mut ShardCtx) -> Limit {
         Limit::Bounded(ctx.shared.config.max_outbound.saturating_mul(2))
     }
 
@@ -228,7 +228,7 @@ impl State {
 impl Conn {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        ctx: &ShardCtx,
+        ctx: &mut ShardCtx,
         id: u64,
         slot: u32,
         stream: TcpStream,
@@ -278,7 +278,7 @@ impl Conn {
 
     /// Something changed outside a readiness event (output queued, closing, dead):
     /// the shard's loop settles this connection at the end of its pass.
-    fn wake(&self, ctx: &ShardCtx) {
+    fn wake(&self, ctx: &mut ShardCtx) {
         ctx.mark(self.slot);
     }
 
@@ -301,9 +301,10 @@ impl Conn {
     /// wrote it (JSON text; MessagePack in a binary frame for a Phoenix V3 device):
     /// counted against --max-outbound like everything queued for it (see
     /// [`Conn::send_or_close`]).
-    pub fn send_text(&mut self, ctx: &ShardCtx, payload: &[u8]) {
+    pub fn send_text(&mut self, ctx: &mut ShardCtx, payload: &[u8]) {
         let wire = self.to_wire(payload);
-        let _ = self.send_or_close(ctx, self.data_op(), &wire, Limit::outbound(ctx));
+        let limit = Limit::outbound(ctx);
+        let _ = self.send_or_close(ctx, self.data_op(), &wire, limit);
     }
 
     /// The opcode of this connection's data frames: binary for Phoenix V3 (MessagePack).
@@ -337,7 +338,7 @@ impl Conn {
     /// closed with 1008 and counted (`router_outbound_overflow_total`); `Dropped` then.
     pub fn send_or_close(
         &mut self,
-        ctx: &ShardCtx,
+        ctx: &mut ShardCtx,
         op: u8,
         payload: &[u8],
         limit: Limit,
@@ -365,14 +366,20 @@ impl Conn {
     /// Send a frame (a data frame already in the wire format, from
     /// [`Conn::encode_event`]; a control frame): written now if nothing is queued (no
     /// copy at all on the fast path), the rest queued; not sent past `limit`.
-    pub fn send(&mut self, ctx: &ShardCtx, op: u8, payload: &[u8], limit: Limit) -> SendOutcome {
+    pub fn send(
+        &mut self,
+        ctx: &mut ShardCtx,
+        op: u8,
+        payload: &[u8],
+        limit: Limit,
+    ) -> SendOutcome {
         self.send_frame(ctx, &[], op, payload, limit)
     }
 
     /// The first bytes a handed-over connection gets: the HTTP 101 the listener left
     /// for the owner to send, and the protocol's greeting if it has one, in one write
     /// (one segment, one wake-up of the device instead of two).
-    pub fn send_greeting(&mut self, ctx: &ShardCtx, preface: &[u8], greeting: Option<&[u8]>) {
+    pub fn send_greeting(&mut self, ctx: &mut ShardCtx, preface: &[u8], greeting: Option<&[u8]>) {
         let _ = match greeting {
             Some(g) => self.send_frame(ctx, preface, OP_TEXT, g, Limit::Exempt),
             None if !preface.is_empty() => self.write_parts(ctx, &[preface], Limit::Exempt),
@@ -384,7 +391,7 @@ impl Conn {
     /// permessage-deflate applies, then written or queued (see [`Conn::write_parts`]).
     fn send_frame(
         &mut self,
-        ctx: &ShardCtx,
+        ctx: &mut ShardCtx,
         preface: &[u8],
         op: u8,
         payload: &[u8],
@@ -422,7 +429,7 @@ impl Conn {
     /// Write `parts` now if nothing is queued; queue what the socket did not take.
     /// Nothing is written while the connection is not open (its close frame is sent
     /// while it still is), nor when the queue would pass `limit`.
-    fn write_parts(&mut self, ctx: &ShardCtx, parts: &[&[u8]], limit: Limit) -> SendOutcome {
+    fn write_parts(&mut self, ctx: &mut ShardCtx, parts: &[&[u8]], limit: Limit) -> SendOutcome {
         let st = &mut self.st;
         if st.phase != Phase::Open {
             return SendOutcome::Closing;
@@ -498,7 +505,7 @@ impl Conn {
 
     /// Queue a close frame with `code` and stop reading; the shard's loop flushes it
     /// and lingers (see `readiness`). Counted in `router_closes_total`.
-    pub fn fail(&mut self, ctx: &ShardCtx, code: CloseCode, reason: &str) {
+    pub fn fail(&mut self, ctx: &mut ShardCtx, code: CloseCode, reason: &str) {
         if self.st.phase != Phase::Open {
             return;
         }
@@ -524,13 +531,13 @@ impl Conn {
     }
 
     /// [`Conn::fail`] for a WebSocket-level error: its close code, and why as the reason.
-    pub(super) fn fail_ws(&mut self, ctx: &ShardCtx, e: WsError) {
+    pub(super) fn fail_ws(&mut self, ctx: &mut ShardCtx, e: WsError) {
         self.fail(ctx, e.close_code(), &e.to_string());
     }
 
     /// Like [`Conn::fail`], but the device may still finish what it was saying: frames it
     /// sent before it saw the close are handled, not dropped (a drain loses no event).
-    pub fn close_reading(&mut self, ctx: &ShardCtx, code: CloseCode, reason: &str) {
+    pub fn close_reading(&mut self, ctx: &mut ShardCtx, code: CloseCode, reason: &str) {
         if self.is_done() {
             return;
         }
@@ -588,8 +595,8 @@ impl Conn {
         }
     }
 
-    fn on_readable(&mut self, ctx: &ShardCtx) {
-        let mut buf = ctx.read_buf.take();
+    fn on_readable(&mut self, ctx: &mut ShardCtx) {
+        let mut buf = std::mem::take(&mut ctx.read_buf);
         let tls = self.st.tls.is_some();
         for _ in 0..READS_PER_WAKE {
             if !ctx.may_read() {
@@ -621,14 +628,14 @@ impl Conn {
                 }
             }
         }
-        *ctx.read_buf.borrow_mut() = buf;
+        ctx.read_buf = buf;
         if tls && self.has_out() {
             self.flush();
         }
     }
 
     /// TLS: feed ciphertext to rustls and handle the plaintext it yields.
-    fn on_ciphertext(&mut self, ctx: &ShardCtx, mut data: &[u8]) {
+    fn on_ciphertext(&mut self, ctx: &mut ShardCtx, mut data: &[u8]) {
         while !data.is_empty() && !self.is_done() {
             let ok = {
                 let st = &mut self.st;
@@ -645,8 +652,8 @@ impl Conn {
     }
 
     /// Hand every decrypted byte rustls holds to the frame parser.
-    fn drain_plaintext(&mut self, ctx: &ShardCtx) {
-        let mut plain = ctx.plain_buf.take();
+    fn drain_plaintext(&mut self, ctx: &mut ShardCtx) {
+        let mut plain = std::mem::take(&mut ctx.plain_buf);
         if plain.is_empty() {
             plain = vec![0u8; super::READ_BUF];
         }
@@ -669,7 +676,7 @@ impl Conn {
                 }
             }
         }
-        *ctx.plain_buf.borrow_mut() = plain;
+        ctx.plain_buf = plain;
     }
 
     /// Nothing more is read from the peer, nor sent to it but what is queued.

@@ -9,7 +9,7 @@ use crate::shard::ShardCtx;
 
 impl Conn {
     /// Just adopted: bytes that came with the handshake, and what rustls already holds.
-    pub fn start(&mut self, ctx: &ShardCtx, mut leftover: Vec<u8>) {
+    pub fn start(&mut self, ctx: &mut ShardCtx, mut leftover: Vec<u8>) {
         if !leftover.is_empty() {
             self.on_bytes(ctx, &mut leftover);
         }
@@ -19,7 +19,7 @@ impl Conn {
     }
 
     /// Backpressure is over: handle the bytes that waited, then what rustls holds.
-    pub fn resume(&mut self, ctx: &ShardCtx) {
+    pub fn resume(&mut self, ctx: &mut ShardCtx) {
         if self.is_done() {
             return;
         }
@@ -30,7 +30,7 @@ impl Conn {
     }
 
     /// Readiness reported by the shard's poller.
-    pub fn on_event(&mut self, ctx: &ShardCtx, events: u32) {
+    pub fn on_event(&mut self, ctx: &mut ShardCtx, events: u32) {
         let lingering = matches!(
             self.st.phase,
             Phase::Closing {
@@ -51,8 +51,8 @@ impl Conn {
     }
 
     /// While closing: discard what the peer still sends until its FIN.
-    fn linger_read(&mut self, ctx: &ShardCtx) {
-        let mut buf = ctx.read_buf.take();
+    fn linger_read(&mut self, ctx: &mut ShardCtx) {
+        let mut buf = std::mem::take(&mut ctx.read_buf);
         for _ in 0..READS_PER_WAKE {
             match (&self.stream).read(&mut buf) {
                 Ok(0) => {
@@ -68,7 +68,7 @@ impl Conn {
                 }
             }
         }
-        *ctx.read_buf.borrow_mut() = buf;
+        ctx.read_buf = buf;
     }
 
     /// After any change: the events to wait for next, or None when the connection is
