@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::envelope::{NodeMsg, RequestOutcome, What};
 use super::{Cluster, Dest};
-use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
+use crate::shard::{Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
 use crate::{unix_ms, Shared};
 
 /// After a device was reported not connected, how long it is looked for before 404.
@@ -109,15 +109,14 @@ pub async fn route_request(shared: &Arc<Shared>, r: RequestMsg) -> Routed {
 pub async fn route_event(shared: &Arc<Shared>, device: Uuid, body: Vec<u8>) -> EventRouted {
     let deadline = Instant::now() + Duration::from_secs(5);
     let what = What::Event { body: body.clone() };
-    let to_shard = |tx| ShardMsg::Event {
-        device,
-        body: body.clone(),
-        reply: tx,
-    };
     // Events have no request UUID of their own: one is made for the trip.
     let local_event = move |reply: oneshot::Sender<RequestReply>| {
         let (etx, erx) = oneshot::channel();
-        let msg = to_shard(etx);
+        let msg = ShardMsg::Event {
+            device,
+            body: body.clone(),
+            reply: etx,
+        };
         tokio::spawn(async move {
             let r = match erx.await {
                 Ok(Delivery::Sent) => RequestReply::Acked,
@@ -225,8 +224,7 @@ async fn route(
             if c.is_local(&device) {
                 if local_rx.is_none() {
                     let (tx, rx) = oneshot::channel();
-                    let shard = shard_of(&device, shared.shards.len());
-                    if shared.shards[shard].send(local_msg(tx)).is_err() {
+                    if ShardHandle::send_to_owner(&shared.shards, &device, local_msg(tx)).is_err() {
                         shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
                         return Step::Busy;
                     }
