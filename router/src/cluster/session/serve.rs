@@ -31,16 +31,11 @@ pub(super) async fn on_outgoing(
     c: &Cluster,
     o: Outgoing,
 ) -> lapin::Result<()> {
-    match o.to {
-        Dest::Node(n) if n == st.me() => on_node_msg(st, pubr, o.msg).await,
-        Dest::Node(n) => pubr.node(c, &n, &o.msg).await,
-        Dest::HomeOf(d) => {
-            let home = st.members.home(d.as_u128());
-            match st.members.name(home).map(str::to_string) {
-                Some(n) if home != ME => pubr.node(c, &n, &o.msg).await,
-                _ => on_node_msg(st, pubr, o.msg).await,
-            }
-        }
+    let Dest::HomeOf(d) = o.to;
+    let home = st.members.home(d.as_u128());
+    match st.members.name(home).map(str::to_string) {
+        Some(n) if home != ME => pubr.node(c, &n, &o.msg).await,
+        _ => on_node_msg(st, pubr, o.msg).await,
     }
 }
 
