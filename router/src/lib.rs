@@ -55,7 +55,7 @@ pub struct Shared {
     /// TLS on the device listener (--tls-cert/--tls-key), with mTLS when --client-ca.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// With --amqp: the cluster (membership, directory, envelopes to other nodes).
-    pub cluster: Option<cluster::Cluster>,
+    pub(crate) cluster: Option<cluster::Cluster>,
     /// With --nerves-keys: NervesHub shared-secret authentication (reloaded on SIGHUP).
     pub nerves: Option<nerves_auth::NervesAuth>,
     /// --nerves-extensions, shared by every Phoenix connection.

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::cluster::route::{self, EventRouted, Routed};
 use crate::metrics::ApiMetrics;
-use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
+use crate::shard::{Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
 use crate::Shared;
 
 #[derive(Clone)]
@@ -217,8 +217,7 @@ fn parse_device(shared: &Shared, raw: &str) -> Result<Uuid, ApiError> {
 
 /// Send to the owning shard; a full inbox is a 503, not a wait.
 fn to_shard(shared: &Shared, device: &Uuid, msg: ShardMsg) -> Result<(), ApiError> {
-    let shard = shard_of(device, shared.shards.len());
-    shared.shards[shard].send(msg).map_err(|_| {
+    ShardHandle::send_to_owner(&shared.shards, device, msg).map_err(|_| {
         shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
         ApiError::busy("the device's shard is overloaded; retry")
     })

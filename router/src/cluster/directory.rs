@@ -30,7 +30,7 @@ use super::envelope::{DirChange, DirKind};
 use super::membership::NodeId;
 
 /// How long a device whose node died or drained is waited for.
-pub const MOVING_TTL: Duration = Duration::from_secs(30);
+pub(crate) const MOVING_TTL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
@@ -40,7 +40,7 @@ struct Entry {
 
 /// What the home knows of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     At(NodeId),
     /// Its node went away or drained it: expected back.
     Moving,
@@ -48,25 +48,21 @@ pub enum Lookup {
 }
 
 #[derive(Default)]
-pub struct Directory {
+pub(crate) struct Directory {
     entries: HashMap<Uuid, Entry>,
     moving: HashMap<Uuid, Instant>,
 }
 
 impl Directory {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn moving_len(&self) -> usize {
+    pub(crate) fn moving_len(&self) -> usize {
         self.moving.len()
     }
 
-    pub fn lookup(&self, device: &Uuid) -> Lookup {
+    pub(crate) fn lookup(&self, device: &Uuid) -> Lookup {
         match self.entries.get(device) {
             Some(e) => Lookup::At(e.owner),
             None if self.moving.contains_key(device) => Lookup::Moving,
@@ -75,7 +71,7 @@ impl Directory {
     }
 
     /// Apply one change from `from`. Returns an eviction to send: (node, change).
-    pub fn apply(
+    pub(crate) fn apply(
         &mut self,
         from: NodeId,
         c: &DirChange,
@@ -126,7 +122,7 @@ impl Directory {
     }
 
     /// A node is gone: its devices are expected back elsewhere. Returns how many.
-    pub fn owner_gone(&mut self, owner: NodeId, now: Instant) -> usize {
+    pub(crate) fn owner_gone(&mut self, owner: NodeId, now: Instant) -> usize {
         let mut n = 0;
         let moving = &mut self.moving;
         self.entries.retain(|d, e| {
@@ -143,14 +139,14 @@ impl Directory {
 
     /// Drop the entries (and moving marks) of devices this node is no longer home for:
     /// their owners register them at the new home.
-    pub fn retain_homed(&mut self, mut homed_here: impl FnMut(u128) -> bool) -> usize {
+    pub(crate) fn retain_homed(&mut self, mut homed_here: impl FnMut(u128) -> bool) -> usize {
         let before = self.entries.len();
         self.entries.retain(|d, _| homed_here(d.as_u128()));
         self.moving.retain(|d, _| homed_here(d.as_u128()));
         before - self.entries.len()
     }
 
-    pub fn expire(&mut self, now: Instant) {
+    pub(crate) fn expire(&mut self, now: Instant) {
         self.moving.retain(|_, until| *until > now);
     }
 }
@@ -202,7 +198,7 @@ mod tests {
         // Its release of the connection of 300 removes it: unknown (404 after grace).
         dir.apply(2, &ch(5, 300, DirKind::Release), now);
         assert_eq!(dir.lookup(&d), Lookup::Unknown);
-        assert!(dir.is_empty());
+        assert_eq!(dir.len(), 0);
     }
 
     #[test]

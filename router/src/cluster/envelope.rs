@@ -15,7 +15,7 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// A deadline further in the future than this (by the receiver's clock) is capped.
-pub const MAX_DEADLINE_MS: u64 = 300_000;
+pub(crate) const MAX_DEADLINE_MS: u64 = 300_000;
 
 /// One message for one node's queue (`hive.node.<id>`).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -124,24 +124,24 @@ pub enum RequestOutcome {
 
 /// One message on the membership fanout (`hive.presence`): per node, never per device.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct PresenceMsg {
-    pub node: String,
+pub(crate) struct PresenceMsg {
+    pub(crate) node: String,
     /// Random per process start: a node that restarts under the same id is a new
     /// incarnation, and what the old one held is forgotten.
-    pub incarnation: u64,
+    pub(crate) incarnation: u64,
     /// Counts the node's broker sessions: a new one means its queue was declared
     /// anew (whatever was sent to it in between is gone), so its peers register again
     /// the devices it is home for.
-    pub session: u64,
+    pub(crate) session: u64,
     /// Where this node's direct link listens (`IP:PORT`; empty: links off) and the
     /// token a peer must open it with (see `cluster::link`).
-    pub link: String,
-    pub link_token: u128,
-    pub body: PresenceBody,
+    pub(crate) link: String,
+    pub(crate) link_token: u128,
+    pub(crate) body: PresenceBody,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub enum PresenceBody {
+pub(crate) enum PresenceBody {
     /// "I am here and hold this many devices" (every [`super::HEARTBEAT`]).
     Heartbeat { devices: u64 },
     /// A node's session started: everyone answers with a heartbeat at once.
@@ -157,7 +157,7 @@ pub fn encode_node(m: &NodeMsg) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-pub fn encode_presence(m: &PresenceMsg) -> Vec<u8> {
+pub(crate) fn encode_presence(m: &PresenceMsg) -> Vec<u8> {
     rkyv::to_bytes::<RkyvError>(m)
         .map(|v| v.into_vec())
         .unwrap_or_default()
@@ -178,7 +178,7 @@ impl Received {
         rkyv::access::<ArchivedNodeMsg, RkyvError>(&self.0)
     }
 
-    pub fn presence(&self) -> Result<&ArchivedPresenceMsg, RkyvError> {
+    pub(crate) fn presence(&self) -> Result<&ArchivedPresenceMsg, RkyvError> {
         rkyv::access::<ArchivedPresenceMsg, RkyvError>(&self.0)
     }
 }
@@ -190,15 +190,16 @@ pub fn decode_node(bytes: &[u8]) -> Result<NodeMsg, RkyvError> {
     rkyv::deserialize::<NodeMsg, RkyvError>(a)
 }
 
-pub fn decode_presence(bytes: &[u8]) -> Result<PresenceMsg, RkyvError> {
-    let r = Received::new(bytes);
-    let a = r.presence()?;
-    rkyv::deserialize::<PresenceMsg, RkyvError>(a)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The owned form of a presence message (the session reads them in place).
+    fn decode_presence(bytes: &[u8]) -> Result<PresenceMsg, RkyvError> {
+        let r = Received::new(bytes);
+        let a = r.presence()?;
+        rkyv::deserialize::<PresenceMsg, RkyvError>(a)
+    }
 
     #[test]
     fn node_messages_round_trip() {

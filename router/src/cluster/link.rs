@@ -48,7 +48,7 @@ const VERSION: u8 = 1;
 const ACCEPTED: u8 = 1;
 /// Largest frame accepted: a request's payload is bounded by the API's body limit
 /// (1 MiB) well below this.
-pub const MAX_FRAME: usize = 8 << 20;
+pub(crate) const MAX_FRAME: usize = 8 << 20;
 /// Envelopes waiting for one link's socket; beyond it they go through the broker.
 const LINK_QUEUE: usize = 4096;
 /// Frames read from all links that wait for the cluster thread.
@@ -60,22 +60,22 @@ const RETRY_BASE: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
-pub struct LinkMetrics {
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
+pub(crate) struct LinkMetrics {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
     /// Envelopes for a node whose link was not up (or full): sent through the broker.
-    pub via_broker: AtomicU64,
-    pub refused: AtomicU64,
-    pub connects: AtomicU64,
-    pub failures: AtomicU64,
-    pub up: AtomicU64,
+    pub(crate) via_broker: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) up: AtomicU64,
 }
 
 /// Where a peer's link listens, as its heartbeats say.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerAddr {
-    pub addr: String,
-    pub token: u128,
+pub(crate) struct PeerAddr {
+    pub(crate) addr: String,
+    pub(crate) token: u128,
 }
 
 struct Peer {
@@ -92,22 +92,22 @@ impl Drop for Peer {
 }
 
 /// One received envelope: who sent it (as its hello said) and its bytes.
-pub type Inbound = (String, Vec<u8>);
+pub(crate) type Inbound = (String, Vec<u8>);
 
 /// This node's links: its listener's address and token, and one outgoing link per
 /// peer that advertised one. Used from the cluster thread only.
-pub struct Links {
+pub(crate) struct Links {
     me: String,
     /// Where peers reach us; empty when links are off.
-    pub advertised: String,
-    pub token: u128,
+    pub(crate) advertised: String,
+    pub(crate) token: u128,
     peers: Mutex<HashMap<String, Peer>>,
-    pub metrics: Arc<LinkMetrics>,
+    pub(crate) metrics: Arc<LinkMetrics>,
 }
 
 impl Links {
     /// Links off: every envelope goes through the broker.
-    pub fn off(me: &str) -> Self {
+    pub(crate) fn off(me: &str) -> Self {
         Links {
             me: me.to_string(),
             advertised: String::new(),
@@ -119,7 +119,7 @@ impl Links {
 
     /// Start accepting on `listener` (bound at startup, so a bad address stops the
     /// start); frames read go to the returned receiver. Call inside a runtime.
-    pub fn start(
+    pub(crate) fn start(
         me: &str,
         listener: std::net::TcpListener,
         advertised: String,
@@ -157,7 +157,7 @@ impl Links {
 
     /// A peer's heartbeat named where its link listens: connect there (again, if it
     /// moved or restarted). An empty address: the peer has links off.
-    pub fn heard(&self, node: &str, at: PeerAddr) {
+    pub(crate) fn heard(&self, node: &str, at: PeerAddr) {
         if self.advertised.is_empty() || node == self.me {
             return;
         }
@@ -182,13 +182,13 @@ impl Links {
     }
 
     /// The node is no longer a member.
-    pub fn forget(&self, node: &str) {
+    pub(crate) fn forget(&self, node: &str) {
         self.peers().remove(node);
     }
 
     /// Send an envelope to `node` over its link. Err gives the bytes back: no link is up
     /// (or its queue is full), and the caller sends them through the broker.
-    pub fn send(&self, node: &str, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
+    pub(crate) fn send(&self, node: &str, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
         let peers = self.peers();
         let sent = match peers.get(node).filter(|p| p.up.load(Relaxed)) {
             Some(p) => p.tx.try_send(bytes).map_err(|e| e.into_inner()),
@@ -203,16 +203,11 @@ impl Links {
         m.fetch_add(1, Relaxed);
         sent
     }
-
-    /// Links whose connection is up now.
-    pub fn count_up(&self) -> u64 {
-        self.peers().values().filter(|p| p.up.load(Relaxed)).count() as u64
-    }
 }
 
 /// Where the link listener binds: `off` none; `auto` the local address this host uses
 /// to reach the (first) broker of `amqp`, port 0; or an explicit `IP:PORT`.
-pub fn bind_addr(spec: &str, amqp: &str) -> Result<Option<SocketAddr>, String> {
+pub(crate) fn bind_addr(spec: &str, amqp: &str) -> Result<Option<SocketAddr>, String> {
     match spec {
         "off" => Ok(None),
         "auto" => match local_ip_towards(amqp) {
@@ -279,7 +274,7 @@ fn random_u128() -> u128 {
 }
 
 /// The hello a connector sends to a listener whose token is `token`.
-pub fn hello(token: u128, me: &str) -> Vec<u8> {
+pub(crate) fn hello(token: u128, me: &str) -> Vec<u8> {
     let mut h = Vec::with_capacity(23 + me.len());
     h.extend_from_slice(MAGIC);
     h.push(VERSION);
@@ -393,7 +388,7 @@ async fn accept_loop(
 
 /// Why an incoming link was refused.
 #[derive(Debug, PartialEq, Eq)]
-pub enum HelloError {
+pub(crate) enum HelloError {
     BadMagic,
     BadVersion(u8),
     WrongToken,
@@ -477,6 +472,15 @@ async fn serve_link(
 mod tests {
     use super::*;
 
+    /// Links whose connection is up now.
+    fn count_up(links: &Links) -> u64 {
+        links
+            .peers()
+            .values()
+            .filter(|p| p.up.load(Relaxed))
+            .count() as u64
+    }
+
     #[test]
     fn the_bind_address_follows_the_broker() {
         assert_eq!(
@@ -513,7 +517,7 @@ mod tests {
             },
         );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while a.count_up() == 0 {
+        while count_up(&a) == 0 {
             assert!(tokio::time::Instant::now() < deadline, "link never came up");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -546,7 +550,7 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "close never seen");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(c.count_up(), 0);
+        assert_eq!(count_up(&c), 0);
         assert_eq!(c.metrics.connects.load(Relaxed), 0);
         assert!(c.send("b", b"z".to_vec()).is_err());
         assert!(inbox.try_recv().is_err());

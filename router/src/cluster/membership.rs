@@ -18,25 +18,25 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// A member silent this long is probed (its queue looked up on the broker).
-pub const SUSPECT_AFTER: Duration = Duration::from_secs(3);
+pub(crate) const SUSPECT_AFTER: Duration = Duration::from_secs(3);
 /// After a probe that could not decide (broker error), wait this long before the next.
-pub const PROBE_RETRY: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_RETRY: Duration = Duration::from_secs(2);
 
 /// A node's id in this process's table (never reused, so a stale id never names a
 /// different node).
-pub type NodeId = u32;
+pub(crate) type NodeId = u32;
 /// This node's own id in its table.
-pub const ME: NodeId = 0;
+pub(crate) const ME: NodeId = 0;
 
 #[derive(Debug)]
-pub struct Peer {
-    pub name: String,
+pub(crate) struct Peer {
+    pub(crate) name: String,
     /// Stable across processes: the rendezvous weight of a device at this node.
     seed: u64,
-    pub incarnation: u64,
-    pub session: u64,
-    pub last_seen: Instant,
-    pub devices: u64,
+    pub(crate) incarnation: u64,
+    pub(crate) session: u64,
+    pub(crate) last_seen: Instant,
+    pub(crate) devices: u64,
     /// No probe before this instant.
     probe_after: Option<Instant>,
     /// When the probe under way started.
@@ -45,7 +45,7 @@ pub struct Peer {
 
 /// What a heartbeat (or join) told us about its sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Heard {
+pub(crate) enum Heard {
     /// Already known, same process, same broker session.
     Same,
     /// First heard of (or heard again after it was removed).
@@ -57,7 +57,7 @@ pub enum Heard {
 }
 
 #[derive(Debug)]
-pub struct Membership {
+pub(crate) struct Membership {
     peers: HashMap<NodeId, Peer>,
     by_name: HashMap<String, NodeId>,
     next_id: NodeId,
@@ -65,7 +65,7 @@ pub struct Membership {
     /// node may still be reconnecting after a broker restart).
     hold_probes_until: Instant,
     /// Bumped whenever the member set changes.
-    pub epoch: u64,
+    pub(crate) epoch: u64,
     /// Nodes that said they were leaving: name -> the incarnation that left, and when.
     /// Its directory changes travel on another queue than its Leaving and may arrive
     /// after it; they must not make it a member again (it would then be found dead).
@@ -96,7 +96,7 @@ fn seed_of(name: &str) -> u64 {
 }
 
 impl Membership {
-    pub fn new(me: &str, incarnation: u64, now: Instant) -> Self {
+    pub(crate) fn new(me: &str, incarnation: u64, now: Instant) -> Self {
         let mut m = Membership {
             peers: HashMap::new(),
             by_name: HashMap::new(),
@@ -110,23 +110,19 @@ impl Membership {
         m
     }
 
-    pub fn name(&self, id: NodeId) -> Option<&str> {
+    pub(crate) fn name(&self, id: NodeId) -> Option<&str> {
         self.peers.get(&id).map(|p| p.name.as_str())
     }
 
-    pub fn id(&self, name: &str) -> Option<NodeId> {
+    pub(crate) fn id(&self, name: &str) -> Option<NodeId> {
         self.by_name.get(name).copied()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.peers.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
-    }
-
-    pub fn set_my_session(&mut self, session: u64) {
+    pub(crate) fn set_my_session(&mut self, session: u64) {
         if let Some(p) = self.peers.get_mut(&ME) {
             p.session = session;
         }
@@ -134,7 +130,7 @@ impl Membership {
 
     /// Our own session (re)started: whatever we heard before is as fresh as now, and
     /// nobody is probed until `hold` has passed (they may all be reconnecting too).
-    pub fn restart_clock(&mut self, now: Instant, hold: Duration) {
+    pub(crate) fn restart_clock(&mut self, now: Instant, hold: Duration) {
         for p in self.peers.values_mut() {
             p.last_seen = now;
             p.probe_after = None;
@@ -143,7 +139,7 @@ impl Membership {
     }
 
     /// A heartbeat or join from `name`.
-    pub fn heard(
+    pub(crate) fn heard(
         &mut self,
         name: &str,
         incarnation: u64,
@@ -181,7 +177,7 @@ impl Membership {
 
     /// A member said it is leaving: removed, and its incarnation remembered so that what
     /// it sent before leaving does not bring it back (see [`Membership::has_left`]).
-    pub fn leave(&mut self, id: NodeId, now: Instant) -> Option<Peer> {
+    pub(crate) fn leave(&mut self, id: NodeId, now: Instant) -> Option<Peer> {
         let p = self.remove(id)?;
         self.left
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < LEFT_REMEMBERED);
@@ -191,14 +187,14 @@ impl Membership {
 
     /// Whether this incarnation of `name` said it was leaving (a restarted node has
     /// another incarnation and is a member again).
-    pub fn has_left(&self, name: &str, incarnation: u64) -> bool {
+    pub(crate) fn has_left(&self, name: &str, incarnation: u64) -> bool {
         self.left
             .get(name)
             .is_some_and(|&(inc, _)| inc == incarnation)
     }
 
     /// Remove a member (it left, or the broker says its queue is gone).
-    pub fn remove(&mut self, id: NodeId) -> Option<Peer> {
+    pub(crate) fn remove(&mut self, id: NodeId) -> Option<Peer> {
         if id == ME {
             return None;
         }
@@ -209,7 +205,7 @@ impl Membership {
     }
 
     /// Members to probe now: silent for [`SUSPECT_AFTER`], not already being probed.
-    pub fn suspects(&mut self, now: Instant) -> Vec<(NodeId, String)> {
+    pub(crate) fn suspects(&mut self, now: Instant) -> Vec<(NodeId, String)> {
         if now < self.hold_probes_until {
             return Vec::new();
         }
@@ -231,7 +227,7 @@ impl Membership {
     /// A probe ended: `Some(true)` alive (its queue exists), `Some(false)` gone,
     /// `None` undecided. Returns the removed peer when gone. A node heard from since
     /// the probe started is alive whatever the probe found (it had just reconnected).
-    pub fn probed(&mut self, id: NodeId, alive: Option<bool>, now: Instant) -> Option<Peer> {
+    pub(crate) fn probed(&mut self, id: NodeId, alive: Option<bool>, now: Instant) -> Option<Peer> {
         let p = self.peers.get_mut(&id)?;
         let started = p.probing.take().unwrap_or(now);
         let alive = if p.last_seen > started {
@@ -254,7 +250,7 @@ impl Membership {
     }
 
     /// The home of `device` among the live members.
-    pub fn home(&self, device: u128) -> NodeId {
+    pub(crate) fn home(&self, device: u128) -> NodeId {
         let mut best = (0u64, ME);
         for (&id, p) in &self.peers {
             let w = weight(device, p.seed);
@@ -264,10 +260,6 @@ impl Membership {
             }
         }
         best.1
-    }
-
-    pub fn peers(&self) -> impl Iterator<Item = (NodeId, &Peer)> {
-        self.peers.iter().map(|(id, p)| (*id, p))
     }
 }
 

@@ -18,12 +18,12 @@
 //! guards the local device table; it is held for a map operation at a time, never
 //! across I/O, and only on connect and disconnect, never per message.
 
-pub mod directory;
+pub(crate) mod directory;
 pub mod envelope;
-pub mod link;
-pub mod membership;
-pub mod route;
-pub mod session;
+pub(crate) mod link;
+pub(crate) mod membership;
+pub(crate) mod route;
+pub(crate) mod session;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -37,32 +37,30 @@ use envelope::{DirKind, NodeMsg, RequestOutcome};
 use membership::NodeId;
 
 /// How often a node says it is alive on `hive.presence`.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Where an envelope from the API goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Dest {
-    /// The named node.
-    Node(String),
+pub(crate) enum Dest {
     /// Whichever node is this device's home at the moment it is sent.
     HomeOf(Uuid),
 }
 
 /// Work for the cluster thread: an envelope to send.
 #[derive(Debug)]
-pub struct Outgoing {
-    pub to: Dest,
-    pub msg: NodeMsg,
+pub(crate) struct Outgoing {
+    pub(crate) to: Dest,
+    pub(crate) msg: NodeMsg,
 }
 
 /// A change to this node's devices, not yet sent to their homes.
 #[derive(Debug, Clone, Copy)]
-pub struct LocalChange {
-    pub device: Uuid,
-    pub since: u64,
-    pub kind: DirKind,
+pub(crate) struct LocalChange {
+    pub(crate) device: Uuid,
+    pub(crate) since: u64,
+    pub(crate) kind: DirKind,
     /// For a release: the home the claim went to (the device may have moved since).
-    pub home: Option<NodeId>,
+    pub(crate) home: Option<NodeId>,
 }
 
 /// A device connected to this process: when, and which home holds its claim.
@@ -79,39 +77,39 @@ struct Local {
 }
 
 #[derive(Default)]
-pub struct ClusterMetrics {
-    pub presence_sent: AtomicU64,
-    pub presence_received: AtomicU64,
-    pub envelopes_sent: AtomicU64,
-    pub envelopes_received: AtomicU64,
-    pub envelopes_returned: AtomicU64,
-    pub bad_envelopes: AtomicU64,
-    pub duplicates_dropped: AtomicU64,
-    pub requests_forwarded: AtomicU64,
-    pub requests_relayed: AtomicU64,
-    pub requests_retried: AtomicU64,
-    pub requests_served_for_peers: AtomicU64,
-    pub nodes_expired: AtomicU64,
-    pub nodes_left: AtomicU64,
-    pub probes_alive: AtomicU64,
-    pub probes_gone: AtomicU64,
-    pub probes_failed: AtomicU64,
-    pub directory_changes_sent: AtomicU64,
-    pub directory_changes_received: AtomicU64,
-    pub reregistered: AtomicU64,
-    pub evictions: AtomicU64,
-    pub outgoing_dropped: AtomicU64,
-    pub sessions: AtomicU64,
+pub(crate) struct ClusterMetrics {
+    pub(crate) presence_sent: AtomicU64,
+    pub(crate) presence_received: AtomicU64,
+    pub(crate) envelopes_sent: AtomicU64,
+    pub(crate) envelopes_received: AtomicU64,
+    pub(crate) envelopes_returned: AtomicU64,
+    pub(crate) bad_envelopes: AtomicU64,
+    pub(crate) duplicates_dropped: AtomicU64,
+    pub(crate) requests_forwarded: AtomicU64,
+    pub(crate) requests_relayed: AtomicU64,
+    pub(crate) requests_retried: AtomicU64,
+    pub(crate) requests_served_for_peers: AtomicU64,
+    pub(crate) nodes_expired: AtomicU64,
+    pub(crate) nodes_left: AtomicU64,
+    pub(crate) probes_alive: AtomicU64,
+    pub(crate) probes_gone: AtomicU64,
+    pub(crate) probes_failed: AtomicU64,
+    pub(crate) directory_changes_sent: AtomicU64,
+    pub(crate) directory_changes_received: AtomicU64,
+    pub(crate) reregistered: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) outgoing_dropped: AtomicU64,
+    pub(crate) sessions: AtomicU64,
     /// Gauges kept by the cluster thread.
-    pub nodes: AtomicU64,
-    pub directory_entries: AtomicU64,
-    pub directory_moving: AtomicU64,
-    pub publish_backlog: AtomicU64,
+    pub(crate) nodes: AtomicU64,
+    pub(crate) directory_entries: AtomicU64,
+    pub(crate) directory_moving: AtomicU64,
+    pub(crate) publish_backlog: AtomicU64,
 }
 
-pub struct Cluster {
-    pub node: String,
-    pub incarnation: u64,
+pub(crate) struct Cluster {
+    pub(crate) node: String,
+    pub(crate) incarnation: u64,
     local: Mutex<Local>,
     /// Bumped when the member set changes: requests waiting for a device ask again
     /// (its home may have changed).
@@ -121,11 +119,11 @@ pub struct Cluster {
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// The cluster's broker session is up and has heard its peers.
     pub(crate) joined: AtomicBool,
-    pub metrics: ClusterMetrics,
+    pub(crate) metrics: ClusterMetrics,
     /// The direct link listener bound at startup, with the address peers are told
     /// (taken by the cluster thread); None: links off.
     link_listener: Mutex<Option<(std::net::TcpListener, String)>>,
-    pub link_metrics: std::sync::Arc<link::LinkMetrics>,
+    pub(crate) link_metrics: std::sync::Arc<link::LinkMetrics>,
 }
 
 /// Room for envelopes waiting for the broker; beyond it, a send fails fast.
@@ -133,7 +131,7 @@ const OUTGOING_QUEUE: usize = 65_536;
 
 impl Cluster {
     /// `link`: the direct link listener and the address to advertise (see [`link`]).
-    pub fn new(node: String, link: Option<(std::net::TcpListener, String)>) -> Self {
+    pub(crate) fn new(node: String, link: Option<(std::net::TcpListener, String)>) -> Self {
         let (out_tx, out_rx) = mpsc::channel(OUTGOING_QUEUE);
         Cluster {
             node,
@@ -168,17 +166,17 @@ impl Cluster {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
-    pub fn joined(&self) -> bool {
+    pub(crate) fn joined(&self) -> bool {
         self.joined.load(Relaxed)
     }
 
     /// A device connected to this process (also when it replaced an older connection
     /// here: the claim carries the new connection's age).
-    pub fn local_gained(&self, device: Uuid, since: u64) {
+    pub(crate) fn local_gained(&self, device: Uuid, since: u64) {
         {
             let mut g = self.lock();
             let home = g.devices.get(&device).and_then(|d| d.home);
@@ -194,7 +192,7 @@ impl Cluster {
 
     /// The device's connection here (made at `since`) ended and no newer one replaced
     /// it. `back`: the router closed it (draining), so it is expected elsewhere soon.
-    pub fn local_lost(&self, device: Uuid, since: u64, back: bool) {
+    pub(crate) fn local_lost(&self, device: Uuid, since: u64, back: bool) {
         {
             let mut g = self.lock();
             let home = match g.devices.get(&device) {
@@ -218,16 +216,16 @@ impl Cluster {
         }
     }
 
-    pub fn is_local(&self, device: &Uuid) -> bool {
+    pub(crate) fn is_local(&self, device: &Uuid) -> bool {
         self.lock().devices.contains_key(device)
     }
 
     /// The age of this node's connection of `device`, if it holds one.
-    pub fn local_since(&self, device: &Uuid) -> Option<u64> {
+    pub(crate) fn local_since(&self, device: &Uuid) -> Option<u64> {
         self.lock().devices.get(device).map(|d| d.since)
     }
 
-    pub fn local_count(&self) -> u64 {
+    pub(crate) fn local_count(&self) -> u64 {
         self.lock().devices.len() as u64
     }
 
@@ -298,7 +296,7 @@ impl Cluster {
     }
 
     /// Queue an envelope for the cluster thread. Err: the queue is full (broker away).
-    pub fn send(&self, to: Dest, msg: NodeMsg) -> Result<(), QueueFull> {
+    pub(crate) fn send(&self, to: Dest, msg: NodeMsg) -> Result<(), QueueFull> {
         self.out_tx.try_send(Outgoing { to, msg }).map_err(|_| {
             self.metrics.outgoing_dropped.fetch_add(1, Relaxed);
             QueueFull
@@ -311,7 +309,7 @@ impl Cluster {
     }
 
     /// Register for the replies to a request this node's API sends to other nodes.
-    pub fn expect_replies(&self, request: Uuid) -> ReplyGuard<'_> {
+    pub(crate) fn expect_replies(&self, request: Uuid) -> ReplyGuard<'_> {
         let (tx, rx) = mpsc::channel(8);
         self.replies
             .lock()
@@ -325,7 +323,12 @@ impl Cluster {
     }
 
     /// A reply arrived from `from`. False: nobody waits for it (late or unknown).
-    pub fn deliver_reply(&self, request: Uuid, from: String, outcome: RequestOutcome) -> bool {
+    pub(crate) fn deliver_reply(
+        &self,
+        request: Uuid,
+        from: String,
+        outcome: RequestOutcome,
+    ) -> bool {
         let tx = self
             .replies
             .lock()
@@ -336,7 +339,7 @@ impl Cluster {
     }
 
     /// The `router_cluster_*` metrics, Prometheus text.
-    pub fn render_metrics(&self, o: &mut String) {
+    pub(crate) fn render_metrics(&self, o: &mut String) {
         use std::fmt::Write;
         let m = &self.metrics;
         for (name, help, v) in [
@@ -532,13 +535,13 @@ impl Cluster {
 /// The queue of envelopes for other nodes is full (the broker has been away long).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the queue of envelopes for other nodes is full")]
-pub struct QueueFull;
+pub(crate) struct QueueFull;
 
 /// Replies to one request; unregisters on drop.
-pub struct ReplyGuard<'a> {
+pub(crate) struct ReplyGuard<'a> {
     cluster: &'a Cluster,
     request: Uuid,
-    pub rx: mpsc::Receiver<(String, RequestOutcome)>,
+    pub(crate) rx: mpsc::Receiver<(String, RequestOutcome)>,
 }
 
 impl Drop for ReplyGuard<'_> {

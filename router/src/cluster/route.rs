@@ -22,23 +22,23 @@ use uuid::Uuid;
 
 use super::envelope::{NodeMsg, RequestOutcome, What};
 use super::{Cluster, Dest};
-use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardMsg};
+use crate::shard::{Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
 use crate::{unix_ms, Shared};
 
 /// After a device was reported not connected, how long it is looked for before 404.
-pub const OFFLINE_GRACE: Duration = Duration::from_millis(1000);
+pub(crate) const OFFLINE_GRACE: Duration = Duration::from_millis(1000);
 /// A device not found yet is asked for again after this, doubling (within the grace).
-pub const RETRY_OFFLINE: Duration = Duration::from_millis(150);
+pub(crate) const RETRY_OFFLINE: Duration = Duration::from_millis(150);
 /// A moving device (its node died or drained it) is asked for again after this,
 /// doubling up to [`RETRY_CAP`].
-pub const RETRY_MOVING: Duration = Duration::from_millis(250);
+pub(crate) const RETRY_MOVING: Duration = Duration::from_millis(250);
 /// Without any answer for this long, where the device is is checked again (its node may
 /// have died with the request, or the device moved), doubling up to [`RETRY_CAP`]: a
 /// duplicate is dropped where it is already held, and a slow broker is not sent more
 /// the slower it gets.
-pub const REASK: Duration = Duration::from_millis(2000);
+pub(crate) const REASK: Duration = Duration::from_millis(2000);
 /// The longest wait between two tries.
-pub const RETRY_CAP: Duration = Duration::from_secs(4);
+pub(crate) const RETRY_CAP: Duration = Duration::from_secs(4);
 /// A lookup (`GET /v1/devices/{id}`) gives up after this.
 const LOCATE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -52,7 +52,7 @@ pub(crate) fn cluster(shared: &Shared) -> &Cluster {
 
 /// What became of a request routed through the cluster.
 #[derive(Debug)]
-pub enum Routed {
+pub(crate) enum Routed {
     Reply(RequestReply),
     /// No ack or response before the deadline.
     TimedOut,
@@ -62,7 +62,7 @@ pub enum Routed {
 
 /// What became of an event routed through the cluster.
 #[derive(Debug)]
-pub enum EventRouted {
+pub(crate) enum EventRouted {
     /// Handed to the device's connection, at this node (None: here).
     Sent(Option<String>),
     Delivery(Delivery),
@@ -71,7 +71,7 @@ pub enum EventRouted {
 
 /// A backend request for `r.device`, wherever it is, following the device if it moves,
 /// until `r.deadline`.
-pub async fn route_request(shared: &Arc<Shared>, r: RequestMsg) -> Routed {
+pub(crate) async fn route_request(shared: &Arc<Shared>, r: RequestMsg) -> Routed {
     let RequestMsg {
         device,
         request,
@@ -106,18 +106,17 @@ pub async fn route_request(shared: &Arc<Shared>, r: RequestMsg) -> Routed {
 }
 
 /// A backend event for a device, wherever it is (202 when handed to its connection).
-pub async fn route_event(shared: &Arc<Shared>, device: Uuid, body: Vec<u8>) -> EventRouted {
+pub(crate) async fn route_event(shared: &Arc<Shared>, device: Uuid, body: Vec<u8>) -> EventRouted {
     let deadline = Instant::now() + Duration::from_secs(5);
     let what = What::Event { body: body.clone() };
-    let to_shard = |tx| ShardMsg::Event {
-        device,
-        body: body.clone(),
-        reply: tx,
-    };
     // Events have no request UUID of their own: one is made for the trip.
     let local_event = move |reply: oneshot::Sender<RequestReply>| {
         let (etx, erx) = oneshot::channel();
-        let msg = to_shard(etx);
+        let msg = ShardMsg::Event {
+            device,
+            body: body.clone(),
+            reply: etx,
+        };
         tokio::spawn(async move {
             let r = match erx.await {
                 Ok(Delivery::Sent) => RequestReply::Acked,
@@ -150,7 +149,7 @@ pub async fn route_event(shared: &Arc<Shared>, device: Uuid, body: Vec<u8>) -> E
 }
 
 /// Which node holds `device`, if any (asked of its home).
-pub async fn locate(shared: &Arc<Shared>, device: Uuid) -> Result<Option<String>, ()> {
+pub(crate) async fn locate(shared: &Arc<Shared>, device: Uuid) -> Result<Option<String>, ()> {
     let c = cluster(shared);
     if c.is_local(&device) {
         return Ok(Some(c.node.clone()));
@@ -225,8 +224,7 @@ async fn route(
             if c.is_local(&device) {
                 if local_rx.is_none() {
                     let (tx, rx) = oneshot::channel();
-                    let shard = shard_of(&device, shared.shards.len());
-                    if shared.shards[shard].send(local_msg(tx)).is_err() {
+                    if ShardHandle::send_to_owner(&shared.shards, &device, local_msg(tx)).is_err() {
                         shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
                         return Step::Busy;
                     }

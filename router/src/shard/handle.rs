@@ -1,8 +1,9 @@
 //! How other threads reach a shard: its inbox and the wake-up that goes with it.
 
 use tokio::sync::Notify;
+use uuid::Uuid;
 
-use super::ShardMsg;
+use super::{shard_of, ShardMsg};
 
 /// A shard's inbox, for every other thread (API, listener, bridge).
 ///
@@ -46,6 +47,17 @@ impl ShardHandle {
             Err(e) => Err(e.into_inner()),
         }
     }
+
+    /// Send to the inbox of the shard that owns `device` (by [`shard_of`]). A full inbox
+    /// (or a stopped shard) hands the message back; counting it is the caller's, whose
+    /// metric and answer (503, busy, close) differ.
+    pub(crate) fn send_to_owner(
+        shards: &[ShardHandle],
+        device: &Uuid,
+        msg: ShardMsg,
+    ) -> Result<(), ShardMsg> {
+        shards[shard_of(device, shards.len())].send(msg)
+    }
 }
 
 #[cfg(test)]
@@ -81,5 +93,45 @@ mod tests {
         // A stopped shard (receiver gone) refuses too.
         drop(rx);
         assert!(h.send(drain(0)).is_err());
+    }
+
+    #[test]
+    fn send_to_owner_lands_on_shard_of_and_hands_back_when_full() {
+        let evict = |device| ShardMsg::Evict {
+            device,
+            since_ms: 0,
+        };
+        let (handles, rxs): (Vec<_>, Vec<_>) = (0..4).map(|_| ShardHandle::new(64)).unzip();
+        let devices: Vec<Uuid> = (0..64u128)
+            .map(|i| Uuid::from_u128(i * 0x9E37_79B9))
+            .collect();
+        for d in &devices {
+            assert!(ShardHandle::send_to_owner(&handles, d, evict(*d)).is_ok());
+        }
+        for (i, rx) in rxs.iter().enumerate() {
+            let got: Vec<Uuid> = rx
+                .try_iter()
+                .map(|m| match m {
+                    ShardMsg::Evict { device, .. } => device,
+                    _ => unreachable!(),
+                })
+                .collect();
+            let want: Vec<Uuid> = devices
+                .iter()
+                .copied()
+                .filter(|d| shard_of(d, handles.len()) == i)
+                .collect();
+            assert!(!want.is_empty(), "no device of the sample is on shard {i}");
+            assert_eq!(got, want, "shard {i}");
+        }
+        // A full owner's inbox hands the message back; no other shard takes it.
+        let (handles, rxs): (Vec<_>, Vec<_>) = (0..4).map(|_| ShardHandle::new(1)).unzip();
+        let d = devices[0];
+        assert!(ShardHandle::send_to_owner(&handles, &d, evict(d)).is_ok());
+        match ShardHandle::send_to_owner(&handles, &d, evict(d)) {
+            Err(ShardMsg::Evict { device, .. }) => assert_eq!(device, d),
+            _ => panic!("a full inbox took the message"),
+        }
+        assert_eq!(rxs.iter().map(|rx| rx.len()).sum::<usize>(), 1);
     }
 }

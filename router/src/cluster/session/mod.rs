@@ -70,7 +70,7 @@ const PROBE_HOLD: Duration = Duration::from_secs(10);
 
 /// Start the cluster thread (`--amqp`). It runs until `shared.shutdown` flips, then
 /// announces that the node leaves (bounded) and returns.
-pub fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub(crate) fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
     crate::runtime_thread("cluster", move |rt| {
         let Some(url) = shared.config.amqp.clone() else {
             return;

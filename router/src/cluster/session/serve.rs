@@ -17,7 +17,7 @@ use super::super::route::cluster;
 use super::super::{Cluster, Dest, Outgoing};
 use super::publisher::Publisher;
 use super::state::{ServeFut, Served, State};
-use crate::shard::{shard_of, Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
+use crate::shard::{Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
 use crate::unix_ms;
 
 /// How long a finished request's outcome is remembered (to answer duplicates).
@@ -31,16 +31,11 @@ pub(super) async fn on_outgoing(
     c: &Cluster,
     o: Outgoing,
 ) -> lapin::Result<()> {
-    match o.to {
-        Dest::Node(n) if n == st.me() => on_node_msg(st, pubr, o.msg).await,
-        Dest::Node(n) => pubr.node(c, &n, &o.msg).await,
-        Dest::HomeOf(d) => {
-            let home = st.members.home(d.as_u128());
-            match st.members.name(home).map(str::to_string) {
-                Some(n) if home != ME => pubr.node(c, &n, &o.msg).await,
-                _ => on_node_msg(st, pubr, o.msg).await,
-            }
-        }
+    let Dest::HomeOf(d) = o.to;
+    let home = st.members.home(d.as_u128());
+    match st.members.name(home).map(str::to_string) {
+        Some(n) if home != ME => pubr.node(c, &n, &o.msg).await,
+        _ => on_node_msg(st, pubr, o.msg).await,
     }
 }
 
@@ -363,7 +358,6 @@ async fn serve_here(
     deadline: Instant,
     what: What,
 ) -> lapin::Result<()> {
-    let shard = &st.shared.shards[shard_of(&device, st.shared.shards.len())];
     let to = origin.clone();
     let fut = match what {
         What::Command {
@@ -381,9 +375,9 @@ async fn serve_here(
                 deadline,
                 reply: tx,
             };
-            command_to_shard(shard, msg, rx, to)
+            command_to_shard(&st.shared.shards, msg, rx, to)
         }
-        What::Event { body } => event_to_shard(shard, request, device, body, to),
+        What::Event { body } => event_to_shard(&st.shared.shards, request, device, body, to),
         What::Locate => return Ok(()),
     };
     let Some(fut) = fut else {
@@ -404,13 +398,13 @@ async fn serve_here(
 /// Hand a command to the device's shard; None if its inbox is full. The future ends
 /// with the shard's answer, or `Expired` at the deadline.
 fn command_to_shard(
-    shard: &ShardHandle,
+    shards: &[ShardHandle],
     msg: RequestMsg,
     rx: oneshot::Receiver<RequestReply>,
     to: String,
 ) -> Option<ServeFut> {
-    let (request, deadline) = (msg.request.as_u128(), msg.deadline);
-    shard.send(ShardMsg::Request(Box::new(msg))).ok()?;
+    let (device, request, deadline) = (msg.device, msg.request.as_u128(), msg.deadline);
+    ShardHandle::send_to_owner(shards, &device, ShardMsg::Request(Box::new(msg))).ok()?;
     Some(Box::pin(async move {
         let outcome = match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(r)) => outcome_of(r),
@@ -422,7 +416,7 @@ fn command_to_shard(
 
 /// Hand an event to the device's shard; None if its inbox is full.
 fn event_to_shard(
-    shard: &ShardHandle,
+    shards: &[ShardHandle],
     request: u128,
     device: Uuid,
     body: Vec<u8>,
@@ -434,7 +428,7 @@ fn event_to_shard(
         body,
         reply: tx,
     };
-    shard.send(msg).ok()?;
+    ShardHandle::send_to_owner(shards, &device, msg).ok()?;
     Some(Box::pin(async move {
         let outcome = match rx.await {
             Ok(Delivery::Sent) => RequestOutcome::Acked,

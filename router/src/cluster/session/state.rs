@@ -18,7 +18,7 @@ use super::super::membership::{Heard, Membership, NodeId, ME};
 use super::super::route::cluster;
 use super::super::Cluster;
 use super::publisher::Publisher;
-use crate::shard::{shard_of, ShardMsg};
+use crate::shard::{ShardHandle, ShardMsg};
 use crate::Shared;
 
 /// After the member set changes, wait this long for more changes before the devices
@@ -250,7 +250,6 @@ impl State {
         let device = Uuid::from_u128(ch.device);
         let c = self.c();
         if c.local_since(&device).is_some_and(|s| s <= ch.since) {
-            let shard = shard_of(&device, self.shared.shards.len());
             let msg = ShardMsg::Evict {
                 device,
                 since_ms: ch.since,
@@ -258,7 +257,7 @@ impl State {
             // Counted before the shard can act on it (a reader of /metrics who saw the
             // close sees the count).
             c.metrics.evictions.fetch_add(1, Relaxed);
-            if self.shared.shards[shard].send(msg).is_err() {
+            if ShardHandle::send_to_owner(&self.shared.shards, &device, msg).is_err() {
                 c.metrics.evictions.fetch_sub(1, Relaxed);
                 self.shared
                     .metrics
