@@ -1,5 +1,10 @@
-use super::*;
 use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::*;
+use crate::protocol::effect::Effect;
+use crate::protocol::hive::Meta;
+use crate::protocol::json::Scratch;
 
 const REALM: &str = "fleet-a";
 
@@ -330,18 +335,4 @@ fn malformed_frames_get_errors() {
     let replies = last_send(&out);
     assert_eq!(replies[1]["cid"], "c");
     assert_eq!(replies[1]["erc"], 400);
-}
-
-#[test]
-fn auth_frames() {
-    let v: Value = serde_json::from_slice(&auth_ok("fleet-a")).unwrap();
-    assert_eq!(v[0]["res"], "suc");
-    assert_eq!(v[0]["dat"]["realm"], "fleet-a");
-    assert!(v[0].get("cid").is_none());
-    assert!(v[0]["dat"]["version"].is_string());
-    let v: Value = serde_json::from_slice(&auth_err("token \"expired\"")).unwrap();
-    assert_eq!(
-        v,
-        json!([{"typ":"sys","act":"aut","res":"err","err":"token \"expired\""}])
-    );
 }
