@@ -4,16 +4,21 @@
 //! lends its read buffer) and no timer (the shard's tick pings it). It never blocks the
 //! shard. Everything it sends goes through [`Conn::send`] or [`Conn::send_or_close`],
 //! within a [`Limit`].
+//!
+//! Here: the connection's state and its closes. `readiness`: reads and readiness
+//! events; `frames`: bytes to WebSocket frames; `messages`: whole messages to the
+//! protocol adapter and the shard; `send`: the one send path and the flush.
 
-use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 mod frames;
 mod messages;
 mod readiness;
+mod send;
+
+pub use send::{Limit, SendOutcome};
 
 use super::poller::IN;
 use super::{Protocol, ShardCtx};
@@ -21,10 +26,8 @@ use crate::auth::Identity;
 use crate::listener::OpenConnection;
 use crate::protocol::hive::Meta;
 use crate::protocol::hivekit::Subscriptions;
-use crate::protocol::msgpack;
 use crate::protocol::phoenix::PhxState;
-use crate::protocol::phoenix::Vsn;
-use crate::protocol::ws::{self, CloseCode, WsError, OP_BINARY, OP_CLOSE, OP_TEXT};
+use crate::protocol::ws::{self, CloseCode, WsError, OP_CLOSE};
 
 /// How long a closing connection may take to flush and see the peer's FIN.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -47,50 +50,6 @@ pub struct Conn {
     /// This socket's place in `router_open_connections`, given back when the
     /// connection is dropped (after the shard released it).
     _open: OpenConnection,
-}
-
-/// How far a frame may fill the connection's outbound queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    /// Not sent if the bytes waiting would pass this many (--max-outbound; twice that
-    /// for requests).
-    Bounded(usize),
-    /// Always sent: the close frame (at most 127 bytes, once) and the greeting (once,
-    /// on an empty queue).
-    Exempt,
-}
-
-impl Limit {
-    /// --max-outbound: events, replies, errors, pings and pongs.
-    pub fn outbound(ctx: &mut ShardCtx) -> Limit {
-        Limit::Bounded(ctx.shared.config.max_outbound)
-    }
-
-    /// Requests may queue up to twice --max-outbound: a device that far behind is not
-    /// reading at all, so it is closed rather than buffered without end.
-    pub fn requests(ctx: &mut ShardCtx) -> Limit {
-        Limit::Bounded(ctx.shared.config.max_outbound.saturating_mul(2))
-    }
-
-    fn admits(self, queued: usize, more: usize) -> bool {
-        match self {
-            Limit::Bounded(max) => queued + more <= max,
-            Limit::Exempt => true,
-        }
-    }
-}
-
-/// What became of a frame handed to the connection.
-#[must_use]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendOutcome {
-    /// Written to the socket, or queued behind bytes it has not taken yet.
-    Sent,
-    /// Not sent: the outbound queue would have passed the frame's [`Limit`].
-    Dropped,
-    /// Not sent: the connection is closing or gone (nothing more goes out but what was
-    /// queued before its close frame, and that frame).
-    Closing,
 }
 
 /// Where a connection is in its life. Only an open connection sends; a closing one
@@ -297,212 +256,6 @@ impl Conn {
         now.saturating_sub(self.st.last_seen)
     }
 
-    /// Send a frame the device asked for (a reply, an error), as the protocol adapter
-    /// wrote it (JSON text; MessagePack in a binary frame for a Phoenix V3 device):
-    /// counted against --max-outbound like everything queued for it (see
-    /// [`Conn::send_or_close`]).
-    pub fn send_text(&mut self, ctx: &mut ShardCtx, payload: &[u8]) {
-        let wire = self.to_wire(payload);
-        let limit = Limit::outbound(ctx);
-        let _ = self.send_or_close(ctx, self.data_op(), &wire, limit);
-    }
-
-    /// The opcode of this connection's data frames: binary for Phoenix V3 (MessagePack).
-    pub fn data_op(&self) -> u8 {
-        match self.protocol {
-            Protocol::Phoenix(Vsn::V3) => OP_BINARY,
-            _ => OP_TEXT,
-        }
-    }
-
-    /// As [`Conn::to_wire`], for a frame the caller owns (no copy unless converted).
-    fn wire_owned(&self, json: Vec<u8>) -> Vec<u8> {
-        match self.protocol {
-            Protocol::Phoenix(Vsn::V3) => msgpack::from_json(&json),
-            _ => json,
-        }
-    }
-
-    /// A frame the adapter wrote (JSON) in this connection's wire format.
-    fn to_wire<'a>(&self, json: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
-        match self.protocol {
-            Protocol::Phoenix(Vsn::V3) => std::borrow::Cow::Owned(msgpack::from_json(json)),
-            _ => std::borrow::Cow::Borrowed(json),
-        }
-    }
-
-    /// Send a frame that may not be dropped (a reply, an error, a pong, a ping, a
-    /// request sent again) within `limit`. A device whose queue is that full does not
-    /// read what it keeps asking for (one frame of bad actions can be answered by a
-    /// frame many times its size), so instead of costing the router more memory it is
-    /// closed with 1008 and counted (`router_outbound_overflow_total`); `Dropped` then.
-    pub fn send_or_close(
-        &mut self,
-        ctx: &mut ShardCtx,
-        op: u8,
-        payload: &[u8],
-        limit: Limit,
-    ) -> SendOutcome {
-        // A frame over the whole budget is refused even when the queue is empty (it
-        // would otherwise be written, and its rest queued, past the limit).
-        if limit.admits(0, payload.len()) {
-            match self.send(ctx, op, payload, limit) {
-                SendOutcome::Dropped => {}
-                sent => return sent,
-            }
-        }
-        if self.is_done() {
-            return SendOutcome::Dropped;
-        }
-        ctx.metrics().outbound_overflow.fetch_add(1, Relaxed);
-        self.fail(
-            ctx,
-            CloseCode::PolicyViolation,
-            "outbound limit: the device is not reading its replies",
-        );
-        SendOutcome::Dropped
-    }
-
-    /// Send a frame (a data frame already in the wire format, from
-    /// [`Conn::encode_event`]; a control frame): written now if nothing is queued (no
-    /// copy at all on the fast path), the rest queued; not sent past `limit`.
-    pub fn send(
-        &mut self,
-        ctx: &mut ShardCtx,
-        op: u8,
-        payload: &[u8],
-        limit: Limit,
-    ) -> SendOutcome {
-        self.send_frame(ctx, &[], op, payload, limit)
-    }
-
-    /// The first bytes a handed-over connection gets: the HTTP 101 the listener left
-    /// for the owner to send, and the protocol's greeting if it has one, in one write
-    /// (one segment, one wake-up of the device instead of two).
-    pub fn send_greeting(&mut self, ctx: &mut ShardCtx, preface: &[u8], greeting: Option<&[u8]>) {
-        let _ = match greeting {
-            Some(g) => self.send_frame(ctx, preface, OP_TEXT, g, Limit::Exempt),
-            None if !preface.is_empty() => self.write_parts(ctx, &[preface], Limit::Exempt),
-            None => return,
-        };
-    }
-
-    /// A frame, after `preface` raw bytes (usually none): compressed if
-    /// permessage-deflate applies, then written or queued (see [`Conn::write_parts`]).
-    fn send_frame(
-        &mut self,
-        ctx: &mut ShardCtx,
-        preface: &[u8],
-        op: u8,
-        payload: &[u8],
-        limit: Limit,
-    ) -> SendOutcome {
-        if self.is_done() {
-            return SendOutcome::Closing;
-        }
-        // permessage-deflate: a data message of some size goes out compressed (RSV1).
-        let compressed = (op == OP_TEXT || op == OP_BINARY)
-            && payload.len() >= ws::DEFLATE_MIN
-            && self.st.deflate;
-        let deflated;
-        let payload = if compressed {
-            deflated = ws::deflate(payload);
-            &deflated[..]
-        } else {
-            payload
-        };
-        let mut h = [0u8; 10];
-        let hl = ws::write_header(op, payload.len(), &mut h);
-        if compressed {
-            h[0] |= 0x40;
-        }
-        let total = (hl + payload.len()) as u64;
-        let sent = self.write_parts(ctx, &[preface, &h[..hl], payload], limit);
-        if sent == SendOutcome::Sent {
-            let m = ctx.metrics();
-            m.frames_out.fetch_add(1, Relaxed);
-            m.bytes_out.fetch_add(total, Relaxed);
-        }
-        sent
-    }
-
-    /// Write `parts` now if nothing is queued; queue what the socket did not take.
-    /// Nothing is written while the connection is not open (its close frame is sent
-    /// while it still is), nor when the queue would pass `limit`.
-    fn write_parts(&mut self, ctx: &mut ShardCtx, parts: &[&[u8]], limit: Limit) -> SendOutcome {
-        let st = &mut self.st;
-        if st.phase != Phase::Open {
-            return SendOutcome::Closing;
-        }
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let queued = st.bufs.as_ref().map_or(0, |b| b.queued());
-        let tls_busy = st.tls.as_ref().is_some_and(|t| t.wants_write());
-        if queued > 0 || tls_busy {
-            if !limit.admits(queued, total) {
-                return SendOutcome::Dropped;
-            }
-            let b = st.bufs.get_or_insert_with(Box::default);
-            for p in parts {
-                b.out.extend_from_slice(p);
-            }
-            return SendOutcome::Sent;
-        }
-        if let Some(tls) = st.tls.as_mut() {
-            // Plaintext into rustls, then as much ciphertext as the socket takes now.
-            for p in parts {
-                let _ = tls.writer().write_all(p);
-            }
-            return match flush_tls(tls, &self.stream) {
-                Ok(true) => SendOutcome::Sent,
-                Ok(false) => {
-                    self.wake(ctx);
-                    SendOutcome::Sent
-                }
-                Err(_) => {
-                    st.phase = Phase::Dead;
-                    self.wake(ctx);
-                    SendOutcome::Closing
-                }
-            };
-        }
-        debug_assert!(
-            parts.len() <= 3,
-            "a preface, a header and a payload at most"
-        );
-        let mut slices = [IoSlice::new(&[]); 3];
-        let n = parts.len().min(3);
-        for (s, p) in slices.iter_mut().zip(parts) {
-            *s = IoSlice::new(p);
-        }
-        let written = match (&self.stream).write_vectored(&slices[..n]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(_) => {
-                st.phase = Phase::Dead;
-                self.wake(ctx);
-                return SendOutcome::Closing;
-            }
-        };
-        if written < total {
-            let b = st.bufs.get_or_insert_with(Box::default);
-            b.out.clear();
-            b.out_pos = 0;
-            // Queue what is left: skip the `written` bytes across the parts.
-            let mut skip = written;
-            for p in parts {
-                if skip >= p.len() {
-                    skip -= p.len();
-                    continue;
-                }
-                b.out.extend_from_slice(&p[skip..]);
-                skip = 0;
-            }
-            self.wake(ctx);
-        }
-        SendOutcome::Sent
-    }
-
     /// Queue a close frame with `code` and stop reading; the shard's loop flushes it
     /// and lingers (see `readiness`). Counted in `router_closes_total`.
     pub fn fail(&mut self, ctx: &mut ShardCtx, code: CloseCode, reason: &str) {
@@ -548,137 +301,6 @@ impl Conn {
         }
     }
 
-    fn flush(&mut self) {
-        let st = &mut self.st;
-        if let Some(tls) = st.tls.as_mut() {
-            loop {
-                match flush_tls(tls, &self.stream) {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(_) => {
-                        st.phase = Phase::Dead;
-                        return;
-                    }
-                }
-                // rustls drained: hand it what queued meanwhile, and go again.
-                match st.bufs.as_mut() {
-                    Some(b) if b.queued() > 0 => {
-                        let _ = tls.writer().write_all(&b.out[b.out_pos..]);
-                        b.out = Vec::new();
-                        b.out_pos = 0;
-                    }
-                    _ => break,
-                }
-            }
-            if st.bufs.as_ref().is_some_and(|b| b.is_empty()) {
-                st.bufs = None;
-            }
-            return;
-        }
-        let Some(b) = st.bufs.as_mut() else { return };
-        while b.out_pos < b.out.len() {
-            match (&self.stream).write(&b.out[b.out_pos..]) {
-                Ok(n) => b.out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    st.phase = Phase::Dead;
-                    return;
-                }
-            }
-        }
-        // Drained: give the memory back, an idle connection keeps no buffer.
-        b.out = Vec::new();
-        b.out_pos = 0;
-        if b.is_empty() {
-            st.bufs = None;
-        }
-    }
-
-    fn on_readable(&mut self, ctx: &mut ShardCtx) {
-        let mut buf = std::mem::take(&mut ctx.read_buf);
-        let tls = self.st.tls.is_some();
-        for _ in 0..READS_PER_WAKE {
-            if !ctx.may_read() {
-                break;
-            }
-            match (&self.stream).read(&mut buf) {
-                Ok(0) => {
-                    self.st.phase = Phase::Dead;
-                    break;
-                }
-                Ok(n) => {
-                    ctx.metrics().bytes_in.fetch_add(n as u64, Relaxed);
-                    if tls {
-                        self.on_ciphertext(ctx, &buf[..n]);
-                    } else {
-                        self.on_bytes(ctx, &mut buf[..n]);
-                    }
-                    // A short read emptied the socket: no second read that could only
-                    // say WouldBlock (one syscall per pong or ack saved). The poller is
-                    // level-triggered, so bytes that arrive meanwhile are reported again.
-                    if self.is_done() || n < buf.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.st.phase = Phase::Dead;
-                    break;
-                }
-            }
-        }
-        ctx.read_buf = buf;
-        if tls && self.has_out() {
-            self.flush();
-        }
-    }
-
-    /// TLS: feed ciphertext to rustls and handle the plaintext it yields.
-    fn on_ciphertext(&mut self, ctx: &mut ShardCtx, mut data: &[u8]) {
-        while !data.is_empty() && !self.is_done() {
-            let ok = {
-                let st = &mut self.st;
-                let Some(tls) = st.tls.as_mut() else { return };
-                tls.read_tls(&mut data).is_ok() && tls.process_new_packets().is_ok()
-            };
-            if !ok {
-                // A TLS error (bad record, alert): nothing more can be said on this connection.
-                self.st.phase = Phase::Dead;
-                return;
-            }
-            self.drain_plaintext(ctx);
-        }
-    }
-
-    /// Hand every decrypted byte rustls holds to the frame parser.
-    fn drain_plaintext(&mut self, ctx: &mut ShardCtx) {
-        let mut plain = std::mem::take(&mut ctx.plain_buf);
-        if plain.is_empty() {
-            plain = vec![0u8; super::READ_BUF];
-        }
-        while !self.is_done() {
-            let r = match self.st.tls.as_mut() {
-                Some(tls) => tls.reader().read(&mut plain),
-                None => break,
-            };
-            match r {
-                Ok(0) => {
-                    // close_notify: the peer is done.
-                    self.st.phase = Phase::Dead;
-                    break;
-                }
-                Ok(n) => self.on_bytes(ctx, &mut plain[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.st.phase = Phase::Dead;
-                    break;
-                }
-            }
-        }
-        ctx.plain_buf = plain;
-    }
-
     /// Nothing more is read from the peer, nor sent to it but what is queued.
     fn is_done(&self) -> bool {
         !self.st.phase.reads()
@@ -699,20 +321,6 @@ impl Conn {
         let st = &self.st;
         st.has_out() && st.phase != Phase::Dead
     }
-}
-
-/// Write rustls's pending ciphertext; Ok(true) when all of it went out.
-fn flush_tls(tls: &mut rustls::ServerConnection, stream: &TcpStream) -> io::Result<bool> {
-    let mut w = stream;
-    while tls.wants_write() {
-        match tls.write_tls(&mut w) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
 }
 
 #[cfg(test)]

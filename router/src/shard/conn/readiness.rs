@@ -2,6 +2,7 @@
 //! events, the linger after a close, and the interest the shard registers for it.
 
 use std::io::{self, Read};
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::{Conn, Linger, Phase, Reads, READS_PER_WAKE};
 use crate::shard::poller::{HUP_ERR, IN, OUT};
@@ -131,5 +132,89 @@ impl Conn {
             st.interest = want;
             want
         })
+    }
+
+    fn on_readable(&mut self, ctx: &mut ShardCtx) {
+        let mut buf = std::mem::take(&mut ctx.read_buf);
+        let tls = self.st.tls.is_some();
+        for _ in 0..READS_PER_WAKE {
+            if !ctx.may_read() {
+                break;
+            }
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => {
+                    self.st.phase = Phase::Dead;
+                    break;
+                }
+                Ok(n) => {
+                    ctx.metrics().bytes_in.fetch_add(n as u64, Relaxed);
+                    if tls {
+                        self.on_ciphertext(ctx, &buf[..n]);
+                    } else {
+                        self.on_bytes(ctx, &mut buf[..n]);
+                    }
+                    // A short read emptied the socket: no second read that could only
+                    // say WouldBlock (one syscall per pong or ack saved). The poller is
+                    // level-triggered, so bytes that arrive meanwhile are reported again.
+                    if self.is_done() || n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.st.phase = Phase::Dead;
+                    break;
+                }
+            }
+        }
+        ctx.read_buf = buf;
+        if tls && self.has_out() {
+            self.flush();
+        }
+    }
+
+    /// TLS: feed ciphertext to rustls and handle the plaintext it yields.
+    fn on_ciphertext(&mut self, ctx: &mut ShardCtx, mut data: &[u8]) {
+        while !data.is_empty() && !self.is_done() {
+            let ok = {
+                let st = &mut self.st;
+                let Some(tls) = st.tls.as_mut() else { return };
+                tls.read_tls(&mut data).is_ok() && tls.process_new_packets().is_ok()
+            };
+            if !ok {
+                // A TLS error (bad record, alert): nothing more can be said on this connection.
+                self.st.phase = Phase::Dead;
+                return;
+            }
+            self.drain_plaintext(ctx);
+        }
+    }
+
+    /// Hand every decrypted byte rustls holds to the frame parser.
+    fn drain_plaintext(&mut self, ctx: &mut ShardCtx) {
+        let mut plain = std::mem::take(&mut ctx.plain_buf);
+        if plain.is_empty() {
+            plain = vec![0u8; crate::shard::READ_BUF];
+        }
+        while !self.is_done() {
+            let r = match self.st.tls.as_mut() {
+                Some(tls) => tls.reader().read(&mut plain),
+                None => break,
+            };
+            match r {
+                Ok(0) => {
+                    // close_notify: the peer is done.
+                    self.st.phase = Phase::Dead;
+                    break;
+                }
+                Ok(n) => self.on_bytes(ctx, &mut plain[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.st.phase = Phase::Dead;
+                    break;
+                }
+            }
+        }
+        ctx.plain_buf = plain;
     }
 }
