@@ -215,11 +215,20 @@ impl ShardCtx {
     /// deadline.
     pub fn resend_pending(&mut self, conn: &mut Conn) {
         let limit = Limit::requests(self);
+        // Encoded first (the table is borrowed while sending needs the context), up to
+        // the first frame past the limit: that one closes the connection as it would
+        // have one frame at a time.
         let ctx: &ShardCtx = self;
+        let mut bytes = 0;
         let frames: Vec<Vec<u8>> = ctx
             .pending
             .unacked(conn.meta.device)
             .filter_map(|(id, command, payload)| conn.encode_request(ctx, id, command, payload))
+            .take_while(|f| {
+                let within = limit.admits(0, bytes);
+                bytes += f.len();
+                within
+            })
             .collect();
         for frame in frames {
             if conn.send_or_close(self, conn.data_op(), &frame, limit) == SendOutcome::Dropped {

@@ -54,9 +54,10 @@ impl Shard {
 
     /// Throttled, checked every millisecond: once the bus has drained enough, reading
     /// goes on, first with the connections that stopped mid-buffer.
-    pub(super) fn relieve_if_drained(&mut self) {
+    /// True if it was relieved.
+    pub(super) fn relieve_if_drained(&mut self) -> bool {
         if !self.ctx.shared.bus.relieved() {
-            return;
+            return false;
         }
         let held = self.ctx.batch.relieve();
         for slot in held {
@@ -65,6 +66,7 @@ impl Shard {
                 self.settle(slot);
             }
         }
+        true
     }
 
     /// The newest connection of `device` on this shard.

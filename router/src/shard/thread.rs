@@ -92,7 +92,7 @@ async fn serve(
         inbox_more: false,
         accept_more: false,
         poller_ok: true,
-        throttled: false,
+        throttled: None,
         hard_stop: None,
     }
     .run()
@@ -147,8 +147,9 @@ struct Loop {
     accept_more: bool,
     /// False after the poller failed (logged; the shard still serves its inbox).
     poller_ok: bool,
-    /// The bus pushed back: devices are not read until it has drained.
-    throttled: bool,
+    /// The bus pushed back: devices are not read until it has drained; the next look
+    /// at the bus is due then.
+    throttled: Option<Instant>,
     /// Draining: stop at this instant even if connections are left.
     hard_stop: Option<Instant>,
 }
@@ -180,8 +181,8 @@ impl Loop {
             let accepting = self.listener.is_some()
                 && self.accept_paused_until.is_none_or(|t| Instant::now() >= t);
             let wake = tokio::select! {
-                r = self.shard.poller.wait(&mut evs), if self.poller_ok && !self.throttled => Wake::Ready(r),
-                _ = tokio::time::sleep(RELIEF_CHECK), if self.throttled => Wake::Relief,
+                r = self.shard.poller.wait(&mut evs), if self.poller_ok && self.throttled.is_none() => Wake::Ready(r),
+                _ = relief_due(self.throttled) => Wake::Relief,
                 _ = notify.notified(), if !self.inbox_more => Wake::Inbox,
                 _ = std::future::ready(()), if self.inbox_more => Wake::Inbox,
                 a = self.adopted.recv() => Wake::Adopted(a),
@@ -199,7 +200,8 @@ impl Loop {
                     tracing::error!(shard = self.shard.ctx.id, error = %e, "connection poller failed");
                     self.poller_ok = false;
                 }
-                Wake::Relief => self.shard.relieve_if_drained(),
+                // (Looked at below, as after every pass while throttled.)
+                Wake::Relief => {}
                 Wake::Inbox => self.serve_inbox(),
                 Wake::Adopted(a) => {
                     // (Never None: the door holds a sender for as long as the loop runs.)
@@ -222,20 +224,39 @@ impl Loop {
                 Wake::Listener(Err(e)) => {
                     tracing::error!(shard = self.shard.ctx.id, error = %e, "listener lost");
                     self.listener = None;
+                    self.accept_more = false;
                 }
             }
             self.shard.settle_dirty();
             self.shard.ctx.wake_bus_if_urgent();
-            self.throttled = self.shard.ctx.throttled();
-            if self.throttled {
-                self.shard.ctx.press_bus();
-            }
+            self.backpressure();
             if self.drained() {
                 break;
             }
         }
         // Device-alive events still waiting for a tick.
         self.shard.ctx.wake_bus();
+    }
+
+    /// End of a pass: throttled by the bus, or relieved. The bus gets this shard's
+    /// events and a wake-up when reading stops; whether it has drained is looked at
+    /// after every pass while throttled (and every [`RELIEF_CHECK`] when nothing else
+    /// wakes the loop).
+    fn backpressure(&mut self) {
+        // Relieved, the held connections go on (and may fill the bus again at once).
+        let relieved = self.throttled.is_some() && self.shard.relieve_if_drained();
+        let was = if relieved { None } else { self.throttled };
+        match (was, self.shard.ctx.throttled()) {
+            (_, false) => self.throttled = None,
+            (None, true) => {
+                self.shard.ctx.press_bus();
+                self.throttled = Some(Instant::now() + RELIEF_CHECK);
+            }
+            (Some(due), true) if Instant::now() >= due => {
+                self.throttled = Some(Instant::now() + RELIEF_CHECK);
+            }
+            (Some(_), true) => {}
+        }
     }
 
     /// Up to [`INBOX_PER_PASS`] messages; a drain message starts the shard's drain.
@@ -255,6 +276,7 @@ impl Loop {
     /// No new connections; the tick closes ours gradually; messages are still served.
     fn start_drain(&mut self) {
         self.listener = None;
+        self.accept_more = false;
         self.shard.tick();
         let until = self.shard.drain_until().unwrap_or_else(Instant::now);
         self.hard_stop = Some(until + DRAIN_GRACE);
@@ -265,9 +287,20 @@ impl Loop {
         let Some(hard_stop) = self.hard_stop else {
             return false;
         };
-        let idle =
-            self.shard.routes.is_empty() && self.shard.ctx.metrics().handshakes.load(Relaxed) == 0;
+        // (A handshake task counts until it has handed its connection back.)
+        let idle = self.shard.routes.is_empty()
+            && self.shard.ctx.metrics().handshakes.load(Relaxed) == 0
+            && self.adopted.is_empty();
         idle || Instant::now() >= hard_stop
+    }
+}
+
+/// While throttled: the next look at the bus (never, when not throttled). An async fn,
+/// so no timer is made on a pass that does not poll it.
+async fn relief_due(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

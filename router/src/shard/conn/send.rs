@@ -36,7 +36,7 @@ impl Limit {
         Limit::Bounded(ctx.shared.config.max_outbound.saturating_mul(2))
     }
 
-    pub(super) fn admits(self, queued: usize, more: usize) -> bool {
+    pub(crate) fn admits(self, queued: usize, more: usize) -> bool {
         match self {
             Limit::Bounded(max) => queued + more <= max,
             Limit::Exempt => true,
