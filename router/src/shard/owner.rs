@@ -156,16 +156,7 @@ impl Shard {
             return;
         }
         let mut conn = Box::new(Conn::new(
-            &mut self.ctx,
-            id,
-            slot,
-            stream,
-            tls,
-            ident,
-            peer,
-            protocol,
-            deflate,
-            open,
+            &self.ctx, id, slot, stream, tls, ident, peer, protocol, deflate, open,
         ));
         self.ctx.metrics().connections.fetch_add(1, Relaxed);
         // Also after a takeover here: the directory keeps the newest connection's age.

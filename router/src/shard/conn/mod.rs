@@ -187,7 +187,7 @@ impl State {
 impl Conn {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        ctx: &mut ShardCtx,
+        ctx: &ShardCtx,
         id: u64,
         slot: u32,
         stream: TcpStream,
