@@ -160,14 +160,7 @@ impl RouterHandle {
 /// Bind the listeners and start the shard threads and the API thread (with more than
 /// one shard; with one, the API runs on the shard's thread).
 pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
-    if let Some(url) = &config.amqp {
-        amqp::check_url(url)?;
-        // The TLS files are read now too, so a missing one stops the start.
-        amqp::tls_config(&config)?;
-    }
-    if let Some(url) = &config.backend_url {
-        backend::check_config(url, &config)?;
-    }
+    check_config(&config)?;
     let n = config.shard_count();
     let (secret, dev) = config.secret().context("reading --auth-secret-file")?;
     if dev {
@@ -180,45 +173,95 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     api_listener.set_nonblocking(true)?;
     let api_addr = api_listener.local_addr()?;
 
-    let mut handles = Vec::with_capacity(n);
-    let mut inboxes = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (h, rx) = ShardHandle::new(config.queue_capacity);
-        handles.push(h);
-        inboxes.push(rx);
-    }
+    let (handles, inboxes): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| ShardHandle::new(config.queue_capacity))
+        .unzip();
     let (bus, bus_rx) = Bus::new(config.queue_capacity);
     let node_id = config.node_id();
-    // --amqp: the cluster's direct link listener, bound now so a bad address stops the start.
-    let link = match &config.amqp {
-        Some(url) => {
-            match cluster::link::bind_addr(&config.cluster_link, url).map_err(anyhow::Error::msg)? {
-                Some(addr) => {
-                    let l = std::net::TcpListener::bind(addr)
-                        .with_context(|| format!("binding cluster link listener {addr}"))?;
-                    let local = l.local_addr()?;
-                    if local.ip().is_unspecified() && config.cluster_advertise.is_none() {
-                        anyhow::bail!(
-                            "--cluster-link {addr} listens on every address: say which one peers \
-                         reach with --cluster-advertise HOST:PORT"
-                        );
-                    }
-                    let advertised = config
-                        .cluster_advertise
-                        .clone()
-                        .unwrap_or_else(|| local.to_string());
-                    Some((l, advertised))
-                }
-                None => None,
-            }
-        }
-        None => None,
+    let link = bind_cluster_link(&config)?;
+    let shared = Arc::new(new_shared(config, node_id, &secret, handles, bus, link)?);
+
+    // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
+    // joined after the API has stopped (see `backend`).
+    let backend = match (&shared.config.amqp, &shared.config.backend_url) {
+        (Some(_), Some(_)) => Some(backend::spawn(shared.clone())?),
+        _ => None,
     };
-    let shared = Arc::new(Shared {
+    let api = ApiPart {
+        listener: api_listener,
+        bus_rx,
+        backend,
+    };
+    let threads = spawn_threads(&shared, inboxes, listeners, api)?;
+    // With --amqp, the bridge says when the router is ready (broker connected).
+    if shared.config.amqp.is_none() {
+        shared.ready.store(true, Relaxed);
+    }
+    Ok(RouterHandle {
+        ws_addr,
+        api_addr,
+        shared,
+        threads,
+    })
+}
+
+/// Refuse a start whose broker URL, broker TLS files or backend settings are wrong.
+fn check_config(config: &ServeConfig) -> anyhow::Result<()> {
+    if let Some(url) = &config.amqp {
+        amqp::check_url(url)?;
+        // The TLS files are read now too, so a missing one stops the start.
+        amqp::tls_config(config)?;
+    }
+    if let Some(url) = &config.backend_url {
+        backend::check_config(url, config)?;
+    }
+    Ok(())
+}
+
+/// --amqp: the cluster's direct link listener and the address peers are told, bound now
+/// so a bad address stops the start.
+fn bind_cluster_link(
+    config: &ServeConfig,
+) -> anyhow::Result<Option<(std::net::TcpListener, String)>> {
+    let Some(url) = &config.amqp else {
+        return Ok(None);
+    };
+    let Some(addr) =
+        cluster::link::bind_addr(&config.cluster_link, url).map_err(anyhow::Error::msg)?
+    else {
+        return Ok(None);
+    };
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding cluster link listener {addr}"))?;
+    let local = l.local_addr()?;
+    if local.ip().is_unspecified() && config.cluster_advertise.is_none() {
+        anyhow::bail!(
+            "--cluster-link {addr} listens on every address: say which one peers \
+             reach with --cluster-advertise HOST:PORT"
+        );
+    }
+    let advertised = config
+        .cluster_advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
+    Ok(Some((l, advertised)))
+}
+
+/// What the threads share, from the config and the handles made for it (reads the TLS
+/// and NervesHub key files).
+fn new_shared(
+    config: ServeConfig,
+    node_id: String,
+    secret: &str,
+    shards: Vec<ShardHandle>,
+    bus: Bus,
+    link: Option<(std::net::TcpListener, String)>,
+) -> anyhow::Result<Shared> {
+    Ok(Shared {
         node_id: node_id.clone(),
-        verifier: Verifier::new(&secret),
-        metrics: Metrics::new(n),
-        shards: handles,
+        verifier: Verifier::new(secret),
+        metrics: Metrics::new(shards.len()),
+        shards,
         bus,
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
@@ -238,23 +281,22 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
             .is_some()
             .then(|| cluster::Cluster::new(node_id, link)),
         config,
-    });
+    })
+}
 
-    // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
-    // joined after the API has stopped (see `backend`).
-    let backend = match (&shared.config.amqp, &shared.config.backend_url) {
-        (Some(_), Some(_)) => Some(backend::spawn(shared.clone())?),
-        _ => None,
-    };
-    let mut api = Some(ApiPart {
-        listener: api_listener,
-        bus_rx,
-        backend,
-    });
+/// Start a thread per shard, each with its inbox and listener, and the API: on the
+/// shard's thread when there is one shard, else on a thread of its own (last).
+fn spawn_threads(
+    shared: &Arc<Shared>,
+    inboxes: Vec<crossbeam_channel::Receiver<ShardMsg>>,
+    listeners: Vec<std::net::TcpListener>,
+    api: ApiPart,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     // One shard (e.g. one of several processes on a port): the API runs on the shard's
     // own thread, so a request to one of its devices crosses no thread at all (with a
     // thread of its own, each request woke it and the shard twice).
-    let api_on_shard = n == 1;
+    let api_on_shard = inboxes.len() == 1;
+    let mut api = Some(api);
     let mut threads = Vec::new();
     for (id, (rx, l)) in inboxes.into_iter().zip(listeners).enumerate() {
         let sh = shared.clone();
@@ -271,16 +313,7 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
             rt.block_on(api.serve(sh)).join();
         })?);
     }
-    // With --amqp, the bridge says when the router is ready (broker connected).
-    if shared.config.amqp.is_none() {
-        shared.ready.store(true, Relaxed);
-    }
-    Ok(RouterHandle {
-        ws_addr,
-        api_addr,
-        shared,
-        threads,
-    })
+    Ok(threads)
 }
 
 /// A named thread with a current-thread tokio runtime for `body` (the API, the AMQP

@@ -341,8 +341,29 @@ impl Cluster {
     /// The `router_cluster_*` metrics, Prometheus text.
     pub(crate) fn render_metrics(&self, o: &mut String) {
         use std::fmt::Write;
+        for (name, help, v) in self.gauges() {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let counters = self
+            .broker_counters()
+            .into_iter()
+            .chain(self.request_counters())
+            .chain(self.membership_counters())
+            .chain(self.directory_counters())
+            .chain(self.link_counters());
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Relaxed)
+            );
+        }
+    }
+
+    /// The cluster's gauges: (name, help, value now), in the order they are written.
+    fn gauges(&self) -> [(&'static str, &'static str, u64); 7] {
         let m = &self.metrics;
-        for (name, help, v) in [
+        [
             (
                 "router_cluster_nodes",
                 "Router nodes this node counts as members, itself included.",
@@ -378,10 +399,13 @@ impl Cluster {
                 "Direct links to other nodes that are connected now.",
                 self.link_metrics.up.load(Relaxed),
             ),
-        ] {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
-        for (name, help, c) in [
+        ]
+    }
+
+    /// Counters of the broker session: membership messages and envelopes.
+    fn broker_counters(&self) -> [Counter<'_>; 8] {
+        let m = &self.metrics;
+        [
             (
                 "router_cluster_sessions_total",
                 "Broker sessions of the cluster connection (1 + reconnects).",
@@ -422,6 +446,13 @@ impl Cluster {
                 "Second deliveries of a request UUID this node already held.",
                 &m.duplicates_dropped,
             ),
+        ]
+    }
+
+    /// Counters of requests sent to and served for other nodes.
+    fn request_counters(&self) -> [Counter<'_>; 4] {
+        let m = &self.metrics;
+        [
             (
                 "router_cluster_requests_forwarded_total",
                 "Requests and events this node's API sent to a device's home.",
@@ -442,6 +473,13 @@ impl Cluster {
                 "Requests from other nodes delivered to devices here.",
                 &m.requests_served_for_peers,
             ),
+        ]
+    }
+
+    /// Counters of nodes removed and the liveness probes that decide it.
+    fn membership_counters(&self) -> [Counter<'_>; 5] {
+        let m = &self.metrics;
+        [
             (
                 "router_cluster_nodes_expired_total",
                 "Nodes removed because the broker said their queue was gone.",
@@ -467,6 +505,13 @@ impl Cluster {
                 "Probes that could not decide (broker error); retried.",
                 &m.probes_failed,
             ),
+        ]
+    }
+
+    /// Counters of directory changes, evictions and envelopes the full queue refused.
+    fn directory_counters(&self) -> [Counter<'_>; 5] {
+        let m = &self.metrics;
+        [
             (
                 "router_cluster_directory_changes_sent_total",
                 "Claims, releases and evictions sent to other nodes.",
@@ -492,45 +537,48 @@ impl Cluster {
                 "Envelopes refused because the outgoing queue was full (broker away).",
                 &m.outgoing_dropped,
             ),
-            (
-                "router_cluster_link_sent_total",
-                "Requests, events and replies sent to another node over its direct link.",
-                &self.link_metrics.sent,
-            ),
-            (
-                "router_cluster_link_received_total",
-                "Envelopes received over direct links.",
-                &self.link_metrics.received,
-            ),
-            (
-                "router_cluster_link_via_broker_total",
-                "Requests, events and replies sent through the broker because no link to their node was up.",
-                &self.link_metrics.via_broker,
-            ),
-            (
-                "router_cluster_link_connects_total",
-                "Direct links opened (accepted by their peer).",
-                &self.link_metrics.connects,
-            ),
-            (
-                "router_cluster_link_failures_total",
-                "Direct link attempts or links that failed (refused, unreachable, broken).",
-                &self.link_metrics.failures,
-            ),
-            (
-                "router_cluster_link_refused_total",
-                "Incoming links closed: bad hello, wrong token, or an oversized frame.",
-                &self.link_metrics.refused,
-            ),
-        ] {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                c.load(Relaxed)
-            );
-        }
+        ]
+    }
+
+    /// Counters of the direct links between nodes.
+    fn link_counters(&self) -> [Counter<'_>; 6] {
+        [
+        (
+            "router_cluster_link_sent_total",
+            "Requests, events and replies sent to another node over its direct link.",
+            &self.link_metrics.sent,
+        ),
+        (
+            "router_cluster_link_received_total",
+            "Envelopes received over direct links.",
+            &self.link_metrics.received,
+        ),
+        (
+            "router_cluster_link_via_broker_total",
+            "Requests, events and replies sent through the broker because no link to their node was up.",
+            &self.link_metrics.via_broker,
+        ),
+        (
+            "router_cluster_link_connects_total",
+            "Direct links opened (accepted by their peer).",
+            &self.link_metrics.connects,
+        ),
+        (
+            "router_cluster_link_failures_total",
+            "Direct link attempts or links that failed (refused, unreachable, broken).",
+            &self.link_metrics.failures,
+        ),
+        (
+            "router_cluster_link_refused_total",
+            "Incoming links closed: bad hello, wrong token, or an oversized frame.",
+            &self.link_metrics.refused,
+        ),
+        ]
     }
 }
+
+/// A counter as the metrics text shows it: (name, help, the counter).
+type Counter<'a> = (&'static str, &'static str, &'a AtomicU64);
 
 /// The queue of envelopes for other nodes is full (the broker has been away long).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

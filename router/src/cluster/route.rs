@@ -187,6 +187,8 @@ enum Step {
     Busy,
 }
 
+/// Route a request or event for `device` until `deadline`: to its shard while it is
+/// here, else through its home, sending again as answers and member changes say.
 async fn route(
     shared: &Arc<Shared>,
     device: Uuid,
@@ -199,124 +201,230 @@ async fn route(
     let mut changes = c.subscribe();
     let mut replies = c.expect_replies(request);
     let mut local_rx: Option<oneshot::Receiver<RequestReply>> = None;
-    let deadline_unix = unix_ms()
-        + deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as u64;
-    // When the device was first reported not connected (reset by "moving").
-    let mut offline_since: Option<Instant> = None;
-    let mut send_now = true;
-    let mut sent_once = false;
-    let mut retry_at: Option<Instant> = None;
-    // Tries so far of each kind, for their backoff.
-    let (mut reasks, mut offline_tries, mut moving_tries) = (0u32, 0u32, 0u32);
-    let backoff = |base: Duration, n: &mut u32| {
-        let d = base.saturating_mul(1 << (*n).min(5)).min(RETRY_CAP);
-        *n += 1;
-        Instant::now() + d
+    let trip = Trip {
+        shared,
+        c,
+        device,
+        request,
+        deadline_unix: unix_ms()
+            + deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+        what,
+        local_msg,
     };
+    let mut tries = Tries::new();
     loop {
-        if send_now {
-            send_now = false;
+        if tries.send_now {
+            tries.send_now = false;
             changes.borrow_and_update();
-            // Look again if nothing answers (an answer sets its own retry).
-            retry_at = Some(backoff(REASK, &mut reasks));
-            if c.is_local(&device) {
-                if local_rx.is_none() {
-                    let (tx, rx) = oneshot::channel();
-                    if ShardHandle::send_to_owner(&shared.shards, &device, local_msg(tx)).is_err() {
-                        shared.metrics.api.shard_queue_full.fetch_add(1, Relaxed);
-                        return Step::Busy;
-                    }
-                    local_rx = Some(rx);
-                }
-            } else if !c.joined() {
-                // Not here, and no broker to ask where: say so now rather than at the
-                // deadline.
-                if !sent_once {
-                    return Step::Busy;
-                }
-            } else {
-                // (A request still held by the local shard stays there: if the device
-                // comes back here, the shard sends it again.)
-                let msg = NodeMsg::Request {
-                    request: request.as_u128(),
-                    device: device.as_u128(),
-                    origin: c.node.clone(),
-                    hops: 0,
-                    deadline_unix_ms: deadline_unix,
-                    what: what.clone(),
-                };
-                if c.send(Dest::HomeOf(device), msg).is_err() {
-                    return Step::Busy;
-                }
-                let m = &c.metrics;
-                if sent_once {
-                    m.requests_retried.fetch_add(1, Relaxed);
-                } else {
-                    m.requests_forwarded.fetch_add(1, Relaxed);
-                }
+            if let Err(step) = trip.send(&mut tries, &mut local_rx) {
+                return step;
             }
-            sent_once = true;
         }
-        let give_up = match offline_since {
-            Some(t) => deadline.min(t + OFFLINE_GRACE),
-            None => deadline,
-        };
-        let retry = retry_at.unwrap_or(give_up);
+        let give_up = tries.give_up(deadline);
+        let retry = tries.retry_at.unwrap_or(give_up);
         tokio::select! {
             r = async { local_rx.as_mut().expect("guarded").await }, if local_rx.is_some() => {
                 local_rx = None;
-                match r {
-                    Ok(RequestReply::Offline) => {
-                        offline_since.get_or_insert_with(Instant::now);
-                        retry_at = Some(backoff(RETRY_OFFLINE, &mut offline_tries));
-                    }
-                    Ok(other) => return Step::Local(other),
-                    // The shard dropped it: its deadline passed.
-                    Err(_) => {}
+                if let Some(step) = tries.local_answer(r) {
+                    return step;
                 }
             }
             Some((from, outcome)) = replies.rx.recv() => {
-                match outcome {
-                    RequestOutcome::Acked => return Step::Remote(from, RequestReply::Acked),
-                    RequestOutcome::Responded { ok, result } => {
-                        return Step::Remote(from, RequestReply::Responded { ok, result })
-                    }
-                    RequestOutcome::Full => return Step::Remote(from, RequestReply::Full),
-                    RequestOutcome::NotJoined => {
-                        return Step::Remote(from, RequestReply::Responded { ok: false, result: None })
-                    }
-                    RequestOutcome::Offline => {
-                        offline_since.get_or_insert_with(Instant::now);
-                        retry_at = Some(backoff(RETRY_OFFLINE, &mut offline_tries));
-                    }
-                    RequestOutcome::Moving => {
-                        offline_since = None;
-                        retry_at = Some(backoff(RETRY_MOVING, &mut moving_tries));
-                    }
-                    RequestOutcome::At { .. } | RequestOutcome::Expired => {}
+                if let Some(step) = tries.remote_answer(from, outcome) {
+                    return step;
                 }
             }
             // The member set changed: the home may have too, and the directory is being
             // rebuilt (claims move to their new homes): "not found" said before this is
             // stale, so the grace starts again.
-            _ = changes.changed() => {
-                send_now = true;
-                offline_since = None;
-                offline_tries = 0;
+            _ = changes.changed() => tries.members_changed(),
+            _ = tokio::time::sleep_until(retry.into()), if tries.retry_at.is_some() => {
+                tries.send_now = true;
             }
-            _ = tokio::time::sleep_until(retry.into()), if retry_at.is_some() => send_now = true,
-            _ = tokio::time::sleep_until(give_up.into()) => {
-                return if offline_since.is_some() && Instant::now() < deadline {
-                    Step::Offline
-                } else {
-                    Step::TimedOut
-                };
+            _ = tokio::time::sleep_until(give_up.into()) => return tries.gave_up(deadline),
+        }
+        if tries.retry_at.is_some_and(|t| t >= give_up) {
+            tries.retry_at = None;
+        }
+    }
+}
+
+/// One routed request or event: what is sent, for which device, until when.
+struct Trip<'a, F> {
+    shared: &'a Arc<Shared>,
+    c: &'a Cluster,
+    device: Uuid,
+    request: Uuid,
+    /// The deadline as envelopes carry it (Unix milliseconds).
+    deadline_unix: u64,
+    what: What,
+    /// The shard message for the device when it is here, answering on the sender given.
+    local_msg: F,
+}
+
+impl<F: Fn(oneshot::Sender<RequestReply>) -> ShardMsg> Trip<'_, F> {
+    /// One try: to the shard if the device is here, else to its home. Err: the end now.
+    fn send(
+        &self,
+        tries: &mut Tries,
+        local_rx: &mut Option<oneshot::Receiver<RequestReply>>,
+    ) -> Result<(), Step> {
+        // Look again if nothing answers (an answer sets its own retry).
+        tries.retry_at = Some(Tries::backoff(REASK, &mut tries.reasks));
+        if self.c.is_local(&self.device) {
+            if local_rx.is_none() {
+                *local_rx = Some(self.send_local()?);
             }
+        } else if !self.c.joined() {
+            // Not here, and no broker to ask where: say so now rather than at the
+            // deadline.
+            if !tries.sent_once {
+                return Err(Step::Busy);
+            }
+        } else {
+            // (A request still held by the local shard stays there: if the device
+            // comes back here, the shard sends it again.)
+            self.send_home(tries.sent_once)?;
         }
-        if retry_at.is_some_and(|t| t >= give_up) {
-            retry_at = None;
+        tries.sent_once = true;
+        Ok(())
+    }
+
+    /// Hand the request to the shard that holds the device; Err(Busy) when its inbox is full.
+    fn send_local(&self) -> Result<oneshot::Receiver<RequestReply>, Step> {
+        let (tx, rx) = oneshot::channel();
+        if ShardHandle::send_to_owner(&self.shared.shards, &self.device, (self.local_msg)(tx))
+            .is_err()
+        {
+            self.shared
+                .metrics
+                .api
+                .shard_queue_full
+                .fetch_add(1, Relaxed);
+            return Err(Step::Busy);
         }
+        Ok(rx)
+    }
+
+    /// Send the request to the device's home, counted as retried when `again`, else
+    /// forwarded; Err(Busy) when the envelope queue is full.
+    fn send_home(&self, again: bool) -> Result<(), Step> {
+        let msg = NodeMsg::Request {
+            request: self.request.as_u128(),
+            device: self.device.as_u128(),
+            origin: self.c.node.clone(),
+            hops: 0,
+            deadline_unix_ms: self.deadline_unix,
+            what: self.what.clone(),
+        };
+        if self.c.send(Dest::HomeOf(self.device), msg).is_err() {
+            return Err(Step::Busy);
+        }
+        let m = &self.c.metrics;
+        if again {
+            m.requests_retried.fetch_add(1, Relaxed);
+        } else {
+            m.requests_forwarded.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Where a routed request stands between tries: when to send again, and why.
+#[derive(Default)]
+struct Tries {
+    /// Send (again) at the top of the next pass.
+    send_now: bool,
+    sent_once: bool,
+    retry_at: Option<Instant>,
+    /// When the device was first reported not connected (reset by "moving").
+    offline_since: Option<Instant>,
+    // Tries so far of each kind, for their backoff.
+    reasks: u32,
+    offline_tries: u32,
+    moving_tries: u32,
+}
+
+impl Tries {
+    /// Nothing sent yet: the first pass sends.
+    fn new() -> Self {
+        Tries {
+            send_now: true,
+            ..Tries::default()
+        }
+    }
+
+    /// When to try next: `base` doubled per try of its kind so far (`n`, counted), capped.
+    fn backoff(base: Duration, n: &mut u32) -> Instant {
+        let d = base.saturating_mul(1 << (*n).min(5)).min(RETRY_CAP);
+        *n += 1;
+        Instant::now() + d
+    }
+
+    /// When waiting ends: the deadline, or sooner when the grace of a device not found ends.
+    fn give_up(&self, deadline: Instant) -> Instant {
+        match self.offline_since {
+            Some(t) => deadline.min(t + OFFLINE_GRACE),
+            None => deadline,
+        }
+    }
+
+    /// The end once waiting ended: offline if the grace ran out before the deadline.
+    fn gave_up(&self, deadline: Instant) -> Step {
+        if self.offline_since.is_some() && Instant::now() < deadline {
+            Step::Offline
+        } else {
+            Step::TimedOut
+        }
+    }
+
+    /// The device is not connected (yet): the grace starts, and it is asked for again.
+    fn not_found(&mut self) {
+        self.offline_since.get_or_insert_with(Instant::now);
+        self.retry_at = Some(Self::backoff(RETRY_OFFLINE, &mut self.offline_tries));
+    }
+
+    /// The member set changed: send again now, with the grace and its backoff reset.
+    fn members_changed(&mut self) {
+        self.send_now = true;
+        self.offline_since = None;
+        self.offline_tries = 0;
+    }
+
+    /// The local shard's answer: the end, or None to keep waiting.
+    fn local_answer(&mut self, r: Result<RequestReply, oneshot::error::RecvError>) -> Option<Step> {
+        match r {
+            Ok(RequestReply::Offline) => self.not_found(),
+            Ok(other) => return Some(Step::Local(other)),
+            // The shard dropped it: its deadline passed.
+            Err(_) => {}
+        }
+        None
+    }
+
+    /// Node `from`'s answer: the end, or None to keep waiting (and maybe send again).
+    fn remote_answer(&mut self, from: String, outcome: RequestOutcome) -> Option<Step> {
+        let reply = match outcome {
+            RequestOutcome::Acked => RequestReply::Acked,
+            RequestOutcome::Responded { ok, result } => RequestReply::Responded { ok, result },
+            RequestOutcome::Full => RequestReply::Full,
+            RequestOutcome::NotJoined => RequestReply::Responded {
+                ok: false,
+                result: None,
+            },
+            RequestOutcome::Offline => {
+                self.not_found();
+                return None;
+            }
+            RequestOutcome::Moving => {
+                self.offline_since = None;
+                self.retry_at = Some(Self::backoff(RETRY_MOVING, &mut self.moving_tries));
+                return None;
+            }
+            RequestOutcome::At { .. } | RequestOutcome::Expired => return None,
+        };
+        Some(Step::Remote(from, reply))
     }
 }

@@ -18,6 +18,9 @@ pub struct Upgrade {
     pub consumed: usize,
 }
 
+/// Why an upgrade request is refused: (status line, message) for the HTTP answer.
+type Refusal = (&'static str, String);
+
 /// Parse an HTTP upgrade request. Err: (status line, message) for the HTTP answer.
 pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, String)> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -39,6 +42,36 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let protocol = endpoint_protocol(path, query)?;
+    let headers: &[httparse::Header] = req.headers;
+    check_websocket_headers(headers)?;
+    let key = websocket_key(headers)?;
+    let token = token(headers, query)?;
+    Ok(Some(Upgrade {
+        protocol,
+        key,
+        token,
+        nerves: nerves_headers(headers),
+        deflate: headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .any(ws::deflate_offered),
+        consumed,
+    }))
+}
+
+/// The value of the first header called `name` (any case), if it is UTF-8.
+fn header<'h>(headers: &'h [httparse::Header], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// The protocol spoken at `path` (Phoenix's serializer from the query's `vsn`); 404 for
+/// a path with no endpoint.
+fn endpoint_protocol(path: &str, query: &str) -> Result<Protocol, Refusal> {
     let param = |name: &str| {
         query.split('&').find_map(|kv| {
             kv.split_once('=')
@@ -46,7 +79,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
                 .map(|(_, v)| percent_decode(v))
         })
     };
-    let protocol = match path {
+    Ok(match path {
         "/ws" => Protocol::Hive,
         "/v1/ws" => Protocol::Hivekit,
         // NervesHub serves its device socket at both paths (shared-secret devices use
@@ -68,15 +101,14 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
                 format!("no WebSocket endpoint at {path}; devices connect to /ws, /socket/websocket, /device-socket/websocket or /v1/ws"),
             ))
         }
-    };
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
-    let upgrade_ok = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let connection_ok = header("connection").is_some_and(|v| {
+    })
+}
+
+/// 426 unless the request asks for a WebSocket upgrade, version 13.
+fn check_websocket_headers(headers: &[httparse::Header]) -> Result<(), Refusal> {
+    let upgrade_ok =
+        header(headers, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connection_ok = header(headers, "connection").is_some_and(|v| {
         v.split(',')
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
     });
@@ -86,13 +118,18 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             "this endpoint only speaks WebSocket".into(),
         ));
     }
-    if header("sec-websocket-version") != Some("13") {
+    if header(headers, "sec-websocket-version") != Some("13") {
         return Err((
             "426 Upgrade Required",
             "Sec-WebSocket-Version must be 13".into(),
         ));
     }
-    let key = header("sec-websocket-key")
+    Ok(())
+}
+
+/// The `Sec-WebSocket-Key`, trimmed; 400 when missing or not a base64 16-byte nonce.
+fn websocket_key(headers: &[httparse::Header]) -> Result<String, Refusal> {
+    let key = header(headers, "sec-websocket-key")
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .ok_or(("400 Bad Request", "missing Sec-WebSocket-Key".to_string()))?;
@@ -104,8 +141,13 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             "Sec-WebSocket-Key must be 16 bytes in base64".into(),
         ));
     }
-    let key = key.to_string();
-    let bearer = match header("authorization") {
+    Ok(key.to_string())
+}
+
+/// The token: from `Authorization: Bearer` (401 for another scheme), else the query's
+/// `token`.
+fn token(headers: &[httparse::Header], query: &str) -> Result<Option<String>, Refusal> {
+    let bearer = match header(headers, "authorization") {
         None => None,
         Some(v) => match crate::auth::bearer_token(v) {
             Some(t) => Some(t.to_string()),
@@ -117,14 +159,18 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             }
         },
     };
-    let token = bearer.or_else(|| {
+    Ok(bearer.or_else(|| {
         query
             .split('&')
             .find_map(|kv| kv.strip_prefix("token="))
             .map(percent_decode)
-    });
-    let nh = |name: &str| header(name).map(str::to_string);
-    let nerves = match (
+    }))
+}
+
+/// The NervesHub shared-secret headers (`x-nh-*`), when the request has any.
+fn nerves_headers(headers: &[httparse::Header]) -> Option<crate::nerves_auth::Headers> {
+    let nh = |name: &str| header(headers, name).map(str::to_string);
+    match (
         nh("x-nh-alg"),
         nh("x-nh-key"),
         nh("x-nh-time"),
@@ -137,21 +183,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             time: time.unwrap_or_default(),
             signature: signature.unwrap_or_default(),
         }),
-    };
-    let deflate = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .any(ws::deflate_offered);
-    Ok(Some(Upgrade {
-        protocol,
-        key,
-        token,
-        nerves,
-        deflate,
-        consumed,
-    }))
+    }
 }
 
 fn percent_decode(s: &str) -> String {
