@@ -158,6 +158,7 @@ fn say(line: &str) -> bool {
     writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
 }
 
+/// Run this worker (see the module's doc) until stopped; its result goes to stdout.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let index = args.worker_index.unwrap_or(0);
     let k = args.worker_count.max(1);
@@ -166,135 +167,212 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
         let mine: Vec<usize> = (index..args.devices).step_by(k).collect();
-        let control = Control {
-            stop: false,
-            storm: 0,
-            fraction: 1.0,
-            event_interval: (args.event_interval > 0.0)
-                .then(|| Duration::from_secs_f64(args.event_interval)),
-        };
-        let fleet = Rc::new(Fleet {
-            stats: std::cell::RefCell::new(Stats::new(mine.len())),
-            signal: Signal::new(mine.len(), control),
-            handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
-            no_ack: args.no_ack,
-            secret: args.secret.clone(),
-            account: args.account(),
-        });
-        // Stop on "stop", on EOF on stdin (the coordinator died: its end of the pipe
-        // closed), or by ourselves once the whole run plus a margin is over, so no
-        // worker outlives its run whatever happens to the coordinator.
-        let run_seconds = args
-            .worker_run_seconds
-            .unwrap_or(args.ramp_timeout.max(0.0) + args.duration.max(0.0) + args.hold.max(0.0));
-        let deadline = Duration::from_secs_f64(run_seconds.max(0.0)) + SELF_STOP_MARGIN;
-        let commands = fleet.clone();
-        tokio::task::spawn_local(async move {
-            let _ = tokio::time::timeout(deadline, obey(commands.clone())).await;
-            commands.signal.update(|c| c.stop = true);
-            let _ = stop_tx.send(true);
-        });
+        let fleet = new_fleet(&args, mine.len());
+        spawn_commands(fleet.clone(), self_stop_after(&args), stop_tx);
         let rss_start = own_memory("VmRSS");
-        let rss_full = Rc::new(std::cell::Cell::new(0u64));
-        let progress = fleet.clone();
-        let full = rss_full.clone();
-        tokio::task::spawn_local(async move {
-            let mut iv = tokio::time::interval(PROGRESS_EVERY);
-            loop {
-                iv.tick().await;
-                let line = progress_line(&progress.stats.borrow());
-                // The fleet's own cost, taken once, the first time every device is in.
-                if full.get() == 0 && progress.stats.borrow().full_us > 0 {
-                    full.set(own_memory("VmRSS"));
-                }
-                if !say(&line) {
-                    break;
-                }
-            }
-        });
-        let mut dests = Vec::new();
-        for u in &args.urls {
-            dests.push(resolve(u).await?);
-        }
-        let sources = match &args.source_ips {
-            Some(spec) => crate::net::parse_ip_range(spec)?,
-            None => crate::net::default_sources(&dests),
+        let rss_full = spawn_progress(fleet.clone());
+        let (targets, sources) = destinations(&args).await?;
+        let pace = Pace {
+            sched: crate::sched::OpenLoop::new(
+                std::time::Instant::now(),
+                (args.connect_rate / k as f64).max(1.0),
+            ),
+            in_flight: max_connecting(args.max_connecting, args.connect_rate, k),
         };
-        let targets: Vec<Rc<Target>> = args
-            .urls
-            .iter()
-            .zip(&dests)
-            .map(|(u, &dest)| {
-                Rc::new(Target {
-                    base: u.clone(),
-                    dest,
-                })
-            })
-            .collect();
-        let rate = (args.connect_rate / k as f64).max(1.0);
-        let sched = crate::sched::OpenLoop::new(std::time::Instant::now(), rate);
-        let in_flight = max_connecting(args.max_connecting, args.connect_rate, k);
-        let mut stop = stop_rx.clone();
         for (j, &i) in mine.iter().enumerate() {
             if *stop.borrow() {
                 break;
             }
-            let due = tokio::time::Instant::from_std(sched.due(j as u64));
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => {}
-                _ = stop.changed() => break,
+            if !pace.wait_turn(&fleet, j, &mut stop).await {
+                break;
             }
-            while fleet.stats.borrow().connecting >= in_flight {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let proto = device_proto(args.protocol, i);
-            let id = device_id(i);
-            let spec = DeviceSpec {
-                id,
-                slot: j as u32,
-                proto,
-                target: targets[i % targets.len()].clone(),
-                source: (!sources.is_empty()).then(|| sources[i % sources.len()]),
-            };
+            let spec = device_spec(&args, j, i, &targets, &sources);
             tokio::task::spawn_local(device::run(fleet.clone(), spec));
         }
         let _ = stop.wait_for(|s| *s).await;
-        // Devices close on the stop signal; give them a moment.
-        for _ in 0..40 {
-            if fleet.stats.borrow().connected == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_closed(&fleet).await;
         let s = fleet.stats.borrow();
-        let result = WorkerResult {
-            connect_hist: hist::to_b64(&s.connect),
-            auth_hist: hist::to_b64(&s.auth),
-            ever_connected: s.ever_connected,
-            reconnects: s.reconnects,
-            errors: s.errors.clone(),
-            events_sent: s.events_sent,
-            requests_received: s.requests_received,
-            first_attempt_us: s.first_attempt_us,
-            full_us: s.full_us,
-            worker_index: index,
-            last_seqs: s.seqs.clone(),
-            broken: s
-                .broken
-                .iter()
-                .map(|&(slot, first, last)| (mine[slot as usize] as u64, first, last))
-                .collect(),
-            rss_start_bytes: rss_start,
-            rss_full_bytes: rss_full.get(),
-            rss_peak_bytes: own_memory("VmHWM"),
-        };
+        let result = worker_result(&s, index, &mine, rss_start, rss_full.get());
         // The final counts first, so the coordinator's timeline ends on them.
         say(&progress_line(&s));
         say(&format!("R {}", serde_json::to_string(&result)?));
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// The fleet of `devices` devices, with the run's settings and initial control.
+fn new_fleet(args: &Args, devices: usize) -> Rc<Fleet> {
+    let control = Control {
+        stop: false,
+        storm: 0,
+        fraction: 1.0,
+        event_interval: (args.event_interval > 0.0)
+            .then(|| Duration::from_secs_f64(args.event_interval)),
+    };
+    Rc::new(Fleet {
+        stats: std::cell::RefCell::new(Stats::new(devices)),
+        signal: Signal::new(devices, control),
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        no_ack: args.no_ack,
+        secret: args.secret.clone(),
+        account: args.account(),
+    })
+}
+
+/// How long the worker runs at most: the whole run plus a margin.
+fn self_stop_after(args: &Args) -> Duration {
+    let run_seconds = args
+        .worker_run_seconds
+        .unwrap_or(args.ramp_timeout.max(0.0) + args.duration.max(0.0) + args.hold.max(0.0));
+    Duration::from_secs_f64(run_seconds.max(0.0)) + SELF_STOP_MARGIN
+}
+
+/// Follow the coordinator's commands in a task; then stop the fleet and the worker.
+fn spawn_commands(fleet: Rc<Fleet>, deadline: Duration, stop_tx: tokio::sync::watch::Sender<bool>) {
+    // Stop on "stop", on EOF on stdin (the coordinator died: its end of the pipe
+    // closed), or by ourselves once the whole run plus a margin is over, so no
+    // worker outlives its run whatever happens to the coordinator.
+    tokio::task::spawn_local(async move {
+        let _ = tokio::time::timeout(deadline, obey(fleet.clone())).await;
+        fleet.signal.update(|c| c.stop = true);
+        let _ = stop_tx.send(true);
+    });
+}
+
+/// Report progress lines in a task until the coordinator is gone. Returns where it
+/// notes the resident memory once every device is first connected (0 until then).
+fn spawn_progress(fleet: Rc<Fleet>) -> Rc<std::cell::Cell<u64>> {
+    let rss_full = Rc::new(std::cell::Cell::new(0u64));
+    let full = rss_full.clone();
+    tokio::task::spawn_local(async move {
+        let mut iv = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            iv.tick().await;
+            let line = progress_line(&fleet.stats.borrow());
+            // The fleet's own cost, taken once, the first time every device is in.
+            if full.get() == 0 && fleet.stats.borrow().full_us > 0 {
+                full.set(own_memory("VmRSS"));
+            }
+            if !say(&line) {
+                break;
+            }
+        }
+    });
+    rss_full
+}
+
+/// The routers to connect to, resolved, and the source addresses to connect from.
+async fn destinations(args: &Args) -> anyhow::Result<(Vec<Rc<Target>>, Vec<std::net::IpAddr>)> {
+    let mut dests = Vec::new();
+    for u in &args.urls {
+        dests.push(resolve(u).await?);
+    }
+    let sources = match &args.source_ips {
+        Some(spec) => crate::net::parse_ip_range(spec)?,
+        None => crate::net::default_sources(&dests),
+    };
+    let targets: Vec<Rc<Target>> = args
+        .urls
+        .iter()
+        .zip(&dests)
+        .map(|(u, &dest)| {
+            Rc::new(Target {
+                base: u.clone(),
+                dest,
+            })
+        })
+        .collect();
+    Ok((targets, sources))
+}
+
+/// How devices are started: on an open-loop schedule, with a cap on handshakes.
+struct Pace {
+    sched: crate::sched::OpenLoop,
+    /// Handshakes in flight at most.
+    in_flight: usize,
+}
+
+impl Pace {
+    /// Wait until the `j`th device is due and a handshake may start; false if the
+    /// stop came first.
+    async fn wait_turn(
+        &self,
+        fleet: &Fleet,
+        j: usize,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        let due = tokio::time::Instant::from_std(self.sched.due(j as u64));
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = stop.changed() => return false,
+        }
+        while fleet.stats.borrow().connecting >= self.in_flight {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+/// Device `i` of the fleet, the `j`th of this worker: its router and source address
+/// taken round-robin.
+fn device_spec(
+    args: &Args,
+    j: usize,
+    i: usize,
+    targets: &[Rc<Target>],
+    sources: &[std::net::IpAddr],
+) -> DeviceSpec {
+    DeviceSpec {
+        id: device_id(i),
+        slot: j as u32,
+        proto: device_proto(args.protocol, i),
+        target: targets[i % targets.len()].clone(),
+        source: (!sources.is_empty()).then(|| sources[i % sources.len()]),
+    }
+}
+
+/// Devices close on the stop signal; give them a moment.
+async fn wait_closed(fleet: &Fleet) {
+    for _ in 0..40 {
+        if fleet.stats.borrow().connected == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// This worker's result from its final counts; `mine` maps its device slots to
+/// fleet indexes.
+fn worker_result(
+    s: &Stats,
+    index: usize,
+    mine: &[usize],
+    rss_start: u64,
+    rss_full: u64,
+) -> WorkerResult {
+    WorkerResult {
+        connect_hist: hist::to_b64(&s.connect),
+        auth_hist: hist::to_b64(&s.auth),
+        ever_connected: s.ever_connected,
+        reconnects: s.reconnects,
+        errors: s.errors.clone(),
+        events_sent: s.events_sent,
+        requests_received: s.requests_received,
+        first_attempt_us: s.first_attempt_us,
+        full_us: s.full_us,
+        worker_index: index,
+        last_seqs: s.seqs.clone(),
+        broken: s
+            .broken
+            .iter()
+            .map(|&(slot, first, last)| (mine[slot as usize] as u64, first, last))
+            .collect(),
+        rss_start_bytes: rss_start,
+        rss_full_bytes: rss_full,
+        rss_peak_bytes: own_memory("VmHWM"),
+    }
 }
 
 async fn resolve(url: &str) -> anyhow::Result<std::net::SocketAddr> {

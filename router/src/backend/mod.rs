@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::BasicAckOptions;
 use lapin::types::ShortString;
-use lapin::{Channel, Event};
+use lapin::{Channel, Connection, Event};
 use reqwest::header::HeaderValue;
 use tokio::sync::watch;
 
@@ -243,127 +243,119 @@ impl Delivery {
         let Session {
             conn,
             ch,
-            mut stats,
+            stats,
             mut consumer,
         } = s;
-        let queue: ShortString = self.shared.config.backend_queue.as_str().into();
-        let mut conn_events = conn.events_listener();
-        let mut pending: VecDeque<Held> = VecDeque::new();
-        let mut batch: Option<Batch> = None;
-        let mut post: Option<PostFuture> = None;
-        let mut retry_at: Option<tokio::time::Instant> = None;
-        let mut backlog: Option<Pin<Box<dyn Future<Output = lapin::Result<u32>>>>> = None;
+        let mut c = Consuming {
+            queue: self.shared.config.backend_queue.as_str().into(),
+            conn,
+            ch,
+            stats,
+            pending: VecDeque::new(),
+            batch: None,
+            post: None,
+            retry_at: None,
+            backlog: None,
+        };
+        let mut conn_events = c.conn.events_listener();
         let mut tick = tokio::time::interval(BACKLOG_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
 
         let end = loop {
-            let now = tokio::time::Instant::now();
-            // A new batch when idle and the oldest held event is due (or enough are held).
-            if batch.is_none() {
-                if let Some(first) = pending.front() {
-                    if pending.len() >= self.batch_max || first.at + self.batch_wait <= now {
-                        let b = take_batch(&mut pending, self.batch_max);
-                        post = Some(self.post(b.body.clone()));
-                        batch = Some(b);
-                    }
-                }
-            }
-            // A failed batch whose backoff is over.
-            if post.is_none() && retry_at.is_some_and(|t| t <= now) {
-                if let Some(b) = &batch {
-                    retry_at = None;
-                    post = Some(self.post(b.body.clone()));
-                }
-            }
-            let held = pending.len() + batch.as_ref().map_or(0, |b| b.count);
-            self.m().unacked.store(held as i64, Relaxed);
-            let batch_due = match (&batch, pending.front()) {
-                (None, Some(first)) => Some(first.at + self.batch_wait),
-                _ => None,
-            };
+            self.start_post(&mut c);
+            self.m().unacked.store(c.held() as i64, Relaxed);
+            let batch_due = c.batch_due(self.batch_wait);
 
             tokio::select! {
                 biased;
                 _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => {
-                    // Let a POST in flight finish, so its batch is not delivered twice.
-                    if let (Some(p), Some(b)) = (post.take(), batch.take()) {
-                        if let Ok(Post::Ok) = tokio::time::timeout(SHUTDOWN_GRACE, p).await {
-                            self.delivered(&ch, &b).await;
-                        }
-                    }
+                    self.finish_post(&mut c).await;
                     break SessionEnd::Shutdown;
                 }
-                ev = conn_events.next() => match ev {
-                    Some(Event::Error(e)) => {
-                        tracing::warn!(error = %e, "backend delivery: AMQP connection error");
-                        break SessionEnd::Lost;
-                    }
-                    None => break SessionEnd::Lost,
-                    Some(_) => {}
+                ev = conn_events.next() => if let Some(end) = conn_event(ev) {
+                    break end;
                 },
-                res = async { post.as_mut().expect("guarded").await }, if post.is_some() => {
-                    post = None;
-                    let Some(b) = batch.as_mut() else { continue };
-                    match res {
-                        Post::Ok => {
-                            let b = batch.take().expect("just matched");
-                            if !self.delivered(&ch, &b).await {
-                                break SessionEnd::Lost;
-                            }
-                        }
-                        failed => {
-                            b.failures += 1;
-                            let failures = b.failures;
-                            self.failed(failed, failures);
-                            retry_at = Some(tokio::time::Instant::now() + BACKOFF.delay(failures - 1));
-                        }
+                res = in_slot(&mut c.post), if c.post.is_some() => {
+                    if let Some(end) = self.posted(&mut c, res).await {
+                        break end;
                     }
                 }
-                d = consumer.next() => match d {
-                    Some(Ok(d)) => pending.push_back(Held {
-                        tag: d.delivery_tag,
-                        body: d.data,
-                        at: tokio::time::Instant::now(),
-                    }),
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "backend delivery: consumer failed");
-                        break SessionEnd::Lost;
-                    }
-                    None => {
-                        tracing::warn!("backend delivery: consumer cancelled by the broker");
-                        break SessionEnd::Lost;
-                    }
+                d = consumer.next() => if let Some(end) = c.hold(d) {
+                    break end;
                 },
                 _ = sleep_until(batch_due), if batch_due.is_some() => {}
-                _ = sleep_until(retry_at), if retry_at.is_some() && post.is_none() => {}
-                n = async { backlog.as_mut().expect("guarded").await }, if backlog.is_some() => {
-                    backlog = None;
+                _ = sleep_until(c.retry_at), if c.retry_at.is_some() && c.post.is_none() => {}
+                n = in_slot(&mut c.backlog), if c.backlog.is_some() => {
+                    c.backlog = None;
                     match n {
                         Ok(n) => self.m().backlog.store(i64::from(n), Relaxed),
                         Err(e) => tracing::debug!(error = %e, "backend queue probe failed"),
                     }
                 }
-                _ = tick.tick() => {
-                    if !conn.status().connected() || !ch.status().connected() {
-                        break SessionEnd::Lost;
-                    }
-                    if backlog.is_none() {
-                        if !stats.status().connected() {
-                            // The probe's channel was closed (e.g. the queue vanished).
-                            match tokio::time::timeout(Duration::from_secs(1), conn.create_channel()).await {
-                                Ok(Ok(c)) => stats = c,
-                                _ => continue,
-                            }
-                        }
-                        backlog = Some(Box::pin(probe(stats.clone(), queue.clone())));
-                    }
-                }
+                _ = tick.tick() => if let Some(end) = c.on_tick().await {
+                    break end;
+                },
             }
         };
         drop(consumer);
-        crate::amqp::close(&conn).await;
+        crate::amqp::close(&c.conn).await;
         end
+    }
+
+    /// Start a POST if one is due: a new batch when idle and the oldest held event is
+    /// due (or enough are held), or a failed batch whose backoff is over.
+    fn start_post(&self, c: &mut Consuming) {
+        let now = tokio::time::Instant::now();
+        // A new batch when idle and the oldest held event is due (or enough are held).
+        if c.batch.is_none() {
+            if let Some(first) = c.pending.front() {
+                if c.pending.len() >= self.batch_max || first.at + self.batch_wait <= now {
+                    let b = take_batch(&mut c.pending, self.batch_max);
+                    c.post = Some(self.post(b.body.clone()));
+                    c.batch = Some(b);
+                }
+            }
+        }
+        // A failed batch whose backoff is over.
+        if c.post.is_none() && c.retry_at.is_some_and(|t| t <= now) {
+            if let Some(b) = &c.batch {
+                c.retry_at = None;
+                c.post = Some(self.post(b.body.clone()));
+            }
+        }
+    }
+
+    /// On shutdown: a POST in flight may finish (and its batch is acked if it
+    /// succeeded), so that batch is not delivered twice.
+    async fn finish_post(&mut self, c: &mut Consuming) {
+        if let (Some(p), Some(b)) = (c.post.take(), c.batch.take()) {
+            if let Ok(Post::Ok) = tokio::time::timeout(SHUTDOWN_GRACE, p).await {
+                self.delivered(&c.ch, &b).await;
+            }
+        }
+    }
+
+    /// A POST ended: on success its batch is acked (Some(Lost) if the ack fails);
+    /// otherwise the failure is counted and the batch is retried after a backoff.
+    async fn posted(&mut self, c: &mut Consuming, res: Post) -> Option<SessionEnd> {
+        c.post = None;
+        let b = c.batch.as_mut()?;
+        match res {
+            Post::Ok => {
+                let b = c.batch.take().expect("just matched");
+                if !self.delivered(&c.ch, &b).await {
+                    return Some(SessionEnd::Lost);
+                }
+            }
+            failed => {
+                b.failures += 1;
+                let failures = b.failures;
+                self.failed(failed, failures);
+                c.retry_at = Some(tokio::time::Instant::now() + BACKOFF.delay(failures - 1));
+            }
+        }
+        None
     }
 
     /// The backend took the batch: ack it. False if the ack could not be sent (the
@@ -393,6 +385,99 @@ impl Delivery {
             }
         }
     }
+}
+
+/// One connection's consuming state (see [`Delivery::session`]).
+struct Consuming {
+    conn: Connection,
+    ch: Channel,
+    /// The channel of the backlog probe.
+    stats: Channel,
+    queue: ShortString,
+    /// Deliveries received and not yet in a batch, oldest first.
+    pending: VecDeque<Held>,
+    /// The batch being POSTed, or waiting to be POSTed again.
+    batch: Option<Batch>,
+    post: Option<PostFuture>,
+    /// When a failed batch is POSTed again.
+    retry_at: Option<tokio::time::Instant>,
+    /// The backlog probe in flight.
+    backlog: Option<Pin<Box<dyn Future<Output = lapin::Result<u32>>>>>,
+}
+
+impl Consuming {
+    /// Deliveries held unacked: pending, and in the batch.
+    fn held(&self) -> usize {
+        self.pending.len() + self.batch.as_ref().map_or(0, |b| b.count)
+    }
+
+    /// When the next batch is due: with none in flight, the oldest pending event's
+    /// wait over.
+    fn batch_due(&self, wait: Duration) -> Option<tokio::time::Instant> {
+        match (&self.batch, self.pending.front()) {
+            (None, Some(first)) => Some(first.at + wait),
+            _ => None,
+        }
+    }
+
+    /// A delivery from the consumer is held; Some(Lost) if the consumer failed or
+    /// was cancelled.
+    fn hold(&mut self, d: Option<lapin::Result<lapin::message::Delivery>>) -> Option<SessionEnd> {
+        match d {
+            Some(Ok(d)) => self.pending.push_back(Held {
+                tag: d.delivery_tag,
+                body: d.data,
+                at: tokio::time::Instant::now(),
+            }),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "backend delivery: consumer failed");
+                return Some(SessionEnd::Lost);
+            }
+            None => {
+                tracing::warn!("backend delivery: consumer cancelled by the broker");
+                return Some(SessionEnd::Lost);
+            }
+        }
+        None
+    }
+
+    /// Every [`BACKLOG_EVERY`]: Some(Lost) if the connection or the channel is down;
+    /// else a backlog probe starts unless one is running (on a new channel if the
+    /// probe's was closed).
+    async fn on_tick(&mut self) -> Option<SessionEnd> {
+        if !self.conn.status().connected() || !self.ch.status().connected() {
+            return Some(SessionEnd::Lost);
+        }
+        if self.backlog.is_none() {
+            if !self.stats.status().connected() {
+                // The probe's channel was closed (e.g. the queue vanished).
+                match tokio::time::timeout(Duration::from_secs(1), self.conn.create_channel()).await
+                {
+                    Ok(Ok(c)) => self.stats = c,
+                    _ => return None,
+                }
+            }
+            self.backlog = Some(Box::pin(probe(self.stats.clone(), self.queue.clone())));
+        }
+        None
+    }
+}
+
+/// An event on the AMQP connection; Some(Lost) on an error or its end.
+fn conn_event(ev: Option<Event>) -> Option<SessionEnd> {
+    match ev {
+        Some(Event::Error(e)) => {
+            tracing::warn!(error = %e, "backend delivery: AMQP connection error");
+            Some(SessionEnd::Lost)
+        }
+        None => Some(SessionEnd::Lost),
+        Some(_) => None,
+    }
+}
+
+/// The future in `slot`, awaited; its select! branch is enabled only while there is one.
+async fn in_slot<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    slot.as_mut().expect("guarded").await
 }
 
 async fn sleep_until(t: Option<tokio::time::Instant>) {

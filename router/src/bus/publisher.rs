@@ -255,139 +255,159 @@ impl Bridge {
     /// Publish while the connection lives. Returns why it ended; on return every
     /// event not confirmed is back in the buffer.
     async fn session(&mut self, conn: &Connection, ch: &Channel) -> SessionEnd {
-        let mut inflight: FuturesUnordered<Publish> = FuturesUnordered::new();
-        // Events published and awaiting their confirm, by publish sequence number.
-        let mut held: HashMap<u64, BusEvent> = HashMap::with_capacity(self.window);
-        let mut seq = 0u64;
         let mut conn_events = conn.events_listener();
-        let frame_max = conn.configuration().frame_max() as usize;
-        let header_limit = if frame_max == 0 {
-            usize::MAX
-        } else {
-            frame_max.saturating_sub(HEADER_FRAME_OVERHEAD)
-        };
+        let mut p = Publishing::new(conn, ch, self.window);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut flush_until: Option<Instant> = None;
-        let mut paused_until: Option<tokio::time::Instant> = None;
-        // Nacks since the last ack (see the Confirm arm).
-        let mut nacks_in_a_row = 0usize;
 
-        let end = 'session: loop {
+        let end = loop {
             // 1. Fill the confirm window: retries first (oldest), then new events.
-            let paused = paused_until.is_some_and(|t| t > tokio::time::Instant::now());
-            let mut sent = 0;
-            while !paused && held.len() < self.window && sent < BATCH {
-                let Some(ev) = self.buffer.pop_front().or_else(|| self.take_new()) else {
-                    break;
-                };
-                sent += 1;
-                let Some((rk, props)) = self.prepare(&ev, header_limit) else {
-                    continue;
-                };
-                seq += 1;
-                inflight.push(Box::pin(publish(
-                    ch.clone(),
-                    seq,
-                    rk,
-                    ev.body.clone(),
-                    props,
-                )));
-                held.insert(seq, ev);
-                self.m().published.fetch_add(1, Relaxed);
-            }
-            let more = !paused && held.len() < self.window && sent == BATCH;
+            let paused = p.paused();
+            let more = self.fill_window(&mut p, paused);
             // With the window full (the broker is slow to confirm), keep taking events
             // from the shards into the buffer, up to its bound: shards that find the bus
             // full stop reading their devices, and a device's acks and responses would
             // then wait behind its unread events. Only a full buffer pushes back.
-            if held.len() >= self.window || paused {
-                while self.buffer.len() < self.cap {
-                    let Some(ev) = self.take_new() else { break };
-                    self.buffer.push_back(ev);
-                }
+            if p.held.len() >= self.window || paused {
+                self.take_up_to_cap();
             }
             self.m().buffered.store(self.buffer.len() as i64, Relaxed);
-            self.m().unconfirmed.store(held.len() as i64, Relaxed);
-            if let Some(deadline) = flush_until {
-                if held.is_empty() && self.buffer.is_empty() && self.rx.is_empty() {
-                    break SessionEnd::Shutdown;
-                }
-                if Instant::now() >= deadline {
-                    break SessionEnd::Shutdown;
-                }
+            self.m().unconfirmed.store(p.held.len() as i64, Relaxed);
+            if self.flush_over(&p) {
+                break SessionEnd::Shutdown;
             }
 
             // 2. Wait for a confirm, new events, or trouble.
-            let can_take = !paused && held.len() < self.window;
+            let can_take = !paused && p.held.len() < self.window;
             let wake = tokio::select! {
                 biased;
-                Some((id, res)) = inflight.next(), if !inflight.is_empty() => Wake::Confirm(id, res),
+                Some((id, res)) = p.inflight.next(), if !p.inflight.is_empty() => Wake::Confirm(id, res),
                 ev = conn_events.next() => Wake::Conn(ev),
-                _ = self.shutdown.wait_for(|s| *s), if flush_until.is_none() => Wake::Shutdown,
+                _ = self.shutdown.wait_for(|s| *s), if p.flush_until.is_none() => Wake::Shutdown,
                 _ = self.shared.bus.wait(), if (can_take && !more) || self.buffer.len() < self.cap => Wake::Work,
                 _ = async {}, if more => Wake::Work,
                 _ = tick.tick() => Wake::Tick,
             };
-            match wake {
-                Wake::Confirm(id, res) => {
-                    let mut next = Some((id, res));
-                    while let Some((id, res)) = next.take() {
-                        match self.settle(id, res, &mut held) {
-                            PublishOutcome::Ack => nacks_in_a_row = 0,
-                            PublishOutcome::Nack => {
-                                paused_until = Some(tokio::time::Instant::now() + NACK_PAUSE);
-                                nacks_in_a_row += 1;
-                                // A whole window refused and none accepted: the channel may
-                                // be what is refused (after a broker node died, a quorum
-                                // queue's new leader can keep refusing a publisher it lost
-                                // track of). A new connection, on the next node, starts over.
-                                if nacks_in_a_row > self.window.max(100) {
-                                    tracing::warn!(
-                                        nacks = nacks_in_a_row,
-                                        "RabbitMQ refuses every publish on this channel: reconnecting"
-                                    );
-                                    break 'session SessionEnd::Lost;
-                                }
-                            }
-                            PublishOutcome::Broken(e) => {
-                                tracing::warn!(error = %e, "AMQP publish failed");
-                                break 'session SessionEnd::Lost;
-                            }
-                        }
-                        // Settle everything already confirmed without waiting.
-                        next = inflight.next().now_or_never().flatten();
-                    }
-                }
-                Wake::Conn(Some(Event::Error(e))) => {
-                    tracing::warn!(error = %e, "AMQP connection error");
-                    break SessionEnd::Lost;
-                }
-                Wake::Conn(Some(Event::ConnectionBlocked(reason))) => {
-                    tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
-                }
-                Wake::Conn(Some(_)) => {}
-                Wake::Conn(None) => break SessionEnd::Lost,
-                Wake::Shutdown => flush_until = Some(Instant::now() + FLUSH_ON_SHUTDOWN),
-                Wake::Work => {}
-                Wake::Tick => {
-                    if !conn.status().connected() || !ch.status().connected() {
-                        break SessionEnd::Lost;
-                    }
-                }
+            if let Some(end) = self.on_wake(&mut p, wake) {
+                break end;
             }
         };
+        self.requeue_unconfirmed(p, end == SessionEnd::Lost);
+        end
+    }
 
-        // Whatever was not confirmed goes back to the buffer, oldest first.
+    /// Publish up to a batch while the confirm window has room: retries first
+    /// (oldest), then new events. True if a whole batch went out and there is room
+    /// for more (the loop comes straight back).
+    fn fill_window(&mut self, p: &mut Publishing, paused: bool) -> bool {
+        let mut sent = 0;
+        while !paused && p.held.len() < self.window && sent < BATCH {
+            let Some(ev) = self.buffer.pop_front().or_else(|| self.take_new()) else {
+                break;
+            };
+            sent += 1;
+            let Some((rk, props)) = self.prepare(&ev, p.header_limit) else {
+                continue;
+            };
+            p.send(ev, rk, props);
+            self.m().published.fetch_add(1, Relaxed);
+        }
+        !paused && p.held.len() < self.window && sent == BATCH
+    }
+
+    /// Move new events from the shards into the buffer until it is full.
+    fn take_up_to_cap(&mut self) {
+        while self.buffer.len() < self.cap {
+            let Some(ev) = self.take_new() else { break };
+            self.buffer.push_back(ev);
+        }
+    }
+
+    /// Flushing on shutdown, and done: everything confirmed, or out of time.
+    fn flush_over(&self, p: &Publishing) -> bool {
+        let Some(deadline) = p.flush_until else {
+            return false;
+        };
+        (p.held.is_empty() && self.buffer.is_empty() && self.rx.is_empty())
+            || Instant::now() >= deadline
+    }
+
+    /// Act on what woke the publishing loop; Some when the session ends.
+    fn on_wake(&mut self, p: &mut Publishing, wake: Wake) -> Option<SessionEnd> {
+        match wake {
+            Wake::Confirm(id, res) => return self.on_confirms(p, id, res),
+            Wake::Conn(Some(Event::Error(e))) => {
+                tracing::warn!(error = %e, "AMQP connection error");
+                return Some(SessionEnd::Lost);
+            }
+            Wake::Conn(Some(Event::ConnectionBlocked(reason))) => {
+                tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
+            }
+            Wake::Conn(Some(_)) => {}
+            Wake::Conn(None) => return Some(SessionEnd::Lost),
+            Wake::Shutdown => p.flush_until = Some(Instant::now() + FLUSH_ON_SHUTDOWN),
+            Wake::Work => {}
+            Wake::Tick => {
+                if !p.conn.status().connected() || !p.ch.status().connected() {
+                    return Some(SessionEnd::Lost);
+                }
+            }
+        }
+        None
+    }
+
+    /// Settle one confirm, then every other already in without waiting; Some when
+    /// the session ends (a broken publish, or a channel that refuses everything).
+    fn on_confirms(
+        &mut self,
+        p: &mut Publishing,
+        id: u64,
+        res: PublishOutcome,
+    ) -> Option<SessionEnd> {
+        let mut next = Some((id, res));
+        while let Some((id, res)) = next.take() {
+            match self.settle(id, res, &mut p.held) {
+                PublishOutcome::Ack => p.nacks_in_a_row = 0,
+                PublishOutcome::Nack => {
+                    p.paused_until = Some(tokio::time::Instant::now() + NACK_PAUSE);
+                    p.nacks_in_a_row += 1;
+                    // A whole window refused and none accepted: the channel may
+                    // be what is refused (after a broker node died, a quorum
+                    // queue's new leader can keep refusing a publisher it lost
+                    // track of). A new connection, on the next node, starts over.
+                    if p.nacks_in_a_row > self.window.max(100) {
+                        tracing::warn!(
+                            nacks = p.nacks_in_a_row,
+                            "RabbitMQ refuses every publish on this channel: reconnecting"
+                        );
+                        return Some(SessionEnd::Lost);
+                    }
+                }
+                PublishOutcome::Broken(e) => {
+                    tracing::warn!(error = %e, "AMQP publish failed");
+                    return Some(SessionEnd::Lost);
+                }
+            }
+            // Settle everything already confirmed without waiting.
+            next = p.inflight.next().now_or_never().flatten();
+        }
+        None
+    }
+
+    /// At the end of a session: whatever was not confirmed goes back to the buffer,
+    /// oldest first (counted as retried if the connection was lost).
+    fn requeue_unconfirmed(&mut self, p: Publishing, lost: bool) {
+        let Publishing {
+            inflight, mut held, ..
+        } = p;
         drop(inflight);
         let mut left: Vec<(u64, BusEvent)> = held.drain().collect();
         left.sort_unstable_by_key(|(id, _)| *id);
-        if end == SessionEnd::Lost {
+        if lost {
             self.m().retried.fetch_add(left.len() as u64, Relaxed);
         }
         self.requeue(left.into_iter().map(|(_, ev)| ev).collect());
         self.m().unconfirmed.store(0, Relaxed);
         self.m().buffered.store(self.buffer.len() as i64, Relaxed);
-        end
     }
 
     /// Routing key and properties for one event; None (dropped, counted) if the
@@ -449,6 +469,66 @@ impl Bridge {
             PublishOutcome::Broken(_) => {}
         }
         outcome
+    }
+}
+
+/// One connection's publishing state (see [`Bridge::session`]).
+struct Publishing<'c> {
+    conn: &'c Connection,
+    ch: &'c Channel,
+    inflight: FuturesUnordered<Publish>,
+    /// Events published and awaiting their confirm, by publish sequence number.
+    held: HashMap<u64, BusEvent>,
+    seq: u64,
+    /// The largest headers table a content header frame can carry.
+    header_limit: usize,
+    /// Set on shutdown: publishing goes on until everything is confirmed, or then.
+    flush_until: Option<Instant>,
+    /// After a nack, nothing is published until then.
+    paused_until: Option<tokio::time::Instant>,
+    /// Nacks since the last ack (see [`Bridge::on_confirms`]).
+    nacks_in_a_row: usize,
+}
+
+impl<'c> Publishing<'c> {
+    /// Nothing in flight yet, on a connection whose frame size bounds the headers.
+    fn new(conn: &'c Connection, ch: &'c Channel, window: usize) -> Self {
+        let frame_max = conn.configuration().frame_max() as usize;
+        let header_limit = if frame_max == 0 {
+            usize::MAX
+        } else {
+            frame_max.saturating_sub(HEADER_FRAME_OVERHEAD)
+        };
+        Publishing {
+            conn,
+            ch,
+            inflight: FuturesUnordered::new(),
+            held: HashMap::with_capacity(window),
+            seq: 0,
+            header_limit,
+            flush_until: None,
+            paused_until: None,
+            nacks_in_a_row: 0,
+        }
+    }
+
+    /// Is publishing paused after a nack?
+    fn paused(&self) -> bool {
+        self.paused_until
+            .is_some_and(|t| t > tokio::time::Instant::now())
+    }
+
+    /// Publish `ev` under the next sequence number and hold it until its confirm.
+    fn send(&mut self, ev: BusEvent, rk: ShortString, props: BasicProperties) {
+        self.seq += 1;
+        self.inflight.push(Box::pin(publish(
+            self.ch.clone(),
+            self.seq,
+            rk,
+            ev.body.clone(),
+            props,
+        )));
+        self.held.insert(self.seq, ev);
     }
 }
 

@@ -241,100 +241,113 @@ impl PhxState {
             out.push(Effect::Error(BAD_FRAME));
             return;
         };
-        let own_topic = |t: &str| {
-            t == "device"
-                || t.strip_prefix("device:")
-                    .is_some_and(|id| Uuid::parse_str(id).is_ok_and(|u| u == meta.device))
-        };
         match (&*m.topic, &*m.event) {
             ("phoenix", "heartbeat") => out.push(self.reply(&m, OK)),
             ("extensions", "phx_join") => self.join_extensions(meta, &m, out),
-            (topic, "phx_join") => {
-                let slot = if own_topic(topic) {
-                    &mut self.device
-                } else if topic == "console" {
-                    &mut self.console
-                } else {
-                    out.push(Effect::Error("unmatched-topic"));
-                    out.push(self.reply(&m, UNMATCHED));
-                    return;
-                };
-                let join = Join {
-                    topic: m.topic.to_string(),
-                    join_ref: m
-                        .join_ref
-                        .as_deref()
-                        .or(m.reff.as_deref())
-                        .map(str::to_string),
-                };
-                if let Some(old) = slot.replace(join) {
-                    // A rejoin closes the earlier channel first, as Phoenix does.
-                    let close = encode(
-                        self.vsn,
-                        old.join_ref.as_deref(),
-                        old.join_ref.as_deref(),
-                        &old.topic,
-                        "phx_close",
-                        b"{}",
-                    );
-                    out.push(Effect::Send(close));
-                }
-                out.push(self.reply(&m, OK));
-                if own_topic(topic) {
-                    out.push(Effect::Publish {
-                        ty: "device-join".into(),
-                        body: event_body(meta, "device-join", &m.topic, m.payload),
-                    });
-                    let api = api_version(m.payload);
-                    self.nerves = api.is_some();
-                    // NervesHub asks devices of API 2.2.0 and later for their extensions.
-                    if api.is_some_and(|v| v >= (2, 2, 0)) && !self.allowed.is_empty() {
-                        let j = self
-                            .device
-                            .as_ref()
-                            .map(|j| j.join_ref.clone())
-                            .unwrap_or_default();
-                        out.push(Effect::Send(encode(
-                            self.vsn,
-                            j.as_deref(),
-                            None,
-                            &m.topic,
-                            "extensions:get",
-                            b"{}",
-                        )));
-                    }
-                    out.push(Effect::Ready);
-                }
-            }
+            (_, "phx_join") => self.join(meta, &m, out),
             ("extensions", "phx_leave") => {
                 self.extensions = None;
                 out.push(self.reply(&m, OK));
             }
-            (_, "phx_leave") => {
-                let slot = self.slot(&m.topic);
-                if let Some(slot) = slot {
-                    *slot = None;
-                }
-                out.push(self.reply(&m, OK));
-            }
+            (_, "phx_leave") => self.leave(&m, out),
             ("extensions", _) => self.on_extension_push(meta, &m, out),
-            _ => {
-                let current = match self.slot(&m.topic) {
-                    Some(Some(j)) => j.join_ref.clone(),
-                    _ => {
-                        out.push(Effect::Error("unmatched-topic"));
-                        out.push(self.reply(&m, UNMATCHED));
-                        return;
-                    }
-                };
-                if m.join_ref.is_some() && m.join_ref.as_deref() != current.as_deref() {
-                    // A frame from a channel instance that was since rejoined: ignored.
-                    out.push(Effect::Error("stale-join-ref"));
-                    return;
-                }
-                self.on_push(meta, &m, out);
-            }
+            _ => self.on_joined_push(meta, &m, out),
         }
+    }
+
+    /// An unmatched topic: counted, and answered with an error.
+    fn unmatched(&self, m: &Msg, out: &mut Vec<Effect>) {
+        out.push(Effect::Error("unmatched-topic"));
+        out.push(self.reply(m, UNMATCHED));
+    }
+
+    /// `phx_join` on the device's own topic or `console`: (re)joins that channel,
+    /// closing an earlier instance first; any other topic is unmatched.
+    fn join(&mut self, meta: &Meta, m: &Msg, out: &mut Vec<Effect>) {
+        let own = own_topic(meta, &m.topic);
+        let slot = if own {
+            &mut self.device
+        } else if m.topic == "console" {
+            &mut self.console
+        } else {
+            self.unmatched(m, out);
+            return;
+        };
+        let join = Join {
+            topic: m.topic.to_string(),
+            join_ref: join_ref(m),
+        };
+        if let Some(old) = slot.replace(join) {
+            // A rejoin closes the earlier channel first, as Phoenix does.
+            let close = encode(
+                self.vsn,
+                old.join_ref.as_deref(),
+                old.join_ref.as_deref(),
+                &old.topic,
+                "phx_close",
+                b"{}",
+            );
+            out.push(Effect::Send(close));
+        }
+        out.push(self.reply(m, OK));
+        if own {
+            self.device_joined(meta, m, out);
+        }
+    }
+
+    /// After the device's own topic is joined: `device-join` published, NervesHub
+    /// devices recognised (and asked for their extensions), the connection ready.
+    fn device_joined(&mut self, meta: &Meta, m: &Msg, out: &mut Vec<Effect>) {
+        out.push(Effect::Publish {
+            ty: "device-join".into(),
+            body: event_body(meta, "device-join", &m.topic, m.payload),
+        });
+        let api = api_version(m.payload);
+        self.nerves = api.is_some();
+        // NervesHub asks devices of API 2.2.0 and later for their extensions.
+        if api.is_some_and(|v| v >= (2, 2, 0)) && !self.allowed.is_empty() {
+            let j = self
+                .device
+                .as_ref()
+                .map(|j| j.join_ref.clone())
+                .unwrap_or_default();
+            out.push(Effect::Send(encode(
+                self.vsn,
+                j.as_deref(),
+                None,
+                &m.topic,
+                "extensions:get",
+                b"{}",
+            )));
+        }
+        out.push(Effect::Ready);
+    }
+
+    /// `phx_leave` on the device's topic or `console`: that channel is left (if joined).
+    fn leave(&mut self, m: &Msg, out: &mut Vec<Effect>) {
+        let slot = self.slot(&m.topic);
+        if let Some(slot) = slot {
+            *slot = None;
+        }
+        out.push(self.reply(m, OK));
+    }
+
+    /// A push on the device's topic or `console`: handled if that channel is joined
+    /// and the push is from its current instance (a stale one is ignored).
+    fn on_joined_push(&mut self, meta: &Meta, m: &Msg, out: &mut Vec<Effect>) {
+        let current = match self.slot(&m.topic) {
+            Some(Some(j)) => j.join_ref.clone(),
+            _ => {
+                self.unmatched(m, out);
+                return;
+            }
+        };
+        if m.join_ref.is_some() && m.join_ref.as_deref() != current.as_deref() {
+            // A frame from a channel instance that was since rejoined: ignored.
+            out.push(Effect::Error("stale-join-ref"));
+            return;
+        }
+        self.on_push(meta, m, out);
     }
 
     fn slot(&mut self, topic: &str) -> Option<&mut Option<Join>> {
@@ -418,11 +431,7 @@ impl PhxState {
             .collect();
         let join = Join {
             topic: "extensions".into(),
-            join_ref: m
-                .join_ref
-                .as_deref()
-                .or(m.reff.as_deref())
-                .map(str::to_string),
+            join_ref: join_ref(m),
         };
         let mut reply = br#"{"status":"ok","response":"#.to_vec();
         reply.extend_from_slice(&serde_json::to_vec(&accepted).unwrap_or_default());
@@ -440,8 +449,7 @@ impl PhxState {
     /// `{"status":"error","response":"detach"}`, which makes the device detach it.
     fn on_extension_push(&mut self, meta: &Meta, m: &Msg, out: &mut Vec<Effect>) {
         let Some(ext) = &self.extensions else {
-            out.push(Effect::Error("unmatched-topic"));
-            out.push(self.reply(m, UNMATCHED));
+            self.unmatched(m, out);
             return;
         };
         if m.join_ref.is_some() && m.join_ref != ext.join.join_ref.as_deref().map(Cow::Borrowed) {
@@ -513,6 +521,22 @@ impl PhxState {
             &p,
         ))
     }
+}
+
+/// Is `topic` the device's own: `device`, or `device:<its id>`?
+fn own_topic(meta: &Meta, topic: &str) -> bool {
+    topic == "device"
+        || topic
+            .strip_prefix("device:")
+            .is_some_and(|id| Uuid::parse_str(id).is_ok_and(|u| u == meta.device))
+}
+
+/// The ref a join is known by: its `join_ref`, else its `ref`.
+fn join_ref(m: &Msg) -> Option<String> {
+    m.join_ref
+        .as_deref()
+        .or(m.reff.as_deref())
+        .map(str::to_string)
 }
 
 /// `device_api_version` of a join payload as (major, minor, patch); None without one.
