@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Claims {
+pub(crate) struct Claims {
     /// Device UUID.
-    pub sub: String,
+    pub(crate) sub: String,
     /// Account UUID.
-    pub acc: String,
+    pub(crate) acc: String,
     /// Expiry, seconds since the Unix epoch.
-    pub exp: u64,
+    pub(crate) exp: u64,
 }
 
 /// Why a token was refused. Each maps to close code 4401 and a metric label.
@@ -37,7 +37,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub const ALL: [AuthError; 7] = [
+    pub(crate) const ALL: [AuthError; 7] = [
         AuthError::Missing,
         AuthError::Expired,
         AuthError::Invalid,
@@ -46,7 +46,7 @@ impl AuthError {
         AuthError::Replayed,
         AuthError::WeakAlgorithm,
     ];
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             AuthError::Missing => "missing",
             AuthError::Expired => "expired",
@@ -57,7 +57,7 @@ impl AuthError {
             AuthError::WeakAlgorithm => "weak_algorithm",
         }
     }
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -65,8 +65,8 @@ impl AuthError {
 /// Who a verified token says the peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
-    pub device: Uuid,
-    pub account: Uuid,
+    pub(crate) device: Uuid,
+    pub(crate) account: Uuid,
 }
 
 pub struct Verifier {
@@ -109,7 +109,7 @@ impl Verifier {
 /// The token of an `Authorization: Bearer <token>` value: the scheme in any case
 /// (HTTP auth schemes are case-insensitive), then spaces or tabs. None: another scheme,
 /// or no token.
-pub fn bearer_token(v: &str) -> Option<&str> {
+pub(crate) fn bearer_token(v: &str) -> Option<&str> {
     let v = v.trim_matches([' ', '\t']);
     let (scheme, rest) = v.split_once([' ', '\t'])?;
     let token = rest.trim_matches([' ', '\t']);

@@ -10,57 +10,57 @@ use crate::protocol::ws::CloseCode;
 
 #[derive(Default)]
 #[repr(align(128))]
-pub struct ShardMetrics {
-    pub connections: AtomicI64,
-    pub handshakes: AtomicI64,
-    pub accepted: AtomicU64,
-    pub handshake_failures: AtomicU64,
-    pub tls_failures: AtomicU64,
-    pub handoffs: AtomicU64,
-    pub takeovers: AtomicU64,
-    pub disconnects: AtomicU64,
-    pub frames_in: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub events_published: AtomicU64,
-    pub events_dropped_bus_full: AtomicU64,
-    pub bus_backpressure: AtomicU64,
-    pub events_dropped_slow_device: AtomicU64,
-    pub alive_events: AtomicU64,
-    pub acks_unmatched: AtomicU64,
-    pub rate_limited: AtomicU64,
+pub(crate) struct ShardMetrics {
+    pub(crate) connections: AtomicI64,
+    pub(crate) handshakes: AtomicI64,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) handshake_failures: AtomicU64,
+    pub(crate) tls_failures: AtomicU64,
+    pub(crate) handoffs: AtomicU64,
+    pub(crate) takeovers: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) frames_in: AtomicU64,
+    pub(crate) frames_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) events_published: AtomicU64,
+    pub(crate) events_dropped_bus_full: AtomicU64,
+    pub(crate) bus_backpressure: AtomicU64,
+    pub(crate) events_dropped_slow_device: AtomicU64,
+    pub(crate) alive_events: AtomicU64,
+    pub(crate) acks_unmatched: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
     /// Devices closed (1008) because what they asked for (replies, errors, pongs)
     /// would have queued past --max-outbound.
-    pub outbound_overflow: AtomicU64,
-    pub refused_ip_rate: AtomicU64,
+    pub(crate) outbound_overflow: AtomicU64,
+    pub(crate) refused_ip_rate: AtomicU64,
     /// Connections closed for a missing or invalid PROXY protocol header.
-    pub proxy_refused: AtomicU64,
-    pub refused_max_connections: AtomicU64,
-    pub refused_draining: AtomicU64,
-    pub auth_failures: [AtomicU64; AuthError::ALL.len()],
-    pub protocol_errors: [AtomicU64; 5],
-    pub phoenix_errors: [AtomicU64; crate::protocol::phoenix::ERROR_CODES.len()],
-    pub hivekit_errors: [AtomicU64; crate::protocol::hivekit::ERROR_CODES.len()],
+    pub(crate) proxy_refused: AtomicU64,
+    pub(crate) refused_max_connections: AtomicU64,
+    pub(crate) refused_draining: AtomicU64,
+    auth_failures: [AtomicU64; AuthError::ALL.len()],
+    pub(crate) protocol_errors: [AtomicU64; 5],
+    phoenix_errors: [AtomicU64; crate::protocol::phoenix::ERROR_CODES.len()],
+    hivekit_errors: [AtomicU64; crate::protocol::hivekit::ERROR_CODES.len()],
     /// Close frames sent, by code, in the order of [`CloseCode::NAMED`].
-    pub closes: [AtomicU64; CloseCode::NAMED.len()],
+    pub(crate) closes: [AtomicU64; CloseCode::NAMED.len()],
     /// Close frames sent with any other code (answers to a device's own).
-    pub closes_other: AtomicU64,
+    closes_other: AtomicU64,
     /// Close handshakes a device started (its close frame, answered).
-    pub peer_closes: AtomicU64,
+    pub(crate) peer_closes: AtomicU64,
 }
 
 impl ShardMetrics {
     /// Count a close frame sent: every code, a named one under its own label, any
     /// other under "other".
-    pub fn close(&self, code: CloseCode) {
+    pub(crate) fn close(&self, code: CloseCode) {
         match code.named_index() {
             Some(i) => self.closes[i].fetch_add(1, Relaxed),
             None => self.closes_other.fetch_add(1, Relaxed),
         };
     }
     /// Count a Phoenix or Hivekit frame error under its code.
-    pub fn adapter_error(&self, protocol: crate::shard::Protocol, code: &str) {
+    pub(crate) fn adapter_error(&self, protocol: crate::shard::Protocol, code: &str) {
         use crate::protocol::{hivekit, phoenix};
         let (codes, counters): (&[&str], &[AtomicU64]) = match protocol {
             crate::shard::Protocol::Phoenix(_) => (&phoenix::ERROR_CODES, &self.phoenix_errors),
@@ -71,16 +71,16 @@ impl ShardMetrics {
             counters[i].fetch_add(1, Relaxed);
         }
     }
-    pub fn auth_failure(&self, e: AuthError) {
+    pub(crate) fn auth_failure(&self, e: AuthError) {
         self.auth_failures[e.index()].fetch_add(1, Relaxed);
     }
 }
 
 /// One unit of a gauge while it is held: counted up when made, down when dropped.
-pub struct GaugeHold<'a>(&'a AtomicI64);
+pub(crate) struct GaugeHold<'a>(&'a AtomicI64);
 
 impl<'a> GaugeHold<'a> {
-    pub fn new(gauge: &'a AtomicI64) -> Self {
+    pub(crate) fn new(gauge: &'a AtomicI64) -> Self {
         gauge.fetch_add(1, Relaxed);
         GaugeHold(gauge)
     }
@@ -93,20 +93,20 @@ impl Drop for GaugeHold<'_> {
 }
 
 /// Ack latency buckets, seconds (upper bounds).
-pub const LATENCY_BUCKETS: [f64; 16] = [
+const LATENCY_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0,
 ];
 
 #[derive(Default)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
 }
 
 impl Histogram {
-    pub fn record_us(&self, us: u64) {
+    pub(crate) fn record_us(&self, us: u64) {
         let secs = us as f64 / 1e6;
         if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
             self.buckets[i].fetch_add(1, Relaxed);
@@ -130,48 +130,48 @@ impl Histogram {
 }
 
 #[derive(Default)]
-pub struct ApiMetrics {
-    pub requests_sent: AtomicU64,
-    pub requests_acked: AtomicU64,
-    pub requests_responded: AtomicU64,
-    pub requests_timed_out: AtomicU64,
-    pub requests_offline: AtomicU64,
-    pub requests_rejected: AtomicU64,
-    pub events_to_devices: AtomicU64,
-    pub events_to_devices_offline: AtomicU64,
-    pub bad_requests: AtomicU64,
-    pub unauthorized: AtomicU64,
-    pub shard_queue_full: AtomicU64,
-    pub bus_events: AtomicU64,
-    pub sse_subscribers: AtomicI64,
-    pub sse_lagged: AtomicU64,
-    pub ack_latency: Histogram,
-    pub response_latency: Histogram,
+pub(crate) struct ApiMetrics {
+    pub(crate) requests_sent: AtomicU64,
+    pub(crate) requests_acked: AtomicU64,
+    pub(crate) requests_responded: AtomicU64,
+    pub(crate) requests_timed_out: AtomicU64,
+    pub(crate) requests_offline: AtomicU64,
+    pub(crate) requests_rejected: AtomicU64,
+    pub(crate) events_to_devices: AtomicU64,
+    pub(crate) events_to_devices_offline: AtomicU64,
+    pub(crate) bad_requests: AtomicU64,
+    pub(crate) unauthorized: AtomicU64,
+    pub(crate) shard_queue_full: AtomicU64,
+    pub(crate) bus_events: AtomicU64,
+    pub(crate) sse_subscribers: AtomicI64,
+    pub(crate) sse_lagged: AtomicU64,
+    pub(crate) ack_latency: Histogram,
+    pub(crate) response_latency: Histogram,
 }
 
 /// The RabbitMQ bridge (`--amqp`): written only by the bridge thread.
 #[derive(Default)]
 pub struct BridgeMetrics {
     /// basic.publish calls sent, retries included.
-    pub published: AtomicU64,
+    pub(crate) published: AtomicU64,
     pub confirmed: AtomicU64,
-    pub nacked: AtomicU64,
+    pub(crate) nacked: AtomicU64,
     /// Events sent again after a nack or a lost connection.
-    pub retried: AtomicU64,
+    pub(crate) retried: AtomicU64,
     /// Events waiting for the broker (not yet published).
-    pub buffered: AtomicI64,
+    pub(crate) buffered: AtomicI64,
     /// Events published and not yet confirmed.
-    pub unconfirmed: AtomicI64,
+    pub(crate) unconfirmed: AtomicI64,
     pub dropped_buffer_full: AtomicU64,
     pub dropped_shutdown: AtomicU64,
-    pub dropped_bad_routing_key: AtomicU64,
-    pub header_keys_skipped: AtomicU64,
+    pub(crate) dropped_bad_routing_key: AtomicU64,
+    pub(crate) header_keys_skipped: AtomicU64,
     /// Events published without headers (body not a JSON object, or headers too large).
-    pub headers_omitted: AtomicU64,
-    pub connected: AtomicI64,
-    pub connects: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub connect_failures: AtomicU64,
+    pub(crate) headers_omitted: AtomicU64,
+    pub(crate) connected: AtomicI64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
 }
 
 impl BridgeMetrics {
@@ -225,21 +225,21 @@ impl BridgeMetrics {
 
 /// Backend delivery (`--backend-url`): written only by the backend delivery thread.
 #[derive(Default)]
-pub struct BackendMetrics {
+pub(crate) struct BackendMetrics {
     /// Events in batches the backend answered with a 2xx (then acked to RabbitMQ).
-    pub delivered: AtomicU64,
-    pub batches_ok: AtomicU64,
-    pub batches_failed: AtomicU64,
-    pub failures_status: AtomicU64,
-    pub failures_error: AtomicU64,
-    pub failures_timeout: AtomicU64,
-    pub failures_tls: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) batches_ok: AtomicU64,
+    pub(crate) batches_failed: AtomicU64,
+    pub(crate) failures_status: AtomicU64,
+    pub(crate) failures_error: AtomicU64,
+    pub(crate) failures_timeout: AtomicU64,
+    pub(crate) failures_tls: AtomicU64,
     /// Messages ready in the backend queue (passive queue.declare, every second).
-    pub backlog: AtomicI64,
+    pub(crate) backlog: AtomicI64,
     /// Deliveries received from RabbitMQ and not yet acked.
-    pub unacked: AtomicI64,
-    pub connected: AtomicI64,
-    pub post_latency: Histogram,
+    pub(crate) unacked: AtomicI64,
+    pub(crate) connected: AtomicI64,
+    pub(crate) post_latency: Histogram,
 }
 
 impl BackendMetrics {
@@ -299,16 +299,16 @@ impl BackendMetrics {
 }
 
 pub struct Metrics {
-    pub shards: Vec<ShardMetrics>,
-    pub api: ApiMetrics,
+    pub(crate) shards: Vec<ShardMetrics>,
+    pub(crate) api: ApiMetrics,
     pub bridge: BridgeMetrics,
-    pub backend: BackendMetrics,
+    pub(crate) backend: BackendMetrics,
     /// Device sockets open in this process (handshaking or authenticated).
-    pub open_connections: AtomicI64,
+    pub(crate) open_connections: AtomicI64,
 }
 
 impl Metrics {
-    pub fn new(shards: usize) -> Self {
+    pub(crate) fn new(shards: usize) -> Self {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             api: ApiMetrics::default(),
@@ -324,7 +324,7 @@ impl Metrics {
 
     /// Prometheus text exposition of everything, one group of families after another
     /// (always in this order).
-    pub fn render(&self, node: &str) -> String {
+    pub(crate) fn render(&self, node: &str) -> String {
         let mut o = String::with_capacity(8192);
         let _ = writeln!(o, "# HELP router_info Static facts about this router process.\n# TYPE router_info gauge\nrouter_info{{node=\"{node}\",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         self.render_shard_gauges(&mut o);

@@ -34,47 +34,47 @@ use uuid::Uuid;
 use crate::auth::{AuthError, Identity};
 
 /// Most PBKDF2 iterations accepted: a bound on the CPU an upgrade request can ask for.
-pub const MAX_ITERATIONS: u32 = 100_000;
+const MAX_ITERATIONS: u32 = 100_000;
 /// Signatures remembered for replay detection; past this, expired ones are purged.
 const REPLAY_PURGE_AT: usize = 100_000;
 
 /// The headers, as the upgrade request carried them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers {
-    pub alg: String,
-    pub key: String,
-    pub time: String,
-    pub signature: String,
+pub(crate) struct Headers {
+    pub(crate) alg: String,
+    pub(crate) key: String,
+    pub(crate) time: String,
+    pub(crate) signature: String,
 }
 
 /// The key file (`--nerves-keys`, TOML).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KeyFile {
+struct KeyFile {
     #[serde(default)]
-    pub device: Vec<DeviceKey>,
+    pub(crate) device: Vec<DeviceKey>,
     #[serde(default)]
-    pub product: Vec<ProductKey>,
+    pub(crate) product: Vec<ProductKey>,
 }
 
 /// A device key: one device, which must sign with its identifier.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DeviceKey {
-    pub key: String,
-    pub secret: String,
-    pub identifier: String,
-    pub device: Uuid,
-    pub account: Uuid,
+struct DeviceKey {
+    pub(crate) key: String,
+    pub(crate) secret: String,
+    pub(crate) identifier: String,
+    pub(crate) device: Uuid,
+    pub(crate) account: Uuid,
 }
 
 /// A product key: any identifier; the device UUID derived from it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProductKey {
-    pub key: String,
-    pub secret: String,
-    pub account: Uuid,
+struct ProductKey {
+    pub(crate) key: String,
+    pub(crate) secret: String,
+    pub(crate) account: Uuid,
 }
 
 enum Entry {
@@ -151,7 +151,11 @@ struct Alg {
 }
 
 impl NervesAuth {
-    pub fn new(path: PathBuf, min_iterations: u32, max_age_secs: u64) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        path: PathBuf,
+        min_iterations: u32,
+        max_age_secs: u64,
+    ) -> anyhow::Result<Self> {
         let keys = Keys::load(&path)?;
         Ok(NervesAuth {
             path,
@@ -171,12 +175,13 @@ impl NervesAuth {
         Ok(n)
     }
 
-    pub fn key_count(&self) -> usize {
+    #[cfg(test)]
+    fn key_count(&self) -> usize {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).0.len()
     }
 
     /// Verify the headers at `now_ms`; who the device is.
-    pub fn verify(&self, h: &Headers, now_ms: u64) -> Result<Identity, AuthError> {
+    pub(crate) fn verify(&self, h: &Headers, now_ms: u64) -> Result<Identity, AuthError> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
         let entry = keys.0.get(&h.key).ok_or(AuthError::Invalid)?;
         let alg = parse_alg(&h.alg).ok_or(AuthError::WeakAlgorithm)?;
@@ -353,7 +358,7 @@ mod tests {
 
     /// The signature a device computes (the client's recipe, written from its
     /// description): for tests and for `router nerves-sign`-style tooling.
-    pub fn sign(
+    fn sign(
         secret: &str,
         key: &str,
         alg: &str,

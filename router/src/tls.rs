@@ -17,7 +17,7 @@ use crate::auth::Identity;
 use crate::config::ServeConfig;
 
 /// Build the rustls server config from the flags; None when TLS is off.
-pub fn server_config(cfg: &ServeConfig) -> anyhow::Result<Option<Arc<ServerConfig>>> {
+pub(crate) fn server_config(cfg: &ServeConfig) -> anyhow::Result<Option<Arc<ServerConfig>>> {
     let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
         return Ok(None);
     };
@@ -63,7 +63,7 @@ pub fn server_config(cfg: &ServeConfig) -> anyhow::Result<Option<Arc<ServerConfi
 
 /// The identity a verified client certificate names, if it names a valid one.
 /// rustls has already checked the chain against --client-ca before this is called.
-pub fn identity_from_cert(der: &[u8], account_field: &str) -> Option<Identity> {
+pub(crate) fn identity_from_cert(der: &[u8], account_field: &str) -> Option<Identity> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let subject = cert.subject();
     let cn = first_str(subject.iter_common_name())?;

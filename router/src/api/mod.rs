@@ -28,8 +28,8 @@ use crate::Shared;
 
 #[derive(Clone)]
 pub(crate) struct ApiState {
-    pub shared: Arc<Shared>,
-    pub sink: Arc<crate::bus::sse::SseHub>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) sink: Arc<crate::bus::sse::SseHub>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -154,7 +154,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// A refused API call: its status and the JSON body `{error, message}` the client
 /// gets. Handlers return it with `?`; axum turns it into the response.
-pub(crate) struct ApiError {
+struct ApiError {
     status: StatusCode,
     /// Stable, machine-readable: the body's `error`.
     code: &'static str,

@@ -33,10 +33,10 @@ pub const MAX_AUTH_ATTEMPTS: u32 = 5;
 /// A device socket counted in `router_open_connections` (which --max-connections caps):
 /// taken when the listener admits it, carried through the handshake and the hand-over,
 /// kept by the adopted connection; given back when whoever holds it last drops it.
-pub struct OpenConnection(Arc<Shared>);
+pub(crate) struct OpenConnection(Arc<Shared>);
 
 impl OpenConnection {
-    pub fn new(shared: &Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
         shared.metrics.open_connections.fetch_add(1, Relaxed);
         OpenConnection(shared.clone())
     }

@@ -42,11 +42,11 @@ const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 const V1_MAX: usize = 107;
 /// Room for a v2 header with its TLVs (the address block's length is 16 bits, but
 /// balancers send at most a few hundred bytes).
-pub const MAX_HEADER: usize = 16 + 1024;
+const MAX_HEADER: usize = 16 + 1024;
 
 /// What the first bytes of a connection say.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// Not enough bytes yet.
     Incomplete,
     /// A header of `len` bytes. `source`: the client's address, or None when the header
@@ -60,7 +60,7 @@ pub enum Parsed {
 }
 
 /// Parse a header at the start of `buf`, as `mode` allows.
-pub fn parse(buf: &[u8], mode: Mode) -> Parsed {
+pub(crate) fn parse(buf: &[u8], mode: Mode) -> Parsed {
     let v1 = matches!(mode, Mode::V1 | Mode::Any);
     let v2 = matches!(mode, Mode::V2 | Mode::Any);
     let n = buf.len().min(V2_SIGNATURE.len());
@@ -167,7 +167,7 @@ fn parse_v2(buf: &[u8]) -> Parsed {
 
 /// Read the header off `stream` (peeked, then consumed exactly). Ok: the client's
 /// address if the header names one. Err: why the connection is refused.
-pub async fn read_header(
+pub(crate) async fn read_header(
     stream: &mut TcpStream,
     mode: Mode,
     within: Duration,

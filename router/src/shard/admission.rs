@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 /// Why a connection was refused; answered with an HTTP error before the upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The router is draining.
     Draining,
     /// `--max-connections` open already.
@@ -17,7 +17,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The HTTP status line the client gets.
-    pub fn status(self) -> &'static str {
+    pub(crate) fn status(self) -> &'static str {
         match self {
             Refusal::Draining | Refusal::MaxConnections => "503 Service Unavailable",
             Refusal::IpRate => "429 Too Many Requests",
@@ -25,7 +25,7 @@ impl Refusal {
     }
 
     /// The body the client gets: why, and what to do.
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             Refusal::Draining => "router draining; reconnect elsewhere",
             Refusal::MaxConnections => "connection limit reached; retry later",
@@ -35,7 +35,7 @@ impl Refusal {
 }
 
 /// A shard's admission state: connects per source IP in the current second.
-pub struct Admission {
+pub(crate) struct Admission {
     /// Connects allowed per IP per second; 0: no limit.
     ip_rate: u32,
     max_connections: i64,
@@ -44,7 +44,7 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(ip_rate: u32, max_connections: usize) -> Self {
+    pub(crate) fn new(ip_rate: u32, max_connections: usize) -> Self {
         Admission {
             ip_rate,
             max_connections: i64::try_from(max_connections).unwrap_or(i64::MAX),
@@ -54,7 +54,7 @@ impl Admission {
 
     /// Draining and the connection cap (`open`: connections open in the process):
     /// decided at accept, before a byte is read.
-    pub fn connection(&self, draining: bool, open: i64) -> Result<(), Refusal> {
+    pub(crate) fn connection(&self, draining: bool, open: i64) -> Result<(), Refusal> {
         if draining {
             return Err(Refusal::Draining);
         }
@@ -65,7 +65,7 @@ impl Admission {
     }
 
     /// The per-IP connect rate, for a connect from `ip` at `now` (whole seconds).
-    pub fn ip(&mut self, ip: IpAddr, now: u32) -> Result<(), Refusal> {
+    pub(crate) fn ip(&mut self, ip: IpAddr, now: u32) -> Result<(), Refusal> {
         if self.ip_rate == 0 {
             return Ok(());
         }
@@ -81,7 +81,7 @@ impl Admission {
     }
 
     /// Forget the addresses not seen in second `now`.
-    pub fn sweep(&mut self, now: u32) {
+    pub(crate) fn sweep(&mut self, now: u32) {
         self.per_ip.retain(|_, (sec, _)| *sec == now);
     }
 }

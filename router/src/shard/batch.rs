@@ -10,7 +10,7 @@ const WAKE_EVERY: usize = 512;
 
 /// What became of a published event, and what the shard does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queued {
+pub(crate) enum Queued {
     /// The bus is full: dropped (and counted by the caller).
     Dropped,
     /// In the batch: handed over at the end of the pass if it is urgent (or an
@@ -22,7 +22,7 @@ pub enum Queued {
 
 /// A hand-over's outcome, for the shard's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandedOver {
+pub(crate) enum HandedOver {
     /// Nothing was waiting.
     Nothing,
     Sent(u64),
@@ -32,7 +32,7 @@ pub enum HandedOver {
 
 /// A shard's bus batch and its backpressure state.
 #[derive(Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Events published in this pass, handed to the bus at its end.
     events: Vec<BusEvent>,
     /// The batch holds an event that must go at the end of this pass; without one
@@ -47,7 +47,7 @@ pub struct Batch {
 impl Batch {
     /// Queue an event; `urgent`: it goes at the end of this pass, else with the next
     /// urgent one or the next tick.
-    pub fn push(
+    pub(crate) fn push(
         &mut self,
         bus: &Bus,
         routing_key: RoutingKey,
@@ -74,12 +74,12 @@ impl Batch {
         }
     }
 
-    pub fn is_urgent(&self) -> bool {
+    pub(crate) fn is_urgent(&self) -> bool {
         self.urgent
     }
 
     /// Hand the batch to the bus and wake its consumer (only if there was something).
-    pub fn hand_over(&mut self, bus: &Bus) -> HandedOver {
+    pub(crate) fn hand_over(&mut self, bus: &Bus) -> HandedOver {
         self.urgent = false;
         if self.events.is_empty() {
             return HandedOver::Nothing;
@@ -96,7 +96,7 @@ impl Batch {
 
     /// Before reading a device: Err while the bus is nearly full (reading pauses), with
     /// `true` the first time (counted by the caller).
-    pub fn may_read(&mut self, bus: &Bus) -> Result<(), bool> {
+    pub(crate) fn may_read(&mut self, bus: &Bus) -> Result<(), bool> {
         if self.throttled {
             return Err(false);
         }
@@ -107,18 +107,18 @@ impl Batch {
         Ok(())
     }
 
-    pub fn is_throttled(&self) -> bool {
+    pub(crate) fn is_throttled(&self) -> bool {
         self.throttled
     }
 
     /// A connection stopped mid-buffer for backpressure; resume it when relieved.
-    pub fn hold(&mut self, slot: u32) {
+    pub(crate) fn hold(&mut self, slot: u32) {
         self.held.push(slot);
     }
 
     /// The bus drained enough: reading goes on, first with the connections held (each
     /// once, by slot).
-    pub fn relieve(&mut self) -> Vec<u32> {
+    pub(crate) fn relieve(&mut self) -> Vec<u32> {
         self.throttled = false;
         let mut held = std::mem::take(&mut self.held);
         held.sort_unstable();

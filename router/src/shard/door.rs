@@ -19,8 +19,8 @@ use crate::metrics::ShardMetrics;
 use crate::Shared;
 
 pub(crate) struct Door {
-    pub id: usize,
-    pub shared: Arc<Shared>,
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
     /// Connects per source IP in the current second (only with --ip-connect-rate).
     admission: RefCell<Admission>,
     /// `coarse_secs()` when the door opened: the admission table's clock.

@@ -5,21 +5,21 @@
 
 mod admission;
 mod batch;
-pub mod conn;
+mod conn;
 mod door;
 mod handle;
 mod msg;
 mod owner;
 mod pending;
-pub mod poller;
+mod poller;
 mod slab;
 mod thread;
 mod timer;
 
-pub use admission::Refusal;
 pub(crate) use door::Door;
 pub use handle::ShardHandle;
-pub use msg::{Adopt, Delivery, DeviceInfo, RequestMsg, RequestReply, ShardMsg};
+pub(crate) use msg::RequestReply;
+pub use msg::{Adopt, Delivery, DeviceInfo, RequestMsg, ShardMsg};
 pub(crate) use thread::run_shard;
 
 use std::rc::Rc;
@@ -38,7 +38,7 @@ use pending::Pending;
 
 /// One read buffer per shard, shared by all its connections: an idle connection
 /// holds none. Big enough for a max-size message plus headers in one read.
-pub const READ_BUF: usize = 64 * 1024;
+const READ_BUF: usize = 64 * 1024;
 /// Whole seconds of the coarse monotonic clock: per-frame timekeeping (last seen, rate
 /// limits) needs seconds, and the coarse clock is a plain read where the precise one
 /// costs a TSC read and arithmetic on every frame (6% of a shard under an event flood).
@@ -54,7 +54,7 @@ fn coarse_secs() -> u64 {
 
 /// Which device protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     /// Hive native JSON on `/ws`.
     Hive,
     /// Phoenix channels on `/socket/websocket`.
@@ -64,7 +64,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Protocol::Hive => "hive",
             Protocol::Phoenix(_) => "phoenix",
@@ -84,16 +84,16 @@ pub fn shard_of(device: &Uuid, shards: usize) -> usize {
 /// pending requests, its clock, the bus batch, and where they mark themselves to be
 /// settled. Part of the [`owner::Shard`] its loop owns; the connections themselves are
 /// not reachable from here.
-pub struct ShardCtx {
-    pub id: usize,
-    pub shared: Arc<Shared>,
+pub(crate) struct ShardCtx {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
     /// What the shard's handshake tasks share with it (admission, the hand-back queue).
     door: Rc<Door>,
     pending: Pending,
-    pub read_buf: Vec<u8>,
+    read_buf: Vec<u8>,
     /// Decrypted bytes of TLS connections (allocated on first use).
-    pub plain_buf: Vec<u8>,
-    pub scratch: Scratch,
+    plain_buf: Vec<u8>,
+    pub(crate) scratch: Scratch,
     /// `coarse_secs()` when the shard started.
     started: u64,
     /// `now_secs()` as of the start of this pass of the loop or tick (two reads of the
@@ -107,13 +107,13 @@ pub struct ShardCtx {
 }
 
 impl ShardCtx {
-    pub fn metrics(&self) -> &ShardMetrics {
+    pub(crate) fn metrics(&self) -> &ShardMetrics {
         &self.shared.metrics.shards[self.id]
     }
 
     /// Coarse shard clock in seconds, for per-connection timestamps that fit in a u32:
     /// read once per pass of the loop and per tick (every 20 ms), so it lags by at most a pass.
-    pub fn now_secs(&self) -> u32 {
+    fn now_secs(&self) -> u32 {
         self.clock
     }
 
@@ -122,7 +122,7 @@ impl ShardCtx {
         self.clock = coarse_secs().saturating_sub(self.started) as u32;
     }
 
-    pub fn publish(&mut self, routing_key: RoutingKey, body: Vec<u8>) {
+    pub(crate) fn publish(&mut self, routing_key: RoutingKey, body: Vec<u8>) {
         self.publish_at(routing_key, body, true);
     }
 
@@ -130,7 +130,7 @@ impl ShardCtx {
     /// (at most 20 ms later). Pongs come one at a time, spread over the second; handing
     /// each one's event to the bus at once woke the bus thread thousands of times a
     /// second at 200,000 devices, and those wakeups were a large part of the ack tail.
-    pub fn publish_lazy(&mut self, routing_key: RoutingKey, body: Vec<u8>) {
+    fn publish_lazy(&mut self, routing_key: RoutingKey, body: Vec<u8>) {
         self.publish_at(routing_key, body, false);
     }
 
@@ -171,7 +171,7 @@ impl ShardCtx {
 
     /// Before reading a device: false (and the shard pauses reading) while the bus queue
     /// is nearly full. Level-triggered readiness brings the unread sockets back later.
-    pub fn may_read(&mut self) -> bool {
+    fn may_read(&mut self) -> bool {
         match self.batch.may_read(&self.shared.bus) {
             Ok(()) => true,
             Err(first) => {
@@ -188,7 +188,7 @@ impl ShardCtx {
     }
 
     /// A connection stopped mid-buffer for backpressure; resume it when relieved.
-    pub fn hold(&mut self, slot: u32) {
+    pub(crate) fn hold(&mut self, slot: u32) {
         self.batch.hold(slot);
     }
 
@@ -201,7 +201,7 @@ impl ShardCtx {
 
     /// A connection changed outside a readiness event: settle it at the end of this
     /// pass of the loop.
-    pub fn mark(&mut self, slot: u32) {
+    pub(crate) fn mark(&mut self, slot: u32) {
         self.dirty.push(slot);
     }
 
@@ -213,7 +213,7 @@ impl ShardCtx {
     /// Requests sent to an earlier connection of this device and not yet acked are
     /// sent again, in the order first sent: a request outlives a reconnect within its
     /// deadline.
-    pub fn resend_pending(&mut self, conn: &mut Conn) {
+    fn resend_pending(&mut self, conn: &mut Conn) {
         let limit = Limit::requests(self);
         // Encoded first (the table is borrowed while sending needs the context), up to
         // the first frame past the limit: that one closes the connection as it would
@@ -239,17 +239,17 @@ impl ShardCtx {
 
     /// A stock device's follow-up (NervesHub `rebooting` after `reboot`) acks the
     /// oldest pending, not yet acked request of that command.
-    pub fn ack_command(&mut self, device: Uuid, command: &str) {
+    fn ack_command(&mut self, device: Uuid, command: &str) {
         self.pending.ack_command(device, command);
     }
 
-    pub fn on_ack(&mut self, device: Uuid, request: Uuid) {
+    fn on_ack(&mut self, device: Uuid, request: Uuid) {
         if !self.pending.ack(device, request) {
             self.metrics().acks_unmatched.fetch_add(1, Relaxed);
         }
     }
 
-    pub fn on_response(&mut self, device: Uuid, request: Uuid, ok: bool, result: Option<Vec<u8>>) {
+    fn on_response(&mut self, device: Uuid, request: Uuid, ok: bool, result: Option<Vec<u8>>) {
         if !self.pending.respond(device, request, ok, result) {
             self.metrics().acks_unmatched.fetch_add(1, Relaxed);
         }

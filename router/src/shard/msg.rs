@@ -42,21 +42,21 @@ pub enum ShardMsg {
 }
 
 pub struct Adopt {
-    pub stream: std::net::TcpStream,
+    pub(crate) stream: std::net::TcpStream,
     /// The TLS session, for wss connections (rustls state moves with the socket).
-    pub tls: Option<Box<rustls::ServerConnection>>,
-    pub ident: Identity,
-    pub peer: SocketAddr,
-    pub protocol: Protocol,
+    pub(crate) tls: Option<Box<rustls::ServerConnection>>,
+    pub(crate) ident: Identity,
+    pub(crate) peer: SocketAddr,
+    pub(crate) protocol: Protocol,
     /// permessage-deflate negotiated on the upgrade.
-    pub deflate: bool,
-    pub leftover: Vec<u8>,
+    pub(crate) deflate: bool,
+    pub(crate) leftover: Vec<u8>,
     /// Bytes the listener left for the owner to send first (the HTTP 101 when the
     /// upgrade request carried the credentials), so the 101 and the greeting leave
     /// in one write after the device is routable. Empty: already sent.
-    pub preface: Vec<u8>,
+    pub(crate) preface: Vec<u8>,
     /// Its place in `router_open_connections`, taken at accept; the connection keeps it.
-    pub open: OpenConnection,
+    pub(crate) open: OpenConnection,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,17 +70,17 @@ pub enum Delivery {
 }
 
 pub struct RequestMsg {
-    pub device: Uuid,
-    pub request: Uuid,
-    pub command: String,
-    pub payload: Vec<u8>,
-    pub wait_response: bool,
-    pub deadline: Instant,
-    pub reply: oneshot::Sender<RequestReply>,
+    pub(crate) device: Uuid,
+    pub(crate) request: Uuid,
+    pub(crate) command: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) wait_response: bool,
+    pub(crate) deadline: Instant,
+    pub(crate) reply: oneshot::Sender<RequestReply>,
 }
 
 #[derive(Debug)]
-pub enum RequestReply {
+pub(crate) enum RequestReply {
     Offline,
     Full,
     Acked,
@@ -89,11 +89,11 @@ pub enum RequestReply {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeviceInfo {
-    pub device: Uuid,
-    pub account: Uuid,
-    pub connected: bool,
-    pub since_unix_ms: u64,
-    pub address: String,
-    pub protocol: &'static str,
-    pub shard: usize,
+    pub(crate) device: Uuid,
+    pub(crate) account: Uuid,
+    pub(crate) connected: bool,
+    pub(crate) since_unix_ms: u64,
+    pub(crate) address: String,
+    pub(crate) protocol: &'static str,
+    pub(crate) shard: usize,
 }

@@ -20,13 +20,13 @@ use crate::protocol::ws::CloseCode;
 
 pub(super) struct Shard {
     /// What a connection's methods see: buffers, pending requests, the bus batch.
-    pub ctx: ShardCtx,
+    pub(crate) ctx: ShardCtx,
     /// The newest connection of each device on this shard, by slot.
-    pub routes: HashMap<Uuid, u32>,
+    pub(crate) routes: HashMap<Uuid, u32>,
     /// Authenticated connections by slot (the poller's key) and the closes lingering.
     pub(super) slab: Slab<Box<Conn>>,
     /// Readiness of every authenticated connection (one epoll per shard).
-    pub poller: Poller,
+    pub(crate) poller: Poller,
     next_conn_id: u64,
     /// Ticks so far: which ping slot this tick serves.
     pub(super) ticks: u64,

@@ -37,7 +37,7 @@ struct Chain {
 }
 
 #[derive(Default)]
-pub struct Pending {
+pub(crate) struct Pending {
     slots: Vec<Option<Entry>>,
     free: Vec<u32>,
     by_id: HashMap<Uuid, u32>,
@@ -46,13 +46,13 @@ pub struct Pending {
 
 impl Pending {
     /// Does `device` have a request in flight?
-    pub fn has_device(&self, device: &Uuid) -> bool {
+    pub(crate) fn has_device(&self, device: &Uuid) -> bool {
         self.by_device.contains_key(device)
     }
 
     /// A request sent (or to send when the device can take it). An earlier request with
     /// the same id is dropped: its caller sees the reply channel close.
-    pub fn insert(&mut self, req: RequestMsg) {
+    pub(crate) fn insert(&mut self, req: RequestMsg) {
         if let Some(&old) = self.by_id.get(&req.request) {
             self.remove_at(old);
         }
@@ -88,7 +88,7 @@ impl Pending {
 
     /// The device acked `request`: answered now, or marked and kept for its response.
     /// False: no such request to this device.
-    pub fn ack(&mut self, device: Uuid, request: Uuid) -> bool {
+    pub(crate) fn ack(&mut self, device: Uuid, request: Uuid) -> bool {
         let Some(slot) = self.find(device, request) else {
             return false;
         };
@@ -102,7 +102,7 @@ impl Pending {
     }
 
     /// The device answered `request`. False: no such request to this device.
-    pub fn respond(
+    pub(crate) fn respond(
         &mut self,
         device: Uuid,
         request: Uuid,
@@ -121,7 +121,7 @@ impl Pending {
 
     /// Ack the device's oldest (earliest deadline) request of `command` not yet acked.
     /// False: none.
-    pub fn ack_command(&mut self, device: Uuid, command: &str) -> bool {
+    pub(crate) fn ack_command(&mut self, device: Uuid, command: &str) -> bool {
         let oldest = self
             .chain(device)
             .filter(|e| !e.acked && e.req.command == command)
@@ -132,7 +132,7 @@ impl Pending {
 
     /// What a new connection of `device` is sent again, in the order first sent:
     /// (request id, command, payload) of its requests not yet acked whose caller waits.
-    pub fn unacked(&self, device: Uuid) -> impl Iterator<Item = (Uuid, &str, &[u8])> {
+    pub(crate) fn unacked(&self, device: Uuid) -> impl Iterator<Item = (Uuid, &str, &[u8])> {
         self.chain(device)
             .filter(|e| !e.acked && !e.req.reply.is_closed())
             .map(|e| {
@@ -146,7 +146,7 @@ impl Pending {
 
     /// Drop the requests past their deadline and those whose caller stopped waiting (the
     /// caller sees its reply channel close).
-    pub fn expire(&mut self, now: Instant) {
+    pub(crate) fn expire(&mut self, now: Instant) {
         for slot in 0..self.slots.len() {
             let done = self.slots[slot]
                 .as_ref()

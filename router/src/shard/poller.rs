@@ -15,21 +15,21 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::unix::AsyncFd;
 
-pub const IN: u32 = libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
-pub const OUT: u32 = libc::EPOLLOUT as u32;
+pub(crate) const IN: u32 = libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
+pub(crate) const OUT: u32 = libc::EPOLLOUT as u32;
 /// Hang-up and error: always reported, whatever the interest.
-pub const HUP_ERR: u32 = libc::EPOLLHUP as u32 | libc::EPOLLERR as u32;
+pub(crate) const HUP_ERR: u32 = libc::EPOLLHUP as u32 | libc::EPOLLERR as u32;
 
 /// Events taken from the kernel per `epoll_wait`.
-pub const BATCH: usize = 256;
+pub(crate) const BATCH: usize = 256;
 
-pub struct Poller {
+pub(crate) struct Poller {
     ep: AsyncFd<OwnedFd>,
 }
 
 impl Poller {
     /// Must be called inside the shard's runtime (registers the epoll fd with it).
-    pub fn new() -> io::Result<Poller> {
+    pub(crate) fn new() -> io::Result<Poller> {
         // SAFETY: epoll_create1 has no preconditions; the result is checked.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -55,17 +55,17 @@ impl Poller {
         }
     }
 
-    pub fn add(&self, fd: RawFd, key: u64, events: u32) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, key: u64, events: u32) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd, events, key)
     }
 
-    pub fn modify(&self, fd: RawFd, key: u64, events: u32) -> io::Result<()> {
+    pub(crate) fn modify(&self, fd: RawFd, key: u64, events: u32) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd, events, key)
     }
 
     /// Wait until the kernel has events for us, then take up to [`BATCH`] of them
     /// into `out` as (key, events).
-    pub async fn wait(&self, out: &mut Vec<(u64, u32)>) -> io::Result<()> {
+    pub(crate) async fn wait(&self, out: &mut Vec<(u64, u32)>) -> io::Result<()> {
         loop {
             let mut guard = self.ep.readable().await?;
             if self.take(out)? > 0 {

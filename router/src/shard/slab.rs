@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-pub struct Slab<T> {
+pub(crate) struct Slab<T> {
     slots: Vec<Option<T>>,
     free: Vec<u32>,
     /// Closing connections and when their linger ends: (slot, conn id, deadline).
@@ -22,7 +22,7 @@ impl<T> Default for Slab<T> {
 
 impl<T> Slab<T> {
     /// A slot for a new connection, to [`Slab::fill`] (or [`Slab::give_back`]).
-    pub fn vacant(&mut self) -> u32 {
+    pub(crate) fn vacant(&mut self) -> u32 {
         match self.free.pop() {
             Some(s) => s,
             None => {
@@ -32,43 +32,43 @@ impl<T> Slab<T> {
         }
     }
 
-    pub fn fill(&mut self, slot: u32, v: T) {
+    pub(crate) fn fill(&mut self, slot: u32, v: T) {
         self.slots[slot as usize] = Some(v);
     }
 
     /// A vacant slot not filled after all.
-    pub fn give_back(&mut self, slot: u32) {
+    pub(crate) fn give_back(&mut self, slot: u32) {
         self.free.push(slot);
     }
 
-    pub fn get(&self, slot: u32) -> Option<&T> {
+    pub(crate) fn get(&self, slot: u32) -> Option<&T> {
         self.slots.get(slot as usize)?.as_ref()
     }
 
-    pub fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
         self.slots.get_mut(slot as usize)?.as_mut()
     }
 
     /// Empty the slot (free for reuse); None: it was empty (already released).
-    pub fn take(&mut self, slot: u32) -> Option<T> {
+    pub(crate) fn take(&mut self, slot: u32) -> Option<T> {
         let v = self.slots.get_mut(slot as usize)?.take()?;
         self.free.push(slot);
         Some(v)
     }
 
     /// Every `step`-th slot's occupant from slot `first`: a timer tick's share.
-    pub fn share(&mut self, first: usize, step: usize) -> impl Iterator<Item = &mut T> {
+    pub(crate) fn share(&mut self, first: usize, step: usize) -> impl Iterator<Item = &mut T> {
         self.slots.iter_mut().skip(first).step_by(step).flatten()
     }
 
     /// The connection `id` in `slot` started closing: release it at `until` if its peer
     /// has not finished the close by then.
-    pub fn linger(&mut self, slot: u32, id: u64, until: Instant) {
+    pub(crate) fn linger(&mut self, slot: u32, id: u64, until: Instant) {
         self.lingering.push((slot, id, until));
     }
 
     /// The lingering closes due at `now`: (slot, conn id), forgotten here.
-    pub fn lingered(&mut self, now: Instant) -> Vec<(u32, u64)> {
+    pub(crate) fn lingered(&mut self, now: Instant) -> Vec<(u32, u64)> {
         let mut out = Vec::new();
         self.lingering.retain(|&(slot, id, until)| {
             if until <= now {

@@ -107,15 +107,15 @@ impl Shard {
 /// A shard's drain: `initial` connections at `from`, the last closed at `until`.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct DrainPlan {
-    pub from: Instant,
-    pub until: Instant,
-    pub initial: usize,
+    pub(crate) from: Instant,
+    pub(crate) until: Instant,
+    pub(crate) initial: usize,
 }
 
 impl DrainPlan {
     /// How many connections may still be open at `now`: falls evenly from `initial` at
     /// `from` to 0 at `until` (the last one goes at `until`, not early).
-    pub fn may_remain(&self, now: Instant) -> usize {
+    fn may_remain(&self, now: Instant) -> usize {
         let span = self.until.saturating_duration_since(self.from).as_micros();
         let left = self.until.saturating_duration_since(now).as_micros();
         if span == 0 || left == 0 {

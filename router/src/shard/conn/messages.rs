@@ -225,7 +225,7 @@ impl Conn {
     }
 
     /// The greeting after authentication, in this connection's protocol.
-    pub fn greeting(&self, ctx: &ShardCtx) -> Option<Vec<u8>> {
+    pub(crate) fn greeting(&self, ctx: &ShardCtx) -> Option<Vec<u8>> {
         match self.protocol {
             Protocol::Hive => Some(hive::authenticated(&self.meta)),
             Protocol::Phoenix(_) => None,
@@ -239,7 +239,7 @@ impl Conn {
 
     /// A request frame in this connection's protocol; None while it cannot receive
     /// one (a Phoenix device that has not joined its topic yet).
-    pub fn encode_request(
+    pub(crate) fn encode_request(
         &self,
         ctx: &ShardCtx,
         request: uuid::Uuid,
@@ -264,7 +264,7 @@ impl Conn {
 
     /// A backend event (JSON object) in this connection's protocol; None while the
     /// device does not take it (not joined, not subscribed).
-    pub fn encode_event(&self, ctx: &ShardCtx, body: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn encode_event(&self, ctx: &ShardCtx, body: &[u8]) -> Option<Vec<u8>> {
         match (self.protocol, self.adapter.as_deref()) {
             (Protocol::Hive, _) => Some(body.to_vec()),
             (Protocol::Phoenix(_), Some(Adapter::Phoenix(phx))) => {

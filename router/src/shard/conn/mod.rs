@@ -18,7 +18,7 @@ mod messages;
 mod readiness;
 mod send;
 
-pub use send::{Limit, SendOutcome};
+pub(crate) use send::{Limit, SendOutcome};
 
 use super::poller::IN;
 use super::{Protocol, ShardCtx};
@@ -30,18 +30,18 @@ use crate::protocol::phoenix::PhxState;
 use crate::protocol::ws::{self, CloseCode, WsError, OP_CLOSE};
 
 /// How long a closing connection may take to flush and see the peer's FIN.
-pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Reads per readiness event before yielding to other connections.
 const READS_PER_WAKE: usize = 4;
 
-pub struct Conn {
-    pub id: u64,
+pub(crate) struct Conn {
+    pub(crate) id: u64,
     /// Index in the shard's slab, and the key of its epoll registration.
-    pub slot: u32,
-    pub meta: Meta,
-    pub peer: SocketAddr,
-    pub protocol: Protocol,
-    pub connected_at_ms: u64,
+    pub(crate) slot: u32,
+    pub(crate) meta: Meta,
+    pub(crate) peer: SocketAddr,
+    pub(crate) protocol: Protocol,
+    pub(crate) connected_at_ms: u64,
     stream: TcpStream,
     st: State,
     /// What the protocol keeps per connection (Phoenix joins, Hivekit pubsub
@@ -186,7 +186,7 @@ impl State {
 
 impl Conn {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         ctx: &ShardCtx,
         id: u64,
         slot: u32,
@@ -241,24 +241,24 @@ impl Conn {
         ctx.mark(self.slot);
     }
 
-    pub fn fd(&self) -> i32 {
+    pub(crate) fn fd(&self) -> i32 {
         self.stream.as_raw_fd()
     }
 
-    pub fn ping_due(&self, now: u32) -> bool {
+    pub(crate) fn ping_due(&self, now: u32) -> bool {
         let st = &self.st;
         st.phase == Phase::Open && now >= st.next_ping
     }
-    pub fn set_next_ping(&mut self, at: u32) {
+    pub(crate) fn set_next_ping(&mut self, at: u32) {
         self.st.next_ping = at;
     }
-    pub fn idle_for(&self, now: u32) -> u32 {
+    pub(crate) fn idle_for(&self, now: u32) -> u32 {
         now.saturating_sub(self.st.last_seen)
     }
 
     /// Queue a close frame with `code` and stop reading; the shard's loop flushes it
     /// and lingers (see `readiness`). Counted in `router_closes_total`.
-    pub fn fail(&mut self, ctx: &mut ShardCtx, code: CloseCode, reason: &str) {
+    pub(crate) fn fail(&mut self, ctx: &mut ShardCtx, code: CloseCode, reason: &str) {
         if self.st.phase != Phase::Open {
             return;
         }
@@ -290,7 +290,7 @@ impl Conn {
 
     /// Like [`Conn::fail`], but the device may still finish what it was saying: frames it
     /// sent before it saw the close are handled, not dropped (a drain loses no event).
-    pub fn close_reading(&mut self, ctx: &mut ShardCtx, code: CloseCode, reason: &str) {
+    pub(crate) fn close_reading(&mut self, ctx: &mut ShardCtx, code: CloseCode, reason: &str) {
         if self.is_done() {
             return;
         }

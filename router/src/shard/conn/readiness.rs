@@ -10,7 +10,7 @@ use crate::shard::ShardCtx;
 
 impl Conn {
     /// Just adopted: bytes that came with the handshake, and what rustls already holds.
-    pub fn start(&mut self, ctx: &mut ShardCtx, mut leftover: Vec<u8>) {
+    pub(crate) fn start(&mut self, ctx: &mut ShardCtx, mut leftover: Vec<u8>) {
         if !leftover.is_empty() {
             self.on_bytes(ctx, &mut leftover);
         }
@@ -20,7 +20,7 @@ impl Conn {
     }
 
     /// Backpressure is over: handle the bytes that waited, then what rustls holds.
-    pub fn resume(&mut self, ctx: &mut ShardCtx) {
+    pub(crate) fn resume(&mut self, ctx: &mut ShardCtx) {
         if self.is_done() {
             return;
         }
@@ -31,7 +31,7 @@ impl Conn {
     }
 
     /// Readiness reported by the shard's poller.
-    pub fn on_event(&mut self, ctx: &mut ShardCtx, events: u32) {
+    pub(crate) fn on_event(&mut self, ctx: &mut ShardCtx, events: u32) {
         let lingering = matches!(
             self.st.phase,
             Phase::Closing {
@@ -76,7 +76,7 @@ impl Conn {
     /// finished (the socket is gone, or the peer completed the close) and must be
     /// released. Sets `started_linger` the first time it finds the connection closing,
     /// so the shard starts the linger deadline.
-    pub fn settle(&mut self, started_linger: &mut bool) -> Option<u32> {
+    pub(crate) fn settle(&mut self, started_linger: &mut bool) -> Option<u32> {
         let phase = self.st.phase;
         match phase {
             Phase::Dead => return None,
@@ -126,7 +126,7 @@ impl Conn {
     }
 
     /// The registered interest, updated when `want` differs; Some(want) if it changed.
-    pub fn set_interest(&mut self, want: u32) -> Option<u32> {
+    pub(crate) fn set_interest(&mut self, want: u32) -> Option<u32> {
         let st = &mut self.st;
         (st.interest != want).then(|| {
             st.interest = want;

@@ -15,7 +15,7 @@ use crate::shard::{Protocol, ShardCtx};
 
 /// How far a frame may fill the connection's outbound queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
+pub(crate) enum Limit {
     /// Not sent if the bytes waiting would pass this many (--max-outbound; twice that
     /// for requests).
     Bounded(usize),
@@ -26,13 +26,13 @@ pub enum Limit {
 
 impl Limit {
     /// --max-outbound: events, replies, errors, pings and pongs.
-    pub fn outbound(ctx: &ShardCtx) -> Limit {
+    pub(crate) fn outbound(ctx: &ShardCtx) -> Limit {
         Limit::Bounded(ctx.shared.config.max_outbound)
     }
 
     /// Requests may queue up to twice --max-outbound: a device that far behind is not
     /// reading at all, so it is closed rather than buffered without end.
-    pub fn requests(ctx: &ShardCtx) -> Limit {
+    pub(crate) fn requests(ctx: &ShardCtx) -> Limit {
         Limit::Bounded(ctx.shared.config.max_outbound.saturating_mul(2))
     }
 
@@ -47,7 +47,7 @@ impl Limit {
 /// What became of a frame handed to the connection.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendOutcome {
+pub(crate) enum SendOutcome {
     /// Written to the socket, or queued behind bytes it has not taken yet.
     Sent,
     /// Not sent: the outbound queue would have passed the frame's [`Limit`].
@@ -76,14 +76,14 @@ impl Conn {
     /// wrote it (JSON text; MessagePack in a binary frame for a Phoenix V3 device):
     /// counted against --max-outbound like everything queued for it (see
     /// [`Conn::send_or_close`]).
-    pub fn send_text(&mut self, ctx: &mut ShardCtx, payload: &[u8]) {
+    pub(crate) fn send_text(&mut self, ctx: &mut ShardCtx, payload: &[u8]) {
         let wire = self.to_wire(payload);
         let limit = Limit::outbound(ctx);
         let _ = self.send_or_close(ctx, self.data_op(), &wire, limit);
     }
 
     /// The opcode of this connection's data frames: binary for Phoenix V3 (MessagePack).
-    pub fn data_op(&self) -> u8 {
+    pub(crate) fn data_op(&self) -> u8 {
         match self.protocol {
             Protocol::Phoenix(Vsn::V3) => OP_BINARY,
             _ => OP_TEXT,
@@ -111,7 +111,7 @@ impl Conn {
     /// read what it keeps asking for (one frame of bad actions can be answered by a
     /// frame many times its size), so instead of costing the router more memory it is
     /// closed with 1008 and counted (`router_outbound_overflow_total`); `Dropped` then.
-    pub fn send_or_close(
+    pub(crate) fn send_or_close(
         &mut self,
         ctx: &mut ShardCtx,
         op: u8,
@@ -141,7 +141,7 @@ impl Conn {
     /// Send a frame (a data frame already in the wire format, from
     /// [`Conn::encode_event`]; a control frame): written now if nothing is queued (no
     /// copy at all on the fast path), the rest queued; not sent past `limit`.
-    pub fn send(
+    pub(crate) fn send(
         &mut self,
         ctx: &mut ShardCtx,
         op: u8,
@@ -154,7 +154,12 @@ impl Conn {
     /// The first bytes a handed-over connection gets: the HTTP 101 the listener left
     /// for the owner to send, and the protocol's greeting if it has one, in one write
     /// (one segment, one wake-up of the device instead of two).
-    pub fn send_greeting(&mut self, ctx: &mut ShardCtx, preface: &[u8], greeting: Option<&[u8]>) {
+    pub(crate) fn send_greeting(
+        &mut self,
+        ctx: &mut ShardCtx,
+        preface: &[u8],
+        greeting: Option<&[u8]>,
+    ) {
         let _ = match greeting {
             Some(g) => self.send_frame(ctx, preface, OP_TEXT, g, Limit::Exempt),
             None if !preface.is_empty() => self.write_parts(ctx, &[preface], Limit::Exempt),
