@@ -3,13 +3,11 @@
 //! the three device protocols. Runs on a worker's single-threaded runtime.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use rand::Rng;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -19,78 +17,12 @@ use crate::hist;
 pub use crate::signal::{storm_hits, Control, Signal};
 use crate::ws::{Incoming, Ws};
 
-/// Per-worker counters and histograms (single thread: plain RefCell).
-pub struct Stats {
-    pub connect: Histogram<u64>,
-    pub auth: Histogram<u64>,
-    pub connected: usize,
-    pub connecting: usize,
-    pub ever_connected: usize,
-    pub reconnects: u64,
-    pub errors: BTreeMap<String, u64>,
-    pub events_sent: u64,
-    pub storm_drops: u64,
-    /// The last storm this worker was told of (`Control::storm`), and how many devices
-    /// all its storms so far were to drop: the connected ones `storm_hits` picked.
-    pub storm_gen: u64,
-    pub storm_expected: u64,
-    /// Which devices are connected, by slot (for `storm_expected`).
-    pub up: Vec<bool>,
-    pub requests_received: u64,
-    /// Unix µs of this worker's first connect attempt (0: none yet).
-    pub first_attempt_us: u64,
-    /// Unix µs when `connected` first reached `target` (0: not yet).
-    pub full_us: u64,
-    /// This worker's share of the fleet.
-    pub target: usize,
-    /// Each device's last event seq, by its slot in this worker (`DeviceSpec::slot`). A
-    /// device numbers its events 1, 2, 3, ... across all its connections; a seq counts
-    /// as sent once its frame was handed to the socket whole.
-    pub seqs: Vec<u64>,
-    /// (slot, first seq, last seq) of every connection that broke (reset, end of stream
-    /// without a close frame, an error, a storm drop) after sending events on it: its
-    /// last events may have died with it. Connections that ended with a close frame, or
-    /// by loadgen's own stop, are not kept.
-    pub broken: Vec<(u32, u64, u64)>,
-}
+mod stats;
+mod wire;
 
-impl Stats {
-    /// Counters for a worker holding `target` devices.
-    pub fn new(target: usize) -> Self {
-        Stats {
-            connect: hist::new_hist(),
-            auth: hist::new_hist(),
-            connected: 0,
-            connecting: 0,
-            ever_connected: 0,
-            reconnects: 0,
-            errors: BTreeMap::new(),
-            events_sent: 0,
-            storm_drops: 0,
-            storm_gen: 0,
-            storm_expected: 0,
-            up: vec![false; target],
-            requests_received: 0,
-            first_attempt_us: 0,
-            full_us: 0,
-            target,
-            seqs: vec![0; target],
-            broken: Vec::new(),
-        }
-    }
-    fn error(&mut self, kind: &str) {
-        *self.errors.entry(kind.to_string()).or_default() += 1;
-    }
-
-    /// Storm number `generation` of `fraction`: count the connected devices it drops.
-    pub fn storm(&mut self, generation: u64, fraction: f64) {
-        let hit = (0..self.up.len())
-            .filter(|&slot| self.up[slot] && storm_hits(slot as u32, generation, fraction))
-            .count();
-        self.storm_gen = generation;
-        self.storm_expected += hit as u64;
-    }
-}
+pub use stats::Stats;
+pub use wire::device_url;
+use wire::{answer, event_frame};
 
 /// What every device of a worker shares.
 pub struct Fleet {
@@ -399,98 +331,6 @@ fn event_timer(interval: Option<Duration>) -> Option<tokio::time::Interval> {
     Some(tokio::time::interval_at(first, iv))
 }
 
-/// Replies to a frame from the router: acks (and responses) for requests.
-fn answer(fleet: &Fleet, spec: &DeviceSpec, text: &str) -> Vec<String> {
-    let v: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(_) => return Vec::new(),
-    };
-    let (request, payload) = match spec.proto {
-        Proto::Phoenix if v[1].is_null() && v[4]["request"].is_string() => {
-            (v[4]["request"].clone(), v[4].clone())
-        }
-        Proto::Hivekit if v[0]["act"] == "pub" && v[0]["dat"]["eve"] == "hive.request" => {
-            let r = &v[0]["dat"]["dat"];
-            (r["id"].clone(), r["payload"].clone())
-        }
-        Proto::Hive | Proto::Mixed if v["type"] == "device-request" => {
-            (v["request"].clone(), v["payload"].clone())
-        }
-        _ => return Vec::new(),
-    };
-    fleet.stats.borrow_mut().requests_received += 1;
-    if fleet.no_ack {
-        return Vec::new();
-    }
-    let respond = payload["respond"] == true;
-    match spec.proto {
-        Proto::Phoenix => {
-            let mut out =
-                vec![json!(["1", null, "device", "ack", {"request": request}]).to_string()];
-            if respond {
-                out.push(json!(["1", null, "device", "response", {"request": request, "status": "ok", "result": {"echo": true}}]).to_string());
-            }
-            out
-        }
-        Proto::Hivekit => {
-            // Acked (and answered) by publishing into the realm; fire-and-forget (no
-            // cid): the router answers only failures then.
-            let publish = |eve: &str, dat: Value| json!({"typ": "rea", "act": "pub", "id": v[0]["rea"], "dat": {"eve": eve, "idp": "*", "dat": dat}});
-            // An answer acks too.
-            let action = if respond {
-                publish(
-                    "hive.response",
-                    json!({"id": request, "result": {"echo": true}}),
-                )
-            } else {
-                publish("hive.ack", json!({"id": request}))
-            };
-            vec![json!([action]).to_string()]
-        }
-        _ => {
-            let mut out = vec![json!({"type": "ack", "request": request}).to_string()];
-            if respond {
-                out.push(json!({"type": "response", "request": request, "status": "ok", "result": {"echo": true}}).to_string());
-            }
-            out
-        }
-    }
-}
-
-/// The device's event number `seq`, stamped with `sent_us` for end-to-end latency. Both
-/// go where the router passes them on to hive.events: the top level of a hive event,
-/// the payload of a Phoenix one, the `dat` of a hivekit object update (published as
-/// `data`).
-fn event_frame(spec: &DeviceSpec, seq: u64) -> String {
-    let sent_us = now_us();
-    match spec.proto {
-        Proto::Phoenix => json!(["1", format!("e{seq}"), "device", "status_update", {"status": "ok", "sent_us": sent_us, "seq": seq}]).to_string(),
-        Proto::Hivekit => json!([{"typ": "obj", "act": "upd", "id": spec.id, "dat": {"sent_us": sent_us, "seq": seq}}]).to_string(),
-        _ => match seq % 3 {
-            0 => json!({"type": "instances", "sent_us": sent_us, "seq": seq, "apps": [{"name": "app", "healthy": true}]}),
-            1 => json!({"type": "device-version", "sent_us": sent_us, "seq": seq, "version": "1.0.0"}),
-            _ => json!({"type": "device-state", "sent_us": sent_us, "seq": seq, "disk_free_pct": 42}),
-        }
-        .to_string(),
-    }
-}
-
-/// The protocol's endpoint under a base URL that has no path of its own.
-pub fn device_url(base: &str, proto: Proto, token: &str) -> String {
-    let base = base.trim_end_matches('/');
-    let has_path = base.splitn(4, '/').nth(3).is_some_and(|p| !p.is_empty());
-    let path = match (has_path, proto) {
-        (true, _) => "",
-        (false, Proto::Phoenix) => "/socket/websocket",
-        (false, Proto::Hivekit) => "/v1/ws",
-        (false, _) => "/ws",
-    };
-    match proto {
-        Proto::Phoenix => format!("{base}{path}?token={token}&vsn=2.0.0"),
-        _ => format!("{base}{path}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,23 +528,6 @@ mod tests {
             s.errors.keys().any(|k| k.starts_with("closed_")),
             "{:?}",
             s.errors
-        );
-    }
-
-    #[test]
-    fn urls() {
-        assert_eq!(device_url("ws://h:1", Proto::Hive, "t"), "ws://h:1/ws");
-        assert_eq!(
-            device_url("ws://h:1/", Proto::Hivekit, "t"),
-            "ws://h:1/v1/ws"
-        );
-        assert_eq!(
-            device_url("ws://h:1", Proto::Phoenix, "t"),
-            "ws://h:1/socket/websocket?token=t&vsn=2.0.0"
-        );
-        assert_eq!(
-            device_url("ws://h:1/custom", Proto::Hive, "t"),
-            "ws://h:1/custom"
         );
     }
 }
