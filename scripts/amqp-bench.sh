@@ -32,7 +32,7 @@ target/release/examples/lapin_publisher "$URL" setup
 wait_ready() { for _ in $(seq 1 100); do curl -sf "$1/readyz" >/dev/null && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
 
 echo "== 1. events/s with publisher confirms (window 1000), $C devices offering $OFFER events/s, ${S}s each"
-target/release/router serve --listen 127.0.0.1:9920 --api 127.0.0.1:9921 --auth-secret tp \
+target/release/router serve --listen 127.0.0.1:9920 --api 127.0.0.1:9921 --auth-secret tp-0123456789abcdef0123456789abcdef \
   --amqp "$URL" --node-id bench-1 --device-rate 10000000 --device-burst 10000000 >/dev/null 2>&1 &
 PIDS+=($!)
 wait_ready http://127.0.0.1:9921
@@ -48,14 +48,14 @@ print(f'router / bare lapin publisher = {r/l:.2f}')"
 
 echo "== 2. request ack latency, $N devices on two nodes, $RATE req/s, ${S}s: owner vs cross"
 for i in 1 2; do
-  target/release/router serve --listen 127.0.0.1:99${i}0 --api 127.0.0.1:99${i}1 --auth-secret tp \
+  target/release/router serve --listen 127.0.0.1:99${i}0 --api 127.0.0.1:99${i}1 --auth-secret tp-0123456789abcdef0123456789abcdef \
     --amqp "$URL" --node-id "bench-$i" >/dev/null 2>&1 &
   PIDS+=($!)
 done
 wait_ready http://127.0.0.1:9911; wait_ready http://127.0.0.1:9921
 for via in owner cross; do
   target/release/loadgen --devices "$N" --url ws://127.0.0.1:9910/ws,ws://127.0.0.1:9920/ws \
-    --api http://127.0.0.1:9911,http://127.0.0.1:9921 --secret tp --connect-rate 2000 \
+    --api http://127.0.0.1:9911,http://127.0.0.1:9921 --secret tp-0123456789abcdef0123456789abcdef --connect-rate 2000 \
     --duration "$S" --request-rate "$RATE" --request-via "$via" --json "target/amqp-bench-$via.json" >/dev/null 2>&1
   python3 - "$via" "target/amqp-bench-$via.json" <<'PY'
 import json, sys

@@ -56,7 +56,7 @@ BUILD=()
 [ -n "${LOADGEN_BIN:-}" ] || BUILD+=(-p loadgen)
 [ ${#BUILD[@]} -eq 0 ] || cargo build --release --quiet "${BUILD[@]}"
 ROUTER=${ROUTER_BIN:-target/release/router} LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
-SECRET=capacity-$RANDOM$RANDOM
+SECRET=capacity-$RANDOM$RANDOM-0123456789abcdef0123456789abcdef
 # SO_REUSEPORT spreads by hash, not evenly: aim each node well under the 20,000-file cap.
 NODES=$(( (DEVICES + PER_NODE - 1) / PER_NODE ))
 SHARDS=$([ "$NODES" -gt 1 ] && echo 1 || echo 0)

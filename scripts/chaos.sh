@@ -164,7 +164,7 @@ EV=$DIR/events.txt
 : >"$EV"
 VHOST=chaos-$RUN_ID
 AMQP="amqp://guest:guest@$BROKER/$VHOST"
-SECRET=chaos-$RANDOM$RANDOM
+SECRET=chaos-$RANDOM$RANDOM-0123456789abcdef0123456789abcdef
 ROUTER=$ROUTER_BIN LOADGEN=$LOADGEN_BIN
 
 PIDS=()          # router pid per node index ("" = not running)

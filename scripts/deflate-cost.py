@@ -12,12 +12,12 @@ def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().split(")")[1].split()
     return (int(f[11]) + int(f[12])) / 100
 async def run(flag):
-    args = [ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "2", "--auth-secret", "m"]
+    args = [ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "2", "--auth-secret", "m-0123456789abcdef0123456789abcdef"]
     if flag: args.append("--permessage-deflate")
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     f = dict(kv.split("=", 1) for kv in p.stdout.readline().split()[2:])
     acct = str(uuid.uuid4())
-    tok = lambda d: subprocess.run([ROUTER, "token", "--device", d, "--account", acct, "--secret", "m"], capture_output=True, text=True).stdout.strip()
+    tok = lambda d: subprocess.run([ROUTER, "token", "--device", d, "--account", acct, "--secret", "m-0123456789abcdef0123456789abcdef"], capture_output=True, text=True).stdout.strip()
     base = rss(p.pid)
     conns = []
     toks = [tok(str(uuid.uuid4())) for _ in range(N)]

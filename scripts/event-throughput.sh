@@ -11,7 +11,7 @@ C=${1:-64} S=${2:-10} N=${3:-1}
 # --bins too: naming examples alone builds only them, and the router binary could be stale.
 cargo build --release --quiet -p router --bins && cargo build --release --quiet -p hive-benches --example echo_reference --example flood
 PIDS=(); trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-target/release/router serve --listen 127.0.0.1:9900 --api 127.0.0.1:9901 --auth-secret tp \
+target/release/router serve --listen 127.0.0.1:9900 --api 127.0.0.1:9901 --auth-secret tp-0123456789abcdef0123456789abcdef \
   --device-rate 10000000 --device-burst 10000000 >/dev/null 2>&1 &
 PIDS+=($!)
 target/release/examples/echo_reference 127.0.0.1:9910 >/dev/null &
@@ -19,7 +19,7 @@ PIDS+=($!)
 sleep 0.5
 R=() E=()
 for ((k = 1; k <= N; k++)); do
-  r=$(target/release/examples/flood router ws://127.0.0.1:9900/ws http://127.0.0.1:9901 tp "$C" "$S")
+  r=$(target/release/examples/flood router ws://127.0.0.1:9900/ws http://127.0.0.1:9901 tp-0123456789abcdef0123456789abcdef "$C" "$S")
   e=$(target/release/examples/flood echo ws://127.0.0.1:9910 - - "$C" "$S")
   echo "$r"; echo "$e"
   R+=("$(echo "$r" | sed 's/.*= \([0-9.]*\) msgs.*/\1/')")

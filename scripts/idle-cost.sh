@@ -31,7 +31,7 @@ BUILD=()
 [ -n "${LOADGEN_BIN:-}" ] || BUILD+=(-p loadgen)
 [ ${#BUILD[@]} -eq 0 ] || cargo build --release --quiet "${BUILD[@]}"
 ROUTER=${ROUTER_BIN:-target/release/router} LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
-SECRET=idle-$RANDOM$RANDOM
+SECRET=idle-$RANDOM$RANDOM-0123456789abcdef0123456789abcdef
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 APIS=""

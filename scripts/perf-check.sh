@@ -39,9 +39,9 @@ for w in hive_decode ws_frames phoenix hivekit token; do
 done
 if [ "$QUICK" = 0 ]; then
   cargo build --release --quiet -p router -p loadgen
-  target/release/router serve --listen 127.0.0.1:9650 --api 127.0.0.1:9651 --auth-secret perf >/dev/null 2>&1 &
+  target/release/router serve --listen 127.0.0.1:9650 --api 127.0.0.1:9651 --auth-secret perf-0123456789abcdef0123456789abcdef >/dev/null 2>&1 &
   RP=$!; sleep 0.5
-  target/release/loadgen --devices 2000 --url ws://127.0.0.1:9650 --api http://127.0.0.1:9651 --secret perf \
+  target/release/loadgen --devices 2000 --url ws://127.0.0.1:9650 --api http://127.0.0.1:9651 --secret perf-0123456789abcdef0123456789abcdef \
     --request-rate 1000 --duration 5 --quiet --json "$OUT/lg.json" | sed 's/^/  /' || fail=1
   kill $RP 2>/dev/null || true
   python3 - "$OUT/lg.json" <<'PY' || fail=1

@@ -16,9 +16,9 @@ cargo build --release --quiet -p router -p loadgen
 [ -x target/pyenv/bin/python ] || python3 -m venv target/pyenv
 OUT=$(mktemp -d); PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$OUT"' EXIT
-target/release/router serve --listen 127.0.0.1:9700 --api 127.0.0.1:9701 --auth-secret slow >"$OUT/r.out" 2>/dev/null &
+target/release/router serve --listen 127.0.0.1:9700 --api 127.0.0.1:9701 --auth-secret slow-0123456789abcdef0123456789abcdef >"$OUT/r.out" 2>/dev/null &
 PIDS+=($!); sleep 0.5
-lg() { target/release/loadgen --devices "$DEVICES" --url ws://127.0.0.1:9700 --api http://127.0.0.1:9701 --secret slow \
+lg() { target/release/loadgen --devices "$DEVICES" --url ws://127.0.0.1:9700 --api http://127.0.0.1:9701 --secret slow-0123456789abcdef0123456789abcdef \
          --request-rate "$RATE" --duration "$DURATION" --quiet --json "$OUT/$1.json" >/dev/null; }
 lg calm
 target/pyenv/bin/python interop/python/slowloris.py --port 9700 --connections "$HOSTILE" --seconds $((DURATION + 40)) &

@@ -11,7 +11,7 @@ import { Socket } from "phoenix";
 import WebSocket from "ws";
 
 const ROUTER = process.argv[2];
-const SECRET = "js-secret";
+const SECRET = "js-secret-0123456789abcdef0123456789abcdef";
 const fail = (msg) => { console.error("FAIL:", msg); process.exit(1); };
 setTimeout(() => fail("timed out after 60 s"), 60_000).unref();
 

@@ -18,7 +18,7 @@ AMQP_URL = os.environ.get("HIVE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2
 
 
 def start_router(*extra):
-    p = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--auth-secret", "lg",
+    p = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--auth-secret", "lg-0123456789abcdef0123456789abcdef",
                           *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     assert line.startswith("router ready"), line
@@ -31,7 +31,7 @@ proc, f = start_router()
 def run(*extra, node=None):
     node = node or f
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [LOADGEN, "--url", f"ws://{node['ws']}", "--api", f"http://{node['api']}", "--secret", "lg", "--quiet",
+        cmd = [LOADGEN, "--url", f"ws://{node['ws']}", "--api", f"http://{node['api']}", "--secret", "lg-0123456789abcdef0123456789abcdef", "--quiet",
                "--json", out.name, *extra]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=300)
         return json.load(open(out.name))
@@ -87,7 +87,7 @@ try:
 
     import time
     for extra, want in (((), "0"), (("--transparent-hugepages",), thp("self"))):
-        lg = subprocess.Popen([LOADGEN, "--url", f"ws://{f['ws']}", "--api", f"http://{f['api']}", "--secret", "lg",
+        lg = subprocess.Popen([LOADGEN, "--url", f"ws://{f['ws']}", "--api", f"http://{f['api']}", "--secret", "lg-0123456789abcdef0123456789abcdef",
                                "--quiet", "--devices", "50", "--workers", "2", "--request-rate", "0", "--duration", "0",
                                "--hold", "3", *extra], stdout=subprocess.DEVNULL)
         time.sleep(1.5)

@@ -91,8 +91,9 @@ CYCLE = 2.0           # seconds between rounds of the small error exercises
 SETTLE = 12.0         # seconds of load after the first successful scrape, before the queries
 CHURN = 3             # devices that connect and leave each cycle (connects, handoffs, 1000)
 API_TOKEN = "prometheus-check-" + uuid.uuid4().hex
-# The router's device-token secret: it runs without --auth-secret (nor ROUTER_AUTH_SECRET:
-# CHILD_ENV drops ROUTER_*), so `router token` and the router use the built-in dev secret.
+# The router's device-token secret: it runs with --dev and without --auth-secret (nor
+# ROUTER_AUTH_SECRET: CHILD_ENV drops ROUTER_*), so `router token --dev` and the router use
+# the public development secret.
 AUTH_SECRET = "hive-dev-secret"
 
 # loadgen (the dashboard's loadgen row): its own devices and backend against the same router,
@@ -105,7 +106,7 @@ LOADGEN_FLAGS = [
 ]
 
 ROUTER_FLAGS = [
-    "--listen", f"{HOST}:0", "--api", f"{HOST}:0", "--shards", "2",
+    "--listen", f"{HOST}:0", "--api", f"{HOST}:0", "--shards", "2", "--dev",
     # router_api_unauthorized_total (panel "Bus and API", API 401) only moves with a token;
     # Prometheus then scrapes with the `authorization` block grafana/prometheus.yml documents.
     "--api-token", API_TOKEN,
@@ -217,7 +218,7 @@ def start_router(tmp):
 
 
 def token(device, account):
-    out = subprocess.run([ROUTER, "token", "--device", device, "--account", account],
+    out = subprocess.run([ROUTER, "token", "--dev", "--device", device, "--account", account],
                          check=True, capture_output=True, text=True, env=CHILD_ENV, timeout=20)
     return out.stdout.strip()
 

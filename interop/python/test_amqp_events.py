@@ -20,7 +20,7 @@ import pika
 import websockets
 
 ROUTER = sys.argv[1]
-SECRET = "py-amqp-secret"
+SECRET = "py-amqp-secret-0123456789abcdef0123456789abcdef"
 AMQP_URL = os.environ.get("HIVE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 
 # pika (1.x) decodes double ('d') and float ('f') field values through its integer

@@ -13,7 +13,7 @@ import uuid
 import websockets
 
 ROUTER = sys.argv[1]
-SECRET = "py-secret"
+SECRET = "py-secret-0123456789abcdef0123456789abcdef"
 
 
 def token(device, account):

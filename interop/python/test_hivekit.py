@@ -21,7 +21,7 @@ from router_harness import Sse, http, metric, start_router
 from router_harness import token as mint
 
 ROUTER = sys.argv[1]
-SECRET = "py-hivekit-secret"
+SECRET = "py-hivekit-secret-0123456789abcdef0123456789abcdef"
 REALM = "plant-7"
 
 

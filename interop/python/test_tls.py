@@ -18,7 +18,7 @@ import uuid
 import websockets
 
 ROUTER = sys.argv[1]
-SECRET = "tls-secret"
+SECRET = "tls-secret-0123456789abcdef0123456789abcdef"
 D = tempfile.mkdtemp(prefix="hive-tls-")
 
 

@@ -4,7 +4,7 @@
 use std::io::BufRead;
 
 fn main() -> anyhow::Result<()> {
-    let secret = "example-secret";
+    let secret = "example-secret-0123456789abcdef0123456789";
     let config = router::config::ServeConfig::for_tests(secret);
     let handle = router::start(config)?;
     let (device, account) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());

@@ -128,13 +128,35 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// HS256 secret that device tokens are signed with.
+    /// HS256 secret that device tokens are signed with: at least 32 bytes (RFC 7518
+    /// §3.2). Prefer --auth-secret-file or the environment variable: a flag is visible to
+    /// every user of the machine in `ps`.
     #[arg(long, env = "ROUTER_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
 
-    /// Read the HS256 secret from this file (trailing newline ignored).
+    /// Read the HS256 secret from this file (trailing newline ignored; at least 32 bytes).
     #[arg(long, env = "ROUTER_AUTH_SECRET_FILE", conflicts_with = "auth_secret")]
     pub auth_secret_file: Option<PathBuf>,
+
+    /// Development mode: without --auth-secret, accept tokens signed with the public
+    /// development secret `hive-dev-secret` (anyone can mint them). Without a secret and
+    /// without --dev the router refuses to start, unless devices authenticate only by
+    /// client certificate (--client-ca) or NervesHub keys (--nerves-keys): then no token
+    /// is accepted.
+    #[arg(long, env = "ROUTER_DEV")]
+    pub dev: bool,
+
+    /// Longest a device token may still be valid when it is presented, in seconds
+    /// (`exp` further away is refused with 4401, reason `lifetime`).
+    #[arg(long, env = "ROUTER_AUTH_MAX_TOKEN_LIFETIME", default_value_t = crate::auth::DEFAULT_MAX_TOKEN_LIFETIME, value_parser = clap::value_parser!(u64).range(60..=315_360_000))]
+    pub auth_max_token_lifetime: u64,
+
+    /// Close a token-authenticated connection with 4401 `token expired` once its token's
+    /// `exp` has passed (checked at each ping), unless the device presented a newer token
+    /// on the open connection (Hive: a `Bearer T` text message). Connections
+    /// authenticated by certificate or NervesHub signature have no expiry.
+    #[arg(long, env = "ROUTER_CLOSE_ON_TOKEN_EXPIRY")]
+    pub close_on_token_expiry: bool,
 
     /// Seconds between WebSocket pings to each device; each pong yields a device-alive event
     /// (at most one per --device-alive-interval).
@@ -329,16 +351,43 @@ impl ServeConfig {
         }
     }
 
-    /// The token secret: --auth-secret, else --auth-secret-file, else the dev secret.
-    pub fn secret(&self) -> std::io::Result<(String, bool)> {
-        if let Some(s) = &self.auth_secret {
-            return Ok((s.clone(), false));
+    /// The token secret: --auth-secret, else --auth-secret-file, else the dev secret with
+    /// --dev, else none (only with another way for devices to authenticate). A secret
+    /// shorter than [`MIN_SECRET_LEN`](crate::auth::MIN_SECRET_LEN) bytes, an empty one
+    /// included, is an error, and so is no secret at all with nothing else configured.
+    pub fn secret(&self) -> anyhow::Result<TokenSecret> {
+        use crate::auth::MIN_SECRET_LEN;
+        let (given, from) = if let Some(s) = &self.auth_secret {
+            (s.clone(), "--auth-secret")
+        } else if let Some(path) = &self.auth_secret_file {
+            let s = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("reading --auth-secret-file {}: {e}", path.display())
+            })?;
+            (
+                s.trim_end_matches(['\r', '\n']).to_string(),
+                "--auth-secret-file",
+            )
+        } else if self.dev {
+            return Ok(TokenSecret::Dev);
+        } else if self.client_ca.is_some() || self.nerves_keys.is_some() {
+            return Ok(TokenSecret::NoTokens);
+        } else {
+            anyhow::bail!(
+                "no token secret: give --auth-secret-file FILE (or ROUTER_AUTH_SECRET) with at \
+                 least {MIN_SECRET_LEN} random bytes, e.g. from `openssl rand -hex 32`; or --dev \
+                 to accept tokens signed with the public development secret (anyone can mint \
+                 them: for a laptop, never for a fleet)"
+            );
+        };
+        if given.len() < MIN_SECRET_LEN {
+            anyhow::bail!(
+                "{from} is {} bytes: an HS256 secret must have at least {MIN_SECRET_LEN} \
+                 (RFC 7518 §3.2; a short one can be found offline from a single token), \
+                 e.g. from `openssl rand -hex 32`",
+                given.len()
+            );
         }
-        if let Some(path) = &self.auth_secret_file {
-            let s = std::fs::read_to_string(path)?;
-            return Ok((s.trim_end_matches(['\r', '\n']).to_string(), false));
-        }
-        Ok((DEV_SECRET.to_string(), true))
+        Ok(TokenSecret::Secret(given))
     }
 
     /// The shortest gap between two device-alive events of one device, in seconds: half
@@ -378,6 +427,9 @@ impl ServeConfig {
             node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),
             auth_secret: Some(secret.into()),
             auth_secret_file: None,
+            dev: false,
+            auth_max_token_lifetime: crate::auth::DEFAULT_MAX_TOKEN_LIFETIME,
+            close_on_token_expiry: false,
             ping_interval: 30,
             device_alive_interval: 0,
             auth_timeout: 10,
@@ -417,6 +469,17 @@ impl ServeConfig {
     }
 }
 
+/// Where device tokens are checked against (see [`ServeConfig::secret`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSecret {
+    /// The operator's secret.
+    Secret(String),
+    /// --dev: the public development secret.
+    Dev,
+    /// No secret and no --dev, devices authenticate otherwise: no token is accepted.
+    NoTokens,
+}
+
 /// A realm name: 1 to 128 bytes, no control characters.
 fn parse_realm(s: &str) -> Result<String, String> {
     if s.is_empty()
@@ -439,12 +502,48 @@ pub struct TokenArgs {
     /// Account UUID (the token's `acc`).
     #[arg(long)]
     pub account: uuid::Uuid,
-    /// Seconds until the token expires.
-    #[arg(long, default_value_t = 86_400)]
+    /// Seconds until the token expires: at most --auth-max-token-lifetime.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub ttl: u64,
-    /// HS256 secret (default: the dev secret, as `router serve` uses without one).
+    /// The longest --ttl allowed: the same setting as `router serve`'s (a longer token
+    /// would be refused there).
+    #[arg(long, env = "ROUTER_AUTH_MAX_TOKEN_LIFETIME", default_value_t = crate::auth::DEFAULT_MAX_TOKEN_LIFETIME, value_parser = clap::value_parser!(u64).range(60..=315_360_000))]
+    pub auth_max_token_lifetime: u64,
+    /// HS256 secret, at least 32 bytes (prefer the environment variable: a flag shows in
+    /// `ps`).
     #[arg(long, env = "ROUTER_AUTH_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
+    /// Sign with the public development secret (what `router serve --dev` accepts) when
+    /// no --secret is given.
+    #[arg(long, env = "ROUTER_DEV")]
+    pub dev: bool,
+}
+
+impl TokenArgs {
+    /// The secret to sign with, or why this token cannot be minted.
+    pub fn secret(&self) -> anyhow::Result<String> {
+        use crate::auth::MIN_SECRET_LEN;
+        if self.ttl > self.auth_max_token_lifetime {
+            anyhow::bail!(
+                "--ttl {} is longer than --auth-max-token-lifetime {}: the router would refuse \
+                 this token",
+                self.ttl,
+                self.auth_max_token_lifetime
+            );
+        }
+        match &self.secret {
+            Some(s) if s.len() < MIN_SECRET_LEN => anyhow::bail!(
+                "--secret is {} bytes: an HS256 secret must have at least {MIN_SECRET_LEN}",
+                s.len()
+            ),
+            Some(s) => Ok(s.clone()),
+            None if self.dev => Ok(DEV_SECRET.to_string()),
+            None => anyhow::bail!(
+                "no --secret (or ROUTER_AUTH_SECRET): give the router's secret, or --dev for \
+                 the public development secret"
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -162,10 +162,7 @@ impl RouterHandle {
 pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     check_config(&config)?;
     let n = config.shard_count();
-    let (secret, dev) = config.secret().context("reading --auth-secret-file")?;
-    if dev {
-        tracing::warn!("no --auth-secret given: using the insecure development secret");
-    }
+    let verifier = verifier(&config)?;
     let (ws_addr, listeners) = listener::bind_reuseport(config.listen, n, config.defer_accept)
         .with_context(|| format!("binding device listener {}", config.listen))?;
     let api_listener = std::net::TcpListener::bind(config.api)
@@ -179,7 +176,7 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     let (bus, bus_rx) = Bus::new(config.queue_capacity);
     let node_id = config.node_id();
     let link = bind_cluster_link(&config)?;
-    let shared = Arc::new(new_shared(config, node_id, &secret, handles, bus, link)?);
+    let shared = Arc::new(new_shared(config, node_id, verifier, handles, bus, link)?);
 
     // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
     // joined after the API has stopped (see `backend`).
@@ -203,6 +200,34 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
         shared,
         threads,
     })
+}
+
+/// The token verifier the config asks for (a start without a usable secret is refused:
+/// see [`ServeConfig::secret`]).
+fn verifier(config: &ServeConfig) -> anyhow::Result<Verifier> {
+    use config::TokenSecret;
+    let v = match config.secret()? {
+        TokenSecret::Secret(s) => Verifier::new(&s),
+        TokenSecret::Dev => {
+            if config.listen.ip().is_loopback() {
+                tracing::warn!("--dev: accepting tokens signed with the public development secret");
+            } else {
+                tracing::warn!(
+                    listen = %config.listen,
+                    "--dev on a non-loopback address: anyone who can reach it can mint tokens \
+                     for any device (the development secret is public)"
+                );
+            }
+            Verifier::new(config::DEV_SECRET)
+        }
+        TokenSecret::NoTokens => {
+            tracing::info!(
+                "no token secret: devices authenticate by certificate or NervesHub key only"
+            );
+            Verifier::no_tokens()
+        }
+    };
+    Ok(v.with_max_lifetime(config.auth_max_token_lifetime))
 }
 
 /// Refuse a start whose broker URL, broker TLS files or backend settings are wrong.
@@ -252,14 +277,14 @@ fn bind_cluster_link(
 fn new_shared(
     config: ServeConfig,
     node_id: String,
-    secret: &str,
+    verifier: Verifier,
     shards: Vec<ShardHandle>,
     bus: Bus,
     link: Option<(std::net::TcpListener, String)>,
 ) -> anyhow::Result<Shared> {
     Ok(Shared {
         node_id: node_id.clone(),
-        verifier: Verifier::new(secret),
+        verifier,
         metrics: Metrics::new(shards.len()),
         shards,
         bus,

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
 
 use clap::Parser;
-use router::config::{Cli, Command, ConfigCommand, DEV_SECRET};
+use router::config::{Cli, Command, ConfigCommand};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     }
+    warn_secret_flags(&args);
     match Cli::parse().command {
         Command::Config(ConfigCommand::Example) => {
             print!("{}", router::config_file::example());
@@ -56,7 +57,13 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Token(t) => {
-            let secret = t.secret.unwrap_or_else(|| DEV_SECRET.to_string());
+            let secret = match t.secret() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            };
             println!(
                 "{}",
                 router::auth::mint(&secret, t.device, t.account, t.ttl)
@@ -84,6 +91,26 @@ fn main() -> anyhow::Result<()> {
             handle.drain();
             tracing::info!("drained");
             Ok(())
+        }
+    }
+}
+
+/// Secrets given as flags are visible to every user of the machine (`ps`, /proc): say so.
+fn warn_secret_flags(args: &[std::ffi::OsString]) {
+    const SECRET_FLAGS: [(&str, &str); 4] = [
+        ("--auth-secret", "--auth-secret-file or ROUTER_AUTH_SECRET"),
+        ("--api-token", "ROUTER_API_TOKEN"),
+        ("--backend-token", "ROUTER_BACKEND_TOKEN"),
+        ("--cluster-key", "--cluster-key-file or ROUTER_CLUSTER_KEY"),
+    ];
+    for a in args {
+        let a = a.to_string_lossy();
+        for (flag, instead) in SECRET_FLAGS {
+            if a == flag || a.starts_with(&format!("{flag}=")) {
+                tracing::warn!(
+                    "{flag} on the command line is visible to every user of this machine (ps); use {instead}"
+                );
+            }
         }
     }
 }

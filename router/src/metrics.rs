@@ -166,6 +166,8 @@ pub struct BridgeMetrics {
     pub dropped_shutdown: AtomicU64,
     pub(crate) dropped_bad_routing_key: AtomicU64,
     pub(crate) header_keys_skipped: AtomicU64,
+    /// Top-level event fields the broker would read as instructions (CC, BCC, x-*).
+    pub(crate) header_keys_reserved: AtomicU64,
     /// Events published without headers (body not a JSON object, or headers too large).
     pub(crate) headers_omitted: AtomicU64,
     pub(crate) connected: AtomicI64,
@@ -176,12 +178,13 @@ pub struct BridgeMetrics {
 
 impl BridgeMetrics {
     fn render(&self, o: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             ("router_amqp_published_total", "basic.publish calls to hive.events, retries included.", &self.published),
             ("router_amqp_confirmed_total", "Events the broker confirmed (publisher confirms, ack).", &self.confirmed),
             ("router_amqp_nacked_total", "Events the broker nacked (then retried).", &self.nacked),
             ("router_amqp_retried_total", "Events published again after a nack or a lost connection.", &self.retried),
             ("router_amqp_header_keys_skipped_total", "Event fields left out of the AMQP headers: key longer than 255 bytes.", &self.header_keys_skipped),
+            ("router_amqp_header_keys_reserved_total", "Top-level event fields left out of the AMQP headers because the broker reads them as instructions (CC, BCC, x-*); the body keeps them.", &self.header_keys_reserved),
             ("router_amqp_headers_omitted_total", "Events published without headers (not a JSON object, or headers larger than a frame).", &self.headers_omitted),
             ("router_amqp_reconnects_total", "Connections to RabbitMQ re-established after one was lost.", &self.reconnects),
             ("router_amqp_connect_failures_total", "Failed attempts to connect to RabbitMQ and declare the topology.", &self.connect_failures),

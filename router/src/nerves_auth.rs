@@ -104,10 +104,7 @@ impl Keys {
             let e = Entry::Device {
                 secret: d.secret,
                 identifier: d.identifier,
-                ident: Identity {
-                    device: d.device,
-                    account: d.account,
-                },
+                ident: Identity::new(d.device, d.account),
             };
             if keys.insert(d.key.clone(), e).is_some() {
                 anyhow::bail!("--nerves-keys {}: key {} twice", path.display(), d.key);
@@ -223,10 +220,9 @@ impl NervesAuth {
                 }
                 *ident
             }
-            Entry::Product { account, .. } => Identity {
-                device: Uuid::new_v5(account, identifier.as_bytes()),
-                account: *account,
-            },
+            Entry::Product { account, .. } => {
+                Identity::new(Uuid::new_v5(account, identifier.as_bytes()), *account)
+            }
         };
         self.first_use(mac, signed_ms + self.max_age_ms, now_ms)?;
         Ok(ident)

@@ -77,10 +77,10 @@ pub(crate) fn identity_from_cert(der: &[u8], account_field: &str) -> Option<Iden
         ),
         _ => first_str(subject.iter_organizational_unit()),
     }?;
-    Some(Identity {
-        device: Uuid::parse_str(cn.trim()).ok()?,
-        account: Uuid::parse_str(account.trim()).ok()?,
-    })
+    Some(Identity::new(
+        Uuid::parse_str(cn.trim()).ok()?,
+        Uuid::parse_str(account.trim()).ok()?,
+    ))
 }
 
 fn first_str<'a>(mut it: impl Iterator<Item = &'a AttributeTypeAndValue<'a>>) -> Option<String> {

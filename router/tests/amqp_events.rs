@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::amqp::*;
 use common::*;
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{json, Value};
@@ -507,4 +508,71 @@ async fn a_drain_still_takes_what_the_device_sent_before_it_saw_the_close() {
     assert_eq!(v["type"], "last-word");
     assert_eq!(v["n"], 7);
     drain.await.unwrap();
+}
+
+/// A device cannot route its events through names the broker reads (`CC`, `BCC`,
+/// `x-*`): they stay in the body but never become headers, so a queue bound only to a
+/// router-owned key (or any other key) gets nothing from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cc_and_bcc_in_an_event_do_not_route_it() {
+    let vh = Vhost::new("hive-cc");
+    let url = vh.url();
+    let conn = connect(&url).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_events_exchange(&ch).await;
+    let mut all = consume_bound(&ch, "hive.events", "#").await;
+    // Queues a device must not reach: a router-owned key and an unrelated one.
+    let mut alive = consume_bound(&ch, "hive.events", "hive-backend.device-alive").await;
+    let mut billing = consume_bound(&ch, "hive.events", "billing.invoice").await;
+    let r = TestRouter::start_with(|c| c.amqp = Some(url.clone()));
+    wait_ready(&r, 200, Duration::from_secs(10)).await;
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ws = r.device(d, a).await;
+    send_json(
+        &mut ws,
+        json!({"type":"x","CC":["hive-backend.device-alive"]}),
+    )
+    .await;
+    send_json(
+        &mut ws,
+        json!({"type":"y","BCC":["billing.invoice"],"x-delay":1000}),
+    )
+    .await;
+    send_json(
+        &mut ws,
+        json!({"type":"z","Cc":["billing.invoice"],"X-Death":[]}),
+    )
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let dl = tokio::time::timeout(Duration::from_secs(5), all.next())
+            .await
+            .expect("events on #")
+            .unwrap()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&dl.data).unwrap();
+        if body["device"] != d.to_string() {
+            continue;
+        }
+        let headers = dl.properties.headers().clone().unwrap_or_default();
+        for k in ["CC", "BCC", "Cc", "x-delay", "X-Death"] {
+            assert!(!headers.inner().contains_key(k), "header {k}: {headers:?}");
+        }
+        seen.push(body);
+    }
+    // The body keeps what the device sent.
+    assert_eq!(seen[0]["CC"], json!(["hive-backend.device-alive"]));
+    assert_eq!(seen[1]["BCC"], json!(["billing.invoice"]));
+    // Everything published went to every bound queue at once: nothing on the others.
+    for (name, q) in [("device-alive", &mut alive), ("billing", &mut billing)] {
+        let got = tokio::time::timeout(Duration::from_millis(300), q.next()).await;
+        assert!(
+            got.is_err(),
+            "a device event reached the {name} queue: {got:?}"
+        );
+    }
+    assert_eq!(
+        r.metric("router_amqp_header_keys_reserved_total").await,
+        5.0
+    );
 }

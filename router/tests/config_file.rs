@@ -83,7 +83,7 @@ fn a_flag_beats_the_environment_which_beats_the_file() {
     let cfg = temp(
         "precedence.toml",
         &format!(
-            "api = \"127.0.0.1:{file_port}\"\nlisten = \"127.0.0.1:0\"\nshards = 1\nauth-secret = \"from-file\"\n"
+            "api = \"127.0.0.1:{file_port}\"\nlisten = \"127.0.0.1:0\"\nshards = 1\nauth-secret = \"from-file-0123456789abcdef0123456789abcdef\"\n"
         ),
     );
     let ready_api = |env: Option<u16>, flag: Option<u16>| {

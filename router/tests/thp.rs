@@ -8,7 +8,12 @@ use common::spawn_router;
 /// The `THP_enabled` line of a `router serve` started with `extra`, once it is ready.
 fn thp_enabled(extra: &[&str]) -> String {
     let mut args = vec!["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"];
-    args.extend(["--shards", "1", "--auth-secret", "thp-test"]);
+    args.extend([
+        "--shards",
+        "1",
+        "--auth-secret",
+        "thp-test-0123456789abcdef0123456789abcdef",
+    ]);
     args.extend(extra);
     let (mut child, _) = spawn_router(&args);
     let status = thp_line(&format!("/proc/{}/status", child.id()));

@@ -26,6 +26,17 @@
 //! [`Headers::skipped_keys`], which the bridge adds to
 //! `router_amqp_header_keys_skipped_total`. The field stays in the body.
 //!
+//! **Names the broker reads.** A top-level field whose name RabbitMQ or a common plugin
+//! interprets as an instruction never becomes a header: `CC` and `BCC` (sender-selected
+//! distribution: extra routing keys, so a device could reach queues bound to any key) and
+//! every name starting with `x-` (`x-death` and `x-first-death-*` of dead-lettering,
+//! `x-delivery-count` of quorum queues, `x-delay` of the delayed-message exchange,
+//! `x-deduplication-header` of the deduplication plugin, `x-received-from` of federation
+//! and shovels, `x-stream-filter-value` of stream filtering, `x-opt-*` of AMQP 1.0, and
+//! whatever the broker adds next under its reserved prefix), compared without regard to
+//! ASCII case. They are left out and counted in [`Headers::reserved_keys`]
+//! (`router_amqp_header_keys_reserved_total`); the body keeps them.
+//!
 //! This module owns only the mapping. It is pure (no I/O, no shared state) and must never
 //! panic on any input: bad JSON is an error, not a crash. It does not use
 //! `serde_json`'s `arbitrary_precision` feature (that would change number handling for
@@ -48,6 +59,8 @@ pub struct Headers {
     pub table: FieldTable,
     /// Keys longer than [`MAX_KEY_LEN`] bytes that were left out (at any depth).
     pub skipped_keys: u64,
+    /// Top-level keys the broker would interpret ([`is_reserved`]), left out.
+    pub reserved_keys: u64,
     /// Bytes the table takes on the wire (inside a content header frame).
     pub wire_len: usize,
 }
@@ -71,6 +84,7 @@ pub fn from_json(body: &[u8]) -> Result<Headers, HeadersError> {
         b: body,
         i: 0,
         skipped: 0,
+        reserved: 0,
         depth: 0,
     };
     w.ws();
@@ -82,8 +96,18 @@ pub fn from_json(body: &[u8]) -> Result<Headers, HeadersError> {
     Ok(Headers {
         table,
         skipped_keys: w.skipped,
+        reserved_keys: w.reserved,
         wire_len,
     })
+}
+
+/// A top-level name RabbitMQ or a plugin reads from a message's headers (module doc):
+/// `CC`, `BCC`, or `x-` followed by anything, in any ASCII case.
+pub fn is_reserved(key: &str) -> bool {
+    let k = key.as_bytes();
+    key.eq_ignore_ascii_case("cc")
+        || key.eq_ignore_ascii_case("bcc")
+        || (k.len() >= 2 && k[..2].eq_ignore_ascii_case(b"x-"))
 }
 
 /// Bytes a field table takes when encoded (4-byte length prefix included).
@@ -118,6 +142,7 @@ struct Walker<'a> {
     b: &'a [u8],
     i: usize,
     skipped: u64,
+    reserved: u64,
     depth: usize,
 }
 
@@ -192,12 +217,16 @@ impl<'a> Walker<'a> {
             let key = self.string()?;
             self.expect(b':')?;
             let v = self.value()?;
-            match ShortString::try_new(key.into_owned()) {
-                Ok(k) => {
-                    // Duplicate keys: the last one wins, as serde_json decides too.
-                    t.insert(k, v);
+            if self.depth == 1 && is_reserved(&key) {
+                self.reserved += 1;
+            } else {
+                match ShortString::try_new(key.into_owned()) {
+                    Ok(k) => {
+                        // Duplicate keys: the last one wins, as serde_json decides too.
+                        t.insert(k, v);
+                    }
+                    Err(_) => self.skipped += 1,
                 }
-                Err(_) => self.skipped += 1,
             }
             self.ws();
             match self.peek() {
@@ -321,6 +350,28 @@ mod tests {
     fn encoded(t: &FieldTable) -> usize {
         let f = gen_field_table::<Vec<u8>>(t);
         f(Vec::new().into()).expect("serializes").write.len()
+    }
+
+    #[test]
+    fn names_the_broker_reads_never_become_headers() {
+        let h = from_json(
+            br#"{"type":"x","CC":["hive-backend.device-alive"],"bcc":["billing.invoice"],"X-Death":[],"x-delay":5,"xray":1,"inner":{"CC":"kept"},"ccc":2}"#,
+        )
+        .unwrap();
+        let keys: Vec<&str> = h.table.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["ccc", "inner", "type", "xray"]);
+        assert_eq!(h.reserved_keys, 4);
+        // Only the top level is read by the broker: nested tables keep every name.
+        let AMQPValue::FieldTable(inner) = &h.table.inner()["inner"] else {
+            panic!("inner is a table")
+        };
+        assert!(inner.inner().contains_key("CC"));
+        for k in ["CC", "cc", "Bcc", "BCC", "x-", "X-match", "x-death"] {
+            assert!(is_reserved(k), "{k}");
+        }
+        for k in ["C", "c-c", "bccx", "x", "xdeath", "type"] {
+            assert!(!is_reserved(k), "{k}");
+        }
     }
 
     #[test]

@@ -427,6 +427,9 @@ impl Bridge {
                 if h.skipped_keys > 0 {
                     m.header_keys_skipped.fetch_add(h.skipped_keys, Relaxed);
                 }
+                if h.reserved_keys > 0 {
+                    m.header_keys_reserved.fetch_add(h.reserved_keys, Relaxed);
+                }
                 if h.wire_len <= header_limit {
                     h.table
                 } else {

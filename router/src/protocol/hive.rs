@@ -133,9 +133,12 @@ fn request_id(text: &[u8], scratch: &Scratch) -> Result<Uuid, HiveError> {
 }
 
 /// Copy the object's members, minus any `device`/`account`/`service` the device sent,
-/// then append the real ones. Values are copied as bytes, never re-serialised, into a
-/// buffer of exactly the right size (so it becomes the bus's `Bytes` without a
-/// reallocation).
+/// then append the real ones. Of members with the same key only the last is copied (the
+/// one `Scratch::find` reads the routing key's `type` from): a published body never holds
+/// a duplicate top-level key, so no consumer can read another value than the router
+/// routed on, whichever duplicate it keeps. Values are copied as bytes, never
+/// re-serialised, into a buffer of exactly the right size (so it becomes the bus's
+/// `Bytes` without a reallocation).
 fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8> {
     let injected = |m: &Member| {
         if m.key_escaped {
@@ -146,18 +149,25 @@ fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8>
             b"device" | b"account" | b"service"
         )
     };
+    let members = &scratch.members;
+    let skip = |i: usize, m: &Member| {
+        injected(m)
+            || members[i + 1..]
+                .iter()
+                .any(|later| same_key(text, m, later))
+    };
     let service = service_json(service);
-    let kept: usize = scratch
-        .members
+    let kept: usize = members
         .iter()
-        .filter(|m| !injected(m))
-        .map(|m| m.value.end - m.key.start + 1)
+        .enumerate()
+        .filter(|(i, m)| !skip(*i, m))
+        .map(|(_, m)| m.value.end - m.key.start + 1)
         .sum();
     let len = kept + META_LEN + service.len() + 2;
     let mut out = Vec::with_capacity(len);
     out.push(b'{');
-    for m in &scratch.members {
-        if injected(m) {
+    for (i, m) in members.iter().enumerate() {
+        if skip(i, m) {
             continue;
         }
         let member: Range<usize> = m.key.start..m.value.end;
@@ -168,6 +178,16 @@ fn inject(text: &[u8], scratch: &Scratch, meta: &Meta, service: &str) -> Vec<u8>
     out.push(b'}');
     debug_assert_eq!(out.len(), len);
     out
+}
+
+/// Do two members have the same key once unescaped? (Raw bytes when neither has an
+/// escape, the usual case: no allocation.)
+fn same_key(text: &[u8], a: &Member, b: &Member) -> bool {
+    if !a.key_escaped && !b.key_escaped {
+        return text[a.key.clone()] == text[b.key.clone()];
+    }
+    let unescaped = |m: &Member| serde_json::from_slice::<String>(&text[m.key.clone()]).ok();
+    matches!((unescaped(a), unescaped(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// `"device":"<36>","account":"<36>","service":` without the service's value.
@@ -279,6 +299,43 @@ mod tests {
 
     fn dec(s: &str) -> Result<Inbound<'_>, HiveError> {
         decode(s.as_bytes(), &meta(), &mut Scratch::default())
+    }
+
+    /// Top-level keys of a published body, in order, as a first-wins reader would list them.
+    fn top_level_keys(body: &[u8]) -> Vec<String> {
+        let mut s = Scratch::default();
+        s.parse_object(body).unwrap();
+        s.members
+            .iter()
+            .map(|m| serde_json::from_slice::<String>(&body[m.key.clone()]).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_published_body_has_no_duplicate_key_and_type_routes_as_the_body_says() {
+        for c in [
+            r#"{"type":"a","n":1,"type":"b","n":2}"#,
+            r#"{"type":"a","type":"b","x":{"k":1,"k":2}}"#,
+            r#"{"type":"a","device":"x","type":"b","device":"y"}"#,
+        ] {
+            let Ok(Inbound::Event { ty, body }) = dec(c) else {
+                panic!("not an event: {c}");
+            };
+            let keys = top_level_keys(&body);
+            let mut unique = keys.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(
+                keys.len(),
+                unique.len(),
+                "duplicate keys in {}",
+                String::from_utf8_lossy(&body)
+            );
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(ty, "b", "{c}");
+            assert_eq!(v["type"], "b", "the routing key's type is the body's: {c}");
+            assert_eq!(v["device"], meta().device.to_string());
+        }
     }
 
     #[test]

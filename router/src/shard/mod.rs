@@ -7,6 +7,7 @@ mod admission;
 mod batch;
 mod conn;
 mod door;
+mod expiry;
 mod handle;
 mod msg;
 mod owner;
@@ -104,6 +105,8 @@ pub(crate) struct ShardCtx {
     dirty: Vec<u32>,
     /// Events published in this pass and the bus's backpressure on reading.
     batch: Batch,
+    /// With --close-on-token-expiry: when each token-authenticated connection's token ends.
+    expiries: Option<expiry::Expiries>,
 }
 
 impl ShardCtx {

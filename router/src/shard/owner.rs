@@ -113,6 +113,9 @@ impl Shard {
         let Some(conn) = self.slab.take(slot) else {
             return; // already released
         };
+        if let Some(e) = &mut self.ctx.expiries {
+            e.forget(conn.id);
+        }
         if self.routes.get(&conn.meta.device) == Some(&slot) {
             self.routes.remove(&conn.meta.device);
             if let Some(c) = &self.ctx.shared.cluster {
@@ -159,6 +162,9 @@ impl Shard {
             &self.ctx, id, slot, stream, tls, ident, peer, protocol, deflate, open,
         ));
         self.ctx.metrics().connections.fetch_add(1, Relaxed);
+        if let Some(e) = &mut self.ctx.expiries {
+            e.track(slot, id, ident.expires);
+        }
         // Also after a takeover here: the directory keeps the newest connection's age.
         if let Some(c) = &self.ctx.shared.cluster {
             c.local_gained(ident.device, conn.connected_at_ms);

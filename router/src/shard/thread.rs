@@ -117,6 +117,7 @@ fn new_ctx(id: usize, shared: &Arc<Shared>, door: Rc<Door>) -> ShardCtx {
         clock: 0,
         dirty: Vec::new(),
         batch: Default::default(),
+        expiries: shared.config.close_on_token_expiry.then(Default::default),
     }
 }
 

@@ -63,6 +63,7 @@ impl Shard {
             return;
         }
         let instant = Instant::now();
+        self.close_expired_sessions();
         self.ctx.pending.expire(instant);
         self.ctx.door.sweep();
         // Closes whose peer never sent its FIN within the linger: release them.
@@ -74,6 +75,23 @@ impl Shard {
         }
         if let Some(plan) = self.drain {
             self.drain_step(instant, plan);
+        }
+    }
+
+    /// --close-on-token-expiry: close with 4401 the connections whose newest token has
+    /// expired (checked every housekeeping tick).
+    fn close_expired_sessions(&mut self) {
+        let Some(e) = &mut self.ctx.expiries else {
+            return;
+        };
+        let due = e.due(crate::auth::unix_now());
+        for (slot, id) in due {
+            if let Some(c) = self.slab.get_mut(slot).filter(|c| c.id == id) {
+                self.ctx
+                    .metrics()
+                    .auth_failure(crate::auth::AuthError::Expired);
+                c.fail(&mut self.ctx, CloseCode::Unauthorized, "token expired");
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A fresh (device, account) pair.

@@ -122,12 +122,21 @@ fn push_name(out: &mut Vec<u8>, text: &[u8], m: &Member, n: &Name) {
     out.push(b':');
 }
 
-/// Members of an action the router writes itself (spelled out): the rest of an object
-/// action is carried into its event.
+/// Members of an action the router writes itself (spelled out), the device's identity
+/// included: the rest of an object action is carried into its event. (A device's own
+/// `device`, `account` or `service` would stand beside the real ones as a duplicate key,
+/// and a consumer that keeps the first of two would read the spoofed one.)
 fn is_control(name: &[u8]) -> bool {
     matches!(
         name,
-        b"type" | b"action" | b"correlationId" | b"id" | b"realm"
+        b"type"
+            | b"action"
+            | b"correlationId"
+            | b"id"
+            | b"realm"
+            | b"device"
+            | b"account"
+            | b"service"
     )
 }
 

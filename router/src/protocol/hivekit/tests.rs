@@ -336,3 +336,40 @@ fn malformed_frames_get_errors() {
     assert_eq!(replies[1]["cid"], "c");
     assert_eq!(replies[1]["erc"], 400);
 }
+
+/// `obj upd` with the device's own `device`/`account`/`service` (or a long-form `type`)
+/// published no duplicate key: the router's identity is the only one in the body, so a
+/// consumer that keeps the first of two duplicates reads the real device too.
+#[test]
+fn an_object_write_cannot_put_another_identity_in_the_body() {
+    let d = meta().device;
+    let victim = Uuid::from_u128(77);
+    let out = run(&format!(
+        r#"[{{"typ":"obj","act":"upd","id":"{d}","device":"{victim}","account":"{victim}","service":"hive-backend","type":"x","dat":{{"a":1}}}}]"#
+    ));
+    let bodies: Vec<Vec<u8>> = out
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Publish { body, .. } => Some(body.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies.len(), 1);
+    let text = String::from_utf8(bodies[0].clone()).unwrap();
+    assert!(!text.contains(&victim.to_string()), "{text}");
+    let mut s = Scratch::default();
+    s.parse_object(&bodies[0]).unwrap();
+    let mut keys: Vec<String> = s
+        .members
+        .iter()
+        .map(|m| serde_json::from_slice::<String>(&bodies[0][m.key.clone()]).unwrap())
+        .collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "duplicate key in {text}");
+    let v: Value = serde_json::from_slice(&bodies[0]).unwrap();
+    assert_eq!(v["device"], d.to_string());
+    assert_eq!(v["service"], "hive-device");
+    assert_eq!(v["type"], "object-data");
+}

@@ -158,6 +158,15 @@ impl Conn {
     }
 
     fn on_hive(&mut self, ctx: &mut ShardCtx, payload: &[u8]) {
+        if payload.first() == Some(&b'B') {
+            if let Some(token) = std::str::from_utf8(payload)
+                .ok()
+                .and_then(crate::auth::bearer_token)
+            {
+                self.reauthenticate(ctx, token);
+                return;
+            }
+        }
         let decoded = hive::decode(payload, &self.meta, &mut ctx.scratch);
         match decoded {
             Ok(msg) => {
@@ -178,6 +187,33 @@ impl Conn {
                 }
                 ctx.metrics().protocol_errors[e.index()].fetch_add(1, Relaxed);
                 self.send_text(ctx, &hive::error(e.code(), &e.to_string()));
+                self.bad_frame(ctx);
+            }
+        }
+    }
+
+    /// `Bearer T` on an open Hive connection: a newer token for the same device and
+    /// account moves the connection's expiry (--close-on-token-expiry) and is answered
+    /// `authenticated`; any other is refused with an `unauthorized` error (counted by
+    /// reason) and counts as a bad frame, the connection keeping its current token.
+    fn reauthenticate(&mut self, ctx: &mut ShardCtx, token: &str) {
+        let verdict = ctx.shared.verifier.verify(token).and_then(|ident| {
+            if ident.device == self.meta.device && ident.account == self.meta.account {
+                Ok(ident)
+            } else {
+                Err(crate::auth::AuthError::Invalid)
+            }
+        });
+        match verdict {
+            Ok(ident) => {
+                if let Some(e) = &mut ctx.expiries {
+                    e.track(self.slot, self.id, ident.expires);
+                }
+                self.send_text(ctx, &hive::authenticated(&self.meta));
+            }
+            Err(e) => {
+                ctx.metrics().auth_failure(e);
+                self.send_text(ctx, &hive::error("unauthorized", &e.to_string()));
                 self.bad_frame(ctx);
             }
         }
