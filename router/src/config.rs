@@ -98,6 +98,17 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_CLUSTER_LINK", default_value = "auto")]
     pub cluster_link: String,
 
+    /// Key that seals every envelope between router nodes (HMAC-SHA256; at least 32
+    /// bytes): a node drops what does not verify, so broker credentials alone cannot
+    /// command devices. Every node of a cluster needs the same key. Absent: derived from
+    /// the token secret. Prefer --cluster-key-file or the environment variable.
+    #[arg(long, env = "ROUTER_CLUSTER_KEY", hide_env_values = true)]
+    pub cluster_key: Option<String>,
+
+    /// Read the cluster key from this file (trailing newline ignored; at least 32 bytes).
+    #[arg(long, env = "ROUTER_CLUSTER_KEY_FILE", conflicts_with = "cluster_key")]
+    pub cluster_key_file: Option<PathBuf>,
+
     /// `HOST:PORT` peers connect to for this node's link, when it differs from the
     /// listener's own address (NAT, a container's published port, a 0.0.0.0 bind).
     #[arg(long, env = "ROUTER_CLUSTER_ADVERTISE")]
@@ -423,6 +434,8 @@ impl ServeConfig {
             amqp_cert: None,
             amqp_key: None,
             cluster_advertise: None,
+            cluster_key: None,
+            cluster_key_file: None,
             // Unique: nodes sharing a broker must have distinct ids.
             node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),
             auth_secret: Some(secret.into()),
@@ -466,6 +479,34 @@ impl ServeConfig {
             backend_token: None,
             backend_ca: None,
         }
+    }
+}
+
+impl ServeConfig {
+    /// The cluster key's bytes: --cluster-key, else --cluster-key-file; None: derive it
+    /// from the token secret. Shorter than 32 bytes is an error.
+    pub fn cluster_key(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let (key, from) = if let Some(k) = &self.cluster_key {
+            (k.clone(), "--cluster-key")
+        } else if let Some(path) = &self.cluster_key_file {
+            let s = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("reading --cluster-key-file {}: {e}", path.display())
+            })?;
+            (
+                s.trim_end_matches(['\r', '\n']).to_string(),
+                "--cluster-key-file",
+            )
+        } else {
+            return Ok(None);
+        };
+        if key.len() < 32 {
+            anyhow::bail!(
+                "{from} is {} bytes: the cluster key must have at least 32 (e.g. from \
+                 `openssl rand -hex 32`)",
+                key.len()
+            );
+        }
+        Ok(Some(key.into_bytes()))
     }
 }
 

@@ -162,7 +162,12 @@ impl RouterHandle {
 pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     check_config(&config)?;
     let n = config.shard_count();
-    let verifier = verifier(&config)?;
+    let secret = config.secret()?;
+    let verifier = verifier(&config, &secret);
+    let cluster_key = match &config.amqp {
+        Some(_) => Some(cluster_key(&config, &secret)?),
+        None => None,
+    };
     let (ws_addr, listeners) = listener::bind_reuseport(config.listen, n, config.defer_accept)
         .with_context(|| format!("binding device listener {}", config.listen))?;
     let api_listener = std::net::TcpListener::bind(config.api)
@@ -176,7 +181,10 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     let (bus, bus_rx) = Bus::new(config.queue_capacity);
     let node_id = config.node_id();
     let link = bind_cluster_link(&config)?;
-    let shared = Arc::new(new_shared(config, node_id, verifier, handles, bus, link)?);
+    let cluster = cluster_key.map(|key| cluster::Cluster::new(node_id.clone(), link, key));
+    let shared = Arc::new(new_shared(
+        config, node_id, verifier, handles, bus, cluster,
+    )?);
 
     // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
     // joined after the API has stopped (see `backend`).
@@ -202,12 +210,12 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     })
 }
 
-/// The token verifier the config asks for (a start without a usable secret is refused:
-/// see [`ServeConfig::secret`]).
-fn verifier(config: &ServeConfig) -> anyhow::Result<Verifier> {
+/// The token verifier for `secret` (a start without a usable secret was refused by
+/// [`ServeConfig::secret`]).
+fn verifier(config: &ServeConfig, secret: &config::TokenSecret) -> Verifier {
     use config::TokenSecret;
-    let v = match config.secret()? {
-        TokenSecret::Secret(s) => Verifier::new(&s),
+    let v = match secret {
+        TokenSecret::Secret(s) => Verifier::new(s),
         TokenSecret::Dev => {
             if config.listen.ip().is_loopback() {
                 tracing::warn!("--dev: accepting tokens signed with the public development secret");
@@ -227,11 +235,41 @@ fn verifier(config: &ServeConfig) -> anyhow::Result<Verifier> {
             Verifier::no_tokens()
         }
     };
-    Ok(v.with_max_lifetime(config.auth_max_token_lifetime))
+    v.with_max_lifetime(config.auth_max_token_lifetime)
+}
+
+/// --amqp: the key every envelope between nodes is sealed with (see `cluster::seal`):
+/// the configured one, else derived from the token secret.
+fn cluster_key(
+    config: &ServeConfig,
+    secret: &config::TokenSecret,
+) -> anyhow::Result<cluster::seal::ClusterKey> {
+    use cluster::seal::ClusterKey;
+    use config::TokenSecret;
+    if let Some(k) = config.cluster_key()? {
+        return Ok(ClusterKey::new(&k));
+    }
+    match secret {
+        TokenSecret::Secret(s) => Ok(ClusterKey::derived(s.as_bytes())),
+        TokenSecret::Dev => {
+            tracing::warn!(
+                "--dev with --amqp and no --cluster-key-file: the cluster key comes from the \
+                 public development secret, so anyone who can publish on the broker can \
+                 command devices"
+            );
+            Ok(ClusterKey::derived(config::DEV_SECRET.as_bytes()))
+        }
+        TokenSecret::NoTokens => anyhow::bail!(
+            "--amqp without a token secret needs --cluster-key-file (at least 32 bytes, the \
+             same on every node): it seals the envelopes between nodes"
+        ),
+    }
 }
 
 /// Refuse a start whose broker URL, broker TLS files or backend settings are wrong.
 fn check_config(config: &ServeConfig) -> anyhow::Result<()> {
+    // A cluster key that would be refused with --amqp is refused without it too.
+    config.cluster_key()?;
     if let Some(url) = &config.amqp {
         amqp::check_url(url)?;
         // The TLS files are read now too, so a missing one stops the start.
@@ -280,7 +318,7 @@ fn new_shared(
     verifier: Verifier,
     shards: Vec<ShardHandle>,
     bus: Bus,
-    link: Option<(std::net::TcpListener, String)>,
+    cluster: Option<cluster::Cluster>,
 ) -> anyhow::Result<Shared> {
     Ok(Shared {
         node_id: node_id.clone(),
@@ -301,10 +339,7 @@ fn new_shared(
             None => None,
         },
         nerves_extensions: config.nerves_extensions.clone().into(),
-        cluster: config
-            .amqp
-            .is_some()
-            .then(|| cluster::Cluster::new(node_id, link)),
+        cluster,
         config,
     })
 }

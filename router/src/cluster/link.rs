@@ -17,14 +17,19 @@
 //! asks again, as it does for any lost envelope.
 //!
 //! **Authentication.** Each node draws a random 128-bit token per process start and
-//! publishes it in its heartbeats on `hive.presence`, which only clients holding the
-//! broker's credentials can read. A connecting node opens with the listener's token; a
-//! listener closes a connection that does not (`router_cluster_link_refused_total`).
-//! The link is plain TCP: run the nodes on a private network, as the broker's AMQP port.
+//! publishes it in its (sealed) heartbeats on `hive.presence`. A connecting node opens
+//! with a hello sealed under the cluster key over the listener's token and its own id
+//! (see [`super::seal`]): knowing the token is not enough, so a broker user who reads the
+//! heartbeats cannot open a link. A listener closes a connection whose hello does not
+//! verify (`router_cluster_link_refused_total`). Every envelope on a link is sealed as on
+//! the broker, and checked by the cluster thread. The link is plain TCP (not encrypted):
+//! run the nodes on a private network, as the broker's AMQP port.
 //!
 //! Wire format:
-//! - connector: `HIVL`, version `1`, the listener's token (16 bytes, little endian), the
-//!   connector's node id (u16 length, little endian, then UTF-8);
+//! - connector: `HIVL`, version `2`, the connector's node id (u16 length, little endian,
+//!   then UTF-8), then the token's seal: the time (u64 little endian, Unix ms) and
+//!   HMAC-SHA256 under the cluster key (domain `LinkHello`, `to` = the connector's id,
+//!   message = the listener's token, 16 bytes little endian);
 //! - listener: one byte `1` if it accepts the hello (it writes nothing else; it closes
 //!   a connection it refuses);
 //! - connector: frames, each a u32 length (little endian) then one rkyv `NodeMsg`
@@ -40,10 +45,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::seal::{ClusterKey, Domain, SEAL_LEN};
 use crate::retry::Backoff;
 
 const MAGIC: &[u8; 4] = b"HIVL";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// The listener's answer to a good hello.
 const ACCEPTED: u8 = 1;
 /// Largest frame accepted: a request's payload is bounded by the API's body limit
@@ -103,17 +109,19 @@ pub(crate) struct Links {
     pub(crate) token: u128,
     peers: Mutex<HashMap<String, Peer>>,
     pub(crate) metrics: Arc<LinkMetrics>,
+    key: ClusterKey,
 }
 
 impl Links {
     /// Links off: every envelope goes through the broker.
-    pub(crate) fn off(me: &str) -> Self {
+    pub(crate) fn off(me: &str, key: ClusterKey) -> Self {
         Links {
             me: me.to_string(),
             advertised: String::new(),
             token: 0,
             peers: Mutex::new(HashMap::new()),
             metrics: Arc::default(),
+            key,
         }
     }
 
@@ -124,13 +132,20 @@ impl Links {
         listener: std::net::TcpListener,
         advertised: String,
         metrics: Arc<LinkMetrics>,
+        key: ClusterKey,
     ) -> std::io::Result<(Self, mpsc::Receiver<Inbound>)> {
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let listener = TcpListener::from_std(listener)?;
         let token = random_u128();
         let (tx, rx) = mpsc::channel(INBOX);
-        tokio::spawn(accept_loop(listener, token, tx, metrics.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            token,
+            key.clone(),
+            tx,
+            metrics.clone(),
+        ));
         tracing::info!(listen = %local, advertised = %advertised, "cluster link listener");
         Ok((
             Links {
@@ -139,16 +154,17 @@ impl Links {
                 token,
                 peers: Mutex::new(HashMap::new()),
                 metrics,
+                key,
             },
             rx,
         ))
     }
 
     #[cfg(test)]
-    fn listen(me: &str) -> (Self, mpsc::Receiver<Inbound>) {
+    fn listen(me: &str, key: &ClusterKey) -> (Self, mpsc::Receiver<Inbound>) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let at = l.local_addr().unwrap().to_string();
-        Self::start(me, l, at, Arc::default()).unwrap()
+        Self::start(me, l, at, Arc::default(), key.clone()).unwrap()
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
@@ -173,6 +189,7 @@ impl Links {
         let up = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(connect_loop(
             self.me.clone(),
+            self.key.clone(),
             at.clone(),
             rx,
             up.clone(),
@@ -274,21 +291,32 @@ fn random_u128() -> u128 {
 }
 
 /// The hello a connector sends to a listener whose token is `token`.
-pub(crate) fn hello(token: u128, me: &str) -> Vec<u8> {
-    let mut h = Vec::with_capacity(23 + me.len());
+pub(crate) fn hello(key: &ClusterKey, token: u128, me: &str) -> Vec<u8> {
+    let mut h = Vec::with_capacity(7 + me.len() + SEAL_LEN);
     h.extend_from_slice(MAGIC);
     h.push(VERSION);
-    h.extend_from_slice(&token.to_le_bytes());
-    let name = &me.as_bytes()[..me.len().min(u16::MAX as usize)];
-    h.extend_from_slice(&(name.len() as u16).to_le_bytes());
-    h.extend_from_slice(name);
+    let me = hello_name(me);
+    h.extend_from_slice(&(me.len() as u16).to_le_bytes());
+    h.extend_from_slice(me.as_bytes());
+    let seal = key.seal(Domain::LinkHello, me, token.to_le_bytes().to_vec());
+    h.extend_from_slice(&seal[16..]);
     h
+}
+
+/// A node id as a hello carries it (at most u16::MAX bytes, cut at a char boundary).
+fn hello_name(me: &str) -> &str {
+    let mut end = me.len().min(u16::MAX as usize);
+    while !me.is_char_boundary(end) {
+        end -= 1;
+    }
+    &me[..end]
 }
 
 /// One outgoing link: connect, say hello, write frames in order; on any failure mark
 /// it down (senders use the broker meanwhile), drop what was queued, and retry.
 async fn connect_loop(
     me: String,
+    key: ClusterKey,
     at: PeerAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
     up: Arc<AtomicBool>,
@@ -296,7 +324,7 @@ async fn connect_loop(
 ) {
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     loop {
-        match run_link(&me, &at, &mut rx, &up, &metrics).await {
+        match run_link(&me, &key, &at, &mut rx, &up, &metrics).await {
             Ok(()) => return, // the sender side is gone: the peer was forgotten
             Err(e) => {
                 if up.swap(false, Relaxed) {
@@ -316,6 +344,7 @@ async fn connect_loop(
 
 async fn run_link(
     me: &str,
+    key: &ClusterKey,
     at: &PeerAddr,
     rx: &mut mpsc::Receiver<Vec<u8>>,
     up: &AtomicBool,
@@ -327,14 +356,14 @@ async fn run_link(
     stream.set_nodelay(true)?;
     let (mut read, write) = stream.into_split();
     let mut write = BufWriter::with_capacity(64 * 1024, write);
-    write.write_all(&hello(at.token, me)).await?;
+    write.write_all(&hello(key, at.token, me)).await?;
     write.flush().await?;
     let mut probe = [0u8; 1];
     let accepted = tokio::time::timeout(HELLO_TIMEOUT, read.read(&mut probe)).await;
     if !matches!(accepted, Ok(Ok(1))) || probe[0] != ACCEPTED {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
-            "the peer refused the link (stale token?)",
+            "the peer refused the link (stale token, or another cluster key?)",
         ));
     }
     metrics.connects.fetch_add(1, Relaxed);
@@ -368,6 +397,7 @@ async fn run_link(
 async fn accept_loop(
     listener: TcpListener,
     token: u128,
+    key: ClusterKey,
     inbox: mpsc::Sender<Inbound>,
     metrics: Arc<LinkMetrics>,
 ) {
@@ -375,7 +405,13 @@ async fn accept_loop(
         match listener.accept().await {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_link(stream, token, inbox.clone(), metrics.clone()));
+                tokio::spawn(serve_link(
+                    stream,
+                    token,
+                    key.clone(),
+                    inbox.clone(),
+                    metrics.clone(),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors, most likely: do not spin.
@@ -396,8 +432,12 @@ pub(crate) enum HelloError {
 }
 
 /// Read and check a hello; returns the connecting node's id.
-async fn read_hello(stream: &mut TcpStream, token: u128) -> Result<String, HelloError> {
-    let mut head = [0u8; 4 + 1 + 16 + 2];
+async fn read_hello(
+    stream: &mut TcpStream,
+    token: u128,
+    key: &ClusterKey,
+) -> Result<String, HelloError> {
+    let mut head = [0u8; 4 + 1 + 2];
     stream
         .read_exact(&mut head)
         .await
@@ -408,28 +448,34 @@ async fn read_hello(stream: &mut TcpStream, token: u128) -> Result<String, Hello
     if head[4] != VERSION {
         return Err(HelloError::BadVersion(head[4]));
     }
-    let mut t = [0u8; 16];
-    t.copy_from_slice(&head[5..21]);
-    // Compared in full whatever differs first: the time taken says nothing of the token.
-    if u128::from_le_bytes(t) ^ token != 0 {
-        return Err(HelloError::WrongToken);
-    }
-    let len = u16::from_le_bytes([head[21], head[22]]) as usize;
+    let len = u16::from_le_bytes([head[5], head[6]]) as usize;
     let mut name = vec![0u8; len];
     stream
         .read_exact(&mut name)
         .await
         .map_err(|_| HelloError::BadName)?;
-    String::from_utf8(name).map_err(|_| HelloError::BadName)
+    let name = String::from_utf8(name).map_err(|_| HelloError::BadName)?;
+    // The seal over our token: the token and then the seal's bytes as read.
+    let mut sealed = token.to_le_bytes().to_vec();
+    sealed.resize(16 + SEAL_LEN, 0);
+    stream
+        .read_exact(&mut sealed[16..])
+        .await
+        .map_err(|_| HelloError::WrongToken)?;
+    key.open(Domain::LinkHello, &name, &sealed)
+        .map_err(|_| HelloError::WrongToken)?;
+    Ok(name)
 }
 
 async fn serve_link(
     mut stream: TcpStream,
     token: u128,
+    key: ClusterKey,
     inbox: mpsc::Sender<Inbound>,
     metrics: Arc<LinkMetrics>,
 ) {
-    let from = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream, token)).await {
+    let hello = read_hello(&mut stream, token, &key);
+    let from = match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
         Ok(Ok(from)) => from,
         Ok(Err(e)) => {
             metrics.refused.fetch_add(1, Relaxed);
@@ -505,8 +551,9 @@ mod tests {
 
     #[tokio::test]
     async fn frames_arrive_in_order_and_a_wrong_token_is_refused() {
-        let (links, mut inbox) = Links::listen("b");
-        let (a, _a_inbox) = Links::listen("a");
+        let key = ClusterKey::new(b"0123456789abcdef0123456789abcdef");
+        let (links, mut inbox) = Links::listen("b", &key);
+        let (a, _a_inbox) = Links::listen("a", &key);
         // Not heard yet: nothing goes over a link.
         assert!(a.send("b", b"x".to_vec()).is_err());
         a.heard(
@@ -533,7 +580,7 @@ mod tests {
         assert_eq!(a.metrics.via_broker.load(Relaxed), 1);
 
         // A connector that does not know b's token is refused and never counted up.
-        let (c, _c_inbox) = Links::listen("c");
+        let (c, _c_inbox) = Links::listen("c", &key);
         c.heard(
             "b",
             PeerAddr {
@@ -553,6 +600,29 @@ mod tests {
         assert_eq!(count_up(&c), 0);
         assert_eq!(c.metrics.connects.load(Relaxed), 0);
         assert!(c.send("b", b"z".to_vec()).is_err());
+        assert!(inbox.try_recv().is_err());
+
+        // A connector that knows the token (anyone who reads the heartbeats on the
+        // broker could) but not the cluster key is refused too.
+        let refused = links.metrics.refused.load(Relaxed);
+        let (e, _e_inbox) =
+            Links::listen("e", &ClusterKey::new(b"another cluster key, 32 bytes..."));
+        e.heard(
+            "b",
+            PeerAddr {
+                addr: links.advertised.clone(),
+                token: links.token,
+            },
+        );
+        while links.metrics.refused.load(Relaxed) == refused {
+            assert!(tokio::time::Instant::now() < deadline, "never refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while e.metrics.failures.load(Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "close never seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(count_up(&e), 0);
         assert!(inbox.try_recv().is_err());
 
         // The peer is forgotten: its link closes and sends fall back to the broker.

@@ -23,6 +23,7 @@ pub mod envelope;
 pub(crate) mod link;
 pub(crate) mod membership;
 pub(crate) mod route;
+pub mod seal;
 pub(crate) mod session;
 
 use std::collections::HashMap;
@@ -84,6 +85,8 @@ pub(crate) struct ClusterMetrics {
     pub(crate) envelopes_received: AtomicU64,
     pub(crate) envelopes_returned: AtomicU64,
     pub(crate) bad_envelopes: AtomicU64,
+    /// Envelopes, presence messages and link hellos whose seal did not verify.
+    pub(crate) forged: AtomicU64,
     pub(crate) duplicates_dropped: AtomicU64,
     pub(crate) requests_forwarded: AtomicU64,
     pub(crate) requests_relayed: AtomicU64,
@@ -124,6 +127,8 @@ pub(crate) struct Cluster {
     /// (taken by the cluster thread); None: links off.
     link_listener: Mutex<Option<(std::net::TcpListener, String)>>,
     pub(crate) link_metrics: std::sync::Arc<link::LinkMetrics>,
+    /// Seals and checks every envelope between nodes (see [`seal`]).
+    pub(crate) key: seal::ClusterKey,
 }
 
 /// Room for envelopes waiting for the broker; beyond it, a send fails fast.
@@ -131,7 +136,11 @@ const OUTGOING_QUEUE: usize = 65_536;
 
 impl Cluster {
     /// `link`: the direct link listener and the address to advertise (see [`link`]).
-    pub(crate) fn new(node: String, link: Option<(std::net::TcpListener, String)>) -> Self {
+    pub(crate) fn new(
+        node: String,
+        link: Option<(std::net::TcpListener, String)>,
+        key: seal::ClusterKey,
+    ) -> Self {
         let (out_tx, out_rx) = mpsc::channel(OUTGOING_QUEUE);
         Cluster {
             node,
@@ -145,6 +154,7 @@ impl Cluster {
             metrics: ClusterMetrics::default(),
             link_listener: Mutex::new(link),
             link_metrics: Default::default(),
+            key,
         }
     }
 
@@ -403,7 +413,7 @@ impl Cluster {
     }
 
     /// Counters of the broker session: membership messages and envelopes.
-    fn broker_counters(&self) -> [Counter<'_>; 8] {
+    fn broker_counters(&self) -> [Counter<'_>; 9] {
         let m = &self.metrics;
         [
             (
@@ -440,6 +450,11 @@ impl Cluster {
                 "router_cluster_bad_envelopes_total",
                 "Envelopes or membership messages that failed validation (dropped).",
                 &m.bad_envelopes,
+            ),
+            (
+                "router_cluster_envelopes_forged_total",
+                "Envelopes, presence messages and link hellos whose cluster-key seal did not verify (forged, edited, another cluster's key, or a presence message too old): dropped.",
+                &m.forged,
             ),
             (
                 "router_cluster_duplicates_dropped_total",
@@ -608,7 +623,7 @@ mod tests {
 
     #[test]
     fn claims_and_releases_follow_the_connection() {
-        let c = Cluster::new("a".into(), None);
+        let c = Cluster::new("a".into(), None, seal::ClusterKey::new(b"k"));
         let (d1, d2) = (Uuid::new_v4(), Uuid::new_v4());
         c.local_gained(d1, 10);
         c.local_gained(d2, 10);
@@ -643,7 +658,7 @@ mod tests {
 
     #[test]
     fn reregistering_sends_only_what_moved_or_was_reset() {
-        let c = Cluster::new("a".into(), None);
+        let c = Cluster::new("a".into(), None, seal::ClusterKey::new(b"k"));
         let ds: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
         for d in &ds {
             c.local_gained(*d, 1);

@@ -150,6 +150,9 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     use futures_util::StreamExt;
     use lapin::options::BasicPublishOptions;
     use router::cluster::envelope::{decode_node, encode_node, NodeMsg, RequestOutcome, What};
+    use router::cluster::seal::{ClusterKey, Domain};
+    // We hold the cluster's key (derived from the token secret, as the nodes do).
+    let key = ClusterKey::derived(SECRET.as_bytes());
 
     let vh = Vhost::new("hive-test");
     let b = node(&vh, "holder");
@@ -162,18 +165,22 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     let ch = conn.create_channel().await.unwrap();
     let mut replies = consume_bound(&ch, "hive.nodes", "peer").await;
     let request = Uuid::new_v4();
-    let env = encode_node(&NodeMsg::Request {
-        request: request.as_u128(),
-        device: d.as_u128(),
-        origin: "peer".into(),
-        hops: 0,
-        deadline_unix_ms: router::unix_ms() + 10_000,
-        what: What::Command {
-            command: "identify".into(),
-            payload: b"{}".to_vec(),
-            wait_response: false,
-        },
-    });
+    let env = key.seal(
+        Domain::Node,
+        "holder",
+        encode_node(&NodeMsg::Request {
+            request: request.as_u128(),
+            device: d.as_u128(),
+            origin: "peer".into(),
+            hops: 0,
+            deadline_unix_ms: router::unix_ms() + 10_000,
+            what: What::Command {
+                command: "identify".into(),
+                payload: b"{}".to_vec(),
+                wait_response: false,
+            },
+        }),
+    );
     let publish = |bytes: Vec<u8>| {
         let ch = ch.clone();
         async move {
@@ -196,33 +203,40 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     let again = tokio::time::timeout(Duration::from_millis(700), next_json(&mut ws)).await;
     assert!(again.is_err(), "duplicate reached the device: {again:?}");
     send_json(&mut ws, json!({"type":"ack","request":request})).await;
-    async fn next_reply(replies: &mut lapin::Consumer) -> NodeMsg {
+    async fn next_reply(replies: &mut lapin::Consumer, key: &ClusterKey) -> NodeMsg {
         let d = tokio::time::timeout(Duration::from_secs(5), replies.next())
             .await
             .expect("a reply")
             .unwrap()
             .unwrap();
-        decode_node(&d.data).unwrap()
+        let (env, _) = key
+            .open(Domain::Node, "peer", &d.data)
+            .expect("sealed for us");
+        decode_node(env).unwrap()
     }
     let want = NodeMsg::Reply {
         request: request.as_u128(),
         from: "holder".into(),
         outcome: RequestOutcome::Acked,
     };
-    assert_eq!(next_reply(&mut replies).await, want);
+    assert_eq!(next_reply(&mut replies, &key).await, want);
     // A late duplicate of the finished request: answered again, device untouched.
     publish(env).await;
-    assert_eq!(next_reply(&mut replies).await, want);
+    assert_eq!(next_reply(&mut replies, &key).await, want);
     let again = tokio::time::timeout(Duration::from_millis(500), next_json(&mut ws)).await;
     assert!(again.is_err());
     assert_eq!(
         b.metric("router_cluster_duplicates_dropped_total").await,
         2.0
     );
-    // Garbage on the node queue is counted, not fatal.
+    // Garbage on the node queue is counted, not fatal: sealed (bad envelope) or not
+    // (forged).
+    publish(key.seal(Domain::Node, "holder", b"not an envelope".to_vec())).await;
     publish(b"not an envelope".to_vec()).await;
     let t0 = Instant::now();
-    while b.metric("router_cluster_bad_envelopes_total").await != 1.0 {
+    while b.metric("router_cluster_bad_envelopes_total").await != 1.0
+        || b.metric("router_cluster_envelopes_forged_total").await != 1.0
+    {
         assert!(t0.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

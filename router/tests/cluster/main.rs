@@ -10,6 +10,7 @@
 mod common;
 
 mod across_nodes;
+mod forged;
 mod links;
 mod membership;
 mod nodes;

@@ -85,7 +85,12 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHan
 
 /// This node's direct link listener, if it has one (else links are off).
 fn start_links(shared: &Shared, c: &Cluster) -> (Links, mpsc::Receiver<Inbound>) {
-    let off = || (Links::off(&shared.node_id), mpsc::channel(1).1);
+    let off = || {
+        (
+            Links::off(&shared.node_id, c.key.clone()),
+            mpsc::channel(1).1,
+        )
+    };
     let Some((listener, advertised)) = c.take_link_listener() else {
         return off();
     };
@@ -94,6 +99,7 @@ fn start_links(shared: &Shared, c: &Cluster) -> (Links, mpsc::Receiver<Inbound>)
         listener,
         advertised,
         c.link_metrics.clone(),
+        c.key.clone(),
     ) {
         Ok(l) => l,
         Err(e) => {

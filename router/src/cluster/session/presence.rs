@@ -11,6 +11,7 @@ use lapin::{Channel, Connection};
 
 use super::super::envelope::{ArchivedPresenceBody, PresenceBody, Received};
 use super::super::membership::NodeId;
+use super::super::seal::{Domain, PRESENCE_MAX_AGE_MS};
 use super::super::Cluster;
 use super::publisher::Publisher;
 use super::state::{Served, State};
@@ -25,6 +26,15 @@ pub(super) async fn on_presence(
     c: &Cluster,
     data: &[u8],
 ) -> lapin::Result<()> {
+    let data = match c.key.open(Domain::Presence, "", data) {
+        Ok((message, sent_ms)) if sent_ms.abs_diff(crate::unix_ms()) <= PRESENCE_MAX_AGE_MS => {
+            message
+        }
+        _ => {
+            c.metrics.forged.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+    };
     let r = Received::new(data);
     let Ok(m) = r.presence() else {
         c.metrics.bad_envelopes.fetch_add(1, Relaxed);

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::super::envelope::{encode_node, encode_presence, NodeMsg, PresenceBody, PresenceMsg};
 use super::super::link::Links;
+use super::super::seal::Domain;
 use super::super::Cluster;
 use super::state::State;
 use super::topology::{NODES_EXCHANGE, PRESENCE_EXCHANGE};
@@ -67,7 +68,7 @@ impl Publisher {
     /// node's queue being declared anew tells its peers when some were.
     pub(super) async fn node(&mut self, c: &Cluster, to: &str, m: &NodeMsg) -> lapin::Result<()> {
         c.metrics.envelopes_sent.fetch_add(1, Relaxed);
-        let mut bytes = encode_node(m);
+        let mut bytes = c.key.seal(Domain::Node, to, encode_node(m));
         if matches!(m, NodeMsg::Request { .. } | NodeMsg::Reply { .. }) {
             // The link takes the bytes as they are; they come back if it is not up.
             match self.links.send(to, bytes) {
@@ -87,7 +88,7 @@ impl Publisher {
     }
 
     pub(super) async fn presence(&mut self, st: &State, body: PresenceBody) -> lapin::Result<()> {
-        let bytes = encode_presence(&PresenceMsg {
+        let message = encode_presence(&PresenceMsg {
             node: st.me().to_string(),
             incarnation: st.c().incarnation,
             session: st.session,
@@ -95,6 +96,7 @@ impl Publisher {
             link_token: st.links.token,
             body,
         });
+        let bytes = st.c().key.seal(Domain::Presence, "", message);
         st.c().metrics.presence_sent.fetch_add(1, Relaxed);
         self.push(
             st.c(),

@@ -14,6 +14,7 @@ use super::super::envelope::{
 };
 use super::super::membership::ME;
 use super::super::route::cluster;
+use super::super::seal::{unsealed, Domain};
 use super::super::{Cluster, Dest, Outgoing};
 use super::publisher::Publisher;
 use super::state::{ServeFut, Served, State};
@@ -68,6 +69,9 @@ pub(super) async fn on_node_delivery(
     data: &[u8],
 ) -> lapin::Result<()> {
     c.metrics.envelopes_received.fetch_add(1, Relaxed);
+    let Some(data) = open(c, data) else {
+        return Ok(());
+    };
     match decode(data) {
         Some(m) => on_node_msg(st, pubr, m).await,
         None => {
@@ -87,6 +91,10 @@ pub(super) async fn on_link_envelope(
     bytes: &[u8],
 ) -> lapin::Result<()> {
     c.metrics.envelopes_received.fetch_add(1, Relaxed);
+    let Some(bytes) = open(c, bytes) else {
+        tracing::debug!(peer = %from, "forged envelope on a cluster link");
+        return Ok(());
+    };
     match decode(bytes) {
         Some(m @ (NodeMsg::Request { .. } | NodeMsg::Reply { .. })) => {
             on_node_msg(st, pubr, m).await
@@ -95,6 +103,18 @@ pub(super) async fn on_link_envelope(
             tracing::debug!(peer = %from, "bad envelope on a cluster link");
             c.metrics.bad_envelopes.fetch_add(1, Relaxed);
             Ok(())
+        }
+    }
+}
+
+/// The envelope inside sealed bytes addressed to this node; None (counted) when the
+/// seal does not verify.
+fn open<'a>(c: &Cluster, sealed: &'a [u8]) -> Option<&'a [u8]> {
+    match c.key.open(Domain::Node, &c.node, sealed) {
+        Ok((message, _)) => Some(message),
+        Err(_) => {
+            c.metrics.forged.fetch_add(1, Relaxed);
+            None
         }
     }
 }
@@ -122,7 +142,8 @@ pub(super) async fn on_directory_tick(
     // only collects what came back).
     for r in ch.wait_for_confirms().await? {
         let to = r.delivery.routing_key.as_str().to_string();
-        let msg = Received::new(&r.delivery.data);
+        // Our own envelope, as we sealed it.
+        let msg = Received::new(unsealed(&r.delivery.data));
         let request = match msg.node() {
             Ok(ArchivedNodeMsg::Request {
                 request, origin, ..
