@@ -157,6 +157,41 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_DEV")]
     pub dev: bool,
 
+    /// PEM public key(s) device tokens may be signed with (RSA: RS256/384/512 and
+    /// PS256/384/512; EC P-256: ES256; P-384: ES384; Ed25519: EdDSA), comma-separated or
+    /// repeated. A token with a `kid` header is checked against the key whose file is
+    /// named `<kid>.pem`; one without, against every key of its algorithm's type.
+    #[arg(long, env = "ROUTER_AUTH_PUBLIC_KEY", value_delimiter = ',')]
+    pub auth_public_key: Vec<PathBuf>,
+
+    /// JWKS document of the identity service: a file (read again on SIGHUP) or an
+    /// `https://` URL (fetched at start, then refreshed as its Cache-Control max-age says,
+    /// within 60 s..24 h, or every --auth-jwks-refresh). A token's `kid` selects the key;
+    /// an unknown `kid` fetches the document again (at most once per 10 s).
+    #[arg(long, env = "ROUTER_AUTH_JWKS")]
+    pub auth_jwks: Option<String>,
+
+    /// PEM CA certificate(s) the JWKS URL's certificate may be signed by (a private CA),
+    /// in addition to the system's roots.
+    #[arg(long, env = "ROUTER_AUTH_JWKS_CA", requires = "auth_jwks")]
+    pub auth_jwks_ca: Option<PathBuf>,
+
+    /// Seconds between JWKS fetches when the answer gives no Cache-Control max-age.
+    #[arg(long, env = "ROUTER_AUTH_JWKS_REFRESH", default_value_t = 300, value_parser = clap::value_parser!(u64).range(60..=86_400))]
+    pub auth_jwks_refresh: u64,
+
+    /// The `iss` every device token must carry. Absent: not checked.
+    #[arg(long, env = "ROUTER_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+
+    /// The `aud` every device token must carry (or list). Absent: not checked.
+    #[arg(long, env = "ROUTER_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+
+    /// Seconds of clock skew allowed on a token's `exp` and `nbf`.
+    #[arg(long, env = "ROUTER_AUTH_LEEWAY", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub auth_leeway: u64,
+
     /// Longest a device token may still be valid when it is presented, in seconds
     /// (`exp` further away is refused with 4401, reason `lifetime`).
     #[arg(long, env = "ROUTER_AUTH_MAX_TOKEN_LIFETIME", default_value_t = crate::auth::DEFAULT_MAX_TOKEN_LIFETIME, value_parser = clap::value_parser!(u64).range(60..=315_360_000))]
@@ -363,7 +398,8 @@ impl ServeConfig {
     }
 
     /// The token secret: --auth-secret, else --auth-secret-file, else the dev secret with
-    /// --dev, else none (only with another way for devices to authenticate). A secret
+    /// --dev, else none (only with another way for devices to authenticate: public keys,
+    /// certificates, NervesHub keys). A secret
     /// shorter than [`MIN_SECRET_LEN`](crate::auth::MIN_SECRET_LEN) bytes, an empty one
     /// included, is an error, and so is no secret at all with nothing else configured.
     pub fn secret(&self) -> anyhow::Result<TokenSecret> {
@@ -380,14 +416,19 @@ impl ServeConfig {
             )
         } else if self.dev {
             return Ok(TokenSecret::Dev);
-        } else if self.client_ca.is_some() || self.nerves_keys.is_some() {
-            return Ok(TokenSecret::NoTokens);
+        } else if !self.auth_public_key.is_empty()
+            || self.auth_jwks.is_some()
+            || self.client_ca.is_some()
+            || self.nerves_keys.is_some()
+        {
+            return Ok(TokenSecret::None);
         } else {
             anyhow::bail!(
-                "no token secret: give --auth-secret-file FILE (or ROUTER_AUTH_SECRET) with at \
-                 least {MIN_SECRET_LEN} random bytes, e.g. from `openssl rand -hex 32`; or --dev \
-                 to accept tokens signed with the public development secret (anyone can mint \
-                 them: for a laptop, never for a fleet)"
+                "no token secret and no public key: give --auth-public-key or --auth-jwks (tokens \
+                 from your identity service), or --auth-secret-file FILE (or ROUTER_AUTH_SECRET) \
+                 with at least {MIN_SECRET_LEN} random bytes, e.g. from `openssl rand -hex 32`; \
+                 or --dev to accept tokens signed with the public development secret (anyone can \
+                 mint them: for a laptop, never for a fleet)"
             );
         };
         if given.len() < MIN_SECRET_LEN {
@@ -441,6 +482,13 @@ impl ServeConfig {
             auth_secret: Some(secret.into()),
             auth_secret_file: None,
             dev: false,
+            auth_public_key: Vec::new(),
+            auth_jwks: None,
+            auth_jwks_ca: None,
+            auth_jwks_refresh: 300,
+            auth_issuer: None,
+            auth_audience: None,
+            auth_leeway: 5,
             auth_max_token_lifetime: crate::auth::DEFAULT_MAX_TOKEN_LIFETIME,
             close_on_token_expiry: false,
             ping_interval: 30,
@@ -517,8 +565,8 @@ pub enum TokenSecret {
     Secret(String),
     /// --dev: the public development secret.
     Dev,
-    /// No secret and no --dev, devices authenticate otherwise: no token is accepted.
-    NoTokens,
+    /// No secret and no --dev, devices authenticate otherwise: no HS256 token is accepted.
+    None,
 }
 
 /// A realm name: 1 to 128 bytes, no control characters.

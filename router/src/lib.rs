@@ -163,7 +163,7 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     check_config(&config)?;
     let n = config.shard_count();
     let secret = config.secret()?;
-    let verifier = verifier(&config, &secret);
+    let verifier = verifier(&config, &secret)?;
     let cluster_key = match &config.amqp {
         Some(_) => Some(cluster_key(&config, &secret)?),
         None => None,
@@ -185,6 +185,15 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     let shared = Arc::new(new_shared(
         config, node_id, verifier, handles, bus, cluster,
     )?);
+    // --auth-jwks URL: fetched and refreshed on a thread of its own until shutdown.
+    if let Some(j) = shared.verifier.jwks() {
+        auth::jwks::spawn_refresher(
+            j.clone(),
+            shared.config.auth_jwks_ca.clone(),
+            Duration::from_secs(shared.config.auth_jwks_refresh),
+            shared.shutdown.subscribe(),
+        )?;
+    }
 
     // --amqp --backend-url: backend delivery on its own thread and AMQP connection,
     // joined after the API has stopped (see `backend`).
@@ -210,12 +219,14 @@ pub fn start(config: ServeConfig) -> anyhow::Result<RouterHandle> {
     })
 }
 
-/// The token verifier for `secret` (a start without a usable secret was refused by
-/// [`ServeConfig::secret`]).
-fn verifier(config: &ServeConfig, secret: &config::TokenSecret) -> Verifier {
+/// The token verifier: HS256 with `secret` (a start without a usable secret or key was
+/// refused by [`ServeConfig::secret`]), the public keys of `--auth-public-key` (read now:
+/// a bad file stops the start) and the JWKS of `--auth-jwks` (a file read now; an URL
+/// fetched by its own thread, see `auth::jwks`).
+fn verifier(config: &ServeConfig, secret: &config::TokenSecret) -> anyhow::Result<Verifier> {
     use config::TokenSecret;
-    let v = match secret {
-        TokenSecret::Secret(s) => Verifier::new(s),
+    let hmac = match secret {
+        TokenSecret::Secret(s) => Some(s.as_str()),
         TokenSecret::Dev => {
             if config.listen.ip().is_loopback() {
                 tracing::warn!("--dev: accepting tokens signed with the public development secret");
@@ -226,16 +237,39 @@ fn verifier(config: &ServeConfig, secret: &config::TokenSecret) -> Verifier {
                      for any device (the development secret is public)"
                 );
             }
-            Verifier::new(config::DEV_SECRET)
+            Some(config::DEV_SECRET)
         }
-        TokenSecret::NoTokens => {
-            tracing::info!(
-                "no token secret: devices authenticate by certificate or NervesHub key only"
-            );
-            Verifier::no_tokens()
-        }
+        TokenSecret::None => None,
     };
-    v.with_max_lifetime(config.auth_max_token_lifetime)
+    let checks = auth::Checks {
+        issuer: config.auth_issuer.clone(),
+        audience: config.auth_audience.clone(),
+        leeway: config.auth_leeway,
+    };
+    let mut pem = auth::keys::KeySet::default();
+    for path in &config.auth_public_key {
+        let text = std::fs::read(path)
+            .with_context(|| format!("reading --auth-public-key {}", path.display()))?;
+        let kid = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let key = auth::keys::from_pem(&text, kid)
+            .map_err(|e| anyhow::anyhow!("--auth-public-key {}: {e}", path.display()))?;
+        pem.insert_unnamed_too(key);
+    }
+    let mut v = Verifier::with(hmac, &checks)
+        .with_public_keys(pem)
+        .with_max_lifetime(config.auth_max_token_lifetime);
+    if let Some(src) = &config.auth_jwks {
+        let jwks = Arc::new(auth::jwks::Jwks::new(auth::jwks::Source::parse(src)?));
+        if matches!(jwks.source, auth::jwks::Source::File(_)) {
+            let n = jwks.reload_file()?;
+            tracing::info!(keys = n, "--auth-jwks read");
+        }
+        v = v.with_jwks(jwks);
+    }
+    if !v.accepts_tokens() {
+        tracing::info!("no token secret or key: devices authenticate by certificate or NervesHub key only");
+    }
+    Ok(v)
 }
 
 /// --amqp: the key every envelope between nodes is sealed with (see `cluster::seal`):
@@ -259,7 +293,7 @@ fn cluster_key(
             );
             Ok(ClusterKey::derived(config::DEV_SECRET.as_bytes()))
         }
-        TokenSecret::NoTokens => anyhow::bail!(
+        TokenSecret::None => anyhow::bail!(
             "--amqp without a token secret needs --cluster-key-file (at least 32 bytes, the \
              same on every node): it seals the envelopes between nodes"
         ),

@@ -144,8 +144,31 @@ fn set_thp_disable(off: bool) -> std::io::Result<()> {
 
 static THP_ERROR: AtomicI32 = AtomicI32::new(0);
 
-/// Until SIGINT or SIGTERM. SIGHUP reads the `--nerves-keys` file again (connections
-/// already authenticated stay; a file that does not parse keeps the keys in use).
+/// SIGHUP: read the `--nerves-keys` and `--auth-jwks` files again (connections already
+/// authenticated stay; a file that does not parse keeps the keys in use).
+fn reload(shared: &router::Shared) {
+    let mut any = false;
+    if let Some(n) = &shared.nerves {
+        any = true;
+        match n.reload() {
+            Ok(keys) => tracing::info!(keys, "SIGHUP: --nerves-keys read again"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: --nerves-keys not reloaded; the keys in use stay"),
+        }
+    }
+    match shared.verifier.reload_jwks_file() {
+        Some(Ok(keys)) => tracing::info!(keys, "SIGHUP: --auth-jwks read again"),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "SIGHUP: --auth-jwks not reloaded; the keys in use stay")
+        }
+        None => {}
+    }
+    any |= shared.verifier.jwks_is_file();
+    if !any {
+        tracing::info!("SIGHUP: nothing to reload");
+    }
+}
+
+/// Until SIGINT or SIGTERM; SIGHUP reloads key files (see `reload`).
 fn wait_for_signal(shared: &router::Shared) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -158,13 +181,7 @@ fn wait_for_signal(shared: &router::Shared) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = hup.recv() => match &shared.nerves {
-                    Some(n) => match n.reload() {
-                        Ok(keys) => tracing::info!(keys, "SIGHUP: --nerves-keys read again"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: --nerves-keys not reloaded; the keys in use stay"),
-                    },
-                    None => tracing::info!("SIGHUP: nothing to reload"),
-                },
+                _ = hup.recv() => reload(shared),
             }
         }
         Ok::<_, std::io::Error>(())

@@ -589,11 +589,11 @@ fn render_process(o: &mut String) {
     );
 }
 
-fn counter(o: &mut String, name: &str, help: &str, v: u64) {
+pub(crate) fn counter(o: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
 }
 
-fn gauge(o: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+pub(crate) fn gauge(o: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 

@@ -613,6 +613,7 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     if let Some(c) = &st.shared.cluster {
         c.render_metrics(&mut text);
     }
+    st.shared.verifier.render_metrics(&mut text);
     {
         use std::fmt::Write;
         let name = "router_sse_buffered_bytes";

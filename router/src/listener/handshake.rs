@@ -295,7 +295,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     //    first text frame `Bearer T`.
     let ident = match (cert_ident, up.token) {
         (Some(ident), _) => ident,
-        (None, Some(token)) => match door.shared.verifier.verify(&token) {
+        (None, Some(token)) => match door.shared.verifier.verify_fresh(&token).await {
             Ok(ident) => ident,
             Err(e) => return HandshakeEnd::Refused(CloseCode::Unauthorized, e),
         },
@@ -435,7 +435,11 @@ async fn bearer_frame<S: AsyncRead + AsyncWrite + Unpin>(
         let token = std::str::from_utf8(&whole)
             .ok()
             .and_then(crate::auth::bearer_token);
-        let why = match token.map(|t| door.shared.verifier.verify(t)) {
+        let verdict = match token {
+            Some(t) => Some(door.shared.verifier.verify_fresh(t).await),
+            None => None,
+        };
+        let why = match verdict {
             Some(Ok(ident)) => {
                 return HandshakeEnd::Authenticated {
                     ident,
