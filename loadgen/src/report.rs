@@ -164,10 +164,17 @@ pub struct LoadgenMemory {
 impl Report {
     pub fn table(&self) -> String {
         let mut o = String::new();
+        // No sample, no percentile: `-`, never 0.
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
         let row = |o: &mut String, name: &str, s: &Summary| {
             o.push_str(&format!(
-                "{name:<8} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n",
-                s.count, s.p50, s.p90, s.p99, s.p999, s.max
+                "{name:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+                s.count,
+                ms(s.p50),
+                ms(s.p90),
+                ms(s.p99),
+                ms(s.p999),
+                ms(s.max)
             ));
         };
         o.push_str(&format!(
