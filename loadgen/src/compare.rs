@@ -230,10 +230,13 @@ fn not_judged(
     None
 }
 
-/// Samples within one tenth of a second share the machine's state of that moment (a
-/// burst of other work delays them all): a histogram counts as at most ten independent
-/// samples per second of the time it was recorded over.
-pub const SAMPLES_PER_SECOND: f64 = 10.0;
+/// Samples within a fifth of a second share the machine's state of that moment (a burst
+/// of other work delays them all): a histogram counts as at most five independent
+/// samples per second of the time it was recorded over. (Measured: three identical
+/// back-to-back 1,000-device runs of 10 s at 100 requests/s on a shared 2-core machine
+/// had ack p50 1.24, 1.52 and 1.60 ms but p90 1.76, 3.03 and 7.25 ms: their 1,000 acks
+/// judge a median, not a p90.)
+pub const SAMPLES_PER_SECOND: f64 = 5.0;
 
 /// The samples of histogram `hist` (a path like `latency_ms.ack`) that count as
 /// independent: its count, at most `SAMPLES_PER_SECOND` per second it spans (the ramp
@@ -1005,21 +1008,21 @@ mod tests {
             "{}",
             table(&rows)
         );
-        // Samples of one moment are one sample: 1,000 acks in 10 s are 100.
+        // Samples of one moment are one sample: 1,000 acks in 10 s are 50.
         let mut ten_seconds = run(4.0, 0.2, 1000, 3.0, 9.0);
         ten_seconds["phases"] = json!([{"seconds": 10.0, "target_rate": 100.0}]);
         let rows = super::rows(&ten_seconds, &ten_seconds, 0.10);
         let p99 = row(&rows, "latency_ms.ack.p99");
         assert!(
-            p99.why
-                .contains("of 100 independent samples: needs >= 1000"),
+            p99.why.contains("of 50 independent samples: needs >= 1000"),
             "{p99:?}"
         );
-        assert_eq!(mark(&rows, "latency_ms.ack.p90"), Mark::Same);
+        assert_eq!(mark(&rows, "latency_ms.ack.p90"), Mark::NotJudged);
+        assert_eq!(mark(&rows, "latency_ms.ack.p50"), Mark::Same);
         // Long ramps are judged; a p99 of too few samples is not; a change under the
         // floor is no regression.
-        let c = run(4.0, 12.0, 500, 3.0, 9.0);
-        let d = run(9.0, 12.0, 500, 9.0, 9.0);
+        let c = run(4.0, 24.0, 500, 3.0, 9.0);
+        let d = run(9.0, 24.0, 500, 9.0, 9.0);
         let rows = super::rows(&c, &d, 0.10);
         assert_eq!(mark(&rows, "latency_ms.connect.p90"), Mark::Worse);
         let p99 = row(&rows, "latency_ms.ack.p99");
@@ -1027,8 +1030,8 @@ mod tests {
             p99.mark == Mark::NotJudged && p99.why.contains("of 500 independent samples"),
             "{p99:?}"
         );
-        let e = run(4.0, 12.0, 1000, 1.0, 9.0);
-        let f = run(4.3, 12.0, 1000, 1.4, 9.0);
+        let e = run(4.0, 24.0, 1000, 1.0, 9.0);
+        let f = run(4.3, 24.0, 1000, 1.4, 9.0);
         let rows = super::rows(&e, &f, 0.10);
         let under = row(&rows, "latency_ms.ack.p99");
         assert_eq!(under.mark, Mark::Same, "{under:?}");
