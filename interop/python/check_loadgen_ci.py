@@ -57,8 +57,9 @@ def path(name):
 
 def loadgen(*extra, timeout=120):
     """Run loadgen against the router; (exit status, stdout, stderr)."""
+    devices = [] if "--devices" in extra else ["--devices", str(DEVICES)]
     cmd = [LOADGEN, "--url", f"ws://{NODE['ws']}", "--api", f"http://{NODE['api']}", "--quiet",
-           "--devices", str(DEVICES), "--connect-rate", "1500", *extra]
+           *devices, "--connect-rate", "1500", *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
@@ -140,8 +141,12 @@ def json_and_compare():
     bad = subprocess.run([LOADGEN, "compare", path("a.json"), path("worse.json")], capture_output=True, text=True)
     assert bad.returncode == 1, (bad.returncode, bad.stdout)
     verdict = bad.stdout.strip().splitlines()[-1]
-    for figure in ("latency_ms.ack.p50", "requests.timeout", "errors.request_timeout"):
+    for figure in ("requests.timeout", "errors.request_timeout"):
         assert figure in verdict, verdict
+    # Since issue #33 the latency of a 3 s run is not judged: 300 acks in 3 s are 15
+    # independent samples, a median needs 20. The table says so.
+    p50 = next(l for l in bad.stdout.splitlines() if l.startswith("latency_ms.ack.p50"))
+    assert "not judged" in p50 and "needs >= 20" in p50 and "latency_ms.ack.p50" not in verdict, p50
     return verdict
 
 
@@ -275,7 +280,8 @@ def compare_cannot_pass_falsely():
     # The --no-ack run against a healthy one: every request failed.
     c = compare(path("a.json"), path("noack.json"), "--junit", path("j.xml"), "--markdown", path("c.md"))
     assert c.returncode == 1, (c.returncode, c.stdout)
-    assert "better" not in next(l for l in c.stdout.splitlines() if l.startswith("latency_ms.ack.p50")), c.stdout
+    p50 = next(l for l in c.stdout.splitlines() if l.startswith("latency_ms.ack.p50"))
+    assert "-100.0%" not in p50 and not re.search(r"\sbetter \(", p50), p50
     assert "warning: the runs used different parameters: --devices 300 (base) vs 100 (new)" in c.stdout, c.stdout
     x = open(path("j.xml")).read()
     assert x.startswith("<?xml") and "<failure" in x and 'name="requests.timeout"' in x, x[:500]
@@ -308,7 +314,7 @@ def fails_fast():
                         (["--hdr-log", "/missing/dir/h"], "--hdr-log"),
                         (["--request-log", "/missing/dir/r.csv"], "--request-log"),
                         (["--devices", "0"], "--devices 0"),
-                        (["--duration", "3", "--storm-at", "5"], "--storm-at 5"),
+                        (["--storm-at", "5"], "--storm-at 5"),
                         (["--request-via", "cross"], "two --api"),
                         (["--connect-rate", "0"], "--connect-rate")):
         rc, out, err = loadgen(*STEADY, *extra)
