@@ -133,9 +133,22 @@ pub fn write_log(mut samples: Vec<Sample>, out: &mut impl std::io::Write) -> std
     Ok(())
 }
 
+/// The latency a request counts at in the ack histogram: an acked one at its own, any
+/// other (504 timeout, 404 offline, an HTTP or transport error) at least at the
+/// request's timeout, so that a failure never makes the ack latency look better (a fast
+/// 404 would otherwise pull the percentiles down, and a run with nothing acked would
+/// have no latency at all).
+pub fn counted_us(outcome: Req, latency_us: u64, timeout_ms: u64) -> u64 {
+    match outcome {
+        Req::Acked => latency_us,
+        _ => latency_us.max(timeout_ms.saturating_mul(1000)),
+    }
+}
+
 /// What the requests of one phase, or of several, measured.
 pub struct RequestStats {
-    /// Ack latency of every acked request, from its due time.
+    /// Ack latency of every request from its due time: acked ones at their latency, the
+    /// others at least at the timeout (`counted_us`).
     pub acks: Histogram<u64>,
     /// How late every request left the sender (due time to the send): the sender's own
     /// scheduling delay, measured in the same run as the acks it is part of.
@@ -247,16 +260,17 @@ pub async fn run(
             let c = &counts2;
             let us = latency(due, sent, done).as_micros() as u64;
             let (counter, outcome, req) = match r {
-                Ok(200) => {
-                    hist::record(&mut acks2.lock().unwrap_or_else(|e| e.into_inner()), us);
-                    (&c.acked, "acked", Req::Acked)
-                }
+                Ok(200) => (&c.acked, "acked", Req::Acked),
                 Ok(504) => (&c.timeout, "timeout", Req::Timeout),
                 Ok(404) => (&c.offline, "offline", Req::Offline),
                 Ok(_) | Err(HttpError::Malformed) => (&c.http_error, "http_error", Req::Error),
                 Err(HttpError::Transport) => (&c.transport_error, "transport_error", Req::Error),
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            hist::record(
+                &mut acks2.lock().unwrap_or_else(|e| e.into_inner()),
+                counted_us(req, us, timeout_ms),
+            );
             sinks2.timeline.request(due, req, us);
             sinks2.live.request_done(req, us);
             if let Some(s) = samples2 {
@@ -288,6 +302,15 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_count_at_least_at_the_timeout() {
+        assert_eq!(counted_us(Req::Acked, 900, 500), 900);
+        assert_eq!(counted_us(Req::Timeout, 500_300, 500), 500_300);
+        // A fast 404 or a refused connection is no fast ack.
+        assert_eq!(counted_us(Req::Offline, 200, 500), 500_000);
+        assert_eq!(counted_us(Req::Error, 50, 5000), 5_000_000);
+    }
 
     #[test]
     fn request_log_is_csv_in_due_order() {

@@ -82,6 +82,12 @@ pub struct Args {
     /// Give up waiting for the whole fleet after this many seconds of ramp.
     #[arg(long, env = "LOADGEN_RAMP_TIMEOUT", default_value_t = 120.0)]
     pub ramp_timeout: f64,
+    /// Abort the run (exit 4, no report) when the ramp connected less than this percentage
+    /// of --devices; 0 = only when it connected none (a run without devices has nothing
+    /// to measure and always aborts).
+    #[arg(long, env = "LOADGEN_ABORT_BELOW", value_name = "PCT", default_value_t = 0.0,
+          value_parser = parse_percent)]
+    pub abort_below: f64,
     /// Seconds of steady phase (requests and events flowing). Not with a --scenario that
     /// has phases after the ramp (each phase has its own duration).
     #[arg(long, env = "LOADGEN_DURATION", default_value_t = 10.0)]
@@ -238,10 +244,38 @@ pub enum Sub {
     Compare(crate::compare::CompareArgs),
 }
 
+/// "90%" or "90" as 90.0, 0 to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: want a percentage like 90%"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(format!("{s:?}: want 0% to 100%"));
+    }
+    Ok(v)
+}
+
 impl Args {
-    /// Fatal setup errors, found before any process starts (exit code 1).
+    /// Bad values, found before any process starts (a usage error, exit code 2).
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::ensure;
+        ensure!(
+            self.devices > 0,
+            "--devices 0: a fleet of no device has nothing to measure"
+        );
+        ensure!(
+            self.storm_at <= 0.0 || self.storm_at < self.duration,
+            "--storm-at {} is not within --duration {}: the storm would never come",
+            self.storm_at,
+            self.duration
+        );
+        ensure!(
+            self.request_via != RequestVia::Cross || self.apis.len() >= 2,
+            "--request-via cross needs at least two --api nodes (it sends each request through another node than the device's)"
+        );
         ensure!(
             !self.urls.is_empty() && !self.apis.is_empty(),
             "need at least one --url and one --api"
@@ -291,6 +325,33 @@ impl Args {
             self.devices as u64 <= 0xffff_ffff_ffff,
             "--devices too large for the device id space"
         );
+        Ok(())
+    }
+
+    /// Every output file must be writable before the ramp: a run of minutes whose report
+    /// cannot be written at the end is lost. Creates each file (empty) and removes the
+    /// ones that did not exist; an error names the flag and the path.
+    pub fn check_outputs(&self) -> anyhow::Result<()> {
+        let outputs = [
+            ("--json", &self.json),
+            ("--html", &self.html),
+            ("--hdr-log", &self.hdr_log),
+            ("--request-log", &self.request_log),
+        ];
+        for (flag, path) in outputs {
+            let Some(path) = path else { continue };
+            let existed = path.exists();
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(|e| {
+                    anyhow::anyhow!("{flag} {}: cannot be written: {e}", path.display())
+                })?;
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         Ok(())
     }
 
@@ -435,6 +496,32 @@ mod tests {
         );
     }
 
+    /// Issue #33: `--json /missing/dir/r.json` was found only after the run.
+    #[test]
+    fn outputs_that_cannot_be_written_are_found_first() {
+        let dir = std::env::temp_dir().join(format!("loadgen-outputs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("r.json");
+        let ok_s = ok.to_str().unwrap();
+        assert!(parse(&["--json", ok_s]).check_outputs().is_ok());
+        // Checked, not left behind.
+        assert!(!ok.exists());
+        std::fs::write(&ok, "keep").unwrap();
+        assert!(parse(&["--json", ok_s]).check_outputs().is_ok());
+        assert_eq!(std::fs::read_to_string(&ok).unwrap(), "keep");
+        for flag in ["--json", "--html", "--hdr-log", "--request-log"] {
+            let e = parse(&[flag, "/missing/dir/r.out"])
+                .check_outputs()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("{flag} /missing/dir/r.out: cannot be written")),
+                "{e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn validation_catches_setup_errors() {
         assert!(parse(&[]).validate().is_ok());
@@ -456,9 +543,31 @@ mod tests {
             &["--connect-rate", "0"],
             &["--per-worker", "0"],
             &["--event-drain-timeout=-1"],
+            // Issue #33: refused with a message rather than run for nothing.
+            &["--devices", "0"],
+            &["--duration", "3", "--storm-at", "5"],
+            &["--duration", "3", "--storm-at", "3"],
+            &["--request-via", "cross"],
         ] {
             assert!(parse(bad).validate().is_err(), "{bad:?}");
         }
+        let e = parse(&["--duration", "3", "--storm-at", "5"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("--storm-at 5"), "{e}");
+        let e = parse(&["--request-via", "cross"]).validate().unwrap_err();
+        assert!(e.to_string().contains("two --api"), "{e}");
+        assert!(parse(&["--duration", "3", "--storm-at", "2"])
+            .validate()
+            .is_ok());
+        assert!(
+            parse(&["--request-via", "cross", "--api", "http://a:1,http://b:2"])
+                .validate()
+                .is_ok()
+        );
+        assert_eq!(parse(&["--abort-below", "90%"]).abort_below, 90.0);
+        assert_eq!(parse(&["--abort-below", "12.5"]).abort_below, 12.5);
+        assert!(Args::try_parse_from(["loadgen", "--abort-below", "120%"]).is_err());
         assert_eq!(
             parse(&["--devices", "40000", "--per-worker", "15000"]).worker_count(),
             3

@@ -7,9 +7,14 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-/// Parts of the report that are not figures: the per-second timeline (charted by
+/// Parts of the report that are not figures: the run's parameters, the per-second timeline (charted by
 /// --html), its clock, and the assertions' own verdicts.
-const NOT_FIGURES: [&str; 3] = ["timeline", "timeline_start_unix_ms", "assertions"];
+const NOT_FIGURES: [&str; 4] = [
+    "timeline",
+    "timeline_start_unix_ms",
+    "assertions",
+    "parameters",
+];
 
 /// Every number of a report by dotted path; booleans as 1 and 0, null as None. Strings
 /// (protocol, phase names) are left out; so are `NOT_FIGURES`.

@@ -58,29 +58,21 @@ pub fn write_interval_log<W: std::io::Write>(
     Ok(())
 }
 
-/// Percentiles in milliseconds (stable JSON field names).
+/// Percentiles in milliseconds (stable JSON field names). A histogram with no sample
+/// has no percentiles: they are None (null in JSON, `-` in tables), never 0, so that
+/// nothing measured cannot pass for fast.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Summary {
     pub count: u64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+    pub p999: Option<f64>,
+    pub max: Option<f64>,
 }
 
 pub fn summary(h: &Histogram<u64>) -> Summary {
-    let ms = |us: u64| us as f64 / 1000.0;
-    if h.is_empty() {
-        return Summary {
-            count: 0,
-            p50: 0.0,
-            p90: 0.0,
-            p99: 0.0,
-            p999: 0.0,
-            max: 0.0,
-        };
-    }
+    let ms = |us: u64| (!h.is_empty()).then(|| us as f64 / 1000.0);
     Summary {
         count: h.len(),
         p50: ms(h.value_at_quantile(0.5)),
@@ -156,7 +148,15 @@ mod tests {
         }
         let s = summary(&h);
         assert!(s.p50 <= s.p90 && s.p90 <= s.p99 && s.p99 <= s.p999 && s.p999 <= s.max);
-        assert!((s.max - 50.0).abs() < 0.1);
-        assert_eq!(summary(&new_hist()).count, 0);
+        assert!((s.max.unwrap() - 50.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn an_empty_histogram_has_no_percentiles_not_zeros() {
+        let s = summary(&new_hist());
+        assert_eq!(s.count, 0);
+        assert_eq!([s.p50, s.p90, s.p99, s.p999, s.max], [None; 5]);
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v["p99"].is_null() && v["max"].is_null(), "{v}");
     }
 }

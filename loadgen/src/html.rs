@@ -181,11 +181,7 @@ fn headline(o: &mut String, r: &Report) {
     .iter()
     .map(|(name, s)| {
         let mut row = vec![name.to_string(), s.count.to_string()];
-        row.extend(
-            [s.p50, s.p90, s.p99, s.p999, s.max]
-                .iter()
-                .map(|v| format!("{v:.3}")),
-        );
+        row.extend([s.p50, s.p90, s.p99, s.p999, s.max].iter().map(|v| ms(*v)));
         row
     })
     .collect();
@@ -325,12 +321,9 @@ fn rss_chart(r: &Report) -> String {
 }
 
 /// A latency cell: "-" when nothing was measured.
-fn ms(count: u64, v: f64) -> String {
-    if count == 0 {
-        "-".into()
-    } else {
-        format!("{v:.3}")
-    }
+/// A latency; `-` when there was no sample (nothing measured is not 0).
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
 }
 
 fn phases(o: &mut String, r: &Report) {
@@ -362,9 +355,9 @@ fn phases(o: &mut String, r: &Report) {
                 num(p.rate.round()),
                 p.requests.sent.to_string(),
                 p.requests.timeout.to_string(),
-                ms(p.ack_ms.count, p.ack_ms.p50),
-                ms(p.ack_ms.count, p.ack_ms.p99),
-                ms(p.ack_ms.count, p.ack_ms.max),
+                ms(p.ack_ms.p50),
+                ms(p.ack_ms.p99),
+                ms(p.ack_ms.max),
                 storm,
             ]
         })

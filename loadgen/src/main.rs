@@ -60,7 +60,14 @@ fn main() -> anyhow::Result<()> {
         scenario::settle(&mut args, &matches, &sc).unwrap_or_else(|e| usage_error(&e));
         args.parameters = cli::parameters(&matches, &sc.from_file);
     }
-    args.validate()?;
+    // A bad value or an output that cannot be written: a usage error (exit 2), found
+    // before anything connects.
+    args.validate()
+        .unwrap_or_else(|e| usage_error(&format!("{e:#}")));
+    if args.worker_index.is_none() && !args.dry_run {
+        args.check_outputs()
+            .unwrap_or_else(|e| usage_error(&format!("{e:#}")));
+    }
     if args.dry_run {
         print!("{}", scenario::describe(&args));
         return Ok(());
@@ -77,12 +84,13 @@ fn main() -> anyhow::Result<()> {
     }
     match args.worker_index {
         Some(_) => worker::run(args),
-        None => {
-            if !coordinator::run(args)? {
-                // A threshold failed: distinct from setup errors (1) and usage errors (2).
-                std::process::exit(3);
-            }
-            Ok(())
-        }
+        // Setup errors (an Err: the router not there, a probe device refused, a
+        // broker or --metrics address unusable) exit 1; a failed threshold 3; a ramp
+        // that connected nothing, or less than --abort-below, 4.
+        None => match coordinator::run(args)? {
+            coordinator::Finish::Passed => Ok(()),
+            coordinator::Finish::Failed => std::process::exit(3),
+            coordinator::Finish::Aborted => std::process::exit(4),
+        },
     }
 }

@@ -8,8 +8,46 @@ use crate::backend::RequestCounts;
 use crate::hist::Summary;
 use crate::timeline::Second;
 
+/// loadgen's version (Cargo) and the git commit it was built from ("unknown" outside
+/// a git checkout), as every report carries them.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("LOADGEN_GIT_COMMIT");
+
+/// One parameter of the run as the report carries it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Param {
+    pub value: String,
+    /// command line, environment, scenario or default.
+    pub source: String,
+}
+
+/// The run's parameters by flag (`--devices`) from `cli::parameters`' ("--flag",
+/// "value (source)") pairs.
+pub fn params(pairs: &[(String, String)]) -> BTreeMap<String, Param> {
+    pairs
+        .iter()
+        .map(|(flag, shown)| {
+            let (value, source) = shown
+                .strip_suffix(')')
+                .and_then(|s| s.rsplit_once(" ("))
+                .unwrap_or((shown.as_str(), ""));
+            let p = Param {
+                value: value.to_string(),
+                source: source.to_string(),
+            };
+            (flag.clone(), p)
+        })
+        .collect()
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// loadgen's version and the git commit it was built from.
+    pub loadgen_version: String,
+    pub loadgen_commit: String,
+    /// Every flag of the run with its value and where it came from (the secret and
+    /// the API token hidden), so that `compare` can tell runs apart.
+    pub parameters: BTreeMap<String, Param>,
     pub protocol: String,
     pub workers: usize,
     pub devices: Devices,
@@ -164,10 +202,17 @@ pub struct LoadgenMemory {
 impl Report {
     pub fn table(&self) -> String {
         let mut o = String::new();
+        // No sample, no percentile: `-`, never 0.
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
         let row = |o: &mut String, name: &str, s: &Summary| {
             o.push_str(&format!(
-                "{name:<8} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n",
-                s.count, s.p50, s.p90, s.p99, s.p999, s.max
+                "{name:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+                s.count,
+                ms(s.p50),
+                ms(s.p90),
+                ms(s.p99),
+                ms(s.p999),
+                ms(s.max)
             ));
         };
         o.push_str(&format!(
@@ -270,6 +315,9 @@ impl Report {
         };
         let some = Some(0);
         Report {
+            loadgen_version: VERSION.into(),
+            loadgen_commit: COMMIT.into(),
+            parameters: BTreeMap::new(),
             protocol: "hive".into(),
             workers: 1,
             devices: Devices {
@@ -393,6 +441,22 @@ mod tests {
         ] {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }
+        // What built it and how it ran.
+        assert_eq!(v["loadgen_version"], env!("CARGO_PKG_VERSION"));
+        let commit = v["loadgen_commit"].as_str().unwrap();
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{commit}"
+        );
+        assert!(v["parameters"].is_object());
+        let p = params(&[
+            ("--devices".into(), "100 (command line)".into()),
+            ("--url".into(), "ws://a (1) (environment)".into()),
+        ]);
+        assert_eq!(p["--devices"].value, "100");
+        assert_eq!(p["--url"].value, "ws://a (1)");
+        assert_eq!(p["--url"].source, "environment");
         // Not counted: null, not 0.
         assert!(v["events"]["lost"].is_null() && v["events"]["counted"] == false);
         assert!(r.table().contains("not counted"));

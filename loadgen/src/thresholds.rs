@@ -13,8 +13,9 @@
 //!   is then compared as a percentage of that whole. No unit: the figure's own unit.
 //!
 //! A malformed expression or an unknown figure is refused when the command line is
-//! parsed (exit 2). A figure the run did not measure (null, like `events.lost` without
-//! --amqp, or `storm.*` without a storm) fails its assertion.
+//! parsed (exit 2). A figure with nothing to measure fails its assertion, saying so:
+//! null (`events.lost` without --amqp, `storm.*` without a storm, a latency percentile
+//! without samples), or part of a whole that is 0 (`timeouts==0` with no request sent).
 
 use std::collections::BTreeMap;
 
@@ -180,7 +181,7 @@ impl Assertion {
         let base_path = self.target.percent_base().unwrap_or_default();
         let base = figure(&Target::Path(base_path.clone()), flat)?;
         if base <= 0.0 {
-            return Err(format!("no % of {base_path} = 0"));
+            return Err(format!("nothing to measure: {base_path} is 0"));
         }
         let pct = v / base * 100.0;
         Ok((
@@ -195,7 +196,10 @@ pub fn parse_arg(text: &str) -> Result<Assertion, String> {
     Assertion::parse(text)
 }
 
-/// A figure's value in `flat`; why not when it was not measured.
+/// A figure's value in `flat`; why not when there was nothing to measure: a null
+/// figure, a figure this report does not have, a latency of a histogram without a
+/// sample (`count` 0: an older report's 0 is no measurement either), or a figure that
+/// is part of a whole which is 0 (`timeouts==0` when no request was sent).
 fn figure(target: &Target, flat: &BTreeMap<String, Option<f64>>) -> Result<f64, String> {
     let errors = |keep: fn(&str) -> bool| {
         flat.iter()
@@ -203,16 +207,42 @@ fn figure(target: &Target, flat: &BTreeMap<String, Option<f64>>) -> Result<f64, 
             .filter(|(kind, _)| keep(kind))
             .fold(0.0, |sum, (_, v)| sum + v)
     };
-    match target {
-        Target::ConnectionErrors => Ok(errors(|k| !k.starts_with("request_"))),
-        Target::AllErrors => Ok(errors(|_| true)),
-        Target::Path(p) => match flat.get(p) {
-            Some(Some(v)) => Ok(*v),
-            Some(None) => Err("null (not measured in this run)".into()),
-            // The errors map holds only the kinds that happened.
-            None if p.starts_with("errors.") => Ok(0.0),
-            None => Err("not in this report (not measured in this run)".into()),
-        },
+    let Target::Path(p) = target else {
+        return Ok(match target {
+            Target::ConnectionErrors => errors(|k| !k.starts_with("request_")),
+            _ => errors(|_| true),
+        });
+    };
+    let v = match flat.get(p) {
+        Some(Some(v)) => *v,
+        Some(None) => return Err("null: nothing to measure in this run".into()),
+        // The errors map holds only the kinds that happened.
+        None if p.starts_with("errors.") => 0.0,
+        None => return Err("not in this report: nothing to measure in this run".into()),
+    };
+    match nothing_to_measure(p, flat) {
+        Some(why) => Err(why),
+        None => Ok(v),
+    }
+}
+
+/// Why `path` has nothing to measure although it may read as a number: a latency of a
+/// histogram without samples, or a part of a whole that is 0 (or null).
+pub fn nothing_to_measure(path: &str, flat: &BTreeMap<String, Option<f64>>) -> Option<String> {
+    if fields::unit(path) == Unit::Millis {
+        let (hist, _) = path.rsplit_once('.')?;
+        if let Some(Some(n)) = flat.get(&format!("{hist}.count")) {
+            if *n == 0.0 {
+                return Some(format!("no samples ({hist}.count 0): nothing to measure"));
+            }
+        }
+        return None;
+    }
+    let base = fields::percent_base(path)?;
+    match flat.get(&base) {
+        Some(Some(v)) if *v > 0.0 => None,
+        Some(Some(_)) => Some(format!("nothing to measure: {base} is 0")),
+        _ => Some(format!("nothing to measure: {base} is null or absent")),
     }
 }
 
@@ -400,7 +430,8 @@ mod tests {
 
     fn report() -> Value {
         let mut r = crate::report::Report::sample();
-        r.latency_ms.ack.p99 = 4.2;
+        r.latency_ms.ack.p99 = Some(4.2);
+        r.latency_ms.ack.count = 1000;
         r.devices.target = 300;
         r.devices.connected = 297;
         r.requests.counts.sent = 2000;
@@ -436,6 +467,7 @@ mod tests {
             !lost.passed && lost.value.is_none() && lost.shown.contains("null"),
             "{lost:?}"
         );
+        assert!(lost.shown.contains("nothing to measure"), "{lost:?}");
         let storm = check("storm.seconds<5");
         assert!(
             !storm.passed && storm.shown.contains("not in this report"),
@@ -443,6 +475,39 @@ mod tests {
         );
         assert!(!check("phases.7.rate>0").passed);
         assert!(check("lost!=1").line().starts_with("FAIL"));
+    }
+
+    /// Issue #33: `--no-ack` with `ack.p99<5ms` passed with "0 ms". A figure with no
+    /// samples has nothing to measure: its assertion fails and says so (for a report
+    /// of today, null; for an older one, 0 beside a count of 0).
+    #[test]
+    fn nothing_to_measure_fails() {
+        let old_style = serde_json::json!({
+            "devices": {"target": 100, "connected": 100},
+            "latency_ms": {"ack": {"count": 0, "p50": 0.0, "p99": 0.0, "max": 0.0},
+                           "event": {"count": 0, "p99": null}},
+            "requests": {"sent": 0, "acked": 0, "timeout": 0, "rate": 0.0, "target_rate": 0.0},
+            "events": {"sent": 0, "lost": 0},
+            "errors": {},
+        });
+        for expr in [
+            "ack.p99<5ms",
+            "ack.max<1s",
+            "event.p99<5ms",
+            "timeouts==0",
+            "timeouts<1%",
+            "acked>=99%",
+            "errors.request_timeout==0",
+            "request_rate>=90%",
+            "events.lost==0",
+        ] {
+            let v = p(expr).check(&old_style);
+            assert!(!v.passed, "{expr} passed on nothing: {v:?}");
+            assert!(v.shown.contains("nothing to measure"), "{expr}: {v:?}");
+            assert_eq!(v.value, None, "{expr}");
+        }
+        // A count of 0 is itself measured.
+        assert!(p("ack.count==0").check(&old_style).passed);
     }
 
     #[test]

@@ -375,7 +375,7 @@ fn worker_result(
     }
 }
 
-async fn resolve(url: &str) -> anyhow::Result<std::net::SocketAddr> {
+pub(crate) async fn resolve(url: &str) -> anyhow::Result<std::net::SocketAddr> {
     let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
     let host = uri
         .host()

@@ -52,6 +52,9 @@ pub(super) fn build_report(
     let events = event_figures(ev, &m, after, request_seconds);
     let event_hist = ev.hist.lock().unwrap_or_else(|e| e.into_inner());
     Report {
+        loadgen_version: report::VERSION.into(),
+        loadgen_commit: report::COMMIT.into(),
+        parameters: report::params(&args.parameters),
         protocol: format!("{:?}", args.protocol).to_lowercase(),
         workers: m.k,
         devices: report::Devices {
@@ -182,6 +185,15 @@ pub(super) struct Merged {
     errors: BTreeMap<String, u64>,
     reconnects: u64,
     memory: report::LoadgenMemory,
+}
+
+impl Merged {
+    /// The devices' error kinds, most frequent first.
+    pub(super) fn errors_by_count(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.errors.clone().into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v
+    }
 }
 
 pub(super) fn merge_results(results: &[WorkerResult], k: usize) -> Merged {

@@ -108,8 +108,38 @@ pub(crate) fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Run the load; Ok(false) when an --assert failed.
-pub fn run(args: Args) -> anyhow::Result<bool> {
+/// How a run ended (setup errors are the Err of `run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Every --assert held.
+    Passed,
+    /// An --assert failed.
+    Failed,
+    /// The ramp connected no device, or fewer than --abort-below: nothing was run.
+    Aborted,
+}
+
+/// Why a ramp that connected `connected` devices in `seconds` is no base for a run:
+/// none connected, or fewer than --abort-below percent.
+fn short_ramp(args: &Args, connected: usize, seconds: f64) -> Option<String> {
+    let pct = connected as f64 / args.devices.max(1) as f64 * 100.0;
+    if connected == 0 {
+        Some(format!(
+            "the ramp connected none of {} devices in {seconds:.1} s: nothing to measure, run aborted",
+            args.devices
+        ))
+    } else if pct < args.abort_below {
+        Some(format!(
+            "the ramp connected {connected} of {} devices ({pct:.1}%) in {seconds:.1} s, below --abort-below {}%: run aborted",
+            args.devices, args.abort_below
+        ))
+    } else {
+        None
+    }
+}
+
+/// Run the load.
+pub fn run(args: Args) -> anyhow::Result<Finish> {
     // One thread: the coordinator's work (requests at the backend rate, the workers'
     // progress lines) is small, and on a current-thread runtime a request's answer needs
     // no hand-over between runtime threads: at 2,000 requests/s the coordinator took
@@ -214,8 +244,57 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// Follow the ramp until the fleet is whole or --ramp-timeout; its length in seconds
-/// as the coordinator saw it.
+/// What an error kind of a device that could not get in most likely means.
+pub fn hint(kind: &str) -> &'static str {
+    match kind {
+        "closed_4401" | "http_401" | "http_403" | "auth_refused" => {
+            "the router refused the device token: wrong --secret (the router's --auth-secret)?"
+        }
+        "connect_refused" => "nothing listens there: is the router running, is --url right?",
+        "handshake_timeout" => "no WebSocket handshake within --handshake-timeout-ms",
+        "connect_error" | "no_source_port" => {
+            "the connection could not be made (--url, --source-ips?)"
+        }
+        k if k.starts_with("http_") => {
+            "the router answered the upgrade with an HTTP error: is the path in --url right?"
+        }
+        _ => "see docs/loadgen.md for the error kinds",
+    }
+}
+
+/// Connect one device to every --url, as the fleet would, before starting anything: a
+/// router that is not there or that refuses the fleet's tokens is told in a second.
+async fn probe_routers(args: &Args, account: uuid::Uuid) -> anyhow::Result<()> {
+    let handshake = Duration::from_millis(args.handshake_timeout_ms).min(Duration::from_secs(5));
+    for (i, url) in args.urls.iter().enumerate() {
+        let dest = crate::worker::resolve(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("--url {url}: {e}"))?;
+        let target = std::rc::Rc::new(crate::device::Target {
+            base: url.clone(),
+            dest,
+        });
+        // A device of the fleet's account and protocol, outside its id range.
+        let id = crate::cli::device_id(0xffff_ffff_ffff - i);
+        let proto = crate::cli::device_proto(args.protocol, i);
+        let r = crate::device::probe(&args.secret, account, proto, id, target, handshake).await;
+        if let Err(kind) = r {
+            let code = kind.strip_prefix("closed_").unwrap_or(&kind);
+            anyhow::bail!(
+                "a probe device could not get in at {url}: {code}: {} (no device started)",
+                hint(&kind)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Seconds a ramp may go on with every attempt failing before it is given up.
+const HOPELESS_RAMP_SECONDS: f64 = 3.0;
+
+/// Follow the ramp until the fleet is whole or --ramp-timeout, or until it is hopeless
+/// (no device in after `HOPELESS_RAMP_SECONDS` of failures only); its length in
+/// seconds as the coordinator saw it.
 async fn ramp(args: &Args, workers: &Workers, live: &Live, start: Instant) -> f64 {
     let deadline = start + Duration::from_secs_f64(args.ramp_timeout);
     // Connect rate shown over the last second or so (samples arrive every 100 ms).
@@ -238,7 +317,9 @@ async fn ramp(args: &Args, workers: &Workers, live: &Live, start: Instant) -> f6
                 p.errors, p.reconnects
             ),
         );
-        if p.connected as usize >= args.devices || now >= deadline {
+        let hopeless =
+            p.ever == 0 && p.errors > 0 && start.elapsed().as_secs_f64() >= HOPELESS_RAMP_SECONDS;
+        if p.connected as usize >= args.devices || now >= deadline || hopeless {
             return start.elapsed().as_secs_f64();
         }
     }
@@ -295,7 +376,7 @@ fn planned_seconds(args: &Args, segments: &[Segment]) -> f64 {
     args.ramp_timeout.max(0.0) + 2.0 + phases
 }
 
-async fn run_async(args: Args) -> anyhow::Result<bool> {
+async fn run_async(args: Args) -> anyhow::Result<Finish> {
     let http = api_client(&args)?;
     let apis: Vec<String> = args
         .apis
@@ -309,6 +390,7 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
     let live = Live::new(args.devices as u64, args.quiet);
     let counters = Arc::new(metrics::Live::default());
 
+    probe_routers(&args, account).await?;
     let rss_baseline = metric_sum(&http, &apis, "router_process_resident_memory_bytes").await;
     let mut ev = events::start(&args, &http, &apis, account).await?;
 
@@ -335,6 +417,16 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
     let sampler = sample_timeline(timeline.clone(), ramp_start, totals.clone());
     let coarse_ramp = ramp(&args, &workers, &live, ramp_start).await;
     let connected_after_ramp = workers.total().connected as usize;
+    if let Some(why) = short_ramp(&args, connected_after_ramp, coarse_ramp) {
+        let results = stop_workers(&mut workers, k).await;
+        let merged = assemble::merge_results(&results, k);
+        live.finish();
+        eprintln!("loadgen: {why}");
+        for (kind, n) in merged.errors_by_count() {
+            eprintln!("  {kind}: {n} ({})", hint(&kind));
+        }
+        return Ok(Finish::Aborted);
+    }
     let router = idle_fleet_cost(&http, &apis, rss_baseline).await;
 
     // The phases.
@@ -367,7 +459,12 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
         timeline_start_unix_ms,
     };
     let report = assemble::build_report(&args, &ev, &merged, &after, measured, &timeline);
-    assemble::finish(&args, report, &ev, &merged, after)
+    let passed = assemble::finish(&args, report, &ev, &merged, after)?;
+    Ok(if passed {
+        Finish::Passed
+    } else {
+        Finish::Failed
+    })
 }
 
 /// Let allocator and kernel settle, then read the router's cost of the idle fleet.

@@ -147,6 +147,51 @@ pub async fn run(fleet: Rc<Fleet>, spec: DeviceSpec) {
     }
 }
 
+/// One device's connect and authentication, exactly as the fleet makes it, then a
+/// close: Ok when the router let it in, else the error kind (`connect_refused`,
+/// `closed_4401`, `http_401`, `handshake_timeout`, ...). The coordinator probes each
+/// router with it before starting the ramp, so that a router that is not there or a
+/// wrong --secret is told in a second, not after --ramp-timeout.
+pub async fn probe(
+    secret: &str,
+    account: Uuid,
+    proto: Proto,
+    id: Uuid,
+    target: Rc<Target>,
+    handshake_timeout: Duration,
+) -> Result<(), String> {
+    let control = Control {
+        stop: false,
+        storm: 0,
+        fraction: 1.0,
+        event_interval: None,
+    };
+    let fleet = Fleet {
+        stats: RefCell::new(Stats::new(1)),
+        signal: Signal::new(1, control),
+        handshake_timeout,
+        no_ack: false,
+        secret: secret.to_string(),
+        account,
+    };
+    let spec = DeviceSpec {
+        id,
+        slot: 0,
+        proto,
+        target,
+        source: None,
+    };
+    let attempt = connect_and_auth(&fleet, &spec, Instant::now());
+    match tokio::time::timeout(handshake_timeout, attempt).await {
+        Ok(Ok(mut ws)) => {
+            ws.close().await;
+            Ok(())
+        }
+        Ok(Err(kind)) => Err(kind),
+        Err(_) => Err("handshake_timeout".into()),
+    }
+}
+
 async fn connect_and_auth(
     fleet: &Fleet,
     spec: &DeviceSpec,
