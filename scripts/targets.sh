@@ -51,7 +51,7 @@ ROUTER=; trap '[ -n "$ROUTER" ] && kill "$ROUTER" 2>/dev/null' EXIT
 # One router, one loadgen run against it, the router stopped; the report JSON in $OUT/$1.
 run() {
   local name=$1 shards=$2; shift 2
-  target/release/router serve --listen 127.0.0.1:$WS --api 127.0.0.1:$API --shards "$shards" \
+  target/release/router serve --dev --listen 127.0.0.1:$WS --api 127.0.0.1:$API --shards "$shards" \
     >"$OUT/$name.router.log" 2>&1 &
   ROUTER=$!
   sleep 0.5

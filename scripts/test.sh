@@ -71,6 +71,10 @@ step "independent NervesHub device: shared-secret auth and vsn 3.0.0 MessagePack
 "$VENV/bin/python" -c 'import msgpack' 2>/dev/null || "$VENV/bin/pip" install --quiet 'msgpack>=1,<2'
 "$VENV/bin/python" interop/python/test_nerveshub.py "$ROUTER"
 
+step "independent token minting: PyJWT (cryptography) tokens of every algorithm against PEM keys and an HTTPS JWKS (openssl CA), rotation, refusals"
+"$VENV/bin/python" -c 'import jwt, cryptography' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pyjwt[crypto]>=2.8,<3'
+"$VENV/bin/python" interop/python/test_jwt_keys.py "$ROUTER"
+
 step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
 ensure_rabbitmq
 "$VENV/bin/python" -c 'import pika' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pika>=1.3,<2'

@@ -44,7 +44,7 @@ def parse_metrics(text):
 
 
 def start_router():
-    p = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "2"],
+    p = subprocess.Popen([ROUTER, "serve", "--dev", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     assert line.startswith("router ready"), line
@@ -331,7 +331,7 @@ def fails_fast():
     assert p.returncode == 1 and "connect_refused" in p.stderr, (p.returncode, p.stderr[-500:])
     assert time.monotonic() - t < 10, f"took {time.monotonic() - t:.1f}s"
     # A router that takes 50 connections: 100 devices connect half.
-    small = subprocess.Popen([ROUTER, "serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "1",
+    small = subprocess.Popen([ROUTER, "serve", "--dev", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--shards", "1",
                               "--max-connections", "50"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         node = dict(kv.split("=", 1) for kv in small.stdout.readline().split()[2:])

@@ -14,7 +14,9 @@ JWKS file is read again on SIGHUP."""
 
 import asyncio
 import base64
-import http.server
+import hashlib
+import hmac
+import http.server as httpserver
 import json
 import os
 import signal
@@ -91,6 +93,21 @@ def token(kid, alg, key=None, claims=None, headers=None, with_kid=True, drop=())
     return jwt.encode(c, key if key is not None else KEYS[kid], algorithm=alg, headers=h)
 
 
+def b64(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def hs256_by_hand(secret, kid):
+    """What an attacker sends for the HS/RS confusion: HS256 "signed" with the public key's
+    PEM bytes (PyJWT itself refuses to make one)."""
+    now = int(time.time())
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = b64(json.dumps({"sub": str(uuid.uuid4()), "acc": str(uuid.uuid4()), "exp": now + 600,
+                           "iss": ISS, "aud": AUD}).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
 # --- the identity service: JWKS over HTTPS (openssl CA) --------------------------------
 sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
    "-keyout", f"{D}/ca.key", "-out", f"{D}/ca.pem", "-days", "2", "-subj", "/CN=hive-test-ca")
@@ -105,7 +122,7 @@ JWKS = {"keys": [jwk("rsa1"), jwk("ec256"), jwk("ec384"), jwk("ed1")]}
 FETCHES = []
 
 
-class IdService(http.server.BaseHTTPRequestHandler):
+class IdService(httpserver.BaseHTTPRequestHandler):
     def do_GET(self):
         FETCHES.append(time.time())
         body = json.dumps(JWKS).encode()
@@ -121,7 +138,7 @@ class IdService(http.server.BaseHTTPRequestHandler):
         pass
 
 
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), IdService)
+srv = httpserver.ThreadingHTTPServer(("127.0.0.1", 0), IdService)
 tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 tls.load_cert_chain(f"{D}/id.pem", f"{D}/id.key")
 srv.socket = tls.wrap_socket(srv.socket, server_side=True)
@@ -130,7 +147,7 @@ JWKS_URL = f"https://127.0.0.1:{srv.server_address[1]}/jwks.json"
 
 # A listener that counts connections: a `jku` pointing here must never be followed.
 jku_hits = []
-jku_srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), IdService)
+jku_srv = httpserver.ThreadingHTTPServer(("127.0.0.1", 0), IdService)
 jku_srv.RequestHandlerClass = type("Jku", (IdService,), {"do_GET": lambda self: jku_hits.append(1)})
 threading.Thread(target=jku_srv.serve_forever, daemon=True).start()
 JKU = f"http://127.0.0.1:{jku_srv.server_address[1]}/evil.json"
@@ -182,7 +199,7 @@ try:
     refused = {
         "expired": token("rsa1", "RS256", claims={"exp": int(time.time()) - 120}),
         "another key": token("rsa1", "RS256", key=ROGUE),
-        "HS256 signed with the public key": token(None, "HS256", key=pem_public(KEYS["rsa1"]).decode()),
+        "HS256 signed with the public key": hs256_by_hand(pem_public(KEYS["rsa1"]), "rsa1"),
         "alg none": jwt.encode({"sub": str(uuid.uuid4()), "acc": str(uuid.uuid4()), "exp": int(time.time()) + 60,
                                 "iss": ISS, "aud": AUD}, None, algorithm="none", headers={"kid": "rsa1"}),
         "no issuer": token("rsa1", "RS256", drop=("iss",)),
@@ -246,6 +263,7 @@ finally:
 # A JWKS URL that is down at start: the router starts, says so, retries, refuses tokens.
 dead_port = srv.server_address[1] + 0
 srv.shutdown()
+srv.server_close()
 proc, WS, API = start_router(ROUTER, "--auth-jwks", f"https://127.0.0.1:{dead_port}/jwks.json",
                              "--auth-jwks-ca", f"{D}/ca.pem")
 try:

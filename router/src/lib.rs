@@ -267,7 +267,9 @@ fn verifier(config: &ServeConfig, secret: &config::TokenSecret) -> anyhow::Resul
         v = v.with_jwks(jwks);
     }
     if !v.accepts_tokens() {
-        tracing::info!("no token secret or key: devices authenticate by certificate or NervesHub key only");
+        tracing::info!(
+            "no token secret or key: devices authenticate by certificate or NervesHub key only"
+        );
     }
     Ok(v)
 }
@@ -372,7 +374,14 @@ fn new_shared(
             )?),
             None => None,
         },
-        nerves_extensions: config.nerves_extensions.clone().into(),
+        // The flag's empty default parses as one empty name: no extension at all.
+        nerves_extensions: config
+            .nerves_extensions
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect(),
         cluster,
         config,
     })

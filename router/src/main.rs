@@ -152,7 +152,9 @@ fn reload(shared: &router::Shared) {
         any = true;
         match n.reload() {
             Ok(keys) => tracing::info!(keys, "SIGHUP: --nerves-keys read again"),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: --nerves-keys not reloaded; the keys in use stay"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: --nerves-keys not reloaded; the keys in use stay")
+            }
         }
     }
     match shared.verifier.reload_jwks_file() {

@@ -380,3 +380,48 @@ async fn phoenix_v1_and_refusals() {
         10.0
     );
 }
+
+/// `--nerves-extensions` left at its empty default offers no extension (the empty value
+/// once parsed as one extension with an empty name, and devices of API 2.2.0 and later
+/// were pushed `extensions:get`).
+#[test]
+fn no_nerves_extensions_by_default() {
+    use clap::Parser;
+    use router::config::{Cli, Command};
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "router",
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(c) => *c,
+            _ => unreachable!(),
+        }
+    };
+    for (extra, want) in [
+        (&[][..], Vec::<&str>::new()),
+        (&["--nerves-extensions", ""][..], vec![]),
+        (
+            &["--nerves-extensions", "health,,geo"][..],
+            vec!["health", "geo"],
+        ),
+    ] {
+        let h = router::start(parse(extra)).unwrap();
+        let got: Vec<&str> = h
+            .shared
+            .nerves_extensions
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(got, want, "{extra:?}");
+        h.shutdown();
+    }
+}

@@ -40,7 +40,9 @@ impl Source {
             Ok(Source::Url(s.to_string()))
         } else if s.starts_with("http://") {
             // Keys fetched in the clear can be swapped by anyone on the path.
-            anyhow::bail!("--auth-jwks {s}: an URL must be https:// (a private CA goes in --auth-jwks-ca)")
+            anyhow::bail!(
+                "--auth-jwks {s}: an URL must be https:// (a private CA goes in --auth-jwks-ca)"
+            )
         } else {
             Ok(Source::File(PathBuf::from(s)))
         }
@@ -92,9 +94,7 @@ impl Jwks {
         }
         let n = set.len();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-        self.metrics
-            .loaded_at_ms
-            .store(crate::unix_ms(), Relaxed);
+        self.metrics.loaded_at_ms.store(crate::unix_ms(), Relaxed);
         self.metrics.fetches_ok.fetch_add(1, Relaxed);
         self.version.send_modify(|v| *v += 1);
         Ok(n)
@@ -225,7 +225,9 @@ async fn fetch(client: &reqwest::Client, url: &str) -> anyhow::Result<(Vec<u8>, 
         .get(reqwest::header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .and_then(max_age);
-    if r.content_length().is_some_and(|n| n as usize > MAX_DOCUMENT) {
+    if r.content_length()
+        .is_some_and(|n| n as usize > MAX_DOCUMENT)
+    {
         anyhow::bail!("document over {MAX_DOCUMENT} bytes");
     }
     let body = r.bytes().await?;
@@ -243,7 +245,12 @@ pub(crate) fn max_age(v: &str) -> Option<Duration> {
         }
         if let Some((k, n)) = d.split_once('=') {
             if k.trim().eq_ignore_ascii_case("max-age") {
-                return n.trim().trim_matches('"').parse().ok().map(Duration::from_secs);
+                return n
+                    .trim()
+                    .trim_matches('"')
+                    .parse()
+                    .ok()
+                    .map(Duration::from_secs);
             }
         }
     }
@@ -256,7 +263,10 @@ mod tests {
 
     #[test]
     fn cache_control_max_age() {
-        assert_eq!(max_age("public, max-age=600"), Some(Duration::from_secs(600)));
+        assert_eq!(
+            max_age("public, max-age=600"),
+            Some(Duration::from_secs(600))
+        );
         assert_eq!(max_age("MAX-AGE=\"30\""), Some(Duration::from_secs(30)));
         assert_eq!(max_age("no-store"), Some(Duration::ZERO));
         assert_eq!(max_age("private"), None);

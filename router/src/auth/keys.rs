@@ -164,9 +164,7 @@ fn pem_block(pem: &[u8]) -> Result<(String, Vec<u8>), String> {
     let label = rest[..end_label].to_string();
     let body_start = end_label + 5;
     let footer = format!("-----END {label}-----");
-    let body_end = rest
-        .find(&footer)
-        .ok_or_else(|| format!("no `{footer}`"))?;
+    let body_end = rest.find(&footer).ok_or_else(|| format!("no `{footer}`"))?;
     let b64: String = rest[body_start..body_end]
         .chars()
         .filter(|c| !c.is_whitespace())
@@ -218,7 +216,10 @@ fn from_jwk(v: serde_json::Value) -> Result<PublicKey, String> {
     };
     let only = match jwk.common.key_algorithm {
         None => None,
-        Some(a) => Some(signing_algorithm(a).ok_or_else(|| format!("`alg` {a:?} is not a signature algorithm"))?),
+        Some(a) => Some(
+            signing_algorithm(a)
+                .ok_or_else(|| format!("`alg` {a:?} is not a signature algorithm"))?,
+        ),
     };
     if let Some(a) = only {
         if !family.algorithms().contains(&a) {
@@ -293,7 +294,11 @@ mod tests {
             let k = from_pem(kp.public_key_pem().as_bytes(), Some("k".into())).unwrap();
             assert_eq!(k.family, family);
         }
-        assert!(from_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", None).is_err());
+        assert!(from_pem(
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            None
+        )
+        .is_err());
         assert!(from_pem(b"nothing", None).is_err());
     }
 }
