@@ -60,6 +60,8 @@ pub struct Shared {
     pub nerves: Option<nerves_auth::NervesAuth>,
     /// --nerves-extensions, shared by every Phoenix connection.
     pub nerves_extensions: Arc<[String]>,
+    /// Device connections not yet authenticated: their budget (--max-unauthenticated).
+    pub(crate) unauthenticated: Arc<listener::budget::Unauthenticated>,
 }
 
 impl Shared {
@@ -276,6 +278,11 @@ fn new_shared(
             None => None,
         },
         nerves_extensions: config.nerves_extensions.clone().into(),
+        unauthenticated: listener::budget::Unauthenticated::new(
+            config.max_unauthenticated,
+            config.max_unauthenticated_per_ip,
+            config.max_connections,
+        ),
         cluster: config
             .amqp
             .is_some()

@@ -38,6 +38,9 @@ pub(crate) struct ShardMetrics {
     pub(crate) proxy_refused: AtomicU64,
     pub(crate) refused_max_connections: AtomicU64,
     pub(crate) refused_draining: AtomicU64,
+    /// Refused for --max-unauthenticated / --max-unauthenticated-per-ip.
+    pub(crate) refused_unauthenticated: AtomicU64,
+    pub(crate) refused_unauthenticated_ip: AtomicU64,
     auth_failures: [AtomicU64; AuthError::ALL.len()],
     pub(crate) protocol_errors: [AtomicU64; 5],
     phoenix_errors: [AtomicU64; crate::protocol::phoenix::ERROR_CODES.len()],
@@ -494,6 +497,11 @@ impl Metrics {
                 ("ip_rate", self.sum(|s| &s.refused_ip_rate)),
                 ("max_connections", self.sum(|s| &s.refused_max_connections)),
                 ("draining", self.sum(|s| &s.refused_draining)),
+                ("unauthenticated", self.sum(|s| &s.refused_unauthenticated)),
+                (
+                    "unauthenticated_ip",
+                    self.sum(|s| &s.refused_unauthenticated_ip),
+                ),
             ],
         );
     }

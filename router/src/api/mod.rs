@@ -621,6 +621,12 @@ async fn metrics(State(st): State<ApiState>) -> Response {
             "# HELP {name} Bytes of device events held for /v1/events subscribers (bounded).\n# TYPE {name} gauge\n{name} {}",
             st.sink.buffered_bytes()
         );
+        let name = "router_unauthenticated_connections";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Device connections not yet authenticated, within --max-unauthenticated.\n# TYPE {name} gauge\n{name} {}",
+            st.shared.unauthenticated.held()
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
