@@ -395,12 +395,24 @@ impl ApiPart {
                 return ApiThreads(after);
             }
         };
-        let mut stop = sh.shutdown.subscribe();
         let mut hard = sh.shutdown.subscribe();
-        let app = api::router(api::ApiState { shared: sh, sink });
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
+        let allowed = match listener.local_addr() {
+            Ok(addr) => api::guard::Allowed::new(
+                addr,
+                &sh.config.api_allowed_origins,
+                &sh.config.api_allowed_hosts,
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "API listener has no address");
+                return ApiThreads(after);
+            }
+        };
+        let app = api::router(api::ApiState {
+            shared: sh.clone(),
+            sink,
+            allowed: Arc::new(allowed),
         });
+        let serve = api::serve::serve(listener, app, sh);
         tokio::select! {
             _ = serve => {}
             _ = async move {
