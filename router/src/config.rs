@@ -332,7 +332,7 @@ pub struct ServeConfig {
     /// --proxy-protocol, the header's address); beyond it new ones that are not
     /// authenticated at accept are refused with HTTP 429. 0 = no limit (behind a
     /// balancer that sends no PROXY header, every device has its address).
-    #[arg(long, env = "ROUTER_MAX_UNAUTHENTICATED_PER_IP", default_value_t = 256)]
+    #[arg(long, env = "ROUTER_MAX_UNAUTHENTICATED_PER_IP", default_value_t = 512)]
     pub max_unauthenticated_per_ip: u32,
 
     /// Pings a device may send before it is authenticated (each answered); one more
@@ -463,7 +463,7 @@ impl ServeConfig {
             backend_token: None,
             backend_ca: None,
             max_unauthenticated: 2000,
-            max_unauthenticated_per_ip: 256,
+            max_unauthenticated_per_ip: 512,
             max_unauthenticated_pings: 5,
             max_pending: 256,
             api_max_connections: 1024,

@@ -32,6 +32,8 @@ struct Handshake {
     /// Over the budget of unauthenticated connections: refused unless the upgrade
     /// request carries the credentials.
     over: bool,
+    /// Refused with an HTTP answer already (lingering when the deadline came).
+    answered: bool,
 }
 
 /// How a handshake ended.
@@ -191,11 +193,13 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
         protocol: None,
         preface: Vec::new(),
         over,
+        answered: false,
     };
     let outcome = match tokio::time::timeout_at(deadline, handshake(door, s, &mut hs, cert_ident))
         .await
     {
         Ok(o) => o,
+        Err(_) if hs.answered => HandshakeEnd::Gone,
         Err(_) if hs.upgraded => HandshakeEnd::Refused(CloseCode::AuthTimeout, AuthError::Timeout),
         Err(_) if over => {
             let why = Refusal::Unauthenticated;
@@ -294,12 +298,12 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     cert_ident: Option<Identity>,
 ) -> HandshakeEnd {
     // 1. The HTTP upgrade request.
-    let Some(up) = read_upgrade(door, stream, &mut hs.buf).await else {
+    let Some(up) = read_upgrade(door, stream, &mut hs.buf, &mut hs.answered).await else {
         return HandshakeEnd::Gone;
     };
     let cert_ident = match cert_ident {
         Some(ident) => Some(ident),
-        None => match nerves_identity(door, stream, &up).await {
+        None => match nerves_identity(door, stream, &up, &mut hs.answered).await {
             Ok(ident) => ident,
             Err(()) => return HandshakeEnd::Gone,
         },
@@ -350,10 +354,13 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 async fn refuse_undecided<S: AsyncRead + AsyncWrite + Unpin>(
     door: &Door,
     stream: &mut S,
-    hs: &Handshake,
+    hs: &mut Handshake,
     protocol: Protocol,
 ) -> Option<HandshakeEnd> {
     let m = door.metrics();
+    if matches!(protocol, Protocol::Phoenix(_)) || hs.over {
+        hs.answered = true;
+    }
     if matches!(protocol, Protocol::Phoenix(_)) {
         m.auth_failure(AuthError::Missing);
         m.handshake_failures.fetch_add(1, Relaxed);
@@ -377,6 +384,7 @@ async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     door: &Door,
     stream: &mut S,
     buf: &mut Vec<u8>,
+    answered: &mut bool,
 ) -> Option<upgrade::Upgrade> {
     let m = door.metrics();
     loop {
@@ -388,6 +396,7 @@ async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
                     "431 Request Header Fields Too Large",
                     "upgrade request over 8 KiB",
                 );
+                *answered = true;
                 http_error(stream, status, message).await;
                 return None;
             }
@@ -400,6 +409,7 @@ async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             },
             Err((status, message)) => {
                 m.handshake_failures.fetch_add(1, Relaxed);
+                *answered = true;
                 http_error(stream, status, &message).await;
                 return None;
             }
@@ -413,6 +423,7 @@ async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
     door: &Door,
     stream: &mut S,
     up: &upgrade::Upgrade,
+    answered: &mut bool,
 ) -> Result<Option<Identity>, ()> {
     let (Some(h), Protocol::Phoenix(_)) = (&up.nerves, up.protocol) else {
         return Ok(None);
@@ -434,6 +445,7 @@ async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => format!("shared-secret authentication failed: {why}"),
     };
+    *answered = true;
     http_error(stream, "401 Unauthorized", &msg).await;
     Err(())
 }
