@@ -385,6 +385,55 @@ pub struct ServeConfig {
     /// Sent to the backend as `Authorization: Bearer T`. Never logged.
     #[arg(long, env = "ROUTER_BACKEND_TOKEN", hide_env_values = true)]
     pub backend_token: Option<String>,
+
+    // --- Budgets of what an unauthenticated peer or an API client may hold ---
+    /// Device connections this process holds unauthenticated at once (upgrading, or
+    /// upgraded and waiting for a `Bearer` frame); at most half of --max-connections
+    /// counts, so authenticated devices always have the other half. Beyond it a new
+    /// connection that does not bring its credentials on the upgrade request within 1 s
+    /// is refused with HTTP 503. Connections whose upgrade request carries them are
+    /// authenticated at once and never count.
+    #[arg(long, env = "ROUTER_MAX_UNAUTHENTICATED", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unauthenticated: u32,
+
+    /// Unauthenticated device connections one source IP may hold at once (with
+    /// --proxy-protocol, the header's address); beyond it new ones that are not
+    /// authenticated at accept are refused with HTTP 429. 0 = no limit (behind a
+    /// balancer that sends no PROXY header, every device has its address).
+    #[arg(long, env = "ROUTER_MAX_UNAUTHENTICATED_PER_IP", default_value_t = 512)]
+    pub max_unauthenticated_per_ip: u32,
+
+    /// Pings a device may send before it is authenticated (each answered); one more
+    /// closes it with 1008.
+    #[arg(long, env = "ROUTER_MAX_UNAUTHENTICATED_PINGS", default_value_t = 5)]
+    pub max_unauthenticated_pings: u32,
+
+    /// Requests waiting for one device's ack or response at once; beyond it the API
+    /// answers 429 `too-many-pending`.
+    #[arg(long, env = "ROUTER_MAX_PENDING", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending: u32,
+
+    /// Open connections the HTTP API serves at once; beyond it a new one is answered
+    /// 503 and closed. Every API connection must send its request headers within 10 s.
+    #[arg(long, env = "ROUTER_API_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub api_max_connections: u32,
+
+    /// Open `/v1/events` streams at once; beyond it a new subscriber gets 503.
+    #[arg(long, env = "ROUTER_MAX_SSE_SUBSCRIBERS", default_value_t = 64)]
+    pub max_sse_subscribers: u32,
+
+    /// Origins (`https://console.example.com`, comma-separated) whose browser pages may
+    /// call the API. A request with any other `Origin` header is refused with 403
+    /// (the API's own address, `localhost` and loopback addresses on its port are
+    /// always allowed); requests without one (curl, backends) are not affected.
+    #[arg(long, env = "ROUTER_API_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub api_allowed_origins: Vec<String>,
+
+    /// Host names (comma-separated, `name` or `name:port`) the API answers to besides IP
+    /// addresses and `localhost`: a request whose `Host` is another name is refused
+    /// with 403 (DNS rebinding).
+    #[arg(long, env = "ROUTER_API_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub api_allowed_hosts: Vec<String>,
 }
 
 impl ServeConfig {
@@ -526,6 +575,14 @@ impl ServeConfig {
             backend_timeout_ms: 5000,
             backend_token: None,
             backend_ca: None,
+            max_unauthenticated: 2000,
+            max_unauthenticated_per_ip: 512,
+            max_unauthenticated_pings: 5,
+            max_pending: 256,
+            api_max_connections: 1024,
+            max_sse_subscribers: 64,
+            api_allowed_origins: Vec::new(),
+            api_allowed_hosts: Vec::new(),
         }
     }
 }

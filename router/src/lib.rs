@@ -60,6 +60,8 @@ pub struct Shared {
     pub nerves: Option<nerves_auth::NervesAuth>,
     /// --nerves-extensions, shared by every Phoenix connection.
     pub nerves_extensions: Arc<[String]>,
+    /// Device connections not yet authenticated: their budget (--max-unauthenticated).
+    pub(crate) unauthenticated: Arc<listener::budget::Unauthenticated>,
 }
 
 impl Shared {
@@ -382,6 +384,11 @@ fn new_shared(
             .filter(|e| !e.is_empty())
             .map(String::from)
             .collect(),
+        unauthenticated: listener::budget::Unauthenticated::new(
+            config.max_unauthenticated,
+            config.max_unauthenticated_per_ip,
+            config.max_connections,
+        ),
         cluster,
         config,
     })
@@ -491,12 +498,24 @@ impl ApiPart {
                 return ApiThreads(after);
             }
         };
-        let mut stop = sh.shutdown.subscribe();
         let mut hard = sh.shutdown.subscribe();
-        let app = api::router(api::ApiState { shared: sh, sink });
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
+        let allowed = match listener.local_addr() {
+            Ok(addr) => api::guard::Allowed::new(
+                addr,
+                &sh.config.api_allowed_origins,
+                &sh.config.api_allowed_hosts,
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "API listener has no address");
+                return ApiThreads(after);
+            }
+        };
+        let app = api::router(api::ApiState {
+            shared: sh.clone(),
+            sink,
+            allowed: Arc::new(allowed),
         });
+        let serve = api::serve::serve(listener, app, sh);
         tokio::select! {
             _ = serve => {}
             _ = async move {

@@ -38,6 +38,9 @@ pub(crate) struct ShardMetrics {
     pub(crate) proxy_refused: AtomicU64,
     pub(crate) refused_max_connections: AtomicU64,
     pub(crate) refused_draining: AtomicU64,
+    /// Refused for --max-unauthenticated / --max-unauthenticated-per-ip.
+    pub(crate) refused_unauthenticated: AtomicU64,
+    pub(crate) refused_unauthenticated_ip: AtomicU64,
     auth_failures: [AtomicU64; AuthError::ALL.len()],
     pub(crate) protocol_errors: [AtomicU64; 5],
     phoenix_errors: [AtomicU64; crate::protocol::phoenix::ERROR_CODES.len()],
@@ -145,6 +148,15 @@ pub(crate) struct ApiMetrics {
     pub(crate) bus_events: AtomicU64,
     pub(crate) sse_subscribers: AtomicI64,
     pub(crate) sse_lagged: AtomicU64,
+    /// Requests refused (429) for --max-pending.
+    pub(crate) requests_pending_refused: AtomicU64,
+    /// API connections or calls refused, by reason (router_api_refused_total).
+    pub(crate) refused_connections: AtomicU64,
+    pub(crate) header_timeouts: AtomicU64,
+    pub(crate) refused_origin: AtomicU64,
+    pub(crate) refused_host: AtomicU64,
+    pub(crate) refused_media_type: AtomicU64,
+    pub(crate) refused_sse: AtomicU64,
     pub(crate) ack_latency: Histogram,
     pub(crate) response_latency: Histogram,
 }
@@ -386,7 +398,7 @@ impl Metrics {
     /// The HTTP API: requests and events to devices, refusals, SSE subscribers.
     fn render_api(&self, o: &mut String) {
         let api = &self.api;
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             (
                 "router_requests_sent_total",
                 "Requests from the API delivered to a device.",
@@ -416,6 +428,11 @@ impl Metrics {
                 "router_requests_rejected_total",
                 "Requests refused because the device's outbound queue was full (HTTP 503).",
                 &api.requests_rejected,
+            ),
+            (
+                "router_requests_pending_refused_total",
+                "Requests refused (HTTP 429) because the device had --max-pending requests waiting already.",
+                &api.requests_pending_refused,
             ),
             (
                 "router_api_events_sent_total",
@@ -457,6 +474,21 @@ impl Metrics {
             "Open /v1/events streams.",
             api.sse_subscribers.load(Relaxed),
         );
+        counter_by(
+            o,
+            "router_api_refused_total",
+            "API connections and calls refused, by reason: over --api-max-connections (503), request headers not in within 10 s (closed), a foreign Origin or Host (403), a POST body not JSON (415), over --max-sse-subscribers (503).",
+            "reason",
+            [
+                ("connections", &api.refused_connections),
+                ("header_timeout", &api.header_timeouts),
+                ("origin", &api.refused_origin),
+                ("host", &api.refused_host),
+                ("media_type", &api.refused_media_type),
+                ("sse_subscribers", &api.refused_sse),
+            ]
+            .map(|(reason, v)| (reason, v.load(Relaxed))),
+        );
     }
 
     /// Events dropped, and connections or messages refused (with the open-socket gauge
@@ -497,6 +529,11 @@ impl Metrics {
                 ("ip_rate", self.sum(|s| &s.refused_ip_rate)),
                 ("max_connections", self.sum(|s| &s.refused_max_connections)),
                 ("draining", self.sum(|s| &s.refused_draining)),
+                ("unauthenticated", self.sum(|s| &s.refused_unauthenticated)),
+                (
+                    "unauthenticated_ip",
+                    self.sum(|s| &s.refused_unauthenticated_ip),
+                ),
             ],
         );
     }

@@ -362,6 +362,7 @@ async fn offline_bad_input_and_timeout() {
     let resp = r
         .http
         .post(format!("{}/v1/devices/not-a-uuid/requests", r.api))
+        .header("content-type", "application/json")
         .body("{}")
         .send()
         .await
@@ -374,6 +375,7 @@ async fn offline_bad_input_and_timeout() {
     let resp = r
         .http
         .post(format!("{}/v1/devices/{}/requests", r.api, Uuid::new_v4()))
+        .header("content-type", "application/json")
         .body("{oops")
         .send()
         .await
@@ -383,6 +385,7 @@ async fn offline_bad_input_and_timeout() {
     let resp = r
         .http
         .post(format!("{}/v1/devices/{}/events", r.api, Uuid::new_v4()))
+        .header("content-type", "application/json")
         .body("{}")
         .send()
         .await

@@ -279,7 +279,7 @@ async fn a_subscriber_that_never_reads_is_bounded_in_bytes() {
     // Subscribe and never read the body.
     let addr = r.api.trim_start_matches("http://").to_string();
     let mut sub = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    sub.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    sub.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -501,7 +501,7 @@ async fn api_errors_are_json_and_bodies_have_a_deadline() {
     let addr = r.api.trim_start_matches("http://").to_string();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     s.write_all(
-        format!("POST /v1/devices/{d}/requests HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{").as_bytes(),
+        format!("POST /v1/devices/{d}/requests HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{").as_bytes(),
     )
     .await
     .unwrap();

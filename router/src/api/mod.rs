@@ -26,10 +26,17 @@ use crate::metrics::ApiMetrics;
 use crate::shard::{Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
 use crate::Shared;
 
+pub(crate) mod guard;
+pub(crate) mod serve;
+
+pub use serve::HEADER_TIMEOUT;
+
 #[derive(Clone)]
 pub(crate) struct ApiState {
     pub(crate) shared: Arc<Shared>,
     pub(crate) sink: Arc<crate::bus::sse::SseHub>,
+    /// Origins and hosts the API answers (see [`guard`]).
+    pub(crate) allowed: Arc<guard::Allowed>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -45,9 +52,17 @@ pub(crate) fn router(state: ApiState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint")
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::json_bodies,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn_with_state(state.clone(), json_errors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::browsers,
+        ))
         .with_state(state)
 }
 
@@ -525,6 +540,16 @@ fn request_answer(
             api.requests_offline.fetch_add(1, Relaxed);
             Err(ApiError::offline(device))
         }
+        Some(RequestReply::TooManyPending(max)) => {
+            api.requests_pending_refused.fetch_add(1, Relaxed);
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-pending",
+                format!(
+                    "device {device} has {max} requests waiting for its answer already (--max-pending); retry later"
+                ),
+            ))
+        }
         Some(RequestReply::Full) => {
             api.requests_rejected.fetch_add(1, Relaxed);
             Err(ApiError::new(
@@ -571,9 +596,20 @@ fn request_answer(
     }
 }
 
-async fn events(State(st): State<ApiState>) -> impl IntoResponse {
+async fn events(State(st): State<ApiState>) -> Response {
     let shared = st.shared.clone();
-    shared.metrics.api.sse_subscribers.fetch_add(1, Relaxed);
+    let max = i64::from(shared.config.max_sse_subscribers);
+    let api = &shared.metrics.api;
+    if api.sse_subscribers.fetch_add(1, Relaxed) >= max {
+        api.sse_subscribers.fetch_sub(1, Relaxed);
+        api.refused_sse.fetch_add(1, Relaxed);
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too-many-subscribers",
+            format!("{max} /v1/events streams are open already (--max-sse-subscribers)"),
+        )
+        .into_response();
+    }
     let guard = SubscriberGuard(shared.clone());
     let mut stop = shared.shutdown.subscribe();
     // Read from the ring only as fast as the client takes the events (the response
@@ -598,7 +634,9 @@ async fn events(State(st): State<ApiState>) -> impl IntoResponse {
     let stream = futures_util::StreamExt::take_until(stream, async move {
         let _ = stop.wait_for(|s| *s).await;
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 struct SubscriberGuard(Arc<Shared>);
@@ -621,6 +659,12 @@ async fn metrics(State(st): State<ApiState>) -> Response {
             text,
             "# HELP {name} Bytes of device events held for /v1/events subscribers (bounded).\n# TYPE {name} gauge\n{name} {}",
             st.sink.buffered_bytes()
+        );
+        let name = "router_unauthenticated_connections";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Device connections not yet authenticated, within --max-unauthenticated.\n# TYPE {name} gauge\n{name} {}",
+            st.shared.unauthenticated.held()
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

@@ -265,10 +265,9 @@ impl Verifier {
             "Public keys device tokens may be signed with (--auth-public-key files and the JWKS).",
             self.pem.len() + self.jwks.as_ref().map_or(0, |j| j.keys().len()),
         );
-        let Some(j) = &self.jwks else {
-            return;
-        };
-        let m = &j.metrics;
+        // Rendered without a JWKS too (zeros, age -1), so dashboards need no special case.
+        let none = jwks::JwksMetrics::default();
+        let m = self.jwks.as_ref().map_or(&none, |j| &j.metrics);
         counter(
             o,
             "router_auth_jwks_loads_total",
@@ -290,8 +289,11 @@ impl Verifier {
         gauge(
             o,
             "router_auth_jwks_age_seconds",
-            "Seconds since the JWKS in use was loaded (-1: never loaded).",
-            j.age_secs().unwrap_or(-1.0),
+            "Seconds since the JWKS in use was loaded (-1: never loaded, or no JWKS).",
+            self.jwks
+                .as_ref()
+                .and_then(|j| j.age_secs())
+                .unwrap_or(-1.0),
         );
     }
 

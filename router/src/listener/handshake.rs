@@ -12,12 +12,14 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::budget::{Place, OVER_BUDGET_GRACE};
 use super::upgrade::{self, parse_upgrade, switching_protocols};
 use super::{hand_over, proxy, refuse, OpenConnection, LINGER, MAX_AUTH_ATTEMPTS, MAX_REQUEST};
 use crate::auth::{AuthError, Identity};
 use crate::metrics::GaugeHold;
 use crate::protocol::hivekit;
 use crate::protocol::ws::{self, CloseCode, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
+use crate::shard::admission::Refusal;
 use crate::shard::{Adopt, Door, Protocol};
 
 /// Where a connection is in its short life before authentication.
@@ -27,6 +29,11 @@ struct Handshake {
     protocol: Option<Protocol>,
     /// The 101 response, when it waits to go out with what follows it.
     preface: Vec<u8>,
+    /// Over the budget of unauthenticated connections: refused unless the upgrade
+    /// request carries the credentials.
+    over: bool,
+    /// Refused with an HTTP answer already (lingering when the deadline came).
+    answered: bool,
 }
 
 /// How a handshake ended.
@@ -64,13 +71,17 @@ pub(super) async fn handle_proxied(
             return;
         }
     };
-    if let Err(why) = door.admit_ip(peer.ip()) {
-        // Not counted while the refusal lingers (as a connection refused at accept).
-        drop(open);
-        refuse(stream, why.status(), why.message()).await;
-        return;
+    let place = door
+        .admit_ip(peer.ip())
+        .and_then(|()| door.unauthenticated(peer.ip()));
+    match place {
+        Ok(place) => handle_new(door, stream, peer, Vec::new(), (open, place)).await,
+        Err(why) => {
+            // Not counted while the refusal lingers (as a connection refused at accept).
+            drop(open);
+            refuse(stream, why.status(), why.message()).await;
+        }
     }
-    handle_new(door, stream, peer, Vec::new(), open).await;
 }
 
 pub(super) async fn handle_new(
@@ -78,16 +89,21 @@ pub(super) async fn handle_new(
     stream: TcpStream,
     peer: SocketAddr,
     first: Vec<u8>,
-    open: OpenConnection,
+    (open, place): (OpenConnection, Place),
 ) {
     let m = door.metrics();
     let handshaking = GaugeHold::new(&m.handshakes);
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(door.shared.config.auth_timeout);
+    let now = tokio::time::Instant::now();
+    let mut deadline = now + Duration::from_secs(door.shared.config.auth_timeout);
+    let over = place.over();
+    if over {
+        // Over the process's budget: credentials on the upgrade request, or go.
+        deadline = deadline.min(now + OVER_BUDGET_GRACE);
+    }
     let done = match door.shared.tls.clone() {
         None => {
             let mut s = stream;
-            upgrade_and_auth(&door, &mut s, None, deadline, first)
+            upgrade_and_auth(&door, &mut s, None, deadline, first, over)
                 .await
                 .map(|auth| (s, None, auth))
         }
@@ -101,7 +117,9 @@ pub(super) async fn handle_new(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| crate::tls::identity_from_cert(c, field));
-                match upgrade_and_auth(&door, &mut tls, cert_ident, deadline, Vec::new()).await {
+                match upgrade_and_auth(&door, &mut tls, cert_ident, deadline, Vec::new(), over)
+                    .await
+                {
                     Some(auth) => {
                         let (tcp, conn) = tls.into_inner();
                         Some((tcp, Some(Box::new(conn)), auth))
@@ -115,6 +133,10 @@ pub(super) async fn handle_new(
                 m.handshake_failures.fetch_add(1, Relaxed);
                 None
             }
+            Err(_) if over => {
+                door.refused(Refusal::Unauthenticated);
+                None
+            }
             Err(_) => {
                 m.auth_failure(AuthError::Timeout);
                 m.handshake_failures.fetch_add(1, Relaxed);
@@ -123,6 +145,7 @@ pub(super) async fn handle_new(
         },
     };
     drop(handshaking);
+    drop(place);
     let Some((stream, tls, (ident, protocol, deflate, leftover, preface))) = done else {
         return;
     };
@@ -161,6 +184,7 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
     cert_ident: Option<Identity>,
     deadline: tokio::time::Instant,
     first: Vec<u8>,
+    over: bool,
 ) -> Option<(Identity, Protocol, bool, Vec<u8>, Vec<u8>)> {
     let m = door.metrics();
     let mut hs = Handshake {
@@ -168,12 +192,21 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
         upgraded: false,
         protocol: None,
         preface: Vec::new(),
+        over,
+        answered: false,
     };
     let outcome = match tokio::time::timeout_at(deadline, handshake(door, s, &mut hs, cert_ident))
         .await
     {
         Ok(o) => o,
+        Err(_) if hs.answered => HandshakeEnd::Gone,
         Err(_) if hs.upgraded => HandshakeEnd::Refused(CloseCode::AuthTimeout, AuthError::Timeout),
+        Err(_) if over => {
+            let why = Refusal::Unauthenticated;
+            door.refused(why);
+            http_error(s, why.status(), why.message()).await;
+            HandshakeEnd::Gone
+        }
         Err(_) => {
             m.auth_failure(AuthError::Timeout);
             m.handshake_failures.fetch_add(1, Relaxed);
@@ -265,17 +298,22 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     cert_ident: Option<Identity>,
 ) -> HandshakeEnd {
     // 1. The HTTP upgrade request.
-    let Some(up) = read_upgrade(door, stream, &mut hs.buf).await else {
+    let Some(up) = read_upgrade(door, stream, &mut hs.buf, &mut hs.answered).await else {
         return HandshakeEnd::Gone;
     };
     let cert_ident = match cert_ident {
         Some(ident) => Some(ident),
-        None => match nerves_identity(door, stream, &up).await {
+        None => match nerves_identity(door, stream, &up, &mut hs.answered).await {
             Ok(ident) => ident,
             Err(()) => return HandshakeEnd::Gone,
         },
     };
     let decided = cert_ident.is_some() || up.token.is_some();
+    if !decided {
+        if let Some(end) = refuse_undecided(door, stream, hs, up.protocol).await {
+            return end;
+        }
+    }
     // permessage-deflate only where authentication is decided by the upgrade request:
     // a first-frame `Bearer` is read by the listener, which does not inflate.
     let deflate = up.deflate && door.shared.config.permessage_deflate && decided;
@@ -299,10 +337,6 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(ident) => ident,
             Err(e) => return HandshakeEnd::Refused(CloseCode::Unauthorized, e),
         },
-        // Phoenix sockets authenticate with connect params only.
-        (None, None) if matches!(up.protocol, Protocol::Phoenix(_)) => {
-            return HandshakeEnd::Refused(CloseCode::Unauthorized, AuthError::Missing)
-        }
         (None, None) => return bearer_frame(door, stream, hs, up.protocol).await,
     };
     HandshakeEnd::Authenticated {
@@ -314,12 +348,43 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// An upgrade request without credentials, refused before the upgrade (Some, answered):
+/// a Phoenix socket (it authenticates with connect params only: 401), or a connection
+/// over the budget of unauthenticated connections (503).
+async fn refuse_undecided<S: AsyncRead + AsyncWrite + Unpin>(
+    door: &Door,
+    stream: &mut S,
+    hs: &mut Handshake,
+    protocol: Protocol,
+) -> Option<HandshakeEnd> {
+    let m = door.metrics();
+    if matches!(protocol, Protocol::Phoenix(_)) || hs.over {
+        hs.answered = true;
+    }
+    if matches!(protocol, Protocol::Phoenix(_)) {
+        m.auth_failure(AuthError::Missing);
+        m.handshake_failures.fetch_add(1, Relaxed);
+        let message = "Phoenix sockets authenticate on the upgrade request: a token \
+                       (?token=T), a client certificate or NervesHub shared-secret headers";
+        http_error(stream, "401 Unauthorized", message).await;
+        return Some(HandshakeEnd::Gone);
+    }
+    if hs.over {
+        let why = Refusal::Unauthenticated;
+        door.refused(why);
+        http_error(stream, why.status(), why.message()).await;
+        return Some(HandshakeEnd::Gone);
+    }
+    None
+}
+
 /// Read until the HTTP upgrade request is whole (at most [`MAX_REQUEST`]); None once
 /// the connection is answered (431, 400...) or gone. Counted as a handshake failure.
 async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     door: &Door,
     stream: &mut S,
     buf: &mut Vec<u8>,
+    answered: &mut bool,
 ) -> Option<upgrade::Upgrade> {
     let m = door.metrics();
     loop {
@@ -331,6 +396,7 @@ async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
                     "431 Request Header Fields Too Large",
                     "upgrade request over 8 KiB",
                 );
+                *answered = true;
                 http_error(stream, status, message).await;
                 return None;
             }
@@ -343,6 +409,7 @@ async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             },
             Err((status, message)) => {
                 m.handshake_failures.fetch_add(1, Relaxed);
+                *answered = true;
                 http_error(stream, status, &message).await;
                 return None;
             }
@@ -356,6 +423,7 @@ async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
     door: &Door,
     stream: &mut S,
     up: &upgrade::Upgrade,
+    answered: &mut bool,
 ) -> Result<Option<Identity>, ()> {
     let (Some(h), Protocol::Phoenix(_)) = (&up.nerves, up.protocol) else {
         return Ok(None);
@@ -377,6 +445,7 @@ async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => format!("shared-secret authentication failed: {why}"),
     };
+    *answered = true;
     http_error(stream, "401 Unauthorized", &msg).await;
     Err(())
 }
@@ -395,6 +464,7 @@ async fn bearer_frame<S: AsyncRead + AsyncWrite + Unpin>(
     let m = door.metrics();
     let mut message: Option<Vec<u8>> = None;
     let mut failures = 0u32;
+    let mut pings = 0u32;
     loop {
         let (h, mut frame) = match next_frame(door, stream, &mut hs.buf).await {
             Ok(f) => f,
@@ -404,6 +474,18 @@ async fn bearer_frame<S: AsyncRead + AsyncWrite + Unpin>(
         ws::unmask(payload, h.mask);
         let whole = match h.opcode {
             OP_PING => {
+                pings += 1;
+                if pings > door.shared.config.max_unauthenticated_pings {
+                    // Answered a few times; a device that keeps pinging without
+                    // authenticating is a flood (counted as rate limited).
+                    m.rate_limited.fetch_add(1, Relaxed);
+                    let code = CloseCode::PolicyViolation;
+                    m.close(code);
+                    let close = close_frame(code, "too many pings before authentication");
+                    let _ = write_all(stream, &close).await;
+                    linger(stream).await;
+                    return HandshakeEnd::Gone;
+                }
                 let mut pong = Vec::new();
                 ws::encode_frame(OP_PONG, payload, &mut pong);
                 if write_all(stream, &pong).await.is_err() {

@@ -18,6 +18,7 @@ use crate::Shared;
 use handshake::{close_frame, http_error};
 use upgrade::{parse_upgrade, switching_protocols};
 
+pub(crate) mod budget;
 mod handshake;
 pub mod proxy;
 mod upgrade;
@@ -233,11 +234,28 @@ fn on_accept(door: &Rc<Door>, stream: std::net::TcpStream, peer: SocketAddr) -> 
     } else {
         (stream, Vec::new(), open)
     };
-    match TcpStream::from_std(stream) {
-        Ok(s) => {
-            tokio::task::spawn_local(handshake::handle_new(door.clone(), s, peer, first, open));
+    let s = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register an accepted socket");
+            return None;
         }
-        Err(e) => tracing::warn!(error = %e, "cannot register an accepted socket"),
+    };
+    match door.unauthenticated(peer.ip()) {
+        Ok(place) => {
+            tokio::task::spawn_local(handshake::handle_new(
+                door.clone(),
+                s,
+                peer,
+                first,
+                (open, place),
+            ));
+        }
+        Err(why) => {
+            // Not counted while the refusal lingers (as a connection refused at accept).
+            drop(open);
+            tokio::task::spawn_local(refuse(s, why.status(), why.message()));
+        }
     }
     None
 }

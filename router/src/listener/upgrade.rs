@@ -28,6 +28,15 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
     let consumed = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((
+                "431 Request Header Fields Too Large",
+                format!(
+                    "more than {} header fields in the upgrade request",
+                    headers.len()
+                ),
+            ))
+        }
         Err(e) => return Err(("400 Bad Request", format!("malformed HTTP request: {e}"))),
     };
     if req.method != Some("GET") {

@@ -13,14 +13,20 @@ pub(crate) enum Refusal {
     MaxConnections,
     /// Over `--ip-connect-rate` from this address in the current second.
     IpRate,
+    /// Over `--max-unauthenticated`: no credentials on the upgrade request in time.
+    Unauthenticated,
+    /// This address holds `--max-unauthenticated-per-ip` unauthenticated connections.
+    UnauthenticatedIp,
 }
 
 impl Refusal {
     /// The HTTP status line the client gets.
     pub(crate) fn status(self) -> &'static str {
         match self {
-            Refusal::Draining | Refusal::MaxConnections => "503 Service Unavailable",
-            Refusal::IpRate => "429 Too Many Requests",
+            Refusal::Draining | Refusal::MaxConnections | Refusal::Unauthenticated => {
+                "503 Service Unavailable"
+            }
+            Refusal::IpRate | Refusal::UnauthenticatedIp => "429 Too Many Requests",
         }
     }
 
@@ -30,6 +36,12 @@ impl Refusal {
             Refusal::Draining => "router draining; reconnect elsewhere",
             Refusal::MaxConnections => "connection limit reached; retry later",
             Refusal::IpRate => "too many connections from this address; slow down",
+            Refusal::Unauthenticated => {
+                "too many unauthenticated connections; send the token on the upgrade request or retry later"
+            }
+            Refusal::UnauthenticatedIp => {
+                "too many unauthenticated connections from this address; send the token on the upgrade request or retry later"
+            }
         }
     }
 }

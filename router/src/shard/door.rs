@@ -81,6 +81,25 @@ impl Door {
         self.counted(r)
     }
 
+    /// A place among the process's unauthenticated connections, for a connection from
+    /// `ip` that was not authenticated at accept (refused: that address holds its
+    /// budget already; counted).
+    pub(crate) fn unauthenticated(
+        &self,
+        ip: IpAddr,
+    ) -> Result<crate::listener::budget::Place, Refusal> {
+        self.shared
+            .unauthenticated
+            .take(ip)
+            .inspect_err(|why| self.refused(*why))
+    }
+
+    /// Count a refusal decided elsewhere (a connection over the budget that did not
+    /// authenticate on its upgrade request).
+    pub(crate) fn refused(&self, why: Refusal) {
+        let _ = self.counted(Err(why));
+    }
+
     /// Forget the addresses of past seconds.
     pub(super) fn sweep(&self) {
         let now = self.now_secs();
@@ -94,6 +113,8 @@ impl Door {
                 Refusal::Draining => &m.refused_draining,
                 Refusal::MaxConnections => &m.refused_max_connections,
                 Refusal::IpRate => &m.refused_ip_rate,
+                Refusal::Unauthenticated => &m.refused_unauthenticated,
+                Refusal::UnauthenticatedIp => &m.refused_unauthenticated_ip,
             };
             counter.fetch_add(1, Relaxed);
         }

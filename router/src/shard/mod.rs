@@ -3,7 +3,7 @@
 //! It never blocks and never takes a lock on the message path: other threads reach
 //! it only through its bounded crossbeam inbox.
 
-mod admission;
+pub(crate) mod admission;
 mod batch;
 mod conn;
 mod door;

@@ -83,8 +83,13 @@ pub struct RequestMsg {
 pub(crate) enum RequestReply {
     Offline,
     Full,
+    /// The device has this many requests waiting already (--max-pending).
+    TooManyPending(u32),
     Acked,
-    Responded { ok: bool, result: Option<Vec<u8>> },
+    Responded {
+        ok: bool,
+        result: Option<Vec<u8>>,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -271,6 +271,11 @@ impl Shard {
             let _ = r.reply.send(RequestReply::Offline);
             return;
         };
+        let max = ctx.shared.config.max_pending;
+        if ctx.pending.has_at_least(&r.device, max) {
+            let _ = r.reply.send(RequestReply::TooManyPending(max));
+            return;
+        }
         // A device that cannot take it yet (Phoenix, not joined) gets it when it can.
         if let Some(frame) = conn.encode_request(ctx, r.request, &r.command, &r.payload) {
             // Requests may queue up to twice the event limit (see `Limit::requests`).

@@ -50,6 +50,11 @@ impl Pending {
         self.by_device.contains_key(device)
     }
 
+    /// Does `device` have `n` requests in flight or more? (Walks at most `n` of them.)
+    pub(crate) fn has_at_least(&self, device: &Uuid, n: u32) -> bool {
+        self.chain(*device).take(n as usize).count() >= n as usize
+    }
+
     /// A request sent (or to send when the device can take it). An earlier request with
     /// the same id is dropped: its caller sees the reply channel close.
     pub(crate) fn insert(&mut self, req: RequestMsg) {

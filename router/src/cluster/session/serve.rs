@@ -355,7 +355,8 @@ pub(super) async fn reply(
 fn outcome_of(r: RequestReply) -> RequestOutcome {
     match r {
         RequestReply::Offline => RequestOutcome::Offline,
-        RequestReply::Full => RequestOutcome::Full,
+        // (Told as a full queue: the caller on the other node gets 503.)
+        RequestReply::Full | RequestReply::TooManyPending(_) => RequestOutcome::Full,
         RequestReply::Acked => RequestOutcome::Acked,
         RequestReply::Responded { ok, result } => RequestOutcome::Responded { ok, result },
     }

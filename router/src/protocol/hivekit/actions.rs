@@ -56,7 +56,8 @@ pub fn on_text(
         return;
     }
     if scratch.elements.len() > MAX_ACTIONS {
-        out.push(Effect::Error("too-many-actions"));
+        // A refusal, not a malformed frame: it does not count toward 4400.
+        out.push(Effect::Refused("too-many-actions"));
         let mut r = Replies::default();
         r.err(
             None,

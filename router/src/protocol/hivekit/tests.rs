@@ -315,7 +315,7 @@ fn a_frame_of_too_many_actions_is_refused_whole_with_one_small_reply() {
     let bad = vec!["1"; 21_000].join(",");
     let frame = format!("[{bad}]");
     let out = run(&frame);
-    assert_eq!(out[0], Effect::Error("too-many-actions"));
+    assert_eq!(out[0], Effect::Refused("too-many-actions"));
     let Some(Effect::Send(reply)) = out.last() else {
         panic!("no reply")
     };
