@@ -135,6 +135,11 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_AMQP_QUEUE_TYPE", default_value = "classic")]
     pub amqp_queue_type: QueueType,
 
+    /// Directory for what the router keeps across restarts without a broker (the
+    /// embedded bus): the deny-list (`denylist.redb`). Absent: kept in memory only.
+    #[arg(long, env = "ROUTER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
     /// This node's id (AMQP queue hive.node.<id>). Default: hostname-pid.
     #[arg(long, env = "ROUTER_NODE_ID")]
     pub node_id: Option<String>,
@@ -528,6 +533,7 @@ impl ServeConfig {
             cluster_key_file: None,
             // Unique: nodes sharing a broker must have distinct ids.
             node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),
+            data_dir: None,
             auth_secret: Some(secret.into()),
             auth_secret_file: None,
             dev: false,

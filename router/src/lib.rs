@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod nerves_auth;
 pub mod protocol;
 pub(crate) mod retry;
+pub mod revocation;
 pub mod shard;
 pub mod tls;
 
@@ -58,6 +59,8 @@ pub struct Shared {
     pub(crate) cluster: Option<cluster::Cluster>,
     /// With --nerves-keys: NervesHub shared-secret authentication (reloaded on SIGHUP).
     pub nerves: Option<nerves_auth::NervesAuth>,
+    /// The deny-list of devices and token ids, checked at authentication.
+    pub revocation: Arc<revocation::DenyList>,
     /// --nerves-extensions, shared by every Phoenix connection.
     pub nerves_extensions: Arc<[String]>,
     /// Device connections not yet authenticated: their budget (--max-unauthenticated).
@@ -358,9 +361,20 @@ fn new_shared(
     bus: Bus,
     cluster: Option<cluster::Cluster>,
 ) -> anyhow::Result<Shared> {
+    let revocation = Arc::new(if config.amqp.is_some() {
+        revocation::DenyList::clustered()
+    } else {
+        let store = match &config.data_dir {
+            Some(dir) => Some(revocation::store::Store::open(dir)?),
+            None => None,
+        };
+        revocation::DenyList::local(store)?
+    });
+    let verifier = verifier.with_deny_list(revocation.clone());
     Ok(Shared {
         node_id: node_id.clone(),
         verifier,
+        revocation,
         metrics: Metrics::new(shards.len()),
         shards,
         bus,

@@ -127,7 +127,7 @@ pub(crate) async fn browsers(State(st): State<ApiState>, req: Request, next: Nex
 
 /// A POST to a device (event or request) carries JSON: 415 otherwise.
 pub(crate) async fn json_bodies(State(st): State<ApiState>, req: Request, next: Next) -> Response {
-    if req.method() == Method::POST && req.uri().path().starts_with("/v1/devices/") {
+    if req.method() == Method::POST && req.uri().path().starts_with("/v1/") {
         let json = req
             .headers()
             .get(header::CONTENT_TYPE)

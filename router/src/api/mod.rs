@@ -27,6 +27,7 @@ use crate::shard::{Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
 use crate::Shared;
 
 pub(crate) mod guard;
+mod revocation;
 pub(crate) mod serve;
 
 pub use serve::HEADER_TIMEOUT;
@@ -45,6 +46,15 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/devices/{device}", get(device_info))
         .route("/v1/devices/{device}/events", post(send_event))
         .route("/v1/devices/{device}/requests", post(send_request))
+        .route(
+            "/v1/devices/{device}/disconnect",
+            post(revocation::disconnect),
+        )
+        .route("/v1/denylist", get(revocation::list).post(revocation::add))
+        .route(
+            "/v1/denylist/{kind}/{id}",
+            axum::routing::delete(revocation::remove),
+        )
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
@@ -652,6 +662,7 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         c.render_metrics(&mut text);
     }
     st.shared.verifier.render_metrics(&mut text);
+    crate::revocation::render_metrics(&st.shared.revocation, &mut text);
     {
         use std::fmt::Write;
         let name = "router_sse_buffered_bytes";

@@ -33,6 +33,9 @@ pub(crate) struct Claims {
     pub(crate) acc: String,
     /// Expiry, seconds since the Unix epoch.
     pub(crate) exp: u64,
+    /// The token's id, if it has one (what the deny-list revokes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) jti: Option<String>,
 }
 
 /// Why a token was refused. Each maps to close code 4401 and a metric label.
@@ -60,10 +63,12 @@ pub enum AuthError {
     UnknownKey,
     #[error("token issuer or audience is not the configured one")]
     WrongAudience,
+    #[error("device blocked or token revoked (deny-list)")]
+    Revoked,
 }
 
 impl AuthError {
-    pub(crate) const ALL: [AuthError; 11] = [
+    pub(crate) const ALL: [AuthError; 12] = [
         AuthError::Missing,
         AuthError::Expired,
         AuthError::Invalid,
@@ -75,6 +80,7 @@ impl AuthError {
         AuthError::Critical,
         AuthError::UnknownKey,
         AuthError::WrongAudience,
+        AuthError::Revoked,
     ];
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -89,6 +95,7 @@ impl AuthError {
             AuthError::Critical => "crit",
             AuthError::UnknownKey => "unknown_key",
             AuthError::WrongAudience => "issuer_audience",
+            AuthError::Revoked => "revoked",
         }
     }
     pub(crate) fn index(self) -> usize {
@@ -129,6 +136,8 @@ pub struct Verifier {
     /// One validation per algorithm accepted (`iss`, `aud`, leeway set on each).
     validations: Vec<(Algorithm, Validation)>,
     max_lifetime: u64,
+    /// Devices blocked and token ids revoked (see `revocation`).
+    deny: Option<Arc<crate::revocation::DenyList>>,
 }
 
 /// The protected header as the router reads it before any signature check.
@@ -212,6 +221,7 @@ impl Verifier {
             jwks: None,
             validations,
             max_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
+            deny: None,
         }
     }
 
@@ -223,6 +233,12 @@ impl Verifier {
     /// Refuse tokens whose `exp` is more than `secs` seconds away when presented.
     pub fn with_max_lifetime(mut self, secs: u64) -> Self {
         self.max_lifetime = secs;
+        self
+    }
+
+    /// Refuse tokens of blocked devices and revoked token ids.
+    pub(crate) fn with_deny_list(mut self, d: Arc<crate::revocation::DenyList>) -> Self {
+        self.deny = Some(d);
         self
     }
 
@@ -333,6 +349,13 @@ impl Verifier {
         }
         let device = Uuid::parse_str(&claims.sub).map_err(|_| AuthError::Invalid)?;
         let account = Uuid::parse_str(&claims.acc).map_err(|_| AuthError::Invalid)?;
+        if self
+            .deny
+            .as_ref()
+            .is_some_and(|d| d.denies(&device, claims.jti.as_deref(), now))
+        {
+            return Err(AuthError::Revoked);
+        }
         Ok(Identity {
             device,
             account,
@@ -441,6 +464,7 @@ pub fn mint_with_exp(secret: &str, device: Uuid, account: Uuid, exp: u64) -> Str
         sub: device.to_string(),
         acc: account.to_string(),
         exp,
+        jti: None,
     };
     encode(
         &Header::new(Algorithm::HS256),

@@ -39,6 +39,8 @@ pub enum Domain {
     Presence,
     /// A direct link's hello; `to` is the connecting node's id.
     LinkHello,
+    /// A deny-list entry on the `hive.denylist` stream; `to` is empty.
+    Revocation,
 }
 
 impl Domain {
@@ -47,6 +49,7 @@ impl Domain {
             Domain::Node => b"hive-node-envelope-v1",
             Domain::Presence => b"hive-presence-v1",
             Domain::LinkHello => b"hive-link-hello-v1",
+            Domain::Revocation => b"hive-denylist-entry-v1",
         }
     }
 }

@@ -332,7 +332,13 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     // 2. A verified client certificate, a token on the upgrade request, or else the
     //    first text frame `Bearer T`.
     let ident = match (cert_ident, up.token) {
-        (Some(ident), _) => ident,
+        (Some(ident), _) => {
+            let now = crate::auth::unix_now();
+            if door.shared.revocation.denies(&ident.device, None, now) {
+                return HandshakeEnd::Refused(CloseCode::Unauthorized, AuthError::Revoked);
+            }
+            ident
+        }
         (None, Some(token)) => match door.shared.verifier.verify_fresh(&token).await {
             Ok(ident) => ident,
             Err(e) => return HandshakeEnd::Refused(CloseCode::Unauthorized, e),

@@ -61,6 +61,8 @@ pub enum CloseCode {
     BadFrames,
     /// 4401: authentication failed.
     Unauthorized,
+    /// 4403: disconnected by the operator (`/disconnect`, a deny-list entry).
+    Disconnected,
     /// 4408: not authenticated within --auth-timeout.
     AuthTimeout,
     /// 4409: replaced by a newer connection of the same device.
@@ -71,7 +73,7 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// The codes counted under their own label in `router_closes_total`, in order.
-    pub const NAMED: [CloseCode; 12] = [
+    pub const NAMED: [CloseCode; 13] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -84,6 +86,7 @@ impl CloseCode {
         CloseCode::Unauthorized,
         CloseCode::AuthTimeout,
         CloseCode::Replaced,
+        CloseCode::Disconnected,
     ];
 
     pub const fn as_u16(self) -> u16 {
@@ -100,6 +103,7 @@ impl CloseCode {
             CloseCode::Unauthorized => 4401,
             CloseCode::AuthTimeout => 4408,
             CloseCode::Replaced => 4409,
+            CloseCode::Disconnected => 4403,
             CloseCode::Other(code) => code,
         }
     }
@@ -119,6 +123,7 @@ impl CloseCode {
             4401 => CloseCode::Unauthorized,
             4408 => CloseCode::AuthTimeout,
             4409 => CloseCode::Replaced,
+            4403 => CloseCode::Disconnected,
             code => CloseCode::Other(code),
         }
     }
@@ -139,6 +144,7 @@ impl CloseCode {
             CloseCode::Unauthorized => 9,
             CloseCode::AuthTimeout => 10,
             CloseCode::Replaced => 11,
+            CloseCode::Disconnected => 12,
             CloseCode::Other(_) => return None,
         })
     }

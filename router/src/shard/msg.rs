@@ -36,6 +36,10 @@ pub enum ShardMsg {
         device: Uuid,
         since_ms: u64,
     },
+    /// The operator disconnected this device (or blocked it): close it with 4403.
+    Disconnect {
+        device: Uuid,
+    },
     /// Stop accepting and close every connection with 1001, spread until this instant;
     /// the shard stops when its last connection is gone.
     Drain(Instant),

@@ -227,6 +227,13 @@ impl Shard {
                     );
                 }
             }
+            ShardMsg::Disconnect { device } => {
+                let ctx = &mut self.ctx;
+                let slot = self.routes.get(&device).copied();
+                if let Some(c) = slot.and_then(|s| self.slab.get_mut(s)) {
+                    c.fail(ctx, CloseCode::Disconnected, "disconnected by the operator");
+                }
+            }
             ShardMsg::Drain(until) => {
                 self.drain = Some(DrainPlan {
                     from: Instant::now(),

@@ -14,3 +14,4 @@ mod forged;
 mod links;
 mod membership;
 mod nodes;
+mod revocation;

@@ -191,7 +191,18 @@ async fn session(
 ) -> lapin::Result<SessionEnd> {
     let ch = conn.create_channel().await?;
     let (mut pubr, mut publisher) = Publisher::start(&ch, st.links.clone());
+    // The deny-list stream, replayed and followed for as long as this session lasts.
+    let deny = {
+        let shared = st.shared.clone();
+        let (read, write) = (conn.create_channel().await?, conn.create_channel().await?);
+        tokio::spawn(async move {
+            if let Err(e) = crate::revocation::stream::run(shared, read, write).await {
+                tracing::warn!(error = %e, "deny-list stream failed; it is read again next session");
+            }
+        })
+    };
     let end = session_loop(st, conn, &ch, &mut pubr, &mut publisher, out, link_in).await;
+    deny.abort();
     if matches!(end, Ok(SessionEnd::Shutdown)) {
         // Let what is queued (releases, the leave) go out, briefly.
         drop(pubr);
