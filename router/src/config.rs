@@ -105,6 +105,13 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_CLUSTER_KEY", hide_env_values = true)]
     pub cluster_key: Option<String>,
 
+    /// Name of this deployment's cluster (with --amqp): only nodes with the same name
+    /// (and key) form one cluster. Two deployments on one broker and vhost with different
+    /// names (or secrets) ignore each other instead of merging; a vhost per deployment is
+    /// still the cleaner separation (their device events share `hive.events` otherwise).
+    #[arg(long, env = "ROUTER_CLUSTER_NAME", default_value = "hive")]
+    pub cluster_name: String,
+
     /// Read the cluster key from this file (trailing newline ignored; at least 32 bytes).
     #[arg(long, env = "ROUTER_CLUSTER_KEY_FILE", conflicts_with = "cluster_key")]
     pub cluster_key_file: Option<PathBuf>,
@@ -531,6 +538,7 @@ impl ServeConfig {
             cluster_advertise: None,
             cluster_key: None,
             cluster_key_file: None,
+            cluster_name: "hive".into(),
             // Unique: nodes sharing a broker must have distinct ids.
             node_id: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),
             data_dir: None,

@@ -288,23 +288,24 @@ fn cluster_key(
     use cluster::seal::ClusterKey;
     use config::TokenSecret;
     if let Some(k) = config.cluster_key()? {
-        return Ok(ClusterKey::new(&k));
+        return Ok(ClusterKey::new(&k).for_cluster(&config.cluster_name));
     }
-    match secret {
-        TokenSecret::Secret(s) => Ok(ClusterKey::derived(s.as_bytes())),
+    let base = match secret {
+        TokenSecret::Secret(s) => ClusterKey::derived(s.as_bytes()),
         TokenSecret::Dev => {
             tracing::warn!(
                 "--dev with --amqp and no --cluster-key-file: the cluster key comes from the \
                  public development secret, so anyone who can publish on the broker can \
                  command devices"
             );
-            Ok(ClusterKey::derived(config::DEV_SECRET.as_bytes()))
+            ClusterKey::derived(config::DEV_SECRET.as_bytes())
         }
         TokenSecret::None => anyhow::bail!(
             "--amqp without a token secret needs --cluster-key-file (at least 32 bytes, the \
              same on every node): it seals the envelopes between nodes"
         ),
-    }
+    };
+    Ok(base.for_cluster(&config.cluster_name))
 }
 
 /// Refuse a start whose broker URL, broker TLS files or backend settings are wrong.

@@ -80,6 +80,15 @@ impl ClusterKey {
         ClusterKey::new(k.as_ref())
     }
 
+    /// This key for the cluster named `name`: clusters with another name (or another
+    /// key) on the same broker and vhost cannot read each other's messages, so they
+    /// never merge.
+    pub fn for_cluster(&self, name: &str) -> Self {
+        let mut label = b"hive-router cluster name v1\0".to_vec();
+        label.extend_from_slice(name.as_bytes());
+        ClusterKey::new(hmac::sign(&self.0, &label).as_ref())
+    }
+
     fn tag(&self, domain: Domain, to: &str, message: &[u8], sent_ms: u64) -> hmac::Tag {
         let to = &to.as_bytes()[..to.len().min(u16::MAX as usize)];
         hmac::sign(&self.0, &signed_input(domain, to, message, sent_ms))
@@ -190,6 +199,18 @@ mod tests {
         assert!(b.open(Domain::Presence, "", &s).is_ok());
         assert!(ClusterKey::derived(b"t")
             .open(Domain::Presence, "", &s)
+            .is_err());
+        // Another cluster name, the same secret: another key.
+        let named = a.for_cluster("blue");
+        assert!(named.open(Domain::Presence, "", &s).is_err());
+        let s2 = named.seal(Domain::Presence, "", b"p".to_vec());
+        assert!(b
+            .for_cluster("blue")
+            .open(Domain::Presence, "", &s2)
+            .is_ok());
+        assert!(b
+            .for_cluster("green")
+            .open(Domain::Presence, "", &s2)
             .is_err());
     }
 }

@@ -152,7 +152,7 @@ async fn duplicate_deliveries_of_a_request_reach_the_device_once() {
     use router::cluster::envelope::{decode_node, encode_node, NodeMsg, RequestOutcome, What};
     use router::cluster::seal::{ClusterKey, Domain};
     // We hold the cluster's key (derived from the token secret, as the nodes do).
-    let key = ClusterKey::derived(SECRET.as_bytes());
+    let key = ClusterKey::derived(SECRET.as_bytes()).for_cluster("hive");
 
     let vh = Vhost::new("hive-test");
     let b = node(&vh, "holder");

@@ -246,3 +246,48 @@ async fn a_node_whose_connection_the_broker_closes_comes_back_with_its_devices()
     }
     assert_eq!(a.metric("router_cluster_nodes_expired_total").await, 0.0);
 }
+
+/// Two deployments on one broker and vhost, with the same secret but another
+/// `--cluster-name`, do not merge: each sees only itself, and the same device connected
+/// to both is not evicted by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_on_one_vhost_do_not_merge() {
+    let vh = Vhost::new("hive-two");
+    let blue_p = Proc::start_with(
+        &vh,
+        "blue-1",
+        free_port(),
+        free_port(),
+        &["--cluster-name", "blue"],
+    );
+    let green_p = Proc::start_with(
+        &vh,
+        "green-1",
+        free_port(),
+        free_port(),
+        &["--cluster-name", "green"],
+    );
+    let (blue, green) = (blue_p.as_router(), green_p.as_router());
+    wait_ready(&blue).await;
+    wait_ready(&green).await;
+    // Each has heard the other's heartbeats, and ignored them.
+    let t0 = Instant::now();
+    while blue.metric("router_cluster_envelopes_forged_total").await < 3.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no heartbeat of the other seen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(blue.metric("router_cluster_nodes").await, 1.0);
+    assert_eq!(green.metric("router_cluster_nodes").await, 1.0);
+    let (d, a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut on_blue = blue.device(d, a).await;
+    let _on_green = green.device(d, a).await;
+    let evicted = tokio::time::timeout(Duration::from_secs(2), close_code(&mut on_blue)).await;
+    assert!(
+        evicted.is_err(),
+        "evicted by the other deployment: {evicted:?}"
+    );
+    drop((blue_p, green_p));
+}

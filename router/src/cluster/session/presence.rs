@@ -31,7 +31,18 @@ pub(super) async fn on_presence(
             message
         }
         _ => {
-            c.metrics.forged.fetch_add(1, Relaxed);
+            let n = c.metrics.forged.fetch_add(1, Relaxed);
+            // Said at the first and then every 1,000th: another deployment on this broker
+            // and vhost sends its heartbeats here too (every second per node).
+            if n.is_multiple_of(1000) {
+                tracing::warn!(
+                    unverified = n + 1,
+                    "presence messages on hive.presence this node cannot verify: another \
+                     deployment (another --cluster-name or secret) shares this broker and \
+                     vhost, or someone forges them; they are ignored (give each deployment \
+                     its own vhost)"
+                );
+            }
             return Ok(());
         }
     };
