@@ -73,6 +73,12 @@ pub struct Args {
         hide_env_values = true
     )]
     pub secret: String,
+    /// Tokens from an identity service instead of minting HS256 ones: line i (from 0) is
+    /// device i's token, whose `sub` must be `00000000-0000-4000-8000-<i in 12 hex
+    /// digits>` (the device ids loadgen simulates). For routers that verify RS/ES/EdDSA
+    /// tokens (`--auth-public-key`, `--auth-jwks`).
+    #[arg(long, env = "LOADGEN_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Account UUID of the simulated devices (default: a random one per run).
     #[arg(long, env = "LOADGEN_ACCOUNT")]
     pub account: Option<Uuid>,
@@ -260,6 +266,29 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 
 impl Args {
     /// Bad values, found before any process starts (a usage error, exit code 2).
+    /// The tokens of --token-file, one per device (fewer lines than --devices is an error).
+    pub fn tokens(&self) -> anyhow::Result<Option<std::sync::Arc<[String]>>> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+        let tokens: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        anyhow::ensure!(
+            tokens.len() >= self.devices,
+            "--token-file {} has {} tokens for --devices {}",
+            path.display(),
+            tokens.len(),
+            self.devices
+        );
+        Ok(Some(tokens.into()))
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::ensure;
         ensure!(
@@ -325,6 +354,8 @@ impl Args {
             self.devices as u64 <= 0xffff_ffff_ffff,
             "--devices too large for the device id space"
         );
+        // A token file that cannot be read or is too short stops the run before the ramp.
+        self.tokens()?;
         Ok(())
     }
 
@@ -579,5 +610,25 @@ mod tests {
         assert!(parse(&["--amqp", "amqp://h", "--amqp-durable-events"])
             .validate()
             .is_ok());
+    }
+
+    #[test]
+    fn a_token_file_holds_a_token_per_device() {
+        let path = std::env::temp_dir().join(format!("lg-tokens-{}", Uuid::new_v4()));
+        std::fs::write(&path, "t0\nt1\n\nt2\n").unwrap();
+        let p = path.to_str().unwrap();
+        let ok = parse(&["--devices", "3", "--token-file", p]);
+        assert_eq!(&*ok.tokens().unwrap().unwrap(), ["t0", "t1", "t2"]);
+        assert!(ok.validate().is_ok());
+        let short = parse(&["--devices", "4", "--token-file", p]);
+        assert!(short
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("3 tokens"));
+        assert!(parse(&["--token-file", "/nonexistent/x"])
+            .validate()
+            .is_err());
+        let _ = std::fs::remove_file(path);
     }
 }

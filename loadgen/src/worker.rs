@@ -218,6 +218,8 @@ fn new_fleet(args: &Args, devices: usize) -> Rc<Fleet> {
         no_ack: args.no_ack,
         secret: args.secret.clone(),
         account: args.account(),
+        // Checked by the coordinator before any worker starts.
+        tokens: args.tokens().ok().flatten(),
     })
 }
 

@@ -34,6 +34,8 @@ pub struct Fleet {
     /// Tokens are minted at each connect attempt (a few µs), not kept per device.
     pub secret: String,
     pub account: Uuid,
+    /// --token-file: device i's token at i (else minted with `secret`).
+    pub tokens: Option<std::sync::Arc<[String]>>,
 }
 
 const STORM: &str = "storm";
@@ -173,6 +175,7 @@ pub async fn probe(
         no_ack: false,
         secret: secret.to_string(),
         account,
+        tokens: None,
     };
     let spec = DeviceSpec {
         id,
@@ -204,7 +207,11 @@ async fn connect_and_auth(
             std::io::ErrorKind::AddrNotAvailable => "no_source_port".to_string(),
             _ => "connect_error".to_string(),
         })?;
-    let token = crate::token::mint(&fleet.secret, spec.id, fleet.account);
+    let given = fleet.tokens.as_ref().and_then(|t| {
+        let i = crate::cli::device_index(&spec.id.to_string())?;
+        t.get(i).cloned()
+    });
+    let token = given.unwrap_or_else(|| crate::token::mint(&fleet.secret, spec.id, fleet.account));
     let url = device_url(&spec.target.base, spec.proto, &token);
     let (host, target) = crate::ws::split_url(&url).ok_or_else(|| "bad_url".to_string())?;
     let bearer = (spec.proto != Proto::Phoenix).then(|| format!("Bearer {token}"));
@@ -391,6 +398,7 @@ mod tests {
             no_ack: false,
             secret: String::new(),
             account: Uuid::nil(),
+            tokens: None,
         });
         let spec = DeviceSpec {
             id: Uuid::nil(),
@@ -452,6 +460,7 @@ mod tests {
             no_ack: false,
             secret: "s".into(),
             account: Uuid::nil(),
+            tokens: None,
         }
     }
 
