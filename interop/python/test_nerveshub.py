@@ -10,6 +10,7 @@ acked by `rebooting`, console events, and a malformed frame counted. Exits non-z
 any failure."""
 
 import asyncio
+import email.utils
 import base64
 import hashlib
 import hmac
@@ -56,7 +57,9 @@ def nh_headers(key, secret, identifier, alg=ALG, t=None, signed_ms=None):
     signed_ms = t * 1000 if signed_ms is None else signed_ms
     _, _, digest, iterations, length = alg.split("-")
     salt = f"NH1:device-socket:shared-secret:connect\n\nx-nh-alg={alg}\nx-nh-key={key}\nx-nh-time={t}\n"
-    k = hashlib.pbkdf2_hmac(digest.lower(), secret.encode(), salt.encode(), int(iterations), int(length))
+    # `sha` is Erlang's name for SHA-1 (what `key_digest: :sha` sends).
+    name = {"sha": "sha1"}.get(digest.lower(), digest.lower())
+    k = hashlib.pbkdf2_hmac(name, secret.encode(), salt.encode(), int(iterations), int(length))
     ident = identifier.encode()
     term = bytes([131, 104, 3, 109]) + len(ident).to_bytes(4, "big") + ident + etf_int(signed_ms) + etf_int(86400)
     plain = "SFMyNTY." + b64url(term)
@@ -70,17 +73,25 @@ def write_keys(path, with_device=True):
         text += (f'[[device]]\nkey = "nhd_dev1"\nsecret = "device-secret"\nidentifier = "serial-001"\n'
                  f'device = "{DEVICE}"\naccount = "{ACCOUNT}"\n\n')
     text += f'[[product]]\nkey = "nhp_prod"\nsecret = "product-secret"\naccount = "{ACCOUNT}"\n'
+    # A product whose devices are configured with `key_digest: :sha, key_iterations: 500`.
+    text += (f'\n[[product]]\nkey = "nhp_old"\nsecret = "old-secret"\naccount = "{ACCOUNT}"\n'
+             f'digests = ["sha", "sha256"]\nmin_iterations = 500\n')
     with open(path, "w") as f:
         f.write(text)
 
 
-async def refused(ws_addr, headers):
-    """The upgrade is answered 401 (before any WebSocket)."""
+async def refused_answer(ws_addr, headers):
+    """The HTTP answer that refused the upgrade (before any WebSocket)."""
     try:
         async with connect(f"ws://{ws_addr}/device-socket/websocket?vsn=3.0.0", additional_headers=headers):
             raise AssertionError("connected")
     except websockets.InvalidStatus as e:
-        return e.response.status_code
+        return e.response
+
+
+async def refused(ws_addr, headers):
+    """The upgrade is answered 401 (before any WebSocket)."""
+    return (await refused_answer(ws_addr, headers)).status_code
 
 
 class Device:
@@ -135,14 +146,54 @@ async def main():
             assert status == 401, (name, status)
         print("shared secret: expired, wrong secret, sha1, 500 iterations, other identifier, unknown key, future: 401")
 
+        # 1b. A device without a real-time clock (it thinks it is 1970): refused, it reads
+        #     the server's time from the answer's `date` header (as nerves_hub_link does)
+        #     and signs again with it: accepted.
+        answer = await refused_answer(ws_addr, nh_headers("nhp_prod", "product-secret", "serial-rtc", t=86400))
+        assert answer.status_code == 401
+        server_time = email.utils.parsedate_to_datetime(answer.headers["date"]).timestamp()
+        assert abs(server_time - time.time()) < 5, answer.headers["date"]
+        rtc = await connect(f"ws://{ws_addr}/device-socket/websocket?vsn=3.0.0",
+                            additional_headers=nh_headers("nhp_prod", "product-secret", "serial-rtc",
+                                                          t=int(server_time)))
+        await rtc.close()
+        print(f"clock recovery: 401 carried date: {answer.headers['date']}; signed with it, connected")
+
+        # 1c. Per key: a product configured for sha and 500 iterations is accepted with
+        #     them; the device key keeps the defaults (refused above).
+        old = await connect(f"ws://{ws_addr}/device-socket/websocket?vsn=3.0.0",
+                            additional_headers=nh_headers("nhp_old", "old-secret", "serial-old",
+                                                          alg="NH1-HMAC-sha-500-32"))
+        await old.close()
+        assert await refused(ws_addr, nh_headers("nhp_old", "old-secret", "serial-old2",
+                                                 alg="NH1-HMAC-sha-100-32")) == 401
+        print("per-key algorithms: NH1-HMAC-sha-500-32 accepted where the key allows it")
+
+        # 1d. A device that reconnects within the second it signed presents the same
+        #     signature: accepted once its first connection is gone (NervesHub accepts
+        #     it too); while that connection is open, a copy is refused as a replay.
+        same = nh_headers("nhp_prod", "product-secret", "serial-again")
+        first = await connect(f"ws://{ws_addr}/device-socket/websocket?vsn=3.0.0", additional_headers=same)
+        assert await refused(ws_addr, same) == 401
+        await first.close()
+        again_id = str(uuid.uuid5(uuid.UUID(ACCOUNT), "serial-again"))
+        for _ in range(50):
+            if http("GET", f"http://{api}/v1/devices/{again_id}")[0] == 404:
+                break
+            await asyncio.sleep(0.05)
+        second = await connect(f"ws://{ws_addr}/device-socket/websocket?vsn=3.0.0", additional_headers=same)
+        await second.close()
+        assert metric(api, 'router_auth_failures_total{reason="replayed"}') == 1
+        print("same-second reconnect: the same signature accepted after the first connection closed")
+
         # 2. A device key: connects; the same headers again are a replay.
         h = nh_headers("nhd_dev1", "device-secret", "serial-001")
         ws = await connect(f"ws://{ws_addr}/device-socket/websocket?vsn=3.0.0", additional_headers=h)
         ext = ws.response.headers.get("sec-websocket-extensions", "")
         assert ext.startswith("permessage-deflate"), ext
         assert await refused(ws_addr, h) == 401
-        assert metric(api, 'router_auth_failures_total{reason="replayed"}') == 1
-        assert metric(api, 'router_auth_failures_total{reason="weak_algorithm"}') == 2
+        assert metric(api, 'router_auth_failures_total{reason="replayed"}') == 2
+        assert metric(api, 'router_auth_failures_total{reason="weak_algorithm"}') == 3
         print(f"device key: connected ({ext}); the same signature again refused as a replay")
 
         # 3. vsn 3.0.0: join with firmware metadata, heartbeat, extensions.

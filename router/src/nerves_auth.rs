@@ -12,12 +12,17 @@
 //!   HMAC(K, `P.B`).
 //!
 //! The router checks, in this order: the key is in the key file (before any hashing, so
-//! an unknown key costs nothing); the algorithm is HMAC with sha256/384/512, at least
-//! `--nerves-min-iterations` and at most 100,000 iterations, a key of 32 to 64 bytes; the
-//! MAC; the signing time is not in the future and at most `--nerves-max-age` seconds
-//! old (the `MaxAge` inside the token is ignored, as NervesHub does); the identifier
-//! matches a device key's; and the signature was not used before within that window
-//! (per node). A device key names its device; a product key (`nhp_...`) admits any
+//! an unknown key costs nothing); the algorithm is one the key accepts: by default HMAC
+//! with sha256/384/512, at least `--nerves-min-iterations` and at most 100,000
+//! iterations, a key of 32 to 64 bytes, and per key in the file `digests` (adding `sha`
+//! and `sha224`, which NervesHub accepts too), `min_iterations` and `min_key_length` for
+//! devices configured otherwise; the MAC; the signing time is not in the future and at
+//! most `--nerves-max-age` seconds old (the `MaxAge` inside the token is ignored, as
+//! NervesHub does); the identifier matches a device key's. A signature used before within
+//! that window ([`Reuse::Again`]) is accepted only while no connection of that device is
+//! open on this node (the listener looks): a device that reconnects within the second it
+//! signed presents the same signature again, as NervesHub allows, while a copy of the
+//! signature cannot join beside the device. A device key names its device; a product key (`nhp_...`) admits any
 //! identifier of its product, and the device's UUID is then derived from it (UUID v5 of
 //! the identifier in the product's account namespace): the same serial number always
 //! gets the same device UUID.
@@ -66,6 +71,17 @@ struct DeviceKey {
     pub(crate) identifier: String,
     pub(crate) device: Uuid,
     pub(crate) account: Uuid,
+    #[serde(flatten)]
+    pub(crate) accept: AcceptFile,
+}
+
+/// What a key accepts besides the defaults (`digests`, `min_iterations`,
+/// `min_key_length`), for devices whose `nerves_hub_link` is configured so.
+#[derive(Debug, Default, Deserialize)]
+struct AcceptFile {
+    digests: Option<Vec<String>>,
+    min_iterations: Option<u32>,
+    min_key_length: Option<usize>,
 }
 
 /// A product key: any identifier; the device UUID derived from it.
@@ -75,6 +91,68 @@ struct ProductKey {
     pub(crate) key: String,
     pub(crate) secret: String,
     pub(crate) account: Uuid,
+    #[serde(flatten)]
+    pub(crate) accept: AcceptFile,
+}
+
+/// A PBKDF2 digest a device may name in `x-nh-alg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Digest {
+    Sha1,
+    Sha224,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl Digest {
+    fn parse(s: &str) -> Option<Digest> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "sha" | "sha1" => Digest::Sha1,
+            "sha224" => Digest::Sha224,
+            "sha256" => Digest::Sha256,
+            "sha384" => Digest::Sha384,
+            "sha512" => Digest::Sha512,
+            _ => return None,
+        })
+    }
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// The algorithms one key accepts.
+#[derive(Debug, Clone, Copy)]
+struct Accept {
+    digests: u8,
+    /// None: `--nerves-min-iterations`.
+    min_iterations: Option<u32>,
+    min_length: usize,
+}
+
+impl Accept {
+    fn from_file(a: AcceptFile, key: &str) -> anyhow::Result<Accept> {
+        let digests = match a.digests {
+            None => Digest::Sha256.bit() | Digest::Sha384.bit() | Digest::Sha512.bit(),
+            Some(list) => list.iter().try_fold(0u8, |bits, d| {
+                Digest::parse(d).map(|d| bits | d.bit()).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "key {key}: digest {d:?} is none of sha, sha224, sha256, sha384, sha512"
+                    )
+                })
+            })?,
+        };
+        let min_length = a.min_key_length.unwrap_or(32);
+        anyhow::ensure!(
+            (1..=64).contains(&min_length),
+            "key {key}: min_key_length is 1 to 64"
+        );
+        Ok(Accept {
+            digests,
+            min_iterations: a.min_iterations,
+            min_length,
+        })
+    }
 }
 
 enum Entry {
@@ -82,11 +160,20 @@ enum Entry {
         secret: String,
         identifier: String,
         ident: Identity,
+        accept: Accept,
     },
     Product {
         secret: String,
         account: Uuid,
+        accept: Accept,
     },
+}
+
+/// Whether a verified signature was seen before (within its window, on this node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reuse {
+    First,
+    Again,
 }
 
 /// The keys by key string.
@@ -100,8 +187,10 @@ impl Keys {
         let file: KeyFile = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("--nerves-keys {}: {e}", path.display()))?;
         let mut keys = HashMap::new();
+        let bad = |e: anyhow::Error| anyhow::anyhow!("--nerves-keys {}: {e}", path.display());
         for d in file.device {
             let e = Entry::Device {
+                accept: Accept::from_file(d.accept, &d.key).map_err(bad)?,
                 secret: d.secret,
                 identifier: d.identifier,
                 ident: Identity::new(d.device, d.account),
@@ -119,6 +208,7 @@ impl Keys {
                 );
             }
             let e = Entry::Product {
+                accept: Accept::from_file(p.accept, &p.key).map_err(bad)?,
                 secret: p.secret,
                 account: p.account,
             };
@@ -142,9 +232,27 @@ pub struct NervesAuth {
 
 /// The parameters of `x-nh-alg`.
 struct Alg {
-    digest: &'static ring::pbkdf2::Algorithm,
+    digest: Digest,
     iterations: NonZeroU32,
     length: usize,
+}
+
+impl Alg {
+    /// PBKDF2 of `secret` and `salt` into `out` (its length is the key's).
+    fn derive(&self, salt: &[u8], secret: &[u8], out: &mut [u8]) {
+        let ring_alg = match self.digest {
+            Digest::Sha1 => Some(&ring::pbkdf2::PBKDF2_HMAC_SHA1),
+            Digest::Sha256 => Some(&ring::pbkdf2::PBKDF2_HMAC_SHA256),
+            Digest::Sha384 => Some(&ring::pbkdf2::PBKDF2_HMAC_SHA384),
+            Digest::Sha512 => Some(&ring::pbkdf2::PBKDF2_HMAC_SHA512),
+            // ring has no SHA-224: RustCrypto's PBKDF2 for it.
+            Digest::Sha224 => None,
+        };
+        match ring_alg {
+            Some(a) => ring::pbkdf2::derive(*a, self.iterations, salt, secret, out),
+            None => pbkdf2::pbkdf2_hmac::<sha2::Sha224>(secret, salt, self.iterations.get(), out),
+        }
+    }
 }
 
 impl NervesAuth {
@@ -177,30 +285,31 @@ impl NervesAuth {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).0.len()
     }
 
-    /// Verify the headers at `now_ms`; who the device is.
-    pub(crate) fn verify(&self, h: &Headers, now_ms: u64) -> Result<Identity, AuthError> {
+    /// Verify the headers at `now_ms`; who the device is, and whether this signature
+    /// was seen before within its window.
+    pub(crate) fn verify(&self, h: &Headers, now_ms: u64) -> Result<(Identity, Reuse), AuthError> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
         let entry = keys.0.get(&h.key).ok_or(AuthError::Invalid)?;
         let alg = parse_alg(&h.alg).ok_or(AuthError::WeakAlgorithm)?;
-        if alg.iterations.get() < self.min_iterations {
+        let (secret, accept) = match entry {
+            Entry::Device { secret, accept, .. } | Entry::Product { secret, accept, .. } => {
+                (secret, accept)
+            }
+        };
+        let min_iterations = accept.min_iterations.unwrap_or(self.min_iterations);
+        if accept.digests & alg.digest.bit() == 0
+            || alg.iterations.get() < min_iterations
+            || alg.length < accept.min_length
+        {
             return Err(AuthError::WeakAlgorithm);
         }
         h.time.parse::<u64>().map_err(|_| AuthError::Invalid)?;
-        let secret = match entry {
-            Entry::Device { secret, .. } | Entry::Product { secret, .. } => secret,
-        };
         let salt = format!(
             "NH1:device-socket:shared-secret:connect\n\nx-nh-alg={}\nx-nh-key={}\nx-nh-time={}\n",
             h.alg, h.key, h.time
         );
         let mut k = vec![0u8; alg.length];
-        ring::pbkdf2::derive(
-            *alg.digest,
-            alg.iterations,
-            salt.as_bytes(),
-            secret.as_bytes(),
-            &mut k,
-        );
+        alg.derive(salt.as_bytes(), secret.as_bytes(), &mut k);
         let (identifier, signed_ms, mac) =
             open_token(&k, &h.signature).ok_or(AuthError::Invalid)?;
         if signed_ms > now_ms {
@@ -224,38 +333,34 @@ impl NervesAuth {
                 Identity::new(Uuid::new_v5(account, identifier.as_bytes()), *account)
             }
         };
-        self.first_use(mac, signed_ms + self.max_age_ms, now_ms)?;
-        Ok(ident)
+        let reuse = self.first_use(mac, signed_ms + self.max_age_ms, now_ms);
+        Ok((ident, reuse))
     }
 
-    /// A signature counts once within its window.
-    fn first_use(&self, mac: Vec<u8>, valid_until: u64, now_ms: u64) -> Result<(), AuthError> {
+    /// Has this signature been seen within its window? (It is remembered either way.)
+    fn first_use(&self, mac: Vec<u8>, valid_until: u64, now_ms: u64) -> Reuse {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.get(&mac).is_some_and(|until| *until >= now_ms) {
-            return Err(AuthError::Replayed);
+            return Reuse::Again;
         }
         if seen.len() >= REPLAY_PURGE_AT {
             seen.retain(|_, until| *until >= now_ms);
         }
         seen.insert(mac, valid_until);
-        Ok(())
+        Reuse::First
     }
 }
 
-/// `NH1-HMAC-<digest>-<iterations>-<length>` with a digest of sha256/384/512, iterations
-/// up to [`MAX_ITERATIONS`], a key of 32 to 64 bytes. None: not that, or weaker.
+/// `NH1-HMAC-<digest>-<iterations>-<length>` with a digest of sha/sha1/224/256/384/512,
+/// iterations up to [`MAX_ITERATIONS`], a key of 1 to 64 bytes. None: not that. (What a
+/// key accepts of these is its own: [`Accept`].)
 fn parse_alg(s: &str) -> Option<Alg> {
     let rest = s.strip_prefix("NH1-HMAC-")?;
     let mut parts = rest.split('-');
-    let digest = match parts.next()?.to_ascii_lowercase().as_str() {
-        "sha256" => &ring::pbkdf2::PBKDF2_HMAC_SHA256,
-        "sha384" => &ring::pbkdf2::PBKDF2_HMAC_SHA384,
-        "sha512" => &ring::pbkdf2::PBKDF2_HMAC_SHA512,
-        _ => return None,
-    };
+    let digest = Digest::parse(parts.next()?)?;
     let iterations: u32 = parts.next()?.parse().ok()?;
     let length: usize = parts.next()?.parse().ok()?;
-    if parts.next().is_some() || iterations > MAX_ITERATIONS || !(32..=64).contains(&length) {
+    if parts.next().is_some() || iterations > MAX_ITERATIONS || !(1..=64).contains(&length) {
         return None;
     }
     Some(Alg {
@@ -367,13 +472,7 @@ mod tests {
             "NH1:device-socket:shared-secret:connect\n\nx-nh-alg={alg}\nx-nh-key={key}\nx-nh-time={time}\n"
         );
         let mut k = vec![0u8; a.length];
-        ring::pbkdf2::derive(
-            *a.digest,
-            a.iterations,
-            salt.as_bytes(),
-            secret.as_bytes(),
-            &mut k,
-        );
+        a.derive(salt.as_bytes(), secret.as_bytes(), &mut k);
         let mut term = vec![131, 104, 3, 109];
         term.extend_from_slice(&(identifier.len() as u32).to_be_bytes());
         term.extend_from_slice(identifier.as_bytes());
@@ -416,17 +515,81 @@ mod tests {
     fn algorithms() {
         assert!(parse_alg("NH1-HMAC-sha256-1000-32").is_some());
         assert!(parse_alg("NH1-HMAC-SHA512-2000-64").is_some());
-        for weak in [
-            "NH1-HMAC-sha1-1000-32",
+        // What NervesHub accepts parses (whether a key accepts it is its own: below).
+        for named in ["NH1-HMAC-sha-1000-32", "NH1-HMAC-sha224-10-16"] {
+            assert!(parse_alg(named).is_some(), "{named}");
+        }
+        for bad in [
             "NH1-HMAC-md5-1000-32",
             "NH1-HMAC-sha256-0-32",
-            "NH1-HMAC-sha256-1000-16",
+            "NH1-HMAC-sha256-1000-0",
+            "NH1-HMAC-sha256-1000-65",
             "NH1-HMAC-sha256-1000000-32",
             "NH2-HMAC-sha256-1000-32",
             "NH1-HMAC-sha256-1000",
         ] {
-            assert!(parse_alg(weak).is_none(), "{weak}");
+            assert!(parse_alg(bad).is_none(), "{bad}");
         }
+    }
+
+    /// The defaults refuse sha1, sha224, short keys and fewer iterations; a key that says
+    /// it accepts them (devices configured so) verifies them, with the exact PBKDF2.
+    #[test]
+    fn per_key_algorithms() {
+        let dir = std::env::temp_dir().join(format!("nerves-alg-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[device]]\nkey = \"nhd_strict\"\nsecret = \"s1\"\nidentifier = \"a\"\ndevice = \"{d}\"\naccount = \"{d}\"\n\n\
+                 [[device]]\nkey = \"nhd_old\"\nsecret = \"s2\"\nidentifier = \"b\"\ndevice = \"{d}\"\naccount = \"{d}\"\n\
+                 digests = [\"sha\", \"sha224\", \"sha256\"]\nmin_iterations = 100\nmin_key_length = 16\n",
+                d = Uuid::from_u128(1)
+            ),
+        )
+        .unwrap();
+        let a = NervesAuth::new(path.clone(), 1000, 90).unwrap();
+        let now = 1_760_000_000_000u64;
+        let h = |secret: &str, key: &str, id: &str, alg: &str, t: u64| Headers {
+            alg: alg.into(),
+            key: key.into(),
+            time: t.to_string(),
+            signature: sign(secret, key, alg, t, id, now),
+        };
+        for (i, alg) in [
+            "NH1-HMAC-sha-1000-32",
+            "NH1-HMAC-sha224-1000-32",
+            "NH1-HMAC-sha256-500-32",
+            "NH1-HMAC-sha256-1000-16",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let t = now / 1000 + i as u64;
+            assert_eq!(
+                a.verify(&h("s1", "nhd_strict", "a", alg, t), now),
+                Err(AuthError::WeakAlgorithm),
+                "{alg}"
+            );
+            assert!(
+                a.verify(&h("s2", "nhd_old", "b", alg, t), now).is_ok(),
+                "{alg}"
+            );
+        }
+        // Still not below what the key says.
+        assert_eq!(
+            a.verify(&h("s2", "nhd_old", "b", "NH1-HMAC-sha512-1000-32", 9), now),
+            Err(AuthError::WeakAlgorithm)
+        );
+        assert_eq!(
+            a.verify(&h("s2", "nhd_old", "b", "NH1-HMAC-sha256-50-32", 9), now),
+            Err(AuthError::WeakAlgorithm)
+        );
+        // A digest the file names wrong stops the load.
+        std::fs::write(&path, "[[product]]\nkey = \"nhp_x\"\nsecret = \"s\"\naccount = \"00000000-0000-0000-0000-000000000003\"\ndigests = [\"md5\"]\n").unwrap();
+        assert!(a.reload().is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     fn auth(dir: &Path) -> NervesAuth {
@@ -459,8 +622,10 @@ mod tests {
         let a = auth(&dir);
         let now = 1_760_000_000_000u64;
         let h = headers("sec1", "nhd_1", "serial-1", now / 1000, now);
-        assert_eq!(a.verify(&h, now + 5).unwrap().device, Uuid::from_u128(1));
-        assert_eq!(a.verify(&h, now + 6), Err(AuthError::Replayed));
+        let (ident, reuse) = a.verify(&h, now + 5).unwrap();
+        assert_eq!((ident.device, reuse), (Uuid::from_u128(1), Reuse::First));
+        // The same signature again is told apart (the listener decides: see handshake).
+        assert_eq!(a.verify(&h, now + 6).unwrap().1, Reuse::Again);
         // Wrong secret, another identifier for a device key, expired, from the future.
         assert_eq!(
             a.verify(&headers("nope", "nhd_1", "serial-1", 1, now), now),
@@ -485,10 +650,12 @@ mod tests {
         );
         let p1 = a
             .verify(&headers("psec", "nhp_p", "serial-7", 5, now), now)
-            .unwrap();
+            .unwrap()
+            .0;
         let p2 = a
             .verify(&headers("psec", "nhp_p", "serial-7", 6, now), now)
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!((p1, p1.account), (p2, Uuid::from_u128(3)));
         // Weaker than configured.
         let strict = NervesAuth::new(dir.join("keys.toml"), 5000, 90).unwrap();

@@ -17,6 +17,7 @@ use super::upgrade::{self, parse_upgrade, switching_protocols};
 use super::{hand_over, proxy, refuse, OpenConnection, LINGER, MAX_AUTH_ATTEMPTS, MAX_REQUEST};
 use crate::auth::{AuthError, Identity};
 use crate::metrics::GaugeHold;
+use crate::nerves_auth::Reuse;
 use crate::protocol::hivekit;
 use crate::protocol::ws::{self, CloseCode, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use crate::shard::admission::Refusal;
@@ -280,8 +281,11 @@ pub(super) async fn http_error<S: AsyncRead + AsyncWrite + Unpin>(
         "{{\"error\":\"handshake\",\"message\":{}}}",
         serde_json::Value::from(message)
     );
+    // `date`: a NervesHub device whose signature was refused for its time (no real-time
+    // clock yet) signs again with the server's time it reads here, as against NervesHub.
     let resp = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ndate: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
         body.len()
     );
     let _ = write_all(s, resp.as_bytes()).await;
@@ -439,7 +443,14 @@ async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
         _ => Err(AuthError::Missing),
     };
     let why = match verdict {
-        Ok(ident) => return Ok(Some(ident)),
+        Ok((ident, Reuse::First)) => return Ok(Some(ident)),
+        // The signature was used before: a device reconnecting within the second it
+        // signed. Accepted once the connection it opened is gone; a copy of it cannot
+        // join beside the device.
+        Ok((ident, Reuse::Again)) if !connected_here(door, ident.device).await => {
+            return Ok(Some(ident))
+        }
+        Ok(_) => AuthError::Replayed,
         Err(why) => why,
     };
     let m = door.metrics();
@@ -454,6 +465,17 @@ async fn nerves_identity<S: AsyncRead + AsyncWrite + Unpin>(
     *answered = true;
     http_error(stream, "401 Unauthorized", &msg).await;
     Err(())
+}
+
+/// Is `device` connected to this process now? (Asked of its shard; a shard that cannot
+/// take the question counts as yes: the signature is then refused as a replay.)
+async fn connected_here(door: &Door, device: uuid::Uuid) -> bool {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ask = crate::shard::ShardMsg::Lookup { device, reply: tx };
+    if crate::shard::ShardHandle::send_to_owner(&door.shared.shards, &device, ask).is_err() {
+        return true;
+    }
+    rx.await.map_or(true, |info| info.is_some())
 }
 
 /// Authentication by the first text message, `Bearer T` (it may come in fragments,
