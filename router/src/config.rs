@@ -216,6 +216,18 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_CLOSE_ON_TOKEN_EXPIRY")]
     pub close_on_token_expiry: bool,
 
+    /// Most devices of one account connected at once in the whole cluster (each node
+    /// adds its peers' counts from their heartbeats: up to a second old); beyond it a new
+    /// connection is closed with 4429. 0 = no limit.
+    #[arg(long, env = "ROUTER_ACCOUNT_MAX_DEVICES", default_value_t = 0)]
+    pub account_max_devices: u32,
+
+    /// Messages per second the devices of one account may send to one node (each shard
+    /// allows its share); beyond it they are answered `rate-limited`, like a device over
+    /// its own rate. 0 = no limit.
+    #[arg(long, env = "ROUTER_ACCOUNT_MAX_RATE", default_value_t = 0)]
+    pub account_max_rate: u32,
+
     /// Seconds between WebSocket pings to each device; each pong yields a device-alive event
     /// (at most one per --device-alive-interval).
     #[arg(long, env = "ROUTER_PING_INTERVAL", default_value_t = 30)]
@@ -554,6 +566,8 @@ impl ServeConfig {
             auth_leeway: 5,
             auth_max_token_lifetime: crate::auth::DEFAULT_MAX_TOKEN_LIFETIME,
             close_on_token_expiry: false,
+            account_max_devices: 0,
+            account_max_rate: 0,
             ping_interval: 30,
             device_alive_interval: 0,
             auth_timeout: 10,

@@ -24,6 +24,7 @@ pub mod protocol;
 pub(crate) mod retry;
 pub mod revocation;
 pub mod shard;
+pub mod tenants;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -61,6 +62,8 @@ pub struct Shared {
     pub nerves: Option<nerves_auth::NervesAuth>,
     /// The deny-list of devices and token ids, checked at authentication.
     pub revocation: Arc<revocation::DenyList>,
+    /// Devices per account and the per-account limits.
+    pub tenants: tenants::Tenants,
     /// --nerves-extensions, shared by every Phoenix connection.
     pub nerves_extensions: Arc<[String]>,
     /// Device connections not yet authenticated: their budget (--max-unauthenticated).
@@ -376,6 +379,7 @@ fn new_shared(
         node_id: node_id.clone(),
         verifier,
         revocation,
+        tenants: tenants::Tenants::new(config.account_max_devices, config.account_max_rate),
         metrics: Metrics::new(shards.len()),
         shards,
         bus,

@@ -26,6 +26,7 @@ use crate::metrics::ApiMetrics;
 use crate::shard::{Delivery, RequestMsg, RequestReply, ShardHandle, ShardMsg};
 use crate::Shared;
 
+mod accounts;
 pub(crate) mod guard;
 mod revocation;
 pub(crate) mod serve;
@@ -50,6 +51,8 @@ pub(crate) fn router(state: ApiState) -> Router {
             "/v1/devices/{device}/disconnect",
             post(revocation::disconnect),
         )
+        .route("/v1/accounts", get(accounts::top))
+        .route("/v1/accounts/{account}", get(accounts::one))
         .route("/v1/denylist", get(revocation::list).post(revocation::add))
         .route(
             "/v1/denylist/{kind}/{id}",
@@ -663,6 +666,7 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     }
     st.shared.verifier.render_metrics(&mut text);
     crate::revocation::render_metrics(&st.shared.revocation, &mut text);
+    crate::tenants::render_metrics(&st.shared.tenants, &mut text);
     {
         use std::fmt::Write;
         let name = "router_sse_buffered_bytes";

@@ -65,10 +65,12 @@ pub enum AuthError {
     WrongAudience,
     #[error("device blocked or token revoked (deny-list)")]
     Revoked,
+    #[error("the device's account is at its limit of connected devices")]
+    AccountLimit,
 }
 
 impl AuthError {
-    pub(crate) const ALL: [AuthError; 12] = [
+    pub(crate) const ALL: [AuthError; 13] = [
         AuthError::Missing,
         AuthError::Expired,
         AuthError::Invalid,
@@ -81,6 +83,7 @@ impl AuthError {
         AuthError::UnknownKey,
         AuthError::WrongAudience,
         AuthError::Revoked,
+        AuthError::AccountLimit,
     ];
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -96,6 +99,7 @@ impl AuthError {
             AuthError::UnknownKey => "unknown_key",
             AuthError::WrongAudience => "issuer_audience",
             AuthError::Revoked => "revoked",
+            AuthError::AccountLimit => "account_limit",
         }
     }
     pub(crate) fn index(self) -> usize {

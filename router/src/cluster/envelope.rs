@@ -143,7 +143,12 @@ pub(crate) struct PresenceMsg {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub(crate) enum PresenceBody {
     /// "I am here and hold this many devices" (every [`super::HEARTBEAT`]).
-    Heartbeat { devices: u64 },
+    /// `accounts`: this node's largest accounts and their devices connected here
+    /// (only with --account-max-devices; see `tenants`).
+    Heartbeat {
+        devices: u64,
+        accounts: Vec<(u128, u32)>,
+    },
     /// A node's session started: everyone answers with a heartbeat at once.
     Join,
     /// A graceful stop: stop routing to this node now.
@@ -266,7 +271,10 @@ mod tests {
     #[test]
     fn presence_messages_round_trip() {
         for body in [
-            PresenceBody::Heartbeat { devices: 12_000 },
+            PresenceBody::Heartbeat {
+                devices: 12_000,
+                accounts: vec![(7, 3), (u128::MAX, u32::MAX)],
+            },
             PresenceBody::Join,
             PresenceBody::Leaving,
         ] {

@@ -214,6 +214,17 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
             HandshakeEnd::Gone
         }
     };
+    // The account's device limit (--account-max-devices), whatever way it authenticated.
+    let outcome = match outcome {
+        HandshakeEnd::Authenticated { ident, preface, .. }
+            if !door.shared.tenants.admits(&ident.account) =>
+        {
+            // The 101 (when it was to go with the verdict) goes before the close.
+            hs.preface = preface;
+            HandshakeEnd::Refused(CloseCode::AccountLimit, AuthError::AccountLimit)
+        }
+        o => o,
+    };
     match outcome {
         HandshakeEnd::Authenticated {
             ident,

@@ -304,6 +304,10 @@ fn fast_path(
         // The general path answers the refusal (101, close 4401, linger).
         return Fast::Continue(stream, bytes.to_vec(), open);
     };
+    if door.shared.tenants.full(&ident.account) {
+        // Refused (4429) and counted by the general path.
+        return Fast::Continue(stream, bytes.to_vec(), open);
+    }
     let mine = hand_over(
         door,
         Adopt {

@@ -63,6 +63,8 @@ pub enum CloseCode {
     Unauthorized,
     /// 4403: disconnected by the operator (`/disconnect`, a deny-list entry).
     Disconnected,
+    /// 4429: the device's account is at its limit of connected devices.
+    AccountLimit,
     /// 4408: not authenticated within --auth-timeout.
     AuthTimeout,
     /// 4409: replaced by a newer connection of the same device.
@@ -73,7 +75,7 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// The codes counted under their own label in `router_closes_total`, in order.
-    pub const NAMED: [CloseCode; 13] = [
+    pub const NAMED: [CloseCode; 14] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -87,6 +89,7 @@ impl CloseCode {
         CloseCode::AuthTimeout,
         CloseCode::Replaced,
         CloseCode::Disconnected,
+        CloseCode::AccountLimit,
     ];
 
     pub const fn as_u16(self) -> u16 {
@@ -104,6 +107,7 @@ impl CloseCode {
             CloseCode::AuthTimeout => 4408,
             CloseCode::Replaced => 4409,
             CloseCode::Disconnected => 4403,
+            CloseCode::AccountLimit => 4429,
             CloseCode::Other(code) => code,
         }
     }
@@ -124,6 +128,7 @@ impl CloseCode {
             4408 => CloseCode::AuthTimeout,
             4409 => CloseCode::Replaced,
             4403 => CloseCode::Disconnected,
+            4429 => CloseCode::AccountLimit,
             code => CloseCode::Other(code),
         }
     }
@@ -145,6 +150,7 @@ impl CloseCode {
             CloseCode::AuthTimeout => 10,
             CloseCode::Replaced => 11,
             CloseCode::Disconnected => 12,
+            CloseCode::AccountLimit => 13,
             CloseCode::Other(_) => return None,
         })
     }

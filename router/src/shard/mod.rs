@@ -107,6 +107,8 @@ pub(crate) struct ShardCtx {
     batch: Batch,
     /// With --close-on-token-expiry: when each token-authenticated connection's token ends.
     expiries: Option<expiry::Expiries>,
+    /// With --account-max-rate: this shard's token bucket per account.
+    account_rates: Option<crate::tenants::AccountRates>,
 }
 
 impl ShardCtx {

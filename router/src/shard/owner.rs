@@ -116,6 +116,7 @@ impl Shard {
         if let Some(e) = &mut self.ctx.expiries {
             e.forget(conn.id);
         }
+        self.ctx.shared.tenants.lost(conn.meta.account);
         if self.routes.get(&conn.meta.device) == Some(&slot) {
             self.routes.remove(&conn.meta.device);
             if let Some(c) = &self.ctx.shared.cluster {
@@ -165,6 +166,7 @@ impl Shard {
         if let Some(e) = &mut self.ctx.expiries {
             e.track(slot, id, ident.expires);
         }
+        self.ctx.shared.tenants.gained(ident.account);
         // Also after a takeover here: the directory keeps the newest connection's age.
         if let Some(c) = &self.ctx.shared.cluster {
             c.local_gained(ident.device, conn.connected_at_ms);

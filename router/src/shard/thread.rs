@@ -118,6 +118,7 @@ fn new_ctx(id: usize, shared: &Arc<Shared>, door: Rc<Door>) -> ShardCtx {
         dirty: Vec::new(),
         batch: Default::default(),
         expiries: shared.config.close_on_token_expiry.then(Default::default),
+        account_rates: (shared.config.account_max_rate > 0).then(Default::default),
     }
 }
 

@@ -64,6 +64,9 @@ impl Shard {
         }
         let instant = Instant::now();
         self.close_expired_sessions();
+        if let Some(r) = &mut self.ctx.account_rates {
+            r.sweep(now);
+        }
         self.ctx.pending.expire(instant);
         self.ctx.door.sweep();
         // Closes whose peer never sent its FIN within the linger: release them.

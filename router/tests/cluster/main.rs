@@ -15,3 +15,4 @@ mod links;
 mod membership;
 mod nodes;
 mod revocation;
+mod tenants;

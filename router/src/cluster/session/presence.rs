@@ -57,12 +57,16 @@ pub(super) async fn on_presence(
     c.metrics.presence_received.fetch_add(1, Relaxed);
     let (inc, sess) = (m.incarnation.to_native(), m.session.to_native());
     match &m.body {
-        ArchivedPresenceBody::Heartbeat { devices } => {
+        ArchivedPresenceBody::Heartbeat { devices, accounts } => {
             if st
                 .heard(m.node.as_str(), inc, sess, Some(devices.to_native()))
                 .is_some()
             {
                 st.heard_link(m.node.as_str(), m.link.as_str(), m.link_token.to_native());
+                st.shared.tenants.heard(
+                    m.node.as_str(),
+                    accounts.iter().map(|a| (a.0.to_native(), a.1.to_native())),
+                );
             }
         }
         ArchivedPresenceBody::Join => {
@@ -92,7 +96,14 @@ pub(super) async fn on_presence(
 async fn heartbeat(st: &mut State, pubr: &mut Publisher, c: &Cluster) -> lapin::Result<()> {
     st.last_heartbeat = Some(Instant::now());
     let devices = c.local_count();
-    pubr.presence(st, PresenceBody::Heartbeat { devices }).await
+    let tenants = &st.shared.tenants;
+    let accounts = if tenants.max_devices > 0 {
+        tenants.largest(crate::tenants::SHARED_ACCOUNTS)
+    } else {
+        Vec::new()
+    };
+    pubr.presence(st, PresenceBody::Heartbeat { devices, accounts })
+        .await
 }
 
 /// Every [`super::super::HEARTBEAT`]: our heartbeat, probes of silent nodes, expiry of

@@ -161,6 +161,7 @@ impl State {
     /// A node is no longer a member: its devices are expected back elsewhere, and the
     /// devices it was home for are registered at their new homes.
     pub(super) fn forget(&mut self, id: NodeId, name: &str) {
+        self.shared.tenants.forget(name);
         self.links.forget(name);
         let n = self.dir.owner_gone(id, Instant::now());
         tracing::warn!(node = %name, devices = n, "router node gone from the cluster");

@@ -21,8 +21,21 @@ impl Conn {
     /// A refused message is not parsed; the first refusal of a run is answered, and a
     /// whole burst's worth of refusals in a row closes the connection with 1008.
     pub(super) fn admit(&mut self, ctx: &mut ShardCtx) -> bool {
-        let cfg = &ctx.shared.config;
         let now = ctx.now_secs();
+        // --account-max-rate: the account's share on this shard, before the device's own.
+        let account_ok = match &mut ctx.account_rates {
+            Some(r) => {
+                let tenants = &ctx.shared.tenants;
+                let share = tenants.max_rate.div_ceil(ctx.shared.shards.len() as u32);
+                let ok = r.admit(self.meta.account, now, share);
+                if !ok {
+                    tenants.metrics.refused_rate.fetch_add(1, Relaxed);
+                }
+                ok
+            }
+            None => true,
+        };
+        let cfg = &ctx.shared.config;
         let excess = {
             let st = &mut self.st;
             if now > st.refilled_at {
@@ -30,7 +43,7 @@ impl Conn {
                 st.tokens = st.tokens.saturating_add(add).min(cfg.device_burst.max(1));
                 st.refilled_at = now;
             }
-            if st.tokens > 0 {
+            if account_ok && st.tokens > 0 {
                 st.tokens -= 1;
                 st.excess = 0;
                 return true;
