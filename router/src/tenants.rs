@@ -30,12 +30,15 @@ pub(crate) struct TenantMetrics {
     pub(crate) refused_rate: AtomicU64,
 }
 
+/// When a peer said, and its largest accounts' counts.
+type PeerCounts = (Instant, HashMap<Uuid, u32>);
+
 pub struct Tenants {
     pub(crate) max_devices: u32,
     pub(crate) max_rate: u32,
     local: Mutex<HashMap<Uuid, u32>>,
     /// Per peer node: when it said, and its accounts' counts.
-    remote: Mutex<HashMap<String, (Instant, HashMap<Uuid, u32>)>>,
+    remote: Mutex<HashMap<String, PeerCounts>>,
     pub(crate) metrics: TenantMetrics,
 }
 
