@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use uuid::Uuid;
 
 fn token_with_jti(device: Uuid, account: Uuid, jti: &str) -> String {
@@ -22,28 +20,8 @@ fn token_with_jti(device: Uuid, account: Uuid, jti: &str) -> String {
     .unwrap()
 }
 
-/// "ok" when the router authenticates the token, else the close code.
 async fn outcome(r: &TestRouter, token: &str) -> Result<Ws, u16> {
-    let mut req = format!("{}/ws", r.ws).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        futures_util::StreamExt::next(&mut ws),
-    )
-    .await
-    {
-        Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            assert_eq!(v["type"], "authenticated", "{v}");
-            Ok(ws)
-        }
-        Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))))) => Err(f.code.into()),
-        other => panic!("{other:?}"),
-    }
+    r.try_token(token).await
 }
 
 async fn post(r: &TestRouter, path: &str, body: Value) -> (u16, Value) {

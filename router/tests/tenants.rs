@@ -9,35 +9,15 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 async fn connect(r: &TestRouter, d: Uuid, a: Uuid) -> Result<Ws, u16> {
-    let mut req = format!("{}/ws", r.ws).into_client_request().unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", r.token(d, a)).parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Text(_)))) => Ok(ws),
-        Ok(Some(Ok(Message::Close(Some(f))))) => Err(f.code.into()),
-        other => panic!("{other:?}"),
-    }
+    r.try_token(&r.token(d, a)).await
 }
 
 async fn account(r: &TestRouter, a: Uuid) -> Value {
-    r.http
-        .get(format!("{}/v1/accounts/{a}", r.api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    r.get_json(&format!("/v1/accounts/{a}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,15 +54,7 @@ async fn an_account_at_its_device_limit_is_refused_4429_and_others_are_not() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _again = connect(&r, Uuid::new_v4(), full).await.expect("room again");
-    let top: Value = r
-        .http
-        .get(format!("{}/v1/accounts?top=1", r.api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let top = r.get_json("/v1/accounts?top=1").await;
     assert_eq!(top["accounts"][0]["account"], full.to_string(), "{top}");
     assert_eq!(top["accounts"][0]["connected"], 3);
 }

@@ -3,10 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use serde_json::Value;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use crate::common::amqp::*;
@@ -14,31 +10,13 @@ use crate::common::*;
 use crate::nodes::*;
 
 async fn connect(r: &TestRouter, a: Uuid) -> Result<Ws, u16> {
-    let mut req = format!("{}/ws", r.ws).into_client_request().unwrap();
-    let token = r.token(Uuid::new_v4(), a);
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Text(_)))) => Ok(ws),
-        Ok(Some(Ok(Message::Close(Some(f))))) => Err(f.code.into()),
-        other => panic!("{other:?}"),
-    }
+    r.try_token(&r.token(Uuid::new_v4(), a)).await
 }
 
 async fn connected(r: &TestRouter, a: Uuid) -> u64 {
-    let v: Value = r
-        .http
-        .get(format!("{}/v1/accounts/{a}", r.api))
-        .send()
-        .await
+    r.get_json(&format!("/v1/accounts/{a}")).await["connected"]
+        .as_u64()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["connected"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,37 @@ impl TestRouter {
         ws
     }
 
+    /// Connect with `token` in the Authorization header: the socket once authenticated,
+    /// else the close code the router refused it with.
+    pub async fn try_token(&self, token: &str) -> Result<Ws, u16> {
+        let mut req = format!("{}/ws", self.ws).into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("upgrade");
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["type"], "authenticated", "{v}");
+                Ok(ws)
+            }
+            Ok(Some(Ok(Message::Close(Some(f))))) => Err(f.code.into()),
+            other => panic!("neither authenticated nor closed: {other:?}"),
+        }
+    }
+
+    /// GET `path` on the API: its JSON body (Null when there is none).
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap_or(Value::Null)
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.api))
