@@ -5,9 +5,8 @@
 //! It replaced reqwest on the request path because the coordinator is part of what the
 //! ack latency measures and shares the two cores with the routers: at 2,000 requests/s
 //! reqwest (hyper's client, its pool, a timer and a task per request) took ~98 µs of CPU
-//! per request in the coordinator, about as much as the router's whole request path
-//! (README, "Measured", CPU per request). reqwest is still used for everything else (device lists,
-//! metrics, event streams).
+//! per request in the coordinator, about as much as the router's whole request path.
+//! reqwest is still used for everything else (device lists, metrics, event streams).
 
 use std::sync::Mutex;
 use std::time::Duration;

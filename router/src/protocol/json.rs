@@ -9,7 +9,7 @@
 //! stops one level earlier, its `IgnoredAny` not at all).
 //! It replaced simd-json's tape plus a second scan: for events of a few hundred bytes,
 //! setting up SIMD stages and a tape cost more than one scalar pass (the flood profile
-//! had JSON at ~44% of a shard, see the README).
+//! had JSON at ~44% of a shard).
 //! The run of plain bytes inside a string is skipped by `simd::skip_run` (sixteen bytes at
 //! a time on x86_64).
 
