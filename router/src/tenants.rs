@@ -180,34 +180,62 @@ pub(crate) fn render_metrics(t: &Tenants, o: &mut String) {
 }
 
 /// One shard's view of `--account-max-rate`: a token bucket per account, refilled at the
-/// shard's share of the rate (burst: one second's worth). Touched only by its shard.
+/// shard's share of the rate (burst: one second's worth), and the messages it was offered
+/// in this second and the last. Touched only by its shard.
 #[derive(Default)]
 pub(crate) struct AccountRates {
-    buckets: HashMap<Uuid, (u32, u32)>,
+    buckets: HashMap<Uuid, Bucket>,
+}
+
+struct Bucket {
+    tokens: u32,
+    at: u32,
+    /// Messages offered in second `at` and in the second before it.
+    this_second: u32,
+    last_second: u32,
 }
 
 impl AccountRates {
     /// Take one message of `account` at second `now` with `per_second` for this shard.
     pub(crate) fn admit(&mut self, account: Uuid, now: u32, per_second: u32) -> bool {
         let per_second = per_second.max(1);
-        let (tokens, at) = self.buckets.entry(account).or_insert((per_second, now));
-        if now > *at {
-            *tokens = tokens
-                .saturating_add((now - *at).saturating_mul(per_second))
+        let b = self.buckets.entry(account).or_insert(Bucket {
+            tokens: per_second,
+            at: now,
+            this_second: 0,
+            last_second: 0,
+        });
+        if now > b.at {
+            b.tokens = b
+                .tokens
+                .saturating_add((now - b.at).saturating_mul(per_second))
                 .min(per_second);
-            *at = now;
+            b.last_second = if now == b.at + 1 { b.this_second } else { 0 };
+            b.this_second = 0;
+            b.at = now;
         }
-        if *tokens == 0 {
+        b.this_second = b.this_second.saturating_add(1);
+        if b.tokens == 0 {
             return false;
         }
-        *tokens -= 1;
+        b.tokens -= 1;
         true
+    }
+
+    /// Messages the account's devices offered this shard in the last whole second.
+    pub(crate) fn last_second(&self, account: &Uuid, now: u32) -> u32 {
+        self.buckets
+            .get(account)
+            .map_or(0, |b| match now.saturating_sub(b.at) {
+                0 => b.last_second,
+                1 => b.this_second,
+                _ => 0,
+            })
     }
 
     /// Forget buckets untouched for a while (full again by now anyway).
     pub(crate) fn sweep(&mut self, now: u32) {
-        self.buckets
-            .retain(|_, (_, at)| now.saturating_sub(*at) < 10);
+        self.buckets.retain(|_, b| now.saturating_sub(b.at) < 10);
     }
 }
 
@@ -247,6 +275,10 @@ mod tests {
         assert!(!r.admit(a, 10, 3));
         assert!(r.admit(Uuid::from_u128(2), 10, 3));
         assert!(r.admit(a, 11, 3));
+        // Offered in second 10: four (one refused); second 11 so far: one.
+        assert_eq!(r.last_second(&a, 11), 4);
+        assert_eq!(r.last_second(&a, 12), 1);
+        assert_eq!(r.last_second(&a, 13), 0);
         r.sweep(30);
         assert!(r.buckets.is_empty());
     }

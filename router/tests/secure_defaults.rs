@@ -305,3 +305,45 @@ async fn without_the_option_a_session_outlives_its_token() {
     assert_eq!(s, 200, "{body}");
     dev.await.unwrap();
 }
+
+/// A secret on the command line is visible in `ps`: the router says so (and names the
+/// way that is not), while the same secret from the environment draws no warning.
+#[test]
+fn a_secret_given_as_a_flag_is_warned_about() {
+    let secret = "flag-secret-0123456789abcdef0123456789abcdef";
+    let run = |flag: bool| {
+        let mut c = router();
+        c.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+        ]);
+        if flag {
+            c.args(["--auth-secret", secret]);
+        } else {
+            c.env("ROUTER_AUTH_SECRET", secret);
+        }
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("router ready"), "{line}");
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let warned = run(true);
+    assert!(
+        warned.contains("--auth-secret on the command line is visible")
+            && warned.contains("ROUTER_AUTH_SECRET"),
+        "{warned}"
+    );
+    assert!(!run(false).contains("visible to every user"));
+}

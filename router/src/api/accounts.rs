@@ -33,12 +33,26 @@ pub(super) async fn one(
         )
     })?;
     let (connected, here) = st.shared.tenants.connected(&account);
+    // Messages/s of the account's devices on this node (the last whole second, summed
+    // over the shards): measured where --account-max-rate keeps a bucket per account.
+    let mut rate: Option<u64> = None;
+    for s in &st.shared.shards {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if s.send(crate::shard::ShardMsg::AccountRate { account, reply: tx })
+            .is_ok()
+        {
+            if let Ok(Some(n)) = rx.await {
+                rate = Some(rate.unwrap_or(0) + u64::from(n));
+            }
+        }
+    }
     Ok((
         StatusCode::OK,
         Json(json!({
             "account": account,
             "connected": connected,
             "connected_here": here,
+            "messages_per_s_here": rate,
             "node": st.shared.node_id,
             "limits": limits(&st),
         })),

@@ -36,6 +36,12 @@ pub enum ShardMsg {
         device: Uuid,
         since_ms: u64,
     },
+    /// Messages the account's devices offered this shard in the last whole second
+    /// (measured with --account-max-rate; None without).
+    AccountRate {
+        account: Uuid,
+        reply: oneshot::Sender<Option<u32>>,
+    },
     /// The operator disconnected this device (or blocked it): close it with 4403.
     Disconnect {
         device: Uuid,

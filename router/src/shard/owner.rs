@@ -229,6 +229,15 @@ impl Shard {
                     );
                 }
             }
+            ShardMsg::AccountRate { account, reply } => {
+                let now = self.ctx.now_secs();
+                let rate = self
+                    .ctx
+                    .account_rates
+                    .as_ref()
+                    .map(|r| r.last_second(&account, now));
+                let _ = reply.send(rate);
+            }
             ShardMsg::Disconnect { device } => {
                 let ctx = &mut self.ctx;
                 let slot = self.routes.get(&device).copied();
