@@ -79,7 +79,7 @@ async def main():
         await send(ws, [{"typ": "sys", "act": "hbt", "cid": "early"}])
         r = await recv(ws)
         assert r[0]["typ"] == "sys" and r[0]["act"] == "aut" and r[0]["res"] == "err" and "cid" not in r[0], r
-        expired = subprocess.run([ROUTER, "token", "--device", device, "--account", account, "--secret", "wrong"],
+        expired = subprocess.run([ROUTER, "token", "--device", device, "--account", account, "--secret", "wrong-0123456789abcdef0123456789abcdef"],
                                  check=True, capture_output=True, text=True).stdout.strip()
         await ws.send(f"Bearer {expired}")
         r = await recv(ws)
