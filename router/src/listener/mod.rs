@@ -276,7 +276,7 @@ fn fast_path(
         Err(_) => return Fast::Gone,
     };
     let bytes = &buf[..n];
-    let Ok(Some(up)) = parse_upgrade(bytes) else {
+    let Ok(Some(up)) = parse_upgrade(bytes, door.shared.config.websocket_conformance_echo) else {
         return Fast::Continue(stream, bytes.to_vec(), open);
     };
     let Some(token) = up.token.as_deref() else {

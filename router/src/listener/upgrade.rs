@@ -22,7 +22,11 @@ pub struct Upgrade {
 type Refusal = (&'static str, String);
 
 /// Parse an HTTP upgrade request. Err: (status line, message) for the HTTP answer.
-pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, String)> {
+/// `conformance_echo`: --websocket-conformance-echo (`/conformance/echo` exists).
+pub fn parse_upgrade(
+    buf: &[u8],
+    conformance_echo: bool,
+) -> Result<Option<Upgrade>, (&'static str, String)> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
@@ -42,7 +46,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let protocol = endpoint_protocol(path, query)?;
+    let protocol = endpoint_protocol(path, query, conformance_echo)?;
     let headers: &[httparse::Header] = req.headers;
     check_websocket_headers(headers)?;
     let key = websocket_key(headers)?;
@@ -69,9 +73,12 @@ fn header<'h>(headers: &'h [httparse::Header], name: &str) -> Option<&'h str> {
         .and_then(|h| std::str::from_utf8(h.value).ok())
 }
 
+/// The WebSocket conformance echo's path (only with --websocket-conformance-echo).
+pub const CONFORMANCE_ECHO_PATH: &str = "/conformance/echo";
+
 /// The protocol spoken at `path` (Phoenix's serializer from the query's `vsn`); 404 for
-/// a path with no endpoint.
-fn endpoint_protocol(path: &str, query: &str) -> Result<Protocol, Refusal> {
+/// a path with no endpoint (`/conformance/echo` too, unless `conformance_echo`).
+fn endpoint_protocol(path: &str, query: &str, conformance_echo: bool) -> Result<Protocol, Refusal> {
     let param = |name: &str| {
         query.split('&').find_map(|kv| {
             kv.split_once('=')
@@ -82,6 +89,7 @@ fn endpoint_protocol(path: &str, query: &str) -> Result<Protocol, Refusal> {
     Ok(match path {
         "/ws" => Protocol::Hive,
         "/v1/ws" => Protocol::Hivekit,
+        CONFORMANCE_ECHO_PATH if conformance_echo => Protocol::ConformanceEcho,
         // NervesHub serves its device socket at both paths (shared-secret devices use
         // the second).
         "/socket/websocket" | "/device-socket/websocket" => match param("vsn").as_deref() {
@@ -241,36 +249,39 @@ mod tests {
             "Sec-WebSocket-Version: 13",
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
         ];
-        let up = parse_upgrade(&req(&base)).unwrap().unwrap();
+        let up = parse_upgrade(&req(&base), false).unwrap().unwrap();
         assert_eq!(up.token.as_deref(), Some("a.b.c"));
         assert_eq!(up.protocol, Protocol::Hive);
         let mut with_header = base.to_vec();
         with_header[0] = "GET /ws HTTP/1.1";
         with_header.push("Authorization: Bearer tok");
         assert_eq!(
-            parse_upgrade(&req(&with_header))
+            parse_upgrade(&req(&with_header), false)
                 .unwrap()
                 .unwrap()
                 .token
                 .as_deref(),
             Some("tok")
         );
-        assert!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        assert!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost: x\r\n", false)
             .unwrap()
             .is_none());
         let mut wrong_path = base.to_vec();
         wrong_path[0] = "GET /nope HTTP/1.1";
         assert_eq!(
-            parse_upgrade(&req(&wrong_path)).err().unwrap().0,
+            parse_upgrade(&req(&wrong_path), false).err().unwrap().0,
             "404 Not Found"
         );
         let no_upgrade = &base[..2];
         assert_eq!(
-            parse_upgrade(&req(no_upgrade)).err().unwrap().0,
+            parse_upgrade(&req(no_upgrade), false).err().unwrap().0,
             "426 Upgrade Required"
         );
         assert_eq!(
-            parse_upgrade(b"\x00\x01junk\r\n\r\n").err().unwrap().0,
+            parse_upgrade(b"\x00\x01junk\r\n\r\n", false)
+                .err()
+                .unwrap()
+                .0,
             "400 Bad Request"
         );
         // RFC 6455 refusals: no key, a key that is not a base64 16-byte nonce, HTTP/1.0.
@@ -283,7 +294,7 @@ mod tests {
             r[i] = line;
             let r: Vec<&str> = r.into_iter().filter(|l| !l.is_empty()).collect();
             assert_eq!(
-                parse_upgrade(&req(&r)).err().unwrap().0,
+                parse_upgrade(&req(&r), false).err().unwrap().0,
                 "400 Bad Request",
                 "{line:?}"
             );
@@ -294,12 +305,25 @@ mod tests {
             r[0] = "GET /ws HTTP/1.1";
             let line = format!("Authorization: {auth}");
             r.push(&line);
-            let up = parse_upgrade(&req(&r)).unwrap().unwrap();
+            let up = parse_upgrade(&req(&r), false).unwrap().unwrap();
             assert_eq!(up.token.as_deref(), Some("tok"), "{auth:?}");
         }
+        // The conformance echo exists only with its flag.
+        let mut r = base.to_vec();
+        r[0] = "GET /conformance/echo?token=t HTTP/1.1";
+        assert_eq!(
+            parse_upgrade(&req(&r), false).err().unwrap().0,
+            "404 Not Found"
+        );
+        let up = parse_upgrade(&req(&r), true).unwrap().unwrap();
+        assert_eq!(up.protocol, Protocol::ConformanceEcho);
+        assert_eq!(up.token.as_deref(), Some("t"));
         let mut r = base.to_vec();
         r.push("Authorization: Basic dXNlcjpwdw==");
-        assert_eq!(parse_upgrade(&req(&r)).err().unwrap().0, "401 Unauthorized");
+        assert_eq!(
+            parse_upgrade(&req(&r), false).err().unwrap().0,
+            "401 Unauthorized"
+        );
     }
 
     #[test]

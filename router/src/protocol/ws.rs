@@ -447,6 +447,19 @@ pub fn check_close(payload: &[u8]) -> Result<Option<CloseCode>, WsError> {
     Ok(Some(CloseCode::from_u16(code)))
 }
 
+/// How far the start of a text message (more of it to come) is known to be UTF-8:
+/// `Ok(n)` when `bytes[..n]` is valid and what follows is the start of a sequence that
+/// more bytes may still complete (at most 3 bytes); `Err(Utf8)` as soon as no
+/// continuation can make it valid (RFC 6455 §8.1: fail the connection then, not when
+/// the message is whole).
+pub fn utf8_prefix(bytes: &[u8]) -> Result<usize, WsError> {
+    match simdutf8::compat::from_utf8(bytes) {
+        Ok(_) => Ok(bytes.len()),
+        Err(e) if e.error_len().is_none() => Ok(e.valid_up_to()),
+        Err(_) => Err(WsError::Utf8),
+    }
+}
+
 /// The Sec-WebSocket-Accept value for a client key (RFC 6455 §4.2.2).
 pub fn accept_key(key: &[u8]) -> String {
     let mut h = Sha1::new();
@@ -529,6 +542,63 @@ mod tests {
         let mut huge = vec![0x82, 0xFF];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         assert_eq!(parse_header(&huge, 100), Err(WsError::TooBig));
+    }
+
+    #[test]
+    fn a_text_message_in_fragments_fails_at_the_first_invalid_fragment() {
+        // Autobahn 6.4.1 and 6.4.2: valid, then a fragment no continuation can save.
+        let part1 = "κόσμε".as_bytes();
+        assert_eq!(utf8_prefix(part1), Ok(part1.len()));
+        for part2 in [&b"\xf4\x90\x80\x80"[..], b"\xf4\x90"] {
+            let so_far = [part1, part2].concat();
+            assert_eq!(utf8_prefix(&so_far), Err(WsError::Utf8), "{part2:?}");
+            assert_eq!(WsError::Utf8.close_code(), CloseCode::InvalidData);
+        }
+        // A sequence cut between fragments waits for its rest.
+        assert_eq!(utf8_prefix(b"ab\xe2\x82"), Ok(2));
+        assert_eq!(utf8_prefix(b"\xe2\x82\xac"), Ok(3));
+        assert_eq!(utf8_prefix(b"ab\xe2\x28"), Err(WsError::Utf8));
+        assert_eq!(utf8_prefix(b""), Ok(0));
+    }
+
+    proptest::proptest! {
+        /// Any valid text cut anywhere, checked from where the last check stopped (as the
+        /// connection does fragment by fragment), is never refused and ends fully checked;
+        /// any text with a byte that is never UTF-8 is refused at the latest once it
+        /// arrives.
+        #[test]
+        fn utf8_checked_fragment_by_fragment(
+            text in ".{0,40}",
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+            bad_at in 0usize..200,
+        ) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let mut checked = 0;
+            for end in &cuts {
+                checked += utf8_prefix(&bytes[checked..*end]).unwrap();
+                proptest::prop_assert!(*end - checked <= 3);
+            }
+            proptest::prop_assert_eq!(checked, bytes.len());
+            let mut bad = bytes.to_vec();
+            let at = bad_at % (bad.len() + 1);
+            bad.insert(at, 0xff);
+            let mut checked = 0;
+            let mut refused = false;
+            for end in cuts.iter().map(|c| if *c >= at { c + 1 } else { *c }).chain([bad.len()]) {
+                match utf8_prefix(&bad[checked..end]) {
+                    Ok(n) => checked += n,
+                    Err(_) => {
+                        refused = true;
+                        proptest::prop_assert!(end > at);
+                        break;
+                    }
+                }
+            }
+            proptest::prop_assert!(refused);
+        }
     }
 
     #[test]

@@ -121,10 +121,13 @@ struct Bufs {
     /// A fragmented message being reassembled, and its opcode (0: none).
     msg: Vec<u8>,
     msg_op: u8,
-    /// Frames of `msg` so far (bounded: see `frames`).
-    msg_frames: u16,
+    /// Frames of `msg` so far (bounded by --max-fragments: see `frames`).
+    msg_frames: u32,
     /// `msg` is compressed (its first frame had RSV1).
     msg_deflated: bool,
+    /// How far a fragmented text message is known to be UTF-8 (checked fragment by
+    /// fragment, unless compressed: see `frames`).
+    msg_utf8: usize,
     /// Outbound bytes the socket did not take yet; `out_pos` is how far they went.
     out: Vec<u8>,
     out_pos: usize,
