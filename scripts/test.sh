@@ -71,6 +71,9 @@ step "independent NervesHub device: shared-secret auth and vsn 3.0.0 MessagePack
 "$VENV/bin/python" -c 'import msgpack' 2>/dev/null || "$VENV/bin/pip" install --quiet 'msgpack>=1,<2'
 "$VENV/bin/python" interop/python/test_nerveshub.py "$ROUTER"
 
+step "WebSocket conformance: the Autobahn TestSuite against the router (/conformance/echo, with and without permessage-deflate) and loadgen's client (Python 2.7; fails without it)"
+ROUTER_BIN="$ROUTER" LOADGEN_BIN="$LOADGEN" scripts/autobahn.sh all
+
 step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
 ensure_rabbitmq
 "$VENV/bin/python" -c 'import pika' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pika>=1.3,<2'

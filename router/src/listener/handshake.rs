@@ -35,7 +35,7 @@ enum HandshakeEnd {
         ident: Identity,
         protocol: Protocol,
         /// permessage-deflate negotiated.
-        deflate: bool,
+        deflate: ws::Deflate,
         leftover: Vec<u8>,
         /// Not yet sent: goes out with the greeting, from the owning shard.
         preface: Vec<u8>,
@@ -161,7 +161,7 @@ async fn upgrade_and_auth<S: AsyncRead + AsyncWrite + Unpin>(
     cert_ident: Option<Identity>,
     deadline: tokio::time::Instant,
     first: Vec<u8>,
-) -> Option<(Identity, Protocol, bool, Vec<u8>, Vec<u8>)> {
+) -> Option<(Identity, Protocol, ws::Deflate, Vec<u8>, Vec<u8>)> {
     let m = door.metrics();
     let mut hs = Handshake {
         buf: first,
@@ -278,8 +278,11 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let decided = cert_ident.is_some() || up.token.is_some();
     // permessage-deflate only where authentication is decided by the upgrade request:
     // a first-frame `Bearer` is read by the listener, which does not inflate.
-    let deflate = up.deflate && door.shared.config.permessage_deflate && decided;
-    let resp = switching_protocols(&up.key, deflate);
+    let offer = up
+        .deflate
+        .filter(|_| door.shared.config.permessage_deflate && decided);
+    let resp = switching_protocols(&up.key, offer);
+    let deflate = offer.map_or(ws::Deflate::Off, ws::Deflate::for_window);
     if decided {
         // Decided without another byte from the device: the 101 goes out with the
         // verdict (the greeting from the owning shard, or the close frame).
@@ -446,7 +449,7 @@ async fn bearer_frame<S: AsyncRead + AsyncWrite + Unpin>(
                 return HandshakeEnd::Authenticated {
                     ident,
                     protocol,
-                    deflate: false,
+                    deflate: ws::Deflate::Off,
                     leftover: std::mem::take(&mut hs.buf),
                     preface: Vec::new(),
                 }

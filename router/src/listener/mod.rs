@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::net::TcpStream;
 
-use crate::protocol::ws::CloseCode;
+use crate::protocol::ws::{self, CloseCode};
 use crate::shard::{shard_of, Adopt, Door, ShardMsg};
 use crate::Shared;
 use handshake::{close_frame, http_error};
@@ -286,6 +286,7 @@ fn fast_path(
         // The general path answers the refusal (101, close 4401, linger).
         return Fast::Continue(stream, bytes.to_vec(), open);
     };
+    let offer = up.deflate.filter(|_| door.shared.config.permessage_deflate);
     let mine = hand_over(
         door,
         Adopt {
@@ -295,12 +296,8 @@ fn fast_path(
             peer,
             protocol: up.protocol,
             leftover: bytes[up.consumed..].to_vec(),
-            deflate: up.deflate && door.shared.config.permessage_deflate,
-            preface: switching_protocols(
-                &up.key,
-                up.deflate && door.shared.config.permessage_deflate,
-            )
-            .into_bytes(),
+            deflate: offer.map_or(ws::Deflate::Off, ws::Deflate::for_window),
+            preface: switching_protocols(&up.key, offer).into_bytes(),
             open,
         },
     );

@@ -13,8 +13,9 @@ pub struct Upgrade {
     pub token: Option<String>,
     /// NervesHub shared-secret headers (`x-nh-*`), when the request has any.
     pub nerves: Option<crate::nerves_auth::Headers>,
-    /// The client offers permessage-deflate in a form the router accepts.
-    pub deflate: bool,
+    /// The client offers permessage-deflate in a form the router accepts: the window
+    /// bits it allows the router (see `ws::deflate_offer`).
+    pub deflate: Option<u8>,
     pub consumed: usize,
 }
 
@@ -60,7 +61,7 @@ pub fn parse_upgrade(
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
             .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .any(ws::deflate_offered),
+            .find_map(ws::deflate_offer),
         consumed,
     }))
 }
@@ -216,12 +217,14 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The 101 answer to an upgrade request with this `Sec-WebSocket-Key`, accepting
-/// permessage-deflate when `deflate`.
-pub fn switching_protocols(key: &str, deflate: bool) -> String {
-    let ext = if deflate {
-        format!("sec-websocket-extensions: {}\r\n", ws::DEFLATE_RESPONSE)
-    } else {
-        String::new()
+/// permessage-deflate when `deflate` (the window bits the offer allows the router).
+pub fn switching_protocols(key: &str, deflate: Option<u8>) -> String {
+    let ext = match deflate {
+        Some(bits) => format!(
+            "sec-websocket-extensions: {}\r\n",
+            ws::deflate_response(bits)
+        ),
+        None => String::new(),
     };
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n{ext}\r\n",

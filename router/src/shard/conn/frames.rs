@@ -91,7 +91,7 @@ impl Conn {
         let deflate = {
             let st = &mut self.st;
             st.last_seen = now;
-            st.deflate
+            st.deflate.receives()
         };
         // RSV1 (compressed) only with permessage-deflate, and only on a message's first
         // frame (RFC 7692 §6.1).

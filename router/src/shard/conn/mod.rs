@@ -154,8 +154,8 @@ struct State {
     bad_frames: u8,
     /// Events registered with the shard's poller.
     interest: u32,
-    /// permessage-deflate was negotiated (no context takeover: no state kept for it).
-    deflate: bool,
+    /// permessage-deflate as negotiated (no context takeover: no state kept for it).
+    deflate: ws::Deflate,
     /// Per-device rate limit: tokens left, the second they were last refilled, and
     /// messages refused since the last one admitted.
     tokens: u32,
@@ -164,7 +164,7 @@ struct State {
 }
 
 impl State {
-    fn new(now: u32, next_ping: u32, tokens: u32, deflate: bool) -> Self {
+    fn new(now: u32, next_ping: u32, tokens: u32, deflate: ws::Deflate) -> Self {
         State {
             bufs: None,
             tls: None,
@@ -198,7 +198,7 @@ impl Conn {
         ident: Identity,
         peer: SocketAddr,
         protocol: Protocol,
-        deflate: bool,
+        deflate: ws::Deflate,
         open: OpenConnection,
     ) -> Self {
         let now = ctx.now_secs();
