@@ -62,18 +62,22 @@ def main(argv):
         return 2
     problems = []
     lines = []
+    # An agent's cases, from one report or several (sections run side by side).
+    by_agent = OrderedDict()
     for arg in argv:
         agent, path = arg.split("=", 1)
         try:
             with open(path) as f:
                 index = json.load(f)
         except (OSError, ValueError) as e:
-            problems.append("%s: no report (%s)" % (agent, e))
+            problems.append("%s: no report (%s)" % (path, e))
             continue
         cases = index.get(agent)
         if not cases:
-            problems.append("%s: the report has no cases for this agent" % agent)
+            problems.append("%s: the report has no cases for agent %s" % (path, agent))
             continue
+        by_agent.setdefault(agent, {}).update(cases)
+    for agent, cases in by_agent.items():
         per_section = OrderedDict()
         for case in sorted(cases, key=case_key):
             r = cases[case]
