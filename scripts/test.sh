@@ -71,8 +71,8 @@ step "independent NervesHub device: shared-secret auth and vsn 3.0.0 MessagePack
 "$VENV/bin/python" -c 'import msgpack' 2>/dev/null || "$VENV/bin/pip" install --quiet 'msgpack>=1,<2'
 "$VENV/bin/python" interop/python/test_nerveshub.py "$ROUTER"
 
-step "WebSocket conformance: the Autobahn TestSuite against the router (/conformance/echo, with and without permessage-deflate) and loadgen's client (Python 2.7; fails without it)"
-ROUTER_BIN="$ROUTER" LOADGEN_BIN="$LOADGEN" scripts/autobahn.sh all
+step "WebSocket conformance: the Autobahn TestSuite against the router (/conformance/echo; sections 12-13 with --permessage-deflate, their 128 KiB cases left out here: scripts/autobahn.sh runs them) and loadgen's client (Python 2.7; fails without it)"
+AUTOBAHN_QUICK=1 ROUTER_BIN="$ROUTER" LOADGEN_BIN="$LOADGEN" scripts/autobahn.sh all
 
 step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
 ensure_rabbitmq
