@@ -75,6 +75,9 @@ step "independent token minting: PyJWT (cryptography) tokens of every algorithm 
 "$VENV/bin/python" -c 'import jwt, cryptography' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pyjwt[crypto]>=2.8,<3'
 "$VENV/bin/python" interop/python/test_jwt_keys.py "$ROUTER"
 
+step "WebSocket conformance: the Autobahn TestSuite against the router (/conformance/echo; sections 12-13 with --permessage-deflate, their 128 KiB cases left out here: scripts/autobahn.sh runs them) and loadgen's client (Python 2.7; fails without it)"
+AUTOBAHN_QUICK=1 ROUTER_BIN="$ROUTER" LOADGEN_BIN="$LOADGEN" scripts/autobahn.sh all
+
 step "independent AMQP consumer: Python pika reads hive.events (router --amqp)"
 ensure_rabbitmq
 "$VENV/bin/python" -c 'import pika' 2>/dev/null || "$VENV/bin/pip" install --quiet 'pika>=1.3,<2'

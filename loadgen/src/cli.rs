@@ -248,6 +248,10 @@ pub enum Sub {
     /// timeout or lost-event figure got worse, or a throughput figure dropped, beyond the
     /// tolerance.
     Compare(crate::compare::CompareArgs),
+    /// Run loadgen's WebSocket client (the one every simulated device uses) as the echo
+    /// client of the Autobahn TestSuite's fuzzingserver: every case in turn, then the
+    /// report (scripts/autobahn.sh; docs/protocols.md).
+    AutobahnClient(crate::autobahn::AutobahnArgs),
 }
 
 /// "90%" or "90" as 90.0, 0 to 100.

@@ -2,6 +2,7 @@
 //! The command line picks the role: coordinator (default) or worker (internal).
 
 mod amqp_events;
+mod autobahn;
 mod backend;
 mod cli;
 mod compare;
@@ -55,6 +56,9 @@ fn main() -> anyhow::Result<()> {
     let mut args = cli::Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(cli::Sub::Compare(c)) = &args.command {
         std::process::exit(compare::run(c));
+    }
+    if let Some(cli::Sub::AutobahnClient(a)) = &args.command {
+        std::process::exit(autobahn::run(a));
     }
     if args.worker_index.is_none() {
         scenario::settle(&mut args, &matches, &sc).unwrap_or_else(|e| usage_error(&e));

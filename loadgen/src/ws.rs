@@ -1,4 +1,5 @@
-//! The simulated devices' WebSocket client (RFC 6455, client side, no extensions).
+//! The simulated devices' WebSocket client (RFC 6455, client side, no extensions), also
+//! what `loadgen autobahn-client` runs against the Autobahn TestSuite.
 //!
 //! Written for a load generator that holds 15,000 devices per process: a connected device
 //! owns its socket and nothing else. Reads go into one scratch buffer per worker thread;
@@ -38,7 +39,9 @@ thread_local! {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     Text(String),
-    /// The close code (1005: none given).
+    /// A binary message (no device protocol of loadgen's uses them: devices ignore it).
+    Binary(Vec<u8>),
+    /// The close code (1005: none given); the frame was checked (RFC 6455 §7.4).
     Close(u16),
 }
 
@@ -49,8 +52,14 @@ pub enum WsError {
     Http(u16),
     /// The upgrade answer was not a valid 101 for our key.
     Upgrade,
-    /// The server broke the framing rules (masked or oversized frame, bad UTF-8...).
+    /// The server broke the framing rules (masked frame, reserved bits or opcode, a
+    /// control frame fragmented or over 125 bytes, bad fragmentation, a malformed close
+    /// frame): the client fails the connection with 1002.
     Protocol,
+    /// A text message (or close reason) that is not UTF-8: 1007.
+    Invalid,
+    /// A message over [`MAX_FRAME`]: 1009.
+    TooBig,
     /// Reset or closed without a close frame.
     Lost,
 }
@@ -60,8 +69,19 @@ impl WsError {
         match self {
             WsError::Http(s) => format!("http_{s}"),
             WsError::Upgrade => "upgrade_error".into(),
-            WsError::Protocol => "protocol_error".into(),
+            WsError::Protocol | WsError::Invalid | WsError::TooBig => "protocol_error".into(),
             WsError::Lost => "connection_lost".into(),
+        }
+    }
+
+    /// The close code a client fails the connection with for this error (None: there is
+    /// no connection left to close).
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            WsError::Protocol => Some(1002),
+            WsError::Invalid => Some(1007),
+            WsError::TooBig => Some(1009),
+            WsError::Http(_) | WsError::Upgrade | WsError::Lost => None,
         }
     }
 }
@@ -76,12 +96,16 @@ pub struct Ws {
 struct Frames {
     /// Bytes of a frame not yet complete (empty, and unallocated, almost always).
     partial: Vec<u8>,
-    /// A fragmented message being put together (true: text; binary is dropped).
+    /// A fragmented message being put together (true: text).
     fragments: Option<(bool, Vec<u8>)>,
     /// Frames parsed but not yet handed out.
     ready: std::collections::VecDeque<Incoming>,
     /// Control answers (pongs) owed to the server, written by the next `flush_control`.
     control: Vec<u8>,
+    /// The server broke the rules here: reported once the messages before it are out.
+    failed: Option<WsError>,
+    /// The server's close frame came: nothing after it is read or answered.
+    closed: bool,
 }
 
 /// Open a WebSocket over `tcp`: `host` for the Host header, `target` the path and query,
@@ -122,7 +146,8 @@ pub async fn handshake(
     };
     let mut frames = Frames::default();
     if !rest.is_empty() {
-        frames.ingest(&rest)?;
+        // (A broken frame here is reported by `recv`, after the messages before it.)
+        frames.take_in(&rest);
     }
     Ok(Ws { tcp, frames })
 }
@@ -174,11 +199,14 @@ impl Ws {
             if !self.frames.control.is_empty() {
                 return Poll::Ready(Ok(None));
             }
+            if let Some(e) = self.frames.failed.take() {
+                return Poll::Ready(Err(e));
+            }
             let frames = &mut self.frames;
-            match poll_read_scratch(&mut self.tcp, cx, |data| frames.ingest(data)) {
+            match poll_read_scratch(&mut self.tcp, cx, |data| frames.take_in(data)) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e) | Ok(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(Ok(()))) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
             }
         }
     }
@@ -201,6 +229,32 @@ impl Ws {
     /// Send one text frame.
     pub async fn send_text(&mut self, text: &str) -> Result<(), WsError> {
         self.send_texts(&[text]).await
+    }
+
+    /// Send one unfragmented message (text 0x1 or binary 0x2) in one write, with any pong
+    /// owed.
+    pub async fn send_message(&mut self, opcode: u8, payload: &[u8]) -> Result<(), WsError> {
+        let mut out = std::mem::take(&mut self.frames.control);
+        encode_frame(&mut out, opcode, payload);
+        self.tcp.write_all(&out).await.map_err(|_| WsError::Lost)
+    }
+
+    /// The client's side of the closing handshake (RFC 6455 §7): a close frame with
+    /// `code` (None: an empty one), then nothing more is sent, and what the server still
+    /// sends is discarded until it closes the TCP connection (the server closes first,
+    /// §7.1.1), or `wait` passed.
+    pub async fn close_and_wait(&mut self, code: Option<u16>, wait: std::time::Duration) {
+        let mut out = std::mem::take(&mut self.frames.control);
+        let code = code.map(u16::to_be_bytes);
+        encode_frame(&mut out, 0x8, code.as_ref().map_or(&[][..], |c| &c[..]));
+        if self.tcp.write_all(&out).await.is_err() {
+            return;
+        }
+        let tcp = &mut self.tcp;
+        let _ = tokio::time::timeout(wait, async {
+            while read_scratch(tcp, |_| ()).await.is_ok() {}
+        })
+        .await;
     }
 
     /// Send a close frame (1000) and stop: what a device does when told to stop.
@@ -239,18 +293,32 @@ fn poll_read_scratch<R>(
 }
 
 impl Frames {
+    /// [`Frames::ingest`], an error kept to be reported after the messages that came
+    /// before it (a server's message is delivered, and answered, before the broken frame
+    /// that follows it fails the connection). After a close frame or an error nothing
+    /// more is read.
+    fn take_in(&mut self, data: &[u8]) {
+        if self.closed || self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.ingest(data) {
+            self.partial = Vec::new();
+            self.failed = Some(e);
+        }
+    }
+
     /// Parse what arrived, keeping only an incomplete frame's bytes.
     fn ingest(&mut self, data: &[u8]) -> Result<(), WsError> {
         if self.partial.is_empty() {
             let used = self.parse_frames(data)?;
-            if used < data.len() {
+            if used < data.len() && !self.closed {
                 self.partial.extend_from_slice(&data[used..]);
             }
         } else {
             let mut buf = std::mem::take(&mut self.partial);
             buf.extend_from_slice(data);
             let used = self.parse_frames(&buf)?;
-            if used < buf.len() {
+            if used < buf.len() && !self.closed {
                 buf.drain(..used);
                 self.partial = buf;
             }
@@ -262,7 +330,10 @@ impl Frames {
     /// Parse complete frames from `data`; returns the bytes used.
     fn parse_frames(&mut self, data: &[u8]) -> Result<usize, WsError> {
         let mut at = 0;
-        while let Some((header, len)) = frame_header(&data[at..])? {
+        while !self.closed {
+            let Some((header, len)) = frame_header(&data[at..])? else {
+                break;
+            };
             if data.len() - at < header + len {
                 break;
             }
@@ -275,49 +346,91 @@ impl Frames {
     }
 
     fn on_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> Result<(), WsError> {
+        if opcode & 0x8 != 0 && (!fin || payload.len() > 125) {
+            // Control frames: whole, at most 125 bytes (RFC 6455 §5.5).
+            return Err(WsError::Protocol);
+        }
         match opcode {
             0x0..=0x2 => {
                 let (text, msg) = match (opcode, self.fragments.take()) {
                     (0x0, Some((text, mut acc))) => {
+                        let before = acc.len();
+                        if before + payload.len() > MAX_FRAME {
+                            return Err(WsError::TooBig);
+                        }
+                        acc.extend_from_slice(payload);
                         if text {
-                            acc.extend_from_slice(payload);
+                            utf8_after(&acc, before)?;
                         }
                         (text, acc)
                     }
                     (0x0, None) | (_, Some(_)) => return Err(WsError::Protocol),
-                    (0x1, None) => (true, payload.to_vec()),
-                    // Binary is not part of the protocols loadgen speaks: dropped.
-                    (_, None) => (false, Vec::new()),
+                    (0x1, None) if fin => {
+                        let text = std::str::from_utf8(payload).map_err(|_| WsError::Invalid)?;
+                        self.ready.push_back(Incoming::Text(text.to_owned()));
+                        return Ok(());
+                    }
+                    (0x1, None) => {
+                        utf8_after(payload, 0)?;
+                        (true, payload.to_vec())
+                    }
+                    (_, None) => (false, payload.to_vec()),
                 };
-                if msg.len() > MAX_FRAME {
-                    return Err(WsError::Protocol);
-                }
                 if !fin {
                     self.fragments = Some((text, msg));
-                    return Ok(());
-                }
-                if text {
-                    let text = String::from_utf8(msg).map_err(|_| WsError::Protocol)?;
+                } else if text {
+                    let text = String::from_utf8(msg).map_err(|_| WsError::Invalid)?;
                     self.ready.push_back(Incoming::Text(text));
+                } else {
+                    self.ready.push_back(Incoming::Binary(msg));
                 }
             }
             0x8 => {
-                let code = match payload {
-                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
-                    _ => 1005,
-                };
-                self.ready.push_back(Incoming::Close(code));
+                // The last frame read: what follows it (a ping, a message) is not
+                // answered (RFC 6455 §5.5.1).
+                self.closed = true;
+                self.ready.push_back(Incoming::Close(check_close(payload)?));
             }
-            0x9 => {
-                if !fin || payload.len() > 125 {
-                    return Err(WsError::Protocol);
-                }
-                encode_frame(&mut self.control, 0xA, payload);
-            }
+            0x9 => encode_frame(&mut self.control, 0xA, payload),
             0xA => {}
             _ => return Err(WsError::Protocol),
         }
         Ok(())
+    }
+}
+
+/// A fragmented text message is checked as it comes: `msg[..from]` was found UTF-8 but
+/// perhaps for a sequence cut at its end, so the check starts again at the last
+/// character boundary before `from` (at most 3 bytes back). Err(Invalid) as soon as no
+/// continuation can make the message valid (RFC 6455 §8.1), not once it is whole.
+fn utf8_after(msg: &[u8], from: usize) -> Result<(), WsError> {
+    let mut start = from.saturating_sub(3);
+    while start < from && msg[start] & 0xC0 == 0x80 {
+        start += 1;
+    }
+    match std::str::from_utf8(&msg[start..]) {
+        Ok(_) => Ok(()),
+        // Cut short inside a sequence: the next fragment may complete it.
+        Err(e) if e.error_len().is_none() => Ok(()),
+        Err(_) => Err(WsError::Invalid),
+    }
+}
+
+/// The code of a server's close frame (1005: none), or why it is malformed: one byte, a
+/// code no endpoint may send (below 1000, 1004-1006, 1015-2999, 5000 and up) is a protocol
+/// error; a reason that is not UTF-8 is 1007 (RFC 6455 §5.5.1, §7.4).
+fn check_close(payload: &[u8]) -> Result<u16, WsError> {
+    match payload {
+        [] => Ok(1005),
+        [_] => Err(WsError::Protocol),
+        [a, b, reason @ ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                return Err(WsError::Protocol);
+            }
+            std::str::from_utf8(reason).map_err(|_| WsError::Invalid)?;
+            Ok(code)
+        }
     }
 }
 
@@ -341,7 +454,7 @@ fn frame_header(d: &[u8]) -> Result<Option<(usize, usize)>, WsError> {
         n => (2, n as usize),
     };
     if len > MAX_FRAME {
-        return Err(WsError::Protocol);
+        return Err(WsError::TooBig);
     }
     Ok(Some((header, len)))
 }
@@ -485,7 +598,6 @@ mod tests {
     /// no buffer once a frame is complete.
     #[test]
     fn frames_split_anywhere_parse_the_same() {
-        let mut ws = Frames::default();
         let long = "y".repeat(300);
         let mut stream = server_frame(0x1, true, b"{\"type\":\"a\"}");
         stream.extend(server_frame(0x9, true, b"p1"));
@@ -494,6 +606,8 @@ mod tests {
         stream.extend(server_frame(0x1, true, long.as_bytes()));
         stream.extend(server_frame(0x8, true, &4001u16.to_be_bytes()));
         for cut in 0..stream.len() {
+            // (A fresh client each time: nothing is read after the close frame.)
+            let mut ws = Frames::default();
             ws.ingest(&stream[..cut]).unwrap();
             ws.ingest(&stream[cut..]).unwrap();
             assert!(ws.partial.is_empty() && ws.partial.capacity() == 0);
@@ -513,12 +627,13 @@ mod tests {
             ws.control.clear();
         }
         // Byte by byte, too.
+        let mut ws = Frames::default();
         for b in &stream {
             ws.ingest(std::slice::from_ref(b)).unwrap();
         }
         assert_eq!(ws.ready.len(), 4);
         // Broken framing is an error, not a guess.
-        ws.ready.clear();
+        let mut ws = Frames::default();
         assert_eq!(
             ws.ingest(&[0x81, 0x82, 0, 0, 0, 0, b'h', b'i']),
             Err(WsError::Protocol)
@@ -526,10 +641,131 @@ mod tests {
         assert_eq!(ws.ingest(&[0xC1, 0x00]), Err(WsError::Protocol));
         assert_eq!(
             ws.ingest(&[0x81, 0x7f, 0xff, 0, 0, 0, 0, 0, 0, 0]),
-            Err(WsError::Protocol)
+            Err(WsError::TooBig)
         );
         let bad_utf8 = server_frame(0x1, true, &[0xff, 0xfe]);
-        assert_eq!(ws.ingest(&bad_utf8), Err(WsError::Protocol));
+        assert_eq!(ws.ingest(&bad_utf8), Err(WsError::Invalid));
+        assert_eq!(WsError::Invalid.close_code(), Some(1007));
+    }
+
+    /// What the Autobahn TestSuite found (3.2, 4.1.3, 5.15 and kin): a message that came
+    /// in the same read as a broken frame after it is still delivered (and echoed) before
+    /// the error fails the connection.
+    #[test]
+    fn a_message_before_a_broken_frame_is_delivered_first() {
+        let mut stream = server_frame(0x1, true, b"first");
+        stream.extend([0xA1, 0x00]); // RSV2 set
+        stream.extend(server_frame(0x9, true, b"never"));
+        let mut f = Frames::default();
+        f.take_in(&stream);
+        assert_eq!(f.ready.pop_front(), Some(Incoming::Text("first".into())));
+        assert_eq!(f.failed.take(), Some(WsError::Protocol));
+        assert!(
+            f.control.is_empty(),
+            "nothing after the broken frame is answered"
+        );
+        // A reserved opcode, and a continuation with nothing to continue, likewise.
+        for bad in [vec![0x83, 0x00], server_frame(0x0, false, b"x")] {
+            let mut f = Frames::default();
+            f.take_in(&[server_frame(0x2, true, b"bin"), bad].concat());
+            assert_eq!(f.ready.pop_front(), Some(Incoming::Binary(b"bin".to_vec())));
+            assert_eq!(f.failed, Some(WsError::Protocol));
+            // And nothing more is read.
+            f.take_in(&server_frame(0x1, true, b"later"));
+            assert!(f.ready.is_empty());
+        }
+    }
+
+    /// Autobahn 7.1.3 and kin: after the server's close frame, a ping (or anything) in
+    /// the same read is not answered, and nothing of it is kept.
+    #[test]
+    fn nothing_after_the_close_frame_is_answered() {
+        let mut stream = server_frame(0x8, true, &1000u16.to_be_bytes());
+        stream.extend(server_frame(0x9, true, b"late"));
+        stream.extend(server_frame(0x1, true, b"late"));
+        let mut f = Frames::default();
+        f.take_in(&stream);
+        assert_eq!(f.ready.pop_front(), Some(Incoming::Close(1000)));
+        assert!(f.ready.is_empty() && f.control.is_empty() && f.partial.capacity() == 0);
+    }
+
+    /// Autobahn 2.5, 5.x, 7.3.x, 7.9.x: control frames are whole and at most 125 bytes; a
+    /// close frame's code is one a peer may send and its reason UTF-8.
+    #[test]
+    fn control_and_close_frames_are_checked() {
+        let checked = |frame: Vec<u8>| {
+            let mut f = Frames::default();
+            f.ingest(&frame).map(|()| f.ready.pop_front())
+        };
+        assert_eq!(
+            checked(server_frame(0x9, true, &[0; 126])),
+            Err(WsError::Protocol)
+        );
+        assert_eq!(
+            checked(server_frame(0x8, true, &[0; 126])),
+            Err(WsError::Protocol)
+        );
+        assert_eq!(
+            checked(server_frame(0xA, false, b"p")),
+            Err(WsError::Protocol)
+        );
+        assert_eq!(
+            checked(server_frame(0x8, true, b"")),
+            Ok(Some(Incoming::Close(1005)))
+        );
+        assert_eq!(
+            checked(server_frame(0x8, true, &[3])),
+            Err(WsError::Protocol)
+        );
+        for ok in [1000u16, 1003, 1007, 1011, 3000, 4999] {
+            let frame = server_frame(0x8, true, &ok.to_be_bytes());
+            assert_eq!(checked(frame), Ok(Some(Incoming::Close(ok))), "{ok}");
+        }
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            let frame = server_frame(0x8, true, &bad.to_be_bytes());
+            assert_eq!(checked(frame), Err(WsError::Protocol), "{bad}");
+        }
+        let mut p = 1000u16.to_be_bytes().to_vec();
+        p.extend_from_slice(b"bye \xff");
+        assert_eq!(checked(server_frame(0x8, true, &p)), Err(WsError::Invalid));
+        assert_eq!(WsError::Protocol.close_code(), Some(1002));
+    }
+
+    /// Autobahn 6.4.1 and 6.4.2: a fragmented text message fails at the first fragment
+    /// no continuation can make UTF-8; a character cut between fragments waits for its
+    /// rest; binary messages are put together whole.
+    #[test]
+    fn fragmented_messages_are_checked_as_they_come() {
+        let mut f = Frames::default();
+        f.ingest(&server_frame(0x1, false, "κόσμε".as_bytes()))
+            .unwrap();
+        assert_eq!(
+            f.ingest(&server_frame(0x0, false, b"\xf4\x90\x80\x80")),
+            Err(WsError::Invalid)
+        );
+        let mut f = Frames::default();
+        f.ingest(&server_frame(0x1, false, b"a\xe2\x82")).unwrap();
+        f.ingest(&server_frame(0x0, false, b"\xac")).unwrap();
+        f.ingest(&server_frame(0x0, true, b"b")).unwrap();
+        assert_eq!(f.ready.pop_front(), Some(Incoming::Text("a€b".into())));
+        let mut f = Frames::default();
+        f.ingest(&server_frame(0x1, false, b"a\xe2")).unwrap();
+        assert_eq!(
+            f.ingest(&server_frame(0x0, true, b"\x28")),
+            Err(WsError::Invalid)
+        );
+        let mut f = Frames::default();
+        f.ingest(&server_frame(0x2, false, &[0xff, 0])).unwrap();
+        f.ingest(&server_frame(0x9, true, b"p")).unwrap();
+        f.ingest(&server_frame(0x0, true, &[0xfe])).unwrap();
+        assert_eq!(
+            f.ready.pop_front(),
+            Some(Incoming::Binary(vec![0xff, 0, 0xfe]))
+        );
+        assert!(
+            !f.control.is_empty(),
+            "the ping inside the message is answered"
+        );
     }
 
     /// Against an independent implementation (tungstenite's server): the upgrade, text

@@ -286,6 +286,19 @@ pub struct ServeConfig {
     #[arg(long, env = "ROUTER_MAX_FRAME", default_value_t = 64 * 1024)]
     pub max_frame: usize,
 
+    /// Frames one WebSocket message may be split into (each also costs a --device-rate
+    /// token); more closes with 1009.
+    #[arg(long, env = "ROUTER_MAX_FRAGMENTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_fragments: u32,
+
+    /// Serve a WebSocket conformance echo at `/conformance/echo` (token required, as on
+    /// `/ws`): every text and binary message sent back as it came, through the same
+    /// connection code as devices, for the Autobahn TestSuite (scripts/autobahn.sh).
+    /// Nothing it receives reaches the bus. A test setting: a command-line flag only (no
+    /// environment variable, no config file key), never for a deployment.
+    #[arg(long)]
+    pub websocket_conformance_echo: bool,
+
     /// Default timeout of a request sent through the HTTP API when the body gives no timeout_ms.
     #[arg(long, env = "ROUTER_REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=300_000))]
     pub request_timeout_ms: u64,
@@ -578,6 +591,8 @@ impl ServeConfig {
             nerves_max_age: 90,
             nerves_extensions: Vec::new(),
             max_frame: 64 * 1024,
+            max_fragments: 1024,
+            websocket_conformance_echo: false,
             request_timeout_ms: 10_000,
             max_outbound: 256 * 1024,
             queue_capacity: 65_536,

@@ -138,8 +138,14 @@ pub fn example() -> String {
             out.push_str(&line);
             out.push('\n');
         }
-        if let Some(env) = arg.get_env() {
-            out.push_str(&format!("# env: {}\n", env.to_string_lossy()));
+        match arg.get_env() {
+            Some(env) => out.push_str(&format!("# env: {}\n", env.to_string_lossy())),
+            None => {
+                // A flag without an environment variable (--websocket-conformance-echo) is
+                // for the command line only: shown, commented out, not a key.
+                out.push_str(&format!("# {long} = (command line only)\n"));
+                continue;
+            }
         }
         let defaults: Vec<String> = arg
             .get_default_values()

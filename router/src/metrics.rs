@@ -68,7 +68,7 @@ impl ShardMetrics {
         let (codes, counters): (&[&str], &[AtomicU64]) = match protocol {
             crate::shard::Protocol::Phoenix(_) => (&phoenix::ERROR_CODES, &self.phoenix_errors),
             crate::shard::Protocol::Hivekit => (&hivekit::ERROR_CODES, &self.hivekit_errors),
-            crate::shard::Protocol::Hive => return,
+            crate::shard::Protocol::Hive | crate::shard::Protocol::ConformanceEcho => return,
         };
         if let Some(i) = codes.iter().position(|c| *c == code) {
             counters[i].fetch_add(1, Relaxed);

@@ -36,6 +36,9 @@ fn the_example_file_parses_and_bad_files_name_the_key() {
     let example = String::from_utf8(out.stdout).unwrap();
     assert!(example.contains("max-outbound = 262144"), "{example}");
     assert!(example.contains("# env: ROUTER_MAX_OUTBOUND"));
+    // A test setting no file may turn on is not a key.
+    assert!(example.contains("# websocket-conformance-echo = (command line only)"));
+    assert!(!example.contains("\nwebsocket-conformance-echo"));
     let path = temp("example.toml", &example);
     let out = router()
         .args(["config", "check", "--config"])
@@ -57,6 +60,17 @@ fn the_example_file_parses_and_bad_files_name_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\"shards-per-core\""), "{err}");
+
+    let echo = temp("echo.toml", "websocket-conformance-echo = true\n");
+    let out = router()
+        .args(["config", "check", "--config"])
+        .arg(&echo)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be set from a file"), "{err}");
+    let _ = std::fs::remove_file(echo);
 
     let bad = temp("bad.toml", "max-outbound = \"lots\"\n");
     for args in [

@@ -270,8 +270,9 @@ async fn connect_and_auth(
                     return Err("auth_refused".into());
                 }
             }
+            Ok(Incoming::Binary(_)) => {}
             Ok(Incoming::Close(code)) => return Err(format!("closed_{code}")),
-            Err(crate::ws::WsError::Protocol) => return Err("protocol_error".into()),
+            Err(e) if e.close_code().is_some() => return Err("protocol_error".into()),
             Err(_) => return Err("reset_before_auth".into()),
         }
     }
@@ -328,6 +329,8 @@ async fn serve(fleet: &Fleet, spec: &DeviceSpec, mut ws: Box<Ws>) -> End {
                     return End::Broke("send_error".into());
                 }
             }
+            // No protocol of loadgen's sends binary messages to devices.
+            Wake::Frame(Ok(Some(Incoming::Binary(_)))) => {}
             Wake::Frame(Ok(Some(Incoming::Close(code)))) => {
                 return End::Closed(format!("closed_{code}"))
             }

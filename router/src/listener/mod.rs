@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::net::TcpStream;
 
-use crate::protocol::ws::CloseCode;
+use crate::protocol::ws::{self, CloseCode};
 use crate::shard::{shard_of, Adopt, Door, ShardMsg};
 use crate::Shared;
 use handshake::{close_frame, http_error};
@@ -294,7 +294,7 @@ fn fast_path(
         Err(_) => return Fast::Gone,
     };
     let bytes = &buf[..n];
-    let Ok(Some(up)) = parse_upgrade(bytes) else {
+    let Ok(Some(up)) = parse_upgrade(bytes, door.shared.config.websocket_conformance_echo) else {
         return Fast::Continue(stream, bytes.to_vec(), open);
     };
     let Some(token) = up.token.as_deref() else {
@@ -308,6 +308,7 @@ fn fast_path(
         // Refused (4429) and counted by the general path.
         return Fast::Continue(stream, bytes.to_vec(), open);
     }
+    let offer = up.deflate.filter(|_| door.shared.config.permessage_deflate);
     let mine = hand_over(
         door,
         Adopt {
@@ -317,12 +318,8 @@ fn fast_path(
             peer,
             protocol: up.protocol,
             leftover: bytes[up.consumed..].to_vec(),
-            deflate: up.deflate && door.shared.config.permessage_deflate,
-            preface: switching_protocols(
-                &up.key,
-                up.deflate && door.shared.config.permessage_deflate,
-            )
-            .into_bytes(),
+            deflate: offer.map_or(ws::Deflate::Off, ws::Deflate::for_window),
+            preface: switching_protocols(&up.key, offer).into_bytes(),
             open,
         },
     );

@@ -13,8 +13,9 @@ pub struct Upgrade {
     pub token: Option<String>,
     /// NervesHub shared-secret headers (`x-nh-*`), when the request has any.
     pub nerves: Option<crate::nerves_auth::Headers>,
-    /// The client offers permessage-deflate in a form the router accepts.
-    pub deflate: bool,
+    /// The client offers permessage-deflate in a form the router accepts: the window
+    /// bits it allows the router (see `ws::deflate_offer`).
+    pub deflate: Option<u8>,
     pub consumed: usize,
 }
 
@@ -22,7 +23,11 @@ pub struct Upgrade {
 type Refusal = (&'static str, String);
 
 /// Parse an HTTP upgrade request. Err: (status line, message) for the HTTP answer.
-pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, String)> {
+/// `conformance_echo`: --websocket-conformance-echo (`/conformance/echo` exists).
+pub fn parse_upgrade(
+    buf: &[u8],
+    conformance_echo: bool,
+) -> Result<Option<Upgrade>, (&'static str, String)> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let consumed = match req.parse(buf) {
@@ -51,7 +56,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let protocol = endpoint_protocol(path, query)?;
+    let protocol = endpoint_protocol(path, query, conformance_echo)?;
     let headers: &[httparse::Header] = req.headers;
     check_websocket_headers(headers)?;
     let key = websocket_key(headers)?;
@@ -65,7 +70,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, (&'static str, Strin
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
             .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .any(ws::deflate_offered),
+            .find_map(ws::deflate_offer),
         consumed,
     }))
 }
@@ -78,9 +83,12 @@ fn header<'h>(headers: &'h [httparse::Header], name: &str) -> Option<&'h str> {
         .and_then(|h| std::str::from_utf8(h.value).ok())
 }
 
+/// The WebSocket conformance echo's path (only with --websocket-conformance-echo).
+pub const CONFORMANCE_ECHO_PATH: &str = "/conformance/echo";
+
 /// The protocol spoken at `path` (Phoenix's serializer from the query's `vsn`); 404 for
-/// a path with no endpoint.
-fn endpoint_protocol(path: &str, query: &str) -> Result<Protocol, Refusal> {
+/// a path with no endpoint (`/conformance/echo` too, unless `conformance_echo`).
+fn endpoint_protocol(path: &str, query: &str, conformance_echo: bool) -> Result<Protocol, Refusal> {
     let param = |name: &str| {
         query.split('&').find_map(|kv| {
             kv.split_once('=')
@@ -91,6 +99,7 @@ fn endpoint_protocol(path: &str, query: &str) -> Result<Protocol, Refusal> {
     Ok(match path {
         "/ws" => Protocol::Hive,
         "/v1/ws" => Protocol::Hivekit,
+        CONFORMANCE_ECHO_PATH if conformance_echo => Protocol::ConformanceEcho,
         // NervesHub serves its device socket at both paths (shared-secret devices use
         // the second).
         "/socket/websocket" | "/device-socket/websocket" => match param("vsn").as_deref() {
@@ -217,12 +226,14 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The 101 answer to an upgrade request with this `Sec-WebSocket-Key`, accepting
-/// permessage-deflate when `deflate`.
-pub fn switching_protocols(key: &str, deflate: bool) -> String {
-    let ext = if deflate {
-        format!("sec-websocket-extensions: {}\r\n", ws::DEFLATE_RESPONSE)
-    } else {
-        String::new()
+/// permessage-deflate when `deflate` (the window bits the offer allows the router).
+pub fn switching_protocols(key: &str, deflate: Option<u8>) -> String {
+    let ext = match deflate {
+        Some(bits) => format!(
+            "sec-websocket-extensions: {}\r\n",
+            ws::deflate_response(bits)
+        ),
+        None => String::new(),
     };
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n{ext}\r\n",
@@ -250,36 +261,39 @@ mod tests {
             "Sec-WebSocket-Version: 13",
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
         ];
-        let up = parse_upgrade(&req(&base)).unwrap().unwrap();
+        let up = parse_upgrade(&req(&base), false).unwrap().unwrap();
         assert_eq!(up.token.as_deref(), Some("a.b.c"));
         assert_eq!(up.protocol, Protocol::Hive);
         let mut with_header = base.to_vec();
         with_header[0] = "GET /ws HTTP/1.1";
         with_header.push("Authorization: Bearer tok");
         assert_eq!(
-            parse_upgrade(&req(&with_header))
+            parse_upgrade(&req(&with_header), false)
                 .unwrap()
                 .unwrap()
                 .token
                 .as_deref(),
             Some("tok")
         );
-        assert!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        assert!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost: x\r\n", false)
             .unwrap()
             .is_none());
         let mut wrong_path = base.to_vec();
         wrong_path[0] = "GET /nope HTTP/1.1";
         assert_eq!(
-            parse_upgrade(&req(&wrong_path)).err().unwrap().0,
+            parse_upgrade(&req(&wrong_path), false).err().unwrap().0,
             "404 Not Found"
         );
         let no_upgrade = &base[..2];
         assert_eq!(
-            parse_upgrade(&req(no_upgrade)).err().unwrap().0,
+            parse_upgrade(&req(no_upgrade), false).err().unwrap().0,
             "426 Upgrade Required"
         );
         assert_eq!(
-            parse_upgrade(b"\x00\x01junk\r\n\r\n").err().unwrap().0,
+            parse_upgrade(b"\x00\x01junk\r\n\r\n", false)
+                .err()
+                .unwrap()
+                .0,
             "400 Bad Request"
         );
         // RFC 6455 refusals: no key, a key that is not a base64 16-byte nonce, HTTP/1.0.
@@ -292,7 +306,7 @@ mod tests {
             r[i] = line;
             let r: Vec<&str> = r.into_iter().filter(|l| !l.is_empty()).collect();
             assert_eq!(
-                parse_upgrade(&req(&r)).err().unwrap().0,
+                parse_upgrade(&req(&r), false).err().unwrap().0,
                 "400 Bad Request",
                 "{line:?}"
             );
@@ -303,12 +317,25 @@ mod tests {
             r[0] = "GET /ws HTTP/1.1";
             let line = format!("Authorization: {auth}");
             r.push(&line);
-            let up = parse_upgrade(&req(&r)).unwrap().unwrap();
+            let up = parse_upgrade(&req(&r), false).unwrap().unwrap();
             assert_eq!(up.token.as_deref(), Some("tok"), "{auth:?}");
         }
+        // The conformance echo exists only with its flag.
+        let mut r = base.to_vec();
+        r[0] = "GET /conformance/echo?token=t HTTP/1.1";
+        assert_eq!(
+            parse_upgrade(&req(&r), false).err().unwrap().0,
+            "404 Not Found"
+        );
+        let up = parse_upgrade(&req(&r), true).unwrap().unwrap();
+        assert_eq!(up.protocol, Protocol::ConformanceEcho);
+        assert_eq!(up.token.as_deref(), Some("t"));
         let mut r = base.to_vec();
         r.push("Authorization: Basic dXNlcjpwdw==");
-        assert_eq!(parse_upgrade(&req(&r)).err().unwrap().0, "401 Unauthorized");
+        assert_eq!(
+            parse_upgrade(&req(&r), false).err().unwrap().0,
+            "401 Unauthorized"
+        );
     }
 
     #[test]

@@ -318,55 +318,122 @@ pub const DEFLATE_MIN: usize = 64;
 pub const DEFLATE_RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
-/// Does this `Sec-WebSocket-Extensions` value offer permessage-deflate in a form the
-/// router can accept? (Any offer without `server_max_window_bits` below 15: the router
-/// compresses with a 32 KiB window.)
-pub fn deflate_offered(header: &str) -> bool {
-    header.split(',').any(|offer| {
+/// What permessage-deflate a connection negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    /// None: a frame with RSV1 fails the connection.
+    Off,
+    /// Both ways: the device's compressed messages are inflated, the router's own of
+    /// [`DEFLATE_MIN`] bytes and more go out compressed.
+    On,
+    /// The device limited the router's window below 32 KiB (`server_max_window_bits`
+    /// under 15): its compressed messages are inflated, the router's go out as they are
+    /// (RFC 7692 §6: any message may), since it compresses with a 32 KiB window.
+    Inbound,
+}
+
+impl Deflate {
+    /// For an accepted offer allowing the router a window of 2^`bits` bytes.
+    pub fn for_window(bits: u8) -> Deflate {
+        if bits >= 15 {
+            Deflate::On
+        } else {
+            Deflate::Inbound
+        }
+    }
+    /// Compressed messages from the device are accepted.
+    pub fn receives(self) -> bool {
+        self != Deflate::Off
+    }
+    /// The router compresses what it sends.
+    pub fn compresses(self) -> bool {
+        self == Deflate::On
+    }
+}
+
+/// The first offer of permessage-deflate in this `Sec-WebSocket-Extensions` value that
+/// the router can accept: Some(the window bits it allows the router: its
+/// `server_max_window_bits`, 8 to 15, or 15 without one).
+pub fn deflate_offer(header: &str) -> Option<u8> {
+    header.split(',').find_map(|offer| {
         let mut params = offer.split(';').map(str::trim);
-        params.next() == Some("permessage-deflate")
-            && params.all(|p| {
-                let (name, value) = p.split_once('=').unwrap_or((p, ""));
-                let value = value.trim_matches('"');
-                match name.trim() {
-                    "server_no_context_takeover" | "client_no_context_takeover" => value.is_empty(),
-                    "client_max_window_bits" => {
-                        value.is_empty() || value.parse::<u8>().is_ok_and(|b| (8..=15).contains(&b))
-                    }
-                    "server_max_window_bits" => value == "15",
-                    _ => false,
+        if params.next() != Some("permessage-deflate") {
+            return None;
+        }
+        let mut server_bits = 15;
+        for p in params {
+            let (name, value) = p.split_once('=').unwrap_or((p, ""));
+            let value = value.trim_matches('"');
+            let bits = || value.parse::<u8>().ok().filter(|b| (8..=15).contains(b));
+            match name.trim() {
+                "server_no_context_takeover" | "client_no_context_takeover" if value.is_empty() => {
                 }
-            })
+                "client_max_window_bits" if value.is_empty() || bits().is_some() => {}
+                "server_max_window_bits" => server_bits = bits()?,
+                _ => return None,
+            }
+        }
+        Some(server_bits)
     })
+}
+
+/// Does this `Sec-WebSocket-Extensions` value offer permessage-deflate in a form the
+/// router can accept?
+pub fn deflate_offered(header: &str) -> bool {
+    deflate_offer(header).is_some()
+}
+
+/// The `Sec-WebSocket-Extensions` answer to an accepted offer allowing the router
+/// 2^`server_bits` bytes of window: [`DEFLATE_RESPONSE`], and the offer's
+/// `server_max_window_bits` when below 15 (RFC 7692 §7.1.2.1: it must be answered).
+pub fn deflate_response(server_bits: u8) -> std::borrow::Cow<'static, str> {
+    if server_bits >= 15 {
+        DEFLATE_RESPONSE.into()
+    } else {
+        format!("{DEFLATE_RESPONSE}; server_max_window_bits={server_bits}").into()
+    }
 }
 
 /// A message compressed for a frame with RSV1 (the trailing `00 00 ff ff` removed).
 /// One compressor per thread, reset for each message (a new one per message spent
 /// three quarters of its time zeroing its tables).
 pub fn deflate(payload: &[u8]) -> Vec<u8> {
-    use flate2::{Compress, Compression, FlushCompress};
+    use flate2::{Compress, Compression};
     thread_local! {
         static COMPRESS: std::cell::RefCell<Compress> =
             std::cell::RefCell::new(Compress::new(Compression::fast(), false));
     }
     COMPRESS.with_borrow_mut(|c| {
         c.reset();
-        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
-        // A sync flush ends with the empty stored block `00 00 ff ff`, which the
-        // receiver puts back.
-        loop {
-            let before = c.total_in() as usize;
-            let _ = c.compress_vec(&payload[before..], &mut out, FlushCompress::Sync);
-            if c.total_in() as usize == payload.len() && out.len() < out.capacity() {
-                break;
-            }
-            out.reserve(out.capacity().max(64));
-        }
-        if out.ends_with(&[0, 0, 0xff, 0xff]) {
-            out.truncate(out.len() - 4);
-        }
-        out
+        // Room for deflate's worst case (stored blocks: 5 bytes per 16 KiB and the
+        // flush), so that one call finishes the message.
+        deflate_with(c, payload, payload.len() + payload.len() / 1024 + 64)
     })
+}
+
+fn deflate_with(c: &mut flate2::Compress, payload: &[u8], capacity: usize) -> Vec<u8> {
+    use flate2::FlushCompress;
+    let mut out = Vec::with_capacity(capacity);
+    // A sync flush ends with the empty stored block `00 00 ff ff`, which the
+    // receiver puts back. Only that says the message is all out: when the output
+    // fills, miniz_oxide keeps what did not fit, and the next call may give out only
+    // that, with room to spare and every byte of input taken, but the rest of the
+    // message still to come.
+    loop {
+        let before = c.total_in() as usize;
+        let _ = c.compress_vec(&payload[before..], &mut out, FlushCompress::Sync);
+        if c.total_in() as usize == payload.len()
+            && out.len() < out.capacity()
+            && out.ends_with(&[0, 0, 0xff, 0xff])
+        {
+            break;
+        }
+        out.reserve(out.capacity().max(64));
+    }
+    if out.ends_with(&[0, 0, 0xff, 0xff]) {
+        out.truncate(out.len() - 4);
+    }
+    out
 }
 
 /// A compressed message's payload, at most `max` bytes once inflated. Err: not
@@ -459,6 +526,19 @@ pub fn check_close(payload: &[u8]) -> Result<Option<CloseCode>, WsError> {
     Ok(Some(CloseCode::from_u16(code)))
 }
 
+/// How far the start of a text message (more of it to come) is known to be UTF-8:
+/// `Ok(n)` when `bytes[..n]` is valid and what follows is the start of a sequence that
+/// more bytes may still complete (at most 3 bytes); `Err(Utf8)` as soon as no
+/// continuation can make it valid (RFC 6455 §8.1: fail the connection then, not when
+/// the message is whole).
+pub fn utf8_prefix(bytes: &[u8]) -> Result<usize, WsError> {
+    match simdutf8::compat::from_utf8(bytes) {
+        Ok(_) => Ok(bytes.len()),
+        Err(e) if e.error_len().is_none() => Ok(e.valid_up_to()),
+        Err(_) => Err(WsError::Utf8),
+    }
+}
+
 /// The Sec-WebSocket-Accept value for a client key (RFC 6455 §4.2.2).
 pub fn accept_key(key: &[u8]) -> String {
     let mut h = Sha1::new();
@@ -544,6 +624,63 @@ mod tests {
     }
 
     #[test]
+    fn a_text_message_in_fragments_fails_at_the_first_invalid_fragment() {
+        // Autobahn 6.4.1 and 6.4.2: valid, then a fragment no continuation can save.
+        let part1 = "κόσμε".as_bytes();
+        assert_eq!(utf8_prefix(part1), Ok(part1.len()));
+        for part2 in [&b"\xf4\x90\x80\x80"[..], b"\xf4\x90"] {
+            let so_far = [part1, part2].concat();
+            assert_eq!(utf8_prefix(&so_far), Err(WsError::Utf8), "{part2:?}");
+            assert_eq!(WsError::Utf8.close_code(), CloseCode::InvalidData);
+        }
+        // A sequence cut between fragments waits for its rest.
+        assert_eq!(utf8_prefix(b"ab\xe2\x82"), Ok(2));
+        assert_eq!(utf8_prefix(b"\xe2\x82\xac"), Ok(3));
+        assert_eq!(utf8_prefix(b"ab\xe2\x28"), Err(WsError::Utf8));
+        assert_eq!(utf8_prefix(b""), Ok(0));
+    }
+
+    proptest::proptest! {
+        /// Any valid text cut anywhere, checked from where the last check stopped (as the
+        /// connection does fragment by fragment), is never refused and ends fully checked;
+        /// any text with a byte that is never UTF-8 is refused at the latest once it
+        /// arrives.
+        #[test]
+        fn utf8_checked_fragment_by_fragment(
+            text in ".{0,40}",
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+            bad_at in 0usize..200,
+        ) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let mut checked = 0;
+            for end in &cuts {
+                checked += utf8_prefix(&bytes[checked..*end]).unwrap();
+                proptest::prop_assert!(*end - checked <= 3);
+            }
+            proptest::prop_assert_eq!(checked, bytes.len());
+            let mut bad = bytes.to_vec();
+            let at = bad_at % (bad.len() + 1);
+            bad.insert(at, 0xff);
+            let mut checked = 0;
+            let mut refused = false;
+            for end in cuts.iter().map(|c| if *c >= at { c + 1 } else { *c }).chain([bad.len()]) {
+                match utf8_prefix(&bad[checked..end]) {
+                    Ok(n) => checked += n,
+                    Err(_) => {
+                        refused = true;
+                        proptest::prop_assert!(end > at);
+                        break;
+                    }
+                }
+            }
+            proptest::prop_assert!(refused);
+        }
+    }
+
+    #[test]
     fn accept_key_matches_rfc_example() {
         assert_eq!(
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
@@ -621,11 +758,125 @@ mod tests {
             "permessage-deflate; client_max_window_bits"
         ));
         assert!(deflate_offered("x-webkit-deflate-frame, permessage-deflate; client_max_window_bits=15; server_no_context_takeover"));
-        assert!(!deflate_offered(
-            "permessage-deflate; server_max_window_bits=10"
-        ));
+        // A window below 15 bits for the router: accepted, answered with it, and the
+        // router's messages go out uncompressed (Autobahn 13.3, 13.5).
+        assert_eq!(
+            deflate_offer("permessage-deflate; server_max_window_bits=10"),
+            Some(10)
+        );
+        assert_eq!(
+            deflate_offer("permessage-deflate; client_max_window_bits, permessage-deflate"),
+            Some(15)
+        );
+        assert_eq!(Deflate::for_window(10), Deflate::Inbound);
+        assert!(Deflate::Inbound.receives() && !Deflate::Inbound.compresses());
+        assert!(Deflate::On.receives() && Deflate::On.compresses());
+        assert!(!Deflate::Off.receives());
+        assert_eq!(
+            deflate_response(9),
+            format!("{DEFLATE_RESPONSE}; server_max_window_bits=9")
+        );
+        assert_eq!(deflate_response(15), DEFLATE_RESPONSE);
+        for bad in [
+            "server_max_window_bits=7",
+            "server_max_window_bits=16",
+            "server_max_window_bits",
+        ] {
+            assert!(
+                !deflate_offered(&format!("permessage-deflate; {bad}")),
+                "{bad}"
+            );
+        }
         assert!(!deflate_offered("permessage-deflate; unknown_param"));
         assert!(!deflate_offered("x-webkit-deflate-frame"));
+    }
+
+    /// An independent inflater (one call, room for everything) for what `deflate` wrote.
+    fn inflate_independently(z: &[u8], len: usize) -> Vec<u8> {
+        let mut d = flate2::Decompress::new(false);
+        let mut out = Vec::with_capacity(len + 1024);
+        let input = [z, &[0, 0, 0xff, 0xff]].concat();
+        d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        assert_eq!(d.total_in() as usize, input.len());
+        out
+    }
+
+    /// Data that compresses to between nine tenths and all of its size (an image, a
+    /// PDF), as the Autobahn TestSuite's 12.x cases send: the compressor's output
+    /// filled the first buffer and a second call gave only what it had kept, without
+    /// finishing the flush, so the message went out cut short (a 65,536-byte message
+    /// inflated to 61,552).
+    #[test]
+    fn poorly_compressible_messages_deflate_whole() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut noisy = Vec::with_capacity(1 << 18);
+        // An image's rows: each byte near the one before (a random walk), and now and
+        // then a few bytes as they were some way back (what LZ77 finds).
+        let mut pixel = 128u8;
+        while noisy.len() < 1 << 18 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x.is_multiple_of(8) && noisy.len() > 1024 {
+                let from = noisy.len() - 1 - (x >> 40) as usize % 1000;
+                for i in 0..3 + (x >> 20) as usize % 12 {
+                    noisy.push(noisy[from + i]);
+                }
+            } else {
+                pixel = pixel.wrapping_add((x % 61) as u8).wrapping_sub(30);
+                noisy.push(pixel);
+            }
+        }
+        for len in [
+            1000,
+            4096,
+            16_384,
+            32_768,
+            65_536,
+            100_000,
+            131_072,
+            1 << 18,
+        ] {
+            for start in (0..(1 << 18) - len + 1).step_by(997).take(100) {
+                let msg = &noisy[start..start + len];
+                let z = deflate(msg);
+                assert!(z.len() > len * 6 / 10, "{} of {len}", z.len());
+                assert_eq!(inflate_independently(&z, len), msg, "len {len} at {start}");
+                assert_eq!(inflate(&z, len).unwrap(), msg, "len {len} at {start}");
+            }
+        }
+        // What the suite's 12.2.9 sent (its test image wrapped around: noise after a
+        // run that compresses to nearly nothing): all of it taken in before the output
+        // filled, in the middle of a block.
+        for zeros in [4000, 5000, 6000, 7000] {
+            let mut zeros_then_noise = vec![0u8; zeros];
+            while zeros_then_noise.len() < 65_536 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                zeros_then_noise.push(x as u8);
+            }
+            let z = deflate(&zeros_then_noise);
+            let back = inflate_independently(&z, 65_536);
+            assert!(back == zeros_then_noise, "{zeros}: {} of 65536", back.len());
+        }
+        // Whatever room the output starts with: the flush is finished before the
+        // message is taken as compressed.
+        let text = br#"{"type":"event","event":"status","data":{"ok":true}}"#.repeat(500);
+        for msg in [&noisy[..65_536], &noisy[..1000], &text[..]] {
+            for room in [1, 64, 1000, msg.len() / 2 + 64, msg.len() + 1000] {
+                let mut c = flate2::Compress::new(flate2::Compression::fast(), false);
+                let z = deflate_with(&mut c, msg, room);
+                let back = inflate_independently(&z, msg.len());
+                assert!(
+                    back == msg,
+                    "{} of {} with room {room}",
+                    back.len(),
+                    msg.len()
+                );
+            }
+        }
     }
 
     #[test]

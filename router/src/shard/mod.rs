@@ -62,6 +62,9 @@ pub(crate) enum Protocol {
     Phoenix(crate::protocol::phoenix::Vsn),
     /// Hivekit-style compact actions on `/v1/ws`.
     Hivekit,
+    /// `/conformance/echo` (--websocket-conformance-echo): every text and binary message
+    /// sent back as it came, nothing else (not routed, no events, no device-alive).
+    ConformanceEcho,
 }
 
 impl Protocol {
@@ -70,6 +73,7 @@ impl Protocol {
             Protocol::Hive => "hive",
             Protocol::Phoenix(_) => "phoenix",
             Protocol::Hivekit => "hivekit",
+            Protocol::ConformanceEcho => "conformance-echo",
         }
     }
 }

@@ -59,7 +59,7 @@ pub struct Adopt {
     pub(crate) peer: SocketAddr,
     pub(crate) protocol: Protocol,
     /// permessage-deflate negotiated on the upgrade.
-    pub(crate) deflate: bool,
+    pub(crate) deflate: crate::protocol::ws::Deflate,
     pub(crate) leftover: Vec<u8>,
     /// Bytes the listener left for the owner to send first (the HTTP 101 when the
     /// upgrade request carried the credentials), so the 101 and the greeting leave

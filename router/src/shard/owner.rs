@@ -15,7 +15,7 @@ use super::conn::{self, Conn, Limit, SendOutcome};
 use super::poller::{self, Poller};
 use super::slab::Slab;
 use super::timer::DrainPlan;
-use super::{Adopt, Delivery, DeviceInfo, RequestMsg, RequestReply, ShardCtx, ShardMsg};
+use super::{Adopt, Delivery, DeviceInfo, Protocol, RequestMsg, RequestReply, ShardCtx, ShardMsg};
 use crate::protocol::ws::CloseCode;
 
 pub(super) struct Shard {
@@ -167,16 +167,24 @@ impl Shard {
             e.track(slot, id, ident.expires);
         }
         self.ctx.shared.tenants.gained(ident.account);
+        // The conformance echo is no device: not routed (events, requests, takeovers,
+        // the cluster's directory never see it), nothing resent to it.
+        let device = protocol != Protocol::ConformanceEcho;
         // Also after a takeover here: the directory keeps the newest connection's age.
-        if let Some(c) = &self.ctx.shared.cluster {
+        if let (true, Some(c)) = (device, &self.ctx.shared.cluster) {
             c.local_gained(ident.device, conn.connected_at_ms);
         }
         let greeting = conn.greeting(&self.ctx);
         conn.send_greeting(&mut self.ctx, &preface, greeting.as_deref());
-        self.ctx.resend_pending(&mut conn);
+        if device {
+            self.ctx.resend_pending(&mut conn);
+        }
         conn.start(&mut self.ctx, leftover);
         self.slab.fill(slot, conn);
         self.ctx.mark(slot);
+        if !device {
+            return;
+        }
         let old = self.routes.insert(ident.device, slot);
         if let Some(old) = old.and_then(|s| self.slab.get_mut(s)) {
             self.ctx.metrics().takeovers.fetch_add(1, Relaxed);

@@ -8,12 +8,9 @@ use super::{Conn, Limit, Linger, Phase, Reads};
 use crate::bus::RoutingKey;
 use crate::protocol::hive;
 use crate::protocol::ws::{
-    self, CloseCode, FrameHeader, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG,
+    self, CloseCode, FrameHeader, WsError, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT,
 };
-use crate::shard::ShardCtx;
-
-/// Frames one message may be split into (each also costs a rate-limit token).
-const MAX_FRAGMENTS: u16 = 1024;
+use crate::shard::{Protocol, ShardCtx};
 
 impl Conn {
     /// Feed received bytes; keeps an incomplete frame's bytes (only those) for later.
@@ -94,7 +91,7 @@ impl Conn {
         let deflate = {
             let st = &mut self.st;
             st.last_seen = now;
-            st.deflate
+            st.deflate.receives()
         };
         // RSV1 (compressed) only with permessage-deflate, and only on a message's first
         // frame (RFC 7692 §6.1).
@@ -139,18 +136,27 @@ impl Conn {
                     self.fail_ws(ctx, WsError::TooBig);
                     return;
                 }
+                // Frames one message may be split into (--max-fragments; each also
+                // costs a rate-limit token).
                 b.msg_frames = b.msg_frames.saturating_add(1);
-                if b.msg_frames > MAX_FRAGMENTS {
+                if b.msg_frames > ctx.shared.config.max_fragments {
                     self.fail_ws(ctx, WsError::TooManyFragments);
                     return;
                 }
                 b.msg.extend_from_slice(payload);
+                if b.msg_op == OP_TEXT && !b.msg_deflated {
+                    if let Err(e) = text_so_far(&b.msg, &mut b.msg_utf8) {
+                        self.fail_ws(ctx, e);
+                        return;
+                    }
+                }
                 if h.fin {
                     let op = b.msg_op;
                     let mut msg = std::mem::take(&mut b.msg);
                     let deflated = std::mem::take(&mut b.msg_deflated);
                     b.msg_op = 0;
                     b.msg_frames = 0;
+                    b.msg_utf8 = 0;
                     self.on_whole_message(ctx, op, deflated, &mut msg);
                 }
             }
@@ -163,10 +169,18 @@ impl Conn {
                 if h.fin {
                     self.on_whole_message(ctx, op, h.rsv1, payload);
                 } else {
+                    let mut checked = 0;
+                    if op == OP_TEXT && !h.rsv1 {
+                        if let Err(e) = text_so_far(payload, &mut checked) {
+                            self.fail_ws(ctx, e);
+                            return;
+                        }
+                    }
                     let b = st.bufs.get_or_insert_with(Box::default);
                     b.msg_op = op;
                     b.msg_frames = 1;
                     b.msg_deflated = h.rsv1;
+                    b.msg_utf8 = checked;
                     b.msg = payload.to_vec();
                 }
             }
@@ -211,6 +225,10 @@ impl Conn {
     }
 
     fn on_pong(&mut self, ctx: &mut ShardCtx, now: u32) {
+        if self.protocol == Protocol::ConformanceEcho {
+            // No device: nothing to report alive.
+            return;
+        }
         // At most one device-alive per `device_alive_gap`: every solicited pong counts
         // (or one per --device-alive-interval), a device spraying unsolicited pongs does
         // not flood the backend.
@@ -226,6 +244,15 @@ impl Conn {
         let body = hive::device_alive(&self.meta, &self.peer.to_string());
         ctx.publish_lazy(RoutingKey::concat(&["hive-backend.device-alive"]), body);
     }
+}
+
+/// A fragmented text message is checked for UTF-8 as its fragments come, from where the
+/// last check stopped (`checked`): a device is failed with 1007 at the first fragment no
+/// continuation can make valid, not once it has sent the whole message. (The whole
+/// message is checked again by its protocol: this only fails earlier.)
+fn text_so_far(msg: &[u8], checked: &mut usize) -> Result<(), WsError> {
+    *checked += ws::utf8_prefix(&msg[*checked..])?;
+    Ok(())
 }
 
 /// Move into `held` (bytes from the start of a frame) what that frame still lacks, as far
@@ -256,7 +283,6 @@ fn complete_frame(held: &mut Vec<u8>, data: &[u8], max_payload: usize) -> usize 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::ws::OP_TEXT;
 
     fn masked(payload_len: usize) -> Vec<u8> {
         let payload = vec![b'x'; payload_len];

@@ -10,7 +10,7 @@ use crate::protocol::effect::Effect;
 use crate::protocol::hive::{self, Inbound, Meta};
 use crate::protocol::hivekit::{self, Subscriptions};
 use crate::protocol::phoenix::{self, Vsn};
-use crate::protocol::ws::{CloseCode, WsError, OP_BINARY};
+use crate::protocol::ws::{CloseCode, WsError, OP_BINARY, OP_TEXT};
 use crate::shard::{Protocol, ShardCtx};
 
 /// Malformed frames in a row before the router gives up with 4400.
@@ -66,6 +66,8 @@ impl Conn {
                     br#"{"reason":"too many messages"}"#,
                 ),
                 Protocol::Hivekit => br#"[{"res":"err","err":"rate-limited","erc":429}]"#.to_vec(),
+                // Echoes nothing but what it received.
+                Protocol::ConformanceEcho => return false,
             };
             self.send_text(ctx, &frame);
         }
@@ -74,6 +76,10 @@ impl Conn {
 
     /// A complete message (its frames were admitted by the rate limit one by one).
     pub(super) fn on_message(&mut self, ctx: &mut ShardCtx, op: u8, payload: &mut [u8]) {
+        if self.protocol == Protocol::ConformanceEcho {
+            self.echo(ctx, op, payload);
+            return;
+        }
         if self.protocol == Protocol::Phoenix(Vsn::V3) {
             // MessagePack in binary frames only; converted to the V2 text the adapter
             // reads. A frame that is not MessagePack is a bad frame, as in V2.
@@ -114,6 +120,8 @@ impl Conn {
             return;
         }
         match self.protocol {
+            // (Answered above.)
+            Protocol::ConformanceEcho => {}
             Protocol::Hive => self.on_hive(ctx, payload),
             Protocol::Phoenix(_) => {
                 let mut effects = Vec::new();
@@ -142,6 +150,17 @@ impl Conn {
                 self.apply_unless_not_utf8(ctx, payload, hivekit::BAD_FRAME, effects);
             }
         }
+    }
+
+    /// The conformance echo: a text message that is UTF-8, or a binary message, goes back
+    /// whole with its opcode (compressed again under permessage-deflate), within
+    /// --max-outbound like any reply; nothing else happens.
+    fn echo(&mut self, ctx: &mut ShardCtx, op: u8, payload: &[u8]) {
+        if op == OP_TEXT && !self.utf8_or_fail(ctx, payload) {
+            return;
+        }
+        let limit = crate::shard::conn::Limit::outbound(ctx);
+        let _ = self.send_or_close(ctx, op, payload, limit);
     }
 
     /// A frame the adapter refused as not its format (`bad_frame` first) may not be
@@ -277,7 +296,7 @@ impl Conn {
     pub(crate) fn greeting(&self, ctx: &ShardCtx) -> Option<Vec<u8>> {
         match self.protocol {
             Protocol::Hive => Some(hive::authenticated(&self.meta)),
-            Protocol::Phoenix(_) => None,
+            Protocol::Phoenix(_) | Protocol::ConformanceEcho => None,
             Protocol::Hivekit => Some(hivekit_session(
                 &self.meta,
                 &ctx.shared.config.hivekit_realm,

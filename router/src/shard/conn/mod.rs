@@ -121,10 +121,13 @@ struct Bufs {
     /// A fragmented message being reassembled, and its opcode (0: none).
     msg: Vec<u8>,
     msg_op: u8,
-    /// Frames of `msg` so far (bounded: see `frames`).
-    msg_frames: u16,
+    /// Frames of `msg` so far (bounded by --max-fragments: see `frames`).
+    msg_frames: u32,
     /// `msg` is compressed (its first frame had RSV1).
     msg_deflated: bool,
+    /// How far a fragmented text message is known to be UTF-8 (checked fragment by
+    /// fragment, unless compressed: see `frames`).
+    msg_utf8: usize,
     /// Outbound bytes the socket did not take yet; `out_pos` is how far they went.
     out: Vec<u8>,
     out_pos: usize,
@@ -151,8 +154,8 @@ struct State {
     bad_frames: u8,
     /// Events registered with the shard's poller.
     interest: u32,
-    /// permessage-deflate was negotiated (no context takeover: no state kept for it).
-    deflate: bool,
+    /// permessage-deflate as negotiated (no context takeover: no state kept for it).
+    deflate: ws::Deflate,
     /// Per-device rate limit: tokens left, the second they were last refilled, and
     /// messages refused since the last one admitted.
     tokens: u32,
@@ -161,7 +164,7 @@ struct State {
 }
 
 impl State {
-    fn new(now: u32, next_ping: u32, tokens: u32, deflate: bool) -> Self {
+    fn new(now: u32, next_ping: u32, tokens: u32, deflate: ws::Deflate) -> Self {
         State {
             bufs: None,
             tls: None,
@@ -195,7 +198,7 @@ impl Conn {
         ident: Identity,
         peer: SocketAddr,
         protocol: Protocol,
-        deflate: bool,
+        deflate: ws::Deflate,
         open: OpenConnection,
     ) -> Self {
         let now = ctx.now_secs();

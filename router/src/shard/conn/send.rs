@@ -183,7 +183,7 @@ impl Conn {
         // permessage-deflate: a data message of some size goes out compressed (RSV1).
         let compressed = (op == OP_TEXT || op == OP_BINARY)
             && payload.len() >= ws::DEFLATE_MIN
-            && self.st.deflate;
+            && self.st.deflate.compresses();
         let deflated;
         let payload = if compressed {
             deflated = ws::deflate(payload);
