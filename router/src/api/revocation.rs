@@ -34,8 +34,16 @@ fn options<T: for<'de> Deserialize<'de> + Default>(
     })
 }
 
-fn unavailable(why: String) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-stored", why)
+/// Add `e` for the whole deployment (confirmed by the broker, or stored) and apply it
+/// here (a device it closes is closed now); 503 `not-stored` when it could not be kept.
+async fn store(st: &ApiState, e: &Entry) -> Result<(), ApiError> {
+    st.shared
+        .revocation
+        .add(e.clone())
+        .await
+        .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-stored", why))?;
+    revocation::arrived(&st.shared, e);
+    Ok(())
 }
 
 fn entry_json(e: &Entry) -> serde_json::Value {
@@ -74,12 +82,7 @@ pub(super) async fn disconnect(
         until: now + o.block_for_s,
         at: now,
     };
-    st.shared
-        .revocation
-        .add(e.clone())
-        .await
-        .map_err(unavailable)?;
-    revocation::arrived(&st.shared, &e);
+    store(&st, &e).await?;
     let blocked = (o.block_for_s > 0).then_some(e.until);
     Ok((
         StatusCode::OK,
@@ -130,12 +133,7 @@ pub(super) async fn add(State(st): State<ApiState>, body: Bytes) -> Result<Respo
         until: now + d.for_s,
         at: now,
     };
-    st.shared
-        .revocation
-        .add(e.clone())
-        .await
-        .map_err(unavailable)?;
-    revocation::arrived(&st.shared, &e);
+    store(&st, &e).await?;
     Ok((StatusCode::CREATED, Json(entry_json(&e))).into_response())
 }
 
@@ -181,11 +179,7 @@ pub(super) async fn remove(
         until: 0,
         at: crate::auth::unix_now(),
     };
-    st.shared
-        .revocation
-        .add(e.clone())
-        .await
-        .map_err(unavailable)?;
+    store(&st, &e).await?;
     Ok((
         StatusCode::OK,
         Json(json!({"kind": e.kind, "id": e.id, "status": "withdrawn"})),

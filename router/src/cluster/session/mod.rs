@@ -191,7 +191,7 @@ async fn session(
 ) -> lapin::Result<SessionEnd> {
     let ch = conn.create_channel().await?;
     let (mut pubr, mut publisher) = Publisher::start(&ch, st.links.clone());
-    // The deny-list stream, replayed and followed for as long as this session lasts.
+    // The deny-list stream, replayed and followed for as long as the cluster session lasts.
     let deny = {
         let shared = st.shared.clone();
         let (read, write) = (conn.create_channel().await?, conn.create_channel().await?);
